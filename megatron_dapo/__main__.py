@@ -1,0 +1,3 @@
+from megatron_dapo.cli import main
+
+raise SystemExit(main())

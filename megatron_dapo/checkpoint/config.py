@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_dapo.config.loader import ConfigError
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_freq: int = 10
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept in the run folder; older ones are deleted after a new one is complete."""
+    resume: bool = True
+    """Continue from the last complete checkpoint in the run folder when there is one."""
+
+    def __post_init__(self) -> None:
+        if self.save_freq < 0:
+            raise ConfigError(f"checkpoint.save_freq must be >= 0, got {self.save_freq}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")

@@ -1,0 +1,21 @@
+"""Refuse non-finite numbers at stage boundaries, naming the sample that carries them."""
+from __future__ import annotations
+
+import torch
+
+
+def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming the first non-finite entry of `values` (where `mask` is set).
+
+    values: [B] (one number per sample) or [B, L] (per token); mask: same shape, or None.
+    """
+    bad = ~torch.isfinite(values)
+    if mask is not None:
+        bad &= mask.bool()
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()[0].tolist()
+    count = int(bad.sum())
+    value = values[tuple(where)].item()
+    position = f"sample {where[0]}" + (f", token {where[1]}" if len(where) > 1 else "")
+    raise ValueError(f"{name} is not finite at {position} (value {value}; {count} such entries): refusing to train on it")

@@ -1,0 +1,48 @@
+"""The `megatron-dapo` command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.config.root import dump_config, load_config
+
+
+def _config(args: argparse.Namespace) -> int:
+    world_size = args.world_size if args.world_size is not None else _env_world_size()
+    config = load_config(args.config, args.overrides, world_size=world_size)
+    print(dump_config(config), end="")
+    if world_size is not None:
+        print(f"# layout: {config.parallel.layout(world_size).describe()}")
+    return 0
+
+
+def _env_world_size() -> int | None:
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value and value.isdigit() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-dapo", description="DAPO reinforcement learning on megatron-core")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="print the resolved, validated config")
+    config.add_argument("config", help="YAML config file")
+    config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.clip_ratio_high=0.28")
+    config.add_argument("--world-size", type=int, help="check the parallel layout for this many ranks")
+    config.set_defaults(run=_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"megatron-dapo: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

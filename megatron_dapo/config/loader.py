@@ -1,0 +1,193 @@
+"""Strict YAML -> dataclass loading with dotted command-line overrides.
+
+Every key in the YAML file or on the command line must name a field of the config dataclasses;
+every value must have the field's type. All problems are collected and reported together, each
+naming the dotted key to change, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key(s) to change."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        return f"{len(self.problems)} config problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": 0.28}` (values read as YAML)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. actor.clip_ratio_high=0.28)")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from None
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (a copy); intermediate mappings are created as needed."""
+    out = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {dotted}: {prefix} holds a {type(child).__name__}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from nested dicts; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    value = _build(cls, data, prefix, problems)
+    if problems:
+        raise ConfigError(problems)
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    where = prefix or "config"
+    start = len(problems)
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a section (mapping), got {type(data).__name__} {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            suggestion = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
+            problems.append(f"unknown key {full}{suggestion}")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name in data:
+            full = f"{prefix}.{name}" if prefix else name
+            kwargs[name], _ = _convert(hints[name], data[name], full, problems)
+    if len(problems) > start:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    except TypeError as err:  # a required field without a value
+        problems.append(f"{where}: {err}")
+    return None
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        n = len(problems)
+        built = _build(tp, value, key, problems)
+        return built, len(problems) == n and built is not None
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, True
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:
+            scratch: list[str] = []
+            converted, good = _convert(candidate, value, key, scratch)
+            if good:
+                return converted, True
+        if len(inner) == 1:
+            return _convert(inner[0], value, key, problems)
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None, False
+    if origin is Literal:
+        if value in args:
+            return value, True
+        choices = ", ".join(repr(a) for a in args)
+        problems.append(f"{key}: {value!r} is not one of {choices}")
+        return None, False
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return None, False
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            problems.append(f"{key}: expected {len(args)} values, got {len(value)}")
+            return None, False
+        item_types = [args[0]] * len(value) if origin is list or args[-1:] == (Ellipsis,) else list(args)
+        out, ok = [], True
+        for i, (item_tp, item) in enumerate(zip(item_types, value)):
+            converted, good = _convert(item_tp, item, f"{key}[{i}]", problems)
+            ok &= good
+            out.append(converted)
+        return (tuple(out) if origin is tuple else out), ok
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None, False
+        return dict(value), True
+    if tp is Any:
+        return value, True
+    if tp is bool:
+        if isinstance(value, bool):
+            return value, True
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, True
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), True
+    elif tp is str:
+        if isinstance(value, str):
+            return value, True
+    else:
+        raise TypeError(f"config loader does not handle type {tp!r} (key {key})")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return None, False
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}

@@ -1,0 +1,123 @@
+"""The root config: composes one config per concern and checks the rules that span stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from megatron_dapo.actor.config import ActorConfig
+from megatron_dapo.checkpoint.config import CheckpointConfig
+from megatron_dapo.config.loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides, to_dict
+from megatron_dapo.data.config import DataConfig
+from megatron_dapo.metrics.config import LoggingConfig
+from megatron_dapo.models.config import ModelConfig
+from megatron_dapo.parallel.config import ParallelConfig
+from megatron_dapo.reward.config import RewardConfig
+from megatron_dapo.rollout.config import RolloutConfig
+from megatron_dapo.sampling.config import FilterGroupsConfig
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    adv_estimator: Literal["grpo"] = "grpo"
+    """Group-normalized advantages over the rollout.n responses of one prompt."""
+    norm_adv_by_std_in_grpo: bool = True
+    """Divide by the group's standard deviation (False: subtract the group mean only)."""
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    """Dynamic sampling."""
+    overlong_filtering: bool = True
+    """Mask the loss of truncated responses (the paper's overlong filtering)."""
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    run_dir: str = "runs/dapo"
+    """Run folder: metrics, checkpoints, plots. Training again in the same folder resumes."""
+    total_training_steps: int = 100
+    """Rollout steps to train for."""
+    test_freq: int = 10
+    """Validate every this many steps; 0 disables periodic validation."""
+    val_before_train: bool = True
+    """Validate once before the first step."""
+    seed: int = 1
+    """Seed for data order, sampling and initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.total_training_steps < 0:
+            raise ConfigError(f"trainer.total_training_steps must be >= 0, got {self.total_training_steps}")
+        if self.test_freq < 0:
+            raise ConfigError(f"trainer.test_freq must be >= 0 (0 disables), got {self.test_freq}")
+
+
+@dataclass(kw_only=True)
+class DAPOConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Run folder, length and seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and batch sizes."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward shaping."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantages, dynamic sampling, overlong filtering."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """Policy loss and optimizer."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        buffer = self.reward.overlong_buffer
+        if buffer.enable and buffer.len >= self.data.max_response_length:
+            problems.append(
+                f"reward.overlong_buffer.len ({buffer.len}) >= data.max_response_length "
+                f"({self.data.max_response_length}): the buffer must leave room for unpunished responses; "
+                "lower reward.overlong_buffer.len or raise data.max_response_length"
+            )
+        if self.algorithm.filter_groups.enable and self.rollout.n < 2:
+            problems.append(
+                "algorithm.filter_groups.enable needs rollout.n >= 2 (a group of one response never varies): "
+                "raise rollout.n or set algorithm.filter_groups.enable=false"
+            )
+        mini, train = self.actor.ppo_mini_batch_size, self.data.train_batch_size
+        if train % mini:
+            problems.append(
+                f"actor.ppo_mini_batch_size ({mini}) does not divide data.train_batch_size ({train}): "
+                "each rollout batch must split into whole mini-batches"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> DAPOConfig:
+    """YAML file (or defaults when None) + dotted overrides -> validated DAPOConfig.
+
+    With `world_size`, the parallel layout is also checked against it.
+    """
+    raw = load_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, parse_overrides(list(overrides)))
+    config = from_dict(DAPOConfig, raw)
+    if world_size is not None:
+        config.parallel.layout(world_size)
+    return config
+
+
+def dump_config(config: DAPOConfig) -> str:
+    return yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    console: bool = True
+    """Progress bar and a metrics line per step on the console."""
+    jsonl: bool = True
+    """metrics.jsonl in the run folder, one line per step."""
+    tensorboard: bool = False
+    """TensorBoard event files under the run folder's tensorboard/."""
+    wandb_project: str | None = None
+    """Weights & Biases project; None disables it."""
+    wandb_run_name: str | None = None
+    """Weights & Biases run name; defaults to the run folder's name."""

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_dapo.config.loader import ConfigError
+
+
+@dataclass(kw_only=True)
+class OverlongBufferConfig:
+    enable: bool = True
+    """Add the paper's soft overlong punishment (Eq. 13) to the task reward."""
+    len: int = 4096
+    """Buffer length L_cache: the punishment ramps over the last `len` tokens before max_response_length."""
+    penalty_factor: float = 1.0
+    """Scale of the punishment: -penalty_factor at max_response_length."""
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    """Soft overlong punishment."""
+    timeout_s: float = 10.0
+    """A reward function that takes longer on one sample costs that sample, not the run."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.overlong_buffer.len < 1:
+            problems.append(f"reward.overlong_buffer.len must be >= 1, got {self.overlong_buffer.len}")
+        if self.overlong_buffer.penalty_factor < 0:
+            problems.append(
+                f"reward.overlong_buffer.penalty_factor must be >= 0, got {self.overlong_buffer.penalty_factor}"
+            )
+        if self.timeout_s <= 0:
+            problems.append(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        if problems:
+            raise ConfigError(problems)

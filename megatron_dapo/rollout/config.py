@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_dapo.config.loader import ConfigError
+
+
+@dataclass(kw_only=True)
+class ValidationSamplingConfig:
+    n: int = 1
+    """Samples per validation prompt (avg@n and pass@n are reported)."""
+    temperature: float = 1.0
+    """Sampling temperature for validation (the paper evaluates at 1.0)."""
+    top_p: float = 0.7
+    """Nucleus sampling for validation (the paper evaluates at 0.7)."""
+    top_k: int = -1
+    """Top-k for validation; -1 disables it."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    name: Literal["embedded", "sglang"] = "embedded"
+    """Rollout engine: the embedded PyTorch engine (any machine) or SGLang (GPU)."""
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """Colocated shares the trainer's GPUs; disaggregated uses separate rollout GPUs."""
+    n: int = 16
+    """Responses sampled per prompt (the group size G)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1.0 disables it."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables it."""
+    weight_bucket_mb: int = 512
+    """Size of one weight-sync bucket from the trainer to the engine."""
+    mem_fraction_static: float = 0.6
+    """SGLang: share of GPU memory for weights and KV cache."""
+    parity_threshold: float = 0.05
+    """Stop the run when the engine's and the trainer's probe log-probs differ by more than this."""
+    val: ValidationSamplingConfig = field(default_factory=ValidationSamplingConfig)
+    """Sampling settings for validation."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n < 1:
+            problems.append(f"rollout.n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            problems.append(f"rollout.temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            problems.append(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.weight_bucket_mb < 1:
+            problems.append(f"rollout.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
+        if problems:
+            raise ConfigError(problems)

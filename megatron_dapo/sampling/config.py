@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_dapo.config.loader import ConfigError
+
+
+@dataclass(kw_only=True)
+class FilterGroupsConfig:
+    enable: bool = True
+    """Dynamic sampling: keep only prompt groups whose metric varies, over-sampling until the batch is full."""
+    metric: str = "acc"
+    """Reward field whose variance decides (acc, score, or a task's own such as profit_loss)."""
+    max_num_gen_batches: int = 10
+    """Generation batches allowed per step; 0 means no limit."""
+    on_exhausted: Literal["error", "train"] = "train"
+    """After max_num_gen_batches: stop with an error, or train on the groups kept so far."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_gen_batches < 0:
+            raise ConfigError(
+                f"algorithm.filter_groups.max_num_gen_batches must be >= 0 (0 = no limit), got {self.max_num_gen_batches}"
+            )
+        if not self.metric:
+            raise ConfigError("algorithm.filter_groups.metric must name a reward field, e.g. acc or score")

@@ -1,0 +1,114 @@
+"""Dynamic sampling: over-sample generation batches until enough prompt groups carry signal.
+
+A group whose metric is the same for every response (all correct, all wrong) has zero advantage
+everywhere and teaches nothing; DAPO drops it and keeps generating until `train_batch_size`
+groups with non-zero variance are collected.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from megatron_dapo.sampling.config import FilterGroupsConfig
+
+G = TypeVar("G")
+
+
+@dataclass
+class SamplingStats:
+    """What one step's collection did; logged every step."""
+
+    gen_batches: int = 0
+    """Generation batches asked for."""
+    groups_generated: int = 0
+    kept: int = 0
+    """Groups in the training batch."""
+    dropped_all_correct: int = 0
+    """Groups whose metric was equal and > 0 for every response."""
+    dropped_all_wrong: int = 0
+    """Groups whose metric was equal and <= 0 for every response."""
+    trimmed: int = 0
+    """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
+    exhausted: bool = False
+    """max_num_gen_batches was reached before the batch was full."""
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "sampling/gen_batches": self.gen_batches,
+            "sampling/groups_kept": self.kept,
+            "sampling/groups_dropped_all_correct": self.dropped_all_correct,
+            "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,
+            "sampling/groups_trimmed": self.trimmed,
+            "sampling/exhausted": float(self.exhausted),
+        }
+
+
+@dataclass
+class SampledBatch(Generic[G]):
+    groups: list[G]
+    """Kept groups, in generation order."""
+    stats: SamplingStats = field(default_factory=SamplingStats)
+
+
+class DynamicSamplingExhausted(RuntimeError):
+    """Raised when on_exhausted='error' and max_num_gen_batches did not fill the batch."""
+
+    def __init__(self, stats: SamplingStats, target: int, metric: str):
+        self.stats = stats
+        super().__init__(
+            f"dynamic sampling kept {stats.kept} of {target} groups after {stats.gen_batches} generation batches "
+            f"({stats.dropped_all_correct} groups dropped as all-correct, {stats.dropped_all_wrong} as all-wrong "
+            f"by metric {metric!r}); raise algorithm.filter_groups.max_num_gen_batches, lower "
+            "data.train_batch_size, or set algorithm.filter_groups.on_exhausted=train to train on what was kept"
+        )
+
+
+def group_varies(values: Sequence[float], where: str = "a group") -> bool:
+    """True when the responses of one group do not all share one metric value."""
+    floats = [float(v) for v in values]
+    for i, v in enumerate(floats):
+        if not math.isfinite(v):
+            raise ValueError(f"the metric of response {i} in {where} is not finite ({v}): refusing to train on it")
+    return len(floats) > 1 and min(floats) != max(floats)
+
+
+class DynamicSampler(Generic[G]):
+    """Collects `train_batch_size` groups whose metric varies, asking for generation batches as needed."""
+
+    def __init__(self, config: FilterGroupsConfig, train_batch_size: int):
+        self.config = config
+        self.train_batch_size = train_batch_size
+
+    def collect(
+        self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]]
+    ) -> SampledBatch[G]:
+        """`generate()` returns one scored generation batch of groups; `metric_values(group)` gives
+        the filter metric of each of its responses. Surplus groups are trimmed in generation order,
+        so the same generations always give the same batch."""
+        stats = SamplingStats()
+        kept: list[G] = []
+        limit = self.config.max_num_gen_batches if self.config.enable else 1
+        while len(kept) < self.train_batch_size:
+            if limit and stats.gen_batches >= limit:
+                stats.exhausted = self.config.enable
+                break
+            batch = list(generate())
+            stats.gen_batches += 1
+            stats.groups_generated += len(batch)
+            for index, group in enumerate(batch):
+                values = metric_values(group)
+                where = f"group {index} of generation batch {stats.gen_batches} ({self.config.metric})"
+                if not self.config.enable or group_varies(values, where):
+                    kept.append(group)
+                elif float(values[0]) > 0:
+                    stats.dropped_all_correct += 1
+                else:
+                    stats.dropped_all_wrong += 1
+        stats.trimmed = max(len(kept) - self.train_batch_size, 0)
+        kept = kept[: self.train_batch_size]
+        stats.kept = len(kept)
+        if stats.exhausted and self.config.on_exhausted == "error":
+            raise DynamicSamplingExhausted(stats, self.train_batch_size, self.config.metric)
+        return SampledBatch(groups=kept, stats=stats)

@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import torch
+
+from megatron_dapo.advantage.grpo import group_advantages
+
+
+def test_group_normalised_by_hand():
+    # mean 0.5; unbiased std = sqrt(4 * 0.25 / 3) = sqrt(1/3)
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]]), eps=0.0)
+    assert adv[0].tolist() == pytest.approx([0.5 / math.sqrt(1 / 3), -0.5 / math.sqrt(1 / 3)] * 2)
+    assert torch.isnan(adv[1]).all()  # eps=0 on a constant group: why the default eps exists
+
+
+def test_constant_group_gets_zero_with_default_eps():
+    assert group_advantages(torch.tensor([[3.0, 3.0, 3.0]])).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_without_std_division():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0], [-1.0, 2.0, 5.0, 2.0]]), norm_by_std=False)
+    assert adv.tolist() == [[0.5, -0.5, 0.5, -0.5], [-3.0, 0.0, 3.0, 0.0]]
+
+
+def test_group_of_one_has_zero_advantage():
+    assert group_advantages(torch.tensor([[1.0], [0.0]])).tolist() == [[0.0], [0.0]]
+
+
+def test_non_finite_reward_is_refused_with_the_sample_named():
+    with pytest.raises(ValueError, match=r"reward is not finite at sample 1, token 2"):
+        group_advantages(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, float("nan")]]))
+
+
+def test_shape_is_checked():
+    with pytest.raises(ValueError, match=r"\[groups, n\]"):
+        group_advantages(torch.tensor([1.0, 0.0]))

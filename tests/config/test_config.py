@@ -1,0 +1,116 @@
+"""Config loading: every problem fails before any work starts, naming the key to change."""
+import subprocess
+import sys
+
+import pytest
+
+from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.config.root import DAPOConfig, dump_config, load_config
+
+GOOD = """
+data: {gen_batch_size: 24, train_batch_size: 8, max_response_length: 512}
+rollout: {n: 4, temperature: 1.0}
+actor: {clip_ratio_low: 0.2, clip_ratio_high: 0.28, ppo_mini_batch_size: 4, loss_agg_mode: token-mean}
+reward: {overlong_buffer: {enable: true, len: 128, penalty_factor: 1.0}}
+algorithm: {filter_groups: {enable: true, metric: acc, max_num_gen_batches: 5}}
+parallel: {tensor_model_parallel_size: 2, pipeline_model_parallel_size: 2}
+"""
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    return path
+
+
+def _error(path, *overrides, world_size=None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path, list(overrides), world_size=world_size)
+    return str(err.value)
+
+
+def test_yaml_and_overrides_resolve(good):
+    config = load_config(good, ["actor.clip_ratio_high=0.3", "algorithm.filter_groups.metric=score",
+                                "rollout.top_p=0.7", "actor.optim.betas=[0.9, 0.95]"], world_size=8)
+    assert isinstance(config, DAPOConfig)
+    assert config.actor.clip_ratio_high == 0.3 and config.algorithm.filter_groups.metric == "score"
+    assert config.data.gen_batch_size == 24 and config.rollout.n == 4 and config.rollout.top_p == 0.7
+    assert config.actor.optim.betas == (0.9, 0.95)
+    layout = config.parallel.layout(8)
+    assert (layout.tp, layout.pp, layout.dp) == (2, 2, 2)
+    assert load_config(None).actor.clip_ratio_high == 0.28  # the paper's defaults
+
+
+def test_int_is_accepted_for_float(good):
+    assert load_config(good, ["actor.clip_ratio_c=3"]).actor.clip_ratio_c == 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["actor.clip_ratio_hgh=0.3"], "unknown key actor.clip_ratio_hgh (did you mean actor.clip_ratio_high?)"),
+        (["trainer.nonsense=1"], "unknown key trainer.nonsense"),
+        (["data.gen_batch_size=abc"], "data.gen_batch_size: expected int, got str 'abc'"),
+        (["data.gen_batch_size=2.5"], "data.gen_batch_size: expected int, got float 2.5"),
+        (["algorithm.filter_groups.enable=1"], "algorithm.filter_groups.enable: expected bool, got int 1"),
+        (["rollout.n=true"], "rollout.n: expected int, got bool True"),
+        (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode: 'mean' is not one of 'token-mean'"),
+        (["rollout=3"], "rollout: expected a section (mapping), got int 3"),
+        (["data.gen_batch_size=4"], "set data.gen_batch_size >= data.train_batch_size"),
+        (["actor.clip_ratio_high=0.1"], "set actor.clip_ratio_high >= actor.clip_ratio_low"),
+        (["reward.overlong_buffer.len=512"], "reward.overlong_buffer.len (512) >= data.max_response_length (512)"),
+        (["rollout.n=1"], "algorithm.filter_groups.enable needs rollout.n >= 2"),
+        (["actor.ppo_mini_batch_size=3"], "actor.ppo_mini_batch_size (3) does not divide data.train_batch_size (8)"),
+        (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
+         "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"),
+        (["actor.clip_ratio_high"], "is not of the form dotted.key=value"),
+        (["data.gen_batch_size.x=1"], "override data.gen_batch_size.x: data.gen_batch_size holds a int"),
+    ],
+)
+def test_each_problem_names_the_key(good, overrides, expected):
+    assert expected in _error(good, *overrides)
+
+
+def test_all_problems_are_reported_together(good):
+    message = _error(good, "actor.clip_ratio_hgh=0.3", "data.gen_batch_size=abc")
+    assert message.startswith("2 config problems")
+    assert "actor.clip_ratio_hgh" in message and "data.gen_batch_size" in message
+
+
+def test_layout_must_divide_the_world_size(good):
+    message = _error(good, world_size=6)
+    assert "parallel.tensor_model_parallel_size (2) x parallel.pipeline_model_parallel_size (2) = 4" in message
+    assert "world size 6" in message
+
+
+def test_sequence_parallel_is_off_without_tensor_parallel(good):
+    config = load_config(good, ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=true"])
+    assert not config.parallel.layout(4).sequence_parallel
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    assert "must hold a mapping" in _error(bad)
+
+
+def test_dump_round_trips(good, tmp_path):
+    config = load_config(good, ["actor.clip_ratio_high=0.3"])
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+def test_cli_prints_the_resolved_config(good):
+    cmd = [sys.executable, "-m", "megatron_dapo", "config", str(good), "actor.clip_ratio_high=0.3", "--world-size", "8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "clip_ratio_high: 0.3" in out and "# layout: TP2 x PP2 x DP2 = 8 ranks" in out
+
+
+def test_cli_reports_config_errors_without_a_traceback(good):
+    cmd = [sys.executable, "-m", "megatron_dapo", "config", str(good), "actor.clip_ratio_hgh=0.3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "config error: unknown key actor.clip_ratio_hgh" in proc.stderr and "Traceback" not in proc.stderr

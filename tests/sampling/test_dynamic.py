@@ -1,0 +1,75 @@
+"""The dynamic-sampling collector against a scripted generator."""
+import pytest
+
+from megatron_dapo.sampling.config import FilterGroupsConfig
+from megatron_dapo.sampling.dynamic import DynamicSampler, DynamicSamplingExhausted
+
+# Each generation batch is a list of groups; a group is (name, per-response metric values).
+SCRIPT = [
+    [("a", [1, 1]), ("b", [0, 1]), ("c", [0, 0])],
+    [("d", [1, 0]), ("e", [1, 1])],
+    [("f", [0, 1]), ("g", [1, 0]), ("h", [0, 1])],
+]
+
+
+def _generator(script):
+    batches = iter(script)
+    return lambda: next(batches)
+
+
+def _collect(script, target=3, **config):
+    sampler = DynamicSampler(FilterGroupsConfig(**config), train_batch_size=target)
+    return sampler.collect(_generator(script), lambda group: group[1])
+
+
+def test_keeps_varied_groups_until_full_and_trims_in_order():
+    out = _collect(SCRIPT)
+    assert [name for name, _ in out.groups] == ["b", "d", "f"]
+    s = out.stats
+    assert (s.gen_batches, s.groups_generated, s.kept, s.trimmed) == (3, 8, 3, 2)
+    assert (s.dropped_all_correct, s.dropped_all_wrong, s.exhausted) == (2, 1, False)
+    assert _collect(SCRIPT).groups == out.groups  # deterministic
+
+
+def test_exhausted_with_error_policy_names_counts_and_keys():
+    with pytest.raises(DynamicSamplingExhausted) as err:
+        _collect(SCRIPT, max_num_gen_batches=2, on_exhausted="error")
+    message = str(err.value)
+    assert "kept 2 of 3 groups after 2 generation batches" in message
+    assert "algorithm.filter_groups.max_num_gen_batches" in message and "data.train_batch_size" in message
+    assert err.value.stats.dropped_all_correct == 2
+
+
+def test_exhausted_with_train_policy_returns_what_it_has():
+    out = _collect(SCRIPT, max_num_gen_batches=2, on_exhausted="train")
+    assert [name for name, _ in out.groups] == ["b", "d"]
+    assert out.stats.exhausted and out.stats.gen_batches == 2
+
+
+def test_exhausted_with_nothing_kept_returns_an_empty_batch():
+    out = _collect([[("a", [1, 1])], [("b", [0, 0])]], max_num_gen_batches=2, on_exhausted="train")
+    assert out.groups == [] and out.stats.exhausted
+
+
+def test_zero_means_no_limit():
+    script = [[("x", [1, 1])]] * 25 + [[("y", [0, 1])]]
+    out = _collect(script, target=1, max_num_gen_batches=0)
+    assert [name for name, _ in out.groups] == ["y"] and out.stats.gen_batches == 26
+
+
+def test_disabled_takes_one_batch_unfiltered():
+    out = _collect(SCRIPT, target=2, enable=False)
+    assert [name for name, _ in out.groups] == ["a", "b"]
+    assert (out.stats.gen_batches, out.stats.trimmed, out.stats.dropped_all_correct) == (1, 1, 0)
+
+
+def test_other_metrics_such_as_profit_loss():
+    script = [[("p", [0.25, 0.25]), ("q", [-3.5, 0.5]), ("r", [-1.0, -1.0])]]
+    out = _collect(script, target=1, metric="profit_loss")
+    assert [name for name, _ in out.groups] == ["q"]
+    assert (out.stats.dropped_all_correct, out.stats.dropped_all_wrong) == (1, 1)
+
+
+def test_non_finite_metric_is_refused_with_the_group_named():
+    with pytest.raises(ValueError, match=r"response 1 in group 1 of generation batch 1 \(acc\) is not finite"):
+        _collect([[("a", [0, 1]), ("b", [0, float("nan")])]])
