@@ -1,0 +1,254 @@
+"""The Megatron actor: old log-probs (forward only) and DAPO updates through megatron-core's schedules."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
+from megatron_dapo.actor.config import ActorConfig
+from megatron_dapo.actor.loss import loss_metrics, policy_loss
+from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.ops.logprob import vocab_parallel_logprob
+from megatron_dapo.parallel.config import ParallelLayout
+
+_SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "entropy", "loss")
+
+
+@dataclass
+class _MicroBatch:
+    rows: list[int]
+    """Rows of the (mini-)batch, on this data-parallel rank."""
+    data: ActorBatch
+    tokens: torch.Tensor
+    """[b, s] padded to the micro-batch's width."""
+    positions: torch.Tensor
+
+
+def warmup_constant_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps (the first step already moves), then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+class MegatronActor:
+    """This rank's shard of the policy, its optimizer and its schedules.
+
+    Every rank is given the same whole batch; each data-parallel rank takes its rows, each pipeline
+    runs its micro-batches, and the loss of every shard is already divided by the whole
+    mini-batch's token (or sequence) count, so gradients add up to the unsplit batch's.
+    """
+
+    def __init__(self, config: ActorConfig, model_path: str | Path, layout: ParallelLayout, *, temperature: float,
+                 norm_len: int | None = None, bf16: bool | None = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.config, self.layout, self.temperature, self.norm_len = config, layout, temperature, norm_len
+        self.arch = ModelArch.from_pretrained(model_path)
+        bf16 = torch.cuda.is_available() if bf16 is None else bf16
+        model = build_gpt_model(self.arch, layout, bf16=bf16, recompute=config.recompute_activations)
+        if torch.cuda.is_available():
+            model.cuda()
+        load_hf_weights(model, self.arch, model_path)
+        self.transformer_config = model.config
+        self.model = DistributedDataParallel(
+            model.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                          use_distributed_optimizer=layout.distributed_optimizer),
+            model,
+        )
+        model.config.finalize_model_grads_func = _finalize_grads
+        optim = config.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
+                            adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                            clip_grad=optim.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                            use_distributed_optimizer=layout.distributed_optimizer),
+            [self.model],
+        )
+        self.steps = 0
+        """Optimizer steps taken."""
+
+    # ---- groups and devices -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    @staticmethod
+    def _groups():
+        from megatron.core import parallel_state as ps
+
+        return ps
+
+    def _is_last_stage(self) -> bool:
+        return self._groups().is_pipeline_last_stage()
+
+    # ---- micro-batching ---------------------------------------------------------------------
+
+    def _local_rows(self, size: int) -> list[int]:
+        ps = self._groups()
+        chunks = torch.arange(size).tensor_split(ps.get_data_parallel_world_size())
+        return chunks[ps.get_data_parallel_rank()].tolist()
+
+    def _micro_batches(self, batch: ActorBatch) -> list[_MicroBatch]:
+        check_sequence_length(self.arch, int(batch.lengths.max()))
+        rows = self._local_rows(batch.size)
+        if not rows:  # more data-parallel ranks than rows: run one row with no loss so the schedule runs
+            rows, empty = [0], True
+        else:
+            empty = False
+        multiple = self.layout.tp if self.layout.sequence_parallel else 1
+        lengths = [int(batch.lengths[r]) for r in rows]
+        out = []
+        for group in split_by_token_budget(lengths, self.config.ppo_max_token_len_per_gpu, multiple):
+            picked = [rows[i] for i in group]
+            data = batch.rows(torch.tensor(picked))
+            if empty:
+                data.loss_mask = torch.zeros_like(data.loss_mask)
+                picked = []
+            width = -(-data.tokens.shape[1] // multiple) * multiple
+            tokens = torch.nn.functional.pad(data.tokens, (0, width - data.tokens.shape[1])).to(self.device)
+            positions = torch.arange(width, device=self.device).expand_as(tokens)
+            out.append(_MicroBatch(rows=picked, data=data, tokens=tokens, positions=positions))
+        return out
+
+    def _run(self, micro_batches: list[_MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[_MicroBatch], model):
+            mb = next(data_iterator)
+            output = model(mb.tokens, mb.positions, attention_mask=None)
+            return output, partial(loss_fn, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=forward_only,
+        )
+
+    def _logp_entropy(self, mb: _MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, s, V/tp] -> logp, entropy [b, s] aligned with the tokens (column 0 is 0)."""
+        ps = self._groups()
+        width = logits.shape[-1]
+        logp, entropy = vocab_parallel_logprob(
+            logits[:, :-1], mb.tokens[:, 1:], temperature=self.temperature,
+            vocab_start=ps.get_tensor_model_parallel_rank() * width, vocab_size=self.arch.vocab_size,
+            group=ps.get_tensor_model_parallel_group(),
+        )
+        pad = (1, 0)
+        s = mb.data.tokens.shape[1]
+        return torch.nn.functional.pad(logp, pad)[:, :s], torch.nn.functional.pad(entropy, pad)[:, :s]
+
+    # ---- forward only -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(token t | tokens < t) and the entropy there, [B, S] float32, on every rank."""
+        self.model.eval()
+        micro_batches = self._micro_batches(batch)
+
+        def collect(mb: _MicroBatch, logits: torch.Tensor):
+            logp, entropy = self._logp_entropy(mb, logits)
+            return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {
+                "logp": logp.float(), "entropy": entropy.float()}
+
+        outputs = self._run(micro_batches, collect, forward_only=True)
+        result = torch.zeros(2, *batch.tokens.shape, dtype=torch.float32, device=self.device)
+        if self._is_last_stage():
+            for mb, out in zip(micro_batches, outputs):
+                if mb.rows:
+                    s = out["logp"].shape[1]
+                    result[0, mb.rows, :s] = out["logp"]
+                    result[1, mb.rows, :s] = out["entropy"]
+        ps = self._groups()
+        dist.all_reduce(result, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(result, group=ps.get_data_parallel_group())
+        return result[0].cpu(), result[1].cpu()
+
+    # ---- the update ------------------------------------------------------------------------
+
+    def update(self, batch: ActorBatch, group_size: int) -> dict[str, float]:
+        """ppo_epochs passes over the batch in mini-batches of ppo_mini_batch_size groups of
+        `group_size` sequences; one optimizer step per mini-batch. Returns the mean metrics."""
+        if batch.advantages is None or batch.old_logp is None:
+            raise ValueError("update needs advantages and old_logp in the batch")
+        self.model.train()
+        mini = self.config.ppo_mini_batch_size * group_size
+        history: list[dict[str, float]] = []
+        for _ in range(self.config.ppo_epochs):
+            for start in range(0, batch.size, mini):
+                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini))))
+        return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+
+    def _mini_batch_step(self, batch: ActorBatch) -> dict[str, float]:
+        global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
+        micro_batches = self._micro_batches(batch)
+        lr = warmup_constant_lr(self.steps, self.config.optim.lr, self.config.optim.lr_warmup_steps)
+        for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)
+
+        def loss_fn(mb: _MicroBatch, logits: torch.Tensor):
+            logp, entropy = self._logp_entropy(mb, logits)
+            device = logp.device
+            data = mb.data
+            mask = data.loss_mask.to(device)
+            out = policy_loss(
+                logp, data.old_logp.to(device), data.advantages.to(device), mask,
+                clip_ratio_low=self.config.clip_ratio_low, clip_ratio_high=self.config.clip_ratio_high,
+                clip_ratio_c=self.config.clip_ratio_c, loss_agg_mode=self.config.loss_agg_mode,
+                global_tokens=global_tokens.to(device), global_seqs=batch.size, norm_len=self.norm_len,
+                rollout_logp=data.rollout_logp.to(device) if data.rollout_logp is not None else None,
+                tis_cap=self.config.tis_imp_ratio_cap,
+            )
+            sums = out.sums()
+            sums["entropy"] = torch.where(mask.bool(), entropy.detach(), 0).sum(dtype=torch.float32)
+            sums["loss"] = out.loss.detach().float()
+            sums["ratio_max"] = out.ratio_max.detach().float()
+            return out.loss, torch.tensor(1, dtype=torch.int, device=device), sums
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        success, grad_norm, _ = self.optimizer.step()
+        self.steps += 1
+        return self._reduce_metrics(outputs, grad_norm, lr, success)
+
+    def _reduce_metrics(self, outputs: list[dict], grad_norm, lr: float, success: bool) -> dict[str, float]:
+        ps = self._groups()
+        sums = torch.zeros(len(_SUMS), dtype=torch.float32, device=self.device)
+        ratio_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self._is_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+            for out in outputs:
+                sums += torch.stack([out[k].to(sums.device) for k in _SUMS])
+                ratio_max = torch.maximum(ratio_max, out["ratio_max"].to(sums.device))
+        dist.all_reduce(sums)
+        dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+        totals = dict(zip(_SUMS, sums.tolist()))
+        metrics = loss_metrics(totals, ratio_max.item())
+        metrics.update({
+            "actor/pg_loss": totals["loss"],
+            "actor/entropy": totals["entropy"] / max(totals["tokens"], 1.0),
+            "actor/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "actor/lr": lr,
+            "actor/update_skipped": float(not success),
+        })
+        return metrics
+
+
+def _finalize_grads(model, num_tokens=None, **kwargs):
+    """megatron-core's grad finalisation (DP reduce, SP norm grads, tied embeddings across PP) without
+    its division by the token count: our loss is already normalised by the global batch."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, **kwargs)

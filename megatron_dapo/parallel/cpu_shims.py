@@ -1,0 +1,193 @@
+"""Run megatron-core's real TP/PP/SP/DP code on CPU (gloo), for tests on machines without a GPU.
+
+megatron-core 0.16 hard-codes CUDA in a few places that sit on the dense-GPT training path.
+`apply_cpu_shims()` redirects exactly those to the CPU; it is a no-op when CUDA is available.
+
+Three kinds of patch, all scoped to megatron-core rather than to torch as a whole:
+
+1. A `torch` stand-in installed as the module-global name `torch` of the megatron modules listed
+   in `_CUDA_MODULES`. It forwards everything to the real torch, except that
+   `torch.cuda.current_device()` is "cpu", tensor factories given `device="cuda"` allocate on
+   the CPU, and the CUDA RNG calls act on the CPU generator. Code outside these modules (ours,
+   torch's own) still sees the real `torch.cuda`.
+2. CPU versions of the two RNG-state helpers in `tensor_parallel/random.py`, so that
+   `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker().fork()` swap the CPU
+   generator's state (on CPU the "device" generator *is* the CPU generator).
+3. Two replacements for checks that no module-level name can reach: the tensor-method calls
+   `x.type() == 'torch.cuda.FloatTensor'` / `x.cuda()` (patched on `torch.Tensor` only while
+   the wrapped megatron function runs), and `WrappedTorchNorm`'s refusal of sequence_parallel.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import logging
+import types
+
+import torch
+
+_APPLIED = False
+
+# Modules whose global `torch` is replaced, with the CUDA-only code each one runs on our path.
+_CUDA_MODULES = (
+    "megatron.core.utils",  # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer)
+    "megatron.core.tensor_parallel.layers",  # *Parallel*.__init__ weights, SP all-gather buffer
+    "megatron.core.tensor_parallel.mappings",  # _gather_along_* / _reduce_scatter_* out buffers
+    "megatron.core.tensor_parallel.random",  # CudaRNGStatesTracker.add, model_parallel_cuda_manual_seed
+    "megatron.core.transformer.utils",  # get_default_causal_mask(device="cuda")
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # RotaryEmbedding inv_freq
+    "megatron.core.pipeline_parallel.p2p_communication",  # recv/shape buffers, cuda.synchronize()
+    "megatron.core.pipeline_parallel.schedules",  # forward_backward_*: total_num_tokens
+    "megatron.core.distributed.param_and_grad_buffer",  # _ParamAndGradBuffer param/grad buffers
+    "megatron.core.optimizer.optimizer",  # MixedPrecisionOptimizer.__init__ scalars
+    "megatron.core.optimizer.clip_grads",  # get_grad_norm_fp32 / count_zeros_fp32 scalars
+)
+
+_FACTORIES = ("empty", "zeros", "ones", "tensor")  # the ones called with device="cuda" there
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CpuCuda:
+    """`torch.cuda` as the shimmed megatron modules see it."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"  # only ever used as a `device=` / `.to()` argument in these modules
+
+    @staticmethod
+    def synchronize(device=None):
+        pass  # p2p_communication: after batch_isend_irecv (batch_p2p_sync, on by default)
+
+    @staticmethod
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as the shimmed megatron modules see it."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attr
+
+        @functools.wraps(attr)
+        def factory(*args, **kwargs):
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+_ORIG_TENSOR_CUDA = torch.Tensor.cuda
+
+
+def _cuda_type_name(self, *args, **kwargs):
+    name = _ORIG_TENSOR_TYPE(self, *args, **kwargs)
+    if args or kwargs or self.device.type != "cpu":
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)  # torch.FloatTensor -> torch.cuda.FloatTensor
+
+
+@contextlib.contextmanager
+def _cpu_tensors_pass_as_cuda():
+    torch.Tensor.type = _cuda_type_name
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type = _ORIG_TENSOR_TYPE
+        torch.Tensor.cuda = _ORIG_TENSOR_CUDA
+
+
+def _wrap_as_cuda(owner, name: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_pass_as_cuda():
+            return fn(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def apply_cpu_shims() -> None:
+    """Make megatron-core's TP/PP/SP/DP code run on CPU tensors. Idempotent; no-op with CUDA."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+
+    # 1. The `torch` stand-in, per module.
+    cpu_torch = _CpuTorch("torch")
+    for module_name in _CUDA_MODULES:
+        importlib.import_module(module_name).torch = cpu_torch
+
+    # 2. tensor_parallel/random.py: _get/_set_cuda_rng_state back CudaRNGStatesTracker.fork and
+    # the activation-recompute CheckpointFunction; they index torch.cuda.default_generators.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_rng_state(device=-1, clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state = get_rng_state, set_rng_state
+    # fork() warns when the CPU generator moved inside the context; here the forked generator is
+    # the CPU one, so the warning would fire on every forked init/dropout. Drop just that message.
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context"
+    )
+
+    # 3a. Tensor-method CUDA checks, made to pass only while these functions run:
+    # - DistributedOptimizer.__init__ sorts params by `param.type() == 'torch.cuda.FloatTensor'`
+    #   (and Half/BFloat16) and raises TypeError for anything else (distrib_optimizer.py).
+    # - clip_grad_by_total_norm_fp32 asserts `param.grad.type() == 'torch.cuda.FloatTensor'`
+    #   (clip_grads.py; called through the name imported into optimizer.py).
+    # - LanguageModule.setup_embeddings_and_output_layer moves tied embeddings with `.cuda()`
+    #   before all-reducing them across the first/last pipeline stage (language_module.py).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    _wrap_as_cuda(distrib_optimizer.DistributedOptimizer, "__init__")
+    _wrap_as_cuda(optimizer, "clip_grad_by_total_norm_fp32")
+    _wrap_as_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+
+    # 3b. transformer/torch_norm.py: WrappedTorchNorm (the norm of get_gpt_layer_local_spec without
+    # apex) asserts `not config.sequence_parallel`, because it does not mark its weights for the
+    # TP all-reduce of sequence-parallel grads. Build the norm without SP, then mark the weights
+    # the way FusedLayerNorm does; finalize_model_grads then all-reduces their grads over TP.
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    build_norm = WrappedTorchNorm.__new__
+
+    def new_norm(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build_norm(cls, config, hidden_size, *args, **kwargs)
+        config_without_sp = copy.copy(config)
+        config_without_sp.sequence_parallel = False
+        norm = build_norm(cls, config_without_sp, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(new_norm)
+    _APPLIED = True

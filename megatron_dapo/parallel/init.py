@@ -1,0 +1,47 @@
+"""Bring up torch.distributed and megatron-core's model-parallel groups for one layout."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.parallel.config import ParallelConfig, ParallelLayout
+
+
+def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.0) -> ParallelLayout:
+    """NCCL when there is a GPU, gloo (with the CPU shims) otherwise; env:// rendezvous as torchrun sets it.
+
+    A single process without torchrun's variables runs as a world of one.
+    """
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    layout = config.layout(dist.get_world_size())
+    init_model_parallel(layout, seed)
+    return layout
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
+    """megatron-core's TP/PP/DP groups on an initialised process group, and its seeded RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.cuda.is_available():
+        from megatron_dapo.parallel.cpu_shims import apply_cpu_shims
+
+        apply_cpu_shims()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,160 @@
+"""The Megatron actor on real megatron-core in 4 gloo processes: layouts never change the maths.
+
+One spawn runs every check. References are computed with transformers' own models in pure torch:
+log-probs at every layout must equal transformers'; one DAPO update (loss, grad norm, updated
+weights) at every layout and micro-batch cut must equal the same update done on the HF model with
+torch's AdamW.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_checks
+from tests.tiny_models import FAMILIES, hf_logprobs, make_tiny_model
+
+WORLD = 4
+VOCAB = 211
+TEMPERATURE = 0.9
+# (tp, pp, sequence_parallel): DP is what remains of the 4 ranks.
+# The key bias's true gradient is exactly 0 (it shifts all scores of a query equally), so what
+# backward computes for it is rounding noise; Adam with a tiny eps would turn that noise into
+# full-size steps of random sign. eps = 1e-6 keeps noise-level gradients from moving weights.
+ADAM_EPS = 1e-6
+LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False), (2, 2, True)]
+
+
+def _batch(groups: int = 3, n: int = 2, width: int = 14):
+    gen = torch.Generator().manual_seed(42)
+    rows = groups * n
+    tokens = torch.randint(0, VOCAB, (rows, width), generator=gen)
+    lengths = torch.randint(6, width + 1, (rows,), generator=gen)
+    lengths[0] = width
+    prompt = 4
+    pos = torch.arange(width)[None]
+    for i, length in enumerate(lengths):
+        tokens[i, length:] = 0
+    mask = ((pos < lengths[:, None]) & (pos >= prompt)).long()
+    advantages = torch.randn(rows, generator=gen)
+    return tokens, lengths, mask, advantages
+
+
+def _actor(folder: Path, tp: int, pp: int, sp: bool, **actor_kwargs):
+    import torch.distributed as dist
+
+    from megatron_dapo.actor.actor import MegatronActor
+    from megatron_dapo.actor.config import ActorConfig, OptimConfig
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_model_parallel
+
+    layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                            sequence_parallel=sp).layout(dist.get_world_size())
+    init_model_parallel(layout, seed=1)
+    optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=0.5, eps=ADAM_EPS)
+    config = ActorConfig(optim=optim, **actor_kwargs)
+    return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False)
+
+
+def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, workdir: Path) -> None:
+    from megatron_dapo.actor.batch import ActorBatch
+
+    tokens, lengths, mask, _ = _batch(groups=5, n=1)
+    valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    valid[:, 0] = False
+    failures = []
+    for family in FAMILIES:
+        folder = workdir / family
+        reference = hf_logprobs(folder, tokens, TEMPERATURE)
+        for tp, pp, sp in LAYOUTS:
+            actor = _actor(folder, tp, pp, sp, ppo_max_token_len_per_gpu=30)  # several micro-batches
+            logp, entropy = actor.compute_logprobs(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask))
+            diff = ((logp - reference).abs() * valid).max().item()
+            if not diff <= 1e-4 or not torch.isfinite(entropy[valid]).all():
+                failures.append(f"{family} TP{tp} PP{pp} SP={sp}: max |logp - transformers| = {diff:.3g}")
+    assert not failures, "; ".join(failures)
+
+
+def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg):
+    """The same DAPO update done on transformers' model with torch's AdamW."""
+    import transformers
+
+    from megatron_dapo.actor.actor import warmup_constant_lr
+    from megatron_dapo.actor.loss import policy_loss
+    from megatron_dapo.ops.logprob import vocab_parallel_logprob
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if p.dim() > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in params.items() if not (p.dim() > 1 and not n.endswith(".bias"))]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=1e-3, betas=(0.9, 0.999), eps=ADAM_EPS)
+    mini, steps = steps_cfg
+    history = []
+    for step, start in enumerate(range(0, tokens.shape[0], mini)):
+        rows = slice(start, start + mini)
+        for group in optim.param_groups:
+            group["lr"] = warmup_constant_lr(step, 1e-3, 2)
+        optim.zero_grad()
+        t = tokens[rows]
+        logits = model(t).logits
+        logp, _ = vocab_parallel_logprob(logits[:, :-1], t[:, 1:], temperature=TEMPERATURE)
+        logp = torch.nn.functional.pad(logp, (1, 0))
+        loss = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
+                           clip_ratio_high=0.28, clip_ratio_c=10.0).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
+        optim.step()
+        history.append((loss.item(), norm.item()))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return history, state
+
+
+def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir: Path) -> None:
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.export import stage_hf_tensors
+
+    tokens, lengths, mask, advantages = _batch(groups=4, n=2)
+    failures = []
+    for family in ("qwen2", "llama"):
+        folder = workdir / family
+        old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.05 * torch.randn(tokens.shape,
+                                                                                   generator=torch.Generator().manual_seed(3))
+        history, state = _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2))
+        ref_loss = sum(h[0] for h in history) / len(history)
+        ref_norm = sum(h[1] for h in history) / len(history)
+        cases = [(tp, pp, sp, budget) for tp, pp, sp in LAYOUTS for budget in (16384,)]
+        cases += [(1, 1, False, 20), (2, 2, True, 40)]  # the same batch cut into other micro-batches
+        for tp, pp, sp, budget in cases:
+            actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget)
+            batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                               old_logp=old_logp)
+            metrics = actor.update(batch, group_size=2)
+            name = f"{family} TP{tp} PP{pp} SP={sp} budget={budget}"
+            if abs(metrics["actor/pg_loss"] - ref_loss) > 1e-5 * max(1.0, abs(ref_loss)):
+                failures.append(f"{name}: loss {metrics['actor/pg_loss']} != {ref_loss}")
+            if abs(metrics["actor/grad_norm"] - ref_norm) > 1e-5 * ref_norm:
+                failures.append(f"{name}: grad norm {metrics['actor/grad_norm']} != {ref_norm}")
+            for hf_name, tensor in stage_hf_tensors(actor.model, actor.arch):
+                expected = state[hf_name]
+                rel = ((tensor - expected).norm() / expected.norm()).item()
+                if rel > 1e-5:
+                    failures.append(f"{name}: {hf_name} relative difference {rel:.3g}")
+    assert not failures, "\n".join(failures[:20])
+
+
+CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("actor")
+    for family in FAMILIES:
+        make_tiny_model(family, workdir / family, vocab_size=VOCAB)
+    return run_checks(WORLD, CHECKS, workdir, timeout_s=600)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_actor_parallel(results, check):
+    assert not results[check.__name__], "\n".join(results[check.__name__])
