@@ -19,6 +19,8 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "pyyaml>=6.0",
+        "psutil",  # megatron-core dist_checkpointing writers need it
+        "pyarrow",
     ],
     extras_require={
         "sglang": ["sglang>=0.5.17"],

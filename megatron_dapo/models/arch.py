@@ -1,16 +1,32 @@
-"""A Hugging Face model folder's architecture, read from its config.json (no transformers needed)."""
+"""A Hugging Face model's architecture, read from its config.json (no transformers needed).
+
+The supported families share one block (RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU
+MLP) and differ only in a few switches:
+
+    family  q/k/v bias  q_norm/k_norm  rope
+    qwen2   yes         no             default
+    llama   no          no             default or "llama3" scaling
+    qwen3   no          yes            default
+
+Everything else a config.json can ask for (sliding-window attention, another activation or rope
+type, llama/qwen3's attention_bias or mlp_bias) is refused here, naming the key, so that the
+Megatron actor, the HF <-> Megatron tables and the rollout engine all build the same model.
+"""
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
 }
+"""Hugging Face architecture name -> family; each family is also its config's model_type."""
 
 
 class ModelError(ValueError):
@@ -19,12 +35,16 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama 3 frequency scaling (rope_type "llama3")."""
+    """Llama 3 frequency-dependent RoPE scaling (rope_type "llama3")."""
 
     factor: float
+    """Low frequencies are divided by this."""
     low_freq_factor: float
+    """Wavelengths above original_max_position_embeddings / low_freq_factor are scaled fully."""
     high_freq_factor: float
+    """Wavelengths below original_max_position_embeddings / high_freq_factor are left alone."""
     original_max_position_embeddings: int
+    """Context length the model was pretrained with."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,55 +52,74 @@ class ModelArch:
     family: str
     """qwen2 (also Qwen2.5), llama (Llama 3), qwen3."""
     architecture: str
+    """The Hugging Face class, e.g. "Qwen2ForCausalLM"."""
     vocab_size: int
+    """Rows of the embedding and of lm_head (before any padding)."""
     hidden_size: int
+    """Width of the residual stream."""
     intermediate_size: int
+    """Width of the SwiGLU MLP."""
     num_layers: int
+    """Decoder blocks."""
     num_heads: int
+    """Query heads."""
     num_kv_heads: int
+    """Key/value heads (GQA: num_heads is a multiple of it)."""
     head_dim: int
+    """Width of one head; may differ from hidden_size / num_heads (Qwen3)."""
     rms_norm_eps: float
+    """Epsilon of every RMSNorm."""
     rope_theta: float
+    """RoPE base."""
     rope_scaling: RopeScaling | None
+    """Llama 3 RoPE scaling, or None for plain RoPE."""
     max_position_embeddings: int
+    """Longest sequence (prompt + completion) the model supports."""
     tie_word_embeddings: bool
+    """lm_head.weight is model.embed_tokens.weight."""
     qkv_bias: bool
+    """q_proj, k_proj and v_proj have a bias (o_proj never does)."""
     qk_norm: bool
+    """Per-head RMSNorm on queries and keys before RoPE (q_norm, k_norm)."""
 
     @classmethod
-    def from_hf_config(cls, config: dict, source: str = "config") -> ModelArch:
-        architectures = config.get("architectures") or []
-        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ModelError(
-                f"{source}: architecture {architectures or config.get('model_type')!r} is not supported; "
-                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        family = SUPPORTED_ARCHITECTURES[arch]
+    def from_hf_config(cls, config: Mapping[str, Any], source: str = "config") -> ModelArch:
+        """Read a config.json dict (or `PretrainedConfig.to_dict()`); anything unsupported raises ModelError."""
+        architecture, family = _architecture(config, source)
+        problems = _unsupported_features(config, family)
         try:
-            heads = config["num_attention_heads"]
-            rope = config.get("rope_parameters") or {}
-            scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-            return cls(
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            theta, scaling = _rope(config, problems)
+            arch = cls(
                 family=family,
-                architecture=arch,
-                vocab_size=config["vocab_size"],
-                hidden_size=config["hidden_size"],
-                intermediate_size=config["intermediate_size"],
-                num_layers=config["num_hidden_layers"],
+                architecture=architecture,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=config.get("num_key_value_heads") or heads,
-                head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-                rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-                rope_scaling=_rope_scaling(scaling, source),
-                max_position_embeddings=config["max_position_embeddings"],
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(config["max_position_embeddings"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+                qkv_bias=family == "qwen2",
                 qk_norm=family == "qwen3",
             )
         except KeyError as err:
             raise ModelError(f"{source}: missing key {err.args[0]!r}") from None
+        if arch.num_heads % arch.num_kv_heads:
+            problems.append(
+                f"num_attention_heads ({arch.num_heads}) is not a multiple of num_key_value_heads ({arch.num_kv_heads})"
+            )
+        if arch.head_dim % 2:
+            problems.append(f"head_dim ({arch.head_dim}) must be even for RoPE")
+        if problems:
+            raise ModelError(f"{source}: " + "; ".join(problems))
+        return arch
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ModelArch:
@@ -90,11 +129,16 @@ class ModelArch:
         return cls.from_hf_config(json.loads(path.read_text()), source=str(path))
 
     def rope_inv_freq(self):
-        """Rotary inverse frequencies [head_dim / 2], float32, with Llama 3 scaling applied."""
+        """Rotary inverse frequencies [head_dim / 2], float32, with Llama 3 scaling applied.
+
+        Bit-identical to transformers' default and "llama3" rope initialization.
+        """
         import torch
 
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         if self.rope_scaling is not None:
+            # Long wavelengths are slowed by `factor`, short ones kept, and the band in between
+            # blends the two linearly in (original context / wavelength).
             s = self.rope_scaling
             low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
             high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
@@ -109,15 +153,58 @@ class ModelArch:
         return inv.to(torch.float32)
 
 
-def _rope_scaling(scaling: dict | None, source: str) -> RopeScaling | None:
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type") or scaling.get("type")
-    if kind != "llama3":
-        raise ModelError(f"{source}: rope scaling {kind!r} is not supported (only 'llama3')")
-    return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+def _architecture(config: Mapping[str, Any], source: str) -> tuple[str, str]:
+    """(Hugging Face class, family) from `architectures`, or from `model_type` when that list is absent."""
+    architectures = config.get("architectures") or []
+    for name in architectures:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name, SUPPORTED_ARCHITECTURES[name]
+    model_type = config.get("model_type")
+    if not architectures:
+        for name, family in SUPPORTED_ARCHITECTURES.items():
+            if family == model_type:
+                return name, family
+    found = ", ".join(architectures) or f"model_type {model_type!r}"
+    supported = ", ".join(f"{name} (model_type {family!r})" for name, family in SUPPORTED_ARCHITECTURES.items())
+    raise ModelError(f"{source}: architecture {found} is not supported; supported: {supported}")
+
+
+def _unsupported_features(config: Mapping[str, Any], family: str) -> list[str]:
+    """What the config asks for that none of our models (actor, weight tables, rollout engine) implements."""
+    problems = []
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act {act!r} is not supported (only 'silu': the MLP is SwiGLU)")
+    layer_types = config.get("layer_types") or []
+    if "sliding_attention" in layer_types or (not layer_types and config.get("use_sliding_window")):
+        problems.append("sliding-window attention (use_sliding_window / layer_types) is not supported")
+    # Qwen2 always has q/k/v biases and no o_proj bias; llama and qwen3 put all four behind one key.
+    if family != "qwen2" and config.get("attention_bias"):
+        problems.append(
+            f"attention_bias: true (q/k/v and o_proj biases) is not supported for {family}; "
+            "the Megatron weight tables have no o_proj bias"
+        )
+    if config.get("mlp_bias"):
+        problems.append("mlp_bias: true is not supported (the SwiGLU projections have no bias)")
+    return problems
+
+
+def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        problems.append(f"rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; "
+                        "supported: 'default' and 'llama3'")
+        return theta, None
+    scaling = RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
     )
+    return theta, scaling

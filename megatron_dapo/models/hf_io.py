@@ -1,7 +1,8 @@
-"""Read Hugging Face safetensors checkpoints tensor by tensor (one shard open at a time)."""
+"""Read Hugging Face safetensors checkpoints: one tensor by name, or every tensor shard by shard."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,10 +11,17 @@ from safetensors import safe_open
 from megatron_dapo.models.arch import ModelError
 
 INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Non-parameter buffers some older checkpoints carry; every model here computes them itself."""
 
 
 class HFCheckpointReader:
-    """Maps each tensor name to its shard; `get(name)` reads one tensor."""
+    """Maps each tensor name to its shard; `get(name)` reads one tensor, `iter_shards()` all of them.
+
+    The shards are those of the index when there is one, else model.safetensors, else every
+    *.safetensors file in the folder.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -27,14 +35,18 @@ class HFCheckpointReader:
                 raise ModelError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
             self.weight_map = dict(weight_map)
         else:
-            shards = sorted(self.folder.glob("*.safetensors"))
+            single = self.folder / SINGLE_FILE
+            shards = [single] if single.is_file() else sorted(self.folder.glob("*.safetensors"))
             if not shards:
-                raise ModelError(f"{self.folder}: no *.safetensors files and no {INDEX}")
+                raise ModelError(
+                    f"{self.folder}: no *.safetensors files and no {INDEX} (.bin checkpoints are not supported)"
+                )
             self.weight_map = {}
             for shard in shards:
                 with safe_open(shard, framework="pt") as f:
                     for name in f.keys():
                         self.weight_map[name] = shard.name
+        self.weight_map = {k: v for k, v in self.weight_map.items() if not k.endswith(SKIPPED_SUFFIXES)}
         self._open_name: str | None = None
         self._open = None
 
@@ -48,7 +60,19 @@ class HFCheckpointReader:
         if shard != self._open_name:
             self._open = safe_open(self.folder / shard, framework="pt")
             self._open_name = shard
+        return self._read(self._open, shard, name)
+
+    def iter_shards(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Every tensor as (name, CPU tensor), one list per shard, so a loader holds one shard at a time."""
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        for shard in sorted(by_shard):
+            with safe_open(self.folder / shard, framework="pt") as f:
+                yield [(name, self._read(f, shard, name)) for name in by_shard[shard]]
+
+    def _read(self, handle, shard: str, name: str) -> torch.Tensor:
         try:
-            return self._open.get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as err:  # a shard whose contents disagree with the index
             raise ModelError(f"{self.folder / shard}: cannot read tensor {name!r}: {err}") from None

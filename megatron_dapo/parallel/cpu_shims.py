@@ -1,21 +1,16 @@
-"""Run megatron-core's real TP/PP/SP/DP code on CPU (gloo), for tests on machines without a GPU.
+"""Run megatron-core 0.16's real TP/PP/SP/DP code on CPU with gloo, for tests without a GPU.
 
-megatron-core 0.16 hard-codes CUDA in a few places that sit on the dense-GPT training path.
-`apply_cpu_shims()` redirects exactly those to the CPU; it is a no-op when CUDA is available.
+`apply_cpu_shims()` redirects the CUDA-only code on the dense-GPT training path to the CPU; it is
+idempotent and a no-op when CUDA is available. Every patch is scoped to megatron-core:
 
-Three kinds of patch, all scoped to megatron-core rather than to torch as a whole:
-
-1. A `torch` stand-in installed as the module-global name `torch` of the megatron modules listed
-   in `_CUDA_MODULES`. It forwards everything to the real torch, except that
-   `torch.cuda.current_device()` is "cpu", tensor factories given `device="cuda"` allocate on
-   the CPU, and the CUDA RNG calls act on the CPU generator. Code outside these modules (ours,
-   torch's own) still sees the real `torch.cuda`.
-2. CPU versions of the two RNG-state helpers in `tensor_parallel/random.py`, so that
-   `model_parallel_cuda_manual_seed` and `get_cuda_rng_tracker().fork()` swap the CPU
-   generator's state (on CPU the "device" generator *is* the CPU generator).
-3. Two replacements for checks that no module-level name can reach: the tensor-method calls
-   `x.type() == 'torch.cuda.FloatTensor'` / `x.cuda()` (patched on `torch.Tensor` only while
-   the wrapped megatron function runs), and `WrappedTorchNorm`'s refusal of sequence_parallel.
+1. The module-global `torch` of each module in `_CUDA_MODULES` becomes a stand-in that forwards to
+   torch, except: `torch.cuda.current_device()` is "cpu", tensor factories given device="cuda"
+   allocate on the CPU, and the CUDA RNG calls use the CPU generator. Everything outside these
+   modules (our code, torch itself) still sees the real `torch.cuda`.
+2. tensor_parallel/random.py's RNG-state helpers swap the CPU generator's state instead.
+3. Checks no module-global can reach: `x.type() == 'torch.cuda.FloatTensor'` and `x.cuda()`
+   (torch.Tensor patched only while three megatron functions run), and WrappedTorchNorm's
+   refusal of sequence_parallel.
 """
 from __future__ import annotations
 
@@ -42,16 +37,14 @@ _CUDA_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # forward_backward_*: total_num_tokens
     "megatron.core.distributed.param_and_grad_buffer",  # _ParamAndGradBuffer param/grad buffers
     "megatron.core.optimizer.optimizer",  # MixedPrecisionOptimizer.__init__ scalars
+    "megatron.core.optimizer.distrib_optimizer",  # get_parameter_state_dp_zero gather buffers (checkpoints)
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # preload_tensors: cuda.synchronize()
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save/verify flags on device="cuda"
+    "megatron.core.dist_checkpointing.strategies.async_utils",  # execute_sync: cuda.synchronize()
     "megatron.core.optimizer.clip_grads",  # get_grad_norm_fp32 / count_zeros_fp32 scalars
 )
 
 _FACTORIES = ("empty", "zeros", "ones", "tensor")  # the ones called with device="cuda" there
-
-
-def _is_cuda(device) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    return isinstance(device, str) and device.startswith("cuda")
 
 
 class _CpuCuda:
@@ -89,7 +82,7 @@ class _CpuTorch(types.ModuleType):
 
         @functools.wraps(attr)
         def factory(*args, **kwargs):
-            if _is_cuda(kwargs.get("device")):
+            if str(kwargs.get("device")).startswith("cuda"):  # "cuda", "cuda:0", torch.device
                 kwargs["device"] = "cpu"
             return attr(*args, **kwargs)
 
@@ -168,8 +161,26 @@ def apply_cpu_shims() -> None:
     from megatron.core.optimizer import distrib_optimizer, optimizer
 
     _wrap_as_cuda(distrib_optimizer.DistributedOptimizer, "__init__")
+    # - DistributedOptimizer.get_parameter_state_dp_zero moves each shard with `.cuda()` before
+    #   gathering it on DP rank 0 (the "fully_reshardable" checkpoint format).
+    _wrap_as_cuda(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
     _wrap_as_cuda(optimizer, "clip_grad_by_total_norm_fp32")
     _wrap_as_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+
+    # 3c. Without Transformer Engine or apex the optimizer is torch's AdamW, whose per-parameter state
+    # has a "step" entry. DistributedOptimizer.load_state_dict restores "step" from the param groups,
+    # then _set_main_param_and_optimizer_states copies every state entry from the checkpoint's
+    # "fully_reshardable" tensors, which hold only param/exp_avg/exp_avg_sq: keep "step" as restored.
+    set_states = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states_keeping_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"].clone()}
+        return set_states(self, model_param, tensors)
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
 
     # 3b. transformer/torch_norm.py: WrappedTorchNorm (the norm of get_gpt_layer_local_spec without
     # apex) asserts `not config.sequence_parallel`, because it does not mark its weights for the

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,8 @@ class RolloutConfig:
     """Stop the run when the engine's and the trainer's probe log-probs differ by more than this."""
     val: ValidationSamplingConfig = field(default_factory=ValidationSamplingConfig)
     """Sampling settings for validation."""
+    embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    """The embedded engine's device, dtype, batch size and length limit (used when name is embedded)."""
 
     def __post_init__(self) -> None:
         problems = []

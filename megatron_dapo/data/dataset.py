@@ -1,0 +1,288 @@
+"""Training prompts in the DAPO-Math-17k layout, and the seeded epoch stream the trainer draws them from.
+
+A row (one parquet row or one JSONL line):
+    prompt:        [{"role": "user", "content": "..."}, ...]   (the column named by data.prompt_key)
+    reward_model:  {"ground_truth": "34", ...}
+    data_source:   "math_dapo"                                 (selects the reward function)
+    extra_info:    {...}                                       (optional; handed to the reward function)
+
+Rows are read in file order; a malformed row is dropped and counted with its location and what is
+wrong; a prompt already seen is dropped (the public DAPO-Math-17k copy repeats each prompt ~100
+times); the rest go through the tokenizer's chat template and those longer than max_prompt_length
+tokens are dropped and counted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5
+"""Malformed rows whose location and reason are kept for the report."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_ids: list[int]
+    """The chat-templated prompt, ending with the generation prompt: [P] token ids, P <= max_prompt_length."""
+    ground_truth: str
+    """reward_model.ground_truth, for the reward function."""
+    data_source: str
+    """Selects the reward function (reward/registry.py)."""
+    extra_info: dict[str, Any]
+    """The row's extra_info ({} when absent)."""
+    index: int
+    """Position in the PromptDataset (0..len-1)."""
+
+
+@dataclass
+class DatasetStats:
+    files: list[str]
+    """The files read, in order."""
+    rows_read: int = 0
+    """Rows (JSONL lines that are not blank) in all files."""
+    malformed: int = 0
+    """Rows dropped for a missing key, a wrong type, invalid JSON or a chat template error."""
+    malformed_examples: list[str] = field(default_factory=list)
+    """The first MAX_EXAMPLES of them: "<file> <row or line>: <what is wrong>"."""
+    duplicates: int = 0
+    """Rows whose prompt (all messages) equals an earlier row's."""
+    conflicting_duplicates: int = 0
+    """Of those, rows whose ground truth differs from the kept row's (the first one is kept)."""
+    too_long: int = 0
+    """Prompts with more than max_prompt_length tokens after the chat template."""
+    longest_prompt: int = 0
+    """Tokens in the longest prompt seen, kept or not."""
+    kept: int = 0
+    """Prompts in the dataset."""
+
+    def report(self) -> str:
+        lines = [f"{self.rows_read} rows read from {len(self.files)} file(s): {self.kept} prompts kept, "
+                 f"{self.duplicates} duplicates removed ({self.conflicting_duplicates} with another ground truth), "
+                 f"{self.too_long} too long (longest prompt {self.longest_prompt} tokens), {self.malformed} malformed"]
+        lines += [f"  malformed: {example}" for example in self.malformed_examples]
+        if self.malformed > len(self.malformed_examples):
+            lines.append(f"  ... and {self.malformed - len(self.malformed_examples)} more malformed rows")
+        return "\n".join(lines)
+
+
+class PromptDataset(Sequence[Prompt]):
+    """Deduplicated, chat-templated, length-filtered prompts; build with `from_files`."""
+
+    def __init__(self, prompts: list[Prompt], stats: DatasetStats):
+        self.prompts = prompts
+        self.stats = stats
+
+    @classmethod
+    def from_files(cls, paths: str | Path | Sequence[str | Path], tokenizer, *, max_prompt_length: int,
+                   prompt_key: str = "prompt") -> PromptDataset:
+        """Read parquet (.parquet) and JSONL (.jsonl) files; `tokenizer` is a transformers tokenizer with a
+        chat template. Raises ValueError if no prompt is left, giving the count for each reason."""
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("no data files given: set data.train_files")
+        for path in paths:
+            if path.suffix not in (".parquet", ".jsonl"):
+                raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl")
+            if not path.is_file():
+                raise FileNotFoundError(f"data file {path} does not exist")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
+                             "prompts are chat messages and need one")
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        stats = DatasetStats(files=[str(p) for p in paths])
+        ground_truth_of: dict[tuple, str] = {}
+        prompts: list[Prompt] = []
+
+        def malformed(where: str, why: str) -> None:
+            stats.malformed += 1
+            if len(stats.malformed_examples) < MAX_EXAMPLES:
+                stats.malformed_examples.append(f"{where}: {why}")
+
+        for path in paths:
+            unit = "line" if path.suffix == ".jsonl" else "row"
+            for number, row in _read_rows(path):
+                stats.rows_read += 1
+                if isinstance(row, _Unreadable):
+                    malformed(f"{path.name} {unit} {number}", row.reason)
+                    continue
+                try:
+                    messages, ground_truth, data_source, extra_info = _parse_row(row, prompt_key)
+                except _Malformed as err:
+                    malformed(f"{path.name} {unit} {number}", str(err))
+                    continue
+                key = tuple((m["role"], m["content"]) for m in messages)
+                if key in ground_truth_of:
+                    stats.duplicates += 1
+                    stats.conflicting_duplicates += ground_truth_of[key] != ground_truth
+                    continue
+                ground_truth_of[key] = ground_truth
+                try:
+                    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)
+                    ids = [int(t) for t in ids]
+                except Exception as err:                    # a template may reject a role or a message order
+                    malformed(f"{path.name} {unit} {number}", f"chat template failed: {type(err).__name__}: {err}")
+                    continue
+                stats.longest_prompt = max(stats.longest_prompt, len(ids))
+                if len(ids) > max_prompt_length:
+                    stats.too_long += 1
+                    continue
+                prompts.append(Prompt(prompt_ids=ids, ground_truth=ground_truth, data_source=data_source,
+                                      extra_info=extra_info, index=len(prompts)))
+        stats.kept = len(prompts)
+        if not prompts:
+            hint = (f"; raise data.max_prompt_length (now {max_prompt_length}) to keep long prompts"
+                    if stats.too_long else "")
+            raise ValueError(f"no prompts left in {stats.files}{hint}\n{stats.report()}")
+        logger.info("prompts: %s", stats.report())
+        return cls(prompts, stats)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index):
+        return self.prompts[index]
+
+    def report(self) -> str:
+        return self.stats.report()
+
+
+class PromptStream:
+    """An endless stream of prompt batches, epoch after epoch, each epoch in its own seeded order.
+
+    Epoch e visits every prompt once, in the order of `random.Random(seed + e).shuffle` (dataset order
+    without shuffle); a batch that reaches the end of an epoch continues with the next one, so every
+    prompt is drawn equally often and a dataset smaller than a batch still works. `state_dict()` is
+    (epoch, position in the epoch): a stream loaded from it yields the same batches as the original.
+    """
+
+    def __init__(self, dataset: Sequence[Prompt], batch_size: int, *, seed: int, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("PromptStream needs at least one prompt")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        """The epoch of the next prompt to be drawn (position == len(dataset) means this one is used up)."""
+        self.position = 0
+        self._order = self._epoch_order(0)
+
+    def __iter__(self) -> Iterator[list[Prompt]]:
+        return self
+
+    def __next__(self) -> list[Prompt]:
+        batch: list[Prompt] = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self.dataset):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(self.batch_size - len(batch), len(self.dataset) - self.position)
+            batch += [self.dataset[i] for i in self._order[self.position:self.position + take]]
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "dataset_size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        """Continue where the saved stream stopped; refuses a state from a different dataset, seed or shuffle."""
+        saved = (state["dataset_size"], state["seed"], state["shuffle"])
+        if saved != (len(self.dataset), self.seed, self.shuffle):
+            raise ValueError(
+                f"the saved prompt stream (dataset_size={saved[0]}, seed={saved[1]}, shuffle={saved[2]}) does not "
+                f"match this one (dataset_size={len(self.dataset)}, seed={self.seed}, shuffle={self.shuffle}): "
+                "the data order cannot be continued; use the same data files, data.max_prompt_length, "
+                "tokenizer, trainer.seed and data.shuffle as the saved run"
+            )
+        if not 0 <= state["position"] <= len(self.dataset) or state["epoch"] < 0:
+            raise ValueError(f"bad prompt stream state: epoch {state['epoch']}, position {state['position']}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.dataset)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+
+class _Malformed(ValueError):
+    """What is wrong with one row."""
+
+
+@dataclass
+class _Unreadable:
+    reason: str
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, row) of a .jsonl file, skipping blank lines, or (row number from 0, row) of a
+    .parquet file; a line that is not JSON gives _Unreadable."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield number, _Unreadable(f"invalid JSON ({err})")
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=4096) for record in batch.to_pylist())
+        yield from enumerate(rows)
+    else:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl")
+
+
+def _parse_row(row: Any, prompt_key: str) -> tuple[list[dict[str, str]], str, str, dict[str, Any]]:
+    """-> (messages, ground_truth, data_source, extra_info), or raise _Malformed saying what is wrong."""
+    if not isinstance(row, dict):
+        raise _Malformed(f"row is a {type(row).__name__}, expected an object")
+    for key in (prompt_key, "reward_model", "data_source"):
+        if row.get(key) is None:
+            raise _Malformed(f"missing {key!r}")
+    messages = row[prompt_key]
+    if not isinstance(messages, list) or not messages:
+        raise _Malformed(f"{prompt_key!r} must be a non-empty list of chat messages, got {_describe(messages)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _Malformed(f"{prompt_key}[{i}] must be a message {{role, content}}, got {_describe(message)}")
+        for part in ("role", "content"):
+            if not isinstance(message.get(part), str):
+                raise _Malformed(f"{prompt_key}[{i}].{part} must be a string, got {_describe(message.get(part))}")
+    reward_model = row["reward_model"]
+    if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
+        raise _Malformed(f"missing 'reward_model.ground_truth' (reward_model is {_describe(reward_model)})")
+    ground_truth = reward_model["ground_truth"]
+    if isinstance(ground_truth, int) and not isinstance(ground_truth, bool):
+        ground_truth = str(ground_truth)
+    if not isinstance(ground_truth, str):
+        raise _Malformed(f"'reward_model.ground_truth' must be a string, got {_describe(ground_truth)}")
+    data_source = row["data_source"]
+    if not isinstance(data_source, str) or not data_source:
+        raise _Malformed(f"'data_source' must be a non-empty string, got {_describe(data_source)}")
+    extra_info = row.get("extra_info")
+    extra_info = {} if extra_info is None else extra_info
+    if not isinstance(extra_info, dict):
+        raise _Malformed(f"'extra_info' must be an object, got {_describe(extra_info)}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages, ground_truth, data_source, extra_info
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

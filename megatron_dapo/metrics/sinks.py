@@ -1,0 +1,55 @@
+"""Where step metrics go: a line on the console, metrics.jsonl in the run folder, TensorBoard, W&B."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from megatron_dapo.metrics.config import LoggingConfig
+
+CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", "actor/entropy",
+                "actor/pg_clipfrac_high", "sampling/gen_batches", "rollout/probe_logp_max_diff", "timing/step")
+
+
+class MetricSinks:
+    def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int):
+        self.config, self.total = config, total_steps
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if config.jsonl else None
+        self.tensorboard = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if config.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
+                                    dir=str(run_dir), resume="allow")
+        self.started = time.time()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.config.console:
+            done = step / max(self.total, 1)
+            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics)
+            val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
+            print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()

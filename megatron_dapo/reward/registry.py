@@ -1,0 +1,334 @@
+"""Reward functions keyed by `data_source`, run in worker processes so that one bad sample costs one sample.
+
+A reward function is a module-level function `fn(response, ground_truth, extra_info) -> RewardResult | float`
+registered with `@register_reward("name")`. A float return means score = acc = that float (as verl does).
+`RewardScorer` runs the functions in a persistent pool of spawned processes: a function that raises,
+returns something that is not a finite number, kills its process, or takes longer than `timeout_s` on
+a sample gets that sample a failed result (score FAILED_SCORE, acc 0, failed=True, a reason), which is
+counted; the worker is killed and replaced when needed, and the batch goes on. A `data_source` with
+no registered function is a data or config error and raises before anything is scored.
+
+Workers are spawned, not forked: the trainer holds CUDA contexts and threads, which a fork would copy
+half-way. A spawned worker imports the parent's `__main__` module once, so a pool is started once
+and reused; a sample then costs one pipe round trip (measured on 2 CPU cores: 1000 math_dapo
+samples in 0.13-0.17 s with 2 workers, 0.29 s with 1, against 0.03-0.05 s in-process; start-up ~0.15 s).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple
+
+from megatron_dapo.reward import math_dapo
+
+logger = logging.getLogger(__name__)
+
+FAILED_SCORE = -1.0
+"""Score of a sample whose reward function failed: the same as a wrong answer, so it is never rewarded."""
+
+
+@dataclass
+class RewardResult:
+    score: float
+    """The reward of one response (before overlong shaping)."""
+    acc: float
+    """1.0 if the response solved the task, else 0.0 (what dynamic sampling and accuracy metrics read)."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Task-specific numbers to log, e.g. {"profit_loss": 3.2}; empty for failed samples."""
+    failed: bool = False
+    """The reward function could not score this sample (raised, hung, returned a non-finite number)."""
+    reason: str | None = None
+    """Why it failed: "<kind>: <detail>", kind one of FAILURE_KINDS."""
+    pred: str | None = None
+    """The answer the verifier read from the response, for logs."""
+
+
+FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died")
+
+RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float"]
+
+
+class RewardSample(NamedTuple):
+    data_source: str
+    """Key into the registry, e.g. "math_dapo"."""
+    response: str
+    """The decoded response text."""
+    ground_truth: str
+    """The row's reward_model.ground_truth."""
+    extra_info: dict[str, Any]
+    """The row's extra_info (task data such as prices for the trading task)."""
+
+
+@dataclass
+class RewardBatch:
+    results: list[RewardResult]
+    """One result per sample, in the order given."""
+    failure_counts: dict[str, int]
+    """Failed samples per kind (FAILURE_KINDS); empty if none failed."""
+
+    @property
+    def num_failed(self) -> int:
+        return sum(self.failure_counts.values())
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self.results]
+
+    @property
+    def accs(self) -> list[float]:
+        return [r.acc for r in self.results]
+
+
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register_reward(data_source: str, fn: RewardFn | None = None):
+    """Register `fn` for `data_source`; usable as `@register_reward("name")` or `register_reward("name", fn)`.
+
+    The function must be importable by name (defined at module level): it runs in worker processes.
+    """
+    def add(f: RewardFn) -> RewardFn:
+        qualname = getattr(f, "__qualname__", "")
+        if not callable(f) or not qualname or "<" in qualname:    # a lambda, or a function inside a function
+            raise ValueError(f"reward function {f!r} for data_source {data_source!r} must be a function defined "
+                             "at module level: it is sent by name to worker processes")
+        old = _REGISTRY.get(data_source)
+        if old is not None and _qualified_name(old) != _qualified_name(f):
+            raise ValueError(f"data_source {data_source!r} already has reward function {_qualified_name(old)}")
+        _REGISTRY[data_source] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def registered_sources() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_reward_fn(data_source: str) -> RewardFn:
+    try:
+        return _REGISTRY[data_source]
+    except KeyError:
+        raise ValueError(_unknown_message(data_source)) from None
+
+
+@register_reward("math_dapo")
+def math_dapo_reward(response: str, ground_truth: str, extra_info: dict[str, Any]) -> RewardResult:
+    """DAPO-Math-17k: +1 / -1 on the last `Answer:` line (see reward/math_dapo.py)."""
+    verdict = math_dapo.compute_score(response, ground_truth)
+    return RewardResult(score=verdict.score, acc=verdict.acc, pred=verdict.pred)
+
+
+class RewardScorer:
+    """A persistent pool of `num_workers` spawned processes scoring samples with a per-sample timeout.
+
+    Use as a context manager, or call close(). Not thread-safe: one `score` call at a time.
+    """
+
+    def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers = [_Worker(self._ctx, startup_timeout_s) for _ in range(num_workers)]
+
+    def score(self, samples: Iterable[RewardSample | tuple]) -> RewardBatch:
+        samples = [RewardSample(*s) for s in samples]
+        fns = []
+        for index, sample in enumerate(samples):
+            if sample.data_source not in _REGISTRY:
+                raise ValueError(f"sample {index}: " + _unknown_message(sample.data_source))
+            fns.append(_REGISTRY[sample.data_source])
+        results: list[RewardResult | None] = [None] * len(samples)
+        kinds: Counter[str] = Counter()
+
+        def fail(index: int, kind: str, detail: str) -> None:
+            results[index] = RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason=f"{kind}: {detail}")
+            kinds[kind] += 1
+
+        queue = deque(range(len(samples)))
+        while queue or any(w.index is not None for w in self._workers):
+            # 1. hand queued samples to idle workers
+            for slot, worker in enumerate(self._workers):
+                if worker.ready and worker.index is None and queue:
+                    index = queue.popleft()
+                    sample = samples[index]
+                    try:
+                        payload = pickle.dumps((fns[index], sample.response, sample.ground_truth, sample.extra_info))
+                    except Exception as err:
+                        fail(index, "error", f"sample cannot be sent to a worker: {type(err).__name__}: {err}")
+                        continue
+                    if not worker.submit(index, payload, time.monotonic() + self.timeout_s):
+                        queue.appendleft(index)             # the worker was dead before it got the sample
+                        self._replace(slot)
+            # 2. wait for a result, a ready message, or the next deadline
+            waiting = {w.conn: slot for slot, w in enumerate(self._workers) if not w.ready or w.index is not None}
+            if not waiting:                                 # only unsendable samples were left
+                continue
+            now = time.monotonic()
+            next_deadline = min(self._workers[slot].deadline for slot in waiting.values())
+            for conn in multiprocessing.connection.wait(list(waiting), timeout=max(0.0, next_deadline - now)):
+                slot = waiting[conn]
+                worker = self._workers[slot]
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):             # the process is gone
+                    worker.process.join(timeout=5)
+                    if worker.index is None:
+                        raise RuntimeError(f"reward worker {worker.process.pid} died while starting "
+                                           f"(exit code {worker.process.exitcode})") from None
+                    fail(worker.index, "worker_died", f"exit code {worker.process.exitcode}")
+                    self._replace(slot)
+                    continue
+                if not worker.ready:
+                    worker.ready = True
+                    continue
+                index, worker.index = worker.index, None
+                try:
+                    status, value = pickle.loads(message)
+                except Exception as err:                    # e.g. a class the trainer cannot import
+                    status, value = "error", f"result cannot be read: {type(err).__name__}: {err}"
+                if status == "error":
+                    fail(index, "error", value)
+                else:
+                    result, problem = _check(value)
+                    if problem is not None:
+                        fail(index, *problem)
+                    else:
+                        results[index] = result
+            # 3. kill workers past their deadline
+            now = time.monotonic()
+            for slot, worker in enumerate(self._workers):
+                if worker.index is not None and now >= worker.deadline:
+                    fail(worker.index, "timeout", f"no result after {self.timeout_s} s (worker killed)")
+                    self._replace(slot)
+                elif not worker.ready and now >= worker.deadline:
+                    raise RuntimeError(f"reward worker {worker.process.pid} did not start within "
+                                       f"{self.startup_timeout_s} s")
+        batch = RewardBatch(results=results, failure_counts=dict(kinds))  # type: ignore[arg-type]
+        if kinds:
+            first = next(i for i, r in enumerate(batch.results) if r.failed)
+            logger.warning("reward: %d/%d samples failed (%s); first: sample %d (%s): %s", batch.num_failed,
+                           len(samples), ", ".join(f"{k} {n}" for k, n in kinds.items()), first,
+                           samples[first].data_source, batch.results[first].reason)
+        return batch
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._workers = []
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _replace(self, slot: int) -> None:
+        self._workers[slot].kill()
+        self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s)
+
+
+def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float, num_workers: int = 2) -> RewardBatch:
+    """Score `samples` with a pool started for this call (a trainer keeps one RewardScorer instead)."""
+    with RewardScorer(timeout_s=timeout_s, num_workers=num_workers) as scorer:
+        return scorer.score(samples)
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
+    `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
+
+    def __init__(self, ctx, startup_timeout_s: float):
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="reward-worker")
+        self.process.start()
+        child_conn.close()
+        self.ready = False
+        self.index: int | None = None
+        self.deadline = time.monotonic() + startup_timeout_s
+
+    def submit(self, index: int, payload: bytes, deadline: float) -> bool:
+        try:
+            self.conn.send_bytes(payload)
+        except (BrokenPipeError, OSError):
+            return False
+        self.index, self.deadline = index, deadline
+        return True
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send_bytes(b"")
+        except OSError:
+            pass
+        self.process.join(timeout=1)
+        if self.process.is_alive():
+            self.kill()
+        else:
+            self.conn.close()
+
+
+def _worker_main(conn) -> None:
+    """Worker loop: receive (fn, response, ground_truth, extra_info), send ("ok", value) or ("error", why)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
+    conn.send_bytes(pickle.dumps(("ready", os.getpid())))
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not payload:
+            return
+        try:
+            fn, response, ground_truth, extra_info = pickle.loads(payload)
+            reply = pickle.dumps(("ok", fn(response, ground_truth, extra_info)))
+        except BaseException as err:                       # a reward function may even call sys.exit
+            where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+            at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+            reply = pickle.dumps(("error", f"{type(err).__name__}: {err}{at}"))
+        conn.send_bytes(reply)
+
+
+def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
+    """A reward function's return value -> (result, None) or (None, (kind, detail))."""
+    if isinstance(value, RewardResult):
+        if value.failed:                                   # the function reported its own failure
+            return None, ("error", value.reason or "the reward function marked the sample failed")
+        result = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = RewardResult(score=float(value), acc=float(value))
+    else:
+        return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")
+    numbers = {"score": result.score, "acc": result.acc, **{f"extra[{k!r}]": v for k, v in result.extra.items()}}
+    for name, number in numbers.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            return None, ("bad_return", f"{name} is {type(number).__name__}, expected a number")
+        if not math.isfinite(number):
+            return None, ("non_finite", f"{name} is {number}")
+    return result, None
+
+
+def _qualified_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _unknown_message(data_source: str) -> str:
+    return (f"no reward function for data_source {data_source!r}; registered: {registered_sources()} "
+            f"(register one with @register_reward({data_source!r}) in megatron_dapo.reward.registry)")

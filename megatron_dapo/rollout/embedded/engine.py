@@ -1,0 +1,183 @@
+"""EmbeddedEngine: the default rollout engine, a plain-PyTorch decoder that runs on CPU or CUDA."""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.hf_io import HFCheckpointReader
+from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
+from megatron_dapo.rollout.embedded.decode import generate_batch, right_padded
+from megatron_dapo.rollout.embedded.kv_cache import KVCache
+from megatron_dapo.rollout.embedded.model import CausalLM
+from megatron_dapo.rollout.embedded.weights import WeightPush
+from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams
+
+TIED_HEAD = "lm_head.weight"
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Qwen2 / Qwen2.5 / Llama 3 / Qwen3 decoder with batched, KV-cached sampling.
+
+    Build it with `from_pretrained(folder)` or `from_state_dict(hf_config, state_dict)`; the
+    loaded checkpoint is weight version 0. A model it cannot run raises ModelError (from
+    `ModelArch`, the architecture the Megatron actor reads too); bad input raises RolloutError.
+    """
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        buckets: Iterable[Iterable[tuple[str, torch.Tensor]]],
+        config: EmbeddedEngineConfig | None = None,
+    ) -> None:
+        """Allocate the model for `arch` and load it from `buckets` of (HF name, tensor), as a weight push."""
+        self.arch = arch
+        self.config = config or EmbeddedEngineConfig()
+        self.device = self.config.torch_device()
+        self.dtype = self.config.torch_dtype(self.device)
+        limit = self.config.max_seq_len or arch.max_position_embeddings
+        self.max_seq_len = min(limit, arch.max_position_embeddings)
+        self.model = CausalLM.empty(arch, self.dtype, self.device)
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        aliases = {}
+        if arch.tie_word_embeddings:  # lm_head.weight *is* the embedding: accepted, never required
+            aliases[TIED_HEAD] = "model.embed_tokens.weight"
+            del named[TIED_HEAD]
+        self.weights = WeightPush(named, aliases)
+        self.cache = KVCache(arch, self.dtype, self.device)
+        self.released = False
+        try:
+            self.weights.begin()
+            for bucket in buckets:
+                self.weights.update(bucket)
+            self.weights.end(version=0)
+        except RolloutError as err:
+            raise RolloutError(f"loading the checkpoint failed: {err}") from err
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, config: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
+        """Load a local Hugging Face folder (config.json + safetensors, sharded or not), one shard at a time."""
+        arch = ModelArch.from_pretrained(folder)
+        return cls(arch, HFCheckpointReader(folder).iter_shards(), config)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        hf_config: Mapping[str, Any] | Any,
+        state_dict: Mapping[str, torch.Tensor],
+        config: EmbeddedEngineConfig | None = None,
+    ) -> EmbeddedEngine:
+        """Build from a config.json dict (or a transformers config object) and an HF-named state dict."""
+        if not isinstance(hf_config, Mapping):
+            hf_config = hf_config.to_dict()
+        return cls(ModelArch.from_hf_config(hf_config), [state_dict.items()], config)
+
+    # --- generation and scoring -------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Sample params.n completions per prompt, max_batch_size sequences at a time."""
+        self._check_ready()
+        self._check_sequences(prompts, "prompt", extra=params.max_new_tokens)
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        rows = [(p, j) for p in range(len(prompts)) for j in range(params.n)]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        step = self.config.max_batch_size
+        for start in range(0, len(rows), step):
+            chunk_prompts = [p for p, _ in rows[start : start + step]]
+            counts = Counter(chunk_prompts)  # rows are prompt-major, so the chunk lists each prompt's rows together
+            distinct = sorted(counts)
+            copies = [counts[p] for p in distinct]
+            batch = generate_batch(self.model, self.cache, [prompts[p] for p in distinct], copies, params, generator)
+            for p, completion in zip(chunk_prompts, batch):
+                results[p].append(completion)
+        return results
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
+        """fp32 CPU tensors [L-1]: log_softmax(logits / temperature) of tokens 1..L-1 given their prefix."""
+        self._check_ready()
+        if not temperature > 0:
+            raise RolloutError(f"temperature must be > 0, got {temperature}")
+        self._check_sequences(sequences, "sequence", extra=0)
+        out = []
+        for start in range(0, len(sequences), self.config.max_batch_size):
+            chunk = sequences[start : start + self.config.max_batch_size]
+            tokens = right_padded(chunk, self.device)  # [B, width]
+            width = tokens.shape[1]
+            positions = torch.arange(width, device=self.device).expand(len(chunk), width)
+            hidden = self.model(tokens, positions, None)  # [B, width, hidden]
+            for i, seq in enumerate(chunk):  # one row of logits at a time: [L-1, V] fp32
+                logprobs = torch.log_softmax(self.model.logits(hidden[i, : len(seq) - 1]) / temperature, dim=-1)
+                targets = tokens[i, 1 : len(seq), None]
+                out.append(logprobs.gather(-1, targets).squeeze(-1).cpu())
+        return out
+
+    # --- weight push ------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version
+
+    def begin_weight_update(self) -> None:
+        self.weights.begin()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.weights.update(named_tensors)
+
+    def end_weight_update(self, version: int) -> None:
+        self.weights.end(version)
+
+    # --- colocated memory -------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Drop the KV cache (weights stay); generate/score refuse until resume_memory()."""
+        self.cache.release()
+        self.released = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Allow generation again; the KV cache is reallocated by the next batch."""
+        self.released = False
+
+    # --- input checks -----------------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        self.weights.check_fresh()
+        if self.released:
+            raise RolloutError("the engine's memory is released: call resume_memory() before generate/score")
+
+    def _check_sequences(self, sequences: list[list[int]], what: str, extra: int) -> None:
+        """Each must be non-empty, in the vocab, and fit max_seq_len together with `extra` new tokens."""
+        problems = []
+        vocab = self.arch.vocab_size
+        for i, seq in enumerate(sequences):
+            if len(seq) == 0:
+                problems.append(f"{what} {i} is empty")
+                continue
+            if len(seq) + extra > self.max_seq_len:
+                problems.append(
+                    f"{what} {i} has {len(seq)} tokens; with max_new_tokens={extra} that is "
+                    f"{len(seq) + extra} > the engine's limit of {self.max_seq_len} tokens"
+                    if extra
+                    else f"{what} {i} has {len(seq)} tokens > the engine's limit of {self.max_seq_len} tokens"
+                )
+            try:
+                ids = [operator.index(t) for t in seq]
+            except TypeError:
+                problems.append(f"{what} {i} holds something other than integer token ids")
+                continue
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                problems.append(f"{what} {i} has token ids outside the vocab [0, {vocab}): {bad[:5]}")
+        if problems:
+            raise RolloutError("bad input:\n" + "\n".join(f"  - {p}" for p in problems[:20]))

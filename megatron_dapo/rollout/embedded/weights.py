@@ -1,0 +1,105 @@
+"""Weight pushes into the embedded engine, as a transaction over its HF-named parameters.
+
+`begin` marks the weights stale; each `update` validates its whole batch (names, shapes) before
+copying any of it; `end` checks every parameter arrived since `begin` and only then makes the
+new version current. A push that breaks off leaves the engine stale, so nothing samples from a
+half-updated model.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from megatron_dapo.rollout.engine import RolloutError, StaleWeightsError
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class WeightPush:
+    """The engine's parameters by HF name, their version, and the push in progress (if any)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
+        """params: every required parameter by name; aliases: extra accepted name -> the name it shares storage with."""
+        self.params = dict(params)
+        self.aliases = dict(aliases)
+        self.version = 0
+        self.open_since: int | None = None  # version at the last begin() not yet closed by a good end()
+        self.received: set[str] = set()
+
+    @property
+    def stale(self) -> bool:
+        """True while a push is open or broke off."""
+        return self.open_since is not None
+
+    def check_fresh(self) -> None:
+        """Raise StaleWeightsError while a push is open or broke off."""
+        if self.open_since is not None:
+            raise StaleWeightsError(
+                f"weights are stale: a push began at version {self.open_since} and did not complete "
+                "(call begin_weight_update(), push every tensor, then end_weight_update(version))"
+            )
+
+    def begin(self) -> None:
+        """Open a push (also restarts one that broke off)."""
+        self.open_since = self.version
+        self.received = set()
+
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Validate the whole batch, then copy it (dtype and device converted on copy)."""
+        if self.open_since is None:
+            raise RolloutError("update_weights() outside a push: call begin_weight_update() first")
+        batch = list(named_tensors)
+        problems, seen = [], set()
+        for name, tensor in batch:
+            target = self._target(name)
+            if name in seen:
+                problems.append(f"tensor {name!r} appears twice in one update_weights() call")
+            seen.add(name)
+            if not isinstance(tensor, torch.Tensor):
+                problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+            elif target is None:
+                problems.append(self._unknown(name))
+            elif tuple(tensor.shape) != tuple(self.params[target].shape):
+                problems.append(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, the engine's {target!r} has shape "
+                    f"{tuple(self.params[target].shape)}"
+                )
+        if problems:
+            raise RolloutError(
+                f"update_weights() rejected its batch of {len(batch)} tensor(s); none of them was copied:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
+        with torch.no_grad():
+            for name, tensor in batch:
+                target = self._target(name)
+                self.params[target].copy_(tensor)
+                self.received.add(target)
+
+    def end(self, version: int) -> None:
+        """Close the push: every parameter must have arrived since begin(); then serve `version`."""
+        if self.open_since is None:
+            raise RolloutError("end_weight_update() without begin_weight_update()")
+        missing = sorted(set(self.params) - self.received)
+        if missing:
+            raise RolloutError(
+                f"weight push incomplete: {len(missing)} of {len(self.params)} parameters not received since "
+                f"begin_weight_update(): {_listing(missing)}; the engine stays stale (version {self.version})"
+            )
+        self.version = int(version)
+        self.open_since = None
+        self.received = set()
+
+    def _target(self, name: str) -> str | None:
+        if name in self.params:
+            return name
+        return self.aliases.get(name)
+
+    def _unknown(self, name: str) -> str:
+        close = difflib.get_close_matches(name, [*self.params, *self.aliases], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown tensor {name!r}{hint}; the engine's parameters carry their HF checkpoint names"

@@ -1,0 +1,125 @@
+"""The interface every rollout engine implements, and the data it takes and returns.
+
+An engine turns token-id prompts into sampled completions with the log-prob of every sampled
+token, scores given sequences (the weight-sync parity probe), and takes weight pushes from the
+trainer as a transaction:
+
+    engine.begin_weight_update()                 # engine is stale from here
+    engine.update_weights(bucket) ...            # any number of buckets, HF names
+    engine.end_weight_update(version=step)       # every parameter arrived -> usable again
+
+While a push is open (or broke off), `generate` and `score` refuse: sampling from half-updated
+weights would silently corrupt the rollout.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+class RolloutError(ValueError):
+    """Bad input to a rollout engine (prompt, sampling parameters, weight push)."""
+
+
+class StaleWeightsError(RolloutError):
+    """`generate` or `score` was called while a weight push is open or broke off."""
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample completions for one `generate` call."""
+
+    max_new_tokens: int
+    """Most tokens generated per completion; reaching it ends the completion with "length"."""
+    n: int = 1
+    """Completions sampled per prompt."""
+    temperature: float = 1.0
+    """Logits are divided by this before softmax; reported log-probs use the same scaling."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens with probability >= top_p; 1.0 is off."""
+    top_k: int = -1
+    """Sample from the k most likely tokens; -1 is off, 1 is greedy."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a completion (finish_reason "stop"); the stop token is part of the completion."""
+    seed: int | None = None
+    """Seed of this call's generator: same seed, prompts and engine settings -> same completions; None: fresh."""
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            problems.append(f"n must be >= 1, got {self.n}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            problems.append(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if any(t < 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if problems:
+            raise RolloutError("bad SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (top_k == 1)."""
+        return self.top_k == 1
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    token_ids: list[int] = field(default_factory=list)
+    """Generated tokens only, [L]; includes the stop token when one ended the completion."""
+    logprobs: list[float] = field(default_factory=list)
+    """[L] log-prob of each sampled token: log_softmax(logits / temperature), before top-k/top-p."""
+    finish_reason: Literal["stop", "length"] = "length"
+    """"stop": a stop token ended it; "length": max_new_tokens was reached."""
+
+
+class RolloutEngine(abc.ABC):
+    """What the trainer needs from a rollout engine (embedded PyTorch, SGLang, ...)."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Sample `params.n` completions for each prompt: result[i][j] is prompt i's j-th completion."""
+
+    @abc.abstractmethod
+    def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
+        """Log-probs of tokens 1..L-1 of each sequence given its prefix: one float32 [L-1] tensor each.
+
+        log_softmax(logits / temperature) gathered at the next token; the parity probe compares
+        these with the trainer's log-probs after a weight push.
+        """
+
+    @abc.abstractmethod
+    def begin_weight_update(self) -> None:
+        """Open a weight push; the engine is stale until `end_weight_update` succeeds."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy one bucket of (Hugging Face name, full tensor) pairs into the engine's weights."""
+
+    @abc.abstractmethod
+    def end_weight_update(self, version: int) -> None:
+        """Close the push: check every parameter arrived since `begin`, then serve `version`."""
+
+    @abc.abstractmethod
+    def release_memory(self) -> None:
+        """Free what can be freed while the trainer uses the device (colocated mode)."""
+
+    @abc.abstractmethod
+    def resume_memory(self) -> None:
+        """Take back what `release_memory` freed, before the next `generate`."""
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int:
+        """Version passed to the last successful `end_weight_update` (0 for the loaded checkpoint)."""

@@ -1,0 +1,112 @@
+"""Megatron -> rollout engine: stream the actor's weights as full Hugging Face tensors after every step.
+
+Each pipeline stage gathers its tensor-parallel shards inside its TP group (`stage_hf_tensors`);
+the first rank of every later stage sends its stage's tensors to global rank 0, one tensor at a
+time, and rank 0, which hosts the engine, pushes them in buckets of `bucket_mb`. A bucket is a
+fresh list of fresh tensors, handed to the engine and dropped: its memory is never reused while
+the engine may still read it. After the push, a parity probe compares the engine's log-probs of
+fixed sequences with the trainer's.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.actor.export import stage_hf_tensors
+
+
+@dataclass
+class PushStats:
+    tensors: int
+    bytes: int
+    seconds: float
+    buckets: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "reshard/seconds": self.seconds,
+            "reshard/gb_per_s": self.bytes / max(self.seconds, 1e-9) / 1e9,
+            "reshard/buckets": float(self.buckets),
+        }
+
+
+def _hf_tensors_on_rank0(actor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, yielded on global rank 0; other ranks take part and yield nothing."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return
+    stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    first_tp = ps.get_tensor_model_parallel_rank() == 0
+    pipeline = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    local = stage_hf_tensors(actor.model, actor.arch)
+    if stage == 0:
+        for item in local:
+            if first_tp:
+                yield item
+        if first_tp:
+            for source in pipeline[1:]:
+                while True:
+                    header = [None]
+                    dist.recv_object_list(header, src=source)
+                    if header[0] is None:
+                        break
+                    name, shape, dtype = header[0]
+                    tensor = torch.empty(shape, dtype=dtype, device=_device())
+                    dist.recv(tensor, src=source)
+                    yield name, tensor
+    else:
+        for name, tensor in local:
+            if first_tp:
+                dist.send_object_list([(name, tuple(tensor.shape), tensor.dtype)], dst=pipeline[0])
+                dist.send(tensor.contiguous(), dst=pipeline[0])
+        if first_tp:
+            dist.send_object_list([None], dst=pipeline[0])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def push_weights(actor, engine, version: int, bucket_mb: int) -> PushStats | None:
+    """Push the actor's weights into `engine` (which lives on rank 0; None elsewhere). Collective."""
+    start = time.perf_counter()
+    limit = bucket_mb * 2**20
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = count = total = buckets = 0
+    if engine is not None:
+        engine.begin_weight_update()
+    for name, tensor in _hf_tensors_on_rank0(actor):
+        bucket.append((name, tensor.detach().clone()))
+        size += tensor.numel() * tensor.element_size()
+        count += 1
+        if size >= limit:
+            engine.update_weights(bucket)
+            total, buckets, bucket, size = total + size, buckets + 1, [], 0
+    if engine is None:
+        return None
+    if bucket:
+        engine.update_weights(bucket)
+        total, buckets = total + size, buckets + 1
+    engine.end_weight_update(version)
+    return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
+
+
+def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> float:
+    """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] (all ranks get it)."""
+    from megatron_dapo.actor.batch import ActorBatch
+
+    lengths = torch.full((probe.shape[0],), probe.shape[1])
+    batch = ActorBatch(tokens=probe, lengths=lengths, loss_mask=torch.zeros_like(probe))
+    trainer, _ = actor.compute_logprobs(batch)
+    diff = torch.zeros(1, dtype=torch.float64, device=_device())
+    if engine is not None:
+        scored = engine.score(probe.tolist(), temperature)
+        diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
+    if dist.get_world_size() > 1:
+        dist.broadcast(diff, src=0)
+    return float(diff.item())

@@ -1,0 +1,89 @@
+"""Rollout data: groups of responses to one prompt, their rewards, and the actor batch built from them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_dapo.actor.batch import ActorBatch
+from megatron_dapo.advantage.grpo import group_advantages
+from megatron_dapo.data.dataset import Prompt
+from megatron_dapo.reward.overlong import overlong_filter_mask, overlong_penalty
+from megatron_dapo.reward.registry import RewardResult
+from megatron_dapo.rollout.engine import Completion
+
+
+@dataclass
+class Group:
+    """The rollout.n responses to one prompt."""
+
+    prompt: Prompt
+    completions: list[Completion]
+    rewards: list[RewardResult]
+    """Task rewards, before overlong shaping."""
+    scores: list[float]
+    """Final rewards: task score + overlong punishment."""
+
+    def metric(self, name: str) -> list[float]:
+        """A reward field per response: acc, score (after shaping), or a task's own (e.g. profit_loss)."""
+        if name == "acc":
+            return [r.acc for r in self.rewards]
+        if name == "score":
+            return self.scores
+        return [r.extra.get(name, float("nan")) for r in self.rewards]
+
+    def truncated(self) -> list[bool]:
+        return [c.finish_reason == "length" for c in self.completions]
+
+
+def shaped_scores(rewards: list[RewardResult], completions: list[Completion], *, enable: bool,
+                  max_response_length: int, buffer_len: int, penalty_factor: float) -> list[float]:
+    scores = torch.tensor([r.score for r in rewards], dtype=torch.float64)
+    if enable:
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        scores = scores + overlong_penalty(lengths, max_response_length=max_response_length, buffer_len=buffer_len,
+                                           penalty_factor=penalty_factor).double()
+    return scores.tolist()
+
+
+def build_actor_batch(groups: list[Group], *, norm_by_std: bool, overlong_filtering: bool) -> ActorBatch:
+    """Groups -> right-padded [B, S] sequences (B = groups x n) with response masks, advantages and
+    the rollout engine's log-probs, aligned with the tokens."""
+    rows = [(g.prompt.prompt_ids, c) for g in groups for c in g.completions]
+    width = max(len(p) + len(c.token_ids) for p, c in rows)
+    b = len(rows)
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    rollout_logp = torch.zeros(b, width, dtype=torch.float32)
+    lengths = torch.zeros(b, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        p, r = len(prompt), len(completion.token_ids)
+        tokens[i, :p] = torch.tensor(prompt)
+        tokens[i, p:p + r] = torch.tensor(completion.token_ids, dtype=torch.long)
+        mask[i, p:p + r] = 1
+        rollout_logp[i, p:p + r] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        lengths[i] = p + r
+    if overlong_filtering:
+        truncated = torch.tensor([t for g in groups for t in g.truncated()])
+        mask = overlong_filter_mask(mask, truncated)
+    scores = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+    advantages = group_advantages(scores, norm_by_std=norm_by_std).reshape(-1)
+    return ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                      rollout_logp=rollout_logp)
+
+
+def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, float]:
+    rewards = [r for g in groups for r in g.rewards]
+    scores = [s for g in groups for s in g.scores]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    logprobs = [lp for g in groups for c in g.completions for lp in c.logprobs]
+    n = max(len(rewards), 1)
+    return {
+        "critic/score_mean": sum(scores) / n,
+        "critic/acc_mean": sum(r.acc for r in rewards) / n,
+        "critic/reward_failed": float(sum(r.failed for r in rewards)),
+        "response_length/mean": sum(lengths) / n,
+        "response_length/max": float(max(lengths, default=0)),
+        "response_length/clip_ratio": sum(length >= max_response_length for length in lengths) / n,
+        "rollout/mean_token_prob": (torch.tensor(logprobs).exp().mean().item() if logprobs else 0.0),
+    }

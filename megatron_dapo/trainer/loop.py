@@ -1,0 +1,232 @@
+"""The DAPO training loop: one step reads like the data flow.
+
+collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> actor update
+-> push weights into the rollout engine + parity probe -> metrics -> checkpoint.
+Generation and rewards run on rank 0 (which hosts the engine) and are broadcast; the actor runs
+on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.config.root import DAPOConfig, dump_config
+from megatron_dapo.data.dataset import PromptDataset, PromptStream
+from megatron_dapo.metrics.sinks import MetricSinks
+from megatron_dapo.parallel.init import init_distributed
+from megatron_dapo.reward.registry import RewardSample, RewardScorer
+from megatron_dapo.rollout.engine import SamplingParams
+from megatron_dapo.rollout.reshard import probe_parity, push_weights
+from megatron_dapo.sampling.dynamic import DynamicSampler
+from megatron_dapo.trainer import checkpoints
+from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, shaped_scores
+
+
+class Trainer:
+    def __init__(self, config: DAPOConfig):
+        from transformers import AutoTokenizer
+
+        self.config = cfg = config
+        self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = Path(cfg.trainer.run_dir)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+        self.stop_ids = tuple(sorted({t for t in [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}))
+        self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer,
+                                                  max_prompt_length=cfg.data.max_prompt_length)
+        self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+                        if cfg.data.val_files else None)
+        self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
+                                   shuffle=cfg.data.shuffle)
+        self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
+                                   norm_len=cfg.data.max_response_length)
+        self.engine = self._make_engine() if self.rank0 else None
+        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
+        self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
+        self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
+        self.step = 0
+        probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
+        prompt = torch.tensor(self.train_set[0].prompt_ids)
+        tail = torch.randint(0, self.actor.arch.vocab_size, (8,), generator=probe_gen)
+        self.probe = torch.cat([prompt, tail])[None]
+        """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
+
+    def _make_engine(self):
+        if self.config.rollout.name != "embedded":
+            raise NotImplementedError(f"rollout.name={self.config.rollout.name!r} is not available in the trainer yet")
+        from megatron_dapo.rollout.embedded import EmbeddedEngine
+
+        return EmbeddedEngine.from_pretrained(self.config.model.path, self.config.rollout.embedded)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.config
+        self._resume()
+        if cfg.trainer.val_before_train and self.step == 0:
+            self._log(0, self.validate())
+        while self.step < cfg.trainer.total_training_steps:
+            metrics = self.train_step()
+            self.step += 1
+            if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
+                metrics.update(self.validate())
+            self._log(self.step, metrics)
+            last = self.step == cfg.trainer.total_training_steps
+            if last or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+                checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
+        if self.sinks:
+            self.sinks.close()
+        if self.scorer:
+            self.scorer.close()
+
+    def train_step(self) -> dict[str, float]:
+        cfg, timer = self.config, _Timer()
+        with timer("generate"):
+            sampled = self._broadcast(self._collect() if self.rank0 else None)
+        groups, stats = sampled
+        metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
+        if groups:
+            batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
+                                      overlong_filtering=cfg.algorithm.overlong_filtering)
+            with timer("old_log_prob"):
+                batch.old_logp, _ = self.actor.compute_logprobs(batch)
+            metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
+                                                              * batch.loss_mask).max())
+            with timer("update"):
+                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
+            with timer("reshard"):
+                push = push_weights(self.actor, self.engine, version=self.step + 1, bucket_mb=cfg.rollout.weight_bucket_mb)
+                diff = probe_parity(self.actor, self.engine, self.probe, cfg.rollout.temperature)
+            metrics["rollout/probe_logp_max_diff"] = diff
+            if push is not None:
+                metrics.update(push.metrics())
+            if diff > cfg.rollout.parity_threshold:
+                raise RuntimeError(
+                    f"after the weight push of step {self.step + 1} the rollout engine's log-probs differ from the "
+                    f"trainer's by {diff:.3g} (> rollout.parity_threshold={cfg.rollout.parity_threshold}): the "
+                    "engine is not running the weights that were trained; stopping before it generates from them"
+                )
+            tokens = int(batch.lengths.sum())
+            metrics["perf/tokens_per_s"] = tokens / max(timer.total(), 1e-9)
+        metrics.update(timer.metrics())
+        return metrics
+
+    # ---- rollout on rank 0 ------------------------------------------------------------------
+
+    def _collect(self):
+        generated = 0
+
+        def generate_batch() -> list[Group]:
+            nonlocal generated
+            prompts = next(self.stream)
+            seed = self.config.trainer.seed * 1_000_003 + self.step * 1_009 + generated
+            generated += 1
+            return self._rollout(prompts, self._sampling(seed))
+
+        sampled = self.sampler.collect(generate_batch, lambda g: g.metric(self.config.algorithm.filter_groups.metric))
+        return sampled.groups, sampled.stats
+
+    def _sampling(self, seed: int, validation: bool = False) -> SamplingParams:
+        r, v = self.config.rollout, self.config.rollout.val
+        return SamplingParams(n=v.n if validation else r.n, temperature=v.temperature if validation else r.temperature,
+                              top_p=v.top_p if validation else r.top_p, top_k=v.top_k if validation else r.top_k,
+                              max_new_tokens=self.config.data.max_response_length, stop_token_ids=self.stop_ids,
+                              seed=seed)
+
+    def _rollout(self, prompts, params: SamplingParams) -> list[Group]:
+        from transformers import AutoTokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.model.tokenizer_path or self.config.model.path)
+        outputs = self.engine.generate([p.prompt_ids for p in prompts], params)
+        samples = [RewardSample(p.data_source, self._tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                                p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
+        results = self.scorer.score(samples).results
+        buffer = self.config.reward.overlong_buffer
+        groups, n = [], params.n
+        for i, (prompt, completions) in enumerate(zip(prompts, outputs)):
+            rewards = results[i * n:(i + 1) * n]
+            scores = shaped_scores(rewards, completions, enable=buffer.enable,
+                                   max_response_length=self.config.data.max_response_length,
+                                   buffer_len=buffer.len, penalty_factor=buffer.penalty_factor)
+            groups.append(Group(prompt=prompt, completions=completions, rewards=rewards, scores=scores))
+        return groups
+
+    def validate(self) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        result = None
+        if self.rank0:
+            params = self._sampling(seed=self.config.trainer.seed, validation=True)
+            groups = self._rollout(list(self.val_set), params)
+            k = params.n
+            accs = [g.metric("acc") for g in groups]
+            result = {
+                f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
+                f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
+                "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
+            }
+            for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
+                values = [v for g in groups for v in g.metric(name)]
+                result[f"val/{name}_mean"] = sum(values) / len(values)
+        return self._broadcast(result)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"step": self.step, "data": self.stream.state_dict()}
+
+    def _resume(self) -> None:
+        if not self.config.checkpoint.resume:
+            return
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return
+        state = checkpoints.load(latest, self.actor)
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        push_weights(self.actor, self.engine, version=self.step, bucket_mb=self.config.rollout.weight_bucket_mb)
+        if self.rank0:
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+
+    def _broadcast(self, obj):
+        if dist.get_world_size() == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.sinks:
+            self.sinks.log(step, metrics)
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def total(self) -> float:
+        return sum(self.times.values())
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"timing/{k}": v for k, v in self.times.items()}, "timing/step": self.total()}
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,214 @@
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from megatron_dapo.data.dataset import Prompt, PromptDataset, PromptStream
+
+WORDS = ["[UNK]", "<|system|>", "<|user|>", "<|assistant|>", "what", "is", "one", "plus", "two", "?", "be", "brief"]
+ID = {word: i for i, word in enumerate(WORDS)}
+# "<|user|> what is one plus two ? <|assistant|>": one token per word (the template puts spaces around contents)
+TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer with a chat template, built here (nothing downloaded)."""
+    core = Tokenizer(models.WordLevel(ID, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def row(messages, ground_truth="3", source="math_dapo", **extra):
+    out = {"prompt": messages, "reward_model": {"ground_truth": ground_truth, "style": "rule-lax"},
+           "data_source": source}
+    out.update(extra)
+    return out
+
+
+P1 = user("what is one plus two ?")
+P2 = user("what is two plus two ?")
+P3 = [{"role": "system", "content": "be brief"}] + user("what is one plus one ?")
+LONG = user("one " * 20)                                   # 20 words + <|user|> + <|assistant|> = 22 tokens
+
+# rows both file types can hold (parquet needs one type per column)
+COMMON_ROWS = [
+    row(P1, "3"),                                          # 0 kept
+    row(P1, "3"),                                          # 1 duplicate
+    row(P2, "4", extra_info={"index": "b"}),               # 2 kept
+    row(P2, "5", extra_info={"index": "c"}),               # 3 duplicate with another ground truth
+    {"prompt": P1 + user("two"), "data_source": "math_dapo"},   # 4 malformed: no reward_model
+    row(LONG, "20"),                                       # 5 too long
+    row(P3, "2"),                                          # 6 kept (system message: a different prompt)
+    row(P1, "3"),                                          # 7 duplicate
+]
+P1_IDS = [ID["<|user|>"], ID["what"], ID["is"], ID["one"], ID["plus"], ID["two"], ID["?"], ID["<|assistant|>"]]
+P2_IDS = [ID["<|user|>"], ID["what"], ID["is"], ID["two"], ID["plus"], ID["two"], ID["?"], ID["<|assistant|>"]]
+P3_IDS = [ID["<|system|>"], ID["be"], ID["brief"]] + P1_IDS[:5] + [ID["one"], ID["?"], ID["<|assistant|>"]]
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def check_common(dataset):
+    assert [p.prompt_ids for p in dataset] == [P1_IDS, P2_IDS, P3_IDS]
+    assert [p.ground_truth for p in dataset] == ["3", "4", "2"]
+    assert [p.index for p in dataset] == [0, 1, 2]
+    assert dataset[1] == Prompt(prompt_ids=P2_IDS, ground_truth="4", data_source="math_dapo",
+                                extra_info={"index": "b"}, index=1)
+    assert dataset[0].extra_info == {}
+
+
+def test_jsonl_rows_are_checked_deduplicated_and_filtered(tmp_path, tokenizer):
+    extra_rows = [
+        "{not json",                                       # line 9
+        "",                                                # blank: not a row
+        row("what is one plus two ?"),                     # line 11: prompt is a string
+        row([{"role": "user", "content": 7}]),             # line 12: content is a number
+        row(user("one plus one"), source=5),               # line 13
+        row(user("one plus one"), ground_truth=7),         # line 14: an integer ground truth is read as "7"
+        row([{"role": "robot", "content": "beep"}]),       # line 15: the chat template refuses the role
+        row(user("two plus two"), extra_info=[1]),         # line 16
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", COMMON_ROWS + extra_rows)
+    dataset = PromptDataset.from_files(path, tokenizer, max_prompt_length=16)
+    assert [p.prompt_ids for p in dataset][:3] == [P1_IDS, P2_IDS, P3_IDS]
+    assert len(dataset) == 4
+    assert dataset[3].ground_truth == "7"
+    assert dataset[3].prompt_ids == [ID["<|user|>"], ID["one"], ID["plus"], ID["one"], ID["<|assistant|>"]]
+    stats = dataset.stats
+    assert (stats.rows_read, stats.kept, stats.duplicates, stats.conflicting_duplicates, stats.too_long,
+            stats.malformed, stats.longest_prompt) == (15, 4, 3, 1, 1, 7, 22)
+    examples = stats.malformed_examples
+    assert len(examples) == 5
+    assert examples[0] == "train.jsonl line 5: missing 'reward_model'"
+    assert examples[1].startswith("train.jsonl line 9: invalid JSON (")
+    assert examples[2] == ("train.jsonl line 11: 'prompt' must be a non-empty list of chat messages, "
+                           "got str 'what is one plus two ?'")
+    assert examples[3] == "train.jsonl line 12: prompt[0].content must be a string, got int 7"
+    assert examples[4] == "train.jsonl line 13: 'data_source' must be a non-empty string, got int 5"
+    report = dataset.report()
+    assert report.startswith("15 rows read from 1 file(s): 4 prompts kept, 3 duplicates removed (1 with another "
+                             "ground truth), 1 too long (longest prompt 22 tokens), 7 malformed")
+    assert report.endswith("... and 2 more malformed rows")
+
+
+def test_parquet_in_the_public_layout(tmp_path, tokenizer):
+    path = tmp_path / "dapo.parquet"
+    columns = ["prompt", "reward_model", "data_source", "extra_info"]   # from_pylist reads names off row 0
+    pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in COMMON_ROWS]), path)
+    dataset = PromptDataset.from_files([path], tokenizer, max_prompt_length=16)
+    check_common(dataset)
+    stats = dataset.stats
+    assert (stats.rows_read, stats.kept, stats.duplicates, stats.conflicting_duplicates, stats.too_long,
+            stats.malformed) == (8, 3, 3, 1, 1, 1)
+    assert stats.malformed_examples == ["dapo.parquet row 4: missing 'reward_model'"]
+
+
+def test_duplicates_across_files(tmp_path, tokenizer):
+    first = write_jsonl(tmp_path / "a.jsonl", [row(P1, "3")])
+    second = tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist([row(P1, "3"), row(P2, "4")]), second)
+    dataset = PromptDataset.from_files([first, second], tokenizer, max_prompt_length=8)
+    assert [p.prompt_ids for p in dataset] == [P1_IDS, P2_IDS]
+    assert (dataset.stats.rows_read, dataset.stats.duplicates) == (3, 1)
+
+
+def test_max_prompt_length_is_inclusive(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", [row(P1), row(P3)])   # 8 and 11 tokens
+    dataset = PromptDataset.from_files(path, tokenizer, max_prompt_length=8)
+    assert [p.prompt_ids for p in dataset] == [P1_IDS]
+    assert dataset.stats.too_long == 1
+
+
+def test_all_dropped_says_why(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", [row(LONG), row(LONG), {"prompt": P1}])
+    with pytest.raises(ValueError) as err:
+        PromptDataset.from_files(path, tokenizer, max_prompt_length=16)
+    message = str(err.value)
+    assert "raise data.max_prompt_length (now 16)" in message
+    assert ("3 rows read from 1 file(s): 0 prompts kept, 1 duplicates removed (0 with another ground truth), "
+            "1 too long (longest prompt 22 tokens), 1 malformed") in message
+    assert "train.jsonl line 3: missing 'reward_model'" in message
+
+
+def test_bad_inputs_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="unsupported data file type '.csv'"):
+        PromptDataset.from_files(tmp_path / "train.csv", tokenizer, max_prompt_length=8)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        PromptDataset.from_files(tmp_path / "missing.jsonl", tokenizer, max_prompt_length=8)
+    path = write_jsonl(tmp_path / "train.jsonl", [row(P1)])
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]")
+    with pytest.raises(ValueError, match="has no chat template"):
+        PromptDataset.from_files(path, bare, max_prompt_length=8)
+
+
+def prompts(n):
+    return [Prompt(prompt_ids=[i], ground_truth=str(i), data_source="math_dapo", extra_info={}, index=i)
+            for i in range(n)]
+
+
+def indices(batch):
+    return [p.index for p in batch]
+
+
+def test_stream_without_shuffle_runs_across_epochs():
+    stream = PromptStream(prompts(5), batch_size=3, seed=0, shuffle=False)
+    assert [indices(next(stream)) for _ in range(4)] == [[0, 1, 2], [3, 4, 0], [1, 2, 3], [4, 0, 1]]
+    assert (stream.epoch, stream.position) == (2, 2)
+    # a batch larger than the dataset wraps around
+    assert indices(next(PromptStream(prompts(2), batch_size=5, seed=0, shuffle=False))) == [0, 1, 0, 1, 0]
+
+
+def test_stream_shuffles_each_epoch_with_seed_plus_epoch():
+    stream = PromptStream(prompts(10), batch_size=5, seed=3)
+    drawn = [i for _ in range(6) for i in indices(next(stream))]
+    epochs = [drawn[0:10], drawn[10:20], drawn[20:30]]
+    for epoch, order in enumerate(epochs):
+        expected = list(range(10))
+        random.Random(3 + epoch).shuffle(expected)
+        assert order == expected
+    assert sorted(epochs[0]) == list(range(10))
+    assert len({tuple(order) for order in epochs}) == 3    # a new order every epoch
+    again = PromptStream(prompts(10), batch_size=5, seed=3)
+    assert [i for _ in range(6) for i in indices(next(again))] == drawn
+
+
+def test_stream_resumes_with_the_same_order():
+    stream = PromptStream(prompts(7), batch_size=3, seed=11)
+    for _ in range(3):                                     # 9 prompts: into epoch 1
+        next(stream)
+    state = stream.state_dict()
+    assert state == {"epoch": 1, "position": 2, "seed": 11, "shuffle": True, "dataset_size": 7}
+    expected = [indices(next(stream)) for _ in range(5)]
+    resumed = PromptStream(prompts(7), batch_size=3, seed=11)
+    resumed.load_state_dict(state)
+    assert [indices(next(resumed)) for _ in range(5)] == expected
+
+
+def test_stream_refuses_a_state_from_another_run():
+    state = PromptStream(prompts(7), batch_size=3, seed=11).state_dict()
+    with pytest.raises(ValueError, match="dataset_size=7, seed=11, shuffle=True\\) does not match this one "
+                                         "\\(dataset_size=6, seed=11"):
+        PromptStream(prompts(6), batch_size=3, seed=11).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=12"):
+        PromptStream(prompts(7), batch_size=3, seed=12).load_state_dict(state)

@@ -1,0 +1,110 @@
+"""Reading config.json: families, unsupported models, RoPE (incl. Llama 3 scaling) against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from megatron_dapo.models.arch import ModelArch, ModelError
+from tests.tiny_models import FAMILIES, make_tiny_model
+
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+CONFIGS = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}
+
+
+def test_family_switches(tmp_path):
+    archs = {f: ModelArch.from_pretrained(make_tiny_model(f, tmp_path / f)) for f in FAMILIES}
+    qwen2, llama, qwen3 = archs["qwen2"], archs["llama"], archs["qwen3"]
+    assert (qwen2.architecture, qwen2.qkv_bias, qwen2.qk_norm, qwen2.tie_word_embeddings) == (
+        "Qwen2ForCausalLM", True, False, True)
+    assert (llama.qkv_bias, llama.qk_norm, llama.rope_theta, llama.rope_scaling.factor) == (False, False, 5e4, 4.0)
+    assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.rope_scaling) == (False, True, 24, None)
+    assert (qwen3.vocab_size, qwen3.num_layers, qwen3.num_heads, qwen3.num_kv_heads) == (211, 2, 4, 2)
+
+
+def test_model_type_stands_in_for_a_missing_architectures_list():
+    """A config built in memory (architectures None) is read by its model_type."""
+    arch = ModelArch.from_hf_config(transformers.Qwen3Config().to_dict())
+    assert (arch.family, arch.architecture) == ("qwen3", "Qwen3ForCausalLM")
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50).to_dict()
+    config["architectures"] = ["GPT2LMHeadModel"]
+    with pytest.raises(ModelError) as err:
+        ModelArch.from_hf_config(config, source="gpt2/config.json")
+    message = str(err.value)
+    assert message.startswith("gpt2/config.json: architecture GPT2LMHeadModel is not supported")
+    for supported in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"):
+        assert supported in message
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "message"),
+    [
+        ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
+         r"rope type 'yarn' \(rope_scaling / rope_parameters\) is not supported"),
+        ("llama", dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)), "rope type 'linear'"),
+        ("qwen2", dict(layer_types=["sliding_attention", "full_attention"]), "sliding-window attention"),
+        ("qwen2", dict(use_sliding_window=True, layer_types=None), "sliding-window attention"),
+        ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        ("llama", dict(attention_bias=True), "attention_bias: true .* is not supported for llama"),
+        ("qwen3", dict(attention_bias=True), "attention_bias: true .* is not supported for qwen3"),
+        ("llama", dict(mlp_bias=True), "mlp_bias: true is not supported"),
+        ("llama", dict(num_key_value_heads=5),
+         r"num_attention_heads \(32\) is not a multiple of num_key_value_heads \(5\)"),
+        ("qwen3", dict(head_dim=25), r"head_dim \(25\) must be even"),
+    ],
+)
+def test_unsupported_features_are_refused_naming_the_key(family, change, message):
+    config = {**CONFIGS[family]().to_dict(), **change}
+    with pytest.raises(ModelError, match=message):
+        ModelArch.from_hf_config(config)
+
+
+def test_missing_key_is_named():
+    config = transformers.Qwen2Config().to_dict()
+    del config["intermediate_size"]
+    with pytest.raises(ModelError, match="qwen/config.json: missing key 'intermediate_size'"):
+        ModelArch.from_hf_config(config, source="qwen/config.json")
+
+
+def test_all_problems_are_reported_together():
+    config = {**transformers.LlamaConfig().to_dict(), "hidden_act": "gelu", "mlp_bias": True}
+    with pytest.raises(ModelError, match="hidden_act.*; mlp_bias"):
+        ModelArch.from_hf_config(config)
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA31_ROPE])
+def test_inv_freq_matches_transformers(rope):
+    """Llama 3.1's real shape (head_dim 128, theta 5e5, 8192 original context), plain and llama3-scaled."""
+    config = transformers.LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=rope
+    )
+    rope_type = config.rope_parameters["rope_type"]
+    if rope_type == "default":
+        expected = LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0]
+    else:
+        expected = ROPE_INIT_FUNCTIONS[rope_type](config)[0]
+    got = ModelArch.from_hf_config(config.to_dict()).rope_inv_freq()
+    assert got.shape == (64,) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    if rope is not None:  # the scaling did change the low frequencies
+        unscaled = {"rope_type": "default", "rope_theta": 500000.0}
+        plain = ModelArch.from_hf_config({**config.to_dict(), "rope_parameters": unscaled}).rope_inv_freq()
+        assert not torch.equal(got, plain) and torch.equal(got[:10], plain[:10])
+
+
+def test_pre_v5_config_keys_are_read():
+    """Older config.json files carry rope_theta + rope_scaling (with "type" or "rope_type")."""
+    new_style = transformers.LlamaConfig(rope_theta=500000.0, rope_scaling=LLAMA31_ROPE).to_dict()
+    old_style = {k: v for k, v in new_style.items() if k != "rope_parameters"}
+    params = dict(new_style["rope_parameters"])
+    old_style["rope_theta"] = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")
+    old_style["rope_scaling"] = params
+    assert ModelArch.from_hf_config(old_style) == ModelArch.from_hf_config(new_style)
+    assert ModelArch.from_hf_config(new_style).rope_theta == 500000.0

@@ -1,0 +1,135 @@
+import math
+import os
+import time
+
+import pytest
+
+from megatron_dapo.reward.registry import (
+    FAILED_SCORE,
+    RewardResult,
+    RewardSample,
+    RewardScorer,
+    compute_rewards,
+    get_reward_fn,
+    register_reward,
+    registered_sources,
+)
+
+
+@register_reward("test_troublesome")
+def troublesome(response, ground_truth, extra_info):
+    """Misbehaves on command: the response says how."""
+    if response == "raise":
+        return 1 / 0
+    if response == "hang":
+        time.sleep(600)
+    if response == "nan":
+        return float("nan")
+    if response == "nan_extra":
+        return RewardResult(score=1.0, acc=1.0, extra={"profit_loss": math.inf})
+    if response == "text":
+        return "correct"
+    if response == "die":
+        os._exit(3)
+    if response == "float":
+        return 0.5
+    if response == "own_failure":
+        return RewardResult(score=1.0, acc=1.0, failed=True, reason="no price data")
+    return RewardResult(score=float(len(response)), acc=1.0, extra={"profit_loss": float(extra_info["pnl"])})
+
+
+def plain(response, ground_truth, extra_info):
+    return 1.0 if response == ground_truth else 0.0
+
+
+register_reward("test_plain", plain)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with RewardScorer(timeout_s=0.5, num_workers=2) as s:
+        yield s
+
+
+def sample(response, pnl=0.0):
+    return RewardSample("test_troublesome", response, "", {"pnl": pnl})
+
+
+def test_good_samples_pass_through(scorer):
+    batch = scorer.score([sample("abc", 2.5), ("test_troublesome", "abcd", "", {"pnl": -1.0}),
+                          ("test_plain", "7", "7", {})])
+    assert batch.failure_counts == {}
+    assert batch.scores == [3.0, 4.0, 1.0]
+    assert batch.accs == [1.0, 1.0, 1.0]                   # a float return is score and acc at once
+    assert [r.extra for r in batch.results] == [{"profit_loss": 2.5}, {"profit_loss": -1.0}, {}]
+
+
+def test_each_failure_costs_only_its_sample(scorer):
+    responses = ["ab", "raise", "nan", "abc", "nan_extra", "text", "float", "own_failure"]
+    batch = scorer.score([sample(r, 1.0) for r in responses])
+    assert batch.scores == [2.0, FAILED_SCORE, FAILED_SCORE, 3.0, FAILED_SCORE, FAILED_SCORE, 0.5, FAILED_SCORE]
+    assert batch.accs == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0]
+    assert [r.failed for r in batch.results] == [False, True, True, False, True, True, False, True]
+    assert batch.failure_counts == {"error": 2, "non_finite": 2, "bad_return": 1}
+    assert batch.num_failed == 5
+    reasons = [r.reason for r in batch.results]
+    assert reasons[1].startswith("error: ZeroDivisionError: division by zero (at test_registry.py:")
+    assert reasons[2] == "non_finite: score is nan"
+    assert reasons[4] == "non_finite: extra['profit_loss'] is inf"
+    assert reasons[5] == "bad_return: returned str, expected RewardResult or a float"
+    assert reasons[7] == "error: no price data"
+    assert batch.results[2].extra == {}
+
+
+def test_a_hang_is_bounded_and_the_pool_recovers(scorer):
+    start = time.monotonic()
+    batch = scorer.score([sample("hang"), sample("a"), sample("hang"), sample("bb"), sample("ccc")])
+    elapsed = time.monotonic() - start
+    # both hangs run at once on the two workers and are killed after 0.5 s
+    assert elapsed < 5.0, elapsed
+    assert batch.scores == [FAILED_SCORE, 1.0, FAILED_SCORE, 2.0, 3.0]
+    assert batch.failure_counts == {"timeout": 2}
+    assert batch.results[0].reason == "timeout: no result after 0.5 s (worker killed)"
+    # the replaced workers score the next batch
+    assert scorer.score([sample("dddd")]).scores == [4.0]
+
+
+def test_a_dying_worker_costs_its_sample(scorer):
+    batch = scorer.score([sample("die"), sample("a"), sample("bb")])
+    assert batch.scores == [FAILED_SCORE, 1.0, 2.0]
+    assert batch.results[0].reason == "worker_died: exit code 3"
+    assert scorer.score([sample("ccc")]).scores == [3.0]
+
+
+def test_math_dapo_is_registered(scorer):
+    assert "math_dapo" in registered_sources()
+    samples = [("math_dapo", f"Reasoning...\nAnswer: \\boxed{{{i}}}", str(i if i % 4 else i + 1), {})
+               for i in range(1000)]
+    batch = scorer.score(samples)
+    # i = 0, 4, ..., 996 (250 of them) are given a wrong ground truth
+    assert batch.failure_counts == {}
+    assert sum(batch.accs) == 750
+    assert sum(batch.scores) == 750 - 250
+    assert batch.results[5].pred == "5"
+
+
+def test_unknown_data_source_names_sample_and_registered_ones(scorer):
+    expected = r"sample 1: no reward function for data_source 'gsm9k'; registered: \[.*'math_dapo'"
+    with pytest.raises(ValueError, match=expected):
+        scorer.score([sample("a"), ("gsm9k", "a", "1", {})])
+    with pytest.raises(ValueError, match="'gsm9k'"):
+        get_reward_fn("gsm9k")
+
+
+def test_registration_rules():
+    with pytest.raises(ValueError, match="module level"):
+        register_reward("test_lambda", lambda r, g, e: 1.0)
+    with pytest.raises(ValueError, match="already has reward function"):
+        register_reward("test_plain", troublesome)
+    assert register_reward("test_plain", plain) is plain   # the same function again is fine
+    assert get_reward_fn("test_plain") is plain
+
+
+def test_compute_rewards_one_shot():
+    batch = compute_rewards([("test_plain", "7", "7", {}), ("test_plain", "8", "7", {})], timeout_s=5.0, num_workers=1)
+    assert batch.scores == [1.0, 0.0]

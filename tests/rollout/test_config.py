@@ -1,0 +1,32 @@
+"""rollout.embedded in the run config: loaded, round-tripped through the dump, and checked naming its keys."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.config.root import dump_config, load_config
+from megatron_dapo.rollout.embedded import EmbeddedEngineConfig
+
+
+def test_embedded_section_loads_and_round_trips(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout: {n: 4, embedded: {device: cpu, dtype: bfloat16, max_batch_size: 8, max_seq_len: 256}}\n")
+    config = load_config(path)
+    assert config.rollout.embedded == EmbeddedEngineConfig(device="cpu", dtype="bfloat16", max_batch_size=8,
+                                                           max_seq_len=256)
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped) == config
+    assert load_config(None).rollout.embedded == EmbeddedEngineConfig()  # max_seq_len null: the model's limit
+
+
+def test_bad_embedded_values_name_their_keys():
+    overrides = ["rollout.embedded.device=gpu", "rollout.embedded.max_batch_size=0", "rollout.embedded.max_seq_len=1"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "rollout.embedded.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in message
+    assert "rollout.embedded.max_batch_size must be >= 1, got 0" in message
+    assert "rollout.embedded.max_seq_len must be >= 2 or null, got 1" in message
+    with pytest.raises(ConfigError, match="rollout.embedded.dtype: 'fp8' is not one of"):
+        load_config(None, ["rollout.embedded.dtype=fp8"])
