@@ -18,6 +18,13 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from megatron_dapo.trainer.loop import Trainer
+
+    Trainer(load_config(args.config, args.overrides)).train()
+    return 0
+
+
 def _env_world_size() -> int | None:
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value and value.isdigit() else None
@@ -32,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.clip_ratio_high=0.28")
     config.add_argument("--world-size", type=int, help="check the parallel layout for this many ranks")
     config.set_defaults(run=_config)
+
+    train = commands.add_parser("train", help="run DAPO training (also under torchrun)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_training_steps=10")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -41,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as err:
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad model folder, data or layout: the message says what to change
+        if type(err).__name__ not in ("ModelError", "DatasetError"):
+            raise
+        print(f"megatron-dapo: {err}", file=sys.stderr)
         return 2
 
 

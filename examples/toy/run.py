@@ -1,11 +1,12 @@
 """The toy DAPO example: a tiny model learns a verifiable task with DAPO alone, on 2 CPU cores.
 
-Task: "Q:a+b" -> "Answer: <a+b>" for a, b in 0..19, scored by the DAPO-Math verifier (+1 / -1).
-The same command first makes (in seconds, once per run folder) a character-level tokenizer with a
-chat template, the train / validation prompts (disjoint pairs), and a warm start: the model is
-fitted to answers that are right only ~40% of the time, so that its first rollouts have a mean
-reward well between 0 and 1 and dynamic sampling has work to do. DAPO then has to find the right
-answers by itself.
+Task: answer with the last digit of a 3-digit number, "Q:472" -> "Answer: 2", scored by the
+DAPO-Math verifier (+1 / -1). The same command first makes (in seconds, once per run folder) a
+character-level tokenizer with a chat template, the train / validation prompts (disjoint numbers),
+and a warm start: the model is fitted to answers that give the last digit only ~40% of the time
+and the first digit otherwise, so its first rollouts have a mean reward well between 0 and 1 and
+dynamic sampling has work to do. DAPO alone then has to settle on the right digit, also on
+numbers it never trained on.
 
     python examples/toy/run.py [dotted.overrides ...]
 """
@@ -38,21 +39,21 @@ def make_tokenizer(folder: Path):
     return tokenizer
 
 
-def make_data(folder: Path, seed: int) -> list[tuple[int, int]]:
-    pairs = [(a, b) for a in range(20) for b in range(20)]
-    random.Random(seed).shuffle(pairs)
-    val, train = pairs[:48], pairs[48:]
+def make_data(folder: Path, seed: int) -> list[str]:
+    numbers = [f"{a}{b}{c}" for a in "123456789" for b in "123456789" for c in "123456789"]
+    random.Random(seed).shuffle(numbers)
+    val, train = numbers[:64], numbers[64:]
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("val", val)):
         with open(folder / f"{name}.jsonl", "w") as f:
-            for a, b in rows:
-                f.write(json.dumps({"prompt": [{"role": "user", "content": f"{a}+{b}"}], "data_source": "math_dapo",
-                                    "reward_model": {"ground_truth": str(a + b)}}) + "\n")
+            for number in rows:
+                f.write(json.dumps({"prompt": [{"role": "user", "content": number}], "data_source": "math_dapo",
+                                    "reward_model": {"ground_truth": number[-1]}}) + "\n")
     return train
 
 
-def warm_start(folder: Path, tokenizer, train: list[tuple[int, int]], seed: int, steps: int = 600) -> None:
-    """Fit a tiny Qwen2 to noisy answers: right with probability RIGHT_SHARE, else off by 1..3."""
+def warm_start(folder: Path, tokenizer, train: list[str], seed: int, steps: int = 800) -> None:
+    """Fit a tiny Qwen2 to noisy answers: the last digit with probability RIGHT_SHARE, else the first."""
     import transformers
 
     torch.manual_seed(seed)
@@ -62,18 +63,20 @@ def warm_start(folder: Path, tokenizer, train: list[tuple[int, int]], seed: int,
                                       max_position_embeddings=64, tie_word_embeddings=True,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = transformers.Qwen2ForCausalLM(config)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for step in range(steps):
         rows = []
         for _ in range(64):
-            a, b = rng.choice(train)
-            answer = a + b if rng.random() < RIGHT_SHARE else a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{a}+{b}"}],
+            number = rng.choice(train)
+            answer = number[-1] if rng.random() < RIGHT_SHARE else number[0]
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": number}],
                                                    add_generation_prompt=True, tokenize=False)
-            rows.append(tokenizer(prompt + f"Answer: {answer}")["input_ids"] + [tokenizer.eos_token_id])
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            rows.append((prompt_ids, tokenizer(f"Answer: {answer}")["input_ids"] + [tokenizer.eos_token_id]))
+        width = max(len(p) + len(r) for p, r in rows)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([p + r + [pad] * (width - len(p) - len(r)) for p, r in rows])
+        labels = torch.tensor([[-100] * len(p) + r + [-100] * (width - len(p) - len(r)) for p, r in rows])
         loss = model(input_ids=ids, labels=labels).loss
         optim.zero_grad()
         loss.backward()
