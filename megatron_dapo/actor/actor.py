@@ -48,6 +48,10 @@ class MegatronActor:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        if layout.vpp is not None:
+            raise ValueError(
+                "parallel.virtual_pipeline_model_parallel_size is not supported by the actor yet: set it to null"
+            )
         self.config, self.layout, self.temperature, self.norm_len = config, layout, temperature, norm_len
         self.arch = ModelArch.from_pretrained(model_path)
         bf16 = torch.cuda.is_available() if bf16 is None else bf16
