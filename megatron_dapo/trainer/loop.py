@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.sinks import MetricSinks
@@ -62,7 +63,10 @@ class Trainer:
 
     def _make_engine(self):
         if self.config.rollout.name != "embedded":
-            raise NotImplementedError(f"rollout.name={self.config.rollout.name!r} is not available in the trainer yet")
+            raise ConfigError(
+                f"rollout.name={self.config.rollout.name!r}: the trainer drives the embedded engine only so far; "
+                "set rollout.name=embedded"
+            )
         from megatron_dapo.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_pretrained(self.config.model.path, self.config.rollout.embedded)
