@@ -20,6 +20,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6.0",
         "psutil",  # megatron-core dist_checkpointing writers need it
+        "matplotlib",
         "pyarrow",
     ],
     extras_require={

@@ -25,6 +25,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from megatron_dapo.metrics.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def _env_world_size() -> int | None:
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value and value.isdigit() else None
@@ -44,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_training_steps=10")
     train.set_defaults(run=_train)
+
+    plot = commands.add_parser("plot", help="write PNG curves of a run's main metrics")
+    plot.add_argument("run_dir", help="run folder (holds metrics.jsonl)")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+    plot.set_defaults(run=_plot)
     return parser
 
 

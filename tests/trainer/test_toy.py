@@ -34,3 +34,8 @@ def test_toy_example_learns(tmp_path):
                                           "sampling/gen_batches", "timing/update", "perf/tokens_per_s"))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000005", "step_000010"], checkpoints
+
+    plot = subprocess.run([sys.executable, "-m", "megatron_dapo", "plot", str(run_dir)], capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr
+    png = run_dir / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
