@@ -157,7 +157,8 @@ class MegatronActor:
 
     @torch.no_grad()
     def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(token t | tokens < t) and the entropy there, [B, S] float32, on every rank."""
+        """log p(token t | tokens < t) and the entropy there, [B, S] float32, on every rank (0 at t = 0
+        and beyond each row's length)."""
         self.model.eval()
         micro_batches = self._micro_batches(batch)
 
@@ -177,7 +178,11 @@ class MegatronActor:
         ps = self._groups()
         dist.all_reduce(result, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(result, group=ps.get_data_parallel_group())
-        return result[0].cpu(), result[1].cpu()
+        # Padding positions hold whatever the micro-batch cut left there: zero them, so the result does
+        # not depend on the layout or the token budget.
+        valid = torch.arange(batch.tokens.shape[1]) < batch.lengths[:, None]
+        valid[:, 0] = False
+        return result[0].cpu() * valid, result[1].cpu() * valid
 
     # ---- the update ------------------------------------------------------------------------
 

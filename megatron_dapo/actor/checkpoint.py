@@ -14,8 +14,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 MARKER = "COMPLETE.json"
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "singleton_local_shards": False,
-             "chained_optim_avoid_prefix": True}
+
+
+def _metadata() -> dict:
+    """A fresh dict per call: megatron-core adds process groups to it, which must not outlive a layout."""
+    return {"distrib_optim_sharding_type": "fully_reshardable", "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(RuntimeError):
@@ -36,13 +40,14 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    model_sd = actor.model.module.sharded_state_dict(metadata=_METADATA)
+    metadata = _metadata()
+    model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
     state = {
         "model": model_sd,
-        "optimizer": actor.optimizer.sharded_state_dict(model_sd, metadata=_METADATA),
+        "optimizer": actor.optimizer.sharded_state_dict(model_sd, metadata=metadata),
         "actor_steps": actor.steps,
     }
-    dist_checkpointing.save(state, str(partial), content_metadata=_METADATA)
+    dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
     dist.barrier()
     if dist.get_rank() == 0:
         marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {})}
@@ -82,10 +87,11 @@ def load_actor(actor, directory: str | Path) -> dict:
             "delete it or point to an earlier checkpoint"
         )
     _materialize_adam_state(actor.optimizer)
-    model_sd = actor.model.module.sharded_state_dict(metadata=_METADATA)
+    metadata = _metadata()
+    model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
     request = {
         "model": model_sd,
-        "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_METADATA),
+        "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata),
         "actor_steps": 0,
     }
     state = dist_checkpointing.load(request, str(directory))
