@@ -7,6 +7,7 @@ import sys
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import dump_config, load_config
+from megatron_dapo.models.arch import ModelError
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -66,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # bad model folder, data or layout: the message says what to change
-        if type(err).__name__ not in ("ModelError", "DatasetError"):
-            raise
+    except ModelError as err:  # a model folder or layout that cannot work: the message says what to change
         print(f"megatron-dapo: {err}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,7 @@ class Trainer:
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = tuple(sorted({t for t in [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}))
         self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer,
                                                   max_prompt_length=cfg.data.max_prompt_length)
@@ -147,12 +147,8 @@ class Trainer:
                               seed=seed)
 
     def _rollout(self, prompts, params: SamplingParams) -> list[Group]:
-        from transformers import AutoTokenizer
-
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = AutoTokenizer.from_pretrained(self.config.model.tokenizer_path or self.config.model.path)
         outputs = self.engine.generate([p.prompt_ids for p in prompts], params)
-        samples = [RewardSample(p.data_source, self._tokenizer.decode(c.token_ids, skip_special_tokens=True),
+        samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
         results = self.scorer.score(samples).results
         buffer = self.config.reward.overlong_buffer
