@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,6 +21,48 @@ def _metadata() -> dict:
     """A fresh dict per call: megatron-core adds process groups to it, which must not outlive a layout."""
     return {"distrib_optim_sharding_type": "fully_reshardable", "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True}
+
+
+@contextmanager
+def _optimizer_state_in_buffer_space(optimizer):
+    """Correct megatron-core 0.16's "fully_reshardable" save of a buffer with several buckets.
+
+    DistributedOptimizer.get_parameter_state_dp_zero packs the buckets of a grad buffer one after
+    the other, leaving out the padding at each bucket's end, but sharded_param_state_fully_reshardable
+    then slices that packed tensor with the parameters' offsets in the padded buffer. Every parameter
+    after the first padded bucket end is saved shifted (it logs "param range exceeds unpadded buffer").
+    With PP > 1 and tied embeddings the shared embedding always has a bucket of its own, so its Adam
+    moments and master weights were saved wrong. For the duration of a save, this puts each bucket
+    back at its offset in the buffer, so the offsets match.
+    """
+    patched = []
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(chained, "get_parameter_state_dp_zero"):
+            continue
+        gather = chained.get_parameter_state_dp_zero
+
+        def in_buffer_space(*args, _opt=chained, _gather=gather, **kwargs):
+            state = _gather(*args, **kwargs)
+            if state is None:
+                return None
+            for gbuf_idx, buffer in enumerate(_opt.buffers):
+                for world in state[gbuf_idx].values():
+                    for key in ("param", "exp_avg", "exp_avg_sq"):
+                        packed, spread, start = world[key], world[key].new_zeros(buffer.numel), 0
+                        for bucket in buffer.buckets:
+                            n = bucket.numel_unpadded
+                            spread[bucket.offset:bucket.offset + n] = packed[start:start + n]
+                            start += n
+                        world[key] = spread
+            return state
+
+        chained.get_parameter_state_dp_zero = in_buffer_space
+        patched.append(chained)
+    try:
+        yield
+    finally:
+        for chained in patched:
+            del chained.get_parameter_state_dp_zero
 
 
 class CheckpointError(RuntimeError):
@@ -40,13 +83,15 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
+    _materialize_adam_state(actor.optimizer)  # a checkpoint before the first step holds zero moments
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
     state = {
         "model": model_sd,
-        "optimizer": actor.optimizer.sharded_state_dict(model_sd, metadata=metadata),
         "actor_steps": actor.steps,
     }
+    with _optimizer_state_in_buffer_space(actor.optimizer):
+        state["optimizer"] = actor.optimizer.sharded_state_dict(model_sd, metadata=metadata)
     dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
     dist.barrier()
     if dist.get_rank() == 0:
@@ -74,6 +119,25 @@ def _materialize_adam_state(optimizer) -> None:
                                  exp_avg_sq=torch.zeros_like(param))
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Give each parameter its own Adam step counter after a load.
+
+    Without Transformer Engine or apex, megatron-core's DistributedOptimizer.load_state_dict puts one
+    and the same `step` tensor into every parameter's state; torch's AdamW then increments that shared
+    tensor once per parameter, so after one step the bias correction of every parameter is wrong.
+    """
+    import torch
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        seen: set[int] = set()
+        for state in chained.optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                if id(step) in seen:
+                    state["step"] = step.detach().clone()
+                seen.add(id(state["step"]))
+
+
 def load_actor(actor, directory: str | Path) -> dict:
     """Load a complete checkpoint into the actor (any layout); returns the marker's contents."""
     from megatron.core import dist_checkpointing
@@ -89,15 +153,14 @@ def load_actor(actor, directory: str | Path) -> dict:
     _materialize_adam_state(actor.optimizer)
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
-    request = {
-        "model": model_sd,
-        "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata),
-        "actor_steps": 0,
-    }
+    with _optimizer_state_in_buffer_space(actor.optimizer):  # the same layout as the save's
+        optimizer_sd = actor.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
+    request = {"model": model_sd, "optimizer": optimizer_sd, "actor_steps": 0}
     state = dist_checkpointing.load(request, str(directory))
     # The optimizer first: loading its state may rewrite model params from its main params; the model's
     # own checkpointed weights are then the last word.
     actor.optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(actor.optimizer)
     actor.model.module.load_state_dict(state["model"])
     actor.steps = int(state["actor_steps"])
     return json.loads((directory / MARKER).read_text())

@@ -161,35 +161,44 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
         diff = (a - b).abs().max().item()
         assert diff <= 1e-5, f"{what}: log-probs differ by {diff}"
 
-    # Uninterrupted at TP2 x DP2: step, save, measure, step again, measure.
-    actor = _actor(folder, 2, 1, False, ppo_mini_batch_size=4)
-    actor.update(batch(), group_size=2)
-    save_actor(actor, workdir / "ckpt_tp2")
-    after_one, _ = actor.compute_logprobs(batch())
-    second = actor.update(batch(), group_size=2)
+    def same_step(resumed, uninterrupted, what):
+        for key in ("actor/pg_loss", "actor/grad_norm"):
+            a, b = resumed[key], uninterrupted[key]
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{what}: {key} {a} != {b}"
 
-    # Resumed at the same layout: the same weights, and the next step has the same loss and grad norm.
-    same = _actor(folder, 2, 1, False, ppo_mini_batch_size=4)
-    marker = load_actor(same, workdir / "ckpt_tp2")
-    assert marker["actor_steps"] == 1 and same.steps == 1
-    close(same.compute_logprobs(batch())[0], after_one, "after loading at TP2")
-    resumed = same.update(batch(), group_size=2)
-    assert abs(resumed["actor/pg_loss"] - second["actor/pg_loss"]) <= 1e-6 * max(1.0, abs(second["actor/pg_loss"]))
+    # Uninterrupted at TP2 x PP2 (tied embeddings split across the stages): step, save, step.
+    first = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
+    first.update(batch(), group_size=2)
+    save_actor(first, workdir / "ckpt_tp2pp2")
+    after_one, _ = first.compute_logprobs(batch())
+    second = first.update(batch(), group_size=2)
+    after_two, _ = first.compute_logprobs(batch())
 
-    # Resumed at PP2 x DP2: the same weights, and the next step has the same loss and grad norm.
-    moved = _actor(folder, 1, 2, False, ppo_mini_batch_size=4)
-    load_actor(moved, workdir / "ckpt_tp2")
-    close(moved.compute_logprobs(batch())[0], after_one, "after loading the TP2 checkpoint at PP2")
-    again = moved.update(batch(), group_size=2)
-    assert abs(again["actor/pg_loss"] - second["actor/pg_loss"]) <= 1e-5 * max(1.0, abs(second["actor/pg_loss"]))
-    assert abs(again["actor/grad_norm"] - second["actor/grad_norm"]) <= 1e-5 * second["actor/grad_norm"]
+    # Resumed at TP1 x DP4 (distributed optimizer): the same weights, the same next step, and after it
+    # the same weights again (the optimizer state came along).
+    moved = _actor(folder, 1, 1, False, ppo_mini_batch_size=4)
+    marker = load_actor(moved, workdir / "ckpt_tp2pp2")
+    assert marker["actor_steps"] == 1 and moved.steps == 1
+    close(moved.compute_logprobs(batch())[0], after_one, "after loading the TP2 x PP2 checkpoint at TP1")
+    same_step(moved.update(batch(), group_size=2), second, "first step after loading at TP1")
+    close(moved.compute_logprobs(batch())[0], after_two, "after one step resumed at TP1")
+
+    # And the other way round: saved at TP1 x DP4, resumed at TP2 x PP2.
+    save_actor(moved, workdir / "ckpt_tp1")
+    third = moved.update(batch(), group_size=2)
+    after_three, _ = moved.compute_logprobs(batch())
+    back = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
+    assert load_actor(back, workdir / "ckpt_tp1")["actor_steps"] == 2
+    close(back.compute_logprobs(batch())[0], after_two, "after loading the TP1 checkpoint at TP2 x PP2")
+    same_step(back.update(batch(), group_size=2), third, "first step after loading at TP2 x PP2")
+    close(back.compute_logprobs(batch())[0], after_three, "after one step resumed at TP2 x PP2")
 
     # A save that never finished is refused with a clear message.
     if rank == 0:
         (workdir / "ckpt_broken").mkdir()
     dist.barrier()
     try:
-        load_actor(moved, workdir / "ckpt_broken")
+        load_actor(back, workdir / "ckpt_broken")
     except CheckpointError as err:
         assert "incomplete" in str(err)
     else:
