@@ -33,6 +33,12 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from megatron_dapo.bench.kernels import main as bench_kernels
+
+    return bench_kernels(args.options)
+
+
 def _env_world_size() -> int | None:
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value and value.isdigit() else None
@@ -57,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="run folder (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
     plot.set_defaults(run=_plot)
+
+    bench = commands.add_parser("bench", help="benchmarks: `bench kernels [--out DIR ...]` (needs a GPU)")
+    bench.add_argument("what", choices=["kernels"])
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of tools/bench_kernels.py")
+    bench.set_defaults(run=_bench)
     return parser
 
 

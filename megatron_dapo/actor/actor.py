@@ -144,14 +144,18 @@ class MegatronActor:
         """logits [b, s, V/tp] -> logp, entropy [b, s] aligned with the tokens (column 0 is 0)."""
         ps = self._groups()
         width = logits.shape[-1]
+        # Every position's logits against the next token (the last position against token 0, dropped
+        # below): the logits are used whole, never sliced into a copy, and their memory takes the gradient.
+        targets = torch.nn.functional.pad(mb.tokens[:, 1:], (0, 1))
         logp, entropy = vocab_parallel_logprob(
-            logits[:, :-1], mb.tokens[:, 1:], temperature=self.temperature,
+            logits, targets, temperature=self.temperature,
             vocab_start=ps.get_tensor_model_parallel_rank() * width, vocab_size=self.arch.vocab_size,
-            group=ps.get_tensor_model_parallel_group(),
+            group=ps.get_tensor_model_parallel_group(), inplace_backward=logits.requires_grad,
         )
         pad = (1, 0)
         s = mb.data.tokens.shape[1]
-        return torch.nn.functional.pad(logp, pad)[:, :s], torch.nn.functional.pad(entropy, pad)[:, :s]
+        return (torch.nn.functional.pad(logp[:, :-1], pad)[:, :s],
+                torch.nn.functional.pad(entropy[:, :-1], pad)[:, :s])
 
     # ---- forward only -----------------------------------------------------------------------
 

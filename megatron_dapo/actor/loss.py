@@ -162,6 +162,12 @@ def aggregate_loss(
     )
 
 
+def _fused_loss_available(logp: torch.Tensor) -> bool:
+    from megatron_dapo.ops.extension import use_kernel
+
+    return use_kernel(logp) and logp.dtype == torch.float32
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -182,6 +188,7 @@ def policy_loss(
 
     logp: [B, L] current log-probs (with grad); old_logp, rollout_logp, mask: [B, L];
     advantages: [B] or [B, L]. Non-finite inputs at valid tokens are refused with the sample named.
+    token-mean on CUDA runs as one fused op when the extension is built (megatron_dapo.ops.dapo_loss).
     """
     check_finite("logp", logp.detach(), mask)
     check_finite("old_logp", old_logp, mask)
@@ -189,6 +196,19 @@ def policy_loss(
     check_finite("advantages", adv_tokens, mask)
     if rollout_logp is not None and tis_cap is not None:
         check_finite("rollout_logp", rollout_logp, mask)
+    if loss_agg_mode == "token-mean" and _fused_loss_available(logp):
+        from megatron_dapo.ops.dapo_loss import fused_token_mean_loss
+
+        weight = None
+        if tis_cap is not None:
+            if rollout_logp is None:
+                raise ValueError("tis_cap is set but no rollout_logp was given")
+            drift = torch.where(mask.bool(), (old_logp - rollout_logp).detach(), 0.0)
+            weight = torch.exp(drift.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap)
+        tokens = global_tokens if global_tokens is not None else mask.sum()
+        return fused_token_mean_loss(logp, old_logp, advantages, mask, clip_ratio_low=clip_ratio_low,
+                                     clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
+                                     global_tokens=tokens, weight=weight)
     per_token = token_policy_loss(
         logp, old_logp, advantages,
         clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,

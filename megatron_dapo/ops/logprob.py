@@ -10,12 +10,17 @@ With z = logits / temperature, p = softmax(z) over the full vocabulary and y the
     logp = z_y - lse              entropy = lse - E_p[z]
     d/dz_j = g_logp * (1[j = y] - p_j) + g_entropy * p_j * (E_p[z] - z_j)
 
-`local_stats` and `local_grad` are the pure-torch references of the fused CUDA kernels.
+`local_stats` and `local_grad` are the pure-torch references of the fused CUDA kernels. The ops
+`megatron_dapo::logprob_stats`, `::logprob_grad`, `::logprob_grad_` (in place) and `::logprob_entropy`
+(unsplit vocabulary, with autograd) are `torch.library` custom ops that run the kernel for CUDA tensors
+when the extension is built and the reference otherwise.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_dapo.ops.extension import EXTENSION, use_kernel
 
 STATS = 4  # per token: local max m, sum exp(z - m), sum exp(z - m) * z, target logit (0 off-rank)
 
@@ -74,14 +79,110 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+# ---- custom ops: the kernel for CUDA tensors when built, the reference otherwise -----------------
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+@torch.library.custom_op("megatron_dapo::logprob_stats", mutates_args=())
+def logprob_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, valid_columns: int) -> torch.Tensor:
+    """`local_stats` as an op: logits [T, Vl], local targets [T] (-1: not on this rank) -> [T, 4]."""
+    if use_kernel(logits):
+        return EXTENSION.logprob_stats(_rows(logits), targets, temperature, valid_columns)
+    return local_stats(logits, targets, temperature, valid_columns)
+
+
+@logprob_stats.register_fake
+def _(logits, targets, temperature, valid_columns):
+    return logits.new_empty((logits.shape[0], STATS), dtype=_compute_dtype(logits))
+
+
+@torch.library.custom_op("megatron_dapo::logprob_grad", mutates_args=())
+def logprob_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, expected_z: torch.Tensor,
+                 grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
+                 valid_columns: int) -> torch.Tensor:
+    """`local_grad` as an op: the logits gradient [T, Vl] in the logits' dtype, in new memory."""
+    if use_kernel(logits):
+        logits = _rows(logits)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        EXTENSION.logprob_grad_into(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+                                    valid_columns, grad)
+        return grad
+    return local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns)
+
+
+@logprob_grad.register_fake
+def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("megatron_dapo::logprob_grad_", mutates_args=("logits",))
+def logprob_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, expected_z: torch.Tensor,
+                  grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
+                  valid_columns: int) -> None:
+    """The logits gradient written over the logits (whose values are then gone): no new [T, Vl] memory."""
+    if use_kernel(logits) and logits.stride(-1) == 1:
+        EXTENSION.logprob_grad_into(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+                                    valid_columns, logits)
+    else:
+        logits.copy_(local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+                                valid_columns))
+
+
+@logprob_grad_.register_fake
+def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns):
+    return None
+
+
+@torch.library.custom_op("megatron_dapo::logprob_entropy", mutates_args=())
+def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    valid_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsplit vocabulary: logits [T, V] (columns >= valid_columns are padding), targets [T] in
+    [0, valid_columns) -> (logp, entropy), [T] each. Differentiable in the logits."""
+    logp, lse, expected_z = combine_stats(logprob_stats(logits, targets, temperature, valid_columns)[None])
+    return logp, lse - expected_z
+
+
+@logprob_entropy.register_fake
+def _(logits, targets, temperature, valid_columns):
+    shape, dtype = logits.shape[:1], _compute_dtype(logits)
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+
+
+def _logprob_entropy_setup(ctx, inputs, output):
+    logits, targets, temperature, valid_columns = inputs
+    logp, entropy = output
+    # lse and E[z] from the outputs: logp = z_y - lse, entropy = lse - E[z] (T numbers, no logits pass).
+    target_z = logits.gather(1, targets[:, None])[:, 0].to(logp.dtype, copy=True) / temperature
+    lse = target_z - logp
+    ctx.save_for_backward(logits, targets, lse, lse - entropy)
+    ctx.temperature, ctx.valid_columns = temperature, valid_columns
+
+
+def _logprob_entropy_backward(ctx, grad_logp, grad_entropy):
+    logits, targets, lse, expected_z = ctx.saved_tensors
+    grad = logprob_grad(logits, targets, lse, expected_z, _or_zeros(grad_logp, lse), _or_zeros(grad_entropy, lse),
+                        ctx.temperature, ctx.valid_columns)
+    return grad, None, None, None
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous() if grad is not None else torch.zeros_like(like)
+
+
+logprob_entropy.register_autograd(_logprob_entropy_backward, setup_context=_logprob_entropy_setup)
+
+
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, vocab_start, vocab_size, group):
+    def forward(ctx, logits, targets, temperature, vocab_start, vocab_size, group, inplace_backward):
         vl = logits.shape[-1]
         local_targets = targets - vocab_start
         local_targets = torch.where((local_targets >= 0) & (local_targets < vl), local_targets, -1)
         valid = max(0, min(vl, vocab_size - vocab_start))
-        stats = local_stats(logits, local_targets, temperature, valid)
+        stats = logprob_stats(logits, local_targets, temperature, valid)
         world = dist.get_world_size(group) if group is not None else 1
         if world > 1:
             parts = [torch.empty_like(stats) for _ in range(world)]
@@ -91,20 +192,20 @@ class _VocabParallelLogprob(torch.autograd.Function):
             gathered = stats[None]
         logp, lse, expected_z = combine_stats(gathered)
         ctx.save_for_backward(logits, local_targets, lse, expected_z)
-        ctx.temperature, ctx.valid = temperature, valid
+        ctx.temperature, ctx.valid, ctx.inplace = temperature, valid, inplace_backward
         return logp, lse - expected_z
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         logits, local_targets, lse, expected_z = ctx.saved_tensors
-        zeros = torch.zeros_like(lse)
-        grad = local_grad(
-            logits, local_targets, lse, expected_z,
-            grad_logp if grad_logp is not None else zeros,
-            grad_entropy if grad_entropy is not None else zeros,
-            ctx.temperature, ctx.valid,
-        )
-        return grad, None, None, None, None, None
+        grad_logp, grad_entropy = _or_zeros(grad_logp, lse), _or_zeros(grad_entropy, lse)
+        if ctx.inplace:  # the logits are not needed after this: their memory takes the gradient
+            logprob_grad_(logits, local_targets, lse, expected_z, grad_logp, grad_entropy, ctx.temperature, ctx.valid)
+            grad = logits
+        else:
+            grad = logprob_grad(logits, local_targets, lse, expected_z, grad_logp, grad_entropy, ctx.temperature,
+                                ctx.valid)
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob(
@@ -115,16 +216,20 @@ def vocab_parallel_logprob(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy under softmax(logits / temperature) over the full vocabulary.
 
     logits: [..., V/tp], this rank's slice starting at vocabulary index `vocab_start`; targets: [...]
     full-vocabulary ids; vocab_size: the true vocabulary (padding columns beyond it are ignored);
     group: the tensor-parallel group (None for an unsplit vocabulary). Returns (logp, entropy), [...].
+    inplace_backward: the backward writes the logits gradient over the logits (no second [T, V/tp]
+    buffer); only for logits that nothing else reads afterwards, such as a linear layer's output
+    (autograd raises if something saved them).
     """
     lead = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
     vocab_size = vocab_size if vocab_size is not None else vocab_start + flat.shape[-1]
     logp, entropy = _VocabParallelLogprob.apply(flat, targets.reshape(-1), float(temperature), vocab_start,
-                                                vocab_size, group)
+                                                vocab_size, group, inplace_backward)
     return logp.reshape(lead), entropy.reshape(lead)

@@ -1,0 +1,33 @@
+// Python bindings of the fused kernels: the module megatron_dapo._C.
+// The package calls these only through the custom ops in megatron_dapo/ops/.
+#include <torch/extension.h>
+
+namespace mdapo {
+torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& targets, double temperature,
+                            int64_t valid);
+void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& lse,
+                       const torch::Tensor& expected_z, const torch::Tensor& grad_logp,
+                       const torch::Tensor& grad_entropy, double temperature, int64_t valid, torch::Tensor& grad);
+torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& old_logp,
+                                const torch::Tensor& advantages, const torch::Tensor& mask,
+                                const c10::optional<torch::Tensor>& weight, double clip_low, double clip_high,
+                                double clip_c, const torch::Tensor& global_tokens);
+torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Tensor& logp,
+                                 const torch::Tensor& old_logp, const torch::Tensor& advantages,
+                                 const torch::Tensor& mask, const c10::optional<torch::Tensor>& weight,
+                                 double clip_low, double clip_high, double clip_c,
+                                 const torch::Tensor& global_tokens);
+}  // namespace mdapo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megatron-dapo fused CUDA kernels (log-prob + entropy, DAPO loss)";
+  m.def("logprob_stats", &mdapo::logprob_stats, "per-token (max, sum exp, sum exp * z, target z) of a vocab slice",
+        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("valid"));
+  m.def("logprob_grad_into", &mdapo::logprob_grad_into, "logits gradient written into `grad` (may be the logits)",
+        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("expected_z"),
+        pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"), pybind11::arg("temperature"),
+        pybind11::arg("valid"), pybind11::arg("grad"));
+  m.def("dapo_loss_forward", &mdapo::dapo_loss_forward,
+        "[loss, tokens, clip_high, clip_low, dual_clip, kl_k1, kl_k3, ratio_max]");
+  m.def("dapo_loss_backward", &mdapo::dapo_loss_backward, "d loss / d logp");
+}

@@ -1,0 +1,61 @@
+// Shared helpers of the megatron-dapo CUDA kernels: vector loads and block reductions.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+namespace mdapo {
+
+// N consecutive elements loaded or stored as one 16-byte (or smaller) transaction.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Merges the online-softmax state (m, s, w) = (max, sum exp(z - m), sum exp(z - m) * z) of two parts.
+__device__ __forceinline__ void merge_softmax(float& m, float& s, float& w, float m2, float s2, float w2) {
+  const float top = fmaxf(m, m2);
+  if (top == -CUDART_INF_F) {
+    return;  // both parts empty
+  }
+  const float a = __expf(m - top);
+  const float b = __expf(m2 - top);
+  s = s * a + s2 * b;
+  w = w * a + w2 * b;
+  m = top;
+}
+
+// Block-wide merge of (m, s, w); the result is valid in thread 0. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ void block_merge_softmax(float& m, float& s, float& w) {
+  __shared__ float shared[3][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+    const float w2 = __shfl_xor_sync(0xffffffffu, w, offset);
+    merge_softmax(m, s, w, m2, s2, w2);
+  }
+  if (lane == 0) {
+    shared[0][warp] = m;
+    shared[1][warp] = s;
+    shared[2][warp] = w;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x >> 5;
+    m = lane < warps ? shared[0][lane] : -CUDART_INF_F;
+    s = lane < warps ? shared[1][lane] : 0.f;
+    w = lane < warps ? shared[2][lane] : 0.f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+      const float s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+      const float w2 = __shfl_xor_sync(0xffffffffu, w, offset);
+      merge_softmax(m, s, w, m2, s2, w2);
+    }
+  }
+}
+
+}  // namespace mdapo

@@ -1,0 +1,229 @@
+// The DAPO token-level clipped loss, forward (loss and metric sums) and backward (d loss / d logp).
+//
+// Per valid token (mask != 0), with A the advantage and r = exp(clamp(logp - old_logp, -20, 20)):
+//   pessimistic = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
+//   loss_t      = A < 0 ? min(pessimistic, -A clip_c) : pessimistic, times the importance weight if given
+//   loss        = sum_t loss_t / max(global_tokens, 1)
+// Sums: tokens, clip-high (A > 0, r > 1 + eps_high), clip-low (A < 0, r < 1 - eps_low),
+// dual-clip (A < 0, r > clip_c), KL k1 (-log r) and k3 (r - 1 - log r); and the largest ratio.
+// Gradients at ties (max / min of equal values) are split in half, as torch's autograd does, so the
+// kernel and the pure-torch reference agree everywhere. Reductions are two-stage with a fixed order:
+// the result does not depend on scheduling.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+namespace mdapo {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kSums = 7;  // loss, tokens, clip_high, clip_low, dual_clip, kl_k1, kl_k3
+constexpr float kLogRatioClamp = 20.f;
+
+struct LossParams {
+  float clip_low, clip_high, clip_c;
+};
+
+struct TokenResult {
+  float loss, dloss_dlogp, ratio, log_ratio;
+  bool valid, clip_high, clip_low, dual_clip;
+};
+
+__device__ __forceinline__ TokenResult token_loss(float logp, float old_logp, float advantage, float mask,
+                                                  float weight, LossParams p) {
+  TokenResult r{};
+  r.valid = mask != 0.f;
+  const float raw = r.valid ? logp - old_logp : 0.f;
+  const float a = r.valid ? advantage : 0.f;
+  const bool inside_clamp = raw >= -kLogRatioClamp && raw <= kLogRatioClamp;
+  r.log_ratio = fminf(fmaxf(raw, -kLogRatioClamp), kLogRatioClamp);
+  r.ratio = expf(r.log_ratio);
+  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
+  const float unclipped = -a * r.ratio;
+  const float clipped = -a * fminf(fmaxf(r.ratio, lo), hi);
+  const float d_unclipped = -a;
+  const float d_clipped = (r.ratio >= lo && r.ratio <= hi) ? -a : 0.f;
+  const float pessimistic = fmaxf(unclipped, clipped);
+  const float d_pessimistic = unclipped > clipped ? d_unclipped
+                              : unclipped < clipped ? d_clipped
+                                                    : 0.5f * (d_unclipped + d_clipped);
+  float loss = pessimistic, d_loss = d_pessimistic;
+  if (a < 0.f) {
+    const float dual = -a * p.clip_c;
+    loss = fminf(pessimistic, dual);
+    d_loss = pessimistic < dual ? d_pessimistic : pessimistic > dual ? 0.f : 0.5f * d_pessimistic;
+  }
+  r.loss = loss * weight;
+  r.dloss_dlogp = (r.valid && inside_clamp) ? d_loss * r.ratio * weight : 0.f;
+  r.clip_high = a > 0.f && r.ratio > hi;
+  r.clip_low = a < 0.f && r.ratio < lo;
+  r.dual_clip = a < 0.f && r.ratio > p.clip_c;
+  return r;
+}
+
+__device__ __forceinline__ float weight_at(const float* weight, int64_t i) { return weight ? weight[i] : 1.f; }
+
+// Stage 1: each block writes its partial sums (fp64) and its largest ratio.
+__global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const float* __restrict__ old_logp,
+                                         const float* __restrict__ advantages, const float* __restrict__ mask,
+                                         const float* __restrict__ weight, int64_t n, LossParams params,
+                                         double* __restrict__ partial, float* __restrict__ partial_max) {
+  double sums[kSums] = {0, 0, 0, 0, 0, 0, 0};
+  float ratio_max = 0.f;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const TokenResult t = token_loss(logp[i], old_logp[i], advantages[i], mask[i], weight_at(weight, i), params);
+    if (!t.valid) {
+      continue;
+    }
+    sums[0] += t.loss;
+    sums[1] += 1.0;
+    sums[2] += t.clip_high;
+    sums[3] += t.clip_low;
+    sums[4] += t.dual_clip;
+    sums[5] += -t.log_ratio;
+    sums[6] += (t.ratio - 1.f) - t.log_ratio;
+    ratio_max = fmaxf(ratio_max, t.ratio);
+  }
+  __shared__ double shared[kSums][kThreads];
+  __shared__ float shared_max[kThreads];
+#pragma unroll
+  for (int k = 0; k < kSums; ++k) {
+    shared[k][threadIdx.x] = sums[k];
+  }
+  shared_max[threadIdx.x] = ratio_max;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) {
+#pragma unroll
+      for (int k = 0; k < kSums; ++k) {
+        shared[k][threadIdx.x] += shared[k][threadIdx.x + width];
+      }
+      shared_max[threadIdx.x] = fmaxf(shared_max[threadIdx.x], shared_max[threadIdx.x + width]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < kSums; ++k) {
+      partial[blockIdx.x * kSums + k] = shared[k][0];
+    }
+    partial_max[blockIdx.x] = shared_max[0];
+  }
+}
+
+// Stage 2: one thread adds the blocks' partials in block order. out = [loss, tokens, clip_high,
+// clip_low, dual_clip, kl_k1, kl_k3, ratio_max], the loss already divided by max(global_tokens, 1).
+__global__ void dapo_loss_final_kernel(const double* __restrict__ partial, const float* __restrict__ partial_max,
+                                       int blocks, const float* __restrict__ global_tokens, float* __restrict__ out) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) {
+    return;
+  }
+  double sums[kSums] = {0, 0, 0, 0, 0, 0, 0};
+  float ratio_max = 0.f;
+  for (int b = 0; b < blocks; ++b) {
+    for (int k = 0; k < kSums; ++k) {
+      sums[k] += partial[b * kSums + k];
+    }
+    ratio_max = fmaxf(ratio_max, partial_max[b]);
+  }
+  const double denominator = fmax(static_cast<double>(global_tokens[0]), 1.0);
+  out[0] = static_cast<float>(sums[0] / denominator);
+  for (int k = 1; k < kSums; ++k) {
+    out[k] = static_cast<float>(sums[k]);
+  }
+  out[kSums] = ratio_max;
+}
+
+__global__ void dapo_loss_backward_kernel(const float* __restrict__ grad_out, const float* __restrict__ logp,
+                                          const float* __restrict__ old_logp, const float* __restrict__ advantages,
+                                          const float* __restrict__ mask, const float* __restrict__ weight, int64_t n,
+                                          LossParams params, const float* __restrict__ global_tokens,
+                                          float* __restrict__ grad_logp) {
+  const float scale = grad_out[0] / fmaxf(global_tokens[0], 1.f);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const TokenResult t = token_loss(logp[i], old_logp[i], advantages[i], mask[i], weight_at(weight, i), params);
+    grad_logp[i] = t.dloss_dlogp * scale;
+  }
+}
+
+torch::Tensor flat_float(const torch::Tensor& t, int64_t n, const char* name, const torch::Device& device) {
+  TORCH_CHECK(t.numel() == n, "megatron_dapo._C dapo_loss: ", name, " has ", t.numel(), " elements, expected ", n);
+  TORCH_CHECK(t.device() == device, "megatron_dapo._C dapo_loss: ", name, " is not on ", device);
+  return t.reshape({n}).to(torch::kFloat).contiguous();
+}
+
+int grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1024)));
+}
+
+}  // namespace
+
+torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& old_logp,
+                                const torch::Tensor& advantages, const torch::Tensor& mask,
+                                const c10::optional<torch::Tensor>& weight, double clip_low, double clip_high,
+                                double clip_c, const torch::Tensor& global_tokens) {
+  TORCH_CHECK(logp.is_cuda(), "megatron_dapo._C dapo_loss: logp must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const int64_t n = logp.numel();
+  const auto device = logp.device();
+  const auto lp = flat_float(logp, n, "logp", device);
+  const auto old = flat_float(old_logp, n, "old_logp", device);
+  const auto adv = flat_float(advantages, n, "advantages", device);
+  const auto msk = flat_float(mask, n, "mask", device);
+  const auto tokens = flat_float(global_tokens, 1, "global_tokens", device);
+  torch::Tensor w;
+  if (weight.has_value()) {
+    w = flat_float(*weight, n, "weight", device);
+  }
+  const int blocks = grid_for(n);
+  auto partial = torch::empty({blocks, kSums}, lp.options().dtype(torch::kDouble));
+  auto partial_max = torch::empty({blocks}, lp.options());
+  auto out = torch::empty({kSums + 1}, lp.options());
+  const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high), static_cast<float>(clip_c)};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dapo_loss_partial_kernel<<<blocks, kThreads, 0, stream>>>(
+      lp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(), msk.data_ptr<float>(),
+      w.defined() ? w.data_ptr<float>() : nullptr, n, params, partial.data_ptr<double>(),
+      partial_max.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dapo_loss_final_kernel<<<1, 32, 0, stream>>>(partial.data_ptr<double>(), partial_max.data_ptr<float>(), blocks,
+                                               tokens.data_ptr<float>(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Tensor& logp,
+                                 const torch::Tensor& old_logp, const torch::Tensor& advantages,
+                                 const torch::Tensor& mask, const c10::optional<torch::Tensor>& weight,
+                                 double clip_low, double clip_high, double clip_c,
+                                 const torch::Tensor& global_tokens) {
+  TORCH_CHECK(logp.is_cuda(), "megatron_dapo._C dapo_loss: logp must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const int64_t n = logp.numel();
+  const auto device = logp.device();
+  const auto lp = flat_float(logp, n, "logp", device);
+  const auto old = flat_float(old_logp, n, "old_logp", device);
+  const auto adv = flat_float(advantages, n, "advantages", device);
+  const auto msk = flat_float(mask, n, "mask", device);
+  const auto tokens = flat_float(global_tokens, 1, "global_tokens", device);
+  const auto g = flat_float(grad_loss, 1, "grad_loss", device);
+  torch::Tensor w;
+  if (weight.has_value()) {
+    w = flat_float(*weight, n, "weight", device);
+  }
+  auto grad = torch::empty({n}, lp.options());
+  if (n > 0) {
+    const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high),
+                            static_cast<float>(clip_c)};
+    dapo_loss_backward_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.data_ptr<float>(), lp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(),
+        msk.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr, n, params, tokens.data_ptr<float>(),
+        grad.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return grad.view(logp.sizes());
+}
+
+}  // namespace mdapo

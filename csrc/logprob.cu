@@ -1,0 +1,219 @@
+// Log-prob + entropy over this rank's slice of the vocabulary: per-token statistics in one read of
+// the logits (forward), and the logits gradient in one read + one write (backward, in place allowed).
+//
+// With z = logits / temperature over the local columns [0, valid):
+//   forward  stats[t] = (m, sum exp(z - m), sum exp(z - m) * z, z[target] or 0 when another rank owns it)
+//   backward grad[t, j] = (g_logp * (1[j = target] - p_j) + g_entropy * p_j * (E[z] - z_j)) / temperature
+//            with p_j = exp(z_j - lse); columns >= valid (vocabulary padding) get 0.
+// One block per token row; the row is read in 16-byte packs when its address allows.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "common.cuh"
+
+namespace mdapo {
+namespace {
+
+int threads_for(int64_t columns) { return columns >= 16384 ? 512 : (columns >= 2048 ? 256 : 128); }
+
+template <typename T, int VEC>
+__global__ void logprob_stats_kernel(const T* __restrict__ logits, int64_t row_stride,
+                                     const int64_t* __restrict__ targets, float inv_temperature, int64_t valid,
+                                     float* __restrict__ stats) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  float m = -CUDART_INF_F, s = 0.f, w = 0.f;
+
+  const int64_t packs = valid / VEC;
+  const Pack<T, VEC>* xp = reinterpret_cast<const Pack<T, VEC>*>(x);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const Pack<T, VEC> pack = xp[i];
+    float z[VEC];
+    float top = -CUDART_INF_F;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      z[k] = static_cast<float>(pack.v[k]) * inv_temperature;
+      top = fmaxf(top, z[k]);
+    }
+    if (top > m) {
+      const float scale = __expf(m - top);
+      s *= scale;
+      w *= scale;
+      m = top;
+    }
+    if (m == -CUDART_INF_F) {
+      continue;
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float e = __expf(z[k] - m);
+      s += e;
+      w += e * z[k];
+    }
+  }
+  for (int64_t j = packs * VEC + threadIdx.x; j < valid; j += blockDim.x) {
+    const float z = static_cast<float>(x[j]) * inv_temperature;
+    if (z > m) {
+      const float scale = __expf(m - z);
+      s *= scale;
+      w *= scale;
+      m = z;
+    }
+    if (m == -CUDART_INF_F) {
+      continue;
+    }
+    const float e = __expf(z - m);
+    s += e;
+    w += e * z;
+  }
+
+  block_merge_softmax(m, s, w);
+  if (threadIdx.x == 0) {
+    const int64_t target = targets[row];
+    const float target_z = (target >= 0 && target < valid) ? static_cast<float>(x[target]) * inv_temperature : 0.f;
+    float* out = stats + row * 4;
+    out[0] = m;
+    out[1] = s;
+    out[2] = w;
+    out[3] = target_z;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void logprob_grad_kernel(const T* logits, int64_t row_stride, const int64_t* __restrict__ targets,
+                                    const float* __restrict__ lse, const float* __restrict__ expected_z,
+                                    const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
+                                    float inv_temperature, int64_t valid, int64_t columns, T* grad,
+                                    int64_t grad_row_stride) {
+  // `grad` may be `logits` itself (in place): every element is read before the same thread writes it.
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  T* out = grad + row * grad_row_stride;
+  const float row_lse = lse[row];
+  const float row_ez = expected_z[row];
+  const float g_lp = grad_logp[row];
+  const float g_h = grad_entropy[row];
+  const int64_t target = targets[row];
+
+  const int64_t packs = columns / VEC;
+  const Pack<T, VEC>* xp = reinterpret_cast<const Pack<T, VEC>*>(x);
+  Pack<T, VEC>* op = reinterpret_cast<Pack<T, VEC>*>(out);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const Pack<T, VEC> pack = xp[i];
+    Pack<T, VEC> result;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t j = i * VEC + k;
+      float g = 0.f;
+      if (j < valid) {
+        const float z = static_cast<float>(pack.v[k]) * inv_temperature;
+        const float p = __expf(z - row_lse);
+        g = p * (g_h * (row_ez - z) - g_lp) + (j == target ? g_lp : 0.f);
+      }
+      result.v[k] = static_cast<T>(g * inv_temperature);
+    }
+    op[i] = result;
+  }
+  for (int64_t j = packs * VEC + threadIdx.x; j < columns; j += blockDim.x) {
+    float g = 0.f;
+    if (j < valid) {
+      const float z = static_cast<float>(x[j]) * inv_temperature;
+      const float p = __expf(z - row_lse);
+      g = p * (g_h * (row_ez - z) - g_lp) + (j == target ? g_lp : 0.f);
+    }
+    out[j] = static_cast<T>(g * inv_temperature);
+  }
+}
+
+void check_logits(const torch::Tensor& logits, const torch::Tensor& targets) {
+  TORCH_CHECK(logits.is_cuda(), "megatron_dapo._C: logits must be a CUDA tensor");
+  TORCH_CHECK(logits.dim() == 2, "megatron_dapo._C: logits must be [tokens, vocab_slice], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1, "megatron_dapo._C: logits rows must be contiguous");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == torch::kLong,
+              "megatron_dapo._C: targets must be int64 [tokens]");
+  TORCH_CHECK(targets.device() == logits.device(), "megatron_dapo._C: targets must be on the logits' device");
+}
+
+template <typename T>
+bool packs_fit(const T* base, int64_t row_stride, int vec) {
+  return reinterpret_cast<uintptr_t>(base) % (sizeof(T) * vec) == 0 && row_stride % vec == 0;
+}
+
+}  // namespace
+
+torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& targets, double temperature,
+                            int64_t valid) {
+  check_logits(logits, targets);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto targets_c = targets.contiguous();
+  const int64_t rows = logits.size(0);
+  auto stats = torch::empty({rows, 4}, logits.options().dtype(torch::kFloat));
+  if (rows == 0) {
+    return stats;
+  }
+  valid = std::max<int64_t>(0, std::min<int64_t>(valid, logits.size(1)));
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  const int threads = threads_for(valid);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprob_stats", [&] {
+    const auto* base = logits.data_ptr<scalar_t>();
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (packs_fit(base, logits.stride(0), VEC)) {
+      logprob_stats_kernel<scalar_t, VEC><<<rows, threads, 0, stream>>>(
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), inv_temperature, valid, stats.data_ptr<float>());
+    } else {
+      logprob_stats_kernel<scalar_t, 1><<<rows, threads, 0, stream>>>(
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), inv_temperature, valid, stats.data_ptr<float>());
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return stats;
+}
+
+void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& lse,
+                       const torch::Tensor& expected_z, const torch::Tensor& grad_logp,
+                       const torch::Tensor& grad_entropy, double temperature, int64_t valid, torch::Tensor& grad) {
+  check_logits(logits, targets);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(1) == 1,
+              "megatron_dapo._C: grad must have the logits' shape and dtype, rows contiguous");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  if (rows == 0) {
+    return;
+  }
+  auto as_rows = [&](const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.numel() == rows, "megatron_dapo._C: ", name, " must have one value per token");
+    return t.to(torch::kFloat).contiguous();
+  };
+  const auto lse_c = as_rows(lse, "lse");
+  const auto ez_c = as_rows(expected_z, "expected_z");
+  const auto glp_c = as_rows(grad_logp, "grad_logp");
+  const auto gh_c = as_rows(grad_entropy, "grad_entropy");
+  const auto targets_c = targets.contiguous();
+  valid = std::max<int64_t>(0, std::min<int64_t>(valid, logits.size(1)));
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  const int threads = threads_for(logits.size(1));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprob_grad", [&] {
+    const auto* base = logits.data_ptr<scalar_t>();
+    auto* out = grad.data_ptr<scalar_t>();
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (packs_fit(base, logits.stride(0), VEC) && packs_fit(static_cast<const scalar_t*>(out), grad.stride(0), VEC)) {
+      logprob_grad_kernel<scalar_t, VEC><<<rows, threads, 0, stream>>>(
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), lse_c.data_ptr<float>(), ez_c.data_ptr<float>(),
+          glp_c.data_ptr<float>(), gh_c.data_ptr<float>(), inv_temperature, valid, logits.size(1), out,
+          grad.stride(0));
+    } else {
+      logprob_grad_kernel<scalar_t, 1><<<rows, threads, 0, stream>>>(
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), lse_c.data_ptr<float>(), ez_c.data_ptr<float>(),
+          glp_c.data_ptr<float>(), gh_c.data_ptr<float>(), inv_temperature, valid, logits.size(1), out,
+          grad.stride(0));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mdapo

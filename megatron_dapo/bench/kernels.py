@@ -1,0 +1,225 @@
+"""Kernel benchmark: log-prob + entropy (forward, backward, both) and the DAPO loss, on one GPU.
+
+For each shape it reports milliseconds, the achieved bandwidth against the memory floor (forward:
+one read of the logits; backward: one read + one write; both: three passes' bytes), that bandwidth
+as a share of the device's copy bandwidth measured in the same run, and the peak memory allocated
+beyond the inputs. Implementations: ours (megatron_dapo._C), the pure-torch reference, torch.compile
+of the reference, and Liger-Kernel's cross entropy when it imports. Writes a CSV and a PNG chart.
+
+    python tools/bench_kernels.py --out benchmarks/results      (or: megatron-dapo bench kernels)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megatron_dapo.ops import extension
+from megatron_dapo.ops.logprob import combine_stats, local_grad, local_stats
+
+VOCABS = (32000, 128256, 151936)
+TOKENS = (1024, 4096, 16384, 32768)
+TPS = (1, 2, 8)
+FIELDS = ("device", "op", "impl", "tokens", "vocab", "tp", "dtype", "pass", "ms", "gbps", "pct_copy_bw",
+          "peak_extra_mib", "note")
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn` on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=5, iters=20)
+    del src, dst
+    return 2 * nbytes / ms / 1e6
+
+
+def _logprob_impls(logits, targets, temperature, valid):
+    """name -> (forward, backward) callables over the same inputs; backward writes one gradient."""
+    ext = extension.EXTENSION
+    ones = torch.ones(logits.shape[0], device=logits.device)
+    stats = local_stats(logits, targets, temperature, valid)
+    _, lse, ez = combine_stats(stats[None])
+    grad = torch.empty_like(logits)
+    impls = {}
+    if ext is not None:
+        impls["ours"] = (lambda: combine_stats(ext.logprob_stats(logits, targets, temperature, valid)[None]),
+                         lambda: ext.logprob_grad_into(logits, targets, lse, ez, ones, ones, temperature, valid, grad))
+    impls["reference"] = (lambda: combine_stats(local_stats(logits, targets, temperature, valid)[None]),
+                          lambda: local_grad(logits, targets, lse, ez, ones, ones, temperature, valid))
+    try:
+        stats_c, grad_c = torch.compile(local_stats), torch.compile(local_grad)
+        impls["torch.compile"] = (lambda: combine_stats(stats_c(logits, targets, temperature, valid)[None]),
+                                  lambda: grad_c(logits, targets, lse, ez, ones, ones, temperature, valid))
+    except Exception as err:  # no triton, say
+        print(f"torch.compile unavailable: {err}", file=sys.stderr)
+    try:
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    except ImportError:
+        pass
+    else:
+        # Liger's cross entropy (-log p of the target, no entropy) computes its gradient in the forward.
+        def liger():
+            x = logits.detach().requires_grad_(True)
+            loss = LigerCrossEntropyFunction.apply(x, targets.clamp(min=0), None, -100)[0]
+            loss.backward()
+        impls["liger (cross entropy)"] = (None, None, liger)
+    return impls
+
+
+def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbps: float, device: str):
+    local = vocab // tp
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(tokens, local, device="cuda", generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, local, (tokens,), device="cuda", generator=gen)
+    elt = logits.element_size()
+    floor = {"forward": tokens * local * elt, "backward": 2 * tokens * local * elt, "both": 3 * tokens * local * elt}
+    rows = []
+    for name, fns in _logprob_impls(logits, targets, 1.0, local).items():
+        if len(fns) == 3:
+            passes = {"both": fns[2]}
+        else:
+            fwd, bwd = fns
+            passes = {"forward": fwd, "backward": bwd, "both": lambda f=fwd, b=bwd: (f(), b())}
+        for which, fn in passes.items():
+            row = dict(device=device, op="logprob_entropy", impl=name, tokens=tokens, vocab=vocab, tp=tp,
+                       dtype=str(dtype).replace("torch.", ""), **{"pass": which}, note="")
+            try:
+                ms = time_ms(fn)
+                gbps = floor[which] / ms / 1e6
+                row.update(ms=round(ms, 4), gbps=round(gbps, 1), pct_copy_bw=round(100 * gbps / copy_gbps, 1),
+                           peak_extra_mib=round(peak_extra_mib(fn), 1))
+            except torch.OutOfMemoryError:
+                row.update(ms="", gbps="", pct_copy_bw="", peak_extra_mib="", note="out of memory")
+                torch.cuda.empty_cache()
+            except Exception as err:  # an implementation that does not take this shape or this API version
+                row.update(ms="", gbps="", pct_copy_bw="", peak_extra_mib="", note=f"failed: {err}"[:120])
+            rows.append(row)
+            print(" ".join(f"{k}={row[k]}" for k in ("impl", "tokens", "vocab", "tp", "dtype", "pass", "ms", "gbps",
+                                                      "pct_copy_bw", "peak_extra_mib", "note")), flush=True)
+    return rows
+
+
+def bench_loss(tokens: int, device: str):
+    from megatron_dapo.actor.loss import policy_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logp = -torch.rand(tokens, device="cuda", generator=gen) * 3
+    old = logp + torch.randn(tokens, device="cuda", generator=gen) * 0.3
+    adv = torch.randn(tokens, device="cuda", generator=gen)
+    mask = (torch.rand(tokens, device="cuda", generator=gen) > 0.2).float()
+    count = mask.sum().reshape(1)
+    clips = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+
+    def reference():
+        x = logp.detach().requires_grad_(True)
+        from megatron_dapo.actor.loss import aggregate_loss, token_policy_loss
+        per_token = token_policy_loss(x, old, adv, mask=mask, **clips)
+        aggregate_loss(per_token.loss, mask, "token-mean", global_tokens=count).backward()
+
+    impls = {"reference": reference}
+    if extension.EXTENSION is not None:
+        def ours():
+            x = logp.detach().requires_grad_(True)
+            policy_loss(x, old, adv, mask, loss_agg_mode="token-mean", global_tokens=count, **clips).loss.backward()
+        impls["ours"] = ours
+    rows = []
+    for name, fn in impls.items():
+        ms = time_ms(fn)
+        rows.append(dict(device=device, op="dapo_loss", impl=name, tokens=tokens, vocab="", tp="", dtype="float32",
+                         **{"pass": "both"}, ms=round(ms, 4), gbps="", pct_copy_bw="",
+                         peak_extra_mib=round(peak_extra_mib(fn), 1), note=""))
+        print(f"dapo_loss impl={name} tokens={tokens} ms={ms:.4f}", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["op"] == "logprob_entropy" and r["pass"] == "both" and r["pct_copy_bw"] != ""]
+    shapes = sorted({(r["tokens"], r["vocab"], r["tp"], r["dtype"]) for r in shown})
+    impls = sorted({r["impl"] for r in shown})
+    fig, ax = plt.subplots(figsize=(max(8, len(shapes) * 0.5), 5))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        values = {(r["tokens"], r["vocab"], r["tp"], r["dtype"]): r["pct_copy_bw"] for r in shown if r["impl"] == impl}
+        ax.bar([j + i * width for j in range(len(shapes))], [values.get(s, 0) for s in shapes], width, label=impl)
+    ax.set_xticks([j + 0.4 for j in range(len(shapes))])
+    ax.set_xticklabels([f"{t}x{v}/tp{p} {d}" for t, v, p, d in shapes], rotation=90, fontsize=7)
+    ax.set_ylabel("% of measured copy bandwidth (forward + backward)")
+    ax.axhline(85, color="grey", linestyle="--", linewidth=0.8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
+    parser.add_argument("--vocab", type=int, nargs="*", default=list(VOCABS))
+    parser.add_argument("--tp", type=int, nargs="*", default=list(TPS))
+    parser.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
+    parser.add_argument("--loss-tokens", type=int, nargs="*", default=[1 << 20])
+    parser.add_argument("--name", default="kernels", help="file name stem")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench kernels: needs a CUDA device (none here)", file=sys.stderr)
+        return 2
+    print(extension.describe())
+    device = torch.cuda.get_device_name()
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"device: {device}; measured copy bandwidth {copy_gbps:.0f} GB/s")
+    rows = [dict(device=device, op="copy", impl="torch copy_", tokens="", vocab="", tp="", dtype="bfloat16",
+                 **{"pass": "copy"}, ms="", gbps=round(copy_gbps, 1), pct_copy_bw=100.0, peak_extra_mib="", note="")]
+    for dtype in args.dtype:
+        for vocab in args.vocab:
+            for tp in args.tp:
+                for tokens in args.tokens:
+                    rows += bench_logprob(tokens, vocab, tp, getattr(torch, dtype), copy_gbps, device)
+                    torch.cuda.empty_cache()
+    for tokens in args.loss_tokens:
+        rows += bench_loss(tokens, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{args.name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / f"{args.name}.png")
+    print(f"wrote {out / (args.name + '.csv')} and {out / (args.name + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The fused CUDA kernels against fp64 references, on a GPU (the checks skip, with the reason, on a
+machine without one or without the built extension).
+
+Outputs are poisoned before each run: the caching allocator hands the kernel memory that was just
+filled with NaN, so an element the kernel forgets to write fails the comparison.
+"""
+import pytest
+import torch
+
+from megatron_dapo.ops import dapo_loss as loss_ops
+from megatron_dapo.ops import extension
+from megatron_dapo.ops import logprob as lp_ops
+
+
+def _need_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the kernels are checked on a GPU machine")
+    if extension.EXTENSION is None:
+        pytest.skip(f"megatron_dapo._C is not built: {extension.UNAVAILABLE_BECAUSE}")
+
+
+def _poison(nbytes: int) -> None:
+    """Leave NaN-filled blocks in the caching allocator for the next allocations to reuse."""
+    blocks = [torch.full((max(nbytes // 4, 1) + 1024,), float("nan"), device="cuda") for _ in range(4)]
+    del blocks
+
+
+def _fp64_reference(logits, targets, temperature, valid):
+    z = logits[:, :valid].double() / temperature
+    logprobs = torch.log_softmax(z, -1)
+    return logprobs.gather(-1, targets[:, None])[:, 0], -(logprobs.exp() * logprobs).sum(-1)
+
+
+def _fp64_grad(logits, targets, temperature, valid, g_lp, g_h):
+    x = logits.double().clone().requires_grad_(True)
+    logp, entropy = _fp64_reference(x, targets, temperature, valid)
+    (g_lp.double() * logp + g_h.double() * entropy).sum().backward()
+    return x.grad
+
+
+SHAPES = [(1, 7), (7, 123), (33, 1000), (257, 32003), (64, 151936)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("tokens", "vocab"), SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_forward_and_backward_against_fp64(tokens, vocab, dtype, temperature):
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 31 + vocab)
+    valid = vocab - (vocab % 8 == 0)  # one padding column where the width is a multiple of 8
+    logits = (torch.randn(tokens, vocab, device="cuda", generator=gen) * 4).to(dtype)
+    logits[:, valid:] = 30.0  # padding must not count
+    targets = torch.randint(0, valid, (tokens,), device="cuda", generator=gen)
+    g_lp = torch.randn(tokens, device="cuda", generator=gen)
+    g_h = torch.randn(tokens, device="cuda", generator=gen)
+
+    _poison(tokens * 16)
+    stats = extension.EXTENSION.logprob_stats(logits, targets, temperature, valid)
+    logp, lse, ez = lp_ops.combine_stats(stats[None])
+    ref_lp, ref_h = _fp64_reference(logits, targets, temperature, valid)
+    # torch's own bf16 path (log_softmax computed in the logits' dtype) sets the error budget: ours <= 2x.
+    naive = torch.log_softmax(logits[:, :valid] / temperature, -1)
+    naive_err = (naive.gather(-1, targets[:, None])[:, 0].double() - ref_lp).abs().max().item()
+    budget = max(2 * naive_err, 1e-5 * max(1.0, ref_lp.abs().max().item()))
+    assert torch.isfinite(stats).all(), "an unwritten statistic"
+    assert (logp.double() - ref_lp).abs().max().item() <= budget
+    assert ((lse - ez).double() - ref_h).abs().max().item() <= max(budget, 1e-4)
+
+    grad = torch.full_like(logits, float("nan"))
+    extension.EXTENSION.logprob_grad_into(logits, targets, lse, ez, g_lp, g_h, temperature, valid, grad)
+    ref_grad = _fp64_grad(logits, targets, temperature, valid, g_lp, g_h)
+    assert torch.isfinite(grad).all(), "an unwritten gradient element"
+    assert (grad[:, valid:] == 0).all()
+    scale = ref_grad.abs().max().item()
+    tol = (1e-5 if dtype == torch.float32 else 1e-2) * max(scale, 1e-6)
+    assert (grad.double() - ref_grad).abs().max().item() <= tol
+
+    inplace = logits.clone()
+    extension.EXTENSION.logprob_grad_into(inplace, targets, lse, ez, g_lp, g_h, temperature, valid, inplace)
+    assert torch.equal(inplace, grad)
+
+
+@pytest.mark.parametrize("shards", [2, 8])
+def test_tp_combine_of_shard_statistics(shards):
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(shards)
+    tokens, vocab, padded = 129, 32001, 32008
+    logits = (torch.randn(tokens, padded, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    width = padded // shards
+    stats = []
+    for r in range(shards):
+        start = r * width
+        local = targets - start
+        local = torch.where((local >= 0) & (local < width), local, -1)
+        valid = max(0, min(width, vocab - start))
+        stats.append(extension.EXTENSION.logprob_stats(logits[:, start:start + width].contiguous(), local, 0.9, valid))
+    logp, lse, ez = lp_ops.combine_stats(torch.stack(stats))
+    ref_lp, ref_h = _fp64_reference(logits, targets, 0.9, vocab)
+    assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
+    assert ((lse - ez).double() - ref_h).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 4099, 1 << 20])
+@pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
+def test_loss_kernel_against_fp64_reference(tokens, mask_kind):
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    logp = -torch.rand(tokens, device="cuda", generator=gen) * 3
+    old = logp + torch.randn(tokens, device="cuda", generator=gen) * 0.5
+    adv = torch.randn(tokens, device="cuda", generator=gen)
+    mask = {"random": (torch.rand(tokens, device="cuda", generator=gen) > 0.3).float(),
+            "zeros": torch.zeros(tokens, device="cuda"), "ones": torch.ones(tokens, device="cuda")}[mask_kind]
+    weight = torch.rand(tokens, device="cuda", generator=gen) + 0.5
+    global_tokens = torch.tensor([max(mask.sum().item(), 1.0) * 2], device="cuda")
+    args = (0.2, 0.28, 3.0, global_tokens)
+    _poison(tokens * 8)
+    out = extension.EXTENSION.dapo_loss_forward(logp, old, adv, mask, weight, *args)
+    ref = loss_ops.reference_forward(logp.double(), old.double(), adv.double(), mask.double(), weight.double(), *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = extension.EXTENSION.dapo_loss_backward(torch.ones((), device="cuda"), logp, old, adv, mask, weight, *args)
+    ref_grad = loss_ops.reference_backward(torch.ones((), dtype=torch.float64, device="cuda"), logp.double(),
+                                           old.double(), adv.double(), mask.double(), weight.double(), *args)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
+    again = extension.EXTENSION.dapo_loss_forward(logp, old, adv, mask, weight, *args)
+    assert torch.equal(out, again), "the reductions must be deterministic"
