@@ -39,9 +39,32 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
         apply_cpu_shims()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_groups_of_previous_layout()
+    before = set(_process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
     )
+    _LAYOUT_GROUPS.extend(group for group in _process_groups() if group not in before)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+_LAYOUT_GROUPS: list = []
+"""Process groups created by the last `init_model_parallel`."""
+
+
+def _process_groups() -> list:
+    return list(getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", {}))
+
+
+def _destroy_groups_of_previous_layout() -> None:
+    """megatron-core's destroy_model_parallel forgets its groups but does not close them; every gloo
+    group keeps its own polling threads, so a process that changes layout many times (a test, a
+    checkpoint conversion) would slow to a crawl. Close the groups the previous layout created."""
+    for group in _LAYOUT_GROUPS:
+        try:
+            dist.destroy_process_group(group)
+        except (ValueError, RuntimeError):  # already closed
+            pass
+    _LAYOUT_GROUPS.clear()
