@@ -1,10 +1,14 @@
 """The README's main job, shortened: the toy example learns with DAPO alone on a CPU."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.25
@@ -17,14 +21,29 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def test_toy_example_learns(tmp_path):
-    run_dir = tmp_path / "toy"
+def _toy_command(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "examples" / "toy" / "run.py"), f"trainer.run_dir={run_dir}",
+            "trainer.total_training_steps=10", "trainer.test_freq=10", "checkpoint.save_freq=5"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One uninterrupted 10-step toy run."""
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
     env = {**os.environ, "MASTER_PORT": _free_port()}
-    cmd = [sys.executable, str(ROOT / "examples" / "toy" / "run.py"), f"trainer.run_dir={run_dir}",
-           "trainer.total_training_steps=10", "trainer.test_freq=10", "checkpoint.save_freq=5"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(_toy_command(run_dir), cwd=run_dir.parent, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir
+
+
+def test_toy_example_learns(toy_run):
+    run_dir = toy_run
+    rows = _rows(run_dir)
     val = {row["step"]: row["val/acc_avg@4"] for row in rows if "val/acc_avg@4" in row}
     assert 0.1 < val[0] < 0.8, f"the warm start should be right sometimes, not always: {val[0]}"
     assert val[10] >= val[0] + MARGIN, f"validation did not rise enough: {val}"
@@ -39,3 +58,39 @@ def test_toy_example_learns(tmp_path):
     assert plot.returncode == 0, plot.stderr
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_path):
+    """kill -9 right after the step-5 checkpoint, start the same command again: it resumes from step 5
+    and steps 6-10 are those of the uninterrupted run (same data, samples, rewards and updates)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")  # the warm start, made once
+    (run_dir / "data").symlink_to(toy_run / "data")
+    env = {**os.environ, "MASTER_PORT": _free_port()}
+    marker = run_dir / "checkpoints" / "step_000005" / "COMPLETE.json"
+    proc = subprocess.Popen(_toy_command(run_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), f"no step-5 checkpoint (exit code {proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "step_000010").exists(), "the run finished before it was killed"
+
+    again = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**env, "MASTER_PORT": _free_port()},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_000005" in again.stdout, again.stdout[-2000:]
+
+    def by_step(rows):  # the last row of each training step (a step may have been logged before the kill)
+        return {row["step"]: row for row in rows if "critic/acc_mean" in row}
+
+    expected, resumed = by_step(_rows(toy_run)), by_step(_rows(run_dir))
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(6, 11):
+        for key in ("critic/acc_mean", "sampling/gen_batches", "response_length/mean", "actor/pg_loss",
+                    "actor/grad_norm", "actor/pg_clipfrac_high"):
+            a, b = resumed[step][key], expected[step][key]
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: resumed {a}, uninterrupted {b}"
