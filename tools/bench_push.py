@@ -1,0 +1,91 @@
+"""Benchmark the weight push (Megatron actor -> embedded engine) for a Qwen2.5-0.5B-shaped random model.
+
+    torchrun --nproc-per-node N tools/bench_push.py --tp N [--out benchmarks/results]
+
+Builds a random Qwen2.5-0.5B-shaped Hugging Face folder (rank 0, once), loads it into the Megatron
+actor at TP = --tp (PP 1), starts the embedded engine on rank 0 and times `push_weights` a few times:
+seconds, GB/s of HF-named tensors delivered, buckets. Appends a row to benchmarks/results/push.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def make_model(folder: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, rope_theta=1e6, torch_dtype="float32")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--model", default="/tmp/megatron-dapo-bench/qwen2.5-0.5b-random")
+    parser.add_argument("--bucket-mb", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    from megatron_dapo.actor.actor import MegatronActor
+    from megatron_dapo.actor.config import ActorConfig
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_distributed
+    from megatron_dapo.rollout.embedded import EmbeddedEngine
+    from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
+    from megatron_dapo.rollout.reshard import push_weights
+
+    layout = init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp), seed=1)
+    rank = dist.get_rank()
+    folder = Path(args.model)
+    if rank == 0 and not (folder / "model.safetensors").exists():
+        make_model(folder)
+    dist.barrier()
+    actor = MegatronActor(ActorConfig(), folder, layout, temperature=1.0, bf16=False)
+    engine = EmbeddedEngine.from_pretrained(folder, EmbeddedEngineConfig(device="cpu", dtype="float32")) \
+        if rank == 0 else None
+    runs = []
+    for version in range(1, args.repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        stats = push_weights(actor, engine, version=version, bucket_mb=args.bucket_mb)
+        dist.barrier()
+        runs.append((time.perf_counter() - start, stats))
+    if rank == 0:
+        seconds = statistics.median(s for s, _ in runs)
+        stats = runs[-1][1]
+        row = {"machine": f"{platform.machine()} {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available()
+               else torch.cuda.get_device_name(), "torch": torch.__version__, "tp": args.tp,
+               "world": dist.get_world_size(), "bucket_mb": args.bucket_mb, "tensors": stats.tensors,
+               "gb": round(stats.bytes / 1e9, 3), "seconds_median": round(seconds, 3),
+               "gb_per_s": round(stats.bytes / seconds / 1e9, 3), "buckets": stats.buckets}
+        print(row, flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "push.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
