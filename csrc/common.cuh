@@ -25,11 +25,8 @@ __device__ __forceinline__ void merge_softmax(float& m, float& s, float& w, floa
   m = top;
 }
 
-// Block-wide merge of (m, s, w); the result is valid in thread 0. blockDim.x must be a multiple of 32.
-__device__ __forceinline__ void block_merge_softmax(float& m, float& s, float& w) {
-  __shared__ float shared[3][32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+// Warp-wide merge of (m, s, w) in a fixed butterfly order; every lane ends with the result.
+__device__ __forceinline__ void warp_merge_softmax(float& m, float& s, float& w) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
@@ -37,6 +34,14 @@ __device__ __forceinline__ void block_merge_softmax(float& m, float& s, float& w
     const float w2 = __shfl_xor_sync(0xffffffffu, w, offset);
     merge_softmax(m, s, w, m2, s2, w2);
   }
+}
+
+// Block-wide merge of (m, s, w); the result is valid in thread 0. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ void block_merge_softmax(float& m, float& s, float& w) {
+  __shared__ float shared[3][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  warp_merge_softmax(m, s, w);
   if (lane == 0) {
     shared[0][warp] = m;
     shared[1][warp] = s;
@@ -48,13 +53,7 @@ __device__ __forceinline__ void block_merge_softmax(float& m, float& s, float& w
     m = lane < warps ? shared[0][lane] : -CUDART_INF_F;
     s = lane < warps ? shared[1][lane] : 0.f;
     w = lane < warps ? shared[2][lane] : 0.f;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
-      const float s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-      const float w2 = __shfl_xor_sync(0xffffffffu, w, offset);
-      merge_softmax(m, s, w, m2, s2, w2);
-    }
+    warp_merge_softmax(m, s, w);
   }
 }
 

@@ -153,6 +153,28 @@ torch::Tensor flat_float(const torch::Tensor& t, int64_t n, const char* name, co
   return t.reshape({n}).to(torch::kFloat).contiguous();
 }
 
+// The per-token inputs flattened to contiguous float32 on logp's device, checked by name.
+struct LossInputs {
+  int64_t n;
+  torch::Tensor logp, old_logp, advantages, mask, weight, global_tokens;
+
+  LossInputs(const torch::Tensor& lp, const torch::Tensor& old, const torch::Tensor& adv, const torch::Tensor& msk,
+             const c10::optional<torch::Tensor>& w, const torch::Tensor& tokens) : n(lp.numel()) {
+    TORCH_CHECK(lp.is_cuda(), "megatron_dapo._C dapo_loss: logp must be a CUDA tensor");
+    const auto device = lp.device();
+    logp = flat_float(lp, n, "logp", device);
+    old_logp = flat_float(old, n, "old_logp", device);
+    advantages = flat_float(adv, n, "advantages", device);
+    mask = flat_float(msk, n, "mask", device);
+    global_tokens = flat_float(tokens, 1, "global_tokens", device);
+    if (w.has_value()) {
+      weight = flat_float(*w, n, "weight", device);
+    }
+  }
+
+  const float* weight_ptr() const { return weight.defined() ? weight.data_ptr<float>() : nullptr; }
+};
+
 int grid_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1024)));
@@ -164,19 +186,10 @@ torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& 
                                 const torch::Tensor& advantages, const torch::Tensor& mask,
                                 const c10::optional<torch::Tensor>& weight, double clip_low, double clip_high,
                                 double clip_c, const torch::Tensor& global_tokens) {
-  TORCH_CHECK(logp.is_cuda(), "megatron_dapo._C dapo_loss: logp must be a CUDA tensor");
+  const LossInputs in(logp, old_logp, advantages, mask, weight, global_tokens);  // checks logp is on CUDA
   const c10::cuda::CUDAGuard guard(logp.device());
-  const int64_t n = logp.numel();
-  const auto device = logp.device();
-  const auto lp = flat_float(logp, n, "logp", device);
-  const auto old = flat_float(old_logp, n, "old_logp", device);
-  const auto adv = flat_float(advantages, n, "advantages", device);
-  const auto msk = flat_float(mask, n, "mask", device);
-  const auto tokens = flat_float(global_tokens, 1, "global_tokens", device);
-  torch::Tensor w;
-  if (weight.has_value()) {
-    w = flat_float(*weight, n, "weight", device);
-  }
+  const int64_t n = in.n;
+  const auto& lp = in.logp;
   const int blocks = grid_for(n);
   auto partial = torch::empty({blocks, kSums}, lp.options().dtype(torch::kDouble));
   auto partial_max = torch::empty({blocks}, lp.options());
@@ -184,12 +197,12 @@ torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& 
   const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high), static_cast<float>(clip_c)};
   auto stream = c10::cuda::getCurrentCUDAStream();
   dapo_loss_partial_kernel<<<blocks, kThreads, 0, stream>>>(
-      lp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(), msk.data_ptr<float>(),
-      w.defined() ? w.data_ptr<float>() : nullptr, n, params, partial.data_ptr<double>(),
+      lp.data_ptr<float>(), in.old_logp.data_ptr<float>(), in.advantages.data_ptr<float>(),
+      in.mask.data_ptr<float>(), in.weight_ptr(), n, params, partial.data_ptr<double>(),
       partial_max.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dapo_loss_final_kernel<<<1, 32, 0, stream>>>(partial.data_ptr<double>(), partial_max.data_ptr<float>(), blocks,
-                                               tokens.data_ptr<float>(), out.data_ptr<float>());
+                                               in.global_tokens.data_ptr<float>(), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -199,27 +212,18 @@ torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Te
                                  const torch::Tensor& mask, const c10::optional<torch::Tensor>& weight,
                                  double clip_low, double clip_high, double clip_c,
                                  const torch::Tensor& global_tokens) {
-  TORCH_CHECK(logp.is_cuda(), "megatron_dapo._C dapo_loss: logp must be a CUDA tensor");
+  const LossInputs in(logp, old_logp, advantages, mask, weight, global_tokens);  // checks logp is on CUDA
   const c10::cuda::CUDAGuard guard(logp.device());
-  const int64_t n = logp.numel();
-  const auto device = logp.device();
-  const auto lp = flat_float(logp, n, "logp", device);
-  const auto old = flat_float(old_logp, n, "old_logp", device);
-  const auto adv = flat_float(advantages, n, "advantages", device);
-  const auto msk = flat_float(mask, n, "mask", device);
-  const auto tokens = flat_float(global_tokens, 1, "global_tokens", device);
-  const auto g = flat_float(grad_loss, 1, "grad_loss", device);
-  torch::Tensor w;
-  if (weight.has_value()) {
-    w = flat_float(*weight, n, "weight", device);
-  }
+  const int64_t n = in.n;
+  const auto& lp = in.logp;
+  const auto g = flat_float(grad_loss, 1, "grad_loss", logp.device());
   auto grad = torch::empty({n}, lp.options());
   if (n > 0) {
     const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high),
                             static_cast<float>(clip_c)};
     dapo_loss_backward_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.data_ptr<float>(), lp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(),
-        msk.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr, n, params, tokens.data_ptr<float>(),
+        g.data_ptr<float>(), lp.data_ptr<float>(), in.old_logp.data_ptr<float>(), in.advantages.data_ptr<float>(),
+        in.mask.data_ptr<float>(), in.weight_ptr(), n, params, in.global_tokens.data_ptr<float>(),
         grad.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -68,6 +68,17 @@ def loss_metrics(sums: dict[str, float], ratio_max: float) -> dict[str, float]:
     }
 
 
+def truncated_is_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, tis_cap: float,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token constant weight min(exp(old_logp - rollout_logp), tis_cap); 1 where `mask` is 0."""
+    if rollout_logp is None:
+        raise ValueError("actor.tis_imp_ratio_cap is set but the batch has no rollout log-probs (rollout_logp)")
+    drift = (old_logp - rollout_logp).detach()
+    if mask is not None:
+        drift = torch.where(mask.bool(), drift, torch.zeros_like(drift))
+    return torch.exp(drift.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap)
+
+
 def token_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -104,13 +115,7 @@ def token_policy_loss(
     dual_bound = -advantages * clip_ratio_c
     loss = torch.where(advantages < 0, torch.minimum(pessimistic, dual_bound), pessimistic)
     if tis_cap is not None:
-        if rollout_logp is None:
-            raise ValueError("tis_cap is set but no rollout_logp was given")
-        drift = (old_logp - rollout_logp).detach()
-        if mask is not None:
-            drift = torch.where(mask.bool(), drift, torch.zeros_like(drift))
-        weight = torch.exp(drift.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap)
-        loss = loss * weight
+        loss = loss * truncated_is_weight(old_logp, rollout_logp, tis_cap, mask)
     detached = ratio.detach()
     return TokenLoss(
         loss=loss,
@@ -199,12 +204,7 @@ def policy_loss(
     if loss_agg_mode == "token-mean" and _fused_loss_available(logp):
         from megatron_dapo.ops.dapo_loss import fused_token_mean_loss
 
-        weight = None
-        if tis_cap is not None:
-            if rollout_logp is None:
-                raise ValueError("tis_cap is set but no rollout_logp was given")
-            drift = torch.where(mask.bool(), (old_logp - rollout_logp).detach(), 0.0)
-            weight = torch.exp(drift.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).clamp(max=tis_cap)
+        weight = truncated_is_weight(old_logp, rollout_logp, tis_cap, mask) if tis_cap is not None else None
         tokens = global_tokens if global_tokens is not None else mask.sum()
         return fused_token_mean_loss(logp, old_logp, advantages, mask, clip_ratio_low=clip_ratio_low,
                                      clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
