@@ -39,6 +39,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_kernels(args.options)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_dapo.convert.main import main as convert
+
+    return convert(args.options)
+
+
 def _env_world_size() -> int | None:
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value and value.isdigit() else None
@@ -63,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="run folder (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
     plot.set_defaults(run=_plot)
+
+    convert = commands.add_parser("convert", add_help=False,
+                                  help="checkpoint conversion: `convert hf-to-mcore ...` or `convert mcore-to-hf ...`")
+    convert.add_argument("options", nargs=argparse.REMAINDER, help="see `megatron-dapo convert --help`")
+    convert.set_defaults(run=_convert)
 
     bench = commands.add_parser("bench", help="benchmarks: `bench kernels [--out DIR ...]` (needs a GPU)")
     bench.add_argument("what", choices=["kernels"])

@@ -1,6 +1,7 @@
 """The Megatron actor: old log-probs (forward only) and DAPO updates through megatron-core's schedules."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
+from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig
 from megatron_dapo.actor.loss import loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
@@ -44,7 +46,9 @@ class MegatronActor:
     """
 
     def __init__(self, config: ActorConfig, model_path: str | Path, layout: ParallelLayout, *, temperature: float,
-                 norm_len: int | None = None, bf16: bool | None = None):
+                 norm_len: int | None = None, bf16: bool | None = None, weights: str | Path | None = None):
+        """model_path: the Hugging Face folder whose config.json defines the model and whose safetensors
+        it starts from, unless `weights` names a megatron-core checkpoint to take the weights from."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -54,11 +58,15 @@ class MegatronActor:
             )
         self.config, self.layout, self.temperature, self.norm_len = config, layout, temperature, norm_len
         self.arch = ModelArch.from_pretrained(model_path)
+        self.hf_config = json.loads((Path(model_path) / "config.json").read_text())
         bf16 = torch.cuda.is_available() if bf16 is None else bf16
         model = build_gpt_model(self.arch, layout, bf16=bf16, recompute=config.recompute_activations)
         if torch.cuda.is_available():
             model.cuda()
-        load_hf_weights(model, self.arch, model_path)
+        if weights is None:
+            load_hf_weights(model, self.arch, model_path)
+        else:
+            load_model_weights(model, weights)
         self.transformer_config = model.config
         self.model = DistributedDataParallel(
             model.config,

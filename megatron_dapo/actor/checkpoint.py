@@ -95,7 +95,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
     dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
     dist.barrier()
     if dist.get_rank() == 0:
-        marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {})}
+        marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {}),
+                  "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         (partial / MARKER).write_text(json.dumps(marker, indent=1))
         shutil.rmtree(directory, ignore_errors=True)
         partial.rename(directory)
@@ -138,11 +139,22 @@ def _unshare_adam_steps(optimizer) -> None:
                 seen.add(id(state["step"]))
 
 
-def load_actor(actor, directory: str | Path) -> dict:
-    """Load a complete checkpoint into the actor (any layout); returns the marker's contents."""
+def load_model_weights(model, directory: str | Path) -> dict:
+    """Load only the weights of a complete checkpoint (a run's, or one from `megatron-dapo convert
+    hf-to-mcore`) into this rank's stage of a GPTModel, at any layout; returns the marker's contents.
+
+    Call it before the optimizer is built: the optimizer copies the weights it starts from.
+    """
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
+    _check_complete(directory)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, str(directory))
+    model.load_state_dict(state["model"])
+    return json.loads((directory / MARKER).read_text())
+
+
+def _check_complete(directory: Path) -> None:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     if not is_complete(directory):
@@ -150,6 +162,14 @@ def load_actor(actor, directory: str | Path) -> dict:
             f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish); "
             "delete it or point to an earlier checkpoint"
         )
+
+
+def load_actor(actor, directory: str | Path) -> dict:
+    """Load a complete checkpoint into the actor (any layout); returns the marker's contents."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    _check_complete(directory)
     _materialize_adam_state(actor.optimizer)
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)

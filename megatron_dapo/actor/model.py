@@ -110,7 +110,7 @@ def load_hf_weights(model, arch: ModelArch, folder: str | Path) -> None:
         for name, param in model.named_parameters():
             rule, layer = families.rule_for(arch, name, numbers)
             tensors = [reader.get(hf) for hf in families.hf_names(rule, layer)]
-            expected = _hf_shapes(rule, arch)
+            expected = families.hf_shapes(rule, arch)
             for hf, tensor, shape in zip(families.hf_names(rule, layer), tensors, expected):
                 if tuple(tensor.shape) != shape:
                     raise ModelError(
@@ -118,27 +118,6 @@ def load_hf_weights(model, arch: ModelArch, folder: str | Path) -> None:
                     )
             local = families.shard(rule, families.fuse(rule, tensors, arch), tp_rank, tp, padded)
             param.copy_(local.to(param.dtype))
-
-
-def _hf_shapes(rule: families.Rule, arch: ModelArch) -> list[tuple[int, ...]]:
-    """The Hugging Face shapes a rule's tensors must have."""
-    h, hd = arch.hidden_size, arch.head_dim
-    q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
-    shapes = {
-        "input_layernorm.weight": [(h,)],
-        "pre_mlp_layernorm.weight": [(h,)],
-        "self_attention.linear_qkv.weight": [(q, h), (kv, h), (kv, h)],
-        "self_attention.linear_qkv.bias": [(q,), (kv,), (kv,)],
-        "self_attention.q_layernorm.weight": [(hd,)],
-        "self_attention.k_layernorm.weight": [(hd,)],
-        "self_attention.linear_proj.weight": [(h, q)],
-        "mlp.linear_fc1.weight": [(arch.intermediate_size, h)] * 2,
-        "mlp.linear_fc2.weight": [(h, arch.intermediate_size)],
-        "embedding.word_embeddings.weight": [(arch.vocab_size, h)],
-        "decoder.final_layernorm.weight": [(h,)],
-        "output_layer.weight": [(arch.vocab_size, h)],
-    }
-    return shapes[rule.megatron]
 
 
 def check_sequence_length(arch: ModelArch, length: int) -> None:

@@ -180,6 +180,51 @@ def unshard(rule: Rule, shards: list[torch.Tensor], vocab_size: int | None = Non
     return torch.cat(shards, dim=0)[:vocab_size]
 
 
+def hf_shapes(rule: Rule, arch: ModelArch) -> list[tuple[int, ...]]:
+    """The Hugging Face shapes of a rule's tensors, from the model's config."""
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv, ffn = arch.num_heads * hd, arch.num_kv_heads * hd, arch.intermediate_size
+    shapes = {
+        "input_layernorm.weight": [(h,)],
+        "pre_mlp_layernorm.weight": [(h,)],
+        "self_attention.linear_qkv.weight": [(q, h), (kv, h), (kv, h)],
+        "self_attention.linear_qkv.bias": [(q,), (kv,), (kv,)],
+        "self_attention.q_layernorm.weight": [(hd,)],
+        "self_attention.k_layernorm.weight": [(hd,)],
+        "self_attention.linear_proj.weight": [(h, q)],
+        "mlp.linear_fc1.weight": [(ffn, h)] * 2,
+        "mlp.linear_fc2.weight": [(h, ffn)],
+        "embedding.word_embeddings.weight": [(arch.vocab_size, h)],
+        "decoder.final_layernorm.weight": [(h,)],
+        "output_layer.weight": [(arch.vocab_size, h)],
+    }
+    return shapes[rule.megatron]
+
+
+def megatron_shape(rule: Rule, arch: ModelArch) -> tuple[int, ...]:
+    """The shape of the fused megatron tensor at TP=1 (vocabulary not padded)."""
+    shapes = hf_shapes(rule, arch)
+    if rule.fuse is Fuse.COPY:
+        return shapes[0]
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
+def checkpoint_key(rule: Rule) -> str:
+    """The key of a rule's tensor in a megatron-core dist checkpoint.
+
+    Layers are stacked along a leading axis under one key (`decoder.layers.<name>`, global shape
+    [num_layers, ...]); the norms carry Transformer Engine's names whichever spec saved them.
+    """
+    if rule.megatron in LAYER_NAMES:
+        return "decoder.layers." + TE_RENAMES.get(rule.megatron, rule.megatron)
+    return rule.megatron
+
+
+LAYER_NAMES = frozenset(rule.megatron for rules in LAYER_RULES.values() for rule in rules)
+LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+"""The layer modules whose `_extra_state` a megatron-core checkpoint holds (None without FP8)."""
+
+
 def check_layout(arch: ModelArch, tp: int, pp: int) -> None:
     """Refuse a TP x PP layout the model cannot be split into, naming the keys."""
     problems = []

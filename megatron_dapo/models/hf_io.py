@@ -16,6 +16,9 @@ SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Non-parameter buffers some older checkpoints carry; every model here computes them itself."""
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 class HFCheckpointReader:
     """Maps each tensor name to its shard; `get(name)` reads one tensor, `iter_shards()` all of them.
 
@@ -47,20 +50,38 @@ class HFCheckpointReader:
                     for name in f.keys():
                         self.weight_map[name] = shard.name
         self.weight_map = {k: v for k, v in self.weight_map.items() if not k.endswith(SKIPPED_SUFFIXES)}
-        self._open_name: str | None = None
-        self._open = None
 
     def names(self) -> list[str]:
         return list(self.weight_map)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of one tensor, read from its shard's header (no tensor data is read)."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise ModelError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
+        try:
+            with safe_open(self.folder / shard, framework="pt") as handle:
+                piece = handle.get_slice(name)
+                found, code = tuple(piece.get_shape()), piece.get_dtype()
+        except Exception as err:  # a shard whose contents disagree with the index
+            raise ModelError(f"{self.folder / shard}: cannot read tensor {name!r}: {err}") from None
+        dtype = SAFETENSORS_DTYPES.get(code)
+        if dtype is None:
+            raise ModelError(f"{self.folder / shard}: tensor {name!r} has dtype {code}, "
+                             f"expected one of {', '.join(SAFETENSORS_DTYPES)}")
+        return found, dtype
+
+    def shard_of(self, name: str) -> Path:
+        return self.folder / self.weight_map[name]
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
         if shard is None:
             raise ModelError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
-        if shard != self._open_name:
-            self._open = safe_open(self.folder / shard, framework="pt")
-            self._open_name = shard
-        return self._read(self._open, shard, name)
+        # A handle per read: safetensors maps the whole shard, and the pages a read touches stay resident
+        # for as long as the mapping is open; closing it keeps a converter's memory to the tensors in hand.
+        with safe_open(self.folder / shard, framework="pt") as handle:
+            return self._read(handle, shard, name)
 
     def iter_shards(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Every tensor as (name, CPU tensor), one list per shard, so a loader holds one shard at a time."""

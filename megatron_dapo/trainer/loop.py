@@ -49,7 +49,7 @@ class Trainer:
         self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
                                    shuffle=cfg.data.shuffle)
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
-                                   norm_len=cfg.data.max_response_length)
+                                   norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
         self.engine = self._make_engine() if self.rank0 else None
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
@@ -186,10 +186,10 @@ class Trainer:
         return {"step": self.step, "data": self.stream.state_dict()}
 
     def _resume(self) -> None:
-        if not self.config.checkpoint.resume:
-            return
-        latest = checkpoints.latest_checkpoint(self.run_dir)
+        latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None
         if latest is None:
+            if self.config.model.megatron_checkpoint:  # the engine loaded model.path's weights, not the actor's
+                push_weights(self.actor, self.engine, version=0, bucket_mb=self.config.rollout.weight_bucket_mb)
             return
         state = checkpoints.load(latest, self.actor)
         self.step = int(state["step"])

@@ -41,7 +41,7 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
     return tokens, lengths, mask, advantages
 
 
-def _actor(folder: Path, tp: int, pp: int, sp: bool, **actor_kwargs):
+def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -54,7 +54,7 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, **actor_kwargs):
     init_model_parallel(layout, seed=1)
     optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=0.5, eps=ADAM_EPS)
     config = ActorConfig(optim=optim, **actor_kwargs)
-    return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False)
+    return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights)
 
 
 def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, workdir: Path) -> None:
@@ -171,6 +171,8 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
     first.update(batch(), group_size=2)
     save_actor(first, workdir / "ckpt_tp2pp2")
     after_one, _ = first.compute_logprobs(batch())
+    if rank == 0:  # for test_mid_run_checkpoint_converts_to_transformers
+        torch.save({"tokens": tokens, "lengths": lengths, "logp": after_one}, workdir / "ckpt_tp2pp2_logp.pt")
     second = first.update(batch(), group_size=2)
     after_two, _ = first.compute_logprobs(batch())
 
@@ -205,18 +207,52 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
         raise AssertionError("an incomplete checkpoint was loaded")
 
 
+def check_converted_checkpoint_loads_at_tp2_pp2(rank: int, world: int, workdir: Path) -> None:
+    """`convert hf-to-mcore` output (made by the fixture) loads at TP2 x PP2 with transformers' log-probs."""
+    from megatron_dapo.actor.batch import ActorBatch
+
+    tokens, lengths, mask, _ = _batch(groups=5, n=1)
+    valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    valid[:, 0] = False
+    for family in FAMILIES:
+        actor = _actor(workdir / family, 2, 2, False, weights=workdir / f"{family}_mcore")
+        logp, _ = actor.compute_logprobs(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask))
+        diff = ((logp - hf_logprobs(workdir / family, tokens, TEMPERATURE)).abs() * valid).max().item()
+        assert diff <= 1e-4, f"{family}: converted checkpoint at TP2 x PP2: max |logp - transformers| = {diff:.3g}"
+
+
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
-          check_checkpoint_saved_at_one_layout_loads_at_another]
+          check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def run(tmp_path_factory):
+    from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
+
     workdir = tmp_path_factory.mktemp("actor")
     for family in FAMILIES:
         make_tiny_model(family, workdir / family, vocab_size=VOCAB)
-    return run_checks(WORLD, CHECKS, workdir, timeout_s=600)
+        hf_to_mcore(workdir / family, workdir / f"{family}_mcore", progress=False)
+    return workdir, run_checks(WORLD, CHECKS, workdir, timeout_s=600)
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-def test_actor_parallel(results, check):
+def test_actor_parallel(run, check):
+    _, results = run
     assert not results[check.__name__], "\n".join(results[check.__name__])
+
+
+def test_mid_run_checkpoint_converts_to_transformers(run, tmp_path):
+    """The TP2 x PP2 checkpoint saved after one update, converted to a Hugging Face folder: transformers
+    gives the log-probs the actor had when it saved (the architecture comes from the checkpoint itself)."""
+    from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+
+    workdir, results = run
+    assert not results["check_checkpoint_saved_at_one_layout_loads_at_another"]
+    summary = mcore_to_hf(workdir / "ckpt_tp2pp2", tmp_path / "hf", dtype=torch.float32, progress=False)
+    saved = torch.load(workdir / "ckpt_tp2pp2_logp.pt")
+    valid = torch.arange(saved["tokens"].shape[1])[None] < saved["lengths"][:, None]
+    valid[:, 0] = False
+    diff = ((hf_logprobs(tmp_path / "hf", saved["tokens"], TEMPERATURE) - saved["logp"]).abs() * valid).max().item()
+    assert diff <= 1e-5, f"converted mid-run checkpoint: max |logp - actor's| = {diff:.3g}"
+    assert summary["shards"] == 1 and (tmp_path / "hf" / "model.safetensors").is_file()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.25
@@ -94,3 +95,27 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
                     "actor/grad_norm", "actor/pg_clipfrac_high"):
             a, b = resumed[step][key], expected[step][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: resumed {a}, uninterrupted {b}"
+
+
+def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
+    """The trained policy published as a Hugging Face folder and converted back to megatron-core
+    (`convert mcore-to-hf`, then `hf-to-mcore`): a run started from it with model.megatron_checkpoint
+    validates at step 0 like the first run after its step 10, so the actor and the rollout engine
+    both hold the trained weights, not model.path's warm start."""
+    from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
+    from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+
+    mcore_to_hf(toy_run / "checkpoints" / "step_000010", tmp_path / "policy-hf", dtype=torch.float32,
+                hf_template=toy_run / "base", progress=False)
+    hf_to_mcore(tmp_path / "policy-hf", tmp_path / "policy-mcore", progress=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [*_toy_command(run_dir), "trainer.total_training_steps=1", f"model.megatron_checkpoint={tmp_path / 'policy-mcore'}"]
+    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first = {row["step"]: row["val/acc_avg@4"] for row in _rows(toy_run) if "val/acc_avg@4" in row}
+    started = [row["val/acc_avg@4"] for row in _rows(run_dir) if row["step"] == 0 and "val/acc_avg@4" in row]
+    assert started and abs(started[0] - first[10]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core checkpoint conversion, streamed and verified (`megatron-dapo convert`)."""

@@ -1,0 +1,200 @@
+"""megatron-core dist checkpoint (any layout, a run's or a converted one) -> Hugging Face folder.
+
+Sharded safetensors with their index, config.json, generation_config.json and the tokenizer files
+of a template folder; transformers' `from_pretrained` loads the result. The architecture comes from
+the checkpoint's marker (the trainer records the model's config.json there) or the template. One
+layer is read at a time, and each tensor is written to its shard as soon as it is made.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron_dapo.actor.checkpoint import MARKER
+from megatron_dapo.convert import dcp_io
+from megatron_dapo.convert.verify import check_logprobs
+from megatron_dapo.convert.output import ConversionError, Progress, output_folder
+from megatron_dapo.models import families
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.hf_io import INDEX, SAFETENSORS_DTYPES, SINGLE_FILE
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+OPTIMIZER_PREFIX = "optimizer."
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    shard: int = 0
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: the header (every name, dtype, shape and offset)
+    first, then each tensor's bytes as it arrives, so a shard is never held in memory whole."""
+
+    def __init__(self, path: Path, tensors: list[_Tensor], dtype: torch.dtype):
+        code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+        header, offset = {}, 0
+        for t in tensors:
+            size = torch.Size(t.shape).numel() * dtype.itemsize
+            header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.path, self.dtype, self.names = path, dtype, [t.name for t in tensors]
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name != self.names[0] or tensor.dtype != self.dtype:
+            raise RuntimeError(f"{self.path}: got {name} ({tensor.dtype}), expected {self.names[0]} ({self.dtype})")
+        self.file.write(tensor.contiguous().view(torch.uint8).numpy().data)
+        self.names.pop(0)
+        if not self.names:
+            self.file.close()
+
+
+def _hf_config(mcore_dir: Path, marker: dict, template: Path | None) -> dict:
+    if template is not None:
+        path = template / "config.json"
+        if not path.is_file():
+            raise ConversionError(f"--hf-template {template}: no config.json")
+        return json.loads(path.read_text())
+    if "hf_config" not in marker:
+        raise ConversionError(f"{mcore_dir / MARKER} does not record the model's config.json; pass --hf-template DIR "
+                              "(the Hugging Face folder the run started from)")
+    return marker["hf_config"]
+
+
+def _check_keys(reader: dcp_io.CheckpointReader, arch: ModelArch) -> None:
+    """Every key the table needs is there with a shape that fits config.json; no model key is unknown."""
+    expected = {}
+    for rule, layer in families.hf_export_rules(arch):
+        shape = families.megatron_shape(rule, arch)
+        expected[families.checkpoint_key(rule)] = shape if layer is None else (arch.num_layers, *shape)
+    if arch.tie_word_embeddings:
+        expected.setdefault("output_layer.weight", None)  # a copy of the embedding; some layouts save it
+    model_keys = [k for k in reader.tensors if not k.startswith(OPTIMIZER_PREFIX)]
+    unknown = sorted(set(model_keys) - set(expected))
+    if unknown:
+        raise ConversionError(f"{reader.folder}: tensor(s) {', '.join(map(repr, unknown[:5]))} are not in the "
+                              f"{arch.family} table ({arch.architecture} with this config.json has no such parameter)")
+    for key, shape in expected.items():
+        if shape is None:
+            continue
+        if key not in reader.tensors:
+            raise ConversionError(f"{reader.folder}: the checkpoint has no tensor {key!r}")
+        found = reader.shape(key)
+        vocab_rows = key in ("embedding.word_embeddings.weight", "output_layer.weight")
+        fits = found[1:] == shape[1:] and found[0] >= shape[0] if vocab_rows else found == shape
+        if not fits:
+            what = f"at least {shape[0]} rows of {shape[1:]}" if vocab_rows else str(shape)
+            raise ConversionError(f"{reader.folder}: tensor {key!r} has shape {found}, expected {what} "
+                                  "from config.json")
+
+
+def _plan_shards(arch: ModelArch, itemsize: int, shard_bytes: int) -> tuple[list[_Tensor], int]:
+    """Every output tensor in Hugging Face order, each assigned to a shard of at most shard_bytes."""
+    tensors, shard, filled = [], 0, 0
+    for rule, layer in families.hf_export_rules(arch):
+        for name, shape in zip(families.hf_names(rule, layer), families.hf_shapes(rule, arch)):
+            size = torch.Size(shape).numel() * itemsize
+            if filled and filled + size > shard_bytes:
+                shard, filled = shard + 1, 0
+            tensors.append(_Tensor(name, shape, shard))
+            filled += size
+    return tensors, shard + 1
+
+
+def _groups(arch: ModelArch):
+    """(rule, layer) lists read together: the embedding, each layer, then the final norm and output."""
+    rules = families.hf_export_rules(arch)
+    yield [r for r in rules if r[1] is None and r[0] is families.EMBEDDING]
+    for layer in range(arch.num_layers):
+        yield [r for r in rules if r[1] == layer]
+    yield [r for r in rules if r[1] is None and r[0] is not families.EMBEDDING]
+
+
+def _read_group(reader: dcp_io.CheckpointReader, arch: ModelArch, group) -> list[tuple[str, torch.Tensor]]:
+    requests, targets = [], []
+    for rule, layer in group:
+        key, shape = families.checkpoint_key(rule), families.megatron_shape(rule, arch)
+        if layer is None:
+            target = torch.empty(shape, dtype=reader.dtype(key))  # the vocabulary's padding rows are not read
+            requests.append((key, (0,) * len(shape), target))
+        else:
+            target = torch.empty((1, *shape), dtype=reader.dtype(key))
+            requests.append((key, (layer, *(0,) * len(shape)), target))
+            target = target[0]
+        targets.append((rule, layer, target))
+    reader.read_many(requests)
+    named = []
+    for rule, layer, full in targets:
+        named += zip(families.hf_names(rule, layer), families.unfuse(rule, full, arch))
+    return named
+
+
+def _copy_template(template: Path | None, partial: Path) -> None:
+    """Tokenizer files, chat template, generation config: everything of the template but its weights."""
+    if template is None:
+        return
+    for path in template.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (INDEX, "config.json"):
+            shutil.copy2(path, partial / path.name)
+
+
+def _generation_config(config: dict) -> dict:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {"_from_model_config": True, **{k: config[k] for k in keys if config.get(k) is not None}}
+
+
+def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                hf_template: str | Path | None = None, shard_size_bytes: int = 5 * 10**9, overwrite: bool = False,
+                verify_tolerance: float | None = None, progress: bool = True) -> dict:
+    """Convert; returns a summary (tensors, bytes, shards, GB/s, and the log-prob difference when verified).
+
+    verify_tolerance: compare log-probs of both sides before the output is put in place, and fail above
+    this difference.
+    """
+    mcore_dir = Path(mcore_dir)
+    template = Path(hf_template) if hf_template is not None else None
+    reader = dcp_io.CheckpointReader(mcore_dir)
+    if not (mcore_dir / MARKER).is_file():
+        raise ConversionError(f"{mcore_dir}: no {MARKER}, so the save that wrote it did not finish; "
+                              "convert an earlier, complete checkpoint")
+    marker = json.loads((mcore_dir / MARKER).read_text())
+    config = _hf_config(mcore_dir, marker, template)
+    arch = ModelArch.from_hf_config(config, source=f"the model config of {mcore_dir}")
+    _check_keys(reader, arch)
+    plan, shards = _plan_shards(arch, dtype.itemsize, shard_size_bytes)
+    shard_of = {t.name: t.shard for t in plan}
+    files = [SINGLE_FILE] if shards == 1 else [f"model-{s + 1:05d}-of-{shards:05d}.safetensors" for s in range(shards)]
+    total = sum(torch.Size(t.shape).numel() for t in plan) * dtype.itemsize
+    bar = Progress("mcore-to-hf", len(plan), total, quiet=not progress)
+    with output_folder(out, overwrite) as partial:
+        writers = [_ShardWriter(partial / files[s], [t for t in plan if t.shard == s], dtype) for s in range(shards)]
+        for group in _groups(arch):
+            for name, tensor in _read_group(reader, arch, group):
+                tensor = tensor.to(dtype)
+                writers[shard_of[name]].write(name, tensor)
+                bar.update(1, tensor.nbytes)
+        if shards > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {t.name: files[t.shard] for t in plan}}
+            (partial / INDEX).write_text(json.dumps(index, indent=2))
+        _copy_template(template, partial)
+        config = {**config, "dtype": str(dtype).replace("torch.", "")}
+        if "torch_dtype" in config:
+            config["torch_dtype"] = config["dtype"]
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        if not (partial / "generation_config.json").is_file():
+            (partial / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))
+        summary = {"tensors": len(plan), "bytes": total, "shards": shards, "gb_per_s": bar.close()}
+        if verify_tolerance is not None:
+            summary["logp_max_diff"] = check_logprobs(partial, mcore_dir, verify_tolerance)
+    return summary

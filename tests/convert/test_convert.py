@@ -1,0 +1,200 @@
+"""Checkpoint conversion on tiny random models of every family: bit-exact round trips, bad input refused.
+
+The trainer side (a converted checkpoint loaded at TP2 x PP2, a mid-run TP2 x PP2 checkpoint
+converted back) is in tests/actor/test_actor_parallel.py, which has the process group for it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_dapo.convert.dcp_io import CheckpointFormatError, CheckpointReader
+from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
+from megatron_dapo.convert.main import parse_size
+from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+from megatron_dapo.convert.output import ConversionError
+from megatron_dapo.models.arch import ModelError
+from tests.tiny_models import FAMILIES, make_tiny_model, tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sharded_model(family: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny model saved as several safetensors shards with their index."""
+    tiny_hf_model(family, seed=seed).save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bit_exact(tmp_path, family):
+    source = _sharded_model(family, tmp_path / "hf")
+    hf_to_mcore(source, tmp_path / "mcore", progress=False)
+    summary = mcore_to_hf(tmp_path / "mcore", tmp_path / "back", dtype=torch.float32, hf_template=source,
+                          shard_size_bytes=50_000, progress=False)
+    before, after = _tensors(source), _tensors(tmp_path / "back")
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert summary["shards"] > 1 and set(index["weight_map"]) == set(before)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in before.values())
+    # What transformers loads is the source model.
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    reference = tiny_hf_model(family).state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert (tmp_path / "back" / "generation_config.json").is_file()
+    # Nothing is left over from the writing.
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bf16_round_trip_and_the_stored_layout(tmp_path):
+    source = make_tiny_model("qwen3", tmp_path / "hf")
+    hf_to_mcore(source, tmp_path / "mcore", dtype=torch.bfloat16, progress=False)
+    reader = CheckpointReader(tmp_path / "mcore")
+    # Layers stacked on a leading axis, q/k/v fused at TP=1, norms under Transformer Engine's names.
+    assert reader.shape("decoder.layers.self_attention.linear_qkv.weight") == (2, (4 + 2 + 2) * 24, 64)
+    assert reader.shape("decoder.layers.mlp.linear_fc1.weight") == (2, 2 * 96, 64)
+    assert reader.dtype("decoder.layers.self_attention.linear_qkv.layer_norm_weight") == torch.bfloat16
+    assert reader.shape("embedding.word_embeddings.weight") == (211, 64)
+    marker = json.loads((tmp_path / "mcore" / "COMPLETE.json").read_text())
+    assert marker["weights_only"] and marker["hf_config"]["architectures"] == ["Qwen3ForCausalLM"]
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", dtype=torch.bfloat16, progress=False)
+    before, after = _tensors(source), _tensors(tmp_path / "back")
+    assert all(torch.equal(after[name], before[name].to(torch.bfloat16)) for name in before)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_cli_converts_both_ways_verified_with_progress(tmp_path):
+    source = make_tiny_model("llama", tmp_path / "hf")
+    (source / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    to_mcore = subprocess.run(tool + ["hf-to-mcore", "--hf", str(source), "--out", str(tmp_path / "mcore"), "--verify"],
+                              capture_output=True, text=True, timeout=300)
+    assert to_mcore.returncode == 0, to_mcore.stderr
+    assert "verified: max |log-prob difference|" in to_mcore.stdout
+    assert "15/15 tensors" in to_mcore.stderr and "GB/s" in to_mcore.stderr
+    to_hf = subprocess.run([sys.executable, "-m", "megatron_dapo", "convert", "mcore-to-hf", "--mcore",
+                            str(tmp_path / "mcore"), "--out", str(tmp_path / "back"), "--dtype", "fp32",
+                            "--hf-template", str(source), "--verify", "--tolerance", "1e-4"],
+                           capture_output=True, text=True, timeout=300)
+    assert to_hf.returncode == 0, to_hf.stderr
+    assert "verified" in to_hf.stdout
+    assert (tmp_path / "back" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    # A second conversion into the same folder is refused, and the folder is left as it was.
+    again = subprocess.run([sys.executable, "-m", "megatron_dapo", "convert", "mcore-to-hf", "--mcore",
+                            str(tmp_path / "mcore"), "--out", str(tmp_path / "back"), "--quiet"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "--overwrite" in again.stderr and "config.json" in again.stderr
+    assert _tensors(tmp_path / "back").keys() == _tensors(source).keys()
+
+
+def test_verification_fails_when_the_weights_differ(tmp_path):
+    from megatron_dapo.convert.verify import check_logprobs
+
+    hf_to_mcore(make_tiny_model("qwen2", tmp_path / "a", seed=0), tmp_path / "mcore", progress=False)
+    other = make_tiny_model("qwen2", tmp_path / "b", seed=1)
+    with pytest.raises(ConversionError, match=r"verification failed: .* differ by up to"):
+        check_logprobs(other, tmp_path / "mcore", tolerance=1e-3)
+
+
+# ---- bad input: an error naming the file or tensor, and no output that looks complete -----------
+
+def _no_output(tmp_path: Path, name: str = "out") -> bool:
+    return not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_missing_shard_is_named(tmp_path):
+    source = _sharded_model("qwen2", tmp_path / "hf")
+    shard = sorted(source.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelError, match=f"lists shard\\(s\\) that are missing: {shard.name}"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("family, name, change, message", [
+    ("llama", "model.layers.1.mlp.up_proj.weight", lambda t: t[:90],
+     r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape \(90, 64\), expected \(96, 64\) "
+     r"from config.json"),
+    ("qwen3", "model.layers.0.self_attn.o_proj.bias", lambda t: torch.zeros(64),
+     r"tensor 'model.layers.0.self_attn.o_proj.bias' \(in model.safetensors\) is not in the qwen3 table"),
+], ids=["wrong_shape", "unknown_name"])
+def test_bad_tensor_is_named(tmp_path, family, name, change, message):
+    source = make_tiny_model(family, tmp_path / "hf")
+    tensors = load_file(source / "model.safetensors")
+    tensors[name] = change(tensors.get(name))
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=message):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    source = make_tiny_model("llama", tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"MistralForCausalLM is not supported; supported: Qwen2ForCausalLM .*"
+                                         r"LlamaForCausalLM .*Qwen3ForCausalLM"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_output_holding_a_checkpoint_is_refused_unless_overwrite(tmp_path):
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    hf_to_mcore(source, tmp_path / "out", progress=False)
+    stamp = (tmp_path / "out" / "COMPLETE.json").read_text()
+    with pytest.raises(ConversionError, match=r"output folder .*out is not empty \(holds .*COMPLETE.json.*--overwrite"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "COMPLETE.json").read_text() == stamp
+    hf_to_mcore(source, tmp_path / "out", overwrite=True, dtype=torch.bfloat16, progress=False)
+    assert CheckpointReader(tmp_path / "out").dtype("decoder.final_layernorm.weight") == torch.bfloat16
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_bad_megatron_checkpoints_are_named(tmp_path):
+    source = make_tiny_model("llama", tmp_path / "hf")
+    hf_to_mcore(source, tmp_path / "mcore", progress=False)
+    # Not a checkpoint at all.
+    with pytest.raises(CheckpointFormatError, match="no .metadata file.*a Hugging Face folder"):
+        mcore_to_hf(source, tmp_path / "out", progress=False)
+    # A checkpoint for another config: the first mismatching key is named.
+    template = tmp_path / "template"
+    template.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    (template / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ConversionError, match=r"tensor 'decoder.layers.mlp.linear_fc1.weight' has shape \(2, 192, 64\), "
+                                              r"expected \(2, 256, 64\)"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    # A save that did not finish.
+    (tmp_path / "mcore" / "COMPLETE.json").rename(tmp_path / "marker")
+    with pytest.raises(ConversionError, match="no COMPLETE.json, so the save that wrote it did not finish"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
+    (tmp_path / "marker").rename(tmp_path / "mcore" / "COMPLETE.json")
+    # A data file listed in the metadata but gone.
+    (tmp_path / "mcore" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointFormatError, match=r"listed in .metadata are missing: __0_0.distcp"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_shard_sizes_parse():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("5 parsecs")
