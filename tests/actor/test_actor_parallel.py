@@ -16,7 +16,7 @@ from tests.distributed import run_checks
 from tests.tiny_models import FAMILIES, hf_logprobs, make_tiny_model
 
 WORLD = 4
-VOCAB = 211
+VOCAB = 300
 TEMPERATURE = 0.9
 # (tp, pp, sequence_parallel): DP is what remains of the 4 ranks.
 # The key bias's true gradient is exactly 0 (it shifts all scores of a query equally), so what
