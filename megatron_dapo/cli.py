@@ -19,6 +19,21 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron_dapo.models.arch import ModelArch
+    from megatron_dapo.parallel.preflight import check_allocation
+
+    config = load_config(args.config, args.overrides)
+    arch = None
+    if args.model_config:
+        arch = ModelArch.from_hf_config(json.loads(open(args.model_config).read()), source=args.model_config)
+    report = check_allocation(config, args.nodes, args.gpus_per_node, args.gpu_memory_gb, arch=arch)
+    print(report.render())
+    return 0 if report.fits else 1
+
+
 def _train(args: argparse.Namespace) -> int:
     from megatron_dapo.trainer.loop import Trainer
 
@@ -59,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.clip_ratio_high=0.28")
     config.add_argument("--world-size", type=int, help="check the parallel layout for this many ranks")
     config.set_defaults(run=_config)
+
+    check = commands.add_parser("check-config", help="will this config fit an allocation? (no GPU needed)")
+    check.add_argument("config", help="YAML config file")
+    check.add_argument("overrides", nargs="*", help="dotted overrides")
+    check.add_argument("--nodes", type=int, required=True, help="nodes in the allocation")
+    check.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
+    check.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80, an H100)")
+    check.add_argument("--model-config", help="the model's config.json, when model.path is not readable here")
+    check.set_defaults(run=_check_config)
 
     train = commands.add_parser("train", help="run DAPO training (also under torchrun)")
     train.add_argument("config", help="YAML config file")

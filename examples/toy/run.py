@@ -9,6 +9,7 @@ dynamic sampling has work to do. DAPO alone then has to settle on the right digi
 numbers it never trained on.
 
     python examples/toy/run.py [dotted.overrides ...]
+    python examples/toy/run.py --prepare-only [dotted.overrides ...]   # make the above, print the overrides
 """
 from __future__ import annotations
 
@@ -85,19 +86,28 @@ def warm_start(folder: Path, tokenizer, train: list[str], seed: int, steps: int 
     print(f"warm start: {steps} steps, final loss {loss.item():.3f}, saved to {folder}", flush=True)
 
 
+def prepare(run_dir: Path, seed: int) -> list[str]:
+    """Make the tokenizer, data and warm start in run_dir (once); the overrides that point the config at them."""
+    base = run_dir / "base"
+    if not (base / "model.safetensors").is_file():
+        tokenizer = make_tokenizer(base)
+        train = make_data(run_dir / "data", seed)
+        warm_start(base, tokenizer, train, seed)
+    return [f"model.path={base}", f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]",
+            f"data.val_files=[{run_dir / 'data' / 'val.jsonl'}]"]
+
+
 def main(argv: list[str]) -> int:
     from megatron_dapo.config.root import load_config
     from megatron_dapo.trainer.loop import Trainer
 
+    prepare_only = "--prepare-only" in argv  # for launchers that start the training themselves (examples/slurm)
+    argv = [a for a in argv if a != "--prepare-only"]
     config = load_config(HERE / "config.yaml", argv)
-    run_dir = Path(config.trainer.run_dir)
-    base = run_dir / "base"
-    if not (base / "model.safetensors").is_file():
-        tokenizer = make_tokenizer(base)
-        train = make_data(run_dir / "data", config.trainer.seed)
-        warm_start(base, tokenizer, train, config.trainer.seed)
-    overrides = [f"model.path={base}", f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]",
-                 f"data.val_files=[{run_dir / 'data' / 'val.jsonl'}]", *argv]
+    overrides = [*prepare(Path(config.trainer.run_dir), config.trainer.seed), *argv]
+    if prepare_only:
+        print(" ".join(overrides))
+        return 0
     Trainer(load_config(HERE / "config.yaml", overrides)).train()
     return 0
 

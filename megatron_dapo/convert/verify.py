@@ -17,6 +17,9 @@ from megatron_dapo.convert.output import ConversionError
 from megatron_dapo.models.arch import ModelArch
 
 
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def transformers_logprobs(folder: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token t | tokens < t) from transformers, [B, S] (column 0 is 0), fp32."""
     import transformers
@@ -39,6 +42,7 @@ def megatron_logprobs(hf_folder: str | Path, mcore_dir: str | Path, tokens: torc
     from megatron_dapo.parallel.init import init_distributed
 
     started = not dist.is_initialized()
+    saved = {key: os.environ.get(key) for key in _RENDEZVOUS}
     if started:
         with socket.socket() as sock:  # a free port: several conversions may verify side by side
             sock.bind(("127.0.0.1", 0))
@@ -57,6 +61,11 @@ def megatron_logprobs(hf_folder: str | Path, mcore_dir: str | Path, tokens: torc
 
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
+            for key, value in saved.items():  # the caller's environment as it was
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def verify(hf_folder: str | Path, mcore_dir: str | Path, *, sequences: int = 4, length: int = 32,

@@ -27,6 +27,7 @@ from megatron_dapo.rollout.reshard import probe_parity, push_weights
 from megatron_dapo.sampling.dynamic import DynamicSampler
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, shaped_scores
+from megatron_dapo.trainer.stop import StopRequest
 
 
 class Trainer:
@@ -38,6 +39,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
         if self.rank0:
+            print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
@@ -55,6 +57,11 @@ class Trainer:
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.step = 0
+        self.stop = StopRequest(self.run_dir, self.actor.device)
+        """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
+        if self.rank0:
+            self.stop.clear()
+        dist.barrier()
         probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         prompt = torch.tensor(self.train_set[0].prompt_ids)
         tail = torch.randint(0, self.actor.arch.vocab_size, (8,), generator=probe_gen)
@@ -85,8 +92,14 @@ class Trainer:
                 metrics.update(self.validate())
             self._log(self.step, metrics)
             last = self.step == cfg.trainer.total_training_steps
-            if last or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+            stopping = not last and self.stop.requested()
+            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
+            if stopping:
+                if self.rank0:
+                    print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
+                          f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
+                break
         if self.sinks:
             self.sinks.close()
         if self.scorer:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.actor.test_actor_parallel import TEMPERATURE, _actor, _batch
+from tests.actor.test_actor_parallel import TEMPERATURE, VOCAB, _actor, _batch
 from tests.distributed import run_checks
 from tests.tiny_models import hf_logprobs, make_tiny_model
 
@@ -52,7 +52,7 @@ CHECKS = [check_engine_follows_the_trainer_after_every_push]
 def results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reshard")
     for family in FAMILIES:
-        make_tiny_model(family, workdir / family, vocab_size=211)
+        make_tiny_model(family, workdir / family, vocab_size=VOCAB)
     return run_checks(4, CHECKS, workdir, timeout_s=600)
 
 

@@ -1,0 +1,58 @@
+# Sourced by the sbatch scripts in this folder after they set:
+#   CONFIG          the run's YAML config
+#   RUN_DIR         run folder: checkpoints, metrics; keep it the same across requeues so the run resumes
+#   PROCS_PER_TASK  ranks started by each srun task (one task per node: the GPUs per node)
+#   OVERRIDES       (array) dotted config overrides; the sbatch script's own arguments are appended
+# It does the cluster side only: folders, rendezvous on the first node, network interface, and the
+# save-then-requeue dance on preemption or time limit; then every task runs examples/slurm/task.sh,
+# which starts torchrun and `megatron-dapo train`.
+#
+# Variables that matter (all optional):
+#   MEGATRON_DAPO_HOME    checkout to run from (default: the folder sbatch was called in)
+#   MEGATRON_DAPO_IFNAME  network interface for gloo and NCCL (default: the one that reaches the first node)
+#   MEGATRON_DAPO_PORT    torchrun's rendezvous port on the first node (default: from the job id; a
+#                         MASTER_PORT inherited from the submitting shell is not used)
+#   VENV                  a virtualenv to activate on every node (default: none, use PATH's python)
+
+set -euo pipefail
+MEGATRON_DAPO_HOME=${MEGATRON_DAPO_HOME:-$SLURM_SUBMIT_DIR}
+cd "$MEGATRON_DAPO_HOME"
+if [ -n "${VENV:-}" ]; then
+    # shellcheck disable=SC1091
+    . "$VENV/bin/activate"
+fi
+mkdir -p "$RUN_DIR"
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MEGATRON_DAPO_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT PROCS_PER_TASK MEGATRON_DAPO_HOME
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s) x" \
+     "${PROCS_PER_TASK} rank(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run folder ${RUN_DIR}"
+
+# A signal to this shell (Slurm's warning before the time limit, --signal=B:USR1@120, or preemption's
+# SIGTERM) asks the run to save after its current step: the STOP file reaches every node through the
+# shared file system. Once the run has stopped, the job puts itself back in the queue.
+STOP_REASON=
+request_stop() {
+    STOP_REASON=$1
+    echo "$(date -Is) got SIG$1: asking the run to save a checkpoint and stop" >&2
+    touch "$RUN_DIR/STOP"
+}
+trap 'request_stop USR1' USR1
+trap 'request_stop TERM' TERM
+
+srun --kill-on-bad-exit=1 --ntasks="$SLURM_NTASKS" bash examples/slurm/task.sh "$CONFIG" \
+    "trainer.run_dir=$RUN_DIR" "${OVERRIDES[@]}" "$@" &
+SRUN_PID=$!
+STATUS=0
+while kill -0 "$SRUN_PID" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
+    wait "$SRUN_PID" && STATUS=0 || STATUS=$?
+done
+
+if [ -n "$STOP_REASON" ]; then
+    echo "$(date -Is) the run stopped (exit ${STATUS}); requeueing job ${SLURM_JOB_ID} to continue from its last checkpoint" >&2
+    scontrol requeue "$SLURM_JOB_ID" || echo "requeue refused (the job is being cancelled or requeued already)" >&2
+    sleep 30  # Slurm ends this script as part of the requeue
+fi
+exit "$STATUS"

@@ -1,0 +1,215 @@
+"""`megatron-dapo check-config`: will this config fit this allocation? Answered without a GPU.
+
+Checks the parallel layout against the allocation (TP x PP divides the ranks, TP stays inside a
+node), the model against the layout (heads, KV heads, MLP width by TP; layers by PP), the batch
+sizes against data parallelism, the sequence length against the model, and estimates the memory
+of the busiest GPU:
+
+- weights bf16 (2 bytes per parameter), gradients fp32 (4: they are reduced in fp32), Adam state
+  fp32 (12: master weights and two moments), divided by DP with the distributed optimizer;
+- activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
+  per layer about 34 x tokens x hidden bytes, with tensor parallelism splitting 24 of the 34 (all
+  of them with sequence parallelism), and only the layer inputs (2 x tokens x hidden) plus one
+  layer when activations are recomputed (Korthikanti et al., 2022, with flash attention);
+- the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
+- a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
+- on rank 0, the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
+  rollout.embedded.max_batch_size full-length sequences. (SGLang's memory is given back while the
+  actor trains and is not counted.)
+
+An estimate: it says what to change when the total passes the GPU's memory, not that a total below
+it is certain to run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_dapo.config.root import DAPOConfig
+from megatron_dapo.models import families
+from megatron_dapo.models.arch import ModelArch, ModelError
+
+GB = 1e9
+OVERHEAD_GB = 4.0
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    """What was checked, for the log."""
+    problems: list[str] = field(default_factory=list)
+    """Each one says what to change."""
+    notes: list[str] = field(default_factory=list)
+    """Worth knowing; the run can start anyway."""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        out = list(self.lines)
+        out += [f"note: {n}" for n in self.notes]
+        out += [f"problem: {p}" for p in self.problems]
+        out.append("fits this allocation" if self.fits else
+                   f"does not fit this allocation: {len(self.problems)} problem(s) above")
+        return "\n".join(out)
+
+
+def parameter_counts(arch: ModelArch) -> tuple[int, int, int]:
+    """(one decoder layer, the embedding, the output layer) parameter counts; output 0 when tied."""
+    def count(rule):
+        total = 0
+        for shape in families.hf_shapes(rule, arch):
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    layer = sum(count(rule) for rule in families.LAYER_RULES[arch.family])
+    embedding = count(families.EMBEDDING)
+    output = 0 if arch.tie_word_embeddings else count(families.OUTPUT)
+    return layer, embedding, output
+
+
+def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
+                     arch: ModelArch | None = None) -> Report:
+    report = Report()
+    if nodes < 1 or gpus_per_node < 1:
+        report.problems.append(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
+        return report
+    world = nodes * gpus_per_node
+    par, actor = config.parallel, config.actor
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks, "
+                        f"{gpu_memory_gb:g} GB each")
+    if world % (tp * pp):
+        report.problems.append(
+            f"parallel.tensor_model_parallel_size ({tp}) x parallel.pipeline_model_parallel_size ({pp}) = {tp * pp} "
+            f"does not divide {world} ranks: use a number of nodes that makes nodes x {gpus_per_node} a multiple of "
+            f"{tp * pp}, or change TP / PP")
+        return report
+    layout = par.layout(world)
+    report.lines.append(f"layout: {layout.describe()}")
+    if tp > gpus_per_node or gpus_per_node % tp:
+        report.problems.append(
+            f"parallel.tensor_model_parallel_size ({tp}) must divide --gpus-per-node ({gpus_per_node}): a TP group "
+            "exchanges activations in every layer and must stay inside one node; move the rest to "
+            "parallel.pipeline_model_parallel_size")
+    _check_batches(config, layout.dp, report)
+    if arch is None:
+        arch = _arch_from_config(config, report)
+    if arch is not None:
+        _check_model(config, arch, layout, report)
+        _check_memory(config, arch, layout, gpu_memory_gb, report)
+    return report
+
+
+def _arch_from_config(config: DAPOConfig, report: Report) -> ModelArch | None:
+    path = Path(config.model.path) / "config.json"
+    if not path.is_file():
+        report.notes.append(f"{path} is not readable here: the model's checks (heads and layers against TP / PP, "
+                            "sequence length, memory) were skipped; pass --model-config to run them")
+        return None
+    return ModelArch.from_hf_config(json.loads(path.read_text()), source=str(path))
+
+
+def _check_batches(config: DAPOConfig, dp: int, report: Report) -> None:
+    per_step = config.actor.ppo_mini_batch_size * config.rollout.n
+    report.lines.append(f"batches: {config.data.train_batch_size} prompt groups x {config.rollout.n} responses per "
+                        f"step, {per_step} sequences per optimizer step over DP {dp}")
+    if per_step < dp:
+        report.problems.append(
+            f"actor.ppo_mini_batch_size x rollout.n = {per_step} sequences per optimizer step is less than the "
+            f"{dp} data-parallel ranks: {dp - per_step} rank(s) would idle; raise actor.ppo_mini_batch_size or "
+            "use more TP / PP and fewer DP ranks")
+    elif per_step % dp:
+        report.notes.append(f"{per_step} sequences per optimizer step do not split evenly over DP {dp}: "
+                            "some ranks get one more sequence than others")
+
+
+def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) -> None:
+    layer, embedding, output = parameter_counts(arch)
+    total = layer * arch.num_layers + embedding + output + arch.hidden_size
+    report.lines.append(f"model: {arch.architecture}, {total / 1e9:.2f}B parameters, {arch.num_layers} layers, "
+                        f"{arch.num_heads} heads / {arch.num_kv_heads} KV heads")
+    try:
+        families.check_layout(arch, layout.tp, layout.pp)
+    except ModelError as err:
+        report.problems.append(f"{err}: choose TP and PP that divide them")
+    longest = config.data.max_prompt_length + config.data.max_response_length
+    if longest > arch.max_position_embeddings:
+        report.problems.append(
+            f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds the model's "
+            f"max_position_embeddings ({arch.max_position_embeddings}): lower them")
+    if longest > config.actor.ppo_max_token_len_per_gpu:
+        report.notes.append(
+            f"a full-length sequence ({longest} tokens) is longer than actor.ppo_max_token_len_per_gpu "
+            f"({config.actor.ppo_max_token_len_per_gpu}): such sequences get a micro-batch of their own")
+
+
+def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, float] | None:
+    """(weights, KV cache) bytes of the embedded engine when it runs on rank 0's GPU, else None."""
+    rollout = config.rollout
+    if rollout.name != "embedded" or rollout.embedded.device == "cpu":
+        return None
+    size = 4 if rollout.embedded.dtype == "float32" else 2
+    layer, embedding, output = parameter_counts(arch)
+    weights = size * (layer * arch.num_layers + embedding + output)
+    tokens = rollout.embedded.max_batch_size * (config.data.max_prompt_length + config.data.max_response_length)
+    cache = size * tokens * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim
+    return weights, cache
+
+
+def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report) -> None:
+    layer, embedding, output = parameter_counts(arch)
+    per_stage = arch.num_layers // layout.pp if arch.num_layers % layout.pp == 0 else -(-arch.num_layers // layout.pp)
+    first = per_stage * layer + embedding
+    last = per_stage * layer + (output if output else (embedding if layout.pp > 1 else 0))
+    params = max(first, last) / layout.tp
+    dp_shard = layout.dp if layout.distributed_optimizer else 1
+    weights, grads, optimizer = 2 * params, 4 * params, 12 * params / dp_shard
+    tokens = max(config.actor.ppo_max_token_len_per_gpu, config.data.max_prompt_length + config.data.max_response_length)
+    h, tp = arch.hidden_size, layout.tp
+    full_layer = tokens * h * (34 / tp if layout.sequence_parallel else 10 + 24 / tp)
+    in_flight = layout.pp
+    if config.actor.recompute_activations:
+        kept = tokens * h * 2 / (tp if layout.sequence_parallel else 1)
+        activations = per_stage * kept * in_flight + full_layer
+    else:
+        activations = per_stage * full_layer * in_flight
+    logits = 4 * tokens * arch.vocab_size / tp
+    total = weights + grads + optimizer + activations + logits + OVERHEAD_GB * GB
+    report.lines.append(
+        f"memory estimate for the busiest GPU: weights {weights / GB:.1f} GB + gradients {grads / GB:.1f} + "
+        f"optimizer {optimizer / GB:.1f}" + (f" (sharded over DP {dp_shard})" if dp_shard > 1 else "") +
+        f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, {in_flight} in flight"
+        + (", recomputed" if config.actor.recompute_activations else "") +
+        f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    engine = _embedded_engine_bytes(config, arch)
+    if engine:
+        weights_b, cache_b = engine
+        total += weights_b + cache_b
+        report.lines.append(
+            f"rank 0 also holds the embedded rollout engine: weights {weights_b / GB:.1f} GB + KV cache "
+            f"{cache_b / GB:.1f} GB (rollout.embedded.max_batch_size {config.rollout.embedded.max_batch_size} x "
+            f"{config.data.max_prompt_length + config.data.max_response_length} tokens) = {total / GB:.1f} GB there")
+    if total <= gpu_memory_gb * GB:
+        return
+    fixes = []
+    if engine and engine[1] > 0.2 * total:
+        fixes.append("lower rollout.embedded.max_batch_size or set rollout.name=sglang")
+    if not config.actor.recompute_activations and activations > 0.2 * total:
+        fixes.append("set actor.recompute_activations=true")
+    if layout.tp > 1 and not layout.sequence_parallel:
+        fixes.append("set parallel.sequence_parallel=true")
+    if activations + logits > 0.2 * total:
+        fixes.append(f"lower actor.ppo_max_token_len_per_gpu (now {config.actor.ppo_max_token_len_per_gpu})")
+    if not layout.distributed_optimizer and layout.dp > 1:
+        fixes.append("set parallel.use_distributed_optimizer=true")
+    fixes.append("raise parallel.tensor_model_parallel_size (within a node) or parallel.pipeline_model_parallel_size")
+    if layout.distributed_optimizer:
+        fixes.append("use more nodes (the optimizer state is sharded over data parallelism)")
+    report.problems.append(f"the estimate ({total / GB:.1f} GB) exceeds the GPU's {gpu_memory_gb:g} GB: "
+                           + "; or ".join(fixes))

@@ -1,0 +1,50 @@
+"""Stop requests: the run saves a checkpoint after the step in progress and exits cleanly.
+
+A request is SIGTERM (Slurm preemption or time limit; torchrun passes it on to every rank),
+SIGUSR1 (a warning ahead of the time limit, `sbatch --signal=USR1@120`), or a file named STOP in
+the run folder (what the sbatch scripts write when their own shell is signalled: the file reaches
+every node through the shared file system). Any rank's request stops all of them.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STOP_FILE = "STOP"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self, run_dir: Path, device: torch.device):
+        self.file = run_dir / STOP_FILE
+        self.device = device
+        self.signal: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                signal.signal(sig, self._on_signal)
+
+    def clear(self) -> None:
+        """Forget a STOP file left by the run this one resumes (rank 0, at start)."""
+        self.file.unlink(missing_ok=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def reason(self) -> str | None:
+        """Why this rank wants to stop, if it does."""
+        if self.signal:
+            return f"received {self.signal}"
+        if self.file.exists():
+            return f"{self.file} exists"
+        return None
+
+    def requested(self) -> bool:
+        """True on every rank when any rank has a request (collective)."""
+        flag = torch.tensor([1.0 if self.reason() else 0.0], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,123 @@
+"""`megatron-dapo check-config`: layouts that fit an allocation and layouts that do not, with the messages."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_dapo.config.root import load_config
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.parallel.preflight import check_allocation, parameter_counts
+
+ROOT = Path(__file__).resolve().parents[2]
+# Published config.json values of the recipes' models (no weights are needed to check a layout).
+QWEN25_32B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 5120, "intermediate_size": 27648,
+              "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
+              "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-05,
+              "tie_word_embeddings": False, "hidden_act": "silu"}
+QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560, "intermediate_size": 9728,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+            "tie_word_embeddings": True, "hidden_act": "silu"}
+RECIPES = {"dapo-qwen2.5-32b": QWEN25_32B, "dapo-qwen3-4b": QWEN3_4B}
+
+
+def _check(recipe: str, nodes: int, gpus: int, *overrides: str, memory: float = 80.0):
+    config = load_config(ROOT / "examples" / "recipes" / f"{recipe}.yaml", list(overrides))
+    return check_allocation(config, nodes, gpus, memory, arch=ModelArch.from_hf_config(RECIPES[recipe]))
+
+
+def test_parameter_counts_match_the_published_sizes():
+    for config, billions in ((QWEN25_32B, 32.76), (QWEN3_4B, 4.02)):
+        arch = ModelArch.from_hf_config(config)
+        layer, embedding, output = parameter_counts(arch)
+        total = layer * arch.num_layers + embedding + output + arch.hidden_size
+        assert abs(total / 1e9 - billions) < 0.01, total
+
+
+@pytest.mark.parametrize("script", ["dapo-qwen2.5-32b.sbatch", "dapo-qwen3-4b-1node.sbatch"])
+def test_each_gpu_sbatch_script_fits_the_allocation_it_asks_for(script):
+    text = (ROOT / "examples" / "slurm" / script).read_text()
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+    procs = int(re.search(r"^PROCS_PER_TASK=(\d+)", text, re.M).group(1))
+    recipe = re.search(r"^CONFIG=examples/recipes/(.+)\.yaml", text, re.M).group(1)
+    assert procs == gpus, "one rank per GPU"
+    report = _check(recipe, nodes, gpus)
+    assert report.fits, report.render()
+
+
+def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
+    report = _check("dapo-qwen2.5-32b", 16, 8)
+    text = report.render()
+    assert report.fits and text.endswith("fits this allocation")
+    assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
+    assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
+    assert re.search(r"optimizer 3\.0 \(sharded over DP 16\).* = 35\.0 GB of 80 GB", text), text
+
+
+def test_too_few_nodes_for_the_optimizer_state_says_what_to_change():
+    report = _check("dapo-qwen2.5-32b", 1, 8)
+    assert not report.fits
+    assert "optimizer 48.0" in report.render()
+    assert any("exceeds the GPU's 80 GB" in p and "use more nodes" in p for p in report.problems), report.problems
+
+
+def test_activations_without_recompute_point_at_recompute():
+    report = _check("dapo-qwen2.5-32b", 16, 8, "actor.recompute_activations=false", "parallel.sequence_parallel=false")
+    assert not report.fits
+    (problem,) = report.problems
+    assert "set actor.recompute_activations=true" in problem and "set parallel.sequence_parallel=true" in problem
+    assert "lower actor.ppo_max_token_len_per_gpu (now 22528)" in problem
+
+
+def test_layouts_that_cannot_split_the_model_or_the_allocation():
+    # TP x PP does not divide the ranks.
+    report = _check("dapo-qwen2.5-32b", 3, 8, "parallel.pipeline_model_parallel_size=2")
+    assert report.problems == [
+        "parallel.tensor_model_parallel_size (8) x parallel.pipeline_model_parallel_size (2) = 16 does not divide "
+        "24 ranks: use a number of nodes that makes nodes x 8 a multiple of 16, or change TP / PP"]
+    # TP across nodes, and more TP ranks than KV heads.
+    report = _check("dapo-qwen2.5-32b", 16, 8, "parallel.tensor_model_parallel_size=16")
+    text = " | ".join(report.problems)
+    assert "parallel.tensor_model_parallel_size (16) must divide --gpus-per-node (8)" in text
+    assert "num_key_value_heads (8) is not divisible by parallel.tensor_model_parallel_size (16)" in text
+    # Layers that do not split into the pipeline stages.
+    report = _check("dapo-qwen3-4b", 1, 8, "parallel.tensor_model_parallel_size=1",
+                    "parallel.pipeline_model_parallel_size=8")
+    assert any("num_hidden_layers (36) is not divisible by parallel.pipeline_model_parallel_size (8)" in p
+               for p in report.problems), report.problems
+
+
+def test_batches_and_sequence_lengths():
+    report = _check("dapo-qwen3-4b", 8, 8, "actor.ppo_mini_batch_size=2", "data.train_batch_size=64")
+    assert any("= 16 sequences per optimizer step is less than the 32 data-parallel ranks" in p
+               for p in report.problems), report.problems
+    report = _check("dapo-qwen3-4b", 1, 8, "data.max_response_length=40000", "reward.overlong_buffer.len=2048")
+    assert any("41024 tokens exceeds the model's max_position_embeddings (32768)" in p for p in report.problems)
+
+
+def test_embedded_engine_kv_cache_counts_on_rank_0():
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_batch_size=128")
+    assert not report.fits
+    assert "KV cache 173.9 GB" in report.render()
+    assert report.problems[0].split(": ", 1)[1].startswith("lower rollout.embedded.max_batch_size or set rollout.name=sglang")
+
+
+def test_cli_exit_codes_and_model_config_flag(tmp_path):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(QWEN25_32B))
+    recipe = str(ROOT / "examples" / "recipes" / "dapo-qwen2.5-32b.yaml")
+    command = [sys.executable, "-m", "megatron_dapo", "check-config", recipe, "--gpus-per-node", "8",
+               "--model-config", str(model_config)]
+    fits = subprocess.run(command + ["--nodes", "16"], capture_output=True, text=True)
+    assert fits.returncode == 0 and "fits this allocation" in fits.stdout, fits.stderr
+    too_small = subprocess.run(command + ["--nodes", "1"], capture_output=True, text=True)
+    assert too_small.returncode == 1 and "problem: the estimate" in too_small.stdout
+    # Without a readable model folder, the model's checks are skipped and the note says how to run them.
+    bare = subprocess.run(command[:-2] + ["--nodes", "16"], capture_output=True, text=True)
+    assert bare.returncode == 0 and "note: models/Qwen2.5-32B/config.json is not readable here" in bare.stdout

@@ -1,0 +1,108 @@
+"""The toy sbatch script under a real one-node Slurm (Debian's slurmctld, slurmd, munge on localhost).
+
+Submitted with 2 tasks it trains (DP 2), writes metrics and checkpoints; a second submission told
+to stop mid-run (the signal Slurm sends ahead of a time limit) saves, requeues itself, and the
+requeued job resumes from that checkpoint and finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster import LocalSlurm, missing_programs
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "slurm" / "toy.sbatch"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"Slurm is not installed here (no {', '.join(missing)}); CI installs Debian's "
+                    "slurmctld slurmd slurm-client munge (see .ci/run)")
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm
+
+
+def _submit(cluster: LocalSlurm, run_dir: Path, log_dir: Path, *overrides: str) -> int:
+    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return cluster.sbatch(SCRIPT, *overrides, options=(f"--output={log_dir}/%x-%j.out",), env=env, cwd=ROOT)
+
+
+def _log(log_dir: Path, job: int) -> str:
+    path = log_dir / f"megatron-dapo-toy-{job}.out"
+    return path.read_text() if path.exists() else "(no log)"
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [row["step"] for row in _rows(run_dir) if "critic/acc_mean" in row]
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, tmp_path_factory):
+    work = tmp_path_factory.mktemp("toy-slurm")
+    run_dir = work / "run"
+    job = _submit(cluster, run_dir, work, "trainer.total_training_steps=4", "trainer.test_freq=4",
+                  "checkpoint.save_freq=2")
+    state = cluster.wait_state(job, ENDED, timeout_s=900)
+    return job, state, run_dir, work
+
+
+def test_toy_sbatch_trains_with_two_tasks(first_run):
+    job, state, run_dir, work = first_run
+    log = _log(work, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert "2 task(s) x 1 rank(s)" in log and "TP1 x PP1 x DP2 = 2 ranks" in log, log[-4000:]
+    assert "task 0 on" in log and "task 1 on" in log and "gloo / NCCL over lo" in log
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    assert any("val/acc_avg@4" in row and row["step"] == 4 for row in _rows(run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert all((run_dir / "checkpoints" / name / "COMPLETE.json").is_file() for name in ("step_000002", "step_000004"))
+
+
+def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, first_run, tmp_path):
+    _, state, first_dir, _ = first_run
+    assert state == "COMPLETED"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for made_once in ("base", "data"):  # skip the warm start: the first run made it
+        (run_dir / made_once).symlink_to(first_dir / made_once)
+    # No periodic checkpoint: the only one before the end is the one the stop request makes.
+    job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=10", "trainer.test_freq=0",
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0")
+    deadline = time.monotonic() + 600
+    while len(_steps(run_dir)) < 2 and cluster.state(job) not in ENDED and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_steps(run_dir)) >= 2, _log(tmp_path, job)[-4000:]
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job))  # what Slurm sends ahead of a time limit
+
+    deadline = time.monotonic() + 300
+    while cluster.job(job).get("Restarts") == "0" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.job(job).get("Restarts") == "1", _log(tmp_path, job)[-4000:]
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's wait before a requeued start
+    state = cluster.wait_state(job, ENDED, timeout_s=900)
+    log = _log(tmp_path, job)
+    assert state == "COMPLETED", log[-4000:]
+
+    stopped = [line for line in log.splitlines() if line.startswith("stopping after step")]
+    assert len(stopped) == 1 and "STOP exists" in stopped[0], log[-4000:]
+    step = int(stopped[0].split()[3])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:06d}'} at step {step}" in log, log[-4000:]
+    assert "requeueing job" in log and "(restart 1)" in log
+    assert _steps(run_dir) == list(range(1, 11)), "every step trained exactly once across the requeue"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:06d}", "step_000010"]
+    assert not (run_dir / "STOP").exists()

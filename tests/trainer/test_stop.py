@@ -1,0 +1,32 @@
+"""Stop requests: a signal or a STOP file in the run folder (collective agreement is in tests/slurm)."""
+import os
+import signal
+
+import pytest
+import torch
+
+from megatron_dapo.trainer.stop import SIGNALS, StopRequest
+
+
+@pytest.fixture
+def restore_handlers():
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_signal_asks_to_stop_instead_of_killing(tmp_path, restore_handlers, sig):
+    stop = StopRequest(tmp_path, torch.device("cpu"))
+    assert stop.reason() is None and not stop.requested()
+    os.kill(os.getpid(), sig)  # the default action would end this process
+    assert stop.reason() == f"received {sig.name}" and stop.requested()
+
+
+def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers):
+    stop = StopRequest(tmp_path, torch.device("cpu"))
+    (tmp_path / "STOP").touch()
+    assert stop.reason() == f"{tmp_path / 'STOP'} exists" and stop.requested()
+    stop.clear()
+    assert stop.reason() is None and not (tmp_path / "STOP").exists()
