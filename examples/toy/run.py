@@ -20,24 +20,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_dapo.data.tiny import fit_tiny_model, make_char_tokenizer
+
 HERE = Path(__file__).resolve().parent
 CHARS = list("0123456789+-=: ?QAnswer\n")
 TEMPLATE = "{% for m in messages %}Q:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
 RIGHT_SHARE = 0.4
-
-
-def make_tokenizer(folder: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *CHARS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return tokenizer
 
 
 def make_data(folder: Path, seed: int) -> list[str]:
@@ -55,42 +43,19 @@ def make_data(folder: Path, seed: int) -> list[str]:
 
 def warm_start(folder: Path, tokenizer, train: list[str], seed: int, steps: int = 800) -> None:
     """Fit a tiny Qwen2 to noisy answers: the last digit with probability RIGHT_SHARE, else the first."""
-    import transformers
+    def sample(rng: random.Random):
+        number = rng.choice(train)
+        answer = number[-1] if rng.random() < RIGHT_SHARE else number[0]
+        return [{"role": "user", "content": number}], f"Answer: {answer}"
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=True,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = transformers.Qwen2ForCausalLM(config)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for step in range(steps):
-        rows = []
-        for _ in range(64):
-            number = rng.choice(train)
-            answer = number[-1] if rng.random() < RIGHT_SHARE else number[0]
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": number}],
-                                                   add_generation_prompt=True, tokenize=False)
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            rows.append((prompt_ids, tokenizer(f"Answer: {answer}")["input_ids"] + [tokenizer.eos_token_id]))
-        width = max(len(p) + len(r) for p, r in rows)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([p + r + [pad] * (width - len(p) - len(r)) for p, r in rows])
-        labels = torch.tensor([[-100] * len(p) + r + [-100] * (width - len(p) - len(r)) for p, r in rows])
-        loss = model(input_ids=ids, labels=labels).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    model.save_pretrained(folder)
-    print(f"warm start: {steps} steps, final loss {loss.item():.3f}, saved to {folder}", flush=True)
+    fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=64, max_positions=64)
 
 
 def prepare(run_dir: Path, seed: int) -> list[str]:
     """Make the tokenizer, data and warm start in run_dir (once); the overrides that point the config at them."""
     base = run_dir / "base"
     if not (base / "model.safetensors").is_file():
-        tokenizer = make_tokenizer(base)
+        tokenizer = make_char_tokenizer(base, CHARS, TEMPLATE)
         train = make_data(run_dir / "data", seed)
         warm_start(base, tokenizer, train, seed)
     return [f"model.path={base}", f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]",

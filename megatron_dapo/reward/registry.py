@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
 from megatron_dapo.reward import math_dapo
+from megatron_dapo.reward.trading import task as trading_task
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,9 @@ def math_dapo_reward(response: str, ground_truth: str, extra_info: dict[str, Any
     """DAPO-Math-17k: +1 / -1 on the last `Answer:` line (see reward/math_dapo.py)."""
     verdict = math_dapo.compute_score(response, ground_truth)
     return RewardResult(score=verdict.score, acc=verdict.acc, pred=verdict.pred)
+
+
+register_reward(trading_task.DATA_SOURCE, trading_task.reward)
 
 
 class RewardScorer:

@@ -78,7 +78,10 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     logprobs = [lp for g in groups for c in g.completions for lp in c.logprobs]
     n = max(len(rewards), 1)
+    extras = {f"reward/{name}_mean": sum(r.extra.get(name, 0.0) for r in rewards) / n
+              for name in sorted({key for r in rewards for key in r.extra})}
     return {
+        **extras,
         "critic/score_mean": sum(scores) / n,
         "critic/acc_mean": sum(r.acc for r in rewards) / n,
         "critic/reward_failed": float(sum(r.failed for r in rewards)),

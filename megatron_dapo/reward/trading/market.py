@@ -1,0 +1,192 @@
+"""Market data for the execution task: order-book snapshots and trades, from files or simulated.
+
+File layout (CSV or Parquet, one table each):
+    books:  timestamp, bid_px_1, bid_sz_1, ..., bid_px_L, bid_sz_L, ask_px_1, ask_sz_1, ..., ask_sz_L
+            (one row per snapshot, levels best first, timestamps increasing)
+    trades: timestamp, price, size, side        (side: the aggressor, "buy" or "sell")
+A trade belongs to the interval (previous snapshot, its snapshot]. Episodes are cut from
+consecutive snapshots: a window shown to the model, then the arrival book and the horizon the
+simulator replays; train and validation episodes come from disjoint stretches of time.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_dapo.reward.trading.simulator import Book, Episode, Trade
+
+
+@dataclass
+class MarketData:
+    timestamps: list[float]
+    books: list[Book]
+    trades: list[tuple[Trade, ...]]
+    """trades[i]: the trades in (timestamps[i-1], timestamps[i]]; trades[0] is empty."""
+
+
+class MarketDataError(ValueError):
+    """A market data file that cannot be used; the message names the file, row and column."""
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    raise MarketDataError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .parquet")
+
+
+def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
+    books_path, trades_path = Path(books_path), Path(trades_path)
+    rows = _read_table(books_path)
+    if not rows:
+        raise MarketDataError(f"{books_path}: no rows")
+    levels = sum(1 for key in rows[0] if key.startswith("bid_px_"))
+    if levels < 1:
+        raise MarketDataError(f"{books_path}: no bid_px_1 column (expected timestamp, bid_px_i, bid_sz_i, ask_px_i, "
+                              "ask_sz_i)")
+    timestamps, books = [], []
+    for n, row in enumerate(rows, start=2 if books_path.suffix == ".csv" else 0):
+        try:
+            t = float(row["timestamp"])
+            bids = tuple((float(row[f"bid_px_{i}"]), float(row[f"bid_sz_{i}"])) for i in range(1, levels + 1))
+            asks = tuple((float(row[f"ask_px_{i}"]), float(row[f"ask_sz_{i}"])) for i in range(1, levels + 1))
+        except (KeyError, TypeError, ValueError) as err:
+            raise MarketDataError(f"{books_path} row {n}: {err.__class__.__name__}: {err}") from None
+        if timestamps and t <= timestamps[-1]:
+            raise MarketDataError(f"{books_path} row {n}: timestamp {t} is not after {timestamps[-1]}")
+        if not bids[0][0] < asks[0][0]:
+            raise MarketDataError(f"{books_path} row {n}: crossed book (bid {bids[0][0]} >= ask {asks[0][0]})")
+        timestamps.append(t)
+        books.append(Book(bids=bids, asks=asks))
+    per_interval: list[list[Trade]] = [[] for _ in timestamps]
+    index = 0
+    for n, row in enumerate(_read_table(trades_path), start=2 if trades_path.suffix == ".csv" else 0):
+        try:
+            t, trade = float(row["timestamp"]), Trade(float(row["price"]), float(row["size"]), str(row["side"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise MarketDataError(f"{trades_path} row {n}: {err.__class__.__name__}: {err}") from None
+        if trade.aggressor not in ("buy", "sell"):
+            raise MarketDataError(f"{trades_path} row {n}: side {trade.aggressor!r} is not 'buy' or 'sell'")
+        while index < len(timestamps) and timestamps[index] < t:
+            index += 1
+        if 0 < index < len(timestamps):
+            per_interval[index].append(trade)
+    return MarketData(timestamps, books, [tuple(t) for t in per_interval])
+
+
+def write_market(market: MarketData, books_path: str | Path, trades_path: str | Path) -> None:
+    """Write `market` in the CSV layout above."""
+    levels = len(market.books[0].bids)
+    header = ["timestamp"] + [f"{s}_{k}_{i}" for s in ("bid", "ask") for i in range(1, levels + 1) for k in ("px", "sz")]
+    with open(books_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for t, book in zip(market.timestamps, market.books):
+            writer.writerow([t] + [x for level in book.bids for x in level] + [x for level in book.asks for x in level])
+    with open(trades_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["timestamp", "price", "size", "side"])
+        for i, trades in enumerate(market.trades):
+            for j, trade in enumerate(trades):  # spread inside the interval, so each lands in its own
+                t = market.timestamps[i - 1] + (market.timestamps[i] - market.timestamps[i - 1]) * (j + 1) / (len(trades) + 1)
+                writer.writerow([t, trade.price, trade.size, trade.aggressor])
+
+
+def synthetic_market(steps: int, *, seed: int, tick: float = 0.1, start: float = 60_000.0, levels: int = 5,
+                     interval_s: float = 10.0) -> MarketData:
+    """A market with a random-walk mid whose volatility switches between calm and busy regimes, a spread
+    and depth that widen and thin when it is busy, and seller/buyer-initiated trades that lean the way
+    the price moves (so passive orders fill more often against the move)."""
+    rng = random.Random(seed)
+    vol_bps = {"calm": 2.0, "busy": 8.0}
+    regime, mid = "calm", start
+    timestamps, books, trades = [], [], []
+    for step in range(steps):
+        if rng.random() < (0.03 if regime == "calm" else 0.08):
+            regime = "busy" if regime == "calm" else "calm"
+        move = rng.gauss(0.0, vol_bps[regime]) * 1e-4 * mid
+        mid = max(mid + move, 100 * tick)
+        spread_ticks = 1 + (rng.randrange(4) if regime == "busy" else rng.randrange(2))
+        bid = math.floor((mid - spread_ticks * tick / 2) / tick) * tick
+        ask = bid + spread_ticks * tick
+        depth = 0.5 if regime == "busy" else 1.0
+        bids = tuple((round(bid - i * tick, 10), round(rng.expovariate(1.0 / (depth * (2 + 2 * i))), 3))
+                     for i in range(levels))
+        asks = tuple((round(ask + i * tick, 10), round(rng.expovariate(1.0 / (depth * (2 + 2 * i))), 3))
+                     for i in range(levels))
+        interval: list[Trade] = []
+        if step:
+            lean = 0.5 + max(-0.4, min(0.4, move / (vol_bps[regime] * 1e-4 * mid + 1e-12) * 0.2))
+            for _ in range(rng.randrange(1, 7 if regime == "busy" else 4)):
+                aggressor = "buy" if rng.random() < lean else "sell"
+                prev = books[-1]
+                levels_hit = prev.asks if aggressor == "buy" else prev.bids
+                price = levels_hit[min(int(rng.expovariate(1.5)), levels - 1)][0]
+                interval.append(Trade(round(price, 10), round(rng.expovariate(1.0), 3) + 0.001, aggressor))
+        timestamps.append(step * interval_s)
+        books.append(Book(bids=bids, asks=asks))
+        trades.append(tuple(interval))
+    return MarketData(timestamps, books, trades)
+
+
+@dataclass
+class EpisodeRow:
+    history: list[Book]
+    """The window shown to the model, oldest first; the last one is the arrival book."""
+    history_trades: list[tuple[Trade, ...]]
+    episode: Episode
+    start: float
+    """Timestamp of the first shown snapshot."""
+    end: float
+    """Timestamp of the horizon's book."""
+
+
+def cut_episodes(market: MarketData, *, window: int, horizon: int, stride: int, seed: int, tick: float,
+                 quantity: tuple[float, float] = (1.0, 10.0), taker_fee_bps: float = 5.0,
+                 maker_fee_bps: float = 1.0) -> list[EpisodeRow]:
+    """Episodes from consecutive snapshots: `window` shown (ending at arrival), `horizon` steps replayed."""
+    rng = random.Random(seed)
+    rows = []
+    for first in range(1, len(market.books) - window - horizon + 1, stride):
+        arrival = first + window - 1
+        episode = Episode(
+            side=rng.choice(("buy", "sell")), quantity=float(rng.randint(int(quantity[0]), int(quantity[1]))),
+            tick=tick, books=tuple(market.books[arrival:arrival + horizon + 1]),
+            trades=tuple(market.trades[arrival + 1:arrival + horizon + 1]),
+            taker_fee_bps=taker_fee_bps, maker_fee_bps=maker_fee_bps)
+        rows.append(EpisodeRow(history=market.books[first:arrival + 1], history_trades=market.trades[first:arrival + 1],
+                               episode=episode, start=market.timestamps[first],
+                               end=market.timestamps[arrival + horizon]))
+    return rows
+
+
+def split_by_time(rows: list[EpisodeRow], val_fraction: float) -> tuple[list[EpisodeRow], list[EpisodeRow]]:
+    """Train: episodes that end before the cut; validation: those that start after it; none straddle it."""
+    if not rows:
+        return [], []
+    first, last = min(r.start for r in rows), max(r.end for r in rows)
+    cut = last - (last - first) * val_fraction
+    return [r for r in rows if r.end < cut], [r for r in rows if r.start > cut]
+
+
+def episode_to_dict(episode: Episode) -> dict:
+    return {"side": episode.side, "quantity": episode.quantity, "tick": episode.tick,
+            "taker_fee_bps": episode.taker_fee_bps, "maker_fee_bps": episode.maker_fee_bps,
+            "books": [{"bids": [list(l) for l in b.bids], "asks": [list(l) for l in b.asks]} for b in episode.books],
+            "trades": [[[t.price, t.size, t.aggressor] for t in interval] for interval in episode.trades]}
+
+
+def episode_from_dict(data: dict) -> Episode:
+    return Episode(
+        side=data["side"], quantity=float(data["quantity"]), tick=float(data["tick"]),
+        taker_fee_bps=float(data["taker_fee_bps"]), maker_fee_bps=float(data["maker_fee_bps"]),
+        books=tuple(Book(bids=tuple((float(p), float(s)) for p, s in b["bids"]),
+                         asks=tuple((float(p), float(s)) for p, s in b["asks"])) for b in data["books"]),
+        trades=tuple(tuple(Trade(float(p), float(s), str(a)) for p, s, a in interval) for interval in data["trades"]))

@@ -1,0 +1,220 @@
+"""A deterministic limit-order execution simulator: replays an episode's order book and fills child orders.
+
+Time runs in decision steps 0..H. Step k sees book k (book 0 is the arrival snapshot); the trades
+of the interval between books k-1 and k arrive before book k. A child order placed at step s with
+time-in-force f rests through the intervals s+1 .. s+f (never past H) and is cancelled after.
+Whatever is left at step H is sent as a market order against book H.
+
+Fills, for a buy (a sell mirrors it):
+- marketable (limit >= best ask at placement): takes the ask levels priced <= limit, best first, at
+  their prices and up to their displayed sizes; the rest of the order rests at the limit;
+- resting at price p, with a queue ahead of it: the displayed bid size at p when it was placed
+  (nothing when p improves on the best bid); cancellations ahead are not credited;
+- in each interval: a seller-initiated trade below p means every bid at p was taken (price
+  priority), so the order fills in full; trades at exactly p first use up the queue ahead, then
+  fill the order; a book whose best ask has come down below p also fills it in full (an ask at
+  exactly p does not: the replayed book does not know which of its asks the order itself took);
+- fills of resting orders are at the order's price and pay the maker fee; marketable fills and the
+  final market order pay the taker fee. A market order larger than the book's displayed depth fills
+  the excess at the deepest level's price.
+
+Cost is implementation shortfall against the arrival mid, in basis points of the order's arrival
+notional, fees included: positive is worse than the mid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Book:
+    """One snapshot: price levels best first, [(price, size), ...]."""
+
+    bids: tuple[tuple[float, float], ...]
+    asks: tuple[tuple[float, float], ...]
+
+    @property
+    def best_bid(self) -> float:
+        return self.bids[0][0]
+
+    @property
+    def best_ask(self) -> float:
+        return self.asks[0][0]
+
+    @property
+    def mid(self) -> float:
+        return (self.best_bid + self.best_ask) / 2
+
+    def same_side(self, side: str) -> tuple[tuple[float, float], ...]:
+        """The levels an order of `side` joins (bids for a buy)."""
+        return self.bids if side == "buy" else self.asks
+
+    def opposite(self, side: str) -> tuple[tuple[float, float], ...]:
+        """The levels an order of `side` takes from (asks for a buy)."""
+        return self.asks if side == "buy" else self.bids
+
+
+@dataclass(frozen=True)
+class Trade:
+    price: float
+    size: float
+    aggressor: str
+    """"buy" (took the asks) or "sell" (hit the bids)."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    side: str
+    """"buy" or "sell"."""
+    quantity: float
+    """Size to execute by the horizon."""
+    tick: float
+    """Price increment."""
+    books: tuple[Book, ...]
+    """Books 0..H: book 0 at arrival, one per decision step after it."""
+    trades: tuple[tuple[Trade, ...], ...]
+    """trades[k - 1]: the trades between book k-1 and book k (H entries)."""
+    taker_fee_bps: float = 5.0
+    maker_fee_bps: float = 1.0
+
+    @property
+    def horizon(self) -> int:
+        return len(self.books) - 1
+
+    @property
+    def arrival_mid(self) -> float:
+        return self.books[0].mid
+
+
+@dataclass(frozen=True)
+class ChildOrder:
+    step: int
+    """Decision step at which it is placed, 0 .. H-1."""
+    price: float | None
+    """Limit price; None for a market order (fills in full, at the deepest level beyond the book)."""
+    size: float
+    tif: int
+    """Intervals it rests for (>= 1)."""
+
+
+@dataclass
+class Execution:
+    fills: list[tuple[int, float, float, bool]] = field(default_factory=list)
+    """(step, price, size, taker) per fill; step H for the final market order."""
+
+    @property
+    def filled(self) -> float:
+        return sum(f[2] for f in self.fills)
+
+
+def _better_or_equal(side: str, price: float, than: float) -> bool:
+    """A buy at `price` pays at least `than` (a sell receives at most it)."""
+    return price >= than - EPS if side == "buy" else price <= than + EPS
+
+
+def take(book: Book, side: str, size: float, limit: float | None) -> list[tuple[float, float]]:
+    """Walk the opposite side up to `limit` (None: no limit, and the excess fills at the deepest level)."""
+    fills, left = [], size
+    for price, depth in book.opposite(side):
+        if left <= EPS or (limit is not None and not _better_or_equal(side, limit, price)):
+            break
+        got = min(left, depth)
+        fills.append((price, got))
+        left -= got
+    if limit is None and left > EPS:
+        fills.append((book.opposite(side)[-1][0], left))
+    return fills
+
+
+def _queue_ahead(book: Book, side: str, price: float) -> float:
+    for level, depth in book.same_side(side):
+        if abs(level - price) <= EPS:
+            return depth
+    return 0.0
+
+
+def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
+    """Fill `orders` (checked by the caller: steps in range, sizes summing to at most the quantity)."""
+    side, horizon = episode.side, episode.horizon
+    execution = Execution()
+    resting: list[dict] = []
+    by_step: dict[int, list[ChildOrder]] = {}
+    for order in orders:
+        by_step.setdefault(order.step, []).append(order)
+    for step in range(horizon + 1):
+        book = episode.books[step]
+        if step > 0:  # the interval's trades and the new book, against what rests
+            for order in resting:
+                if order["expires"] >= step:
+                    _fill_resting(order, episode.trades[step - 1], book, side, step, execution)
+            resting = [o for o in resting if o["left"] > EPS and o["expires"] > step]
+        if step == horizon:
+            break
+        for order in by_step.get(step, []):
+            left = order.size
+            for price, size in take(book, side, order.size, order.price):
+                execution.fills.append((step, price, size, True))
+                left -= size
+            if left > EPS:
+                resting.append({"price": order.price, "left": left, "expires": min(step + order.tif, horizon),
+                                "queue": _queue_ahead(book, side, order.price)})
+    left = episode.quantity - execution.filled
+    if left > EPS:
+        for price, size in take(episode.books[horizon], side, left, None):
+            execution.fills.append((horizon, price, size, True))
+    return execution
+
+
+def _fill_resting(order: dict, trades: tuple[Trade, ...], book: Book, side: str, step: int,
+                  execution: Execution) -> None:
+    price = order["price"]
+    hitting = "sell" if side == "buy" else "buy"
+    through = [t for t in trades if t.aggressor == hitting and _better_or_equal(side, price, t.price)
+               and abs(t.price - price) > EPS]
+    best = book.opposite(side)[0][0]
+    crossed = _better_or_equal(side, price, best) and abs(best - price) > EPS
+    if through or crossed:
+        got = order["left"]
+    else:
+        at_price = sum(t.size for t in trades if t.aggressor == hitting and abs(t.price - price) <= EPS)
+        used = min(order["queue"], at_price)
+        order["queue"] -= used
+        got = min(order["left"], at_price - used)
+    if got > EPS:
+        execution.fills.append((step, price, got, False))
+        order["left"] -= got
+
+
+def shortfall_bps(episode: Episode, execution: Execution) -> float:
+    """Implementation shortfall of the fills against the arrival mid, fees included, in bps (lower is better)."""
+    mid, sign = episode.arrival_mid, 1.0 if episode.side == "buy" else -1.0
+    cost = 0.0
+    for _, price, size, taker in execution.fills:
+        fee = episode.taker_fee_bps if taker else episode.maker_fee_bps
+        cost += sign * (price - mid) * size + price * size * fee / 1e4
+    return cost / (mid * episode.quantity) * 1e4
+
+
+# ---- baselines ---------------------------------------------------------------------------------
+
+def market_now(episode: Episode) -> list[ChildOrder]:
+    """The whole quantity at once, against the arrival book."""
+    return [ChildOrder(step=0, price=None, size=episode.quantity, tif=1)]
+
+
+def twap(episode: Episode) -> list[ChildOrder]:
+    """Equal marketable slices at every decision step."""
+    slice_ = episode.quantity / episode.horizon
+    return [ChildOrder(step=k, price=None, size=slice_, tif=1) for k in range(episode.horizon)]
+
+
+def passive_at_touch(episode: Episode) -> list[ChildOrder]:
+    """The whole quantity resting at the arrival touch (best bid for a buy) until the horizon."""
+    touch = episode.books[0].same_side(episode.side)[0][0]
+    return [ChildOrder(step=0, price=touch, size=episode.quantity, tif=episode.horizon)]
+
+
+BASELINES = {"market": market_now, "twap": twap, "passive": passive_at_touch}
+

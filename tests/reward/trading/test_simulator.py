@@ -1,0 +1,100 @@
+"""The execution simulator on episodes worked out by hand.
+
+Book at arrival and after: bids 100 x 5, 99 x 10; asks 101 x 4, 102 x 10; mid 100.5; tick 1;
+taker fee 5 bps, maker fee 1 bps. Shortfall in bps of the arrival notional (mid x quantity).
+"""
+import pytest
+
+from megatron_dapo.reward.trading.simulator import (
+    Book,
+    ChildOrder,
+    Episode,
+    Trade,
+    passive_at_touch,
+    shortfall_bps,
+    simulate,
+    twap,
+)
+
+BOOK = Book(bids=((100.0, 5.0), (99.0, 10.0)), asks=((101.0, 4.0), (102.0, 10.0)))
+
+
+def _episode(side, quantity, trades, books=None):
+    books = books or (BOOK, BOOK, BOOK)
+    return Episode(side=side, quantity=quantity, tick=1.0, books=tuple(books), trades=tuple(trades),
+                   taker_fee_bps=5.0, maker_fee_bps=1.0)
+
+
+def _bps(cost, quantity):
+    return cost / (100.5 * quantity) * 1e4
+
+
+def test_marketable_buy_fills_in_full_walking_the_book():
+    episode = _episode("buy", 10, [(), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=102.0, size=10, tif=1)])
+    assert execution.fills == [(0, 101.0, 4.0, True), (0, 102.0, 6.0, True)]
+    # 4 x (101 - 100.5) + 6 x (102 - 100.5) = 11, taker fee 5 bps of 404 + 612 = 0.508
+    assert shortfall_bps(episode, execution) == pytest.approx(_bps(11 + 0.508, 10))
+
+
+def test_partial_passive_fill_then_market_at_the_horizon():
+    # Joins the best bid behind 5 lots; sellers take 7 at 100: 5 go to the queue ahead, 2 to us.
+    episode = _episode("buy", 10, [(Trade(100.0, 7.0, "sell"),), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=10, tif=2)])
+    assert execution.fills == [(1, 100.0, 2.0, False), (2, 101.0, 4.0, True), (2, 102.0, 4.0, True)]
+    maker = 2 * (100 - 100.5) + 200 * 1e-4
+    taker = 4 * 0.5 + 404 * 5e-4 + 4 * 1.5 + 408 * 5e-4
+    assert shortfall_bps(episode, execution) == pytest.approx(_bps(maker + taker, 10))
+
+
+def test_no_fill_then_the_whole_order_at_market_at_the_horizon():
+    # Resting at 99 behind 10 lots; the only trade is at 100, above it: nothing fills; cancelled after 1 step.
+    episode = _episode("buy", 10, [(Trade(100.0, 3.0, "sell"),), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=99.0, size=10, tif=1)])
+    assert execution.fills == [(2, 101.0, 4.0, True), (2, 102.0, 6.0, True)]
+    assert shortfall_bps(episode, execution) == pytest.approx(_bps(11 + 0.508, 10))
+
+
+def test_sell_side_queue_then_a_trade_through_the_price():
+    # Sells 6 at the best ask behind 4: buyers take 3 at 101 (queue 4 -> 1), then buy at 102, through our 101.
+    episode = _episode("sell", 6, [(Trade(101.0, 3.0, "buy"),), (Trade(102.0, 2.0, "buy"),)])
+    execution = simulate(episode, [ChildOrder(step=0, price=101.0, size=6, tif=2)])
+    assert execution.fills == [(2, 101.0, 6.0, False)]
+    # a sell below the mid costs, above it earns: -(101 - 100.5) x 6 + maker fee 606 x 1e-4
+    assert shortfall_bps(episode, execution) == pytest.approx((-3 + 0.0606) / (100.5 * 6) * 1e4)
+
+
+def test_book_moving_through_a_resting_order_fills_it():
+    lower = Book(bids=((98.0, 5.0), (97.0, 10.0)), asks=((99.0, 4.0), (100.0, 10.0)))
+    episode = _episode("buy", 5, [(), ()], books=(BOOK, lower, lower))
+    execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)])
+    assert execution.fills == [(1, 100.0, 5.0, False)]
+    # An ask that only comes down to the order's own price does not fill it (it may be the order's own take).
+    level = Book(bids=((99.0, 5.0),), asks=((100.0, 4.0),))
+    episode = _episode("buy", 5, [(), ()], books=(BOOK, level, level))
+    assert simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)]).fills == [(2, 100.0, 4.0, True),
+                                                                                        (2, 100.0, 1.0, True)]
+
+
+def test_fees_count_by_how_the_order_filled():
+    quiet = _episode("buy", 4, [(), ()])
+    taker = shortfall_bps(quiet, simulate(quiet, [ChildOrder(step=0, price=101.0, size=4, tif=1)]))
+    assert taker == pytest.approx(_bps(4 * 0.5 + 404 * 5e-4, 4))
+    hit = _episode("buy", 4, [(Trade(99.0, 1.0, "sell"),), ()])  # a sale below 100: every bid at 100 was taken
+    maker = shortfall_bps(hit, simulate(hit, [ChildOrder(step=0, price=100.0, size=4, tif=1)]))
+    assert maker == pytest.approx(_bps(4 * -0.5 + 400 * 1e-4, 4))
+
+
+def test_market_order_beyond_the_displayed_depth_fills_at_the_deepest_level():
+    episode = _episode("buy", 20, [(), ()])
+    execution = simulate(episode, [])
+    assert execution.fills == [(2, 101.0, 4.0, True), (2, 102.0, 10.0, True), (2, 102.0, 6.0, True)]
+
+
+def test_baselines():
+    episode = _episode("buy", 10, [(Trade(100.0, 7.0, "sell"),), ()])
+    # TWAP: 5 at market at steps 0 and 1 (4 @ 101 + 1 @ 102 each).
+    assert simulate(episode, twap(episode)).fills == [(0, 101.0, 4.0, True), (0, 102.0, 1.0, True),
+                                                     (1, 101.0, 4.0, True), (1, 102.0, 1.0, True)]
+    # Passive at the touch: the whole order at 100 behind 5 lots until the horizon.
+    assert simulate(episode, passive_at_touch(episode)).fills[0] == (1, 100.0, 2.0, False)

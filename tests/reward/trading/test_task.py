@@ -1,0 +1,107 @@
+"""The execution task: answers parsed strictly, malformed ones penalised with a counted reason, the
+reward through the real scorer, and market data from files and from the generator, split by time."""
+import pytest
+
+from megatron_dapo.reward.registry import RewardSample, compute_rewards
+from megatron_dapo.reward.trading.market import (
+    MarketDataError,
+    cut_episodes,
+    episode_from_dict,
+    episode_to_dict,
+    load_market,
+    split_by_time,
+    synthetic_market,
+    write_market,
+)
+from megatron_dapo.reward.trading.simulator import ChildOrder, Trade
+from megatron_dapo.reward.trading.task import (
+    MALFORMED_REASONS,
+    MALFORMED_REWARD,
+    evaluate,
+    parse_orders,
+    render_prompt,
+)
+from tests.reward.trading.test_simulator import _episode
+
+EPISODE = _episode("buy", 10, [(Trade(100.0, 7.0, "sell"),), ()])
+
+
+def test_orders_are_read_after_the_last_orders_line():
+    text = "I will join the bid.\nOrders:\nstep=0 offset=9 size=1 tif=1\nOrders:\nstep=0 offset=0 size=6 tif=2\n" \
+           "step=1 offset=-1 size=4 tif=1\n"
+    assert parse_orders(text, EPISODE) == [ChildOrder(step=0, price=100.0, size=6.0, tif=2),
+                                           ChildOrder(step=1, price=101.0, size=4.0, tif=1)]
+    assert parse_orders("Orders:\nnone", EPISODE) == []
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("buy it all now", "unparseable"),
+    ("Orders:\nstep=0 offset=0 size=5", "unparseable"),
+    ("Orders:\nstep=2 offset=0 size=5 tif=1", "bad_step"),
+    ("Orders:\nstep=0 offset=0 size=-5 tif=1", "negative_size"),
+    ("Orders:\nstep=0 offset=0 size=5 tif=0", "negative_size"),
+    ("Orders:\nstep=0 offset=500 size=5 tif=1", "price_outside_book"),
+    ("Orders:\nstep=0 offset=0 size=6 tif=1\nstep=1 offset=0 size=6 tif=1", "oversize"),
+])
+def test_malformed_answers_get_the_penalty_and_their_reason(answer, reason):
+    result = evaluate(answer, EPISODE)
+    assert result["reward"] == MALFORMED_REWARD and result["acc"] == 0.0 and result["malformed"] == 1.0
+    assert {r: result[f"malformed_{r}"] for r in MALFORMED_REASONS} == {r: float(r == reason) for r in MALFORMED_REASONS}
+    # Scored as doing nothing: the whole order at market at the horizon.
+    assert result["profit_loss"] == pytest.approx(-evaluate("Orders:\nnone", EPISODE)["shortfall_bps"])
+
+
+def test_reward_compares_with_twap_on_the_same_episode():
+    passive = evaluate("Orders:\nstep=0 offset=0 size=10 tif=2", EPISODE)
+    market = evaluate("Orders:\nstep=0 offset=-2 size=10 tif=1", EPISODE)  # up to 102: the market order's fills
+    assert passive["malformed"] == 0.0 and passive["vs_passive_bps"] == pytest.approx(0.0)
+    assert market["vs_market_bps"] == pytest.approx(0.0, abs=1e-9)
+    assert (passive["reward"] > 0) == (passive["vs_twap_bps"] < 0) == bool(passive["acc"])
+    assert -1 < market["reward"] < 1 and market["profit_loss"] == -market["shortfall_bps"]
+
+
+def test_reward_function_runs_in_the_scorer_workers():
+    rows = cut_episodes(synthetic_market(60, seed=3), window=4, horizon=4, stride=10, seed=0, tick=0.1)
+    episode = rows[0].episode
+    samples = [RewardSample("limit_order_execution", answer, "", {"episode": episode_to_dict(episode)})
+               for answer in ("Orders:\nstep=0 offset=0 size=1 tif=3", "no idea", "Orders:\nnone")]
+    batch = compute_rewards(samples, timeout_s=30, num_workers=1)
+    assert batch.num_failed == 0
+    good, bad, idle = batch.results
+    assert bad.score == MALFORMED_REWARD and bad.extra["malformed_unparseable"] == 1.0
+    assert good.extra["malformed"] == 0.0 and set(good.extra) == set(bad.extra) == set(idle.extra)
+    assert "profit_loss" in good.extra and "vs_twap_bps" in good.extra
+
+
+def test_market_files_round_trip_and_bad_rows_are_named(tmp_path):
+    market = synthetic_market(50, seed=1, levels=3)
+    write_market(market, tmp_path / "books.csv", tmp_path / "trades.csv")
+    loaded = load_market(tmp_path / "books.csv", tmp_path / "trades.csv")
+    assert loaded.books == market.books and loaded.timestamps == market.timestamps
+    assert [len(t) for t in loaded.trades] == [len(t) for t in market.trades]
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    for name in ("books", "trades"):  # the same tables as Parquet
+        pyarrow.parquet.write_table(pyarrow.csv.read_csv(tmp_path / f"{name}.csv"), tmp_path / f"{name}.parquet")
+    from_parquet = load_market(tmp_path / "books.parquet", tmp_path / "trades.parquet")
+    assert from_parquet.books == market.books and from_parquet.trades == loaded.trades
+    lines = (tmp_path / "books.csv").read_text().splitlines()
+    lines[3] = lines[3].replace(",", ",x", 1)
+    (tmp_path / "books.csv").write_text("\n".join(lines))
+    with pytest.raises(MarketDataError, match=r"books.csv row 4: ValueError"):
+        load_market(tmp_path / "books.csv", tmp_path / "trades.csv")
+
+
+def test_synthetic_market_has_regimes_and_episodes_split_by_time():
+    market = synthetic_market(600, seed=7)
+    spreads = [round((b.best_ask - b.best_bid) / 0.1) for b in market.books]
+    assert min(spreads) >= 1 and max(spreads) >= 3  # busy stretches widen the spread
+    assert all(b.bids[0][0] < b.asks[0][0] for b in market.books)
+    rows = cut_episodes(market, window=8, horizon=6, stride=5, seed=0, tick=0.1)
+    train, val = split_by_time(rows, val_fraction=0.2)
+    assert train and val and max(r.end for r in train) < min(r.start for r in val)
+    assert len(train) + len(val) < len(rows)  # the episodes across the cut are dropped
+    assert episode_from_dict(episode_to_dict(train[0].episode)) == train[0].episode
+    text = render_prompt(train[0].history, train[0].history_trades, train[0].episode)
+    assert text.count("spread") >= 8 and "Orders:" in text and "step=S offset=O size=Q tif=F" in text
