@@ -57,6 +57,8 @@ class Trainer:
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.step = 0
+        self.reward_seconds = 0.0
+        """Time spent scoring rewards in the current step (rank 0)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
         if self.rank0:
@@ -107,8 +109,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.config, _Timer()
+        self.reward_seconds = 0.0
         with timer("generate"):
             sampled = self._broadcast(self._collect() if self.rank0 else None)
+        timer.split("generate", "reward", self.reward_seconds)  # scored on rank 0 between generation batches
         groups, stats = sampled
         metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
         if groups:
@@ -163,7 +167,9 @@ class Trainer:
         outputs = self.engine.generate([p.prompt_ids for p in prompts], params)
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
+        start = time.perf_counter()
         results = self.scorer.score(samples).results
+        self.reward_seconds += time.perf_counter() - start
         buffer = self.config.reward.overlong_buffer
         groups, n = [], params.n
         for i, (prompt, completions) in enumerate(zip(prompts, outputs)):
@@ -232,6 +238,11 @@ class _Timer:
         start = time.perf_counter()
         yield
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def split(self, name: str, part: str, seconds: float) -> None:
+        """Report `seconds` of `name`'s time as `part` instead."""
+        self.times[name] -= seconds
+        self.times[part] = self.times.get(part, 0.0) + seconds
 
     def total(self) -> float:
         return sum(self.times.values())

@@ -51,7 +51,7 @@ def test_toy_example_learns(toy_run):
     train = [row for row in rows if "critic/acc_mean" in row]
     assert len(train) == 10 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train)
     assert all(key in train[0] for key in ("actor/pg_clipfrac_high", "actor/entropy", "actor/grad_norm",
-                                          "sampling/gen_batches", "timing/update", "perf/tokens_per_s"))
+                                          "sampling/gen_batches", "timing/update", "timing/reward", "perf/tokens_per_s"))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000005", "step_000010"], checkpoints
 
