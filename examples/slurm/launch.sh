@@ -42,15 +42,18 @@ request_stop() {
 trap 'request_stop USR1' USR1
 trap 'request_stop TERM' TERM
 
-srun --kill-on-bad-exit=1 --ntasks="$SLURM_NTASKS" bash examples/slurm/task.sh "$CONFIG" \
-    "trainer.run_dir=$RUN_DIR" "${OVERRIDES[@]}" "$@" &
+# srun passes --cpus-per-task on explicitly: Slurm 22.05 - 23.02 do not inherit it from sbatch.
+srun --kill-on-bad-exit=1 --ntasks="$SLURM_NTASKS" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    bash examples/slurm/task.sh "$CONFIG" "trainer.run_dir=$RUN_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@" &
 SRUN_PID=$!
-STATUS=0
 while kill -0 "$SRUN_PID" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
-    wait "$SRUN_PID" && STATUS=0 || STATUS=$?
+    wait "$SRUN_PID" || true
 done
+wait "$SRUN_PID" && STATUS=0 || STATUS=$?  # srun's own exit status
 
-if [ -n "$STOP_REASON" ]; then
+# The run clears the STOP file when it reaches its last step, so a signal that came too late to stop it
+# does not requeue a finished run.
+if [ -n "$STOP_REASON" ] && [ -f "$RUN_DIR/STOP" ]; then
     echo "$(date -Is) the run stopped (exit ${STATUS}); requeueing job ${SLURM_JOB_ID} to continue from its last checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID" || echo "requeue refused (the job is being cancelled or requeued already)" >&2
     sleep 30  # Slurm ends this script as part of the requeue

@@ -11,7 +11,7 @@ if [ -z "${MEGATRON_DAPO_IFNAME:-}" ] && command -v ip >/dev/null; then
     if [ -n "$master_ip" ]; then
         MEGATRON_DAPO_IFNAME=$(ip -o route get "$master_ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' || true)
         if [ "$MEGATRON_DAPO_IFNAME" = lo ] && [ "${SLURM_NNODES:-1}" -gt 1 ]; then
-            MEGATRON_DAPO_IFNAME=$(ip -o -4 addr show | awk -v ip="$master_ip" '{split($4, a, "/")} a[1] == ip {print $2; exit}')
+            MEGATRON_DAPO_IFNAME=$(ip -o -4 addr show | awk -v ip="$master_ip" '{split($4, a, "/")} a[1] == ip {print $2; exit}' || true)
         fi
     fi
 fi

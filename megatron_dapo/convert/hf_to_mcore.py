@@ -100,6 +100,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
         (partial / MARKER).write_text(json.dumps(marker, indent=1))
         summary = {"tensors": len(chunks), "bytes": total, "gb_per_s": rate}
         if verify_tolerance is not None:
-            summary["logp_max_diff"] = check_logprobs(hf_dir, partial, verify_tolerance)
+            summary["logp_max_diff"] = check_logprobs(hf_dir, partial, verify_tolerance, round_to=dtype)
     return summary
 

@@ -48,12 +48,15 @@ class _ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         self.path, self.dtype, self.names = path, dtype, [t.name for t in tensors]
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.header = struct.pack("<Q", len(raw)) + raw
+        self.file = None  # opened at the first tensor: one shard file open at a time
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name != self.names[0] or tensor.dtype != self.dtype:
             raise RuntimeError(f"{self.path}: got {name} ({tensor.dtype}), expected {self.names[0]} ({self.dtype})")
+        if self.file is None:
+            self.file = open(self.path, "wb")
+            self.file.write(self.header)
         self.file.write(tensor.contiguous().view(torch.uint8).numpy().data)
         self.names.pop(0)
         if not self.names:
@@ -196,5 +199,5 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             (partial / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))
         summary = {"tensors": len(plan), "bytes": total, "shards": shards, "gb_per_s": bar.close()}
         if verify_tolerance is not None:
-            summary["logp_max_diff"] = check_logprobs(partial, mcore_dir, verify_tolerance)
+            summary["logp_max_diff"] = check_logprobs(partial, mcore_dir, verify_tolerance, round_to=dtype)
     return summary

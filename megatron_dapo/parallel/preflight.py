@@ -165,9 +165,11 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
 def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report) -> None:
     layer, embedding, output = parameter_counts(arch)
     per_stage = arch.num_layers // layout.pp if arch.num_layers % layout.pp == 0 else -(-arch.num_layers // layout.pp)
-    first = per_stage * layer + embedding
-    last = per_stage * layer + (output if output else (embedding if layout.pp > 1 else 0))
-    params = max(first, last) / layout.tp
+    if layout.pp == 1:  # one stage holds the embedding and the output layer
+        params = (per_stage * layer + embedding + output) / layout.tp
+    else:  # the last stage keeps its own copy of a tied embedding
+        first, last = per_stage * layer + embedding, per_stage * layer + (output or embedding)
+        params = max(first, last) / layout.tp
     dp_shard = layout.dp if layout.distributed_optimizer else 1
     weights, grads, optimizer = 2 * params, 4 * params, 12 * params / dp_shard
     tokens = max(config.actor.ppo_max_token_len_per_gpu, config.data.max_prompt_length + config.data.max_response_length)

@@ -97,6 +97,8 @@ class Trainer:
             stopping = not last and self.stop.requested()
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
+            if last and self.rank0:
+                self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
             if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "

@@ -51,7 +51,7 @@ class LocalSlurm:
             self._wait(lambda: MUNGE_SOCKET.exists(), "munged to open its socket", timeout_s)
         self._spawn("slurmctld", [_program("slurmctld"), "-D", "-f", str(self.conf)])
         self._spawn("slurmd", [_program("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait(self._node_idle, f"node {self.node} to be idle", timeout_s)
+        self._wait(self.node_idle, f"node {self.node} to be idle", timeout_s)
 
     def stop(self) -> None:
         for name, proc in reversed(self.started):
@@ -150,7 +150,8 @@ class LocalSlurm:
                                 start_new_session=True)
         self.started.append((name, proc))
 
-    def _node_idle(self) -> bool:
+    def node_idle(self) -> bool:
+        """The node runs nothing (and every daemon this helper started is alive)."""
         for name, proc in self.started:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.folder / 'logs'}")

@@ -89,10 +89,16 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     assert len(_steps(run_dir)) >= 2, _log(tmp_path, job)[-4000:]
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))  # what Slurm sends ahead of a time limit
 
+    # Requeued: pending again, and the node is done with the first run. Starting it within the second of
+    # the requeue makes slurmd refuse it ("credential revoked": revocations have one-second resolution).
     deadline = time.monotonic() + 300
-    while cluster.job(job).get("Restarts") == "0" and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING" and cluster.node_idle():
+            break
         time.sleep(0.5)
     assert cluster.job(job).get("Restarts") == "1", _log(tmp_path, job)[-4000:]
+    time.sleep(2)
     cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's wait before a requeued start
     state = cluster.wait_state(job, ENDED, timeout_s=900)
     log = _log(tmp_path, job)

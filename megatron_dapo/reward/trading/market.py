@@ -66,7 +66,7 @@ def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
         timestamps.append(t)
         books.append(Book(bids=bids, asks=asks))
     per_interval: list[list[Trade]] = [[] for _ in timestamps]
-    index = 0
+    index, last = 0, float("-inf")
     for n, row in enumerate(_read_table(trades_path), start=2 if trades_path.suffix == ".csv" else 0):
         try:
             t, trade = float(row["timestamp"]), Trade(float(row["price"]), float(row["size"]), str(row["side"]))
@@ -74,6 +74,10 @@ def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
             raise MarketDataError(f"{trades_path} row {n}: {err.__class__.__name__}: {err}") from None
         if trade.aggressor not in ("buy", "sell"):
             raise MarketDataError(f"{trades_path} row {n}: side {trade.aggressor!r} is not 'buy' or 'sell'")
+        if t < last:  # it would land in a later interval than it happened in
+            raise MarketDataError(f"{trades_path} row {n}: timestamp {t} is before the previous trade's {last}; "
+                                  "sort the trades by time")
+        last = t
         while index < len(timestamps) and timestamps[index] < t:
             index += 1
         if 0 < index < len(timestamps):

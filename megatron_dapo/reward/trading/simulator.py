@@ -10,10 +10,12 @@ Fills, for a buy (a sell mirrors it):
   their prices and up to their displayed sizes; the rest of the order rests at the limit;
 - resting at price p, with a queue ahead of it: the displayed bid size at p when it was placed
   (nothing when p improves on the best bid); cancellations ahead are not credited;
-- in each interval: a seller-initiated trade below p means every bid at p was taken (price
-  priority), so the order fills in full; trades at exactly p first use up the queue ahead, then
-  fill the order; a book whose best ask has come down below p also fills it in full (an ask at
-  exactly p does not: the replayed book does not know which of its asks the order itself took);
+- in each interval: seller-initiated trades at exactly p first use up the queue ahead, then fill
+  the order; trades below p (which would have hit the order first, by price priority) fill it, up
+  to their size; asks displayed below p in the new book (a book that moved through the order) fill
+  it up to their size (an ask at exactly p does not: the replayed book does not know which of its
+  asks the order itself took). Resting orders share these volumes, best price first, then in the
+  order they were placed, and marketable orders in one step share the displayed levels;
 - fills of resting orders are at the order's price and pay the maker fee; marketable fills and the
   final market order pay the taker fee. A market order larger than the book's displayed depth fills
   the excess at the deepest level's price.
@@ -114,17 +116,21 @@ def _better_or_equal(side: str, price: float, than: float) -> bool:
     return price >= than - EPS if side == "buy" else price <= than + EPS
 
 
-def take(book: Book, side: str, size: float, limit: float | None) -> list[tuple[float, float]]:
-    """Walk the opposite side up to `limit` (None: no limit, and the excess fills at the deepest level)."""
+def take(levels: list[list[float]], side: str, size: float, limit: float | None) -> list[tuple[float, float]]:
+    """Walk the opposite side's levels ([price, depth], best first, depth used up in place) up to `limit`;
+    with no limit the excess beyond the displayed depth fills at the deepest level's price."""
     fills, left = [], size
-    for price, depth in book.opposite(side):
+    for level in levels:
+        price, depth = level
         if left <= EPS or (limit is not None and not _better_or_equal(side, limit, price)):
             break
         got = min(left, depth)
-        fills.append((price, got))
-        left -= got
+        if got > EPS:
+            fills.append((price, got))
+            level[1] -= got
+            left -= got
     if limit is None and left > EPS:
-        fills.append((book.opposite(side)[-1][0], left))
+        fills.append((levels[-1][0], left))
     return fills
 
 
@@ -136,52 +142,75 @@ def _queue_ahead(book: Book, side: str, price: float) -> float:
 
 
 def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
-    """Fill `orders` (checked by the caller: steps in range, sizes summing to at most the quantity)."""
+    """Fill `orders` (checked by the caller: steps in range, sizes summing to at most the quantity).
+
+    Within a step, everything shares the step's liquidity: marketable orders and the final market order
+    use up the displayed levels they take, and resting orders share the interval's trades and any
+    crossing levels, best price first, then in the order they were placed.
+    """
     side, horizon = episode.side, episode.horizon
+    hitting = "sell" if side == "buy" else "buy"
     execution = Execution()
     resting: list[dict] = []
+    placed = 0
     by_step: dict[int, list[ChildOrder]] = {}
     for order in orders:
         by_step.setdefault(order.step, []).append(order)
     for step in range(horizon + 1):
         book = episode.books[step]
+        levels = [[price, depth] for price, depth in book.opposite(side)]
         if step > 0:  # the interval's trades and the new book, against what rests
-            for order in resting:
-                if order["expires"] >= step:
-                    _fill_resting(order, episode.trades[step - 1], book, side, step, execution)
+            trades = [[t.price, t.size] for t in episode.trades[step - 1] if t.aggressor == hitting]
+            priority = (lambda o: (-o["price"], o["seq"])) if side == "buy" else (lambda o: (o["price"], o["seq"]))
+            for order in sorted(resting, key=priority):
+                _fill_resting(order, trades, levels, side, step, execution)
             resting = [o for o in resting if o["left"] > EPS and o["expires"] > step]
         if step == horizon:
             break
         for order in by_step.get(step, []):
             left = order.size
-            for price, size in take(book, side, order.size, order.price):
+            for price, size in take(levels, side, order.size, order.price):
                 execution.fills.append((step, price, size, True))
                 left -= size
             if left > EPS:
                 resting.append({"price": order.price, "left": left, "expires": min(step + order.tif, horizon),
-                                "queue": _queue_ahead(book, side, order.price)})
+                                "queue": _queue_ahead(book, side, order.price), "seq": placed})
+                placed += 1
     left = episode.quantity - execution.filled
     if left > EPS:
-        for price, size in take(episode.books[horizon], side, left, None):
+        for price, size in take(levels, side, left, None):
             execution.fills.append((horizon, price, size, True))
     return execution
 
 
-def _fill_resting(order: dict, trades: tuple[Trade, ...], book: Book, side: str, step: int,
+def _consume(pool: list[list[float]], eligible, amount: float) -> float:
+    """Use up to `amount` of the eligible entries of pool ([price, size], sizes reduced in place)."""
+    used = 0.0
+    for entry in pool:
+        if used >= amount - EPS:
+            break
+        if eligible(entry[0]) and entry[1] > EPS:
+            got = min(entry[1], amount - used)
+            entry[1] -= got
+            used += got
+    return used
+
+
+def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[float]], side: str, step: int,
                   execution: Execution) -> None:
+    """One interval for one resting order: trades at its price serve the queue ahead first; then it fills
+    from what is left of them, from trades through its price, and from crossing levels, up to their sizes."""
     price = order["price"]
-    hitting = "sell" if side == "buy" else "buy"
-    through = [t for t in trades if t.aggressor == hitting and _better_or_equal(side, price, t.price)
-               and abs(t.price - price) > EPS]
-    best = book.opposite(side)[0][0]
-    crossed = _better_or_equal(side, price, best) and abs(best - price) > EPS
-    if through or crossed:
-        got = order["left"]
-    else:
-        at_price = sum(t.size for t in trades if t.aggressor == hitting and abs(t.price - price) <= EPS)
-        used = min(order["queue"], at_price)
-        order["queue"] -= used
-        got = min(order["left"], at_price - used)
+
+    def at(p: float) -> bool:
+        return abs(p - price) <= EPS
+
+    def through(p: float) -> bool:
+        return _better_or_equal(side, price, p) and not at(p)
+
+    order["queue"] -= _consume(trades, at, order["queue"])
+    got = _consume(trades, lambda p: at(p) or through(p), order["left"])
+    got += _consume(levels, through, order["left"] - got)
     if got > EPS:
         execution.fills.append((step, price, got, False))
         order["left"] -= got

@@ -15,8 +15,9 @@ Reward: the simulator's implementation shortfall (bps, fees included) against TW
 episode, reward = tanh((TWAP shortfall - shortfall) / REWARD_SCALE_BPS) in (-1, 1); acc = 1 when
 the answer beats TWAP. `profit_loss` = -shortfall in bps (dynamic sampling's metric). A malformed
 answer scores MALFORMED_REWARD, its execution is the do-nothing one (everything at the horizon), and
-`malformed` plus one `malformed_<reason>` field count why: unparseable, bad_step, negative_size,
-price_outside_book (|offset| > MAX_OFFSET_TICKS), oversize (sizes add up to more than the order).
+`malformed` plus one `malformed_<reason>` field count why: unparseable, too_many_orders (more than
+MAX_ORDERS_PER_STEP per step), bad_step, negative_size, bad_tif, price_outside_book (|offset| >
+MAX_OFFSET_TICKS), oversize (sizes add up to more than the order).
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ DATA_SOURCE = "limit_order_execution"
 REWARD_SCALE_BPS = 10.0
 MALFORMED_REWARD = -1.0
 MAX_OFFSET_TICKS = 20
-MALFORMED_REASONS = ("unparseable", "bad_step", "negative_size", "price_outside_book", "oversize")
+MAX_ORDERS_PER_STEP = 4
+MALFORMED_REASONS = ("unparseable", "too_many_orders", "bad_step", "negative_size", "bad_tif", "price_outside_book",
+                     "oversize")
 _LINE = re.compile(r"step=(-?\d+) offset=(-?\d+) size=(-?\d+(?:\.\d+)?) tif=(-?\d+)")
 
 
@@ -59,8 +62,10 @@ def parse_orders(response: str, episode: Episode) -> list[ChildOrder]:
         step, offset, size, tif = int(match[1]), int(match[2]), float(match[3]), int(match[4])
         if not 0 <= step < episode.horizon:
             raise MalformedAnswer("bad_step", f"step {step} is outside 0..{episode.horizon - 1}")
-        if size <= 0 or tif < 1:
-            raise MalformedAnswer("negative_size", f"size {size} and tif {tif} must be > 0 and >= 1")
+        if size <= 0:
+            raise MalformedAnswer("negative_size", f"size {size} must be > 0")
+        if tif < 1:
+            raise MalformedAnswer("bad_tif", f"tif {tif} must be >= 1")
         if abs(offset) > MAX_OFFSET_TICKS:
             raise MalformedAnswer("price_outside_book", f"offset {offset} ticks is beyond +-{MAX_OFFSET_TICKS}")
         touch = episode.books[step].same_side(episode.side)[0][0]
@@ -69,8 +74,9 @@ def parse_orders(response: str, episode: Episode) -> list[ChildOrder]:
             raise MalformedAnswer("price_outside_book", f"offset {offset} gives price {price}")
         total += size
         orders.append(ChildOrder(step=step, price=round(price, 10), size=size, tif=tif))
-    if len(orders) > episode.horizon * 4:
-        raise MalformedAnswer("unparseable", f"{len(orders)} orders for {episode.horizon} steps")
+    if len(orders) > episode.horizon * MAX_ORDERS_PER_STEP:
+        raise MalformedAnswer("too_many_orders", f"{len(orders)} orders for {episode.horizon} steps "
+                              f"(at most {MAX_ORDERS_PER_STEP} per step)")
     if total > episode.quantity + simulator.EPS:
         raise MalformedAnswer("oversize", f"sizes add up to {total:g} > the order's {episode.quantity:g}")
     return orders

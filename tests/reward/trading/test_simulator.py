@@ -56,19 +56,21 @@ def test_no_fill_then_the_whole_order_at_market_at_the_horizon():
 
 
 def test_sell_side_queue_then_a_trade_through_the_price():
-    # Sells 6 at the best ask behind 4: buyers take 3 at 101 (queue 4 -> 1), then buy at 102, through our 101.
+    # Sells 6 at the best ask behind 4: buyers take 3 at 101 (queue 4 -> 1), then 2 at 102, through our 101:
+    # those 2 would have taken our cheaper offer first. The other 4 are sold at market at the horizon (bid 100).
     episode = _episode("sell", 6, [(Trade(101.0, 3.0, "buy"),), (Trade(102.0, 2.0, "buy"),)])
     execution = simulate(episode, [ChildOrder(step=0, price=101.0, size=6, tif=2)])
-    assert execution.fills == [(2, 101.0, 6.0, False)]
-    # a sell below the mid costs, above it earns: -(101 - 100.5) x 6 + maker fee 606 x 1e-4
-    assert shortfall_bps(episode, execution) == pytest.approx((-3 + 0.0606) / (100.5 * 6) * 1e4)
+    assert execution.fills == [(2, 101.0, 2.0, False), (2, 100.0, 4.0, True)]
+    # a sell above the mid earns, below it costs: -(101 - 100.5) x 2 + 202e-4, then (100.5 - 100) x 4 + 400 x 5e-4
+    assert shortfall_bps(episode, execution) == pytest.approx((-1 + 0.0202 + 2 + 0.2) / (100.5 * 6) * 1e4)
 
 
 def test_book_moving_through_a_resting_order_fills_it():
     lower = Book(bids=((98.0, 5.0), (97.0, 10.0)), asks=((99.0, 4.0), (100.0, 10.0)))
     episode = _episode("buy", 5, [(), ()], books=(BOOK, lower, lower))
     execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)])
-    assert execution.fills == [(1, 100.0, 5.0, False)]
+    # The 4 lots offered at 99, below the bid, trade with it; the last lot goes at market at the horizon.
+    assert execution.fills == [(1, 100.0, 4.0, False), (2, 99.0, 1.0, True)]
     # An ask that only comes down to the order's own price does not fill it (it may be the order's own take).
     level = Book(bids=((99.0, 5.0),), asks=((100.0, 4.0),))
     episode = _episode("buy", 5, [(), ()], books=(BOOK, level, level))
@@ -80,7 +82,7 @@ def test_fees_count_by_how_the_order_filled():
     quiet = _episode("buy", 4, [(), ()])
     taker = shortfall_bps(quiet, simulate(quiet, [ChildOrder(step=0, price=101.0, size=4, tif=1)]))
     assert taker == pytest.approx(_bps(4 * 0.5 + 404 * 5e-4, 4))
-    hit = _episode("buy", 4, [(Trade(99.0, 1.0, "sell"),), ()])  # a sale below 100: every bid at 100 was taken
+    hit = _episode("buy", 4, [(Trade(99.0, 4.0, "sell"),), ()])  # 4 sold below 100: they would have hit our bid
     maker = shortfall_bps(hit, simulate(hit, [ChildOrder(step=0, price=100.0, size=4, tif=1)]))
     assert maker == pytest.approx(_bps(4 * -0.5 + 400 * 1e-4, 4))
 
@@ -98,3 +100,22 @@ def test_baselines():
                                                      (1, 101.0, 4.0, True), (1, 102.0, 1.0, True)]
     # Passive at the touch: the whole order at 100 behind 5 lots until the horizon.
     assert simulate(episode, passive_at_touch(episode)).fills[0] == (1, 100.0, 2.0, False)
+
+
+def test_orders_share_the_liquidity_of_a_step():
+    """Splitting an order does not make the book's liquidity count twice."""
+    episode = _episode("buy", 5, [(), ()])
+    one = simulate(episode, [ChildOrder(step=0, price=102.0, size=5, tif=1)])
+    five = simulate(episode, [ChildOrder(step=0, price=102.0, size=1, tif=1) for _ in range(5)])
+    assert one.fills == [(0, 101.0, 4.0, True), (0, 102.0, 1.0, True)]
+    assert shortfall_bps(episode, five) == pytest.approx(shortfall_bps(episode, one))
+
+
+def test_resting_fills_are_capped_by_what_traded_and_shared():
+    # A 0.5-lot sale below the bid fills 0.5 of a 5-lot bid, not all of it.
+    episode = _episode("buy", 5, [(Trade(99.0, 0.5, "sell"),), ()])
+    assert simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)]).fills[0] == (1, 100.0, 0.5, False)
+    # Two bids at 100, each behind the 5 displayed: 6 sold at 100 serve the queue (5), then the first bid (1).
+    episode = _episode("buy", 10, [(Trade(100.0, 6.0, "sell"),), ()])
+    fills = simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)] * 2).fills
+    assert [f for f in fills if not f[3]] == [(1, 100.0, 1.0, False)]
