@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import dump_config, load_config
@@ -28,7 +29,10 @@ def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     arch = None
     if args.model_config:
-        arch = ModelArch.from_hf_config(json.loads(open(args.model_config).read()), source=args.model_config)
+        path = Path(args.model_config)
+        if not path.is_file():
+            raise ModelError(f"--model-config {path}: no such file")
+        arch = ModelArch.from_hf_config(json.loads(path.read_text()), source=str(path))
     report = check_allocation(config, args.nodes, args.gpus_per_node, args.gpu_memory_gb, arch=arch)
     print(report.render())
     return 0 if report.fits else 1
