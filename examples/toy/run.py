@@ -63,8 +63,8 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    from megatron_dapo.cli import main as megatron_dapo
     from megatron_dapo.config.root import load_config
-    from megatron_dapo.trainer.loop import Trainer
 
     prepare_only = "--prepare-only" in argv  # for launchers that start the training themselves (examples/slurm)
     argv = [a for a in argv if a != "--prepare-only"]
@@ -73,8 +73,7 @@ def main(argv: list[str]) -> int:
     if prepare_only:
         print(" ".join(overrides))
         return 0
-    Trainer(load_config(HERE / "config.yaml", overrides)).train()
-    return 0
+    return megatron_dapo(["train", str(HERE / "config.yaml"), *overrides])  # config errors named, no traceback
 
 
 if __name__ == "__main__":

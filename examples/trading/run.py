@@ -95,8 +95,8 @@ def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trad
 
 
 def main(argv: list[str]) -> int:
+    from megatron_dapo.cli import main as megatron_dapo
     from megatron_dapo.config.root import load_config
-    from megatron_dapo.trainer.loop import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(HERE / "config_cpu.yaml"))
@@ -113,8 +113,7 @@ def main(argv: list[str]) -> int:
     if args.prepare_only:
         print(" ".join(overrides))
         return 0
-    Trainer(load_config(args.config, overrides)).train()
-    return 0
+    return megatron_dapo(["train", str(args.config), *overrides])  # config errors named, no traceback
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from typing import Literal
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
+from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 
 
 @dataclass(kw_only=True)
@@ -24,7 +25,7 @@ class RolloutConfig:
     name: Literal["embedded", "sglang"] = "embedded"
     """Rollout engine: the embedded PyTorch engine (any machine) or SGLang (GPU)."""
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    """Colocated shares the trainer's GPUs; disaggregated uses separate rollout GPUs."""
+    """colocated: the engine shares the trainer's GPUs and frees its memory while they train; disaggregated: its own."""
     n: int = 16
     """Responses sampled per prompt (the group size G)."""
     temperature: float = 1.0
@@ -35,14 +36,14 @@ class RolloutConfig:
     """Top-k sampling; -1 disables it."""
     weight_bucket_mb: int = 512
     """Size of one weight-sync bucket from the trainer to the engine."""
-    mem_fraction_static: float = 0.6
-    """SGLang: share of GPU memory for weights and KV cache."""
     parity_threshold: float = 0.05
     """Stop the run when the engine's and the trainer's probe log-probs differ by more than this."""
     val: ValidationSamplingConfig = field(default_factory=ValidationSamplingConfig)
     """Sampling settings for validation."""
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
     """The embedded engine's device, dtype, batch size and length limit (used when name is embedded)."""
+    sglang: SGLangEngineConfig = field(default_factory=SGLangEngineConfig)
+    """The SGLang engine's GPUs, memory share and further server arguments (used when name is sglang)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -123,3 +123,6 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def weight_version(self) -> int:
         """Version passed to the last successful `end_weight_update` (0 for the loaded checkpoint)."""
+
+    def close(self) -> None:
+        """Stop what the engine started (processes, threads); nothing to do for an in-process engine."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
-from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.sinks import MetricSinks
@@ -52,7 +52,7 @@ class Trainer:
                                    shuffle=cfg.data.shuffle)
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
-        self.engine = self._make_engine() if self.rank0 else None
+        self.engine = self._make_engine()
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
@@ -71,14 +71,30 @@ class Trainer:
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
 
     def _make_engine(self):
-        if self.config.rollout.name != "embedded":
-            raise ConfigError(
-                f"rollout.name={self.config.rollout.name!r}: the trainer drives the embedded engine only so far; "
-                "set rollout.name=embedded"
-            )
+        """The rollout engine on rank 0 (None elsewhere); a setup problem is raised on every rank alike."""
+        rollout, path = self.config.rollout, self.config.model.path
+        if rollout.name == "sglang":
+            from megatron_dapo.rollout.sglang import SGLangEngine
+
+            local = {"local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+                     "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
+            rollout.sglang.gpus(rollout.mode, visible_gpus=torch.cuda.device_count(), **local)
+            return SGLangEngine.launch(path, rollout.sglang, rollout.mode, **local) if self.rank0 else None
         from megatron_dapo.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine.from_pretrained(self.config.model.path, self.config.rollout.embedded)
+        return EmbeddedEngine.from_pretrained(path, rollout.embedded) if self.rank0 else None
+
+    @contextlib.contextmanager
+    def _engine_memory_released(self):
+        """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after."""
+        release = self.engine is not None and self.config.rollout.mode == "colocated"
+        if release:
+            self.engine.release_memory()
+        try:
+            yield
+        finally:
+            if release:
+                self.engine.resume_memory()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -108,6 +124,8 @@ class Trainer:
             self.sinks.close()
         if self.scorer:
             self.scorer.close()
+        if self.engine:
+            self.engine.close()
 
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.config, _Timer()
@@ -120,12 +138,13 @@ class Trainer:
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                       overlong_filtering=cfg.algorithm.overlong_filtering)
-            with timer("old_log_prob"):
-                batch.old_logp, _ = self.actor.compute_logprobs(batch)
+            with self._engine_memory_released():
+                with timer("old_log_prob"):
+                    batch.old_logp, _ = self.actor.compute_logprobs(batch)
+                with timer("update"):
+                    metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
             metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
                                                               * batch.loss_mask).max())
-            with timer("update"):
-                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
             with timer("reshard"):
                 push = push_weights(self.actor, self.engine, version=self.step + 1, bucket_mb=cfg.rollout.weight_bucket_mb)
                 diff = probe_parity(self.actor, self.engine, self.probe, cfg.rollout.temperature)

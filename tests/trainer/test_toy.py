@@ -119,3 +119,18 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     first = {row["step"]: row["val/acc_avg@4"] for row in _rows(toy_run) if "val/acc_avg@4" in row}
     started = [row["val/acc_avg@4"] for row in _rows(run_dir) if row["step"] == 0 and "val/acc_avg@4" in row]
     assert started and abs(started[0] - first[10]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)
+
+
+def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: SGLang would start here")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [*_toy_command(run_dir), "rollout.name=sglang"]
+    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "rollout.name=sglang needs CUDA GPUs" in proc.stderr and "set rollout.name=embedded" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]

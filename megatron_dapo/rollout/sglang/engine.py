@@ -1,49 +1,62 @@
 """The SGLang rollout engine: `sglang.Engine` behind the RolloutEngine interface (GPU only).
 
-Weights arrive as (HF name, tensor) buckets; each bucket is flattened into one byte tensor with its
-metadata (SGLang's FlattenedTensorBucket layout), serialized once per SGLang TP rank and sent with
-`update_weights_from_tensor(load_format="flattened_bucket")`. The bucket's memory is referenced by
-the payload until SGLang's call returns (the call is synchronous), and a new bucket is always a new
-tensor, so no buffer is reused while the engine may still read it. SGLang stays optional: it is
-imported when this engine is built.
+Rank 0 starts the engine in-process with `skip_tokenizer_init` on GPUs of its node. Weights arrive
+as (HF name, tensor) buckets, sent one of two ways:
+
+- colocated (the engine shares the trainer's GPUs): each bucket is flattened into one byte tensor
+  (SGLang's FlattenedTensorBucket layout), serialized once per SGLang TP rank (CUDA IPC handles,
+  no copy) and sent with `update_weights_from_tensor(load_format="flattened_bucket")`; the engine's
+  KV cache and weights are released while the trainer runs;
+- disaggregated (the engine has GPUs of its own): each bucket is broadcast from rank 0 into the
+  engine's workers (broadcast.py, NCCL).
+
+Either way a bucket's memory stays referenced until SGLang's call has returned (the calls are
+synchronous) and a new bucket is always a new tensor, so no buffer is reused while the engine may
+still read it. SGLang reports most failures as (False, message), which become RolloutError here.
+SGLang stays optional: it is imported when this engine is built.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError
+from megatron_dapo.rollout.sglang.broadcast import BroadcastSender
+from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
+from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success
 
 MEMORY_TAGS = ("kv_cache", "weights")
 """What `release_memory` frees while the trainer runs (colocated mode)."""
 
 
-def bucket_payloads(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int) -> list[bytes]:
-    """One bucket as SGLang's "flattened_bucket" payloads, one per SGLang TP rank."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
-    if not named_tensors:
-        raise RolloutError("an empty weight bucket")
-    bucket = FlattenedTensorBucket(named_tensors=[(name, t.contiguous()) for name, t in named_tensors])
-    payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
-    return [MultiprocessingSerializer.serialize(payload, output_str=False) for _ in range(tp_size)]
-
-
 class SGLangEngine(RolloutEngine):
     """Rollout through an in-process `sglang.Engine` started with `skip_tokenizer_init`."""
 
-    def __init__(self, model_path: str, *, tp_size: int = 1, mem_fraction_static: float = 0.6,
-                 base_gpu_id: int = 0, enable_memory_saver: bool = True, engine=None):
-        if engine is None:
-            import sglang
-
-            engine = sglang.Engine(model_path=model_path, tp_size=tp_size, skip_tokenizer_init=True,
-                                   mem_fraction_static=mem_fraction_static, base_gpu_id=base_gpu_id,
-                                   enable_memory_saver=enable_memory_saver)
+    def __init__(self, engine, *, tp_size: int, weight_sync: Literal["tensor", "broadcast"] = "tensor"):
+        """Wrap a started `sglang.Engine` (see `launch`); `weight_sync` says how pushes travel."""
         self.engine, self.tp_size = engine, tp_size
+        self._sender = BroadcastSender(engine, tp_size) if weight_sync == "broadcast" else None
         self._version, self._open, self._released = 0, False, False
+
+    @classmethod
+    def launch(cls, model_path: str, config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"],
+               *, local_rank: int, local_world_size: int) -> SGLangEngine:
+        """Start SGLang on the GPUs `config.gpus` picks; ConfigError when SGLang is missing or the GPUs are not there."""
+        gpus = config.gpus(mode, local_rank=local_rank, local_world_size=local_world_size,
+                           visible_gpus=torch.cuda.device_count())
+        try:
+            import sglang
+        except ImportError as err:
+            raise ConfigError(f"rollout.name=sglang but sglang does not import ({err}): install it with "
+                              "pip install 'megatron-dapo[sglang]', or set rollout.name=embedded") from err
+        colocated = mode == "colocated"
+        engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
+                               base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
+                               enable_memory_saver=colocated, **config.server_args)
+        return cls(engine, tp_size=config.tp_size, weight_sync="tensor" if colocated else "broadcast")
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -86,35 +99,43 @@ class SGLangEngine(RolloutEngine):
 
     def begin_weight_update(self) -> None:
         self._open = True
-        if hasattr(self.engine, "begin_weight_update"):  # sglang >= 0.5.23
-            self.engine.begin_weight_update()
+        if hasattr(self.engine, "begin_weight_update"):  # sglang >= 0.5.23 loads weights only inside a session
+            expect_success(self.engine.begin_weight_update(), "begin_weight_update")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         if not self._open:
             raise RolloutError("update_weights outside a push: call begin_weight_update() first")
-        payloads = bucket_payloads(list(named_tensors), self.tp_size)
-        self.engine.update_weights_from_tensor(named_tensors=payloads, load_format="flattened_bucket",
-                                               flush_cache=False)
+        bucket = list(named_tensors)
+        if self._sender is not None:
+            self._sender.send(bucket)
+            return
+        payloads = bucket_payloads(bucket, self.tp_size)
+        expect_success(self.engine.update_weights_from_tensor(named_tensors=payloads, load_format="flattened_bucket",
+                                                              flush_cache=False), "update_weights_from_tensor")
 
     def end_weight_update(self, version: int) -> None:
         if hasattr(self.engine, "end_weight_update"):
-            self.engine.end_weight_update()
-        self.engine.flush_cache()
+            expect_success(self.engine.end_weight_update(), "end_weight_update")
+        expect_success(self.engine.flush_cache(), "flush_cache")
         self._version, self._open = version, False
 
     # ---- memory -----------------------------------------------------------------------------
 
     def release_memory(self) -> None:
-        self.engine.release_memory_occupation(tags=list(MEMORY_TAGS))
+        expect_success(self.engine.release_memory_occupation(tags=list(MEMORY_TAGS)), "release_memory_occupation")
         self._released = True
 
     def resume_memory(self) -> None:
-        self.engine.resume_memory_occupation(tags=list(MEMORY_TAGS))
+        expect_success(self.engine.resume_memory_occupation(tags=list(MEMORY_TAGS)), "resume_memory_occupation")
         self._released = False
 
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def close(self) -> None:
+        """Stop SGLang's processes."""
+        self.engine.shutdown()
 
 
 def _completion(out: dict) -> Completion:

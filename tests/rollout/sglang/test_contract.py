@@ -1,7 +1,8 @@
 """The SGLang adapter against the real sglang package (installed and imported on CPU; SGLang cannot
 run here). CI installs sglang into its CUDA-torch environment, where these checks run.
 
-- every Engine method the adapter calls exists and takes the keyword arguments it passes;
+- every Engine method the adapter calls exists and takes the keyword arguments it passes
+  (test_broadcast.py also binds every call of a real push against the Engine's signatures);
 - the keyword arguments it starts the Engine with are server arguments;
 - its weight buckets deserialize through SGLang's own MultiprocessingSerializer and
   FlattenedTensorBucket into exactly the names and tensors that were sent.
@@ -20,7 +21,7 @@ def _sglang():
     return Engine
 
 
-CALLS = {  # Engine method -> keyword arguments megatron_dapo.rollout.sglang_engine passes
+CALLS = {  # Engine method -> keyword arguments megatron_dapo.rollout.sglang passes
     "generate": {"input_ids", "sampling_params", "return_logprob", "logprob_start_len"},
     "update_weights_from_tensor": {"named_tensors", "load_format", "flush_cache"},
     "flush_cache": set(),
@@ -28,6 +29,10 @@ CALLS = {  # Engine method -> keyword arguments megatron_dapo.rollout.sglang_eng
     "resume_memory_occupation": {"tags"},
     "begin_weight_update": set(),
     "end_weight_update": set(),
+    "init_weights_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name",
+                                  "backend"},
+    "update_weights_from_distributed": {"names", "dtypes", "shapes", "group_name", "flush_cache", "load_format"},
+    "shutdown": set(),
 }
 
 
@@ -48,7 +53,8 @@ def test_engine_start_arguments_are_server_arguments():
     ServerArgs(model_path="/nonexistent", tp_size=2, skip_tokenizer_init=True, mem_fraction_static=0.6,
                base_gpu_id=0, enable_memory_saver=True)
     SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=[2],
-                   skip_special_tokens=False, sampling_seed=3)
+                   skip_special_tokens=False, sampling_seed=3).verify(vocab_size=100)
+    SamplingParams(max_new_tokens=0, temperature=0.7).verify(vocab_size=100)  # score(): prompt log-probs only
     with pytest.raises(TypeError):  # the check can fail: an unknown argument is refused
         ServerArgs(model_path="/nonexistent", no_such_argument=1)
 
@@ -59,22 +65,51 @@ def test_buckets_round_trip_through_sglang_deserializer():
     from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
-    from megatron_dapo.rollout.sglang_engine import bucket_payloads
+    from megatron_dapo.rollout.engine import RolloutError
+    from megatron_dapo.rollout.sglang.wire import bucket_payloads
 
     gen = torch.Generator().manual_seed(0)
     sent = [
-        ("model.embed_tokens.weight", torch.randn(11, 8, generator=gen).to(torch.bfloat16)),
+        ("model.embed_tokens.weight", torch.randn(11, 7, generator=gen).to(torch.bfloat16)),  # 154 bytes
         ("model.layers.0.self_attn.q_proj.bias", torch.randn(8, generator=gen)),
         ("model.layers.0.mlp.down_proj.weight", torch.randn(8, 5, generator=gen).t()),  # not contiguous
         ("model.norm.weight", torch.randn(8, generator=gen, dtype=torch.float16)),
     ]
+    with pytest.raises(RolloutError, match="an empty weight bucket"):
+        bucket_payloads([], tp_size=1)
     payloads = bucket_payloads(sent, tp_size=2)
     assert len(payloads) == 2
     for raw in normalize_serialized_named_tensor_payloads(payloads):
         data = MultiprocessingSerializer.deserialize(raw)
         bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
-        received = bucket.reconstruct_tensors()
-        assert [name for name, _ in received] == [name for name, _ in sent]
-        for (name, got), (_, want) in zip(received, sent):
+        received = dict(bucket.reconstruct_tensors())
+        assert sorted(received) == sorted(name for name, _ in sent)
+        for name, want in sent:
+            got = received[name]
             assert got.dtype == want.dtype and got.shape == want.shape, name
             assert torch.equal(got, want), name
+        for meta in data["metadata"]:  # SGLang's broadcast receiver refuses unaligned offsets
+            assert meta.start_idx % meta.dtype.itemsize == 0, meta.name
+
+class _Failing:
+    """An engine front end whose weight loads fail, answering as sglang.Engine does: (False, message)."""
+
+    def begin_weight_update(self):
+        return True, "Succeeded"
+
+    def update_weights_from_tensor(self, **kwargs):
+        return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+
+
+def test_a_failed_load_raises_with_sglangs_message_and_leaves_the_engine_stale():
+    _sglang()
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    engine = SGLangEngine(_Failing(), tp_size=1)
+    engine.begin_weight_update()
+    with pytest.raises(RolloutError, match="SGLang's update_weights_from_tensor failed: update_weights_from_tensor "
+                                           "must run between"):
+        engine.update_weights([("model.norm.weight", torch.ones(4))])
+    with pytest.raises(StaleWeightsError):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))

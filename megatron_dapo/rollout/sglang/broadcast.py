@@ -1,0 +1,90 @@
+"""Disaggregated weight sync: trainer rank 0 broadcasts each bucket to the SGLang engine's GPUs.
+
+The engine's TP workers and rank 0 form a process group of their own (rank 0 = the trainer, ranks
+1..tp = SGLang, as `init_weights_update_group(rank_offset=1)` places them). A bucket travels as one
+flat byte tensor in SGLang's FlattenedTensorBucket layout (`load_format="flattened_bucket"`): one
+broadcast per bucket, not one per tensor.
+
+SGLang's calls block until its workers have taken part in the collective, so each collective runs
+on a daemon thread while the calling thread talks to the engine. When the engine reports a
+failure, the error is raised at once; the half-done broadcast is left to the group's timeout and
+does not keep the process from exiting.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_dapo.rollout.sglang.wire import dtype_name, expect_success, flatten
+
+GROUP_NAME = "megatron_dapo_weights"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _InBackground:
+    """`fn(*args, **kwargs)` on a daemon thread; `result()` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Callable, *args, **kwargs):
+        self._box: dict = {}
+
+        def run():
+            try:
+                self._box["value"] = fn(*args, **kwargs)
+            except BaseException as err:  # handed to the caller of result()
+                self._box["error"] = err
+
+        self._thread = threading.Thread(target=run, name="weight-broadcast", daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the weight broadcast did not finish within {timeout:g} s")
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box.get("value")
+
+
+class BroadcastSender:
+    """Rank 0's side of SGLang's `update_weights_from_distributed` (flattened buckets)."""
+
+    def __init__(self, engine, tp_size: int, *, timeout_s: float = 600.0):
+        self.engine, self.tp_size, self.timeout_s = engine, tp_size, timeout_s
+        self.group = None
+
+    def connect(self) -> None:
+        """Form the group with the engine's workers (once, before the first bucket)."""
+        from sglang.srt.utils import init_custom_process_group
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        port, world = _free_port(), 1 + self.tp_size
+        joining = _InBackground(init_custom_process_group, backend=backend, init_method=f"tcp://127.0.0.1:{port}",
+                                world_size=world, rank=0, group_name=GROUP_NAME,
+                                timeout=timedelta(seconds=self.timeout_s))
+        expect_success(self.engine.init_weights_update_group(
+            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=world,
+            group_name=GROUP_NAME, backend=backend), "init_weights_update_group")
+        self.group = joining.result(timeout=self.timeout_s)
+
+    def send(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Broadcast one bucket; returns when the engine has loaded it."""
+        if self.group is None:
+            self.connect()
+        bucket = flatten(named_tensors)
+        metadata = bucket.get_metadata()
+        sending = _InBackground(dist.broadcast, bucket.get_flattened_tensor(), src=0, group=self.group)
+        expect_success(self.engine.update_weights_from_distributed(
+            names=[m.name for m in metadata], dtypes=[dtype_name(m.dtype) for m in metadata],
+            shapes=[list(m.shape) for m in metadata], group_name=GROUP_NAME, flush_cache=False,
+            load_format="flattened_bucket"), "update_weights_from_distributed")
+        sending.result(timeout=self.timeout_s)  # the bucket's memory stays referenced until here

@@ -1,0 +1,66 @@
+"""Settings of the SGLang rollout engine, and where its GPUs are."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_dapo.config.loader import ConfigError
+
+SET_BY_US = ("model_path", "tp_size", "skip_tokenizer_init", "base_gpu_id", "mem_fraction_static",
+             "enable_memory_saver")
+"""ServerArgs the adapter sets itself; `server_args` may not repeat them."""
+
+
+@dataclass(kw_only=True)
+class SGLangEngineConfig:
+    """The SGLang engine that rank 0 starts on its node (`rollout.sglang` in the run config)."""
+
+    tp_size: int = 1
+    """GPUs of the engine (its tensor parallelism), all on rank 0's node."""
+    base_gpu_id: int | None = None
+    """First engine GPU; None: rank 0's GPU when colocated, the first GPU after the trainer's ranks when disaggregated."""
+    mem_fraction_static: float = 0.6
+    """Share of each engine GPU's memory for weights and KV cache (colocated: leave the trainer its share)."""
+    server_args: dict[str, Any] = field(default_factory=dict)
+    """Further sglang ServerArgs keywords, e.g. {attention_backend: fa3, cuda_graph_max_bs: 256}."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tp_size < 1:
+            problems.append(f"rollout.sglang.tp_size must be >= 1, got {self.tp_size}")
+        if self.base_gpu_id is not None and self.base_gpu_id < 0:
+            problems.append(f"rollout.sglang.base_gpu_id must be >= 0 or null, got {self.base_gpu_id}")
+        if not 0 < self.mem_fraction_static < 1:
+            problems.append(f"rollout.sglang.mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        for key in sorted(set(self.server_args) & set(SET_BY_US)):
+            problems.append(f"rollout.sglang.server_args.{key} is set by the trainer; use the rollout.sglang key "
+                            "of that name where there is one, or remove it")
+        if problems:
+            raise ConfigError(problems)
+
+    def gpus(self, mode: Literal["colocated", "disaggregated"], *, local_rank: int, local_world_size: int,
+             visible_gpus: int) -> range:
+        """The engine's GPU ids on rank 0's node; ConfigError (naming the keys) when they do not exist or clash.
+
+        Colocated: the engine shares the trainer's GPUs (its memory is released while the trainer runs).
+        Disaggregated: it needs GPUs of its own, after the `local_world_size` GPUs of the trainer's ranks.
+        """
+        if visible_gpus == 0:
+            raise ConfigError("rollout.name=sglang needs CUDA GPUs and this machine has none visible; "
+                              "set rollout.name=embedded (the embedded engine runs on CPU)")
+        colocated = mode == "colocated"
+        first = self.base_gpu_id if self.base_gpu_id is not None else (local_rank if colocated else local_world_size)
+        gpus = range(first, first + self.tp_size)
+        if gpus.stop > visible_gpus:
+            raise ConfigError(
+                f"the SGLang engine needs GPUs {gpus.start}..{gpus.stop - 1} (rollout.sglang.base_gpu_id={first}, "
+                f"rollout.sglang.tp_size={self.tp_size}) but this node has {visible_gpus}"
+                + ("" if colocated else f"; in disaggregated mode the trainer's {local_world_size} ranks use GPUs "
+                   f"0..{local_world_size - 1}: start fewer ranks per node (torchrun --nproc-per-node) or lower "
+                   "rollout.sglang.tp_size"))
+        if not colocated and gpus.start < local_world_size:
+            raise ConfigError(
+                f"rollout.mode=disaggregated: the SGLang engine's GPUs {gpus.start}..{gpus.stop - 1} overlap the "
+                f"trainer's GPUs 0..{local_world_size - 1}; set rollout.sglang.base_gpu_id >= {local_world_size} or "
+                "rollout.mode=colocated")
+        return gpus

@@ -1,0 +1,55 @@
+"""rollout.sglang in the run config, and where the engine's GPUs go (no GPU or sglang needed)."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.config.root import dump_config, load_config
+from megatron_dapo.rollout.sglang import SGLangEngineConfig
+
+
+def test_sglang_section_loads_and_round_trips(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout: {name: sglang, mode: disaggregated,\n"
+                    "          sglang: {tp_size: 4, base_gpu_id: 4, mem_fraction_static: 0.8,\n"
+                    "                   server_args: {attention_backend: fa3}}}\n")
+    config = load_config(path)
+    assert config.rollout.sglang == SGLangEngineConfig(tp_size=4, base_gpu_id=4, mem_fraction_static=0.8,
+                                                       server_args={"attention_backend": "fa3"})
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped) == config
+
+
+def test_bad_sglang_values_name_their_keys():
+    overrides = ["rollout.sglang.tp_size=0", "rollout.sglang.base_gpu_id=-1", "rollout.sglang.mem_fraction_static=1.2",
+                 "rollout.sglang.server_args.tp_size=2"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "rollout.sglang.tp_size must be >= 1, got 0" in message
+    assert "rollout.sglang.base_gpu_id must be >= 0 or null, got -1" in message
+    assert "rollout.sglang.mem_fraction_static must be in (0, 1), got 1.2" in message
+    assert "rollout.sglang.server_args.tp_size is set by the trainer" in message
+
+
+def test_colocated_engine_starts_on_rank_0s_gpu():
+    config = SGLangEngineConfig(tp_size=2)
+    assert config.gpus("colocated", local_rank=0, local_world_size=8, visible_gpus=8) == range(0, 2)
+    assert SGLangEngineConfig(tp_size=8).gpus("colocated", local_rank=0, local_world_size=8,
+                                              visible_gpus=8) == range(0, 8)
+
+
+def test_disaggregated_engine_takes_the_gpus_after_the_trainers():
+    config = SGLangEngineConfig(tp_size=4)
+    assert config.gpus("disaggregated", local_rank=0, local_world_size=4, visible_gpus=8) == range(4, 8)
+    with pytest.raises(ConfigError, match=r"GPUs 6\.\.9 .*this node has 8.*--nproc-per-node"):
+        config.gpus("disaggregated", local_rank=0, local_world_size=6, visible_gpus=8)
+    with pytest.raises(ConfigError, match=r"GPUs 2\.\.5 overlap the trainer's GPUs 0\.\.3.*base_gpu_id >= 4"):
+        SGLangEngineConfig(tp_size=4, base_gpu_id=2).gpus("disaggregated", local_rank=0, local_world_size=4,
+                                                          visible_gpus=8)
+
+
+def test_no_gpu_says_to_use_the_embedded_engine():
+    with pytest.raises(ConfigError, match="needs CUDA GPUs.*set rollout.name=embedded"):
+        SGLangEngineConfig().gpus("colocated", local_rank=0, local_world_size=1, visible_gpus=0)
