@@ -14,8 +14,14 @@ of the busiest GPU:
 - the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
 - on rank 0, the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
-  rollout.embedded.max_batch_size full-length sequences. (SGLang's memory is given back while the
-  actor trains and is not counted.)
+  rollout.embedded.max_batch_size full-length sequences.
+
+SGLang (rollout.name=sglang) gives its memory back while the actor trains, but while it generates
+the actor's weights, gradients and optimizer state stay where they are: colocated, the engine's
+rollout.sglang.mem_fraction_static share of each of its GPUs must fit next to them. Disaggregated,
+every node starts --gpus-per-node minus rollout.sglang.tp_size trainer ranks, and node 0's last
+rollout.sglang.tp_size GPUs run the engine. Either way the engine's share must hold its bf16
+weights (split over its TP) with room left for a KV cache.
 
 An estimate: it says what to change when the total passes the GPU's memory, not that a total below
 it is certain to run.
@@ -23,6 +29,7 @@ it is certain to run.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,22 +86,32 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
     if nodes < 1 or gpus_per_node < 1:
         report.problems.append(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
         return report
-    world = nodes * gpus_per_node
     par, actor = config.parallel, config.actor
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks, "
-                        f"{gpu_memory_gb:g} GB each")
+    rollout = config.rollout
+    engine_gpus = rollout.sglang.tp_size if rollout.name == "sglang" and rollout.mode == "disaggregated" else 0
+    if engine_gpus >= gpus_per_node:
+        report.problems.append(
+            f"rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size ({engine_gpus}) GPUs leave none "
+            f"of node 0's {gpus_per_node} for the trainer: lower rollout.sglang.tp_size or use rollout.mode=colocated")
+        return report
+    world = nodes * (gpus_per_node - engine_gpus)
+    report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks"
+                        + (f" ({gpus_per_node - engine_gpus} per node; node 0's last {engine_gpus} run SGLang)"
+                           if engine_gpus else "") + f", {gpu_memory_gb:g} GB each")
     if world % (tp * pp):
         report.problems.append(
             f"parallel.tensor_model_parallel_size ({tp}) x parallel.pipeline_model_parallel_size ({pp}) = {tp * pp} "
-            f"does not divide {world} ranks: use a number of nodes that makes nodes x {gpus_per_node} a multiple of "
+            f"does not divide {world} ranks: use a number of nodes that makes nodes x {gpus_per_node - engine_gpus} a multiple of "
             f"{tp * pp}, or change TP / PP")
         return report
     layout = par.layout(world)
     report.lines.append(f"layout: {layout.describe()}")
-    if tp > gpus_per_node or gpus_per_node % tp:
+    per_node = gpus_per_node - engine_gpus
+    if tp > per_node or per_node % tp:
+        where = f"the {per_node} trainer ranks per node" if engine_gpus else f"--gpus-per-node ({gpus_per_node})"
         report.problems.append(
-            f"parallel.tensor_model_parallel_size ({tp}) must divide --gpus-per-node ({gpus_per_node}): a TP group "
+            f"parallel.tensor_model_parallel_size ({tp}) must divide {where}: a TP group "
             "exchanges activations in every layer and must stay inside one node; move the rest to "
             "parallel.pipeline_model_parallel_size")
     _check_batches(config, layout.dp, report)
@@ -162,6 +179,35 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
     return weights, cache
 
 
+def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, gpu_memory_gb: float,
+                  report: Report) -> None:
+    """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor."""
+    mode, sglang = config.rollout.mode, config.rollout.sglang
+    layer, embedding, output = parameter_counts(arch)
+    weights = 2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size
+    memory = gpu_memory_gb * GB
+    share = sglang.mem_fraction_static * memory
+    report.lines.append(f"SGLang engine ({mode}, {sglang.tp_size} GPU(s)): rollout.sglang.mem_fraction_static "
+                        f"{sglang.mem_fraction_static:g} = {share / GB:.1f} GB per GPU, bf16 weights "
+                        f"{weights / GB:.1f} GB of it")
+    if weights > 0.8 * share:
+        report.problems.append(
+            f"the SGLang engine's weights ({weights / GB:.1f} GB per GPU at rollout.sglang.tp_size {sglang.tp_size}) "
+            f"leave less than a fifth of its {share / GB:.1f} GB share for the KV cache: raise "
+            "rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
+    if mode != "colocated":
+        return
+    total = actor_resident + share + OVERHEAD_GB * GB
+    report.lines.append(f"while SGLang generates, its GPUs also hold the actor's weights, gradients and optimizer "
+                        f"state ({actor_resident / GB:.1f} GB): {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    if total > memory:
+        fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB) / memory) / 100
+        report.problems.append(
+            f"colocated SGLang needs {total / GB:.1f} GB per GPU while it generates: "
+            + (f"lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2 else
+               "use rollout.mode=disaggregated, or more nodes (the optimizer state is sharded over data parallelism)"))
+
+
 def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report) -> None:
     layer, embedding, output = parameter_counts(arch)
     per_stage = arch.num_layers // layout.pp if arch.num_layers % layout.pp == 0 else -(-arch.num_layers // layout.pp)
@@ -189,6 +235,8 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, {in_flight} in flight"
         + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    if config.rollout.name == "sglang":
+        _check_sglang(config, arch, weights + grads + optimizer, gpu_memory_gb, report)
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine

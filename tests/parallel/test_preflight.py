@@ -121,3 +121,39 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     # Without a readable model folder, the model's checks are skipped and the note says how to run them.
     bare = subprocess.run(command[:-2] + ["--nodes", "16"], capture_output=True, text=True)
     assert bare.returncode == 0 and "note: models/Qwen2.5-32B/config.json is not readable here" in bare.stdout
+
+
+def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
+    report = _check("dapo-qwen2.5-32b", 16, 8)
+    text = report.render()
+    assert "SGLang engine (colocated, 8 GPU(s)): rollout.sglang.mem_fraction_static 0.5 = 40.0 GB per GPU" in text
+    assert re.search(r"actor's weights, gradients and optimizer state \(27\.\d GB\): 7\d\.\d GB of 80 GB", text), text
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.mem_fraction_static=0.7")
+    assert report.problems == ["colocated SGLang needs 87.6 GB per GPU while it generates: lower "
+                               "rollout.sglang.mem_fraction_static to 0.60 or less"], report.problems
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=1")
+    assert any(p.startswith("the SGLang engine's weights (65.5 GB per GPU at rollout.sglang.tp_size 1)")
+               for p in report.problems), report.problems
+
+
+def test_disaggregated_sglang_takes_gpus_from_the_trainer():
+    overrides = ("rollout.name=sglang", "rollout.mode=disaggregated", "rollout.sglang.tp_size=4",
+                 "parallel.tensor_model_parallel_size=2", "actor.ppo_mini_batch_size=32")
+    report = _check("dapo-qwen3-4b", 1, 8, *overrides)
+    text = report.render()
+    assert report.fits, text
+    assert "= 4 ranks (4 per node; node 0's last 4 run SGLang)" in text
+    assert "layout: TP2+SP x PP1 x DP2 = 4 ranks" in text and "while SGLang generates" not in text
+    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=8")
+    assert report.problems == ["rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size (8) GPUs "
+                               "leave none of node 0's 8 for the trainer: lower rollout.sglang.tp_size or use "
+                               "rollout.mode=colocated"]
+    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=2",
+                    "parallel.tensor_model_parallel_size=4")
+    assert report.problems == ["parallel.tensor_model_parallel_size (4) x parallel.pipeline_model_parallel_size (1) = "
+                               "4 does not divide 6 ranks: use a number of nodes that makes nodes x 6 a multiple of 4, "
+                               "or change TP / PP"]
+    report = _check("dapo-qwen3-4b", 2, 8, *overrides[:2], "rollout.sglang.tp_size=2",
+                    "parallel.tensor_model_parallel_size=4")
+    assert any("parallel.tensor_model_parallel_size (4) must divide the 6 trainer ranks per node" in p
+               for p in report.problems), report.problems
