@@ -29,14 +29,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, checks: list[Check], workdir: str, timeout_s: float, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, checks: list[Check], workdir: str, timeout_s: float, queue,
+            backend: str = "gloo") -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         for check in checks:
@@ -49,13 +52,15 @@ def _worker(rank: int, world_size: int, port: int, checks: list[Check], workdir:
         dist.destroy_process_group()
 
 
-def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: float = 120.0) -> dict[str, list[str]]:
-    """Run `checks` on `world_size` gloo ranks; returns check name -> failure tracebacks (empty: passed)."""
+def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: float = 120.0,
+               backend: str = "gloo") -> dict[str, list[str]]:
+    """Run `checks` on `world_size` ranks (gloo; "nccl": one GPU per rank); returns check name -> failure
+    tracebacks (empty: passed)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, checks, str(workdir), timeout_s, queue))
+        ctx.Process(target=_worker, args=(rank, world_size, port, checks, str(workdir), timeout_s, queue, backend))
         for rank in range(world_size)
     ]
     for proc in procs:

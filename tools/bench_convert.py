@@ -29,13 +29,9 @@ SHARD = "500MB"
 
 
 def make_model(folder: Path) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from megatron_dapo.bench.models import save_random_qwen25_05b
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rope_theta=1e6)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size=SHARD)
+    save_random_qwen25_05b(folder, torch.bfloat16, max_shard_size=SHARD)
 
 
 def _high_water_mark() -> int:

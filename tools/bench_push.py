@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tools/bench_push.py --tp N [--out benchmarks/results]
 
 Builds a random Qwen2.5-0.5B-shaped Hugging Face folder (rank 0, once), loads it into the Megatron
-actor at TP = --tp (PP 1), starts the embedded engine on rank 0 and times `push_weights` a few times:
+actor at TP = --tp (PP 1; bf16 on a GPU, fp32 on CPU), starts the embedded engine on rank 0 (on its
+GPU when there is one) and times `push_weights` a few times:
 seconds, GB/s of HF-named tensors delivered, buckets. Appends a row to benchmarks/results/push.csv.
 """
 from __future__ import annotations
@@ -21,16 +22,6 @@ import torch
 import torch.distributed as dist
 
 
-def make_model(folder: Path) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rope_theta=1e6, torch_dtype="float32")
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tp", type=int, default=1)
@@ -41,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_dapo.actor.actor import MegatronActor
+    from megatron_dapo.bench.models import save_random_qwen25_05b
     from megatron_dapo.actor.config import ActorConfig
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_distributed
@@ -52,16 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     folder = Path(args.model)
     if rank == 0 and not (folder / "model.safetensors").exists():
-        make_model(folder)
+        save_random_qwen25_05b(folder)
     dist.barrier()
-    actor = MegatronActor(ActorConfig(), folder, layout, temperature=1.0, bf16=False)
-    engine = EmbeddedEngine.from_pretrained(folder, EmbeddedEngineConfig(device="cpu", dtype="float32")) \
-        if rank == 0 else None
+    gpu = torch.cuda.is_available()  # GPU: bf16 actor and engine on the rank's device; CPU: fp32
+    actor = MegatronActor(ActorConfig(), folder, layout, temperature=1.0, bf16=gpu)
+    engine_config = EmbeddedEngineConfig(device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32")
+    engine = EmbeddedEngine.from_pretrained(folder, engine_config) if rank == 0 else None
     runs = []
     for version in range(1, args.repeats + 1):
         dist.barrier()
         start = time.perf_counter()
         stats = push_weights(actor, engine, version=version, bucket_mb=args.bucket_mb)
+        if gpu:
+            torch.cuda.synchronize()
         dist.barrier()
         runs.append((time.perf_counter() - start, stats))
     if rank == 0:

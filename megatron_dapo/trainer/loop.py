@@ -78,23 +78,25 @@ class Trainer:
 
             local = {"local_rank": int(os.environ.get("LOCAL_RANK", "0")),
                      "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
-            rollout.sglang.gpus(rollout.mode, visible_gpus=torch.cuda.device_count(), **local)
+            SGLangEngine.check_startable(rollout.sglang, rollout.mode, **local)
             return SGLangEngine.launch(path, rollout.sglang, rollout.mode, **local) if self.rank0 else None
         from megatron_dapo.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_pretrained(path, rollout.embedded) if self.rank0 else None
 
     @contextlib.contextmanager
-    def _engine_memory_released(self):
+    def _engine_memory_released(self, timer: _Timer):
         """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after."""
         release = self.engine is not None and self.config.rollout.mode == "colocated"
         if release:
-            self.engine.release_memory()
+            with timer("engine_memory"):
+                self.engine.release_memory()
         try:
             yield
         finally:
             if release:
-                self.engine.resume_memory()
+                with timer("engine_memory"):
+                    self.engine.resume_memory()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -124,7 +126,7 @@ class Trainer:
             self.sinks.close()
         if self.scorer:
             self.scorer.close()
-        if self.engine:
+        if self.engine is not None:
             self.engine.close()
 
     def train_step(self) -> dict[str, float]:
@@ -138,7 +140,7 @@ class Trainer:
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                       overlong_filtering=cfg.algorithm.overlong_filtering)
-            with self._engine_memory_released():
+            with self._engine_memory_released(timer):
                 with timer("old_log_prob"):
                     batch.old_logp, _ = self.actor.compute_logprobs(batch)
                 with timer("update"):

@@ -17,6 +17,7 @@ SGLang stays optional: it is imported when this engine is built.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from typing import Literal
 
@@ -41,17 +42,27 @@ class SGLangEngine(RolloutEngine):
         self._sender = BroadcastSender(engine, tp_size) if weight_sync == "broadcast" else None
         self._version, self._open, self._released = 0, False, False
 
+    @staticmethod
+    def check_startable(config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"], *,
+                        local_rank: int, local_world_size: int) -> range:
+        """The engine's GPUs; ConfigError (naming the fix) when they are not there or sglang is not installed.
+
+        Cheap, and meant for every rank, so that all of them stop alike instead of waiting for rank 0.
+        """
+        gpus = config.gpus(mode, local_rank=local_rank, local_world_size=local_world_size,
+                           visible_gpus=torch.cuda.device_count())
+        if importlib.util.find_spec("sglang") is None:
+            raise ConfigError("rollout.name=sglang but sglang is not installed: pip install 'megatron-dapo[sglang]', "
+                              "or set rollout.name=embedded")
+        return gpus
+
     @classmethod
     def launch(cls, model_path: str, config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"],
                *, local_rank: int, local_world_size: int) -> SGLangEngine:
-        """Start SGLang on the GPUs `config.gpus` picks; ConfigError when SGLang is missing or the GPUs are not there."""
-        gpus = config.gpus(mode, local_rank=local_rank, local_world_size=local_world_size,
-                           visible_gpus=torch.cuda.device_count())
-        try:
-            import sglang
-        except ImportError as err:
-            raise ConfigError(f"rollout.name=sglang but sglang does not import ({err}): install it with "
-                              "pip install 'megatron-dapo[sglang]', or set rollout.name=embedded") from err
+        """Start SGLang in this process on the GPUs `check_startable` picks."""
+        import sglang
+
+        gpus = cls.check_startable(config, mode, local_rank=local_rank, local_world_size=local_world_size)
         colocated = mode == "colocated"
         engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
                                base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
