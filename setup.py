@@ -86,7 +86,7 @@ setup(
         "pyarrow",
     ],
     extras_require={
-        "sglang": ["sglang>=0.5.17"],
+        "sglang": ["sglang>=0.5.23"],  # the flattened-bucket broadcast and weight-update sessions
         "te": ["transformer-engine[pytorch]>=2.0"],
         "test": ["pytest>=8.0"],
         "dev": ["pytest>=8.0", "ruff>=0.5"],

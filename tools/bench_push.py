@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_dapo.actor.actor import MegatronActor
-    from megatron_dapo.bench.models import save_random_qwen25_05b
     from megatron_dapo.actor.config import ActorConfig
+    from megatron_dapo.bench.models import save_random_qwen25_05b
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_distributed
     from megatron_dapo.rollout.embedded import EmbeddedEngine

@@ -16,9 +16,10 @@ of the busiest GPU:
 - on rank 0, the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
   rollout.embedded.max_batch_size full-length sequences.
 
-SGLang (rollout.name=sglang) gives its memory back while the actor trains, but while it generates
-the actor's weights, gradients and optimizer state stay where they are: colocated, the engine's
-rollout.sglang.mem_fraction_static share of each of its GPUs must fit next to them. Disaggregated,
+SGLang (rollout.name=sglang) takes rollout.sglang.mem_fraction_static of the memory free when it
+starts, and gives it back while the actor trains; while it generates, the actor's weights, gradients
+and optimizer state stay where they are: colocated, the engine's share must fit next to them
+(including the Adam moments that arrive after SGLang has sized itself). Disaggregated,
 every node starts --gpus-per-node minus rollout.sglang.tp_size trainer ranks, and node 0's last
 rollout.sglang.tp_size GPUs run the engine. Either way the engine's share must hold its bf16
 weights (split over its TP) with room left for a KV cache.
@@ -95,6 +96,9 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
             f"rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size ({engine_gpus}) GPUs leave none "
             f"of node 0's {gpus_per_node} for the trainer: lower rollout.sglang.tp_size or use rollout.mode=colocated")
         return report
+    if rollout.name == "sglang" and rollout.mode == "colocated" and rollout.sglang.tp_size > gpus_per_node:
+        report.problems.append(f"rollout.sglang.tp_size ({rollout.sglang.tp_size}) is more than node 0's "
+                               f"{gpus_per_node} GPUs: the engine runs on one node; lower it")
     world = nodes * (gpus_per_node - engine_gpus)
     report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks"
                         + (f" ({gpus_per_node - engine_gpus} per node; node 0's last {engine_gpus} run SGLang)"
@@ -179,29 +183,36 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
     return weights, cache
 
 
-def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, gpu_memory_gb: float,
-                  report: Report) -> None:
-    """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor."""
+def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, adam_moments: float,
+                  gpu_memory_gb: float, report: Report) -> None:
+    """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor.
+
+    SGLang sizes itself when it starts: weights and KV cache take rollout.sglang.mem_fraction_static of
+    the memory free at that moment. Colocated, the actor is built first (its Adam moments come at the
+    first step, after SGLang has sized itself) and stays resident while SGLang generates.
+    """
     mode, sglang = config.rollout.mode, config.rollout.sglang
+    colocated = mode == "colocated"
     layer, embedding, output = parameter_counts(arch)
     weights = 2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size
     memory = gpu_memory_gb * GB
-    share = sglang.mem_fraction_static * memory
+    free = memory - OVERHEAD_GB * GB - (actor_resident - adam_moments if colocated else 0.0)
+    share = sglang.mem_fraction_static * free
     report.lines.append(f"SGLang engine ({mode}, {sglang.tp_size} GPU(s)): rollout.sglang.mem_fraction_static "
-                        f"{sglang.mem_fraction_static:g} = {share / GB:.1f} GB per GPU, bf16 weights "
-                        f"{weights / GB:.1f} GB of it")
+                        f"{sglang.mem_fraction_static:g} of the {free / GB:.1f} GB free when it starts = "
+                        f"{share / GB:.1f} GB per GPU, bf16 weights {weights / GB:.1f} GB of it")
     if weights > 0.8 * share:
         report.problems.append(
             f"the SGLang engine's weights ({weights / GB:.1f} GB per GPU at rollout.sglang.tp_size {sglang.tp_size}) "
             f"leave less than a fifth of its {share / GB:.1f} GB share for the KV cache: raise "
             "rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
-    if mode != "colocated":
+    if not colocated:
         return
     total = actor_resident + share + OVERHEAD_GB * GB
     report.lines.append(f"while SGLang generates, its GPUs also hold the actor's weights, gradients and optimizer "
                         f"state ({actor_resident / GB:.1f} GB): {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
     if total > memory:
-        fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB) / memory) / 100
+        fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB) / free) / 100
         report.problems.append(
             f"colocated SGLang needs {total / GB:.1f} GB per GPU while it generates: "
             + (f"lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2 else
@@ -236,7 +247,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
     if config.rollout.name == "sglang":
-        _check_sglang(config, arch, weights + grads + optimizer, gpu_memory_gb, report)
+        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, gpu_memory_gb, report)
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine

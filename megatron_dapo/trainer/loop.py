@@ -76,27 +76,35 @@ class Trainer:
         if rollout.name == "sglang":
             from megatron_dapo.rollout.sglang import SGLangEngine
 
-            local = {"local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-                     "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
-            SGLangEngine.check_startable(rollout.sglang, rollout.mode, **local)
-            return SGLangEngine.launch(path, rollout.sglang, rollout.mode, **local) if self.rank0 else None
+            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's --nproc-per-node
+            SGLangEngine.check_startable(rollout.sglang, rollout.mode, local_world_size=ranks_per_node)
+            return (SGLangEngine.launch(path, rollout.sglang, rollout.mode, local_world_size=ranks_per_node)
+                    if self.rank0 else None)
         from megatron_dapo.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_pretrained(path, rollout.embedded) if self.rank0 else None
 
     @contextlib.contextmanager
     def _engine_memory_released(self, timer: _Timer):
-        """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after."""
-        release = self.engine is not None and self.config.rollout.mode == "colocated"
-        if release:
-            with timer("engine_memory"):
-                self.engine.release_memory()
-        try:
+        """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after.
+
+        Every rank takes part: no rank computes before rank 0 has released, and every rank hands its
+        cached blocks back to the device before rank 0 resumes (the engine shares their GPUs).
+        """
+        if self.config.rollout.mode != "colocated":
             yield
-        finally:
-            if release:
-                with timer("engine_memory"):
-                    self.engine.resume_memory()
+            return
+        with timer("engine_memory"):
+            if self.engine is not None:
+                self.engine.release_memory()
+            dist.barrier()
+        yield
+        with timer("engine_memory"):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            dist.barrier()
+            if self.engine is not None:
+                self.engine.resume_memory()
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ flat byte tensor in SGLang's FlattenedTensorBucket layout (`load_format="flatten
 broadcast per bucket, not one per tensor.
 
 SGLang's calls block until its workers have taken part in the collective, so each collective runs
-on a daemon thread while the calling thread talks to the engine. When the engine reports a
-failure, the error is raised at once; the half-done broadcast is left to the group's timeout and
-does not keep the process from exiting.
+on a daemon thread while the calling thread talks to the engine. When the engine refuses a bucket
+(it answers (False, message) before joining the broadcast), the error is raised at once and the
+run stops; the broadcast left waiting ends with the group's timeout (`timeout_s`): gloo raises in
+its thread, NCCL's watchdog aborts the process.
 """
 from __future__ import annotations
 
@@ -62,11 +63,10 @@ class BroadcastSender:
         self.engine, self.tp_size, self.timeout_s = engine, tp_size, timeout_s
         self.group = None
 
-    def connect(self) -> None:
+    def connect(self, backend: str) -> None:
         """Form the group with the engine's workers (once, before the first bucket)."""
         from sglang.srt.utils import init_custom_process_group
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         port, world = _free_port(), 1 + self.tp_size
         joining = _InBackground(init_custom_process_group, backend=backend, init_method=f"tcp://127.0.0.1:{port}",
                                 world_size=world, rank=0, group_name=GROUP_NAME,
@@ -78,9 +78,9 @@ class BroadcastSender:
 
     def send(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Broadcast one bucket; returns when the engine has loaded it."""
-        if self.group is None:
-            self.connect()
         bucket = flatten(named_tensors)
+        if self.group is None:  # the buckets' device decides: NCCL between GPUs, gloo for CPU tensors
+            self.connect("nccl" if bucket.get_flattened_tensor().is_cuda else "gloo")
         metadata = bucket.get_metadata()
         sending = _InBackground(dist.broadcast, bucket.get_flattened_tensor(), src=0, group=self.group)
         expect_success(self.engine.update_weights_from_distributed(

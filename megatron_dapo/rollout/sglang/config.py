@@ -18,9 +18,9 @@ class SGLangEngineConfig:
     tp_size: int = 1
     """GPUs of the engine (its tensor parallelism), all on rank 0's node."""
     base_gpu_id: int | None = None
-    """First engine GPU; None: rank 0's GPU when colocated, the first GPU after the trainer's ranks when disaggregated."""
+    """First engine GPU on node 0; None: GPU 0 (rank 0's) when colocated, the first after the trainer's when disaggregated."""
     mem_fraction_static: float = 0.6
-    """Share of each engine GPU's memory for weights and KV cache (colocated: leave the trainer its share)."""
+    """Share of the memory free when SGLang starts that its weights and KV cache take (per engine GPU)."""
     server_args: dict[str, Any] = field(default_factory=dict)
     """Further sglang ServerArgs keywords, e.g. {attention_backend: fa3, cuda_graph_max_bs: 256}."""
 
@@ -38,18 +38,18 @@ class SGLangEngineConfig:
         if problems:
             raise ConfigError(problems)
 
-    def gpus(self, mode: Literal["colocated", "disaggregated"], *, local_rank: int, local_world_size: int,
-             visible_gpus: int) -> range:
-        """The engine's GPU ids on rank 0's node; ConfigError (naming the keys) when they do not exist or clash.
+    def gpus(self, mode: Literal["colocated", "disaggregated"], *, local_world_size: int, visible_gpus: int) -> range:
+        """The engine's GPU ids on node 0 (rank 0 starts it); ConfigError (naming the keys) when they do not exist or clash.
 
         Colocated: the engine shares the trainer's GPUs (its memory is released while the trainer runs).
         Disaggregated: it needs GPUs of its own, after the `local_world_size` GPUs of the trainer's ranks.
+        The answer is the same on every rank, so every rank can check it.
         """
         if visible_gpus == 0:
             raise ConfigError("rollout.name=sglang needs CUDA GPUs and this machine has none visible; "
                               "set rollout.name=embedded (the embedded engine runs on CPU)")
         colocated = mode == "colocated"
-        first = self.base_gpu_id if self.base_gpu_id is not None else (local_rank if colocated else local_world_size)
+        first = self.base_gpu_id if self.base_gpu_id is not None else (0 if colocated else local_world_size)
         gpus = range(first, first + self.tp_size)
         if gpus.stop > visible_gpus:
             raise ConfigError(

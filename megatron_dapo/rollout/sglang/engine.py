@@ -12,7 +12,7 @@ as (HF name, tensor) buckets, sent one of two ways:
 
 Either way a bucket's memory stays referenced until SGLang's call has returned (the calls are
 synchronous) and a new bucket is always a new tensor, so no buffer is reused while the engine may
-still read it. SGLang reports most failures as (False, message), which become RolloutError here.
+still read it; blocks shared through CUDA IPC are collected after the push. SGLang reports most failures as (False, message), which become RolloutError here.
 SGLang stays optional: it is imported when this engine is built.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError
 from megatron_dapo.rollout.sglang.broadcast import BroadcastSender
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
-from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success
+from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success, flatten
 
 MEMORY_TAGS = ("kv_cache", "weights")
 """What `release_memory` frees while the trainer runs (colocated mode)."""
@@ -44,13 +44,12 @@ class SGLangEngine(RolloutEngine):
 
     @staticmethod
     def check_startable(config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"], *,
-                        local_rank: int, local_world_size: int) -> range:
+                        local_world_size: int) -> range:
         """The engine's GPUs; ConfigError (naming the fix) when they are not there or sglang is not installed.
 
         Cheap, and meant for every rank, so that all of them stop alike instead of waiting for rank 0.
         """
-        gpus = config.gpus(mode, local_rank=local_rank, local_world_size=local_world_size,
-                           visible_gpus=torch.cuda.device_count())
+        gpus = config.gpus(mode, local_world_size=local_world_size, visible_gpus=torch.cuda.device_count())
         if importlib.util.find_spec("sglang") is None:
             raise ConfigError("rollout.name=sglang but sglang is not installed: pip install 'megatron-dapo[sglang]', "
                               "or set rollout.name=embedded")
@@ -58,11 +57,11 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def launch(cls, model_path: str, config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"],
-               *, local_rank: int, local_world_size: int) -> SGLangEngine:
+               *, local_world_size: int) -> SGLangEngine:
         """Start SGLang in this process on the GPUs `check_startable` picks."""
         import sglang
 
-        gpus = cls.check_startable(config, mode, local_rank=local_rank, local_world_size=local_world_size)
+        gpus = cls.check_startable(config, mode, local_world_size=local_world_size)
         colocated = mode == "colocated"
         engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
                                base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
@@ -120,14 +119,18 @@ class SGLangEngine(RolloutEngine):
         if self._sender is not None:
             self._sender.send(bucket)
             return
-        payloads = bucket_payloads(bucket, self.tp_size)
+        flat = flatten(bucket)  # referenced until SGLang's call has returned: its workers read it through CUDA IPC
+        payloads = bucket_payloads(flat, self.tp_size)
         expect_success(self.engine.update_weights_from_tensor(named_tensors=payloads, load_format="flattened_bucket",
                                                               flush_cache=False), "update_weights_from_tensor")
+        del flat, payloads
 
     def end_weight_update(self, version: int) -> None:
         if hasattr(self.engine, "end_weight_update"):
             expect_success(self.engine.end_weight_update(), "end_weight_update")
         expect_success(self.engine.flush_cache(), "flush_cache")
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # free the buckets' blocks that SGLang's workers have let go of
         self._version, self._open = version, False
 
     # ---- memory -----------------------------------------------------------------------------

@@ -20,14 +20,12 @@ def flatten(named_tensors: list[tuple[str, torch.Tensor]]):
     return FlattenedTensorBucket(named_tensors=[(name, t.contiguous()) for name, t in ordered])
 
 
-def bucket_payloads(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int) -> list[bytes]:
-    """One bucket as `update_weights_from_tensor(load_format="flattened_bucket")` payloads, one per SGLang TP rank.
-
-    CUDA tensors are serialized as IPC handles: the bucket must stay alive until SGLang's call returns.
+def bucket_payloads(bucket, tp_size: int) -> list[bytes]:
+    """A `flatten`ed bucket as `update_weights_from_tensor(load_format="flattened_bucket")` payloads, one per
+    SGLang TP rank. CUDA tensors are serialized as IPC handles: keep `bucket` alive until SGLang's call returns.
     """
     from sglang.srt.utils import MultiprocessingSerializer
 
-    bucket = flatten(named_tensors)
     payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
     return [MultiprocessingSerializer.serialize(payload, output_str=False) for _ in range(tp_size)]
 

@@ -33,23 +33,23 @@ def test_bad_sglang_values_name_their_keys():
     assert "rollout.sglang.server_args.tp_size is set by the trainer" in message
 
 
-def test_colocated_engine_starts_on_rank_0s_gpu():
+def test_colocated_engine_starts_on_node_0s_first_gpu():
     config = SGLangEngineConfig(tp_size=2)
-    assert config.gpus("colocated", local_rank=0, local_world_size=8, visible_gpus=8) == range(0, 2)
-    assert SGLangEngineConfig(tp_size=8).gpus("colocated", local_rank=0, local_world_size=8,
+    assert config.gpus("colocated", local_world_size=8, visible_gpus=8) == range(0, 2)
+    assert SGLangEngineConfig(tp_size=8).gpus("colocated", local_world_size=8,
                                               visible_gpus=8) == range(0, 8)
 
 
 def test_disaggregated_engine_takes_the_gpus_after_the_trainers():
     config = SGLangEngineConfig(tp_size=4)
-    assert config.gpus("disaggregated", local_rank=0, local_world_size=4, visible_gpus=8) == range(4, 8)
+    assert config.gpus("disaggregated", local_world_size=4, visible_gpus=8) == range(4, 8)
     with pytest.raises(ConfigError, match=r"GPUs 6\.\.9 .*this node has 8.*--nproc-per-node"):
-        config.gpus("disaggregated", local_rank=0, local_world_size=6, visible_gpus=8)
+        config.gpus("disaggregated", local_world_size=6, visible_gpus=8)
     with pytest.raises(ConfigError, match=r"GPUs 2\.\.5 overlap the trainer's GPUs 0\.\.3.*base_gpu_id >= 4"):
-        SGLangEngineConfig(tp_size=4, base_gpu_id=2).gpus("disaggregated", local_rank=0, local_world_size=4,
+        SGLangEngineConfig(tp_size=4, base_gpu_id=2).gpus("disaggregated", local_world_size=4,
                                                           visible_gpus=8)
 
 
 def test_no_gpu_says_to_use_the_embedded_engine():
     with pytest.raises(ConfigError, match="needs CUDA GPUs.*set rollout.name=embedded"):
-        SGLangEngineConfig().gpus("colocated", local_rank=0, local_world_size=1, visible_gpus=0)
+        SGLangEngineConfig().gpus("colocated", local_world_size=1, visible_gpus=0)

@@ -66,7 +66,7 @@ def test_buckets_round_trip_through_sglang_deserializer():
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     from megatron_dapo.rollout.engine import RolloutError
-    from megatron_dapo.rollout.sglang.wire import bucket_payloads
+    from megatron_dapo.rollout.sglang.wire import bucket_payloads, flatten
 
     gen = torch.Generator().manual_seed(0)
     sent = [
@@ -76,8 +76,8 @@ def test_buckets_round_trip_through_sglang_deserializer():
         ("model.norm.weight", torch.randn(8, generator=gen, dtype=torch.float16)),
     ]
     with pytest.raises(RolloutError, match="an empty weight bucket"):
-        bucket_payloads([], tp_size=1)
-    payloads = bucket_payloads(sent, tp_size=2)
+        flatten([])
+    payloads = bucket_payloads(flatten(sent), tp_size=2)
     assert len(payloads) == 2
     for raw in normalize_serialized_named_tensor_payloads(payloads):
         data = MultiprocessingSerializer.deserialize(raw)
@@ -90,6 +90,7 @@ def test_buckets_round_trip_through_sglang_deserializer():
             assert torch.equal(got, want), name
         for meta in data["metadata"]:  # SGLang's broadcast receiver refuses unaligned offsets
             assert meta.start_idx % meta.dtype.itemsize == 0, meta.name
+
 
 class _Failing:
     """An engine front end whose weight loads fail, answering as sglang.Engine does: (False, message)."""
