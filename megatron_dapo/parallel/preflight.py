@@ -13,15 +13,15 @@ of the busiest GPU:
   layer when activations are recomputed (Korthikanti et al., 2022, with flash attention);
 - the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
-- on rank 0, the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
+- on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
   rollout.embedded.max_batch_size full-length sequences.
 
 SGLang (rollout.name=sglang) takes rollout.sglang.mem_fraction_static of the memory free when it
 starts, and gives it back while the actor trains; while it generates, the actor's weights, gradients
 and optimizer state stay where they are: colocated, the engine's share must fit next to them
 (including the Adam moments that arrive after SGLang has sized itself). Disaggregated,
-every node starts --gpus-per-node minus rollout.sglang.tp_size trainer ranks, and node 0's last
-rollout.sglang.tp_size GPUs run the engine. Either way the engine's share must hold its bf16
+every node starts --gpus-per-node minus rollout.sglang.tp_size trainer ranks, and each host node's last
+rollout.sglang.tp_size GPUs run its engine. Either way the engine's share must hold its bf16
 weights (split over its TP) with room left for a KV cache.
 
 An estimate: it says what to change when the total passes the GPU's memory, not that a total below
@@ -94,14 +94,14 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
     if engine_gpus >= gpus_per_node:
         report.problems.append(
             f"rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size ({engine_gpus}) GPUs leave none "
-            f"of node 0's {gpus_per_node} for the trainer: lower rollout.sglang.tp_size or use rollout.mode=colocated")
+            f"of a node's {gpus_per_node} for the trainer: lower rollout.sglang.tp_size or use rollout.mode=colocated")
         return report
     if rollout.name == "sglang" and rollout.mode == "colocated" and rollout.sglang.tp_size > gpus_per_node:
-        report.problems.append(f"rollout.sglang.tp_size ({rollout.sglang.tp_size}) is more than node 0's "
-                               f"{gpus_per_node} GPUs: the engine runs on one node; lower it")
+        report.problems.append(f"rollout.sglang.tp_size ({rollout.sglang.tp_size}) is more than a node's "
+                               f"{gpus_per_node} GPUs: an engine runs on one node; lower it")
     world = nodes * (gpus_per_node - engine_gpus)
     report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks"
-                        + (f" ({gpus_per_node - engine_gpus} per node; node 0's last {engine_gpus} run SGLang)"
+                        + (f" ({gpus_per_node - engine_gpus} per node; each node's last {engine_gpus} GPUs are SGLang's)"
                            if engine_gpus else "") + f", {gpu_memory_gb:g} GB each")
     if world % (tp * pp):
         report.problems.append(
@@ -119,12 +119,31 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
             "exchanges activations in every layer and must stay inside one node; move the rest to "
             "parallel.pipeline_model_parallel_size")
     _check_batches(config, layout.dp, report)
+    _check_engines(config, layout, gpus_per_node - engine_gpus, report)
     if arch is None:
         arch = _arch_from_config(config, report)
     if arch is not None:
         _check_model(config, arch, layout, report)
         _check_memory(config, arch, layout, gpu_memory_gb, report)
     return report
+
+
+def _check_engines(config: DAPOConfig, layout, ranks_per_node: int, report: Report) -> None:
+    """rollout.engines against the replicas, and SGLang's hosts against the nodes (megatron-core's rank order:
+    tensor-parallel ranks next to each other, then data-parallel replicas, then pipeline stages)."""
+    engines = config.rollout.engines
+    if engines > layout.dp:
+        report.problems.append(f"rollout.engines ({engines}) is more than the {layout.dp} data-parallel replicas: "
+                               "each engine takes its weights from a replica of its own; lower it")
+        return
+    hosts = [i * (layout.dp // engines) * layout.tp for i in range(engines)]
+    report.lines.append(f"rollout: {engines} engine(s) on rank(s) {', '.join(map(str, hosts[:8]))}"
+                        + (", ..." if engines > 8 else ""))
+    elsewhere = [rank for rank in hosts if rank % ranks_per_node]
+    if config.rollout.name == "sglang" and elsewhere:
+        report.problems.append(
+            f"rollout.engines ({engines}) puts SGLang engines on ranks {elsewhere[:4]}, which are not the first rank "
+            f"of their node: choose rollout.engines so that each engine's replicas fill whole nodes")
 
 
 def _arch_from_config(config: DAPOConfig, report: Report) -> ModelArch | None:
@@ -171,7 +190,7 @@ def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) ->
 
 
 def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, float] | None:
-    """(weights, KV cache) bytes of the embedded engine when it runs on rank 0's GPU, else None."""
+    """(weights, KV cache) bytes of an embedded engine when it runs on its host's GPU, else None."""
     rollout = config.rollout
     if rollout.name != "embedded" or rollout.embedded.device == "cpu":
         return None
@@ -253,7 +272,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         weights_b, cache_b = engine
         total += weights_b + cache_b
         report.lines.append(
-            f"rank 0 also holds the embedded rollout engine: weights {weights_b / GB:.1f} GB + KV cache "
+            f"each engine's host (rank 0 first) also holds an embedded rollout engine: weights {weights_b / GB:.1f} GB + KV cache "
             f"{cache_b / GB:.1f} GB (rollout.embedded.max_batch_size {config.rollout.embedded.max_batch_size} x "
             f"{config.data.max_prompt_length + config.data.max_response_length} tokens) = {total / GB:.1f} GB there")
     if total <= gpu_memory_gb * GB:

@@ -26,6 +26,8 @@ class RolloutConfig:
     """Rollout engine: the embedded PyTorch engine (any machine) or SGLang (GPU)."""
     mode: Literal["colocated", "disaggregated"] = "colocated"
     """colocated: the engine shares the trainer's GPUs and frees its memory while they train; disaggregated: its own."""
+    engines: int = 1
+    """Rollout engines, each on the first rank of its own data-parallel replica; each samples a share of every batch."""
     n: int = 16
     """Responses sampled per prompt (the group size G)."""
     temperature: float = 1.0
@@ -49,6 +51,8 @@ class RolloutConfig:
         problems = []
         if self.n < 1:
             problems.append(f"rollout.n must be >= 1, got {self.n}")
+        if self.engines < 1:
+            problems.append(f"rollout.engines must be >= 1, got {self.engines}")
         if self.temperature <= 0:
             problems.append(f"rollout.temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

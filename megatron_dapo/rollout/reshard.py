@@ -1,10 +1,12 @@
 """Megatron -> rollout engine: stream the actor's weights as full Hugging Face tensors after every step.
 
-Each pipeline stage gathers its tensor-parallel shards inside its TP group (`stage_hf_tensors`);
-the first rank of every later stage sends its stage's tensors to global rank 0, one tensor at a
-time, and rank 0, which hosts the engine, pushes them in buckets of `bucket_mb`. A bucket is a
-fresh list of fresh tensors, handed to the engine and dropped: its memory is never reused while
-the engine may still read it. After the push, a parity probe compares the engine's log-probs of
+An engine takes its weights from one data-parallel replica (rank 0's, and with several engines one
+replica each, see fleet.py). Inside that replica each pipeline stage gathers its tensor-parallel
+shards inside its TP group (`stage_hf_tensors`); the first rank of every later stage sends its
+stage's tensors to the replica's first rank, one tensor at a time, and that rank, which hosts the
+engine, pushes them in buckets of `bucket_mb`. Replicas with engines push side by side. A bucket is
+a fresh list of fresh tensors, handed to the engine and dropped: its memory is never reused while
+the engine may still read it. After the push, a parity probe compares every engine's log-probs of
 fixed sequences with the trainer's.
 """
 from __future__ import annotations
@@ -34,11 +36,12 @@ class PushStats:
         }
 
 
-def _hf_tensors_on_rank0(actor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, yielded on global rank 0; other ranks take part and yield nothing."""
+def _hf_tensors_for_engine(actor, replicas: tuple[int, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, yielded on the first rank of each replica in `replicas`; the other
+    ranks of those replicas take part and yield nothing, the ranks of other replicas do nothing."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_rank() != 0:
+    if ps.get_data_parallel_rank() not in replicas:
         return
     stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     first_tp = ps.get_tensor_model_parallel_rank() == 0
@@ -72,15 +75,18 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def push_weights(actor, engine, version: int, bucket_mb: int) -> PushStats | None:
-    """Push the actor's weights into `engine` (which lives on rank 0; None elsewhere). Collective."""
+def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[int, ...] = (0,)) -> PushStats | None:
+    """Push the actor's weights into `engine` (on the first rank of each replica in `replicas`; None elsewhere).
+
+    Collective over those replicas. Returns the push's figures where an engine is, None elsewhere.
+    """
     start = time.perf_counter()
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []
     size = count = total = buckets = 0
     if engine is not None:
         engine.begin_weight_update()
-    for name, tensor in _hf_tensors_on_rank0(actor):
+    for name, tensor in _hf_tensors_for_engine(actor, replicas):
         bucket.append((name, tensor.detach().clone()))
         size += tensor.numel() * tensor.element_size()
         count += 1
@@ -97,7 +103,8 @@ def push_weights(actor, engine, version: int, bucket_mb: int) -> PushStats | Non
 
 
 def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> float:
-    """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] (all ranks get it)."""
+    """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] and every rank's engine
+    (None where a rank has none); all ranks get it."""
     from megatron_dapo.actor.batch import ActorBatch
 
     lengths = torch.full((probe.shape[0],), probe.shape[1])
@@ -108,5 +115,5 @@ def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> floa
         scored = engine.score(probe.tolist(), temperature)
         diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
     if dist.get_world_size() > 1:
-        dist.broadcast(diff, src=0)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())

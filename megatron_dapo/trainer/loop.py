@@ -1,9 +1,11 @@
 """The DAPO training loop: one step reads like the data flow.
 
 collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> actor update
--> push weights into the rollout engine + parity probe -> metrics -> checkpoint.
-Generation and rewards run on rank 0 (which hosts the engine) and are broadcast; the actor runs
-on every rank.
+-> push weights into the rollout engines + parity probe -> metrics -> checkpoint.
+Every rank steps through collection together: the engines (rank 0's, and with rollout.engines > 1
+one per chosen data-parallel replica, see rollout/fleet.py) sample their shares, rank 0 scores the
+rewards and broadcasts the groups, and every rank makes the same dynamic-sampling decisions. The
+actor runs on every rank.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.sinks import MetricSinks
 from megatron_dapo.parallel.init import init_distributed
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
+from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import probe_parity, push_weights
 from megatron_dapo.sampling.dynamic import DynamicSampler
 from megatron_dapo.trainer import checkpoints
@@ -52,7 +56,10 @@ class Trainer:
                                    shuffle=cfg.data.shuffle)
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
+        self.placement = place_engines(cfg.rollout.engines)
+        """Which ranks host the rollout engines."""
         self.engine = self._make_engine()
+        """This rank's rollout engine, or None."""
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
@@ -71,18 +78,23 @@ class Trainer:
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
 
     def _make_engine(self):
-        """The rollout engine on rank 0 (None elsewhere); a setup problem is raised on every rank alike."""
-        rollout, path = self.config.rollout, self.config.model.path
+        """This rank's rollout engine (None where it hosts none); a setup problem is raised on every rank alike."""
+        rollout, path, hosting = self.config.rollout, self.config.model.path, self.placement.hosts_engine
         if rollout.name == "sglang":
             from megatron_dapo.rollout.sglang import SGLangEngine
 
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's --nproc-per-node
             SGLangEngine.check_startable(rollout.sglang, rollout.mode, local_world_size=ranks_per_node)
+            elsewhere = [host for host, local in zip(self.placement.hosts, self.placement.local_ranks) if local]
+            if elsewhere:
+                raise ConfigError(
+                    f"rollout.engines={rollout.engines} puts SGLang engines on ranks {elsewhere}, which are not the "
+                    "first rank of their node: choose rollout.engines so that DP / engines replicas fill whole nodes")
             return (SGLangEngine.launch(path, rollout.sglang, rollout.mode, local_world_size=ranks_per_node)
-                    if self.rank0 else None)
+                    if hosting else None)
         from megatron_dapo.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine.from_pretrained(path, rollout.embedded) if self.rank0 else None
+        return EmbeddedEngine.from_pretrained(path, rollout.embedded) if hosting else None
 
     @contextlib.contextmanager
     def _engine_memory_released(self, timer: _Timer):
@@ -141,9 +153,8 @@ class Trainer:
         cfg, timer = self.config, _Timer()
         self.reward_seconds = 0.0
         with timer("generate"):
-            sampled = self._broadcast(self._collect() if self.rank0 else None)
+            groups, stats = self._collect()
         timer.split("generate", "reward", self.reward_seconds)  # scored on rank 0 between generation batches
-        groups, stats = sampled
         metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
@@ -156,7 +167,7 @@ class Trainer:
             metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
                                                               * batch.loss_mask).max())
             with timer("reshard"):
-                push = push_weights(self.actor, self.engine, version=self.step + 1, bucket_mb=cfg.rollout.weight_bucket_mb)
+                push = self._push(version=self.step + 1)
                 diff = probe_parity(self.actor, self.engine, self.probe, cfg.rollout.temperature)
             metrics["rollout/probe_logp_max_diff"] = diff
             if push is not None:
@@ -172,7 +183,7 @@ class Trainer:
         metrics.update(timer.metrics())
         return metrics
 
-    # ---- rollout on rank 0 ------------------------------------------------------------------
+    # ---- rollout: every rank takes part -----------------------------------------------------
 
     def _collect(self):
         generated = 0
@@ -195,14 +206,18 @@ class Trainer:
                               seed=seed)
 
     def _rollout(self, prompts, params: SamplingParams) -> list[Group]:
-        outputs = self.engine.generate([p.prompt_ids for p in prompts], params)
+        """Generate (every engine its share) and score (rank 0); every rank returns the same groups."""
+        outputs = generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params)
+        return self._broadcast(self._score(prompts, outputs, params.n) if self.rank0 else None)
+
+    def _score(self, prompts, outputs, n: int) -> list[Group]:
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
         start = time.perf_counter()
         results = self.scorer.score(samples).results
         self.reward_seconds += time.perf_counter() - start
         buffer = self.config.reward.overlong_buffer
-        groups, n = [], params.n
+        groups = []
         for i, (prompt, completions) in enumerate(zip(prompts, outputs)):
             rewards = results[i * n:(i + 1) * n]
             scores = shaped_scores(rewards, completions, enable=buffer.enable,
@@ -214,21 +229,19 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_set is None:
             return {}
-        result = None
-        if self.rank0:
-            params = self._sampling(seed=self.config.trainer.seed, validation=True)
-            groups = self._rollout(list(self.val_set), params)
-            k = params.n
-            accs = [g.metric("acc") for g in groups]
-            result = {
-                f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
-                f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-                "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
-            }
-            for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
-                values = [v for g in groups for v in g.metric(name)]
-                result[f"val/{name}_mean"] = sum(values) / len(values)
-        return self._broadcast(result)
+        params = self._sampling(seed=self.config.trainer.seed, validation=True)
+        groups = self._rollout(list(self.val_set), params)  # the same groups on every rank
+        k = params.n
+        accs = [g.metric("acc") for g in groups]
+        result = {
+            f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
+            f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
+            "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
+        }
+        for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
+            values = [v for g in groups for v in g.metric(name)]
+            result[f"val/{name}_mean"] = sum(values) / len(values)
+        return result
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -238,15 +251,20 @@ class Trainer:
     def _resume(self) -> None:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None
         if latest is None:
-            if self.config.model.megatron_checkpoint:  # the engine loaded model.path's weights, not the actor's
-                push_weights(self.actor, self.engine, version=0, bucket_mb=self.config.rollout.weight_bucket_mb)
+            if self.config.model.megatron_checkpoint:  # the engines loaded model.path's weights, not the actor's
+                self._push(version=0)
             return
         state = checkpoints.load(latest, self.actor)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
-        push_weights(self.actor, self.engine, version=self.step, bucket_mb=self.config.rollout.weight_bucket_mb)
+        self._push(version=self.step)
         if self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
+
+    def _push(self, version: int):
+        """The actor's weights into every engine, each from its own replica; the figures on rank 0."""
+        return push_weights(self.actor, self.engine, version=version, bucket_mb=self.config.rollout.weight_bucket_mb,
+                            replicas=self.placement.replicas)
 
     def _broadcast(self, obj):
         if dist.get_world_size() == 1:

@@ -137,7 +137,7 @@ def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
     assert any(p.startswith("the SGLang engine's weights (65.5 GB per GPU at rollout.sglang.tp_size 1)")
                for p in report.problems), report.problems
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=16")
-    assert "rollout.sglang.tp_size (16) is more than node 0's 8 GPUs: the engine runs on one node; lower it" in \
+    assert "rollout.sglang.tp_size (16) is more than a node's 8 GPUs: an engine runs on one node; lower it" in \
         report.problems
 
 
@@ -147,11 +147,11 @@ def test_disaggregated_sglang_takes_gpus_from_the_trainer():
     report = _check("dapo-qwen3-4b", 1, 8, *overrides)
     text = report.render()
     assert report.fits, text
-    assert "= 4 ranks (4 per node; node 0's last 4 run SGLang)" in text
+    assert "= 4 ranks (4 per node; each node's last 4 GPUs are SGLang's)" in text
     assert "layout: TP2+SP x PP1 x DP2 = 4 ranks" in text and "while SGLang generates" not in text
     report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=8")
     assert report.problems == ["rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size (8) GPUs "
-                               "leave none of node 0's 8 for the trainer: lower rollout.sglang.tp_size or use "
+                               "leave none of a node's 8 for the trainer: lower rollout.sglang.tp_size or use "
                                "rollout.mode=colocated"]
     report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=2",
                     "parallel.tensor_model_parallel_size=4")
@@ -162,3 +162,14 @@ def test_disaggregated_sglang_takes_gpus_from_the_trainer():
                     "parallel.tensor_model_parallel_size=4")
     assert any("parallel.tensor_model_parallel_size (4) must divide the 6 trainer ranks per node" in p
                for p in report.problems), report.problems
+
+
+def test_rollout_engines_need_replicas_and_sglang_hosts_first_on_their_node():
+    report = _check("dapo-qwen2.5-32b", 16, 8)
+    assert "rollout: 16 engine(s) on rank(s) 0, 8, 16, 24, 32, 40, 48, 56, ..." in report.render()
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.engines=32")
+    assert ("rollout.engines (32) is more than the 16 data-parallel replicas: each engine takes its weights from a "
+            "replica of its own; lower it") in report.problems
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.engines=32", "parallel.tensor_model_parallel_size=4")
+    assert any(p.startswith("rollout.engines (32) puts SGLang engines on ranks [4, 12, 20, 28], which are not the "
+                            "first rank of their node") for p in report.problems), report.problems

@@ -1,4 +1,6 @@
-"""Megatron TP2 x PP2 -> embedded engine: after every update and push, the engine computes what the trainer does."""
+"""Megatron TP2 x PP2 -> embedded engine: after every update and push, the engine computes what the trainer does.
+With two engines (one per data-parallel replica), each one does, and a batch shared among them samples
+what the engines would sample alone."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,7 +47,55 @@ def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, wor
         dist.barrier()
 
 
-CHECKS = [check_engine_follows_the_trainer_after_every_push]
+def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: Path) -> None:
+    import torch.distributed as dist
+
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.config.loader import ConfigError
+    from megatron_dapo.rollout.embedded import EmbeddedEngine
+    from megatron_dapo.rollout.engine import SamplingParams
+    from megatron_dapo.rollout.fleet import generate_shared, place_engines, shares
+    from megatron_dapo.rollout.reshard import probe_parity, push_weights
+
+    tokens, lengths, mask, advantages = _batch(groups=4, n=2)
+    probe = tokens[:2, :12]
+    folder = workdir / "qwen2"
+    for tp, pp in ((2, 1), (1, 2)):  # DP2 either way
+        actor = _actor(folder, tp, pp, False, ppo_mini_batch_size=4)
+        with pytest.raises(ConfigError, match=r"rollout.engines \(3\) must be between 1 and the 2 data-parallel"):
+            place_engines(3)
+        placement = place_engines(2)
+        assert placement.hosts[0] == 0 and len(set(placement.hosts)) == 2 and placement.replicas == (0, 1)
+        engine = EmbeddedEngine.from_pretrained(folder) if placement.hosts_engine else None
+
+        prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5], [3, 5, 8], [9, 7]]
+        params = SamplingParams(n=2, max_new_tokens=4, seed=11)
+        shared = generate_shared(engine, placement, prompts, params)
+        if rank == 0:  # both engines hold model.path's weights: rank 0's engine can redo engine 1's share
+            alone = [engine.generate(prompts[share.start:share.stop], SamplingParams(n=2, max_new_tokens=4, seed=seed))
+                     for share, seed in zip(shares(len(prompts), 2), (11, 12))]
+            expected = [c for part in alone for c in part]
+            assert [[x.token_ids for x in cs] for cs in shared] == [[x.token_ids for x in cs] for cs in expected]
+        else:
+            assert shared is None
+
+        old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
+        for step in range(2):
+            batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                               old_logp=old_logp)
+            actor.update(batch, group_size=2)
+            stale = probe_parity(actor, engine, probe, TEMPERATURE)
+            stats = push_weights(actor, engine, version=step + 1, bucket_mb=1, replicas=placement.replicas)
+            diff = probe_parity(actor, engine, probe, TEMPERATURE)
+            assert stale > 1e-4, f"TP{tp} PP{pp} step {step}: the update did not move the probe ({stale})"
+            assert diff <= 1e-5, f"TP{tp} PP{pp} step {step}: an engine differs from its replica by {diff}"
+            assert (stats is not None) == placement.hosts_engine
+            if engine is not None:
+                assert engine.weight_version == step + 1
+        dist.barrier()
+
+
+CHECKS = [check_engine_follows_the_trainer_after_every_push, check_two_engines_each_follow_their_replica]
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +109,11 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_reshard(results, check):
     assert not results[check.__name__], "\n".join(results[check.__name__])
+
+
+def test_shares_are_contiguous_and_even():
+    from megatron_dapo.rollout.fleet import shares
+
+    assert shares(5, 2) == [range(0, 3), range(3, 5)]
+    assert shares(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    assert [len(r) for r in shares(512, 16)] == [32] * 16

@@ -134,3 +134,21 @@ def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_pat
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "rollout.name=sglang needs CUDA GPUs" in proc.stderr and "set rollout.name=embedded" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
+    """DP2 with rollout.engines=2: each rank hosts an embedded engine that samples half of every batch
+    and takes its weights from its own replica; the probe agrees on both after every push."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
+               *_toy_command(run_dir)[1:], "rollout.engines=2", "trainer.total_training_steps=3",
+               "trainer.test_freq=3", "checkpoint.save_freq=0"]
+    proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _rows(run_dir)
+    train = [row for row in rows if "critic/acc_mean" in row]
+    assert len(train) == 3 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train), train
+    assert any("val/acc_avg@4" in row for row in rows if row["step"] == 3)

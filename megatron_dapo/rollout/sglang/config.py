@@ -13,12 +13,12 @@ SET_BY_US = ("model_path", "tp_size", "skip_tokenizer_init", "base_gpu_id", "mem
 
 @dataclass(kw_only=True)
 class SGLangEngineConfig:
-    """The SGLang engine that rank 0 starts on its node (`rollout.sglang` in the run config)."""
+    """The SGLang engine that each host starts on its node (`rollout.sglang` in the run config)."""
 
     tp_size: int = 1
-    """GPUs of the engine (its tensor parallelism), all on rank 0's node."""
+    """GPUs of each engine (its tensor parallelism), all on its host's node."""
     base_gpu_id: int | None = None
-    """First engine GPU on node 0; None: GPU 0 (rank 0's) when colocated, the first after the trainer's when disaggregated."""
+    """First engine GPU on the host's node; None: GPU 0 when colocated, the first after the trainer's when disaggregated."""
     mem_fraction_static: float = 0.6
     """Share of the memory free when SGLang starts that its weights and KV cache take (per engine GPU)."""
     server_args: dict[str, Any] = field(default_factory=dict)
@@ -39,7 +39,8 @@ class SGLangEngineConfig:
             raise ConfigError(problems)
 
     def gpus(self, mode: Literal["colocated", "disaggregated"], *, local_world_size: int, visible_gpus: int) -> range:
-        """The engine's GPU ids on node 0 (rank 0 starts it); ConfigError (naming the keys) when they do not exist or clash.
+        """An engine's GPU ids on its host's node (the host is a node's first rank); ConfigError (naming the keys)
+        when they do not exist or clash.
 
         Colocated: the engine shares the trainer's GPUs (its memory is released while the trainer runs).
         Disaggregated: it needs GPUs of its own, after the `local_world_size` GPUs of the trainer's ranks.
