@@ -13,8 +13,8 @@ of the busiest GPU:
   layer when activations are recomputed (Korthikanti et al., 2022, with flash attention);
 - the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
-- on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its weights and a KV cache for
-  rollout.embedded.max_batch_size full-length sequences.
+- on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its
+  weights and a KV cache for rollout.embedded.max_batch_size full-length sequences.
 
 SGLang (rollout.name=sglang) takes rollout.sglang.mem_fraction_static of the memory free when it
 starts, and gives it back while the actor trains; while it generates, the actor's weights, gradients
@@ -101,12 +101,14 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
                                f"{gpus_per_node} GPUs: an engine runs on one node; lower it")
     world = nodes * (gpus_per_node - engine_gpus)
     report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks"
-                        + (f" ({gpus_per_node - engine_gpus} per node; each node's last {engine_gpus} GPUs are SGLang's)"
+                        + (f" ({gpus_per_node - engine_gpus} per node; each node's last {engine_gpus} GPUs are "
+                           "SGLang's)"
                            if engine_gpus else "") + f", {gpu_memory_gb:g} GB each")
     if world % (tp * pp):
         report.problems.append(
             f"parallel.tensor_model_parallel_size ({tp}) x parallel.pipeline_model_parallel_size ({pp}) = {tp * pp} "
-            f"does not divide {world} ranks: use a number of nodes that makes nodes x {gpus_per_node - engine_gpus} a multiple of "
+            f"does not divide {world} ranks: use a number of nodes that makes nodes x {gpus_per_node - engine_gpus} "
+            "a multiple of "
             f"{tp * pp}, or change TP / PP")
         return report
     layout = par.layout(world)
@@ -272,7 +274,8 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         weights_b, cache_b = engine
         total += weights_b + cache_b
         report.lines.append(
-            f"each engine's host (rank 0 first) also holds an embedded rollout engine: weights {weights_b / GB:.1f} GB + KV cache "
+            f"each engine's host (rank 0 first) also holds an embedded rollout engine: weights {weights_b / GB:.1f} GB "
+            "+ KV cache "
             f"{cache_b / GB:.1f} GB (rollout.embedded.max_batch_size {config.rollout.embedded.max_batch_size} x "
             f"{config.data.max_prompt_length + config.data.max_response_length} tokens) = {total / GB:.1f} GB there")
     if total <= gpu_memory_gb * GB:

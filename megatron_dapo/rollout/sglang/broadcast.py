@@ -1,6 +1,6 @@
-"""Disaggregated weight sync: trainer rank 0 broadcasts each bucket to the SGLang engine's GPUs.
+"""Disaggregated weight sync: the engine's host rank broadcasts each bucket to the SGLang engine's GPUs.
 
-The engine's TP workers and rank 0 form a process group of their own (rank 0 = the trainer, ranks
+The engine's TP workers and its host form a process group of their own (rank 0 = the host, ranks
 1..tp = SGLang, as `init_weights_update_group(rank_offset=1)` places them). A bucket travels as one
 flat byte tensor in SGLang's FlattenedTensorBucket layout (`load_format="flattened_bucket"`): one
 broadcast per bucket, not one per tensor.
@@ -57,7 +57,7 @@ class _InBackground:
 
 
 class BroadcastSender:
-    """Rank 0's side of SGLang's `update_weights_from_distributed` (flattened buckets)."""
+    """The host's side of SGLang's `update_weights_from_distributed` (flattened buckets)."""
 
     def __init__(self, engine, tp_size: int, *, timeout_s: float = 600.0):
         self.engine, self.tp_size, self.timeout_s = engine, tp_size, timeout_s

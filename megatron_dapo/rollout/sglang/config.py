@@ -18,7 +18,7 @@ class SGLangEngineConfig:
     tp_size: int = 1
     """GPUs of each engine (its tensor parallelism), all on its host's node."""
     base_gpu_id: int | None = None
-    """First engine GPU on the host's node; None: GPU 0 when colocated, the first after the trainer's when disaggregated."""
+    """First engine GPU on its host's node; None: GPU 0 colocated, the first after the trainer's disaggregated."""
     mem_fraction_static: float = 0.6
     """Share of the memory free when SGLang starts that its weights and KV cache take (per engine GPU)."""
     server_args: dict[str, Any] = field(default_factory=dict)

@@ -1,19 +1,21 @@
 """The SGLang rollout engine: `sglang.Engine` behind the RolloutEngine interface (GPU only).
 
-Rank 0 starts the engine in-process with `skip_tokenizer_init` on GPUs of its node. Weights arrive
-as (HF name, tensor) buckets, sent one of two ways:
+Each engine host (rank 0, and with rollout.engines > 1 the first rank of other nodes) starts the
+engine in-process with `skip_tokenizer_init` on GPUs of its node. Weights arrive as (HF name,
+tensor) buckets, sent one of two ways:
 
 - colocated (the engine shares the trainer's GPUs): each bucket is flattened into one byte tensor
   (SGLang's FlattenedTensorBucket layout), serialized once per SGLang TP rank (CUDA IPC handles,
   no copy) and sent with `update_weights_from_tensor(load_format="flattened_bucket")`; the engine's
   KV cache and weights are released while the trainer runs;
-- disaggregated (the engine has GPUs of its own): each bucket is broadcast from rank 0 into the
+- disaggregated (the engine has GPUs of its own): each bucket is broadcast from the host into the
   engine's workers (broadcast.py, NCCL).
 
 Either way a bucket's memory stays referenced until SGLang's call has returned (the calls are
 synchronous) and a new bucket is always a new tensor, so no buffer is reused while the engine may
-still read it; blocks shared through CUDA IPC are collected after the push. SGLang reports most failures as (False, message), which become RolloutError here.
-SGLang stays optional: it is imported when this engine is built.
+still read it; blocks shared through CUDA IPC are collected after the push. SGLang reports most
+failures as (False, message), which become RolloutError here. SGLang stays optional: it is imported
+when an engine starts.
 """
 from __future__ import annotations
 
