@@ -3,19 +3,19 @@
 Engine i lives on the first rank (tensor-parallel rank 0, first pipeline stage) of data-parallel
 replica i x (DP / engines). After every update it takes its weights from that replica (reshard.py),
 so pushes to different engines run side by side and never cross replicas. Each engine samples a
-contiguous share of every generation batch; rank 0 gathers the completions. Rank 0 always hosts
-engine 0, and with one engine everything happens there as before.
+contiguous share of every generation batch; rank 0 gathers the completions over a CPU group of the
+hosts alone. Rank 0 always hosts engine 0, and with one engine everything happens there as before.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
 from megatron_dapo.config.loader import ConfigError
-from megatron_dapo.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Placement:
     """The data-parallel replica each engine takes its weights from."""
     local_ranks: tuple[int, ...]
     """Each host's rank within its node (LOCAL_RANK): SGLang's GPUs are counted from its node's first GPU."""
+    group: object = field(default=None, compare=False)
+    """A gloo group of the hosts alone (with more than one engine): completions are gathered over it."""
 
     @property
     def hosts_engine(self) -> bool:
@@ -49,8 +51,9 @@ def place_engines(engines: int) -> Placement:
     dist.all_gather_object(everyone, me)
     replicas = tuple(i * (dp // engines) for i in range(engines))
     firsts = {dp_rank: (rank, local) for rank, dp_rank, is_first, local in everyone if is_first}
-    return Placement(hosts=tuple(firsts[r][0] for r in replicas), replicas=replicas,
-                     local_ranks=tuple(firsts[r][1] for r in replicas))
+    hosts = tuple(firsts[r][0] for r in replicas)
+    group = dist.new_group(sorted(hosts), backend="gloo") if engines > 1 else None  # every rank must call it
+    return Placement(hosts=hosts, replicas=replicas, local_ranks=tuple(firsts[r][1] for r in replicas), group=group)
 
 
 def shares(count: int, parts: int) -> list[range]:
@@ -64,22 +67,34 @@ def shares(count: int, parts: int) -> list[range]:
 
 def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts: list[list[int]],
                     params: SamplingParams) -> list[list[Completion]] | None:
-    """Collective: every engine samples its share of `prompts`; all completions, in prompt order, on rank 0.
+    """Every engine samples its share of `prompts`; all completions, in prompt order, on rank 0 (None elsewhere).
 
-    `prompts` must be the same on every host. Engine i seeds its share with params.seed + i (engine 0
-    samples exactly what a single engine would for its share). None on ranks other than 0.
+    Collective over the hosts (ranks without an engine return at once). `prompts` must be the same on
+    every host. Engine i of E seeds its share with params.seed x E + i, so no two engines, and no
+    engine in two generation batches, draw from the same seed; one engine keeps params.seed. An
+    error on any host is raised on rank 0 with the host named; the other hosts carry on, to be
+    stopped by rank 0.
     """
-    mine: list[list[Completion]] = []
-    if engine is not None:
-        index = placement.hosts.index(dist.get_rank())
-        share = shares(len(prompts), len(placement.hosts))[index]
-        seed = None if params.seed is None else params.seed + index
-        if len(share):
-            mine = engine.generate(prompts[share.start:share.stop], dataclasses.replace(params, seed=seed))
-    if len(placement.hosts) == 1:
-        return mine if dist.get_rank() == 0 else None
-    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    if engine is None:
+        return None
+    hosts = placement.hosts
+    index = hosts.index(dist.get_rank())
+    share = shares(len(prompts), len(hosts))[index]
+    seed = None if params.seed is None else params.seed * len(hosts) + index
+    try:
+        mine = engine.generate(prompts[share.start:share.stop], dataclasses.replace(params, seed=seed)) \
+            if len(share) else []
+    except Exception as err:
+        if len(hosts) == 1:
+            raise
+        mine = RolloutError(f"rollout engine {index} (rank {dist.get_rank()}): {type(err).__name__}: {err}")
+    if len(hosts) == 1:
+        return mine if index == 0 else None
+    gathered: list | None = [None] * len(hosts) if index == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=placement.group)
     if gathered is None:
         return None
-    return [completions for host in placement.hosts for completions in gathered[host]]
+    for part in gathered:
+        if isinstance(part, RolloutError):
+            raise part
+    return [completions for part in gathered for completions in part]

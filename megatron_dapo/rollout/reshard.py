@@ -112,8 +112,15 @@ def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> floa
     trainer, _ = actor.compute_logprobs(batch)
     diff = torch.zeros(1, dtype=torch.float64, device=_device())
     if engine is not None:
-        scored = engine.score(probe.tolist(), temperature)
-        diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
+        try:
+            scored = engine.score(probe.tolist(), temperature)
+            diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
+        except Exception as err:  # counted as no agreement at all, so that every rank stops on it
+            print(f"rank {dist.get_rank()}: the rollout engine could not score the probe: {type(err).__name__}: {err}",
+                  flush=True)
+            diff[0] = float("inf")
+        if not torch.isfinite(diff).all():  # NaN compares false with any threshold
+            diff[0] = float("inf")
     if dist.get_world_size() > 1:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())

@@ -58,8 +58,12 @@ class Trainer:
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
         self.placement = place_engines(cfg.rollout.engines)
         """Which ranks host the rollout engines."""
-        self.engine = self._make_engine()
+        self.engine = self._started(self._make_engine)
         """This rank's rollout engine, or None."""
+        if self.engine is not None:
+            index = self.placement.hosts.index(dist.get_rank())
+            print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
+                  f"({cfg.rollout.name}, weights from data-parallel replica {self.placement.replicas[index]})", flush=True)
         self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
@@ -76,6 +80,20 @@ class Trainer:
         tail = torch.randint(0, self.actor.arch.vocab_size, (8,), generator=probe_gen)
         self.probe = torch.cat([prompt, tail])[None]
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
+
+    def _started(self, make):
+        """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error)."""
+        ok = torch.ones(1, device=self.actor.device)
+        try:
+            made = make()
+        except Exception:
+            ok.zero_()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            raise
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise RuntimeError("a rollout engine failed to start on another rank (its log says why)")
+        return made
 
     def _make_engine(self):
         """This rank's rollout engine (None where it hosts none); a setup problem is raised on every rank alike."""
@@ -172,7 +190,7 @@ class Trainer:
             metrics["rollout/probe_logp_max_diff"] = diff
             if push is not None:
                 metrics.update(push.metrics())
-            if diff > cfg.rollout.parity_threshold:
+            if not diff <= cfg.rollout.parity_threshold:
                 raise RuntimeError(
                     f"after the weight push of step {self.step + 1} the rollout engine's log-probs differ from the "
                     f"trainer's by {diff:.3g} (> rollout.parity_threshold={cfg.rollout.parity_threshold}): the "
@@ -186,17 +204,47 @@ class Trainer:
     # ---- rollout: every rank takes part -----------------------------------------------------
 
     def _collect(self):
+        """Dynamic sampling, decided on rank 0; every rank takes part in each generation batch (the engines
+        sample their shares, every prompt stream advances alike). Every rank gets the kept groups."""
         generated = 0
 
-        def generate_batch() -> list[Group]:
+        def generate_batch() -> list[Group] | None:
             nonlocal generated
             prompts = next(self.stream)
             seed = self.config.trainer.seed * 1_000_003 + self.step * 1_009 + generated
             generated += 1
             return self._rollout(prompts, self._sampling(seed))
 
-        sampled = self.sampler.collect(generate_batch, lambda g: g.metric(self.config.algorithm.filter_groups.metric))
-        return sampled.groups, sampled.stats
+        if not self.rank0:
+            while self._follow():  # rank 0 asks for each generation batch
+                generate_batch()
+            return self._broadcast(None)
+
+        def next_batch() -> list[Group]:
+            self._broadcast("more")
+            return generate_batch()
+
+        metric = self.config.algorithm.filter_groups.metric
+        with self._stops_everyone():
+            sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric))
+        self._broadcast("done")
+        return self._broadcast((sampled.groups, sampled.stats))
+
+    def _follow(self) -> bool:
+        """On ranks other than 0: rank 0's next word; True: one more generation batch, False: done; its error raised."""
+        word = self._broadcast(None)
+        if word not in ("more", "done"):
+            raise RuntimeError(word)
+        return word == "more"
+
+    @contextlib.contextmanager
+    def _stops_everyone(self):
+        """On rank 0: an error inside tells the ranks waiting for its next word to stop too, then goes on."""
+        try:
+            yield
+        except Exception as err:
+            self._broadcast(f"rank 0 failed during rollout: {type(err).__name__}: {err}")
+            raise
 
     def _sampling(self, seed: int, validation: bool = False) -> SamplingParams:
         r, v = self.config.rollout, self.config.rollout.val
@@ -205,10 +253,10 @@ class Trainer:
                               max_new_tokens=self.config.data.max_response_length, stop_token_ids=self.stop_ids,
                               seed=seed)
 
-    def _rollout(self, prompts, params: SamplingParams) -> list[Group]:
-        """Generate (every engine its share) and score (rank 0); every rank returns the same groups."""
+    def _rollout(self, prompts, params: SamplingParams) -> list[Group] | None:
+        """Generate (every engine its share) and score: the groups on rank 0, None elsewhere."""
         outputs = generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params)
-        return self._broadcast(self._score(prompts, outputs, params.n) if self.rank0 else None)
+        return self._score(prompts, outputs, params.n) if self.rank0 else None
 
     def _score(self, prompts, outputs, n: int) -> list[Group]:
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
@@ -230,7 +278,14 @@ class Trainer:
         if self.val_set is None:
             return {}
         params = self._sampling(seed=self.config.trainer.seed, validation=True)
-        groups = self._rollout(list(self.val_set), params)  # the same groups on every rank
+        if not self.rank0:
+            while self._follow():
+                self._rollout(list(self.val_set), params)
+            return self._broadcast(None)
+        self._broadcast("more")
+        with self._stops_everyone():
+            groups = self._rollout(list(self.val_set), params)
+        self._broadcast("done")
         k = params.n
         accs = [g.metric("acc") for g in groups]
         result = {
@@ -241,7 +296,7 @@ class Trainer:
         for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
             values = [v for g in groups for v in g.metric(name)]
             result[f"val/{name}_mean"] = sum(values) / len(values)
-        return result
+        return self._broadcast(result)
 
     # ---- state ------------------------------------------------------------------------------
 

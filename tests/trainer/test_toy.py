@@ -148,7 +148,23 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
                "trainer.test_freq=3", "checkpoint.save_freq=0"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0 hosts rollout engine 0 of 2" in proc.stdout and "rank 1 hosts rollout engine 1 of 2" in proc.stdout
     rows = _rows(run_dir)
     train = [row for row in rows if "critic/acc_mean" in row]
     assert len(train) == 3 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train), train
     assert any("val/acc_avg@4" in row for row in rows if row["step"] == 3)
+
+
+def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
+    """Both engines refuse their prompts (too long for rollout.embedded.max_seq_len): rank 0 raises with
+    the engine named and rank 1 stops on rank 0's word, instead of waiting for a collective that never comes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
+               *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=8"]
+    proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "RolloutError: rollout engine 0 (rank 0): RolloutError: bad input" in proc.stderr, proc.stderr[-4000:]
+    assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0)" in proc.stderr, proc.stderr[-4000:]
