@@ -118,8 +118,8 @@ class Trainer:
     def _engine_memory_released(self, timer: _Timer):
         """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after.
 
-        Every rank takes part: no rank computes before rank 0 has released, and every rank hands its
-        cached blocks back to the device before rank 0 resumes (the engine shares their GPUs).
+        Every rank takes part: no rank computes before the engines have released, and every rank hands
+        its cached blocks back to the device before the engines resume (they share the ranks' GPUs).
         """
         if self.config.rollout.mode != "colocated":
             yield
@@ -192,7 +192,7 @@ class Trainer:
                 metrics.update(push.metrics())
             if not diff <= cfg.rollout.parity_threshold:
                 raise RuntimeError(
-                    f"after the weight push of step {self.step + 1} the rollout engine's log-probs differ from the "
+                    f"after the weight push of step {self.step + 1} a rollout engine's log-probs differ from the "
                     f"trainer's by {diff:.3g} (> rollout.parity_threshold={cfg.rollout.parity_threshold}): the "
                     "engine is not running the weights that were trained; stopping before it generates from them"
                 )
