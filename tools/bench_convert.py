@@ -12,10 +12,7 @@ largest tensor group (the embedding). Appends rows to benchmarks/results/convert
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -81,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         make_model(hf)
     largest_shard = max(p.stat().st_size for p in hf.glob("*.safetensors"))
     largest_group = 151936 * 896 * 2  # the embedding, bf16
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
-               else f"{platform.machine()} {os.cpu_count()} cores, no GPU")
+    from megatron_dapo.bench.results import append_rows, machine
+
     rows = []
     for direction, source, out in (("hf-to-mcore", hf, mcore), ("mcore-to-hf", mcore, back)):
         runs = []
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         seconds = statistics.median(r["seconds"] for r in runs)
         extra = max(r["peak_rss"] - r["baseline_rss"] for r in runs)
-        rows.append({"machine": machine, "torch": torch.__version__, "direction": direction, "dtype": "bf16",
+        rows.append({"machine": machine(), "torch": torch.__version__, "direction": direction, "dtype": "bf16",
                      "tensors": runs[0]["tensors"], "gb": round(runs[0]["bytes"] / 1e9, 3),
                      "seconds_median": round(seconds, 3), "gb_per_s": round(runs[0]["bytes"] / seconds / 1e9, 3),
                      "peak_extra_rss_gb": round(extra / 1e9, 3),
@@ -100,14 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                      "largest_source_shard_gb": round(largest_shard / 1e9, 3) if direction == "hf-to-mcore" else "",
                      "largest_group_gb": round(largest_group / 1e9, 3), "repeats": args.repeats})
         print(rows[-1], flush=True)
-    path = Path(args.out) / "convert.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(args.out, "convert", rows)
     return 0
 
 

@@ -10,9 +10,6 @@ Prints and appends a row to benchmarks/results/generate.csv with both throughput
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from megatron_dapo.bench.models import save_random_qwen25_05b
+    from megatron_dapo.bench.results import append_rows, machine
     from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
     from megatron_dapo.rollout.engine import SamplingParams
 
@@ -78,22 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.new_tokens
     ours_s = _timed(ours, args.repeats, cuda)
     theirs_s = _timed(theirs, args.repeats, cuda)
-    row = {"machine": torch.cuda.get_device_name() if cuda else f"{platform.machine()} {os.cpu_count()} cores, no GPU",
-           "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
+    row = {"machine": machine(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "embedded_s": round(ours_s, 3), "embedded_tok_per_s": round(tokens / ours_s, 1),
            "transformers_s": round(theirs_s, 3), "transformers_tok_per_s": round(tokens / theirs_s, 1),
            "speedup": round(theirs_s / ours_s, 2)}
     print(row, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "generate.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(args.out, "generate", [row])
     return 0
 
 

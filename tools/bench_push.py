@@ -10,9 +10,6 @@ seconds, GB/s of HF-named tensors delivered, buckets. Appends a row to benchmark
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dapo.actor.actor import MegatronActor
     from megatron_dapo.actor.config import ActorConfig
     from megatron_dapo.bench.models import save_random_qwen25_05b
+    from megatron_dapo.bench.results import append_rows, machine
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_distributed
     from megatron_dapo.rollout.embedded import EmbeddedEngine
@@ -62,21 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         seconds = statistics.median(s for s, _ in runs)
         stats = runs[-1][1]
-        row = {"machine": f"{platform.machine()} {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available()
-               else torch.cuda.get_device_name(), "torch": torch.__version__, "tp": args.tp,
+        row = {"machine": machine(), "torch": torch.__version__, "tp": args.tp,
                "world": dist.get_world_size(), "bucket_mb": args.bucket_mb, "tensors": stats.tensors,
                "gb": round(stats.bytes / 1e9, 3), "seconds_median": round(seconds, 3),
                "gb_per_s": round(stats.bytes / seconds / 1e9, 3), "buckets": stats.buckets}
         print(row, flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "push.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_rows(args.out, "push", [row])
     dist.barrier()
     dist.destroy_process_group()
     return 0

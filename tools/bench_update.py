@@ -13,9 +13,6 @@ SXM in bf16 dense). Appends a row to benchmarks/results/update.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dapo.actor.batch import ActorBatch
     from megatron_dapo.actor.config import ActorConfig
     from megatron_dapo.bench.models import qwen25_05b_config, save_random_qwen25_05b
+    from megatron_dapo.bench.results import append_rows, machine
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_distributed
     from megatron_dapo.parallel.preflight import parameter_counts
@@ -82,22 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         tokens = b * s
         flops = 6 * matmul_params * tokens + 6 * hf.num_hidden_layers * hf.hidden_size * s * s * b
         world = dist.get_world_size()
-        row = {"machine": torch.cuda.get_device_name() if gpu else f"{platform.machine()} {os.cpu_count()} cores, no GPU",
-               "torch": torch.__version__, "dtype": "bfloat16" if gpu else "float32", "tp": args.tp, "world": world,
+        row = {"machine": machine(), "torch": torch.__version__, "dtype": "bfloat16" if gpu else "float32", "tp": args.tp, "world": world,
                "batch": b, "seq_len": s, "micro_tokens": args.micro_tokens, "seconds_median": round(seconds, 3),
                "tokens_per_s": round(tokens / seconds, 1),
                "tflops_per_gpu": round(flops / seconds / world / 1e12, 2),
                "mfu": round(flops / seconds / world / (args.peak_tflops * 1e12), 3) if gpu else ""}
         print(row, flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "update.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_rows(args.out, "update", [row])
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -87,7 +87,7 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
     if nodes < 1 or gpus_per_node < 1:
         report.problems.append(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
         return report
-    par, actor = config.parallel, config.actor
+    par = config.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     rollout = config.rollout
     engine_gpus = rollout.sglang.tp_size if rollout.name == "sglang" and rollout.mode == "disaggregated" else 0

@@ -43,7 +43,7 @@ def _hf_tensors_for_engine(actor, replicas: tuple[int, ...]) -> Iterator[tuple[s
 
     if ps.get_data_parallel_rank() not in replicas:
         return
-    stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    stage = ps.get_pipeline_model_parallel_rank()
     first_tp = ps.get_tensor_model_parallel_rank() == 0
     pipeline = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     local = stage_hf_tensors(actor.model, actor.arch)

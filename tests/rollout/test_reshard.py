@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.actor.test_actor_parallel import TEMPERATURE, VOCAB, _actor, _batch
 from tests.distributed import run_checks
