@@ -9,6 +9,10 @@ micro-batches of actor.ppo_max_token_len_per_gpu tokens and one optimizer step. 
 and model FLOPs utilisation: 6 x parameters x tokens plus attention (12 x layers x hidden x S^2 per
 sequence, halved for causality), over the time and the device's peak (--peak-tflops; 989 for an H100
 SXM in bf16 dense). Appends a row to benchmarks/results/update.csv.
+
+It then times actor.offload's round trip in the same run: the weights and optimizer state copied to
+host memory and their device memory freed (gradients dropped), then copied back; median of
+--repeats. Appends a row to benchmarks/results/offload.csv with the ratio to one update step.
 """
 from __future__ import annotations
 
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step()
     seconds = statistics.median(step() for _ in range(args.repeats))
+    round_trips = [_offload_round_trip(actor, gpu) for _ in range(args.repeats)]
     if rank == 0:
         layer, _, _ = parameter_counts(actor.arch)
         matmul_params = layer * hf.num_hidden_layers + hf.vocab_size * hf.hidden_size  # + the output projection
@@ -87,9 +92,32 @@ def main(argv: list[str] | None = None) -> int:
                "mfu": round(flops / seconds / world / (args.peak_tflops * 1e12), 3) if gpu else ""}
         print(row, flush=True)
         append_rows(args.out, "update", [row])
+        copied, dropped = round_trips[0][0], round_trips[0][1]
+        offload_s = statistics.median(r[2] for r in round_trips)
+        reload_s = statistics.median(r[3] for r in round_trips)
+        row = {"machine": row["machine"], "torch": torch.__version__, "dtype": row["dtype"], "tp": args.tp,
+               "world": world, "copied_gb": round(copied / 1e9, 3), "dropped_gb": round(dropped / 1e9, 3),
+               "offload_s": round(offload_s, 4), "reload_s": round(reload_s, 4),
+               "gb_per_s": round(2 * copied / (offload_s + reload_s) / 1e9, 2),
+               "round_trip_per_update_step": round((offload_s + reload_s) / seconds, 4)}
+        print(row, flush=True)
+        append_rows(args.out, "offload", [row])
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _offload_round_trip(actor, gpu: bool) -> tuple[int, int, float, float]:
+    """(bytes copied, bytes dropped, seconds to offload, seconds to reload), timed on this rank."""
+    dist.barrier()
+    start = time.perf_counter()
+    out = actor.offload()
+    if gpu:
+        torch.cuda.empty_cache()  # as the trainer does before the engine takes the memory
+    middle = time.perf_counter()
+    actor.reload()
+    end = time.perf_counter()
+    return out.copied_bytes, out.dropped_bytes, middle - start, end - middle
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig
 from megatron_dapo.actor.loss import loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
+from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
@@ -85,6 +86,23 @@ class MegatronActor:
         )
         self.steps = 0
         """Optimizer steps taken."""
+        self._host = HostOffload(self)
+
+    # ---- device memory ----------------------------------------------------------------------
+
+    def offload(self) -> OffloadStats:
+        """Weights and optimizer state to host memory, gradients freed (actor.offload; see offload.py)."""
+        return self._host.offload()
+
+    def reload(self) -> OffloadStats:
+        """Back on the device after `offload`; gradients start at zero."""
+        return self._host.reload()
+
+    def check_resident(self) -> None:
+        """RuntimeError when the weights are offloaded: computing on them would read freed memory."""
+        if self._host.offloaded:
+            raise RuntimeError("the actor's weights and optimizer state are in host memory (actor.offload): "
+                               "call reload() before computing or saving")
 
     # ---- groups and devices -------------------------------------------------------------------
 
@@ -171,6 +189,7 @@ class MegatronActor:
     def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(token t | tokens < t) and the entropy there, [B, S] float32, on every rank (0 at t = 0
         and beyond each row's length)."""
+        self.check_resident()
         self.model.eval()
         micro_batches = self._micro_batches(batch)
 
@@ -203,6 +222,7 @@ class MegatronActor:
         `group_size` sequences; one optimizer step per mini-batch. Returns the mean metrics."""
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("update needs advantages and old_logp in the batch")
+        self.check_resident()
         self.model.train()
         mini = self.config.ppo_mini_batch_size * group_size
         history: list[dict[str, float]] = []

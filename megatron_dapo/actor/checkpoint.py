@@ -77,6 +77,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
     """Save model, optimizer and step count of every rank into `directory` (collective)."""
     from megatron.core import dist_checkpointing
 
+    actor.check_resident()
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     if dist.get_rank() == 0:

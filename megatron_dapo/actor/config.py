@@ -44,6 +44,9 @@ class ActorConfig:
     """Token budget of one micro-batch (prompt + response tokens), on each data-parallel rank."""
     recompute_activations: bool = False
     """Recompute each transformer layer in backward to save activation memory."""
+    offload: bool = False
+    """Colocated rollout: keep the weights and optimizer state in host memory while the engine generates
+    (gradients are dropped), so the engine's KV cache can use that GPU memory; costs a copy each way per step."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
 

@@ -88,6 +88,11 @@ class DAPOConfig:
                 "algorithm.filter_groups.enable needs rollout.n >= 2 (a group of one response never varies): "
                 "raise rollout.n or set algorithm.filter_groups.enable=false"
             )
+        if self.actor.offload and self.rollout.mode != "colocated":
+            problems.append(
+                f"actor.offload frees the actor's GPU memory for a colocated rollout engine, but rollout.mode is "
+                f"{self.rollout.mode!r}: set actor.offload=false"
+            )
         mini, train = self.actor.ppo_mini_batch_size, self.data.train_batch_size
         if train % mini:
             problems.append(

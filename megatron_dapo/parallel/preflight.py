@@ -19,7 +19,9 @@ of the busiest GPU:
 SGLang (rollout.name=sglang) takes rollout.sglang.mem_fraction_static of the memory free when it
 starts, and gives it back while the actor trains; while it generates, the actor's weights, gradients
 and optimizer state stay where they are: colocated, the engine's share must fit next to them
-(including the Adam moments that arrive after SGLang has sized itself). Disaggregated,
+(including the Adam moments that arrive after SGLang has sized itself). With actor.offload the actor
+is in host memory when SGLang starts and while it generates, and what must fit is the actor next to
+the engine's weights during the push. Disaggregated,
 every node starts --gpus-per-node minus rollout.sglang.tp_size trainer ranks, and each host node's last
 rollout.sglang.tp_size GPUs run its engine. Either way the engine's share must hold its bf16
 weights (split over its TP) with room left for a KV cache.
@@ -205,19 +207,21 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
 
 
 def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, adam_moments: float,
-                  gpu_memory_gb: float, report: Report) -> None:
+                  actor_grads: float, gpu_memory_gb: float, report: Report) -> None:
     """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor.
 
     SGLang sizes itself when it starts: weights and KV cache take rollout.sglang.mem_fraction_static of
     the memory free at that moment. Colocated, the actor is built first (its Adam moments come at the
-    first step, after SGLang has sized itself) and stays resident while SGLang generates.
+    first step, after SGLang has sized itself) and stays resident while SGLang generates, unless
+    actor.offload moves it to host memory (before SGLang starts, and whenever SGLang generates).
     """
     mode, sglang = config.rollout.mode, config.rollout.sglang
     colocated = mode == "colocated"
+    offload = colocated and config.actor.offload
     layer, embedding, output = parameter_counts(arch)
     weights = 2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size
     memory = gpu_memory_gb * GB
-    free = memory - OVERHEAD_GB * GB - (actor_resident - adam_moments if colocated else 0.0)
+    free = memory - OVERHEAD_GB * GB - (actor_resident - adam_moments if colocated and not offload else 0.0)
     share = sglang.mem_fraction_static * free
     report.lines.append(f"SGLang engine ({mode}, {sglang.tp_size} GPU(s)): rollout.sglang.mem_fraction_static "
                         f"{sglang.mem_fraction_static:g} of the {free / GB:.1f} GB free when it starts = "
@@ -229,6 +233,17 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
             "rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
     if not colocated:
         return
+    if offload:
+        push = actor_resident + weights + OVERHEAD_GB * GB
+        report.lines.append(
+            f"actor.offload: while SGLang generates, the actor's weights and optimizer state wait in host memory "
+            f"({(actor_resident - actor_grads) / GB:.1f} GB per GPU; its gradients are dropped); during the push the "
+            f"actor and SGLang's weights share the GPU: {push / GB:.1f} GB of {gpu_memory_gb:g} GB")
+        if push > memory:
+            report.problems.append(
+                f"the weight push needs {push / GB:.1f} GB per GPU (the actor next to SGLang's weights): raise "
+                "rollout.sglang.tp_size, or use more nodes (the optimizer state is sharded over data parallelism)")
+        return
     total = actor_resident + share + OVERHEAD_GB * GB
     report.lines.append(f"while SGLang generates, its GPUs also hold the actor's weights, gradients and optimizer "
                         f"state ({actor_resident / GB:.1f} GB): {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
@@ -236,8 +251,9 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
         fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB) / free) / 100
         report.problems.append(
             f"colocated SGLang needs {total / GB:.1f} GB per GPU while it generates: "
-            + (f"lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2 else
-               "use rollout.mode=disaggregated, or more nodes (the optimizer state is sharded over data parallelism)"))
+            + (f"set actor.offload=true, or lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2
+               else "set actor.offload=true, use rollout.mode=disaggregated, or use more nodes (the optimizer state "
+               "is sharded over data parallelism)"))
 
 
 def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report) -> None:
@@ -268,7 +284,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
     if config.rollout.name == "sglang":
-        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, gpu_memory_gb, report)
+        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report)
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine

@@ -115,9 +115,14 @@ class RolloutEngine(abc.ABC):
     def release_memory(self) -> None:
         """Free what can be freed while the trainer uses the device (colocated mode)."""
 
+    def resume_weights(self) -> None:
+        """Take back only the weights' memory, so that a push can land while the KV cache is still free
+        (with actor.offload the actor leaves the device in between); an engine that keeps its weights
+        through `release_memory` has nothing to do. `generate` still refuses until `resume_memory`."""
+
     @abc.abstractmethod
     def resume_memory(self) -> None:
-        """Take back what `release_memory` freed, before the next `generate`."""
+        """Take back everything `release_memory` freed (what `resume_weights` took stays), before the next `generate`."""
 
     @property
     @abc.abstractmethod

@@ -105,11 +105,22 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
 def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> float:
     """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] and every rank's engine
     (None where a rank has none); all ranks get it."""
+    return engine_probe_diff(engine, probe, trainer_probe_logprobs(actor, probe), temperature)
+
+
+def trainer_probe_logprobs(actor, probe: torch.Tensor) -> torch.Tensor:
+    """The actor's log-probs of the probe sequences [B, S] -> [B, S] (column 0 is 0); collective."""
     from megatron_dapo.actor.batch import ActorBatch
 
     lengths = torch.full((probe.shape[0],), probe.shape[1])
     batch = ActorBatch(tokens=probe, lengths=lengths, loss_mask=torch.zeros_like(probe))
-    trainer, _ = actor.compute_logprobs(batch)
+    return actor.compute_logprobs(batch)[0]
+
+
+def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor, temperature: float) -> float:
+    """Largest |engine log-prob - `trainer`| over the probe sequences [B, S] and every rank's engine (None
+    where a rank has none); all ranks get it. An engine that cannot score the probe, or gives NaN, counts
+    as infinitely far off."""
     diff = torch.zeros(1, dtype=torch.float64, device=_device())
     if engine is not None:
         try:

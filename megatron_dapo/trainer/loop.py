@@ -1,7 +1,7 @@
 """The DAPO training loop: one step reads like the data flow.
 
 collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> actor update
--> push weights into the rollout engines + parity probe -> metrics -> checkpoint.
+-> push weights into the rollout engines -> checkpoint -> parity probe -> metrics.
 Every rank steps through collection together: the engines (rank 0's, and with rollout.engines > 1
 one per chosen data-parallel replica, see rollout/fleet.py) sample their shares, rank 0 scores the
 rewards and broadcasts the groups, and every rank makes the same dynamic-sampling decisions. The
@@ -27,10 +27,11 @@ from megatron_dapo.parallel.init import init_distributed
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
-from megatron_dapo.rollout.reshard import probe_parity, push_weights
+from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, trainer_probe_logprobs
 from megatron_dapo.sampling.dynamic import DynamicSampler
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, shaped_scores
+from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
 
 
@@ -58,8 +59,12 @@ class Trainer:
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
         self.placement = place_engines(cfg.rollout.engines)
         """Which ranks host the rollout engines."""
+        if cfg.actor.offload:  # before the engines start: SGLang sizes its KV cache from the memory free then
+            self.actor.offload()
         self.engine = self._started(self._make_engine)
         """This rank's rollout engine, or None."""
+        self.memory = ColocatedMemory(self.actor, self.engine, colocated=cfg.rollout.mode == "colocated",
+                                      offload=cfg.actor.offload)
         if self.engine is not None:
             index = self.placement.hosts.index(dist.get_rank())
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
@@ -68,6 +73,8 @@ class Trainer:
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.step = 0
+        self.stopping = False
+        """A stop was requested during the step just done: it is saved, and the loop ends."""
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
@@ -114,28 +121,6 @@ class Trainer:
 
         return EmbeddedEngine.from_pretrained(path, rollout.embedded) if hosting else None
 
-    @contextlib.contextmanager
-    def _engine_memory_released(self, timer: _Timer):
-        """Colocated mode: the engine frees its GPU memory while the trainer computes, and takes it back after.
-
-        Every rank takes part: no rank computes before the engines have released, and every rank hands
-        its cached blocks back to the device before the engines resume (they share the ranks' GPUs).
-        """
-        if self.config.rollout.mode != "colocated":
-            yield
-            return
-        with timer("engine_memory"):
-            if self.engine is not None:
-                self.engine.release_memory()
-            dist.barrier()
-        yield
-        with timer("engine_memory"):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            dist.barrier()
-            if self.engine is not None:
-                self.engine.resume_memory()
-
     # ---- the loop ---------------------------------------------------------------------------
 
     def train(self) -> None:
@@ -144,18 +129,14 @@ class Trainer:
         if cfg.trainer.val_before_train and self.step == 0:
             self._log(0, self.validate())
         while self.step < cfg.trainer.total_training_steps:
-            metrics = self.train_step()
+            metrics = self.train_step()  # saves the checkpoint when one is due
             self.step += 1
             if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
                 metrics.update(self.validate())
             self._log(self.step, metrics)
-            last = self.step == cfg.trainer.total_training_steps
-            stopping = not last and self.stop.requested()
-            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
-                checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
-            if last and self.rank0:
+            if self.step == cfg.trainer.total_training_steps and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
-            if stopping:
+            if self.stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
                           f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
@@ -170,6 +151,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.config, _Timer()
         self.reward_seconds = 0.0
+        self.memory.to_generation(timer)
         with timer("generate"):
             groups, stats = self._collect()
         timer.split("generate", "reward", self.reward_seconds)  # scored on rank 0 between generation batches
@@ -177,25 +159,27 @@ class Trainer:
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                       overlong_filtering=cfg.algorithm.overlong_filtering)
-            with self._engine_memory_released(timer):
-                with timer("old_log_prob"):
-                    batch.old_logp, _ = self.actor.compute_logprobs(batch)
-                with timer("update"):
-                    metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
+            self.memory.to_training(timer)
+            with timer("old_log_prob"):
+                batch.old_logp, _ = self.actor.compute_logprobs(batch)
+            with timer("update"):
+                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
             metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
                                                               * batch.loss_mask).max())
+            self.memory.to_push(timer)
             with timer("reshard"):
                 push = self._push(version=self.step + 1)
-                diff = probe_parity(self.actor, self.engine, self.probe, cfg.rollout.temperature)
-            metrics["rollout/probe_logp_max_diff"] = diff
+                trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
             if push is not None:
                 metrics.update(push.metrics())
-            if not diff <= cfg.rollout.parity_threshold:
-                raise RuntimeError(
-                    f"after the weight push of step {self.step + 1} a rollout engine's log-probs differ from the "
-                    f"trainer's by {diff:.3g} (> rollout.parity_threshold={cfg.rollout.parity_threshold}): the "
-                    "engine is not running the weights that were trained; stopping before it generates from them"
-                )
+        with timer("checkpoint"):
+            self._save_if_due(self.step + 1)  # while the actor still holds its memory
+        if groups:
+            self.memory.to_generation(timer)
+            with timer("reshard"):
+                metrics["rollout/probe_logp_max_diff"] = self._probe(trainer_probe, f"of step {self.step + 1}")
+            if cfg.actor.offload:
+                metrics["actor/offloaded_gb"] = self.memory.offloaded_bytes / 1e9
             tokens = int(batch.lengths.sum())
             metrics["perf/tokens_per_s"] = tokens / max(timer.total(), 1e-9)
         metrics.update(timer.metrics())
@@ -277,6 +261,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_set is None:
             return {}
+        self.memory.to_generation()
         params = self._sampling(seed=self.config.trainer.seed, validation=True)
         if not self.rank0:
             while self._follow():
@@ -300,26 +285,53 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict()}
+    def _save_if_due(self, step: int) -> None:
+        """Save after `step` when it is the last, when a stop was requested (then `self.stopping`), or every
+        checkpoint.save_freq steps."""
+        cfg = self.config
+        last = step == cfg.trainer.total_training_steps
+        self.stopping = not last and self.stop.requested()
+        if last or self.stopping or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
+            if cfg.actor.offload:  # a step without an update left the actor in host memory
+                self.memory.to_push()
+            checkpoints.save(self.run_dir, step, self.actor, {"step": step, "data": self.stream.state_dict()},
+                             cfg.checkpoint.keep_last)
 
     def _resume(self) -> None:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None
-        if latest is None:
-            if self.config.model.megatron_checkpoint:  # the engines loaded model.path's weights, not the actor's
-                self._push(version=0)
+        if latest is None and not self.config.model.megatron_checkpoint:
             return
-        state = checkpoints.load(latest, self.actor)
-        self.step = int(state["step"])
-        self.stream.load_state_dict(state["data"])
-        self._push(version=self.step)
-        if self.rank0:
+        self.memory.to_training()
+        if latest is None:  # the engines loaded model.path's weights, not the actor's
+            version = 0
+        else:
+            state = checkpoints.load(latest, self.actor)
+            self.step = version = int(state["step"])
+            self.stream.load_state_dict(state["data"])
+        self.memory.to_push()
+        self._push(version=version)
+        trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
+        self.memory.to_generation()
+        self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
+        if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
 
     def _push(self, version: int):
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""
         return push_weights(self.actor, self.engine, version=version, bucket_mb=self.config.rollout.weight_bucket_mb,
                             replicas=self.placement.replicas)
+
+    def _probe(self, trainer_probe: torch.Tensor, when: str) -> float:
+        """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after
+        the push); a difference over rollout.parity_threshold stops the run before the engines generate."""
+        threshold = self.config.rollout.parity_threshold
+        diff = engine_probe_diff(self.engine, self.probe, trainer_probe, self.config.rollout.temperature)
+        if not diff <= threshold:
+            raise RuntimeError(
+                f"after the weight push {when} a rollout engine's log-probs differ from the trainer's by "
+                f"{diff:.3g} (> rollout.parity_threshold={threshold}): the engine is not running the weights that "
+                "were trained; stopping before it generates from them")
+        return diff
 
     def _broadcast(self, obj):
         if dist.get_world_size() == 1:

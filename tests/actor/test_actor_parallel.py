@@ -221,8 +221,62 @@ def check_converted_checkpoint_loads_at_tp2_pp2(rank: int, world: int, workdir: 
         assert diff <= 1e-4, f"{family}: converted checkpoint at TP2 x PP2: max |logp - transformers| = {diff:.3g}"
 
 
+def _device_state(actor) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the actor's state, named: weights, gradient buffers, the optimizer's master
+    weights and moments (megatron-core's own attributes, not the offload module's walk)."""
+    found = []
+    for name, p in actor.model.named_parameters():
+        found += [(name, p), (f"{name}.main_grad", p.main_grad)]
+    for i, opt in enumerate(getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])):
+        for key in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups", "shard_fp32_groups"):
+            for group in getattr(opt, key, None) or []:
+                found += [(f"optimizer {i} {key}", t) for t in group]
+        for state in opt.optimizer.state.values():
+            found += [(f"optimizer {i} {k}", v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim()]
+    return found
+
+
+def check_offload_between_updates_changes_nothing(rank: int, world: int, workdir: Path) -> None:
+    """actor.offload: weights and optimizer state to host memory and back (gradients dropped) between
+    updates gives bit-identical losses, grad norms and weights, at DP4 with the distributed optimizer and
+    at TP2 x PP2; while offloaded, no state tensor holds device memory and computing is refused."""
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.export import stage_hf_tensors
+
+    folder = workdir / "qwen2"
+    tokens, lengths, mask, advantages = _batch(groups=4, n=2)
+    old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
+    batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages, old_logp=old_logp)
+    for tp, pp in ((1, 1), (2, 2)):
+        runs = []
+        for offload in (False, True):
+            actor = _actor(folder, tp, pp, False, ppo_mini_batch_size=2)
+            history = []
+            for _ in range(3):
+                if offload:
+                    stats = actor.offload()
+                    held = [name for name, t in _device_state(actor) if t.untyped_storage().nbytes()]
+                    assert not held, f"TP{tp} PP{pp}: still on the device after offload: {held[:5]}"
+                    assert stats.copied_bytes > 0 and stats.dropped_bytes > 0, stats
+                    try:
+                        actor.compute_logprobs(batch)
+                    except RuntimeError as err:
+                        assert "reload" in str(err), err
+                    else:
+                        raise AssertionError("an offloaded actor computed log-probs")
+                    actor.reload()
+                metrics = actor.update(batch, group_size=2)
+                history.append((metrics["actor/pg_loss"], metrics["actor/grad_norm"]))
+            runs.append((history, {n: t.clone() for n, t in stage_hf_tensors(actor.model, actor.arch)}))
+        (plain, plain_weights), (moved, moved_weights) = runs
+        assert moved == plain, f"TP{tp} PP{pp}: (loss, grad norm) per step with offload {moved} != without {plain}"
+        for name, tensor in plain_weights.items():
+            assert torch.equal(moved_weights[name], tensor), f"TP{tp} PP{pp}: {name} differs after offloading"
+
+
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
-          check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2]
+          check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
+          check_offload_between_updates_changes_nothing]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import load_config
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.parallel.preflight import check_allocation, parameter_counts
@@ -131,14 +132,31 @@ def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
             "it starts = 35.3 GB per GPU, bf16 weights 8.2 GB of it") in text
     assert "actor's weights, gradients and optimizer state (27.6 GB): 66.9 GB of 80 GB" in text
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.mem_fraction_static=0.98")
-    assert report.problems == ["colocated SGLang needs 81.0 GB per GPU while it generates: lower "
-                               "rollout.sglang.mem_fraction_static to 0.95 or less"], report.problems
+    assert report.problems == ["colocated SGLang needs 81.0 GB per GPU while it generates: set actor.offload=true, "
+                               "or lower rollout.sglang.mem_fraction_static to 0.95 or less"], report.problems
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=1")
     assert any(p.startswith("the SGLang engine's weights (65.5 GB per GPU at rollout.sglang.tp_size 1)")
                for p in report.problems), report.problems
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=16")
     assert "rollout.sglang.tp_size (16) is more than a node's 8 GPUs: an engine runs on one node; lower it" in \
         report.problems
+
+
+def test_actor_offload_gives_sglang_the_whole_gpu_and_checks_the_push():
+    """actor.offload: SGLang starts with the actor in host memory (76 GB free instead of 50.4), and what
+    must fit is the actor next to SGLang's weights during the push."""
+    report = _check("dapo-qwen2.5-32b", 16, 8, "actor.offload=true", "rollout.sglang.mem_fraction_static=0.85")
+    text = report.render()
+    assert "mem_fraction_static 0.85 of the 76.0 GB free when it starts = 64.6 GB per GPU" in text
+    assert ("wait in host memory (11.3 GB per GPU; its gradients are dropped); during the push the actor and "
+            "SGLang's weights share the GPU: 39.8 GB of 80 GB") in text
+    assert report.problems == [], report.problems
+    report = _check("dapo-qwen2.5-32b", 4, 8, "actor.offload=true", "rollout.sglang.tp_size=1",
+                    "rollout.engines=4")
+    assert any(p.startswith("the weight push needs") and "raise rollout.sglang.tp_size" in p
+               for p in report.problems), report.problems
+    with pytest.raises(ConfigError, match="set actor.offload=false"):
+        _check("dapo-qwen2.5-32b", 16, 8, "actor.offload=true", "rollout.mode=disaggregated")
 
 
 def test_disaggregated_sglang_takes_gpus_from_the_trainer():

@@ -168,3 +168,29 @@ def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
     assert proc.returncode != 0
     assert "RolloutError: rollout engine 0 (rank 0): RolloutError: bad input" in proc.stderr, proc.stderr[-4000:]
     assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0)" in proc.stderr, proc.stderr[-4000:]
+
+
+def test_actor_offload_changes_no_step(toy_run, tmp_path):
+    """actor.offload=true: the actor's weights and optimizer state go to host memory while the engine
+    generates, and come back for training. Steps 1-3 equal the first run's; the run then resumes from
+    its step-3 checkpoint (pushed and probed with the actor offloaded around it) and step 4 equals too."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    for steps in (3, 4):
+        command = [*_toy_command(run_dir), "actor.offload=true", f"trainer.total_training_steps={steps}",
+                   "trainer.val_before_train=false", "checkpoint.save_freq=2"]
+        proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout and "step_000003" in proc.stdout, proc.stdout[-2000:]
+    expected = {row["step"]: row for row in _rows(toy_run) if "critic/acc_mean" in row}
+    moved = {row["step"]: row for row in _rows(run_dir) if "critic/acc_mean" in row}
+    assert sorted(moved) == [1, 2, 3, 4]
+    for step, row in moved.items():
+        assert row["actor/offloaded_gb"] > 0 and row["timing/actor_offload"] > 0, row
+        assert row["rollout/probe_logp_max_diff"] < 1e-4, row
+        for key in ("critic/acc_mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm"):
+            a, b = row[key], expected[step][key]
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: with offload {a}, without {b}"

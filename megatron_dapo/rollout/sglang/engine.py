@@ -42,7 +42,9 @@ class SGLangEngine(RolloutEngine):
         """Wrap a started `sglang.Engine` (see `launch`); `weight_sync` says how pushes travel."""
         self.engine, self.tp_size = engine, tp_size
         self._sender = BroadcastSender(engine, tp_size) if weight_sync == "broadcast" else None
-        self._version, self._open, self._released = 0, False, False
+        self._version, self._open = 0, False
+        self._released: set[str] = set()
+        """MEMORY_TAGS that SGLang holds paused."""
 
     @staticmethod
     def check_startable(config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"], *,
@@ -110,6 +112,8 @@ class SGLangEngine(RolloutEngine):
     # ---- weights ----------------------------------------------------------------------------
 
     def begin_weight_update(self) -> None:
+        if "weights" in self._released:
+            raise RolloutError("the engine's weights are released: call resume_weights() before a push")
         self._open = True
         if hasattr(self.engine, "begin_weight_update"):  # sglang >= 0.5.23 loads weights only inside a session
             expect_success(self.engine.begin_weight_update(), "begin_weight_update")
@@ -139,11 +143,19 @@ class SGLangEngine(RolloutEngine):
 
     def release_memory(self) -> None:
         expect_success(self.engine.release_memory_occupation(tags=list(MEMORY_TAGS)), "release_memory_occupation")
-        self._released = True
+        self._released = set(MEMORY_TAGS)
+
+    def resume_weights(self) -> None:
+        self._resume({"weights"} & self._released)
 
     def resume_memory(self) -> None:
-        expect_success(self.engine.resume_memory_occupation(tags=list(MEMORY_TAGS)), "resume_memory_occupation")
-        self._released = False
+        self._resume(self._released)
+
+    def _resume(self, tags: set[str]) -> None:
+        if tags:  # SGLang takes back what it paused, in MEMORY_TAGS order
+            expect_success(self.engine.resume_memory_occupation(tags=[t for t in MEMORY_TAGS if t in tags]),
+                           "resume_memory_occupation")
+            self._released -= tags
 
     @property
     def weight_version(self) -> int:

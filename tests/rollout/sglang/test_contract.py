@@ -114,3 +114,75 @@ def test_a_failed_load_raises_with_sglangs_message_and_leaves_the_engine_stale()
         engine.update_weights([("model.norm.weight", torch.ones(4))])
     with pytest.raises(StaleWeightsError):
         engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+class _MemoryFrontEnd:
+    """sglang.Engine's memory calls, signature-checked against the real Engine, keeping SGLang's
+    bookkeeping of paused tags (its scheduler adds each released tag and removes each resumed one,
+    and a tag resumed twice is a KeyError there)."""
+
+    def __init__(self):
+        from sglang.srt.entrypoints.engine import Engine
+
+        self.engine_class, self.paused, self.calls = Engine, set(), []
+
+    def _bind(self, method: str, **kwargs):
+        inspect.signature(getattr(self.engine_class, method)).bind(self, **kwargs)
+        self.calls.append((method, kwargs.get("tags")))
+
+    def release_memory_occupation(self, tags=None):
+        self._bind("release_memory_occupation", tags=tags)
+        self.paused.update(tags)
+
+    def resume_memory_occupation(self, tags=None):
+        self._bind("resume_memory_occupation", tags=tags)
+        for tag in tags:
+            self.paused.remove(tag)
+
+    def begin_weight_update(self):
+        self._bind("begin_weight_update")
+        assert "weights" not in self.paused, "weights loaded into released memory"
+        return True, "Succeeded"
+
+    def end_weight_update(self):
+        self._bind("end_weight_update")
+        return True, "Succeeded"
+
+    def flush_cache(self):
+        self._bind("flush_cache")
+        return True
+
+
+def test_memory_is_taken_back_weights_first_each_tag_once():
+    """actor.offload's order: release everything; take back the weights for the push while the KV cache
+    stays free; then the rest. Each tag is one of SGLang's and is resumed exactly once."""
+    _sglang()
+    from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS
+
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+    from megatron_dapo.rollout.sglang.engine import MEMORY_TAGS
+
+    assert set(MEMORY_TAGS) == {GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS}
+    front = _MemoryFrontEnd()
+    engine = SGLangEngine(front, tp_size=1)
+    engine.release_memory()
+    with pytest.raises(RolloutError, match="call resume_weights"):
+        engine.begin_weight_update()
+    engine.resume_weights()
+    engine.resume_weights()  # already back: SGLang is not asked twice
+    engine.begin_weight_update()
+    engine.end_weight_update(version=1)
+    with pytest.raises(RolloutError, match="call resume_memory"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    engine.resume_memory()
+    engine.resume_memory()
+    assert front.paused == set()
+    memory_calls = [call for call in front.calls if "memory" in call[0]]
+    assert memory_calls == [("release_memory_occupation", ["kv_cache", "weights"]),
+                            ("resume_memory_occupation", ["weights"]),
+                            ("resume_memory_occupation", ["kv_cache"])], memory_calls
+    # Without actor.offload the trainer resumes everything at once.
+    engine.release_memory()
+    engine.resume_memory()
+    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache", "weights"]) and front.paused == set()
