@@ -9,7 +9,7 @@
 # kernels   tools/bench_kernels.py: ours / pure torch / torch.compile / Liger, CSV + PNG
 # push      tools/bench_push.py at TP1: actor -> embedded engine on the GPU, bf16
 # generate  tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
-# update    tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU
+# update    tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
 #
 # Logs and CSVs go to OUT_DIR; copy the CSV rows into benchmarks/results and the figures, with the
 # device, into docs/performance.md. megatron-core must be importable (tests, push, update).

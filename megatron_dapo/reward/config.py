@@ -21,6 +21,8 @@ class RewardConfig:
     """Soft overlong punishment."""
     timeout_s: float = 10.0
     """A reward function that takes longer on one sample costs that sample, not the run."""
+    num_workers: int = 2
+    """Processes scoring rewards on each engine's host (each host scores the completions its engine sampled)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -30,6 +32,8 @@ class RewardConfig:
             problems.append(
                 f"reward.overlong_buffer.penalty_factor must be >= 0, got {self.overlong_buffer.penalty_factor}"
             )
+        if self.num_workers < 1:
+            problems.append(f"reward.num_workers must be >= 1, got {self.num_workers}")
         if self.timeout_s <= 0:
             problems.append(f"reward.timeout_s must be > 0, got {self.timeout_s}")
         if problems:

@@ -3,14 +3,17 @@
 Engine i lives on the first rank (tensor-parallel rank 0, first pipeline stage) of data-parallel
 replica i x (DP / engines). After every update it takes its weights from that replica (reshard.py),
 so pushes to different engines run side by side and never cross replicas. Each engine samples a
-contiguous share of every generation batch; rank 0 gathers the completions over a CPU group of the
-hosts alone. Rank 0 always hosts engine 0, and with one engine everything happens there as before.
+contiguous share of every generation batch and each host finishes its share (the trainer scores the
+rewards there); rank 0 gathers the results over a CPU group of the hosts alone. Rank 0 always hosts
+engine 0, and with one engine everything happens there as before.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 
@@ -65,15 +68,20 @@ def shares(count: int, parts: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+Finish = Callable[[range, list[list[Completion]]], list[Any]]
+"""(the share's prompt indices, their completions) -> one result per prompt, made on the share's host."""
+
+
 def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts: list[list[int]],
-                    params: SamplingParams) -> list[list[Completion]] | None:
-    """Every engine samples its share of `prompts`; all completions, in prompt order, on rank 0 (None elsewhere).
+                    params: SamplingParams, finish: Finish | None = None) -> list | None:
+    """Every engine samples its share of `prompts` and its host applies `finish` to it; the results (the
+    completions when `finish` is None), one per prompt in prompt order, on rank 0 (None elsewhere).
 
     Collective over the hosts (ranks without an engine return at once). `prompts` must be the same on
     every host. Engine i of E seeds its share with params.seed x E + i, so no two engines, and no
     engine in two generation batches, draw from the same seed; one engine keeps params.seed. An
-    error on any host is raised on rank 0 with the host named; the other hosts carry on, to be
-    stopped by rank 0.
+    error on any host, in generation or in `finish`, is raised on rank 0 with the host named; the
+    other hosts carry on, to be stopped by rank 0.
     """
     if engine is None:
         return None
@@ -84,6 +92,8 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
     try:
         mine = engine.generate(prompts[share.start:share.stop], dataclasses.replace(params, seed=seed)) \
             if len(share) else []
+        if finish is not None:
+            mine = finish(share, mine)
     except Exception as err:
         if len(hosts) == 1:
             raise
@@ -97,4 +107,4 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
     for part in gathered:
         if isinstance(part, RolloutError):
             raise part
-    return [completions for part in gathered for completions in part]
+    return [result for part in gathered for result in part]

@@ -3,9 +3,9 @@
 collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> actor update
 -> push weights into the rollout engines -> checkpoint -> parity probe -> metrics.
 Every rank steps through collection together: the engines (rank 0's, and with rollout.engines > 1
-one per chosen data-parallel replica, see rollout/fleet.py) sample their shares, rank 0 scores the
-rewards and broadcasts the groups, and every rank makes the same dynamic-sampling decisions. The
-actor runs on every rank.
+one per chosen data-parallel replica, see rollout/fleet.py) sample their shares and their hosts
+score them, rank 0 gathers the groups and makes the dynamic-sampling decisions, and every rank gets
+the groups kept. The actor runs on every rank.
 """
 from __future__ import annotations
 
@@ -69,14 +69,16 @@ class Trainer:
             index = self.placement.hosts.index(dist.get_rank())
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
                   f"({cfg.rollout.name}, weights from data-parallel replica {self.placement.replicas[index]})", flush=True)
-        self.scorer = RewardScorer(timeout_s=cfg.reward.timeout_s) if self.rank0 else None
+        self.scorer = (RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+                       if self.engine is not None else None)
+        """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.step = 0
         self.stopping = False
         """A stop was requested during the step just done: it is saved, and the loop ends."""
         self.reward_seconds = 0.0
-        """Time spent scoring rewards in the current step (rank 0)."""
+        """Time spent scoring rewards in the current step (rank 0's share)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
         if self.rank0:
@@ -154,7 +156,7 @@ class Trainer:
         self.memory.to_generation(timer)
         with timer("generate"):
             groups, stats = self._collect()
-        timer.split("generate", "reward", self.reward_seconds)  # scored on rank 0 between generation batches
+        timer.split("generate", "reward", self.reward_seconds)  # rank 0's share, scored between generation batches
         metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
@@ -238,14 +240,17 @@ class Trainer:
                               seed=seed)
 
     def _rollout(self, prompts, params: SamplingParams) -> list[Group] | None:
-        """Generate (every engine its share) and score: the groups on rank 0, None elsewhere."""
-        outputs = generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params)
-        return self._score(prompts, outputs, params.n) if self.rank0 else None
+        """Every engine generates its share and its host scores it: the groups on rank 0, None elsewhere."""
+        def score(share: range, outputs) -> list[Group]:
+            return self._score(prompts[share.start:share.stop], outputs, params.n)
+
+        return generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params, finish=score)
 
     def _score(self, prompts, outputs, n: int) -> list[Group]:
+        """Decode and score the completions of `prompts` (this host's share); the overlong punishment added."""
+        start = time.perf_counter()
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
-        start = time.perf_counter()
         results = self.scorer.score(samples).results
         self.reward_seconds += time.perf_counter() - start
         buffer = self.config.reward.overlong_buffer

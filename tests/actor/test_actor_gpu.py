@@ -1,4 +1,5 @@
-"""The Megatron actor in bf16 on one GPU (NCCL world of one): log-probs track transformers.
+"""The Megatron actor in bf16 on one GPU (NCCL world of one): log-probs track transformers, and
+actor.offload frees the GPU memory it says and changes no update.
 
 Runs only where CUDA is present (it says why it skips elsewhere). Tolerance, stated and earned:
 for each family, the actor's bf16 log-probs may differ from transformers' fp32 log-probs by at most
@@ -48,10 +49,56 @@ def check_bf16_logprobs_track_transformers(rank: int, world: int, workdir: Path)
     assert not failures, "; ".join(failures)
 
 
-def test_bf16_logprobs_on_one_gpu_track_transformers(tmp_path):
+def check_bf16_offload_frees_the_gpu_and_changes_nothing(rank: int, world: int, workdir: Path) -> None:
+    from megatron_dapo.actor.actor import MegatronActor
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.config import ActorConfig
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_model_parallel
+
+    folder = workdir / "qwen3"
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 211, (4, 32), generator=gen)
+    lengths = torch.tensor([32, 30, 21, 12])
+    mask = ((torch.arange(32)[None] < lengths[:, None]) & (torch.arange(32)[None] >= 4)).long()
+    advantages = torch.randn(4, generator=gen)
+    runs = []
+    for offload in (False, True):
+        layout = ParallelConfig().layout(1)
+        init_model_parallel(layout, seed=1)
+        actor = MegatronActor(ActorConfig(ppo_mini_batch_size=2), folder, layout, temperature=TEMPERATURE, bf16=True)
+        batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages)
+        batch.old_logp, _ = actor.compute_logprobs(batch)
+        history = []
+        for _ in range(2):
+            if offload:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                stats = actor.offload()
+                freed = before - torch.cuda.memory_allocated()
+                assert freed >= stats.copied_bytes + stats.dropped_bytes > 0, (freed, stats)
+                actor.reload()
+            history.append(actor.update(batch, group_size=1))
+        logp, _ = actor.compute_logprobs(batch)
+        runs.append(([(m["actor/pg_loss"], m["actor/grad_norm"]) for m in history], logp))
+    (plain, plain_logp), (moved, moved_logp) = runs
+    assert moved == plain, f"with offload {moved} != without {plain}"
+    assert torch.equal(moved_logp, plain_logp), "log-probs after the updates differ with offload"
+
+
+GPU_CHECKS = [check_bf16_logprobs_track_transformers, check_bf16_offload_frees_the_gpu_and_changes_nothing]
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (the bf16 parity of issue 3's GPU acceptance)")
+        pytest.skip("needs a CUDA GPU")
+    workdir = tmp_path_factory.mktemp("actor_gpu")
     for family in FAMILIES:
-        make_tiny_model(family, tmp_path / family)
-    results = run_checks(1, [check_bf16_logprobs_track_transformers], tmp_path, timeout_s=600, backend="nccl")
-    assert results == {"check_bf16_logprobs_track_transformers": []}, results
+        make_tiny_model(family, workdir / family)
+    return run_checks(1, GPU_CHECKS, workdir, timeout_s=600, backend="nccl")
+
+
+@pytest.mark.parametrize("check", GPU_CHECKS, ids=lambda c: c.__name__)
+def test_actor_on_one_gpu(gpu_run, check):
+    assert not gpu_run[check.__name__], "\n".join(gpu_run[check.__name__])

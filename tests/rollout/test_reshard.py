@@ -52,7 +52,7 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
     from megatron_dapo.actor.batch import ActorBatch
     from megatron_dapo.config.loader import ConfigError
     from megatron_dapo.rollout.embedded import EmbeddedEngine
-    from megatron_dapo.rollout.engine import SamplingParams
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
     from megatron_dapo.rollout.fleet import generate_shared, place_engines, shares
     from megatron_dapo.rollout.reshard import probe_parity, push_weights
 
@@ -77,6 +77,28 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             assert [[x.token_ids for x in cs] for cs in shared] == [[x.token_ids for x in cs] for cs in expected]
         else:
             assert shared is None
+
+        # Each host finishes its own share (the trainer scores rewards there); rank 0 gets the results in
+        # prompt order, and an error in one host's finish is raised on rank 0 with that host named.
+        def where(share, outputs):
+            return [(dist.get_rank(), i, len(cs)) for i, cs in zip(share, outputs)]
+
+        finished = generate_shared(engine, placement, prompts, params, finish=where)
+        if rank == 0:
+            owners = [placement.hosts[0]] * 3 + [placement.hosts[1]] * 2  # shares of 5 prompts: 3 + 2
+            assert finished == [(owner, i, 2) for i, owner in enumerate(owners)], finished
+
+        def fails_on_engine_1(share, outputs):
+            if dist.get_rank() == placement.hosts[1]:
+                raise ValueError("no reward for this")
+            return outputs
+
+        if rank == 0:
+            with pytest.raises(RolloutError, match=rf"rollout engine 1 \(rank {placement.hosts[1]}\): ValueError: "
+                                                   "no reward for this"):
+                generate_shared(engine, placement, prompts, params, finish=fails_on_engine_1)
+        else:
+            assert generate_shared(engine, placement, prompts, params, finish=fails_on_engine_1) is None
 
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
         for step in range(2):
