@@ -50,18 +50,27 @@ class ActorBatch:
 
 
 def split_by_token_budget(lengths: list[int], budget: int, multiple: int = 1) -> list[list[int]]:
-    """Consecutive rows grouped so that rows x padded length <= budget (a row longer than the budget
-    goes alone). `multiple`: the padded length is rounded up to it (sequence parallelism needs TP)."""
+    """Rows grouped into micro-batches whose padded size (rows x longest row, rounded up to `multiple`)
+    stays within `budget` tokens; a row longer than the budget goes alone. `multiple`: sequence
+    parallelism needs the padded length to divide by TP.
+
+    Rows are taken longest first, so that rows of similar length share a micro-batch: RL responses
+    run from a few tokens to the maximum, and grouping them in arrival order pads short rows to a
+    long neighbour's length. Each group lists its rows in their original order.
+    """
+    def padded(length: int) -> int:
+        return -(-length // multiple) * multiple
+
     groups: list[list[int]] = []
     current: list[int] = []
-    longest = 0
-    for row, length in enumerate(lengths):
-        width = -(-max(longest, length) // multiple) * multiple
-        if current and width * (len(current) + 1) > budget:
-            groups.append(current)
-            current, longest = [], 0
+    width = 0
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        if current and width * (len(current) + 1) > budget:  # the group's first row is its longest
+            groups.append(sorted(current))
+            current = []
+        if not current:
+            width = padded(lengths[row])
         current.append(row)
-        longest = max(longest, length)
     if current:
-        groups.append(current)
+        groups.append(sorted(current))
     return groups
