@@ -112,8 +112,9 @@ class RolloutEngine(abc.ABC):
         """Close the push: check every parameter arrived since `begin`, then serve `version`."""
 
     @abc.abstractmethod
-    def release_memory(self) -> None:
-        """Free what can be freed while the trainer uses the device (colocated mode)."""
+    def release_memory(self, weights: bool = True) -> None:
+        """Free what can be freed while the trainer uses the device (colocated mode); `weights=False` keeps
+        the weights where they are (only the KV cache goes), so no push is needed before generating again."""
 
     def resume_weights(self) -> None:
         """Take back only the weights' memory, so that a push can land while the KV cache is still free

@@ -80,6 +80,7 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
 
     Collective over those replicas. Returns the push's figures where an engine is, None elsewhere.
     """
+    actor.check_resident()  # the same answer on every rank: all refuse, none waits
     start = time.perf_counter()
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []

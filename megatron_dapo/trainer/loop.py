@@ -1,7 +1,7 @@
 """The DAPO training loop: one step reads like the data flow.
 
 collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> actor update
--> push weights into the rollout engines -> checkpoint -> parity probe -> metrics.
+-> push weights into the rollout engines + parity probe -> metrics -> checkpoint.
 Every rank steps through collection together: the engines (rank 0's, and with rollout.engines > 1
 one per chosen data-parallel replica, see rollout/fleet.py) sample their shares and their hosts
 score them, rank 0 gathers the groups and makes the dynamic-sampling decisions, and every rank gets
@@ -59,12 +59,11 @@ class Trainer:
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
         self.placement = place_engines(cfg.rollout.engines)
         """Which ranks host the rollout engines."""
-        if cfg.actor.offload:  # before the engines start: SGLang sizes its KV cache from the memory free then
-            self.actor.offload()
-        self.engine = self._started(self._make_engine)
+        self.memory = ColocatedMemory(self.actor, colocated=cfg.rollout.mode == "colocated", offload=cfg.actor.offload)
+        """Who holds the GPUs when (colocated mode; actor.offload)."""
+        self.memory.before_engine_start()
+        self.engine = self.memory.engine = self._started(self._make_engine)
         """This rank's rollout engine, or None."""
-        self.memory = ColocatedMemory(self.actor, self.engine, colocated=cfg.rollout.mode == "colocated",
-                                      offload=cfg.actor.offload)
         if self.engine is not None:
             index = self.placement.hosts.index(dist.get_rank())
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
@@ -75,8 +74,6 @@ class Trainer:
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.step = 0
-        self.stopping = False
-        """A stop was requested during the step just done: it is saved, and the loop ends."""
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
@@ -131,14 +128,19 @@ class Trainer:
         if cfg.trainer.val_before_train and self.step == 0:
             self._log(0, self.validate())
         while self.step < cfg.trainer.total_training_steps:
-            metrics = self.train_step()  # saves the checkpoint when one is due
+            metrics = self.train_step()
             self.step += 1
             if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
                 metrics.update(self.validate())
             self._log(self.step, metrics)
-            if self.step == cfg.trainer.total_training_steps and self.rank0:
+            last = self.step == cfg.trainer.total_training_steps
+            stopping = not last and self.stop.requested()
+            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+                with self.memory.actor_resident():
+                    checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
+            if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
-            if self.stopping:
+            if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
                           f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
@@ -174,10 +176,7 @@ class Trainer:
                 trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
             if push is not None:
                 metrics.update(push.metrics())
-        with timer("checkpoint"):
-            self._save_if_due(self.step + 1)  # while the actor still holds its memory
-        if groups:
-            self.memory.to_generation(timer)
+            self.memory.to_generation(timer)  # the engine is whole again; the probe needs its KV cache
             with timer("reshard"):
                 metrics["rollout/probe_logp_max_diff"] = self._probe(trainer_probe, f"of step {self.step + 1}")
             if cfg.actor.offload:
@@ -290,17 +289,8 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _save_if_due(self, step: int) -> None:
-        """Save after `step` when it is the last, when a stop was requested (then `self.stopping`), or every
-        checkpoint.save_freq steps."""
-        cfg = self.config
-        last = step == cfg.trainer.total_training_steps
-        self.stopping = not last and self.stop.requested()
-        if last or self.stopping or (cfg.checkpoint.save_freq and step % cfg.checkpoint.save_freq == 0):
-            if cfg.actor.offload:  # a step without an update left the actor in host memory
-                self.memory.to_push()
-            checkpoints.save(self.run_dir, step, self.actor, {"step": step, "data": self.stream.state_dict()},
-                             cfg.checkpoint.keep_last)
+    def _state(self) -> dict:
+        return {"step": self.step, "data": self.stream.state_dict()}
 
     def _resume(self) -> None:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None

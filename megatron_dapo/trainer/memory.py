@@ -10,6 +10,10 @@ A step walks the phases generation -> training -> push -> generation:
 - generation: with actor.offload the actor moves to host memory, and once every rank has done so
   the engine takes back its KV cache.
 
+A checkpoint needs the actor on the device in the generation phase too: `actor_resident` brings it
+back while the engine frees only its KV cache (so its weights, which SGLang does not keep through a
+release, need no push after).
+
 Every rank calls each phase at the same point (there are barriers); a phase already reached is a no-op.
 In disaggregated mode the engine has GPUs of its own and the phases do nothing.
 """
@@ -30,13 +34,21 @@ def _untimed(name: str) -> ContextManager:
 
 
 class ColocatedMemory:
-    def __init__(self, actor, engine, *, colocated: bool, offload: bool):
-        """`actor` is already offloaded when `offload` (before the engine started, so that SGLang sized its
-        KV cache with the actor's memory free); `engine` is this rank's engine or None."""
-        self.actor, self.engine, self.colocated, self.offload = actor, engine, colocated, offload
+    def __init__(self, actor, *, colocated: bool, offload: bool):
+        """Call `before_engine_start`, start the engine, then set `engine` (this rank's engine or None)."""
+        self.actor, self.colocated, self.offload = actor, colocated, offload
+        self.engine = None
         self.phase: Literal["generation", "training", "push"] = "generation"
         self.offloaded_bytes = 0
         """Bytes of weights and optimizer state the last offload copied to host memory."""
+
+    def before_engine_start(self) -> None:
+        """With offload, the actor leaves the device on every rank before any engine starts: SGLang sizes
+        its KV cache from the memory free when it starts, for the whole run."""
+        if self.colocated and self.offload:
+            self.offloaded_bytes = self.actor.offload().copied_bytes
+            _empty_cache()  # the freed blocks go back to the device, where SGLang can see them
+            dist.barrier()
 
     def to_training(self, timer: Timer = _untimed) -> None:
         if not self.colocated or self.phase == "training":
@@ -80,6 +92,28 @@ class ColocatedMemory:
             if self.engine is not None:
                 self.engine.resume_memory()
         self.phase = "generation"
+
+    @contextlib.contextmanager
+    def actor_resident(self, timer: Timer = _untimed):
+        """The actor on the device inside (to save a checkpoint) whatever the phase. In the generation phase
+        with offload the engine meanwhile frees its KV cache only: its weights keep their values."""
+        if not (self.colocated and self.offload and self.phase == "generation"):
+            yield
+            return
+        with timer("engine_memory"):
+            if self.engine is not None:
+                self.engine.release_memory(weights=False)
+            dist.barrier()
+        with timer("actor_offload"):
+            self.actor.reload()
+        yield
+        with timer("actor_offload"):
+            self.actor.offload()
+        with timer("engine_memory"):
+            _empty_cache()
+            dist.barrier()
+            if self.engine is not None:
+                self.engine.resume_memory()
 
 
 def _empty_cache() -> None:

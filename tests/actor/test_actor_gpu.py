@@ -50,40 +50,48 @@ def check_bf16_logprobs_track_transformers(rank: int, world: int, workdir: Path)
 
 
 def check_bf16_offload_frees_the_gpu_and_changes_nothing(rank: int, world: int, workdir: Path) -> None:
-    from megatron_dapo.actor.actor import MegatronActor
-    from megatron_dapo.actor.batch import ActorBatch
-    from megatron_dapo.actor.config import ActorConfig
-    from megatron_dapo.parallel.config import ParallelConfig
-    from megatron_dapo.parallel.init import init_model_parallel
-
     folder = workdir / "qwen3"
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 211, (4, 32), generator=gen)
     lengths = torch.tensor([32, 30, 21, 12])
     mask = ((torch.arange(32)[None] < lengths[:, None]) & (torch.arange(32)[None] >= 4)).long()
     advantages = torch.randn(4, generator=gen)
-    runs = []
-    for offload in (False, True):
-        layout = ParallelConfig().layout(1)
-        init_model_parallel(layout, seed=1)
-        actor = MegatronActor(ActorConfig(ppo_mini_batch_size=2), folder, layout, temperature=TEMPERATURE, bf16=True)
-        batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages)
-        batch.old_logp, _ = actor.compute_logprobs(batch)
-        history = []
-        for _ in range(2):
-            if offload:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                stats = actor.offload()
-                freed = before - torch.cuda.memory_allocated()
-                assert freed >= stats.copied_bytes + stats.dropped_bytes > 0, (freed, stats)
-                actor.reload()
-            history.append(actor.update(batch, group_size=1))
-        logp, _ = actor.compute_logprobs(batch)
-        runs.append(([(m["actor/pg_loss"], m["actor/grad_norm"]) for m in history], logp))
-    (plain, plain_logp), (moved, moved_logp) = runs
-    assert moved == plain, f"with offload {moved} != without {plain}"
-    assert torch.equal(moved_logp, plain_logp), "log-probs after the updates differ with offload"
+    for distributed_optimizer in (True, False):  # megatron-core's DistributedOptimizer, Float16Optimizer
+        runs = []
+        for offload in (False, True):
+            runs.append(_two_updates(folder, tokens, lengths, mask, advantages, offload, distributed_optimizer))
+        (plain, plain_logp), (moved, moved_logp) = runs
+        name = "distributed optimizer" if distributed_optimizer else "plain optimizer"
+        assert moved == plain, f"{name}: with offload {moved} != without {plain}"
+        assert torch.equal(moved_logp, plain_logp), f"{name}: log-probs after the updates differ with offload"
+
+
+def _two_updates(folder, tokens, lengths, mask, advantages, offload: bool, distributed_optimizer: bool):
+    """(loss, grad norm) of two bf16 updates and the log-probs after them; with `offload`, the actor goes
+    to host memory and back before each update, and must free at least what it says it copied and dropped."""
+    from megatron_dapo.actor.actor import MegatronActor
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.config import ActorConfig
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_model_parallel
+
+    layout = ParallelConfig(use_distributed_optimizer=distributed_optimizer).layout(1)
+    init_model_parallel(layout, seed=1)
+    actor = MegatronActor(ActorConfig(ppo_mini_batch_size=2), folder, layout, temperature=TEMPERATURE, bf16=True)
+    batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages)
+    batch.old_logp, _ = actor.compute_logprobs(batch)
+    history = []
+    for _ in range(2):
+        if offload:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            stats = actor.offload()
+            freed = before - torch.cuda.memory_allocated()
+            assert freed >= stats.copied_bytes + stats.dropped_bytes > 0, (freed, stats)
+            actor.reload()
+        history.append(actor.update(batch, group_size=1))
+    logp, _ = actor.compute_logprobs(batch)
+    return [(m["actor/pg_loss"], m["actor/grad_norm"]) for m in history], logp
 
 
 GPU_CHECKS = [check_bf16_logprobs_track_transformers, check_bf16_offload_frees_the_gpu_and_changes_nothing]

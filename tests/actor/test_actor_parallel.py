@@ -239,9 +239,10 @@ def _device_state(actor) -> list[tuple[str, torch.Tensor]]:
 def check_offload_between_updates_changes_nothing(rank: int, world: int, workdir: Path) -> None:
     """actor.offload: weights and optimizer state to host memory and back (gradients dropped) between
     updates gives bit-identical losses, grad norms and weights, at DP4 with the distributed optimizer and
-    at TP2 x PP2; while offloaded, no state tensor holds device memory and computing is refused."""
+    at TP2 x PP2; while offloaded, no state tensor holds device memory, and computing or pushing is refused."""
     from megatron_dapo.actor.batch import ActorBatch
     from megatron_dapo.actor.export import stage_hf_tensors
+    from megatron_dapo.rollout.reshard import push_weights
 
     folder = workdir / "qwen2"
     tokens, lengths, mask, advantages = _batch(groups=4, n=2)
@@ -258,12 +259,14 @@ def check_offload_between_updates_changes_nothing(rank: int, world: int, workdir
                     held = [name for name, t in _device_state(actor) if t.untyped_storage().nbytes()]
                     assert not held, f"TP{tp} PP{pp}: still on the device after offload: {held[:5]}"
                     assert stats.copied_bytes > 0 and stats.dropped_bytes > 0, stats
-                    try:
-                        actor.compute_logprobs(batch)
-                    except RuntimeError as err:
-                        assert "reload" in str(err), err
-                    else:
-                        raise AssertionError("an offloaded actor computed log-probs")
+                    for what, call in (("computed log-probs", lambda: actor.compute_logprobs(batch)),
+                                       ("pushed its weights", lambda: push_weights(actor, None, 1, bucket_mb=1))):
+                        try:
+                            call()
+                        except RuntimeError as err:
+                            assert "reload" in str(err), err
+                        else:
+                            raise AssertionError(f"an offloaded actor {what}")
                     actor.reload()
                 metrics = actor.update(batch, group_size=2)
                 history.append((metrics["actor/pg_loss"], metrics["actor/grad_norm"]))

@@ -138,8 +138,8 @@ class EmbeddedEngine(RolloutEngine):
 
     # --- colocated memory -------------------------------------------------------------------
 
-    def release_memory(self) -> None:
-        """Drop the KV cache (weights stay); generate/score refuse until resume_memory()."""
+    def release_memory(self, weights: bool = True) -> None:
+        """Drop the KV cache (the weights always stay); generate/score refuse until resume_memory()."""
         self.cache.release()
         self.released = True
         if self.device.type == "cuda":

@@ -45,6 +45,9 @@ class SGLangEngine(RolloutEngine):
         self._version, self._open = 0, False
         self._released: set[str] = set()
         """MEMORY_TAGS that SGLang holds paused."""
+        self._weights_lost = False
+        """The weights were released since the last complete push: SGLang does not keep their values
+        (it runs without a CPU backup), so they must be pushed again before the engine generates."""
 
     @staticmethod
     def check_startable(config: SGLangEngineConfig, mode: Literal["colocated", "disaggregated"], *,
@@ -79,6 +82,9 @@ class SGLangEngine(RolloutEngine):
             raise StaleWeightsError("a weight push is open or broke off: finish a complete push before generating")
         if self._released:
             raise RolloutError("the engine's memory is released: call resume_memory() first")
+        if self._weights_lost:
+            raise StaleWeightsError("the engine's weights were released and have not been pushed since: "
+                                    "push the weights before generating (SGLang does not keep them)")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         self._check_usable()
@@ -137,13 +143,15 @@ class SGLangEngine(RolloutEngine):
         expect_success(self.engine.flush_cache(), "flush_cache")
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()  # free the buckets' blocks that SGLang's workers have let go of
-        self._version, self._open = version, False
+        self._version, self._open, self._weights_lost = version, False, False
 
     # ---- memory -----------------------------------------------------------------------------
 
-    def release_memory(self) -> None:
-        expect_success(self.engine.release_memory_occupation(tags=list(MEMORY_TAGS)), "release_memory_occupation")
-        self._released = set(MEMORY_TAGS)
+    def release_memory(self, weights: bool = True) -> None:
+        tags = [t for t in MEMORY_TAGS if weights or t != "weights"]
+        expect_success(self.engine.release_memory_occupation(tags=tags), "release_memory_occupation")
+        self._released |= set(tags)
+        self._weights_lost |= weights
 
     def resume_weights(self) -> None:
         self._resume({"weights"} & self._released)
@@ -152,7 +160,7 @@ class SGLangEngine(RolloutEngine):
         self._resume(self._released)
 
     def _resume(self, tags: set[str]) -> None:
-        if tags:  # SGLang takes back what it paused, in MEMORY_TAGS order
+        if tags:
             expect_success(self.engine.resume_memory_occupation(tags=[t for t in MEMORY_TAGS if t in tags]),
                            "resume_memory_occupation")
             self._released -= tags

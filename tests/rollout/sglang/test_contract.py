@@ -152,14 +152,23 @@ class _MemoryFrontEnd:
         self._bind("flush_cache")
         return True
 
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        self._bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
+        assert not self.paused, f"generating with {sorted(self.paused)} paused"
+        finish = {"type": "length"}
+        return [{"output_ids": [7], "meta_info": {"finish_reason": finish, "output_token_logprobs": [(-0.5, 7, None)]}}
+                for _ in input_ids]
+
 
 def test_memory_is_taken_back_weights_first_each_tag_once():
     """actor.offload's order: release everything; take back the weights for the push while the KV cache
-    stays free; then the rest. Each tag is one of SGLang's and is resumed exactly once."""
+    stays free; then the rest. Each tag is one of SGLang's and is resumed exactly once. Released weights
+    lose their values in SGLang (no CPU backup): the engine refuses to generate until a push; released
+    with weights=False (a checkpoint saved mid-phase), it generates again without one."""
     _sglang()
     from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS
 
-    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
     from megatron_dapo.rollout.sglang import SGLangEngine
     from megatron_dapo.rollout.sglang.engine import MEMORY_TAGS
 
@@ -182,7 +191,19 @@ def test_memory_is_taken_back_weights_first_each_tag_once():
     assert memory_calls == [("release_memory_occupation", ["kv_cache", "weights"]),
                             ("resume_memory_occupation", ["weights"]),
                             ("resume_memory_occupation", ["kv_cache"])], memory_calls
-    # Without actor.offload the trainer resumes everything at once.
+    assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]
+    # Without actor.offload the trainer resumes everything at once, then pushes.
     engine.release_memory()
     engine.resume_memory()
     assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache", "weights"]) and front.paused == set()
+    with pytest.raises(StaleWeightsError, match="weights were released and have not been pushed since"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    engine.begin_weight_update()
+    engine.end_weight_update(version=2)
+    engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    # A checkpoint with the actor offloaded: only the KV cache goes, and no push is needed after.
+    engine.release_memory(weights=False)
+    assert front.calls[-1] == ("release_memory_occupation", ["kv_cache"])
+    engine.resume_memory()
+    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache"]) and front.paused == set()
+    engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
