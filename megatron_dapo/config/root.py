@@ -41,6 +41,9 @@ class TrainerConfig:
     """Validate every this many steps; 0 disables periodic validation."""
     val_before_train: bool = True
     """Validate once before the first step."""
+    val_only: bool = False
+    """Validate the run folder's latest checkpoint (the starting weights when there is none) once, log it
+    at that step, and exit without training."""
     seed: int = 1
     """Seed for data order, sampling and initialisation."""
 
@@ -93,6 +96,8 @@ class DAPOConfig:
                 f"actor.offload frees the actor's GPU memory for a colocated rollout engine, but rollout.mode is "
                 f"{self.rollout.mode!r}: set actor.offload=false"
             )
+        if self.trainer.val_only and not self.data.val_files:
+            problems.append("trainer.val_only validates, but data.val_files is empty: name the validation files")
         mini, train = self.actor.ppo_mini_batch_size, self.data.train_batch_size
         if train % mini:
             problems.append(

@@ -15,3 +15,11 @@ class LoggingConfig:
     """Weights & Biases project; None disables it."""
     wandb_run_name: str | None = None
     """Weights & Biases run name; defaults to the run folder's name."""
+    samples_per_step: int = 2
+    """Responses written as text to samples.jsonl each step and each validation (metrics/samples.py); 0: none."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_step < 0:
+            from megatron_dapo.config.loader import ConfigError
+
+            raise ConfigError(f"logging.samples_per_step must be >= 0, got {self.samples_per_step}")

@@ -22,6 +22,7 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
+from megatron_dapo.metrics.samples import SampleLog
 from megatron_dapo.metrics.sinks import MetricSinks
 from megatron_dapo.parallel.init import init_distributed
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
@@ -73,6 +74,7 @@ class Trainer:
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
+        self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
         self.step = 0
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
@@ -125,9 +127,9 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         self._resume()
-        if cfg.trainer.val_before_train and self.step == 0:
-            self._log(0, self.validate())
-        while self.step < cfg.trainer.total_training_steps:
+        if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
+            self._log(self.step, self.validate())
+        while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
             self.step += 1
             if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
@@ -147,6 +149,8 @@ class Trainer:
                 break
         if self.sinks:
             self.sinks.close()
+        if self.samples:
+            self.samples.close()
         if self.scorer:
             self.scorer.close()
         if self.engine is not None:
@@ -160,6 +164,8 @@ class Trainer:
             groups, stats = self._collect()
         timer.split("generate", "reward", self.reward_seconds)  # rank 0's share, scored between generation batches
         metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
+        if self.samples:
+            self.samples.write(self.step + 1, "train", groups, self.tokenizer)
         if groups:
             batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                       overlong_filtering=cfg.algorithm.overlong_filtering)
@@ -275,6 +281,7 @@ class Trainer:
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
         self._broadcast("done")
+        self.samples.write(self.step, "val", groups, self.tokenizer)
         k = params.n
         accs = [g.metric("acc") for g in groups]
         result = {

@@ -55,6 +55,17 @@ def test_toy_example_learns(toy_run):
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000005", "step_000010"], checkpoints
 
+    # Two responses as text each step and each validation, with how they scored.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    train_samples = [s for s in samples if s["split"] == "train"]
+    per_step = [sum(s["step"] == step for s in train_samples) for step in range(1, 11)]
+    kept = [row["sampling/groups_kept"] for row in train]
+    assert per_step == [min(2, int(k)) for k in kept], (per_step, kept)  # the first completion of each kept group
+    assert [s["step"] for s in samples if s["split"] == "val"] == [0, 0, 10, 10]
+    for s in samples:
+        assert s["acc"] in (0.0, 1.0) and s["finish_reason"] in ("stop", "length") and s["prompt"], s
+        assert s["length"] >= 1 and s["response"] and s["ground_truth"].isdigit(), s
+
     plot = subprocess.run([sys.executable, "-m", "megatron_dapo", "plot", str(run_dir)], capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr
     png = run_dir / "metrics.png"
@@ -119,6 +130,28 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     first = {row["step"]: row["val/acc_avg@4"] for row in _rows(toy_run) if "val/acc_avg@4" in row}
     started = [row["val/acc_avg@4"] for row in _rows(run_dir) if row["step"] == 0 and "val/acc_avg@4" in row]
     assert started and abs(started[0] - first[10]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)
+
+
+def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
+    """trainer.val_only on a copy of the finished run: it loads step 10, pushes, validates once and exits,
+    and the validation equals the one the run logged after step 10 (same weights, same seeds)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    shutil.copytree(toy_run / "checkpoints", run_dir / "checkpoints")
+    command = [*_toy_command(run_dir), "trainer.val_only=true"]
+    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _rows(run_dir)
+    assert len(rows) == 1 and rows[0]["step"] == 10, rows
+    expected = next(row for row in _rows(toy_run) if row["step"] == 10 and "val/acc_avg@4" in row)
+    for key in ("val/acc_avg@4", "val/pass@4", "val/score_mean"):
+        assert rows[0][key] == expected[key], (key, rows[0][key], expected[key])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000005", "step_000010"]
 
 
 def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_path):
