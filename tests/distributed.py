@@ -53,14 +53,15 @@ def _worker(rank: int, world_size: int, port: int, checks: list[Check], workdir:
 
 
 def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: float = 120.0,
-               backend: str = "gloo") -> dict[str, list[str]]:
+               backend: str = "gloo", collective_timeout_s: float | None = None) -> dict[str, list[str]]:
     """Run `checks` on `world_size` ranks (gloo; "nccl": one GPU per rank); returns check name -> failure
-    tracebacks (empty: passed)."""
+    tracebacks (empty: passed). Collectives time out after `collective_timeout_s` (default `timeout_s`)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, checks, str(workdir), timeout_s, queue, backend))
+        ctx.Process(target=_worker, args=(rank, world_size, port, checks, str(workdir),
+                                          collective_timeout_s or timeout_s, queue, backend))
         for rank in range(world_size)
     ]
     for proc in procs:

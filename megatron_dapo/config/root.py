@@ -46,8 +46,13 @@ class TrainerConfig:
     at that step, and exit without training."""
     seed: int = 1
     """Seed for data order, sampling and initialisation."""
+    rollout_timeout_s: float = 14400.0
+    """How long a rank waits on rollout (rank 0's next word, the slowest engine's share of a generation batch)
+    before it gives up; training collectives keep torch's 30 minutes."""
 
     def __post_init__(self) -> None:
+        if self.rollout_timeout_s <= 0:
+            raise ConfigError(f"trainer.rollout_timeout_s must be > 0, got {self.rollout_timeout_s}")
         if self.total_training_steps < 0:
             raise ConfigError(f"trainer.total_training_steps must be >= 0, got {self.total_training_steps}")
         if self.test_freq < 0:

@@ -10,6 +10,7 @@ engine 0, and with one engine everything happens there as before.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,9 @@ class Placement:
         return dist.get_rank() in self.hosts
 
 
-def place_engines(engines: int) -> Placement:
-    """Spread `engines` over the data-parallel replicas (collective; megatron-core's groups must exist)."""
+def place_engines(engines: int, timeout_s: float = 14400.0) -> Placement:
+    """Spread `engines` over the data-parallel replicas (collective; megatron-core's groups must exist).
+    `timeout_s`: how long rank 0 waits for the slowest host's share of a generation batch."""
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
@@ -55,8 +57,14 @@ def place_engines(engines: int) -> Placement:
     replicas = tuple(i * (dp // engines) for i in range(engines))
     firsts = {dp_rank: (rank, local) for rank, dp_rank, is_first, local in everyone if is_first}
     hosts = tuple(firsts[r][0] for r in replicas)
-    group = dist.new_group(sorted(hosts), backend="gloo") if engines > 1 else None  # every rank must call it
+    group = rollout_group(timeout_s, sorted(hosts)) if engines > 1 else None  # every rank must call it
     return Placement(hosts=hosts, replicas=replicas, local_ranks=tuple(firsts[r][1] for r in replicas), group=group)
+
+
+def rollout_group(timeout_s: float, ranks: list[int] | None = None):
+    """A gloo group of `ranks` (every rank when None) whose collectives wait up to `timeout_s`: a generation
+    batch can outlast torch's default 30 minutes. Collective: every rank calls it, members or not."""
+    return dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shares(count: int, parts: int) -> list[range]:

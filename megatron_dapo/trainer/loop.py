@@ -31,6 +31,7 @@ from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, trainer_probe_logprobs
 from megatron_dapo.sampling.dynamic import DynamicSampler
 from megatron_dapo.trainer import checkpoints
+from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, shaped_scores
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
@@ -58,7 +59,9 @@ class Trainer:
                                    shuffle=cfg.data.shuffle)
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
-        self.placement = place_engines(cfg.rollout.engines)
+        self.control = ControlChannel(cfg.trainer.rollout_timeout_s)
+        """Rank 0's words to every rank during rollout (trainer/control.py)."""
+        self.placement = place_engines(cfg.rollout.engines, timeout_s=cfg.trainer.rollout_timeout_s)
         """Which ranks host the rollout engines."""
         self.memory = ColocatedMemory(self.actor, colocated=cfg.rollout.mode == "colocated", offload=cfg.actor.offload)
         """Who holds the GPUs when (colocated mode; actor.offload)."""
@@ -209,21 +212,21 @@ class Trainer:
         if not self.rank0:
             while self._follow():  # rank 0 asks for each generation batch
                 generate_batch()
-            return self._broadcast(None)
+            return self.control.broadcast(None)
 
         def next_batch() -> list[Group]:
-            self._broadcast("more")
+            self.control.broadcast("more")
             return generate_batch()
 
         metric = self.config.algorithm.filter_groups.metric
         with self._stops_everyone():
             sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric))
-        self._broadcast("done")
-        return self._broadcast((sampled.groups, sampled.stats))
+        self.control.broadcast("done")
+        return self.control.broadcast((sampled.groups, sampled.stats))
 
     def _follow(self) -> bool:
         """On ranks other than 0: rank 0's next word; True: one more generation batch, False: done; its error raised."""
-        word = self._broadcast(None)
+        word = self.control.broadcast(None)
         if word not in ("more", "done"):
             raise RuntimeError(word)
         return word == "more"
@@ -234,7 +237,7 @@ class Trainer:
         try:
             yield
         except Exception as err:
-            self._broadcast(f"rank 0 failed during rollout: {type(err).__name__}: {err}")
+            self.control.broadcast(f"rank 0 failed during rollout: {type(err).__name__}: {err}")
             raise
 
     def _sampling(self, seed: int, validation: bool = False) -> SamplingParams:
@@ -276,11 +279,11 @@ class Trainer:
         if not self.rank0:
             while self._follow():
                 self._rollout(list(self.val_set), params)
-            return self._broadcast(None)
-        self._broadcast("more")
+            return self.control.broadcast(None)
+        self.control.broadcast("more")
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
-        self._broadcast("done")
+        self.control.broadcast("done")
         self.samples.write(self.step, "val", groups, self.tokenizer)
         k = params.n
         accs = [g.metric("acc") for g in groups]
@@ -292,7 +295,7 @@ class Trainer:
         for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
             values = [v for g in groups for v in g.metric(name)]
             result[f"val/{name}_mean"] = sum(values) / len(values)
-        return self._broadcast(result)
+        return self.control.broadcast(result)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -334,13 +337,6 @@ class Trainer:
                 f"{diff:.3g} (> rollout.parity_threshold={threshold}): the engine is not running the weights that "
                 "were trained; stopping before it generates from them")
         return diff
-
-    def _broadcast(self, obj):
-        if dist.get_world_size() == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.sinks:

@@ -1,0 +1,66 @@
+"""Rank 0's words during rollout outlast the default collective timeout (2 gloo processes).
+
+The world is started with a 3 s collective timeout standing in for torch's 30 minutes; rank 0 then
+takes 6 s before its next word, as it does while its engine generates a long batch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import run_checks
+
+DEFAULT_TIMEOUT_S = 3.0
+WAIT_S = 6.0
+
+
+def check_the_control_channel_waits_out_a_long_generation(rank: int, world: int, workdir: Path) -> None:
+    import torch.distributed as dist
+
+    from megatron_dapo.rollout.fleet import rollout_group
+    from megatron_dapo.trainer.control import ControlChannel
+
+    channel = ControlChannel(timeout_s=60.0)
+    hosts = rollout_group(60.0, [0, 1])  # as place_engines makes it for the engines' hosts
+    if rank == 0:
+        time.sleep(WAIT_S)
+    assert channel.broadcast({"word": "more"} if rank == 0 else None) == {"word": "more"}
+
+    if rank == 1:
+        time.sleep(WAIT_S)  # the slowest host's share arrives late at rank 0
+    gathered = [None, None] if rank == 0 else None
+    dist.gather_object(f"share of rank {rank}", gathered, dst=0, group=hosts)
+    if rank == 0:
+        assert gathered == ["share of rank 0", "share of rank 1"]
+
+
+def check_the_default_group_would_have_timed_out(rank: int, world: int, workdir: Path) -> None:
+    """The same wait on the default group fails: what the channel is for (and proof the wait is long enough)."""
+    import torch.distributed as dist
+
+    box = [{"word": "more"} if rank == 0 else None]
+    if rank == 0:
+        time.sleep(WAIT_S)
+        try:  # rank 1 has given up by now; whether this send fails too depends on timing
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError:
+            pass
+        return
+    with pytest.raises(RuntimeError, match="(?i)timed out|timeout"):
+        dist.broadcast_object_list(box, src=0)
+
+
+CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_default_group_would_have_timed_out]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_checks(2, CHECKS, tmp_path_factory.mktemp("control"), timeout_s=120,
+                      collective_timeout_s=DEFAULT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_control(results, check):
+    assert not results[check.__name__], "\n".join(results[check.__name__])
