@@ -212,7 +212,7 @@ class Trainer:
         if not self.rank0:
             while self._follow():  # rank 0 asks for each generation batch
                 generate_batch()
-            return self.control.broadcast(None)
+            return self.control.share(None)
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
@@ -222,7 +222,7 @@ class Trainer:
         with self._stops_everyone():
             sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric))
         self.control.broadcast("done")
-        return self.control.broadcast((sampled.groups, sampled.stats))
+        return self.control.share((sampled.groups, sampled.stats))
 
     def _follow(self) -> bool:
         """On ranks other than 0: rank 0's next word; True: one more generation batch, False: done; its error raised."""
