@@ -39,9 +39,15 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from megatron_dapo.parallel.init import shutdown_distributed
     from megatron_dapo.trainer.loop import Trainer
 
-    Trainer(load_config(args.config, args.overrides)).train()
+    try:
+        Trainer(load_config(args.config, args.overrides)).train()
+    except BaseException:
+        shutdown_distributed(failed=True)
+        raise
+    shutdown_distributed()
     return 0
 
 

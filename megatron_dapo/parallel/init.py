@@ -50,6 +50,21 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def shutdown_distributed(*, failed: bool = False) -> None:
+    """Close megatron-core's groups and every process group at the end of a run, so that no gloo worker
+    thread is left to the interpreter's teardown (which can abort the process with "terminate called
+    without an active exception" instead of exiting with the run's code). After a failure, NCCL groups
+    are left alone: closing them could wait on a collective that a peer never joins."""
+    if not dist.is_initialized() or (failed and torch.cuda.is_available()):
+        return
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _LAYOUT_GROUPS.clear()
+    dist.destroy_process_group()  # the default group and every other
+
+
 _LAYOUT_GROUPS: list = []
 """Process groups created by the last `init_model_parallel`."""
 
