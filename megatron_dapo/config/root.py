@@ -51,8 +51,8 @@ class TrainerConfig:
     before it gives up; training collectives keep torch's 30 minutes."""
 
     def __post_init__(self) -> None:
-        if self.rollout_timeout_s <= 0:
-            raise ConfigError(f"trainer.rollout_timeout_s must be > 0, got {self.rollout_timeout_s}")
+        if not 0 < self.rollout_timeout_s < 1e9:  # NaN and infinity fail too
+            raise ConfigError(f"trainer.rollout_timeout_s must be a number of seconds > 0, got {self.rollout_timeout_s}")
         if self.total_training_steps < 0:
             raise ConfigError(f"trainer.total_training_steps must be >= 0, got {self.total_training_steps}")
         if self.test_freq < 0:

@@ -53,9 +53,14 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
 def shutdown_distributed(*, failed: bool = False) -> None:
     """Close megatron-core's groups and every process group at the end of a run, so that no gloo worker
     thread is left to the interpreter's teardown (which can abort the process with "terminate called
-    without an active exception" instead of exiting with the run's code). After a failure, NCCL groups
-    are left alone: closing them could wait on a collective that a peer never joins."""
-    if not dist.is_initialized() or (failed and torch.cuda.is_available()):
+    without an active exception" instead of exiting with the run's code). After a failure on GPUs only
+    the gloo groups are closed: closing an NCCL group could wait on a collective a peer never joins."""
+    if not dist.is_initialized():
+        return
+    if failed and torch.cuda.is_available():
+        for group in _process_groups():
+            if group is not dist.group.WORLD and dist.get_backend(group) == "gloo":
+                dist.destroy_process_group(group)
         return
     from megatron.core import parallel_state
 

@@ -48,7 +48,8 @@ class Trainer:
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = tuple(sorted({t for t in [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}))
         self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer,
@@ -83,7 +84,7 @@ class Trainer:
         """Time spent scoring rewards in the current step (rank 0's share)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
-        if self.rank0:
+        if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
             self.stop.clear()
         dist.barrier()
         probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
@@ -283,18 +284,18 @@ class Trainer:
         self.control.broadcast("more")
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
+            self.samples.write(self.step, "val", groups, self.tokenizer)
+            k = params.n
+            accs = [g.metric("acc") for g in groups]
+            result = {
+                f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
+                f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
+                "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
+            }
+            for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
+                values = [v for g in groups for v in g.metric(name)]
+                result[f"val/{name}_mean"] = sum(values) / len(values)
         self.control.broadcast("done")
-        self.samples.write(self.step, "val", groups, self.tokenizer)
-        k = params.n
-        accs = [g.metric("acc") for g in groups]
-        result = {
-            f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
-            f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-            "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
-        }
-        for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
-            values = [v for g in groups for v in g.metric(name)]
-            result[f"val/{name}_mean"] = sum(values) / len(values)
         return self.control.broadcast(result)
 
     # ---- state ------------------------------------------------------------------------------

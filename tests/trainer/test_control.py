@@ -36,23 +36,34 @@ def check_the_control_channel_waits_out_a_long_generation(rank: int, world: int,
         assert gathered == ["share of rank 0", "share of rank 1"]
 
 
-def check_the_default_group_would_have_timed_out(rank: int, world: int, workdir: Path) -> None:
-    """The same wait on the default group fails: what the channel is for (and proof the wait is long enough)."""
+def check_a_shorter_timeout_gives_up(rank: int, world: int, workdir: Path) -> None:
+    """The same wait over a channel of 3 s, and over the default group, gives up: the channel's own
+    timeout is what lets the wait above outlast the default (and the wait is long enough to show it)."""
     import torch.distributed as dist
 
-    box = [{"word": "more"} if rank == 0 else None]
-    if rank == 0:
-        time.sleep(WAIT_S)
-        try:  # rank 1 has given up by now; whether this send fails too depends on timing
-            dist.broadcast_object_list(box, src=0)
-        except RuntimeError:
-            pass
-        return
-    with pytest.raises(RuntimeError, match="(?i)timed out|timeout"):
+    from megatron_dapo.trainer.control import ControlChannel
+
+    short = ControlChannel(timeout_s=DEFAULT_TIMEOUT_S)
+
+    def default_group(obj):
+        box = [obj]
         dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    for name, broadcast in (("a 3 s channel", short.broadcast), ("the default group", default_group)):
+        if rank == 0:
+            time.sleep(WAIT_S)
+            try:  # rank 1 has given up by now; whether this send fails too depends on timing
+                broadcast({"word": "more"})
+            except RuntimeError:
+                pass
+            continue
+        with pytest.raises(RuntimeError, match="(?i)timed out|timeout"):
+            broadcast(None)
+            raise AssertionError(f"a {WAIT_S} s wait over {name} did not time out")
 
 
-CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_default_group_would_have_timed_out]
+CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_a_shorter_timeout_gives_up]
 
 
 @pytest.fixture(scope="module")
