@@ -43,7 +43,8 @@ class MetricSinks:
             done = step / max(self.total, 1)
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
             shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics)
-            val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
+            val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                           if k.startswith("val/") and k.count("/") == 1)  # not the per-data_source ones
             print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.reward.custom import target_problem
 
 
 @dataclass(kw_only=True)
@@ -23,6 +24,9 @@ class RewardConfig:
     """A reward function that takes longer on one sample costs that sample, not the run."""
     num_workers: int = 2
     """Processes scoring rewards on each engine's host (each host scores the completions its engine sampled)."""
+    functions: dict[str, str] = field(default_factory=dict)
+    """Reward functions by data_source: 'package.module:function' or 'path/to/file.py:function' (reward/custom.py);
+    an entry for a built-in source (math_dapo, ...) replaces it."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -36,5 +40,6 @@ class RewardConfig:
             problems.append(f"reward.num_workers must be >= 1, got {self.num_workers}")
         if self.timeout_s <= 0:
             problems.append(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        problems += [p for source, target in self.functions.items() if (p := target_problem(source, target))]
         if problems:
             raise ConfigError(problems)

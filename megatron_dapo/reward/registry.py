@@ -1,7 +1,8 @@
 """Reward functions keyed by `data_source`, run in worker processes so that one bad sample costs one sample.
 
 A reward function is a module-level function `fn(response, ground_truth, extra_info) -> RewardResult | float`
-registered with `@register_reward("name")`. A float return means score = acc = that float (as verl does).
+registered with `@register_reward("name")`, or named in the config's reward.functions (reward/custom.py).
+A float return means score = acc = that float (as verl does).
 `RewardScorer` runs the functions in a persistent pool of spawned processes: a function that raises,
 returns something that is not a finite number, kills its process, or takes longer than `timeout_s` on
 a sample gets that sample a failed result (score FAILED_SCORE, acc 0, failed=True, a reason), which is
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
 from megatron_dapo.reward import math_dapo
+from megatron_dapo.reward.custom import load_reward_functions
 from megatron_dapo.reward.trading import task as trading_task
 
 logger = logging.getLogger(__name__)
@@ -92,10 +94,11 @@ class RewardBatch:
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register_reward(data_source: str, fn: RewardFn | None = None):
+def register_reward(data_source: str, fn: RewardFn | None = None, *, replace: bool = False):
     """Register `fn` for `data_source`; usable as `@register_reward("name")` or `register_reward("name", fn)`.
 
     The function must be importable by name (defined at module level): it runs in worker processes.
+    `replace`: take the place of a function already registered (reward.functions in the config does).
     """
     def add(f: RewardFn) -> RewardFn:
         qualname = getattr(f, "__qualname__", "")
@@ -103,7 +106,7 @@ def register_reward(data_source: str, fn: RewardFn | None = None):
             raise ValueError(f"reward function {f!r} for data_source {data_source!r} must be a function defined "
                              "at module level: it is sent by name to worker processes")
         old = _REGISTRY.get(data_source)
-        if old is not None and _qualified_name(old) != _qualified_name(f):
+        if old is not None and not replace and _qualified_name(old) != _qualified_name(f):
             raise ValueError(f"data_source {data_source!r} already has reward function {_qualified_name(old)}")
         _REGISTRY[data_source] = f
         return f
@@ -136,17 +139,21 @@ class RewardScorer:
     """A persistent pool of `num_workers` spawned processes scoring samples with a per-sample timeout.
 
     Use as a context manager, or call close(). Not thread-safe: one `score` call at a time.
+    `functions`: the config's reward.functions (reward/custom.py), loaded here and in every worker.
     """
 
-    def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0):
+    def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0,
+                 functions: dict[str, str] | None = None):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.timeout_s = timeout_s
         self.startup_timeout_s = startup_timeout_s
+        self.functions = dict(functions or {})
+        load_reward_functions(self.functions)
         self._ctx = multiprocessing.get_context("spawn")
-        self._workers = [_Worker(self._ctx, startup_timeout_s) for _ in range(num_workers)]
+        self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
 
     def score(self, samples: Iterable[RewardSample | tuple]) -> RewardBatch:
         samples = [RewardSample(*s) for s in samples]
@@ -197,6 +204,9 @@ class RewardScorer:
                     self._replace(slot)
                     continue
                 if not worker.ready:
+                    status, value = pickle.loads(message)
+                    if status != "ready":
+                        raise RuntimeError(f"reward worker {worker.process.pid} failed to start: {value}")
                     worker.ready = True
                     continue
                 index, worker.index = worker.index, None
@@ -242,7 +252,7 @@ class RewardScorer:
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s)
+        self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s, self.functions)
 
 
 def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float, num_workers: int = 2) -> RewardBatch:
@@ -255,9 +265,10 @@ class _Worker:
     """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
     `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
 
-    def __init__(self, ctx, startup_timeout_s: float):
+    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str]):
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="reward-worker")
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, functions), daemon=True,
+                                   name="reward-worker")
         self.process.start()
         child_conn.close()
         self.ready = False
@@ -289,9 +300,15 @@ class _Worker:
             self.conn.close()
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive (fn, response, ground_truth, extra_info), send ("ok", value) or ("error", why)."""
+def _worker_main(conn, functions: dict[str, str]) -> None:
+    """Worker loop: load the config's reward functions, then receive (fn, response, ground_truth, extra_info)
+    and send ("ok", value) or ("error", why)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
+    try:
+        load_reward_functions(functions)
+    except Exception as err:
+        conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}")))
+        return
     conn.send_bytes(pickle.dumps(("ready", os.getpid())))
     while True:
         try:
@@ -335,4 +352,4 @@ def _qualified_name(fn: Callable) -> str:
 
 def _unknown_message(data_source: str) -> str:
     return (f"no reward function for data_source {data_source!r}; registered: {registered_sources()} "
-            f"(register one with @register_reward({data_source!r}) in megatron_dapo.reward.registry)")
+            f"(set reward.functions.{data_source}: 'package.module:function' or 'path/to/file.py:function')")

@@ -78,10 +78,8 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     logprobs = [lp for g in groups for c in g.completions for lp in c.logprobs]
     n = max(len(rewards), 1)
-    extras = {f"reward/{name}_mean": sum(r.extra.get(name, 0.0) for r in rewards) / n
-              for name in sorted({key for r in rewards for key in r.extra})}
     return {
-        **extras,
+        **extra_means("reward/", rewards),
         "critic/score_mean": sum(scores) / n,
         "critic/acc_mean": sum(r.acc for r in rewards) / n,
         "critic/reward_failed": float(sum(r.failed for r in rewards)),
@@ -90,3 +88,29 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
         "response_length/clip_ratio": sum(length >= max_response_length for length in lengths) / n,
         "rollout/mean_token_prob": (torch.tensor(logprobs).exp().mean().item() if logprobs else 0.0),
     }
+
+
+def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
+    """avg@k, pass@k and mean score over every prompt, the same per data_source (val/SOURCE/...), and the
+    mean of each extra reward figure over the responses that report it."""
+    def summary(prefix: str, part: list[Group]) -> dict[str, float]:
+        accs = [g.metric("acc") for g in part]
+        return {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
+                f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
+                f"{prefix}score_mean": sum(sum(g.scores) for g in part) / (len(part) * k)}
+
+    result = summary("val/", groups)
+    for source in sorted({g.prompt.data_source for g in groups}):
+        result.update(summary(f"val/{source}/", [g for g in groups if g.prompt.data_source == source]))
+    result.update(extra_means("val/", [r for g in groups for r in g.rewards]))
+    return result
+
+
+def extra_means(prefix: str, rewards: list[RewardResult]) -> dict[str, float]:
+    """The mean of each extra figure over the responses that report it (one data_source's may not)."""
+    names = sorted({key for r in rewards for key in r.extra})
+    return {f"{prefix}{name}_mean": _mean([r.extra[name] for r in rewards if name in r.extra]) for name in names}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -25,6 +25,7 @@ from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog
 from megatron_dapo.metrics.sinks import MetricSinks
 from megatron_dapo.parallel.init import init_distributed
+from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
@@ -32,7 +33,8 @@ from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, train
 from megatron_dapo.sampling.dynamic import DynamicSampler
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
-from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, shaped_scores
+from megatron_dapo.trainer.groups import (Group, build_actor_batch, rollout_metrics, shaped_scores,
+                                          validation_metrics)
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
 
@@ -56,6 +58,8 @@ class Trainer:
                                                   max_prompt_length=cfg.data.max_prompt_length)
         self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
                         if cfg.data.val_files else None)
+        load_reward_functions(cfg.reward.functions)
+        check_reward_sources({"data.train_files": self.train_set, "data.val_files": self.val_set or []})
         self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
                                    shuffle=cfg.data.shuffle)
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
@@ -73,8 +77,8 @@ class Trainer:
             index = self.placement.hosts.index(dist.get_rank())
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
                   f"({cfg.rollout.name}, weights from data-parallel replica {self.placement.replicas[index]})", flush=True)
-        self.scorer = (RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
-                       if self.engine is not None else None)
+        self.scorer = (RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+                                    functions=cfg.reward.functions) if self.engine is not None else None)
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
@@ -285,16 +289,7 @@ class Trainer:
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
             self.samples.write(self.step, "val", groups, self.tokenizer)
-            k = params.n
-            accs = [g.metric("acc") for g in groups]
-            result = {
-                f"val/acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
-                f"val/pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-                "val/score_mean": sum(sum(g.scores) for g in groups) / (len(groups) * k),
-            }
-            for name in sorted({key for g in groups for r in g.rewards for key in r.extra}):
-                values = [v for g in groups for v in g.metric(name)]
-                result[f"val/{name}_mean"] = sum(values) / len(values)
+            result = validation_metrics(groups, params.n)
         self.control.broadcast("done")
         return self.control.broadcast(result)
 

@@ -227,3 +227,46 @@ def test_actor_offload_changes_no_step(toy_run, tmp_path):
         for key in ("critic/acc_mean", "response_length/mean", "actor/pg_loss", "actor/grad_norm"):
             a, b = row[key], expected[step][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: with offload {a}, without {b}"
+
+
+LAST_DIGIT_REWARD = '''
+from megatron_dapo.reward.registry import RewardResult
+
+
+def last_digit(response, ground_truth, extra_info):
+    right = response.strip() == f"Answer: {ground_truth}"
+    return RewardResult(score=1.0 if right else -1.0, acc=float(right), extra={"chars": float(len(response))})
+'''
+
+
+def test_a_reward_function_from_the_config(toy_run, tmp_path):
+    """Half the validation prompts get a data_source the package does not know. Without a function for it
+    the run stops at start-up naming the file's key, the rows and the key to set; with
+    reward.functions.last_digit pointing at a Python file it validates both sources, each with its own
+    metrics, and the file's extra figure is logged."""
+    rows = (toy_run / "data" / "val.jsonl").read_text().splitlines()
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({**json.loads(row), **({"data_source": "last_digit"} if i % 2 else {})}) + "\n"
+                           for i, row in enumerate(rows)))
+    (tmp_path / "my_reward.py").write_text(LAST_DIGIT_REWARD)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [*_toy_command(run_dir), f"data.val_files=[{val}]", "trainer.total_training_steps=1",
+               "trainer.test_freq=1", "trainer.val_before_train=false", "checkpoint.save_freq=0"]
+    env = {**os.environ, "MASTER_PORT": _free_port()}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"data.val_files: {len(rows) // 2} rows have data_source 'last_digit'" in proc.stderr, proc.stderr[-4000:]
+    assert "set reward.functions.last_digit:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([*command, "reward.functions.last_digit=my_reward.py:last_digit"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = _rows(run_dir)[-1]
+    assert row["step"] == 1
+    for source in ("math_dapo", "last_digit"):
+        assert 0 <= row[f"val/{source}/acc_avg@4"] <= 1 and f"val/{source}/pass@4" in row, row
+    both = (row["val/math_dapo/acc_avg@4"] + row["val/last_digit/acc_avg@4"]) / 2
+    assert abs(row["val/acc_avg@4"] - both) < 1e-9, row
+    assert row["val/chars_mean"] > 0, row

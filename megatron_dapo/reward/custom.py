@@ -1,0 +1,107 @@
+"""Reward functions named in the config (`reward.functions`), so that a new task needs no change to the package.
+
+    reward:
+      functions:
+        my_task: my_package.rewards:score          # an importable module
+        geometry: examples/geometry/reward.py:score  # or a Python file
+
+Each entry maps a `data_source` to a module-level function `fn(response, ground_truth, extra_info) ->
+RewardResult | float` (reward/registry.py). An entry for a built-in source (math_dapo, ...) replaces
+the built-in function. The trainer loads the entries on every rank before anything runs, so a typo
+stops the run at start-up with the key named, and every reward worker loads them again when it starts:
+the workers receive functions by name, and a function from a file lives in a module that only exists
+where the file was loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable
+
+from megatron_dapo.config.loader import ConfigError
+
+
+def target_problem(data_source: str, target: object) -> str | None:
+    """What is wrong with the form of one `reward.functions` entry (nothing is imported), or None."""
+    key = f"reward.functions.{data_source}"
+    if not isinstance(target, str) or target.count(":") < 1:
+        return f"{key} must be 'package.module:function' or 'path/to/file.py:function', got {target!r}"
+    where, name = target.rsplit(":", 1)
+    if not where or not name.isidentifier():
+        return f"{key} must be 'package.module:function' or 'path/to/file.py:function', got {target!r}"
+    if where.endswith(".py") and not Path(where).is_file():
+        return f"{key}: no file {where} (from {Path.cwd()})"
+    return None
+
+
+def load_reward_functions(functions: dict[str, str]) -> None:
+    """Import every `reward.functions` entry and register it for its data_source (replacing a built-in one).
+    Raises ConfigError naming the key of each entry that cannot be loaded."""
+    from megatron_dapo.reward.registry import register_reward
+
+    problems = []
+    for data_source, target in functions.items():
+        problem = target_problem(data_source, target)
+        if problem is None:
+            try:
+                register_reward(data_source, _load(target), replace=True)
+            except ConfigError:
+                raise
+            except Exception as err:
+                problem = f"reward.functions.{data_source}: {target!r} cannot be loaded: {type(err).__name__}: {err}"
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_reward_sources(datasets: dict[str, Iterable]) -> None:
+    """Every data_source in the datasets (config key -> its prompts) has a reward function, or a ConfigError
+    naming the sources, their row counts and the key to set."""
+    from megatron_dapo.reward.registry import registered_sources
+
+    known = set(registered_sources())
+    problems = []
+    for key, prompts in datasets.items():
+        missing = Counter(p.data_source for p in prompts if p.data_source not in known)
+        for source, rows in sorted(missing.items()):
+            problems.append(f"{key}: {rows} rows have data_source {source!r}, which has no reward function "
+                            f"(registered: {sorted(known)}); set reward.functions.{source}: "
+                            "'package.module:function' or 'path/to/file.py:function'")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _load(target: str) -> Callable:
+    where, name = target.rsplit(":", 1)
+    module = _load_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise AttributeError(f"{where} has no {name!r}")
+    if not callable(fn):
+        raise TypeError(f"{where}:{name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _load_file(path: Path):
+    """The module of a Python file, under a name made from its absolute path: the same name in the trainer and
+    in every reward worker, so functions pickled by name in one are found in the other."""
+    path = path.resolve()
+    name = f"_megatron_dapo_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

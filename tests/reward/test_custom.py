@@ -1,0 +1,111 @@
+"""reward.functions: reward functions named in the config, from a file or a module, scored in real workers."""
+import pytest
+
+from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.data.dataset import Prompt
+from megatron_dapo.reward import registry
+from megatron_dapo.reward.config import RewardConfig
+from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
+from megatron_dapo.reward.registry import RewardScorer, get_reward_fn
+
+REWARD_FILE = '''
+from megatron_dapo.reward.registry import RewardResult
+
+
+def digits(response, ground_truth, extra_info):
+    """+1 when the response ends with the ground truth, with the response length as an extra figure."""
+    right = response.strip().endswith(ground_truth)
+    return RewardResult(score=1.0 if right else -1.0, acc=float(right), extra={"chars": float(len(response))})
+
+
+def always_half(response, ground_truth, extra_info):
+    return 0.5
+
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture(autouse=True)
+def registry_restored():
+    """Each test registers functions in this process: the registry is put back after it."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def test_a_function_from_a_file_scores_in_the_workers(reward_file):
+    """The file's module exists only where the file was loaded: the workers load it too, or they could not
+    receive the function by name."""
+    with RewardScorer(timeout_s=5, num_workers=2, functions={"digits": f"{reward_file}:digits"}) as scorer:
+        batch = scorer.score([("digits", "Answer: 7", "7", {}), ("digits", "Answer: 3", "7", {}),
+                              ("math_dapo", "Answer: 4", "4", {})])
+    assert batch.num_failed == 0, [r.reason for r in batch.results]
+    assert batch.scores == [1.0, -1.0, 1.0]
+    assert batch.accs == [1.0, 0.0, 1.0]
+    assert batch.results[0].extra == {"chars": 9.0}
+
+
+def test_a_function_from_a_module_on_the_path(tmp_path, monkeypatch):
+    (tmp_path / "team_rewards.py").write_text(REWARD_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with RewardScorer(timeout_s=5, num_workers=1, functions={"half": "team_rewards:always_half"}) as scorer:
+        batch = scorer.score([("half", "anything", "", {})])
+    assert batch.num_failed == 0, batch.results[0].reason
+    assert batch.scores == [0.5] and batch.accs == [0.5]
+
+
+def test_an_entry_replaces_a_built_in_function(reward_file):
+    with RewardScorer(timeout_s=5, num_workers=1, functions={"math_dapo": f"{reward_file}:always_half"}) as scorer:
+        batch = scorer.score([("math_dapo", "Answer: 4", "4", {}), ("math_dapo", "no answer", "4", {})])
+    assert batch.scores == [0.5, 0.5]
+    assert get_reward_fn("math_dapo").__name__ == "always_half"
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("no_colon_here", "reward.functions.bad must be 'package.module:function'"),
+    ("module:", "reward.functions.bad must be 'package.module:function'"),
+    (":fn", "reward.functions.bad must be 'package.module:function'"),
+    ("missing/file.py:fn", "reward.functions.bad: no file missing/file.py"),
+    (3, "reward.functions.bad must be 'package.module:function'"),
+])
+def test_a_malformed_entry_is_a_config_error_naming_the_key(target, expected):
+    with pytest.raises(ConfigError, match="reward.functions.bad") as err:
+        RewardConfig(functions={"bad": target})
+    assert expected in str(err.value)
+
+
+def test_an_entry_that_cannot_be_loaded_names_the_key_and_why(reward_file, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ConfigError) as err:
+        load_reward_functions({"a": f"{reward_file}:nowhere", "b": f"{reward_file}:NOT_A_FUNCTION",
+                               "c": "no_such_package.rewards:fn", "d": f"{broken}:fn"})
+    text = str(err.value)
+    assert f"reward.functions.a: '{reward_file}:nowhere' cannot be loaded: AttributeError" in text
+    assert "reward.functions.b" in text and "is a int, not a function" in text
+    assert "reward.functions.c" in text and "No module named 'no_such_package'" in text
+    assert "reward.functions.d" in text and "No module named 'not_a_module_anywhere'" in text
+    assert "a" not in registry.registered_sources()
+
+
+def test_a_data_source_without_a_function_is_named_with_its_rows():
+    def prompt(source):
+        return Prompt(prompt_ids=[1], ground_truth="1", data_source=source, extra_info={}, index=0)
+
+    check_reward_sources({"data.train_files": [prompt("math_dapo")]})
+    with pytest.raises(ConfigError) as err:
+        check_reward_sources({"data.train_files": [prompt("math_dapo"), prompt("geometry"), prompt("geometry")],
+                              "data.val_files": [prompt("aime")]})
+    text = str(err.value)
+    assert "data.train_files: 2 rows have data_source 'geometry'" in text
+    assert "data.val_files: 1 rows have data_source 'aime'" in text
+    assert "set reward.functions.geometry:" in text
