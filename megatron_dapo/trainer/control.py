@@ -7,14 +7,18 @@ the waiting ranks with a timeout in the middle of a healthy run. The words there
 gloo group of their own with trainer.rollout_timeout_s; training collectives keep the default, so
 a rank that is really stuck there is still found in 30 minutes.
 
-The kept groups themselves (about 1 GB pickled for 8192 responses of 7k tokens) are sent once every
-rank has had the word "done": over the default group (NCCL on GPUs), because gloo's broadcast sends
-the whole payload from rank 0 to each rank in turn.
+The actor batch built from the kept groups is sent once every rank has had the word "done", as
+unpadded tensors (`ActorBatch.pack`, 9 bytes a token: 0.5 GB for 8192 responses of 7k tokens). The
+kept groups pickled took 12.8 bytes a token and about 90 once unpickled, 5 GB of Python objects on each
+rank, and a receiving rank was ready 6x later (tools/bench_batch_transfer.py). It goes over the default
+group (NCCL on GPUs), because gloo's broadcast sends the whole payload from rank 0 to each rank in turn.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
+from megatron_dapo.actor.batch import ActorBatch
 from megatron_dapo.rollout.fleet import rollout_group
 
 
@@ -28,9 +32,23 @@ class ControlChannel:
         ignored), waiting up to the rollout timeout."""
         return self._broadcast(obj, self.group)
 
-    def share(self, obj):
-        """Rank 0's large `obj` on every rank, over the default group: call it when every rank is there."""
-        return self._broadcast(obj, None)
+    def share_batch(self, batch: ActorBatch | None, device: torch.device) -> ActorBatch | None:
+        """Rank 0's actor batch (or None) on every rank, through `device` (the default group's: CUDA for NCCL),
+        over the default group: call it when every rank is there."""
+        if dist.get_world_size() == 1:
+            return batch
+        header, tensors = batch.pack() if dist.get_rank() == 0 and batch is not None else (None, None)
+        header = self._broadcast(header, None)
+        if header is None:
+            return None
+        if dist.get_rank() == 0:
+            for tensor in tensors:
+                dist.broadcast(tensor.to(device), src=0)
+            return batch
+        buffers = ActorBatch.receive_buffers(header, device)
+        for buffer in buffers:
+            dist.broadcast(buffer, src=0)
+        return ActorBatch.unpack(header, buffers)
 
     def _broadcast(self, obj, group):
         if dist.get_world_size() == 1:

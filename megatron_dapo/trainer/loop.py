@@ -4,8 +4,8 @@ collect (generate + reward, dynamic sampling) -> advantages -> old log-probs -> 
 -> push weights into the rollout engines + parity probe -> metrics -> checkpoint.
 Every rank steps through collection together: the engines (rank 0's, and with rollout.engines > 1
 one per chosen data-parallel replica, see rollout/fleet.py) sample their shares and their hosts
-score them, rank 0 gathers the groups and makes the dynamic-sampling decisions, and every rank gets
-the groups kept. The actor runs on every rank.
+score them, rank 0 gathers the groups, makes the dynamic-sampling decisions and builds the actor batch
+from the groups kept, and every rank gets that batch. The actor runs on every rank.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
+from megatron_dapo.actor.batch import ActorBatch
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
@@ -30,7 +31,7 @@ from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, trainer_probe_logprobs
-from megatron_dapo.sampling.dynamic import DynamicSampler
+from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import (Group, build_actor_batch, rollout_metrics, shaped_scores,
@@ -169,14 +170,11 @@ class Trainer:
         self.reward_seconds = 0.0
         self.memory.to_generation(timer)
         with timer("generate"):
-            groups, stats = self._collect()
+            sampled = self._collect()
         timer.split("generate", "reward", self.reward_seconds)  # rank 0's share, scored between generation batches
-        metrics = {**stats.metrics(), **rollout_metrics(groups, cfg.data.max_response_length)} if groups else stats.metrics()
-        if self.samples:
-            self.samples.write(self.step + 1, "train", groups, self.tokenizer)
-        if groups:
-            batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
-                                      overlong_filtering=cfg.algorithm.overlong_filtering)
+        with timer("batch"):
+            batch, metrics = self._actor_batch(sampled)
+        if batch is not None:
             self.memory.to_training(timer)
             with timer("old_log_prob"):
                 batch.old_logp, _ = self.actor.compute_logprobs(batch)
@@ -202,9 +200,10 @@ class Trainer:
 
     # ---- rollout: every rank takes part -----------------------------------------------------
 
-    def _collect(self):
+    def _collect(self) -> SampledBatch | None:
         """Dynamic sampling, decided on rank 0; every rank takes part in each generation batch (the engines
-        sample their shares, every prompt stream advances alike). Every rank gets the kept groups."""
+        sample their shares, every prompt stream advances alike) until rank 0 says "done" (in _actor_batch).
+        The kept groups and the sampling figures on rank 0, None elsewhere."""
         generated = 0
 
         def generate_batch() -> list[Group] | None:
@@ -217,7 +216,7 @@ class Trainer:
         if not self.rank0:
             while self._follow():  # rank 0 asks for each generation batch
                 generate_batch()
-            return self.control.share(None)
+            return None
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
@@ -225,9 +224,23 @@ class Trainer:
 
         metric = self.config.algorithm.filter_groups.metric
         with self._stops_everyone():
-            sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric))
+            return self.sampler.collect(next_batch, lambda g: g.metric(metric))
+
+    def _actor_batch(self, sampled: SampledBatch | None) -> tuple[ActorBatch | None, dict[str, float]]:
+        """Rank 0 turns the kept groups into the actor batch and the step's rollout metrics, says "done", and
+        every rank gets the batch (None when no group was kept). The metrics are rank 0's ({} elsewhere)."""
+        if not self.rank0:
+            return self.control.share_batch(None, self.actor.device), {}
+        cfg, groups, batch = self.config, sampled.groups, None
+        with self._stops_everyone():  # the other ranks still wait for rank 0's word
+            metrics = sampled.stats.metrics()
+            if groups:
+                metrics.update(rollout_metrics(groups, cfg.data.max_response_length))
+                batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
+                                          overlong_filtering=cfg.algorithm.overlong_filtering)
+            self.samples.write(self.step + 1, "train", groups, self.tokenizer)
         self.control.broadcast("done")
-        return self.control.share((sampled.groups, sampled.stats))
+        return self.control.share_batch(batch, self.actor.device), metrics
 
     def _follow(self) -> bool:
         """On ranks other than 0: rank 0's next word; True: one more generation batch, False: done; its error raised."""

@@ -1,9 +1,11 @@
-"""Micro-batching by a token budget: every row once, within the budget, little padding."""
+"""The actor batch: micro-batching by a token budget (every row once, within the budget, little padding),
+and its unpadded form for sending to other ranks."""
 import random
 
 import pytest
+import torch
 
-from megatron_dapo.actor.batch import split_by_token_budget
+from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
 
 
 def _padded_tokens(groups: list[list[int]], lengths: list[int], multiple: int = 1) -> int:
@@ -56,3 +58,56 @@ def test_mixed_lengths_pad_far_less_than_grouping_in_arrival_order():
     ours, theirs = _padded_tokens(groups, lengths) / real, _padded_tokens(arrival, lengths) / real
     assert len(groups) < 0.8 * len(arrival), (len(groups), len(arrival))
     assert ours < 1.01 and theirs > 1.2, (ours, theirs)
+
+
+def _batch_from(groups, vocab=151936, seed=0, advantages_per_token=False) -> ActorBatch:
+    """What trainer/groups.build_actor_batch makes: rows of prompt + response, right-padded with zeros."""
+    from megatron_dapo.data.dataset import Prompt
+    from megatron_dapo.reward.registry import RewardResult
+    from megatron_dapo.rollout.engine import Completion
+    from megatron_dapo.trainer.groups import Group, build_actor_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    made = []
+    for prompt_len, response_lens in groups:
+        prompt = Prompt(prompt_ids=torch.randint(vocab, (prompt_len,), generator=gen).tolist(), ground_truth="",
+                        data_source="math_dapo", extra_info={}, index=0)
+        completions = [Completion(token_ids=torch.randint(vocab, (r,), generator=gen).tolist(),
+                                  logprobs=(-torch.rand(r, generator=gen) * 5).tolist(),
+                                  finish_reason="length" if r == max(response_lens) else "stop")
+                       for r in response_lens]
+        rewards = [RewardResult(score=float(i % 2), acc=float(i % 2)) for i in range(len(response_lens))]
+        made.append(Group(prompt=prompt, completions=completions, rewards=rewards,
+                          scores=[r.score for r in rewards]))
+    batch = build_actor_batch(made, norm_by_std=True, overlong_filtering=True)
+    if advantages_per_token:
+        batch.advantages = batch.advantages[:, None] * batch.loss_mask
+    return batch
+
+
+@pytest.mark.parametrize("advantages_per_token", [False, True])
+def test_a_packed_batch_comes_back_bit_for_bit(advantages_per_token):
+    batch = _batch_from([(5, [1, 7, 3]), (1, [12, 2, 9]), (9, [4, 4, 30])], advantages_per_token=advantages_per_token)
+    header, tensors = batch.pack()
+    total = int(batch.lengths.sum())
+    sent = {name: t for (name, *_), t in zip(header["fields"], tensors)}
+    assert sent["tokens"].dtype == torch.int32 and sent["tokens"].shape == (total,)
+    assert sent["loss_mask"].dtype == torch.uint8 and sent["rollout_logp"].shape == (total,)
+    assert sum(t.numel() * t.element_size() for t in tensors) < 0.5 * sum(
+        t.numel() * t.element_size() for t in (batch.tokens, batch.loss_mask, batch.rollout_logp))
+    back = ActorBatch.unpack(header, [t.clone() for t in tensors])
+    for name in ("tokens", "lengths", "loss_mask", "advantages", "rollout_logp"):
+        a, b = getattr(batch, name), getattr(back, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert back.old_logp is None
+
+
+def test_an_unpacked_batch_is_the_same_batch_for_the_actor():
+    """The row sub-batches the actor cuts from it (micro-batches, trimmed to their longest row) are equal."""
+    batch = _batch_from([(3, [2, 11]), (6, [1, 5])], seed=1)
+    batch.old_logp = batch.rollout_logp * 0.5
+    back = ActorBatch.unpack(*batch.pack())
+    for rows in (slice(0, 2), slice(2, 4), torch.tensor([3, 0])):
+        a, b = batch.rows(rows), back.rows(rows)
+        for name in ("tokens", "lengths", "loss_mask", "advantages", "old_logp", "rollout_logp"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -1,4 +1,5 @@
-"""Rank 0's words during rollout outlast the default collective timeout (2 gloo processes).
+"""Rank 0's words during rollout outlast the default collective timeout, and its actor batch reaches
+every rank (2 gloo processes).
 
 The world is started with a 3 s collective timeout standing in for torch's 30 minutes; rank 0 then
 takes 6 s before its next word, as it does while its engine generates a long batch.
@@ -63,7 +64,25 @@ def check_a_shorter_timeout_gives_up(rank: int, world: int, workdir: Path) -> No
             raise AssertionError(f"a {WAIT_S} s wait over {name} did not time out")
 
 
-CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_a_shorter_timeout_gives_up]
+def check_the_actor_batch_reaches_every_rank(rank: int, world: int, workdir: Path) -> None:
+    """Rank 0's actor batch arrives bit for bit on rank 1 (as unpadded tensors); no batch arrives as None."""
+    import torch
+
+    from megatron_dapo.trainer.control import ControlChannel
+    from tests.actor.test_batch import _batch_from
+
+    channel = ControlChannel(timeout_s=60.0)
+    batch = _batch_from([(4, [3, 9, 1, 6]), (7, [2, 2, 15, 5])], seed=3)
+    received = channel.share_batch(batch if rank == 0 else None, torch.device("cpu"))
+    for name in ("tokens", "lengths", "loss_mask", "advantages", "rollout_logp"):
+        a, b = getattr(batch, name), getattr(received, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert received.old_logp is None
+    assert channel.share_batch(None, torch.device("cpu")) is None
+
+
+CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_actor_batch_reaches_every_rank,
+          check_a_shorter_timeout_gives_up]  # the last leaves the default group timed out
 
 
 @pytest.fixture(scope="module")
