@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from megatron_dapo.config.loader import ConfigError
 
@@ -13,6 +14,12 @@ class CheckpointConfig:
     """Complete checkpoints kept in the run folder; older ones are deleted after a new one is complete."""
     resume: bool = True
     """Continue from the last complete checkpoint in the run folder when there is one."""
+    save_hf: bool = False
+    """Also write each checkpoint as a Hugging Face folder (safetensors, config, tokenizer) in its step_N/hf, for
+    serving and evaluation; rank 0 converts it from the saved checkpoint while the other ranks wait. Not for a
+    save on a stop request (Slurm's warning leaves minutes), and deleted with its checkpoint (keep_last)."""
+    hf_dtype: Literal["bf16", "fp32"] = "bf16"
+    """The weights' dtype in that folder."""
 
     def __post_init__(self) -> None:
         if self.save_freq < 0:

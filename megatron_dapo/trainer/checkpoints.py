@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.checkpoint import is_complete, load_actor, save_actor
@@ -19,14 +22,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int) -> Path:
+@dataclass(frozen=True)
+class HFCopy:
+    """A Hugging Face copy of each checkpoint, in its step_N/hf (checkpoint.save_hf)."""
+
+    dtype: torch.dtype
+    template: Path
+    """The folder whose tokenizer files and generation config go with the weights."""
+
+
+def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None) -> Path:
+    """Save step_N, then on rank 0 write its Hugging Face copy (when asked) and delete the complete checkpoints
+    beyond the newest `keep_last`. An error on rank 0 stops every rank; the checkpoint itself is complete by then."""
     path = save_actor(actor, run_dir / "checkpoints" / f"step_{step:06d}", extra={"trainer": trainer_state})
+    ok = torch.ones(1, device=actor.device)
     if dist.get_rank() == 0:
-        complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
-                          if (m := _STEP.match(p.name)) and is_complete(p))
-        for _, old in complete[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            if hf is not None:
+                from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+
+                start = time.perf_counter()
+                summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
+                                      progress=False)
+                print(f"wrote {path / 'hf'} ({summary['bytes'] / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)",
+                      flush=True)
+            complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
+                              if (m := _STEP.match(p.name)) and is_complete(p))
+            for _, old in complete[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        except Exception:
+            ok.zero_()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            raise
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # the other ranks wait here for rank 0
+    if not ok.item():
+        raise RuntimeError(f"rank 0 failed after saving {path} (writing its Hugging Face copy or deleting old "
+                           "checkpoints); its log says why")
     return path
 
 

@@ -148,7 +148,8 @@ class Trainer:
             stopping = not last and self.stop.requested()
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 with self.memory.actor_resident():
-                    checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last)
+                    checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
+                                     hf=None if stopping else self._hf_copy())  # a stop has minutes at most
             if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
             if stopping:
@@ -307,6 +308,13 @@ class Trainer:
         return self.control.broadcast(result)
 
     # ---- state ------------------------------------------------------------------------------
+
+    def _hf_copy(self) -> checkpoints.HFCopy | None:
+        cfg = self.config
+        if not cfg.checkpoint.save_hf:
+            return None
+        return checkpoints.HFCopy(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.checkpoint.hf_dtype],
+                                  template=Path(cfg.model.tokenizer_path or cfg.model.path))
 
     def _state(self) -> dict:
         return {"step": self.step, "data": self.stream.state_dict()}

@@ -270,3 +270,37 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     both = (row["val/math_dapo/acc_avg@4"] + row["val/last_digit/acc_avg@4"]) / 2
     assert abs(row["val/acc_avg@4"] - both) < 1e-9, row
     assert row["val/chars_mean"] > 0, row
+
+
+def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
+    """checkpoint.save_hf: each checkpoint has an hf folder that transformers loads with the run's tokenizer.
+    Its weights are the checkpoint's (the first run's step-2 weights, as the converter writes them), not
+    model.path's, and it goes with its checkpoint when keep_last deletes that."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [*_toy_command(run_dir), "trainer.total_training_steps=2", "trainer.val_before_train=false",
+               "checkpoint.save_freq=1", "checkpoint.keep_last=1", "checkpoint.save_hf=true", "checkpoint.hf_dtype=fp32"]
+    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002"]
+    hf = run_dir / "checkpoints" / "step_000002" / "hf"
+    assert f"wrote {hf}" in proc.stdout, proc.stdout[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(toy_run / "base", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "472"}], add_generation_prompt=True,
+                                         tokenize=False) == "Q:472\nA:"
+    trained, started = model.state_dict(), base.state_dict()
+    assert any(not torch.equal(trained[k], started[k]) for k in started)
+    mcore_to_hf(run_dir / "checkpoints" / "step_000002", tmp_path / "direct", dtype=torch.float32, progress=False)
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path / "direct", dtype=torch.float32).state_dict()
+    assert all(torch.equal(trained[k], direct[k]) for k in direct)
+    step2 = next(row for row in _rows(toy_run) if row["step"] == 2 and "critic/acc_mean" in row)
+    assert _rows(run_dir)[-1]["actor/grad_norm"] == step2["actor/grad_norm"]
