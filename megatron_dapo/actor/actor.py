@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
 from megatron_dapo.actor.checkpoint import load_model_weights
-from megatron_dapo.actor.config import ActorConfig
+from megatron_dapo.actor.config import ActorConfig, OptimConfig
 from megatron_dapo.actor.loss import loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
 from megatron_dapo.actor.offload import HostOffload, OffloadStats
@@ -33,9 +34,19 @@ class _MicroBatch:
     positions: torch.Tensor
 
 
-def warmup_constant_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over `warmup_steps` optimizer steps (the first step already moves), then constant."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+def learning_rate(optim: OptimConfig, step: int, total_steps: int | None = None) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up over optim.lr_warmup_steps (the first
+    step already moves), then optim.lr, or a cosine / linear decay to optim.min_lr at optim.lr_decay_steps
+    (`total_steps`, the run's optimizer steps, when that is 0), min_lr after it."""
+    warmup = optim.lr_warmup_steps
+    if step < warmup:
+        return optim.lr * (step + 1) / warmup
+    end = optim.lr_decay_steps or total_steps
+    if optim.lr_decay_style == "constant" or end is None or end <= warmup:
+        return optim.lr
+    progress = min(1.0, (step - warmup) / (end - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.lr_decay_style == "cosine" else 1 - progress
+    return optim.min_lr + (optim.lr - optim.min_lr) * shape
 
 
 class MegatronActor:
@@ -47,9 +58,11 @@ class MegatronActor:
     """
 
     def __init__(self, config: ActorConfig, model_path: str | Path, layout: ParallelLayout, *, temperature: float,
-                 norm_len: int | None = None, bf16: bool | None = None, weights: str | Path | None = None):
+                 norm_len: int | None = None, bf16: bool | None = None, weights: str | Path | None = None,
+                 total_steps: int | None = None):
         """model_path: the Hugging Face folder whose config.json defines the model and whose safetensors
-        it starts from, unless `weights` names a megatron-core checkpoint to take the weights from."""
+        it starts from, unless `weights` names a megatron-core checkpoint to take the weights from.
+        total_steps: the run's optimizer steps, where a learning-rate decay ends unless its config says."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -86,6 +99,7 @@ class MegatronActor:
         )
         self.steps = 0
         """Optimizer steps taken."""
+        self.total_steps = total_steps
         self._host = HostOffload(self)
 
     # ---- device memory ----------------------------------------------------------------------
@@ -234,7 +248,7 @@ class MegatronActor:
     def _mini_batch_step(self, batch: ActorBatch) -> dict[str, float]:
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         micro_batches = self._micro_batches(batch)
-        lr = warmup_constant_lr(self.steps, self.config.optim.lr, self.config.optim.lr_warmup_steps)
+        lr = learning_rate(self.config.optim, self.steps, self.total_steps)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)

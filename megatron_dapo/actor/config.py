@@ -11,9 +11,16 @@ LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-6
-    """Peak learning rate (constant after warm-up; the paper uses 1e-6)."""
+    """Peak learning rate, reached after the warm-up (the paper keeps it constant at 1e-6)."""
     lr_warmup_steps: int = 20
     """Optimizer steps of linear warm-up from 0 to lr."""
+    lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
+    """After the warm-up: stay at lr, or decay to min_lr by lr_decay_steps along a half cosine or a line."""
+    min_lr: float = 0.0
+    """Where the decay ends (and stays)."""
+    lr_decay_steps: int = 0
+    """Optimizer step at which the decay reaches min_lr, counted from the first step, warm-up included; 0: the
+    run's last (trainer.total_training_steps x ceil(data.train_batch_size / ppo_mini_batch_size) x ppo_epochs)."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -70,6 +77,15 @@ class ActorConfig:
             problems.append(f"actor.optim.lr must be > 0, got {self.optim.lr}")
         if self.optim.lr_warmup_steps < 0:
             problems.append(f"actor.optim.lr_warmup_steps must be >= 0, got {self.optim.lr_warmup_steps}")
+        if not 0 <= self.optim.min_lr <= self.optim.lr:
+            problems.append(f"actor.optim.min_lr must be in [0, actor.optim.lr={self.optim.lr}], got {self.optim.min_lr}")
+        if self.optim.lr_decay_steps < 0:
+            problems.append(f"actor.optim.lr_decay_steps must be >= 0 (0: the run's last step), "
+                            f"got {self.optim.lr_decay_steps}")
+        elif self.optim.lr_decay_style != "constant" and 0 < self.optim.lr_decay_steps <= self.optim.lr_warmup_steps:
+            problems.append(f"actor.optim.lr_decay_steps ({self.optim.lr_decay_steps}) must be > "
+                            f"actor.optim.lr_warmup_steps ({self.optim.lr_warmup_steps}): the decay starts after "
+                            "the warm-up")
         if self.optim.grad_clip < 0:
             problems.append(f"actor.optim.grad_clip must be >= 0 (0 disables), got {self.optim.grad_clip}")
         if problems:

@@ -63,8 +63,10 @@ class Trainer:
         check_reward_sources({"data.train_files": self.train_set, "data.val_files": self.val_set or []})
         self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
                                    shuffle=cfg.data.shuffle)
+        updates_per_step = -(-cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size) * cfg.actor.ppo_epochs
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
-                                   norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint)
+                                   norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
+                                   total_steps=cfg.trainer.total_training_steps * updates_per_step)
         self.control = ControlChannel(cfg.trainer.rollout_timeout_s)
         """Rank 0's words to every rank during rollout (trainer/control.py)."""
         self.placement = place_engines(cfg.rollout.engines, timeout_s=cfg.trainer.rollout_timeout_s)

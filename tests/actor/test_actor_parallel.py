@@ -80,7 +80,8 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
     """The same DAPO update done on transformers' model with torch's AdamW."""
     import transformers
 
-    from megatron_dapo.actor.actor import warmup_constant_lr
+    from megatron_dapo.actor.actor import learning_rate
+    from megatron_dapo.actor.config import OptimConfig
     from megatron_dapo.actor.loss import policy_loss
     from megatron_dapo.ops.logprob import vocab_parallel_logprob
 
@@ -95,7 +96,7 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
     for step, start in enumerate(range(0, tokens.shape[0], mini)):
         rows = slice(start, start + mini)
         for group in optim.param_groups:
-            group["lr"] = warmup_constant_lr(step, 1e-3, 2)
+            group["lr"] = learning_rate(OptimConfig(lr=1e-3, lr_warmup_steps=2), step)
         optim.zero_grad()
         t = tokens[rows]
         logits = model(t).logits
