@@ -15,10 +15,17 @@ class LoggingConfig:
     """Weights & Biases project; None disables it."""
     wandb_run_name: str | None = None
     """Weights & Biases run name; defaults to the run folder's name."""
+    progress_interval_s: float = 30.0
+    """In a step, a console line after a generation batch (groups kept so far, dropped, seconds) once this long has
+    passed since the step began or since the last line; 0: after every generation batch."""
     samples_per_step: int = 2
     """Responses written as text to samples.jsonl each step and each validation (metrics/samples.py); 0: none."""
 
     def __post_init__(self) -> None:
+        if self.progress_interval_s < 0:
+            from megatron_dapo.config.loader import ConfigError
+
+            raise ConfigError(f"logging.progress_interval_s must be >= 0, got {self.progress_interval_s}")
         if self.samples_per_step < 0:
             from megatron_dapo.config.loader import ConfigError
 

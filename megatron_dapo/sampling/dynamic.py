@@ -82,11 +82,13 @@ class DynamicSampler(Generic[G]):
         self.train_batch_size = train_batch_size
 
     def collect(
-        self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]]
+        self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]],
+        progress: Callable[[SamplingStats, int], None] | None = None,
     ) -> SampledBatch[G]:
         """`generate()` returns one scored generation batch of groups; `metric_values(group)` gives
         the filter metric of each of its responses. Surplus groups are trimmed in generation order,
-        so the same generations always give the same batch."""
+        so the same generations always give the same batch. `progress(stats, kept)` is called after
+        each generation batch with the figures so far and the number of groups kept."""
         stats = SamplingStats()
         kept: list[G] = []
         limit = self.config.max_num_gen_batches if self.config.enable else 1
@@ -106,6 +108,8 @@ class DynamicSampler(Generic[G]):
                     stats.dropped_all_correct += 1
                 else:
                     stats.dropped_all_wrong += 1
+            if progress is not None:
+                progress(stats, len(kept))
         stats.trimmed = max(len(kept) - self.train_batch_size, 0)
         kept = kept[: self.train_batch_size]
         stats.kept = len(kept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, trainer_probe_logprobs
-from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch
+from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import (Group, build_actor_batch, rollout_metrics, shaped_scores,
@@ -227,7 +228,25 @@ class Trainer:
 
         metric = self.config.algorithm.filter_groups.metric
         with self._stops_everyone():
-            return self.sampler.collect(next_batch, lambda g: g.metric(metric))
+            return self.sampler.collect(next_batch, lambda g: g.metric(metric), progress=self._progress_line())
+
+    def _progress_line(self):
+        """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step
+        generates for tens of minutes; the toy's steps take a second and print none)."""
+        if not self.config.logging.console:
+            return None
+        interval, target = self.config.logging.progress_interval_s, self.config.data.train_batch_size
+        started = last = time.perf_counter()
+
+        def show(stats: SamplingStats, kept: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= interval:
+                last = now
+                print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
+                      f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
+                      f"dropped, {now - started:.0f} s", file=sys.stderr, flush=True)
+        return show
 
     def _actor_batch(self, sampled: SampledBatch | None) -> tuple[ActorBatch | None, dict[str, float]]:
         """Rank 0 turns the kept groups into the actor batch and the step's rollout metrics, says "done", and

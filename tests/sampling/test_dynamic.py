@@ -73,3 +73,12 @@ def test_other_metrics_such_as_profit_loss():
 def test_non_finite_metric_is_refused_with_the_group_named():
     with pytest.raises(ValueError, match=r"response 1 in group 1 of generation batch 1 \(acc\) is not finite"):
         _collect([[("a", [0, 1]), ("b", [0, float("nan")])]])
+
+
+def test_progress_after_each_generation_batch():
+    seen = []
+    sampler = DynamicSampler(FilterGroupsConfig(), train_batch_size=3)
+    sampler.collect(_generator(SCRIPT), lambda group: group[1],
+                    progress=lambda stats, kept: seen.append((stats.gen_batches, kept, stats.dropped_all_correct,
+                                                              stats.dropped_all_wrong)))
+    assert seen == [(1, 1, 1, 1), (2, 2, 2, 1), (3, 5, 2, 1)]

@@ -1,6 +1,7 @@
 """The README's main job, shortened: the toy example learns with DAPO alone on a CPU."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -178,10 +179,14 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
     (run_dir / "data").symlink_to(toy_run / "data")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
                *_toy_command(run_dir)[1:], "rollout.engines=2", "trainer.total_training_steps=3",
-               "trainer.test_freq=3", "checkpoint.save_freq=0"]
+               "trainer.test_freq=3", "checkpoint.save_freq=0", "logging.progress_interval_s=0"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 0 hosts rollout engine 0 of 2" in proc.stdout and "rank 1 hosts rollout engine 1 of 2" in proc.stdout
+    # a progress line after every generation batch (progress_interval_s=0), from rank 0 only
+    assert proc.stderr.count("step 1: generation batch 1: ") == 1, proc.stderr[-4000:]
+    assert re.search(r"step 3: generation batch \d+: 8/8 groups kept, \d+ all-correct and \d+ all-wrong dropped",
+                     proc.stderr), proc.stderr[-4000:]
     rows = _rows(run_dir)
     train = [row for row in rows if "critic/acc_mean" in row]
     assert len(train) == 3 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train), train
