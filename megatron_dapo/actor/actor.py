@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
 from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig, OptimConfig
-from megatron_dapo.actor.loss import loss_metrics, policy_loss
+from megatron_dapo.actor.loss import aggregate_loss, loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
 from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
@@ -270,7 +270,12 @@ class MegatronActor:
             sums["entropy"] = torch.where(mask.bool(), entropy.detach(), 0).sum(dtype=torch.float32)
             sums["loss"] = out.loss.detach().float()
             sums["ratio_max"] = out.ratio_max.detach().float()
-            return out.loss, torch.tensor(1, dtype=torch.int, device=device), sums
+            loss = out.loss
+            if self.config.entropy_coeff:  # the entropy's gradient flows through the same log-prob op
+                loss = loss - self.config.entropy_coeff * aggregate_loss(
+                    entropy, mask, self.config.loss_agg_mode, global_tokens=global_tokens.to(device),
+                    global_seqs=batch.size, norm_len=self.norm_len)
+            return loss, torch.tensor(1, dtype=torch.int, device=device), sums
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -41,6 +41,9 @@ class ActorConfig:
     """Dual-clip bound: for negative advantages the loss is at most -A * clip_ratio_c."""
     loss_agg_mode: LossAggMode = "token-mean"
     """How token losses become the batch loss; token-mean divides by the global batch's token count."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus: the loss minimised is the policy loss - entropy_coeff x entropy, both aggregated by
+    loss_agg_mode (DAPO uses none)."""
     tis_imp_ratio_cap: float | None = None
     """Truncated importance weight exp(old - rollout log-prob) capped at this; None disables it."""
     ppo_mini_batch_size: int = 32
@@ -68,6 +71,8 @@ class ActorConfig:
             )
         if self.clip_ratio_c <= 1:
             problems.append(f"actor.clip_ratio_c must be > 1 (dual-clip bound), got {self.clip_ratio_c}")
+        if self.entropy_coeff < 0:
+            problems.append(f"actor.entropy_coeff must be >= 0 (a bonus for entropy), got {self.entropy_coeff}")
         if self.tis_imp_ratio_cap is not None and self.tis_imp_ratio_cap <= 0:
             problems.append(f"actor.tis_imp_ratio_cap must be > 0 or null, got {self.tis_imp_ratio_cap}")
         for key in ("ppo_mini_batch_size", "ppo_epochs", "ppo_max_token_len_per_gpu"):

@@ -4,7 +4,7 @@ One JSON object a line: step, split ("train": kept groups of the step; "val": va
 prompt and response decoded, the finish reason, the response's length, the task's accuracy and
 score, the reward used for the advantage, and the ground truth. The first completion of each of
 the first `count` groups is written, so the same prompts' answers can be followed across steps in
-validation.
+validation. With logging.val_generations, every validation response goes to val_generations/step_N.jsonl.
 """
 from __future__ import annotations
 
@@ -22,17 +22,41 @@ class SampleLog:
         if self.file is None:
             return
         for group in groups[:self.count]:
-            completion, reward = group.completions[0], group.rewards[0]
-            self.file.write(json.dumps({
-                "step": step, "split": split,
-                "prompt": tokenizer.decode(group.prompt.prompt_ids),
-                "response": tokenizer.decode(completion.token_ids),
-                "finish_reason": completion.finish_reason, "length": len(completion.token_ids),
-                "acc": reward.acc, "score": reward.score, "reward": group.scores[0],
-                "ground_truth": group.prompt.ground_truth,
-            }, ensure_ascii=False) + "\n")
+            self.file.write(json.dumps({"step": step, "split": split, **response_row(group, 0, tokenizer)},
+                                       ensure_ascii=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def response_row(group, index: int, tokenizer) -> dict:
+    """Response `index` of a trainer Group as text, with how it scored."""
+    completion, reward = group.completions[index], group.rewards[index]
+    return {
+        "prompt": tokenizer.decode(group.prompt.prompt_ids),
+        "response": tokenizer.decode(completion.token_ids),
+        "finish_reason": completion.finish_reason, "length": len(completion.token_ids),
+        "acc": reward.acc, "score": reward.score, "reward": group.scores[index],
+        "ground_truth": group.prompt.ground_truth,
+    }
+
+
+def write_validation(run_dir: Path, step: int, groups: list, tokenizer) -> Path:
+    """Every validation response of `step` in RUN_DIR/val_generations/step_NNNNNN.jsonl (logging.val_generations),
+    with its data_source, prompt index, the answer the verifier read, the extra figures and any failure. The file
+    appears whole or not at all."""
+    folder = run_dir / "val_generations"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step_{step:06d}.jsonl"
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        for group in groups:
+            for index, reward in enumerate(group.rewards):
+                row = {"step": step, "data_source": group.prompt.data_source, "prompt_index": group.prompt.index,
+                       "sample": index, **response_row(group, index, tokenizer), "pred": reward.pred,
+                       "extra": reward.extra, "failed": reward.reason if reward.failed else None}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    partial.replace(path)
+    return path

@@ -24,7 +24,7 @@ from megatron_dapo.actor.batch import ActorBatch
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
-from megatron_dapo.metrics.samples import SampleLog
+from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks
 from megatron_dapo.parallel.init import init_distributed
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
@@ -324,6 +324,8 @@ class Trainer:
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
             self.samples.write(self.step, "val", groups, self.tokenizer)
+            if self.config.logging.val_generations:
+                write_validation(self.run_dir, self.step, groups, self.tokenizer)
             result = validation_metrics(groups, params.n)
         self.control.broadcast("done")
         return self.control.broadcast(result)

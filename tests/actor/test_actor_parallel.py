@@ -23,6 +23,8 @@ TEMPERATURE = 0.9
 # backward computes for it is rounding noise; Adam with a tiny eps would turn that noise into
 # full-size steps of random sign. eps = 1e-6 keeps noise-level gradients from moving weights.
 ADAM_EPS = 1e-6
+ENTROPY_COEFF = 0.1
+"""actor.entropy_coeff in the update checks that have an entropy bonus."""
 LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False), (2, 2, True)]
 
 
@@ -76,13 +78,13 @@ def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, wor
     assert not failures, "; ".join(failures)
 
 
-def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg):
-    """The same DAPO update done on transformers' model with torch's AdamW."""
+def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg, entropy_coeff=0.0):
+    """The same DAPO update done on transformers' model with torch's AdamW (with an entropy bonus when asked)."""
     import transformers
 
     from megatron_dapo.actor.actor import learning_rate
     from megatron_dapo.actor.config import OptimConfig
-    from megatron_dapo.actor.loss import policy_loss
+    from megatron_dapo.actor.loss import aggregate_loss, policy_loss
     from megatron_dapo.ops.logprob import vocab_parallel_logprob
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -100,11 +102,11 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
         optim.zero_grad()
         t = tokens[rows]
         logits = model(t).logits
-        logp, _ = vocab_parallel_logprob(logits[:, :-1], t[:, 1:], temperature=TEMPERATURE)
-        logp = torch.nn.functional.pad(logp, (1, 0))
+        logp, entropy = vocab_parallel_logprob(logits[:, :-1], t[:, 1:], temperature=TEMPERATURE)
+        logp, entropy = torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
         loss = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
                            clip_ratio_high=0.28, clip_ratio_c=10.0).loss
-        loss.backward()
+        (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], "token-mean")).backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
         optim.step()
         history.append((loss.item(), norm.item()))
@@ -122,17 +124,22 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
         folder = workdir / family
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.05 * torch.randn(tokens.shape,
                                                                                    generator=torch.Generator().manual_seed(3))
-        history, state = _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2))
-        ref_loss = sum(h[0] for h in history) / len(history)
-        ref_norm = sum(h[1] for h in history) / len(history)
-        cases = [(tp, pp, sp, budget) for tp, pp, sp in LAYOUTS for budget in (16384,)]
-        cases += [(1, 1, False, 20), (2, 2, True, 40)]  # the same batch cut into other micro-batches
-        for tp, pp, sp, budget in cases:
-            actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget)
+        references = {coeff: _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2), coeff)
+                      for coeff in (0.0, ENTROPY_COEFF)}
+        assert references[0.0][0][0][1] != references[ENTROPY_COEFF][0][0][1]  # the bonus changes the gradient
+        cases = [(tp, pp, sp, budget, 0.0) for tp, pp, sp in LAYOUTS for budget in (16384,)]
+        cases += [(1, 1, False, 20, 0.0), (2, 2, True, 40, 0.0)]  # the same batch cut into other micro-batches
+        cases += [(1, 1, False, 16384, ENTROPY_COEFF), (2, 2, True, 40, ENTROPY_COEFF)]  # with an entropy bonus
+        for tp, pp, sp, budget, coeff in cases:
+            history, state = references[coeff]
+            ref_loss = sum(h[0] for h in history) / len(history)
+            ref_norm = sum(h[1] for h in history) / len(history)
+            actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget,
+                           entropy_coeff=coeff)
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                                old_logp=old_logp)
             metrics = actor.update(batch, group_size=2)
-            name = f"{family} TP{tp} PP{pp} SP={sp} budget={budget}"
+            name = f"{family} TP{tp} PP{pp} SP={sp} budget={budget} entropy_coeff={coeff}"
             if abs(metrics["actor/pg_loss"] - ref_loss) > 1e-5 * max(1.0, abs(ref_loss)):
                 failures.append(f"{name}: loss {metrics['actor/pg_loss']} != {ref_loss}")
             if abs(metrics["actor/grad_norm"] - ref_norm) > 1e-5 * ref_norm:

@@ -265,8 +265,9 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert f"data.val_files: {len(rows) // 2} rows have data_source 'last_digit'" in proc.stderr, proc.stderr[-4000:]
     assert "set reward.functions.last_digit:" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([*command, "reward.functions.last_digit=my_reward.py:last_digit"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*command, "reward.functions.last_digit=my_reward.py:last_digit",
+                           "logging.val_generations=true"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = _rows(run_dir)[-1]
     assert row["step"] == 1
@@ -275,6 +276,15 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     both = (row["val/math_dapo/acc_avg@4"] + row["val/last_digit/acc_avg@4"]) / 2
     assert abs(row["val/acc_avg@4"] - both) < 1e-9, row
     assert row["val/chars_mean"] > 0, row
+    # logging.val_generations: every validation response, and the metrics add up from them
+    responses = [json.loads(line) for line in (run_dir / "val_generations" / "step_000001.jsonl").read_text().splitlines()]
+    assert len(responses) == 4 * len(rows)
+    for source in ("math_dapo", "last_digit"):
+        mine = [r for r in responses if r["data_source"] == source]
+        assert len(mine) == 2 * len(rows)
+        assert abs(sum(r["acc"] for r in mine) / len(mine) - row[f"val/{source}/acc_avg@4"]) < 1e-9
+    assert all(set(r["extra"]) == {"chars"} for r in responses if r["data_source"] == "last_digit")
+    assert any(r["pred"] for r in responses if r["data_source"] == "math_dapo")  # the answer the verifier read
 
 
 def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
