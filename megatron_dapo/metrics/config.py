@@ -17,7 +17,8 @@ class LoggingConfig:
     """Weights & Biases run name; defaults to the run folder's name."""
     progress_interval_s: float = 30.0
     """In a step, a console line after a generation batch (groups kept so far, dropped, seconds) once this long has
-    passed since the step began or since the last line; 0: after every generation batch."""
+    passed since the step began or since the last line, and one as a phase (update, reshard, ...) ends that took
+    this long; 0: after every generation batch and phase."""
     samples_per_step: int = 2
     """Responses written as text to samples.jsonl each step and each validation (metrics/samples.py); 0: none."""
     val_generations: bool = False

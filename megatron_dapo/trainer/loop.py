@@ -170,7 +170,9 @@ class Trainer:
             self.engine.close()
 
     def train_step(self) -> dict[str, float]:
-        cfg, timer = self.config, _Timer()
+        cfg = self.config
+        announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
+        timer = _Timer(announce, prefix=f"step {self.step + 1}: ")
         self.reward_seconds = 0.0
         self.memory.to_generation(timer)
         with timer("generate"):
@@ -384,14 +386,19 @@ class Trainer:
 
 
 class _Timer:
-    def __init__(self):
+    def __init__(self, announce_after_s: float | None = None, prefix: str = ""):
+        """announce_after_s: a phase that took at least this long gets a console line as it ends (None: never)."""
         self.times: dict[str, float] = {}
+        self.announce_after_s, self.prefix = announce_after_s, prefix
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
         yield
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.times[name] = self.times.get(name, 0.0) + seconds
+        if self.announce_after_s is not None and seconds >= self.announce_after_s:
+            print(f"{self.prefix}{name} took {seconds:.0f} s", file=sys.stderr, flush=True)
 
     def split(self, name: str, part: str, seconds: float) -> None:
         """Report `seconds` of `name`'s time as `part` instead."""

@@ -187,6 +187,7 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
     assert proc.stderr.count("step 1: generation batch 1: ") == 1, proc.stderr[-4000:]
     assert re.search(r"step 3: generation batch \d+: 8/8 groups kept, \d+ all-correct and \d+ all-wrong dropped",
                      proc.stderr), proc.stderr[-4000:]
+    assert proc.stderr.count("step 3: update took ") == 1 and "step 3: reshard took " in proc.stderr, proc.stderr[-4000:]
     rows = _rows(run_dir)
     train = [row for row in rows if "critic/acc_mean" in row]
     assert len(train) == 3 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train), train
