@@ -34,14 +34,14 @@ class _MicroBatch:
     positions: torch.Tensor
 
 
-def learning_rate(optim: OptimConfig, step: int, total_steps: int | None = None) -> float:
+def learning_rate(optim: OptimConfig, step: int, last_step: int | None = None) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warm-up over optim.lr_warmup_steps (the first
-    step already moves), then optim.lr, or a cosine / linear decay to optim.min_lr at optim.lr_decay_steps
-    (`total_steps`, the run's optimizer steps, when that is 0), min_lr after it."""
+    step already moves), then optim.lr, or a cosine / linear decay that reaches optim.min_lr at step
+    optim.lr_decay_steps (when that is 0: at `last_step`, the run's last) and stays there."""
     warmup = optim.lr_warmup_steps
     if step < warmup:
         return optim.lr * (step + 1) / warmup
-    end = optim.lr_decay_steps or total_steps
+    end = optim.lr_decay_steps or last_step
     if optim.lr_decay_style == "constant" or end is None or end <= warmup:
         return optim.lr
     progress = min(1.0, (step - warmup) / (end - warmup))
@@ -59,10 +59,11 @@ class MegatronActor:
 
     def __init__(self, config: ActorConfig, model_path: str | Path, layout: ParallelLayout, *, temperature: float,
                  norm_len: int | None = None, bf16: bool | None = None, weights: str | Path | None = None,
-                 total_steps: int | None = None):
+                 last_step: int | None = None):
         """model_path: the Hugging Face folder whose config.json defines the model and whose safetensors
         it starts from, unless `weights` names a megatron-core checkpoint to take the weights from.
-        total_steps: the run's optimizer steps, where a learning-rate decay ends unless its config says."""
+        last_step: the index of the run's last optimizer step, where a learning-rate decay ends unless its config
+        says otherwise."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -99,7 +100,7 @@ class MegatronActor:
         )
         self.steps = 0
         """Optimizer steps taken."""
-        self.total_steps = total_steps
+        self.last_step = last_step
         self._host = HostOffload(self)
 
     # ---- device memory ----------------------------------------------------------------------
@@ -248,7 +249,7 @@ class MegatronActor:
     def _mini_batch_step(self, batch: ActorBatch) -> dict[str, float]:
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         micro_batches = self._micro_batches(batch)
-        lr = learning_rate(self.config.optim, self.steps, self.total_steps)
+        lr = learning_rate(self.config.optim, self.steps, self.last_step)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)

@@ -48,7 +48,6 @@ class ActorBatch:
             picked["advantages"] = picked["advantages"][:, :width]
         return replace(self, **picked)
 
-
     def pack(self) -> tuple[dict, list[torch.Tensor]]:
         """The batch without its padding, for sending to other ranks: (a small picklable header, tensors).
         Per-token fields are the rows' tokens laid end to end, the token ids as int32 and the mask as uint8,

@@ -19,8 +19,8 @@ class OptimConfig:
     min_lr: float = 0.0
     """Where the decay ends (and stays)."""
     lr_decay_steps: int = 0
-    """Optimizer step at which the decay reaches min_lr, counted from the first step, warm-up included; 0: the
-    run's last (trainer.total_training_steps x ceil(data.train_batch_size / ppo_mini_batch_size) x ppo_epochs)."""
+    """The optimizer step (counted from 0, warm-up included) that runs at min_lr; 0: the run's last, step
+    trainer.total_training_steps x ceil(data.train_batch_size / ppo_mini_batch_size) x ppo_epochs - 1."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -159,8 +159,11 @@ def _generation_config(config: dict) -> dict:
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                 hf_template: str | Path | None = None, shard_size_bytes: int = 5 * 10**9, overwrite: bool = False,
-                verify_tolerance: float | None = None, progress: bool = True) -> dict:
+                verify_tolerance: float | None = None, progress: bool = True,
+                tokenizer: str | Path | None = None) -> dict:
     """Convert; returns a summary (tensors, bytes, shards, GB/s, and the log-prob difference when verified).
+
+    tokenizer: a folder whose tokenizer files are written over the template's (a run's model.tokenizer_path).
 
     verify_tolerance: compare log-probs of both sides before the output is put in place, and fail above
     this difference.
@@ -191,6 +194,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             index = {"metadata": {"total_size": total}, "weight_map": {t.name: files[t.shard] for t in plan}}
             (partial / INDEX).write_text(json.dumps(index, indent=2))
         _copy_template(template, partial)
+        _copy_template(Path(tokenizer) if tokenizer is not None else None, partial)
         config = {**config, "dtype": str(dtype).replace("torch.", "")}
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import pickle
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,7 +50,9 @@ def load_reward_functions(functions: dict[str, str]) -> None:
         problem = target_problem(data_source, target)
         if problem is None:
             try:
-                register_reward(data_source, _load(target), replace=True)
+                fn = _load(target)
+                pickle.loads(pickle.dumps(fn))  # the workers receive it by name: that must resolve
+                register_reward(data_source, fn, replace=True)
             except ConfigError:
                 raise
             except Exception as err:
@@ -71,7 +75,9 @@ def check_reward_sources(datasets: dict[str, Iterable]) -> None:
         for source, rows in sorted(missing.items()):
             problems.append(f"{key}: {rows} rows have data_source {source!r}, which has no reward function "
                             f"(registered: {sorted(known)}); set reward.functions.{source}: "
-                            "'package.module:function' or 'path/to/file.py:function'")
+                            "'package.module:function' or 'path/to/file.py:function'"
+                            + (" in the config file (a dotted name cannot be a command-line key)" if "." in source
+                               else ""))
     if problems:
         raise ConfigError(problems)
 
@@ -91,7 +97,8 @@ def _load_file(path: Path):
     """The module of a Python file, under a name made from its absolute path: the same name in the trainer and
     in every reward worker, so functions pickled by name in one are found in the other."""
     path = path.resolve()
-    name = f"_megatron_dapo_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    stem = re.sub(r"\W", "_", path.stem)  # a dot would read as a package when the name is imported
+    name = f"_megatron_dapo_reward_{stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -255,9 +255,10 @@ class RewardScorer:
         self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s, self.functions)
 
 
-def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float, num_workers: int = 2) -> RewardBatch:
+def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float, num_workers: int = 2,
+                    functions: dict[str, str] | None = None) -> RewardBatch:
     """Score `samples` with a pool started for this call (a trainer keeps one RewardScorer instead)."""
-    with RewardScorer(timeout_s=timeout_s, num_workers=num_workers) as scorer:
+    with RewardScorer(timeout_s=timeout_s, num_workers=num_workers, functions=functions) as scorer:
         return scorer.score(samples)
 
 

@@ -28,7 +28,9 @@ class HFCopy:
 
     dtype: torch.dtype
     template: Path
-    """The folder whose tokenizer files and generation config go with the weights."""
+    """The Hugging Face folder the run started from (model.path): its config, generation config and tokenizer."""
+    tokenizer: Path | None = None
+    """model.tokenizer_path, whose tokenizer files replace the template's."""
 
 
 def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None) -> Path:
@@ -43,7 +45,7 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
 
                 start = time.perf_counter()
                 summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
-                                      progress=False)
+                                      progress=False, tokenizer=hf.tokenizer)
                 print(f"wrote {path / 'hf'} ({summary['bytes'] / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)",
                       flush=True)
             complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")

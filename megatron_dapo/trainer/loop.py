@@ -67,7 +67,7 @@ class Trainer:
         updates_per_step = -(-cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size) * cfg.actor.ppo_epochs
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
-                                   total_steps=cfg.trainer.total_training_steps * updates_per_step)
+                                   last_step=cfg.trainer.total_training_steps * updates_per_step - 1)
         self.control = ControlChannel(cfg.trainer.rollout_timeout_s)
         """Rank 0's words to every rank during rollout (trainer/control.py)."""
         self.placement = place_engines(cfg.rollout.engines, timeout_s=cfg.trainer.rollout_timeout_s)
@@ -339,7 +339,8 @@ class Trainer:
         if not cfg.checkpoint.save_hf:
             return None
         return checkpoints.HFCopy(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.checkpoint.hf_dtype],
-                                  template=Path(cfg.model.tokenizer_path or cfg.model.path))
+                                  template=Path(cfg.model.path),
+                                  tokenizer=Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None)
 
     def _state(self) -> dict:
         return {"step": self.step, "data": self.stream.state_dict()}

@@ -10,7 +10,7 @@ from megatron_dapo.config.loader import ConfigError
 
 def test_warm_up_then_constant():
     optim = OptimConfig(lr=1.0, lr_warmup_steps=4)
-    assert [learning_rate(optim, s, total_steps=10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [learning_rate(optim, s, last_step=9) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert learning_rate(OptimConfig(lr=0.5, lr_warmup_steps=0), 0) == 0.5
 
 
@@ -25,7 +25,7 @@ def test_cosine_decay_worked_out():
 
 def test_linear_decay_ends_at_the_runs_last_step_by_default():
     optim = OptimConfig(lr=1.0, min_lr=0.2, lr_warmup_steps=0, lr_decay_style="linear")
-    assert [learning_rate(optim, s, total_steps=4) for s in range(6)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    assert [learning_rate(optim, s, last_step=4) for s in range(6)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
     assert learning_rate(optim, 3) == 1.0  # no run length given and none configured: nothing to decay over
 
 

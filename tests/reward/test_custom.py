@@ -37,7 +37,7 @@ def registry_restored():
 
 @pytest.fixture
 def reward_file(tmp_path):
-    path = tmp_path / "my_reward.py"
+    path = tmp_path / "my.reward-v2.py"  # a name that is no module name
     path.write_text(REWARD_FILE)
     return path
 

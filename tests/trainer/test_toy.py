@@ -289,9 +289,9 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
 
 
 def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
-    """checkpoint.save_hf: each checkpoint has an hf folder that transformers loads with the run's tokenizer.
-    Its weights are the checkpoint's (the first run's step-2 weights, as the converter writes them), not
-    model.path's, and it goes with its checkpoint when keep_last deletes that."""
+    """checkpoint.save_hf: each checkpoint has an hf folder that transformers loads with the run's tokenizer
+    (here from a tokenizer-only model.tokenizer_path). Its weights are the step-2 checkpoint's, as the converter
+    writes them, not model.path's, and it goes with its checkpoint when keep_last deletes that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
@@ -300,8 +300,16 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     run_dir.mkdir()
     (run_dir / "base").symlink_to(toy_run / "base")
     (run_dir / "data").symlink_to(toy_run / "data")
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (toy_run / "base" / name).is_file():
+            (tokenizer_dir / name).write_text((toy_run / "base" / name).read_text())
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
     command = [*_toy_command(run_dir), "trainer.total_training_steps=2", "trainer.val_before_train=false",
-               "checkpoint.save_freq=1", "checkpoint.keep_last=1", "checkpoint.save_hf=true", "checkpoint.hf_dtype=fp32"]
+               "checkpoint.save_freq=1", "checkpoint.keep_last=1", "checkpoint.save_hf=true", "checkpoint.hf_dtype=fp32",
+               f"model.tokenizer_path={tokenizer_dir}"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -311,6 +319,7 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(toy_run / "base", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.model_max_length == 77  # model.tokenizer_path's, over model.path's
     assert tokenizer.apply_chat_template([{"role": "user", "content": "472"}], add_generation_prompt=True,
                                          tokenize=False) == "Q:472\nA:"
     trained, started = model.state_dict(), base.state_dict()
@@ -318,5 +327,3 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     mcore_to_hf(run_dir / "checkpoints" / "step_000002", tmp_path / "direct", dtype=torch.float32, progress=False)
     direct = AutoModelForCausalLM.from_pretrained(tmp_path / "direct", dtype=torch.float32).state_dict()
     assert all(torch.equal(trained[k], direct[k]) for k in direct)
-    step2 = next(row for row in _rows(toy_run) if row["step"] == 2 and "critic/acc_mean" in row)
-    assert _rows(run_dir)[-1]["actor/grad_norm"] == step2["actor/grad_norm"]
