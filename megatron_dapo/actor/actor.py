@@ -232,24 +232,30 @@ class MegatronActor:
 
     # ---- the update ------------------------------------------------------------------------
 
-    def update(self, batch: ActorBatch, group_size: int) -> dict[str, float]:
+    def update(self, batch: ActorBatch, group_size: int, schedule_step: int | None = None) -> dict[str, float]:
         """ppo_epochs passes over the batch in mini-batches of ppo_mini_batch_size groups of
-        `group_size` sequences; one optimizer step per mini-batch. Returns the mean metrics."""
+        `group_size` sequences; one optimizer step per mini-batch. Returns the mean metrics.
+
+        schedule_step: the learning-rate schedule's index of this update's first optimizer step, the next
+        ones following it. The trainer passes (training step - 1) x the updates of a full batch, so that a
+        step that keeps fewer groups (or none) does not delay the warm-up's end or the decay's. Default: the
+        optimizer steps taken so far."""
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("update needs advantages and old_logp in the batch")
         self.check_resident()
         self.model.train()
         mini = self.config.ppo_mini_batch_size * group_size
+        first = self.steps if schedule_step is None else schedule_step
         history: list[dict[str, float]] = []
         for _ in range(self.config.ppo_epochs):
             for start in range(0, batch.size, mini):
-                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini))))
+                lr = learning_rate(self.config.optim, first + len(history), self.last_step)
+                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini)), lr))
         return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
 
-    def _mini_batch_step(self, batch: ActorBatch) -> dict[str, float]:
+    def _mini_batch_step(self, batch: ActorBatch, lr: float) -> dict[str, float]:
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         micro_batches = self._micro_batches(batch)
-        lr = learning_rate(self.config.optim, self.steps, self.last_step)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)

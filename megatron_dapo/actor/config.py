@@ -13,14 +13,16 @@ class OptimConfig:
     lr: float = 1e-6
     """Peak learning rate, reached after the warm-up (the paper keeps it constant at 1e-6)."""
     lr_warmup_steps: int = 20
-    """Optimizer steps of linear warm-up from 0 to lr."""
+    """Optimizer steps of linear warm-up from 0 to lr. The schedule counts a full batch's optimizer steps
+    (data.train_batch_size / ppo_mini_batch_size x ppo_epochs) for every training step, also for a step that
+    trained on fewer groups than that, so it follows the run's progress."""
     lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
     """After the warm-up: stay at lr, or decay to min_lr by lr_decay_steps along a half cosine or a line."""
     min_lr: float = 0.0
     """Where the decay ends (and stays)."""
     lr_decay_steps: int = 0
     """The optimizer step (counted from 0, warm-up included) that runs at min_lr; 0: the run's last, step
-    trainer.total_training_steps x ceil(data.train_batch_size / ppo_mini_batch_size) x ppo_epochs - 1."""
+    trainer.total_training_steps x data.train_batch_size / ppo_mini_batch_size x ppo_epochs - 1."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -174,6 +175,8 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), True
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            return float(value), True  # YAML 1.1 (PyYAML) reads 1e-6, without a dot, as a string
     elif tp is str:
         if isinstance(value, str):
             return value, True
@@ -181,6 +184,9 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         raise TypeError(f"config loader does not handle type {tp!r} (key {key})")
     problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return None, False
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _type_name(tp: Any) -> str:

@@ -143,12 +143,14 @@ def _read_group(reader: dcp_io.CheckpointReader, arch: ModelArch, group) -> list
     return named
 
 
-def _copy_template(template: Path | None, partial: Path) -> None:
-    """Tokenizer files, chat template, generation config: everything of the template but its weights."""
+def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = False) -> None:
+    """Tokenizer files, chat template, generation config: everything of the template but its weights and
+    config (tokenizer_only: its generation config too, which comes from the model's folder)."""
     if template is None:
         return
+    skipped = (INDEX, "config.json", "generation_config.json") if tokenizer_only else (INDEX, "config.json")
     for path in template.iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (INDEX, "config.json"):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in skipped:
             shutil.copy2(path, partial / path.name)
 
 
@@ -194,7 +196,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             index = {"metadata": {"total_size": total}, "weight_map": {t.name: files[t.shard] for t in plan}}
             (partial / INDEX).write_text(json.dumps(index, indent=2))
         _copy_template(template, partial)
-        _copy_template(Path(tokenizer) if tokenizer is not None else None, partial)
+        _copy_template(Path(tokenizer) if tokenizer is not None else None, partial, tokenizer_only=True)
         config = {**config, "dtype": str(dtype).replace("torch.", "")}
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]

@@ -33,11 +33,16 @@ class HFCopy:
     """model.tokenizer_path, whose tokenizer files replace the template's."""
 
 
-def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None) -> Path:
+def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None,
+         wait_group: dist.ProcessGroup | None = None) -> Path:
     """Save step_N, then on rank 0 write its Hugging Face copy (when asked) and delete the complete checkpoints
-    beyond the newest `keep_last`. An error on rank 0 stops every rank; the checkpoint itself is complete by then."""
+    beyond the newest `keep_last`. An error on rank 0 stops every rank; the checkpoint itself is complete by then.
+
+    wait_group: a CPU (gloo) group whose timeout covers the conversion, for the other ranks to wait on rank 0
+    in: a 32B model takes rank 0 minutes to convert at 0.24 GB/s (docs/performance.md), and a large one
+    could outlast the default group's 30-minute timeout. None: the default group."""
     path = save_actor(actor, run_dir / "checkpoints" / f"step_{step:06d}", extra={"trainer": trainer_state})
-    ok = torch.ones(1, device=actor.device)
+    ok = torch.ones(1, device="cpu" if wait_group is not None else actor.device)
     if dist.get_rank() == 0:
         try:
             if hf is not None:
@@ -54,9 +59,9 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
                 shutil.rmtree(old, ignore_errors=True)
         except Exception:
             ok.zero_()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=wait_group)
             raise
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # the other ranks wait here for rank 0
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=wait_group)  # the other ranks wait here for rank 0
     if not ok.item():
         raise RuntimeError(f"rank 0 failed after saving {path} (writing its Hugging Face copy or deleting old "
                            "checkpoints); its log says why")

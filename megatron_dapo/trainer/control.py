@@ -32,12 +32,17 @@ class ControlChannel:
         ignored), waiting up to the rollout timeout."""
         return self._broadcast(obj, self.group)
 
-    def share_batch(self, batch: ActorBatch | None, device: torch.device) -> ActorBatch | None:
+    def share_batch(self, batch: ActorBatch | None, device: torch.device,
+                    packed: tuple[dict, list[torch.Tensor]] | None = None) -> ActorBatch | None:
         """Rank 0's actor batch (or None) on every rank, through `device` (the default group's: CUDA for NCCL),
-        over the default group: call it when every rank is there."""
+        over the default group: call it when every rank is there. packed: rank 0's `batch.pack()`, made before
+        the word "done" while an error there can still reach the waiting ranks (the default: packed here)."""
         if dist.get_world_size() == 1:
             return batch
-        header, tensors = batch.pack() if dist.get_rank() == 0 and batch is not None else (None, None)
+        if dist.get_rank() == 0 and batch is not None:
+            header, tensors = packed or batch.pack()
+        else:
+            header, tensors = None, None
         header = self._broadcast(header, None)
         if header is None:
             return None

@@ -60,14 +60,17 @@ class Trainer:
                                                   max_prompt_length=cfg.data.max_prompt_length)
         self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
                         if cfg.data.val_files else None)
-        load_reward_functions(cfg.reward.functions)
-        check_reward_sources({"data.train_files": self.train_set, "data.val_files": self.val_set or []})
+        self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
+            {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
+        self.hf_copy = self._hf_copy()
+        """What checkpoint.save_hf writes next to each checkpoint, or None."""
         self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
                                    shuffle=cfg.data.shuffle)
-        updates_per_step = -(-cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size) * cfg.actor.ppo_epochs
+        self.updates_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size * cfg.actor.ppo_epochs
+        """Optimizer steps of a full batch: the learning-rate schedule moves by this much every training step."""
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                    norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
-                                   last_step=cfg.trainer.total_training_steps * updates_per_step - 1)
+                                   last_step=cfg.trainer.total_training_steps * self.updates_per_step - 1)
         self.control = ControlChannel(cfg.trainer.rollout_timeout_s)
         """Rank 0's words to every rank during rollout (trainer/control.py)."""
         self.placement = place_engines(cfg.rollout.engines, timeout_s=cfg.trainer.rollout_timeout_s)
@@ -102,8 +105,10 @@ class Trainer:
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
 
     def _started(self, make):
-        """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error)."""
-        ok = torch.ones(1, device=self.actor.device)
+        """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
+        a reward file that imports on one node and not on another, say)."""
+        ok = torch.ones(1, device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else "cpu")  # the default group's device: the actor may not exist yet
         try:
             made = make()
         except Exception:
@@ -112,7 +117,8 @@ class Trainer:
             raise
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
-            raise RuntimeError("a rollout engine failed to start on another rank (its log says why)")
+            raise RuntimeError("another rank failed to start (a rollout engine or a reward function; its log "
+                               "says why)")
         return made
 
     def _make_engine(self):
@@ -148,11 +154,13 @@ class Trainer:
                 metrics.update(self.validate())
             self._log(self.step, metrics)
             last = self.step == cfg.trainer.total_training_steps
-            stopping = not last and self.stop.requested()
+            asked = self.stop.requested()
+            stopping = not last and asked
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 with self.memory.actor_resident():
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
-                                     hf=None if stopping else self._hf_copy())  # a stop has minutes at most
+                                     hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most
+                                     wait_group=self.control.group)
             if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
             if stopping:
@@ -185,7 +193,8 @@ class Trainer:
             with timer("old_log_prob"):
                 batch.old_logp, _ = self.actor.compute_logprobs(batch)
             with timer("update"):
-                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n))
+                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n,
+                                                 schedule_step=self.step * self.updates_per_step))
             metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
                                                               * batch.loss_mask).max())
             self.memory.to_push(timer)
@@ -263,8 +272,9 @@ class Trainer:
                 batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                           overlong_filtering=cfg.algorithm.overlong_filtering)
             self.samples.write(self.step + 1, "train", groups, self.tokenizer)
+            packed = batch.pack() if batch is not None and dist.get_world_size() > 1 else None
         self.control.broadcast("done")
-        return self.control.share_batch(batch, self.actor.device), metrics
+        return self.control.share_batch(batch, self.actor.device, packed), metrics
 
     def _follow(self) -> bool:
         """On ranks other than 0: rank 0's next word; True: one more generation batch, False: done; its error raised."""
@@ -335,9 +345,16 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
 
     def _hf_copy(self) -> checkpoints.HFCopy | None:
+        """checkpoint.save_hf's settings, its folders checked now rather than at the first checkpoint."""
         cfg = self.config
         if not cfg.checkpoint.save_hf:
             return None
+        for key, folder in (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)):
+            if folder and not (Path(folder) / ("config.json" if key == "model.path" else "")).exists():
+                raise ConfigError(f"checkpoint.save_hf copies the config, generation config and tokenizer of the "
+                                  f"local folders model.path and model.tokenizer_path, but {key}={folder} is not a "
+                                  f"{'model ' if key == 'model.path' else ''}folder: point {key} at one or set "
+                                  "checkpoint.save_hf=false")
         return checkpoints.HFCopy(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.checkpoint.hf_dtype],
                                   template=Path(cfg.model.path),
                                   tokenizer=Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None)

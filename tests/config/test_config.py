@@ -46,6 +46,16 @@ def test_int_is_accepted_for_float(good):
     assert load_config(good, ["actor.clip_ratio_c=3"]).actor.clip_ratio_c == 3.0
 
 
+def test_exponent_without_a_dot_is_a_float(good, tmp_path):
+    """YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it as the number it means, in the file
+    and on the command line, and a string that is no number still names the key."""
+    assert load_config(good, ["actor.optim.lr=1e-6", "actor.optim.min_lr=+2E-7"]).actor.optim.min_lr == 2e-7
+    path = tmp_path / "lr.yaml"
+    path.write_text(GOOD.replace("ppo_mini_batch_size: 4,", "ppo_mini_batch_size: 4, optim: {lr: 5e-7},"))
+    assert load_config(path).actor.optim.lr == 5e-7
+    assert "actor.optim.lr: expected float, got str '1e-6x'" in _error(good, "actor.optim.lr=1e-6x")
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [

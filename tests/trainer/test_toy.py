@@ -209,6 +209,30 @@ def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
     assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0)" in proc.stderr, proc.stderr[-4000:]
 
 
+def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tmp_path):
+    """A reward file that imports on rank 0 and not on rank 1 (a package missing on one node, say): rank 1
+    names the file and the key, and rank 0 stops at the same point saying another rank failed, before the
+    actor is built, rather than going on alone into the actor's collectives."""
+    (tmp_path / "node_reward.py").write_text(
+        "import os\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    import a_package_missing_on_this_node\n"
+        "def score(response, ground_truth, extra_info):\n"
+        "    return 1.0\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
+               *_toy_command(run_dir)[1:], "reward.functions.math_dapo=node_reward.py:score"]
+    proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "a_package_missing_on_this_node" in proc.stderr and "reward.functions.math_dapo" in proc.stderr, \
+        proc.stderr[-4000:]
+    assert "another rank failed to start" in proc.stderr, proc.stderr[-4000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_actor_offload_changes_no_step(toy_run, tmp_path):
     """actor.offload=true: the actor's weights and optimizer state go to host memory while the engine
     generates, and come back for training. Steps 1-3 equal the first run's; the run then resumes from
@@ -290,8 +314,13 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
 
 def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     """checkpoint.save_hf: each checkpoint has an hf folder that transformers loads with the run's tokenizer
-    (here from a tokenizer-only model.tokenizer_path). Its weights are the step-2 checkpoint's, as the converter
-    writes them, not model.path's, and it goes with its checkpoint when keep_last deletes that."""
+    (here from a tokenizer-only model.tokenizer_path; the generation config stays model.path's). Its weights are
+    the step-2 checkpoint's, as the converter writes them, not model.path's, and it goes with its checkpoint when
+    keep_last deletes that. The same run decays its learning rate linearly to min_lr at its last optimizer step,
+    the schedule moving by a full batch's 2 optimizer steps each training step whatever dynamic sampling kept."""
+    from megatron_dapo.actor.actor import learning_rate
+    from megatron_dapo.actor.config import OptimConfig
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
@@ -307,15 +336,29 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
             (tokenizer_dir / name).write_text((toy_run / "base" / name).read_text())
     settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
+    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 12345}))
     command = [*_toy_command(run_dir), "trainer.total_training_steps=2", "trainer.val_before_train=false",
                "checkpoint.save_freq=1", "checkpoint.keep_last=1", "checkpoint.save_hf=true", "checkpoint.hf_dtype=fp32",
-               f"model.tokenizer_path={tokenizer_dir}"]
+               f"model.tokenizer_path={tokenizer_dir}", "actor.optim.lr_decay_style=linear", "actor.optim.min_lr=1e-4",
+               "actor.optim.lr_warmup_steps=1"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002"]
     hf = run_dir / "checkpoints" / "step_000002" / "hf"
     assert f"wrote {hf}" in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((hf / "generation_config.json").read_text()).get("eos_token_id") != 12345
+
+    # the toy's batch of 8 groups makes 2 mini-batches of 4: schedule steps 0-1 in step 1, 2-3 in step 2 (the last)
+    optim = OptimConfig(lr=2e-3, lr_warmup_steps=1, lr_decay_style="linear", min_lr=1e-4)
+    schedule = [learning_rate(optim, i, last_step=3) for i in range(4)]
+    assert schedule[0] == pytest.approx(2e-3) and schedule[3] == pytest.approx(1e-4)
+    trained_steps = [row for row in _rows(run_dir) if "actor/lr" in row]
+    assert trained_steps, "no step trained"
+    for row in trained_steps:
+        minis = -(-int(row["sampling/groups_kept"]) // 4)  # fewer groups kept: fewer mini-batches
+        first = (row["step"] - 1) * 2
+        assert row["actor/lr"] == pytest.approx(sum(schedule[first:first + minis]) / minis), row
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(toy_run / "base", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf)
