@@ -1,42 +1,90 @@
 #!/usr/bin/env bash
-# The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU.
+# The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
+# inside a time budget (a lent GPU machine gives one command 10 minutes).
 #
-#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]      steps: build tests kernels push generate update (default: all)
+#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push generate embedded
 #
-# build     the fused kernels, in place (python setup.py build_ext --inplace)
-# tests     the GPU tests: kernels against fp64 references (tests/ops), the actor's bf16 log-prob parity
-#           on one GPU (tests/actor/test_actor_gpu.py), the embedded engine on CUDA (tests/rollout/embedded)
-# kernels   tools/bench_kernels.py: ours / pure torch / torch.compile / Liger, CSV + PNG
-# push      tools/bench_push.py at TP1: actor -> embedded engine on the GPU, bf16
-# generate  tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
-# update    tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
+# build         the fused kernels, in place (python setup.py build_ext --inplace)
+# kernel-tests  tests/ops/test_kernels_cuda.py: the kernels against fp64 references, odd shapes, TP combine
+# kernels       tools/bench_kernels.py --preset acceptance: ours / pure torch / torch.compile / Liger (CSV + PNG)
+# kernels-full  tools/bench_kernels.py over the whole grid (tokens 1k-32k, 3 vocabularies, TP 1/2/8, bf16 and fp32)
+# actor         tests/actor/test_actor_gpu.py: bf16 log-prob parity with transformers, actor.offload on a GPU
+# update        tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
+# push          tools/bench_push.py at TP1: actor -> embedded engine on the GPU, bf16
+# generate      tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
+# embedded      tests/rollout/embedded: the embedded engine's tests, its CUDA one included
 #
-# Logs and CSVs go to OUT_DIR; copy the CSV rows into benchmarks/results and the figures, with the
-# device, into docs/performance.md. megatron-core must be importable (tests, push, update).
+# Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 500); each step is stopped at what is left of it
+# (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results.
+# Wheels: a folder .whl in the repository (megatron-core, liger-kernel; `bash tools/gpu_wheels.sh` fetches
+# them on a machine with PyPI) is installed into /tmp/site first.
+# Results: every log, CSV and PNG go into OUT_DIR/gpu_checks.tgz, rewritten after each step (so a command
+# cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last.
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-build tests kernels push generate update}
+steps=${*:-build kernel-tests kernels actor update push generate embedded}
+budget=${GPU_CHECKS_BUDGET_S:-500}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-status=0
-run() {  # run NAME COMMAND...: the command's output to OUT_DIR/NAME.log; a failure is reported, the rest still runs
-  local name=$1
-  shift
-  echo "== $name: $*"
-  "$@" >"$out/$name.log" 2>&1 || { echo "!! $name failed (exit $?), see $out/$name.log"; status=1; }
-  tail -n 5 "$out/$name.log"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d /tmp/gpu_checks.XXXXXX)
+started=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$work/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "!! wheels did not install, see wheels.log"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>&1 | tail -n 1
+  python3 -c "import transformers as t; print('transformers', t.__version__)" 2>&1 | tail -n 1
+} >"$work/device.txt" 2>&1
+cat "$work/device.txt"
+
+summary=()
+pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
+  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  cp "$out/summary.txt" "$work/summary.txt"
+  tar czf "$out/gpu_checks.tgz.tmp" -C "$work" . && mv "$out/gpu_checks.tgz.tmp" "$out/gpu_checks.tgz"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-for step in $steps; do
-  case $step in
-    build) run build python3 setup.py build_ext --inplace ;;
-    tests) run tests python3 -m pytest -q -rs tests/ops tests/actor/test_actor_gpu.py tests/rollout/embedded ;;
-    kernels) run kernels python3 tools/bench_kernels.py --out "$out" ;;
-    push) run push torchrun --nproc-per-node 1 tools/bench_push.py --tp 1 --out "$out" ;;
-    generate) run generate python3 tools/bench_generate.py --out "$out" ;;
-    update) run update torchrun --nproc-per-node 1 tools/bench_update.py --tp 1 --out "$out" ;;
-    *) echo "unknown step $step (build tests kernels push generate update)"; exit 2 ;;
+step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the budget left, output to NAME.log
+  local name=$1 cap=$2
+  shift 2
+  local left=$((budget - (SECONDS - started)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 20 ]; then
+    summary+=("$(printf '%-13s %-8s %5s s  (budget spent)' "$name" skipped -)")
+    pack
+    return
+  fi
+  echo "== $name (limit ${limit} s): $*"
+  local t0=$SECONDS rc
+  timeout --kill-after=10 "$limit" "$@" >"$work/$name.log" 2>&1
+  rc=$?
+  local result=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && result=timeout
+  [ $rc -ne 0 ] && [ $result = ok ] && result="failed($rc)"
+  tail -n 4 "$work/$name.log"
+  summary+=("$(printf '%-13s %-8s %5s s' "$name" "$result" $((SECONDS - t0)))")
+  pack
+}
+
+for name in $steps; do
+  case $name in
+    build) step build 300 python3 setup.py build_ext --inplace ;;
+    kernel-tests) step kernel-tests 120 python3 -m pytest -q -rs tests/ops/test_kernels_cuda.py ;;
+    kernels) step kernels 180 python3 tools/bench_kernels.py --preset acceptance --out "$work" ;;
+    kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;
+    actor) step actor 180 python3 -m pytest -q -rs tests/actor/test_actor_gpu.py ;;
+    update) step update 150 torchrun --nproc-per-node 1 tools/bench_update.py --tp 1 --out "$work" ;;
+    push) step push 120 torchrun --nproc-per-node 1 tools/bench_push.py --tp 1 --out "$work" ;;
+    generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
+    embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded ;;
+    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
   esac
 done
-exit $status
+pack
+echo "== summary ($((SECONDS - started)) s of $budget; logs and CSVs in $out/gpu_checks.tgz)"
+printf '%s\n' "${summary[@]}"
+! grep -qE ' (failed|timeout)' "$out/summary.txt"

@@ -25,6 +25,13 @@ from megatron_dapo.ops.logprob import combine_stats, local_grad, local_stats
 VOCABS = (32000, 128256, 151936)
 TOKENS = (1024, 4096, 16384, 32768)
 TPS = (1, 2, 8)
+ACCEPTANCE = (  # (tokens, vocab, tp, dtype): the headline shape first, then a few others, in about a minute
+    (16384, 151936, 1, "bfloat16"),
+    (16384, 151936, 8, "bfloat16"),
+    (4096, 128256, 2, "bfloat16"),
+    (1024, 32000, 1, "bfloat16"),
+    (16384, 151936, 1, "float32"),
+)
 FIELDS = ("device", "op", "impl", "tokens", "vocab", "tp", "dtype", "pass", "ms", "gbps", "pct_copy_bw",
           "peak_extra_mib", "note")
 
@@ -191,8 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="*", default=list(TPS))
     parser.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
     parser.add_argument("--loss-tokens", type=int, nargs="*", default=[1 << 20])
-    parser.add_argument("--name", default="kernels", help="file name stem")
+    parser.add_argument("--preset", choices=["grid", "acceptance"], default="grid",
+                        help="grid: every combination of the lists above; acceptance: a few shapes, the 16384 x "
+                             "151936 bf16 one first")
+    parser.add_argument("--name", default=None, help="file name stem (default: kernels, or kernels_acceptance)")
     args = parser.parse_args(argv)
+    name = args.name or ("kernels" if args.preset == "grid" else f"kernels_{args.preset}")
+    shapes = list(ACCEPTANCE) if args.preset == "acceptance" else [
+        (tokens, vocab, tp, dtype) for dtype in args.dtype for vocab in args.vocab for tp in args.tp
+        for tokens in args.tokens]
     if not torch.cuda.is_available():
         print("bench kernels: needs a CUDA device (none here)", file=sys.stderr)
         return 2
@@ -200,25 +214,45 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps()
     print(f"device: {device}; measured copy bandwidth {copy_gbps:.0f} GB/s")
-    rows = [dict(device=device, op="copy", impl="torch copy_", tokens="", vocab="", tp="", dtype="bfloat16",
-                 **{"pass": "copy"}, ms="", gbps=round(copy_gbps, 1), pct_copy_bw=100.0, peak_extra_mib="", note="")]
-    for dtype in args.dtype:
-        for vocab in args.vocab:
-            for tp in args.tp:
-                for tokens in args.tokens:
-                    rows += bench_logprob(tokens, vocab, tp, getattr(torch, dtype), copy_gbps, device)
-                    torch.cuda.empty_cache()
-    for tokens in args.loss_tokens:
-        rows += bench_loss(tokens, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{args.name}.csv", "w", newline="") as f:
+    rows = [dict(device=device, op="copy", impl="torch copy_", tokens="", vocab="", tp="", dtype="bfloat16",
+                 **{"pass": "copy"}, ms="", gbps=round(copy_gbps, 1), pct_copy_bw=100.0, peak_extra_mib="", note="")]
+    with open(out / f"{name}.csv", "w", newline="") as f:  # written as it goes: a run cut short keeps its rows
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, out / f"{args.name}.png")
-    print(f"wrote {out / (args.name + '.csv')} and {out / (args.name + '.png')}")
+        for tokens, vocab, tp, dtype in shapes:
+            new_rows = bench_logprob(tokens, vocab, tp, getattr(torch, dtype), copy_gbps, device)
+            torch.cuda.empty_cache()
+            writer.writerows(new_rows)
+            f.flush()
+            rows += new_rows
+        for tokens in args.loss_tokens:
+            new_rows = bench_loss(tokens, device)
+            writer.writerows(new_rows)
+            rows += new_rows
+    plot(rows, out / f"{name}.png")
+    print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
+    print_headline(rows)
     return 0
+
+
+def print_headline(rows: list[dict]) -> None:
+    """The acceptance figures of the 16384 x 151936 bf16 TP1 shape and of the loss, as ratios of one run."""
+    head = {r["impl"]: r for r in rows if r["op"] == "logprob_entropy" and r["pass"] == "both" and r["tokens"] == 16384
+            and r["vocab"] == 151936 and r["tp"] == 1 and r["dtype"] == "bfloat16" and r["ms"] != ""}
+    if "ours" in head:
+        ours = head["ours"]
+        line = f"headline 16384 x 151936 bf16, forward + backward: ours {ours['ms']} ms, {ours['pct_copy_bw']}% of copy"
+        for impl, row in head.items():
+            if impl != "ours":
+                line += f"; {impl} {row['ms']} ms ({row['ms'] / ours['ms']:.2f}x ours)"
+        print(line)
+    loss = {r["impl"]: r for r in rows if r["op"] == "dapo_loss"}
+    if "ours" in loss and "reference" in loss:
+        print(f"loss at {loss['ours']['tokens']} tokens: reference / ours = "
+              f"{loss['reference']['ms'] / loss['ours']['ms']:.1f}x")
 
 
 if __name__ == "__main__":
