@@ -4,7 +4,8 @@ For each shape it reports milliseconds, the achieved bandwidth against the memor
 one read of the logits; backward: one read + one write; both: three passes' bytes), that bandwidth
 as a share of the device's copy bandwidth measured in the same run, and the peak memory allocated
 beyond the inputs. Implementations: ours (megatron_dapo._C), the pure-torch reference, torch.compile
-of the reference, and Liger-Kernel's cross entropy when it imports. Writes a CSV and a PNG chart.
+of the reference, and Liger-Kernel's cross entropy and GRPO loss (loss_type dapo: log-prob and loss fused,
+no entropy) when they import. Writes a CSV and a PNG chart.
 
     python tools/bench_kernels.py --out benchmarks/results      (or: megatron-dapo bench kernels)
 """
@@ -36,12 +37,17 @@ FIELDS = ("device", "op", "impl", "tokens", "vocab", "tp", "dtype", "pass", "ms"
           "peak_extra_mib", "note")
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of `fn` on the current stream."""
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10,
+            setup: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of `fn` on the current stream; `setup` runs before each call, outside the timing."""
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
     times = []
     for _ in range(iters):
+        if setup:
+            setup()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -51,7 +57,9 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
     return statistics.median(times)
 
 
-def peak_extra_mib(fn: Callable[[], object]) -> float:
+def peak_extra_mib(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+    if setup:
+        setup()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -70,7 +78,8 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
 
 
 def _logprob_impls(logits, targets, temperature, valid):
-    """name -> (forward, backward) callables over the same inputs; backward writes one gradient."""
+    """name -> (forward, backward) callables over the same inputs, backward writing one gradient; or, for a
+    kernel that does both in one call, (None, None, both, setup) with `setup` run before each call untimed."""
     ext = extension.EXTENSION
     ones = torch.ones(logits.shape[0], device=logits.device)
     stats = local_stats(logits, targets, temperature, valid)
@@ -88,17 +97,41 @@ def _logprob_impls(logits, targets, temperature, valid):
                                   lambda: grad_c(logits, targets, lse, ez, ones, ones, temperature, valid))
     except Exception as err:  # no triton, say
         print(f"torch.compile unavailable: {err}", file=sys.stderr)
+    # Liger's kernels write the logits' gradient over their input: each call gets a fresh copy of the logits,
+    # made outside the timing, so that it never runs on its own gradient (values near 0 can run faster).
+    scratch = torch.empty_like(logits)
+
+    @torch.no_grad()
+    def refill():
+        scratch.copy_(logits)
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
     except ImportError:
         pass
     else:
         # Liger's cross entropy (-log p of the target, no entropy) computes its gradient in the forward.
-        def liger():
-            x = logits.detach().requires_grad_(True)
+        def liger_ce():
+            x = scratch.detach().requires_grad_(True)
             loss = LigerCrossEntropyFunction.apply(x, targets.clamp(min=0), None, -100)[0]
             loss.backward()
-        impls["liger (cross entropy)"] = (None, None, liger)
+        impls["liger (cross entropy)"] = (None, None, liger_ce, refill)
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except ImportError:
+        pass
+    else:
+        # Liger's GRPO loss with loss_type="dapo": log-prob from the logits and the clipped loss, fused; its
+        # logits are [batch, completion + 1, vocab], here one row of all the tokens.
+        ids = targets.clamp(min=0)[None, :-1].contiguous()
+        old = torch.zeros(ids.shape, device=logits.device)
+        advantage = torch.ones(1, device=logits.device)
+
+        def liger_grpo():
+            x = scratch.detach().unsqueeze(0).requires_grad_(True)
+            loss = triton_grpo_loss(x, old, None, ids, advantage, None, temperature=temperature, beta=0.0,
+                                    eps_low=0.2, eps_high=0.28, inplace=True, loss_type="dapo", reduce=True)[0]
+            loss.backward()
+        impls["liger (grpo loss)"] = (None, None, liger_grpo, refill)
     return impls
 
 
@@ -111,8 +144,9 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
     floor = {"forward": tokens * local * elt, "backward": 2 * tokens * local * elt, "both": 3 * tokens * local * elt}
     rows = []
     for name, fns in _logprob_impls(logits, targets, 1.0, local).items():
-        if len(fns) == 3:
-            passes = {"both": fns[2]}
+        setup = None
+        if len(fns) == 4:
+            passes, setup = {"both": fns[2]}, fns[3]
         else:
             fwd, bwd = fns
             passes = {"forward": fwd, "backward": bwd, "both": lambda f=fwd, b=bwd: (f(), b())}
@@ -120,10 +154,10 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
             row = dict(device=device, op="logprob_entropy", impl=name, tokens=tokens, vocab=vocab, tp=tp,
                        dtype=str(dtype).replace("torch.", ""), **{"pass": which}, note="")
             try:
-                ms = time_ms(fn)
+                ms = time_ms(fn, setup=setup)
                 gbps = floor[which] / ms / 1e6
                 row.update(ms=round(ms, 4), gbps=round(gbps, 1), pct_copy_bw=round(100 * gbps / copy_gbps, 1),
-                           peak_extra_mib=round(peak_extra_mib(fn), 1))
+                           peak_extra_mib=round(peak_extra_mib(fn, setup), 1))
             except torch.OutOfMemoryError:
                 row.update(ms="", gbps="", pct_copy_bw="", peak_extra_mib="", note="out of memory")
                 torch.cuda.empty_cache()
