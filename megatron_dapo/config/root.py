@@ -48,7 +48,8 @@ class TrainerConfig:
     """Seed for data order, sampling and initialisation."""
     rollout_timeout_s: float = 14400.0
     """How long a rank waits on rollout (rank 0's next word, the slowest engine's share of a generation batch)
-    before it gives up; training collectives keep torch's 30 minutes."""
+    or on rank 0's Hugging Face copy of a checkpoint before it gives up; training collectives keep torch's
+    30 minutes."""
 
     def __post_init__(self) -> None:
         if not 0 < self.rollout_timeout_s < 1e9:  # NaN and infinity fail too
