@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
-# inside a time budget (a lent GPU machine gives one command 10 minutes).
+# inside a time budget (for a machine whose commands have a time limit, 10 minutes say).
 #
 #   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push generate embedded
 #
@@ -15,9 +15,11 @@
 # embedded      tests/rollout/embedded: the embedded engine's tests, its CUDA one included
 #
 # Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 500); each step is stopped at what is left of it
-# (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results.
+# (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results
+# (a timeout may overrun by the 10 s a stopped step is given to exit). A failed, stopped or skipped step
+# makes the exit status 1.
 # Wheels: a folder .whl in the repository (megatron-core, liger-kernel; `bash tools/gpu_wheels.sh` fetches
-# them on a machine with PyPI) is installed into /tmp/site first.
+# them on a machine with PyPI, for a GPU machine without network access) is installed into /tmp/site first.
 # Results: every log, CSV and PNG go into OUT_DIR/gpu_checks.tgz, rewritten after each step (so a command
 # cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last.
 set -uo pipefail
@@ -42,7 +44,7 @@ fi
 } >"$work/device.txt" 2>&1
 cat "$work/device.txt"
 
-summary=()
+summary=("step          result   time")
 pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
   printf '%s\n' "${summary[@]}" >"$out/summary.txt"
   cp "$out/summary.txt" "$work/summary.txt"
@@ -87,4 +89,4 @@ done
 pack
 echo "== summary ($((SECONDS - started)) s of $budget; logs and CSVs in $out/gpu_checks.tgz)"
 printf '%s\n' "${summary[@]}"
-! grep -qE ' (failed|timeout)' "$out/summary.txt"
+! grep -qE ' (failed|timeout|skipped)' "$out/summary.txt"

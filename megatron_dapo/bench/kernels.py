@@ -99,11 +99,13 @@ def _logprob_impls(logits, targets, temperature, valid):
         print(f"torch.compile unavailable: {err}", file=sys.stderr)
     # Liger's kernels write the logits' gradient over their input: each call gets a fresh copy of the logits,
     # made outside the timing, so that it never runs on its own gradient (values near 0 can run faster).
-    scratch = torch.empty_like(logits)
+    scratch = []  # allocated only when a Liger kernel imports: a logits-sized buffer
 
     @torch.no_grad()
     def refill():
-        scratch.copy_(logits)
+        if not scratch:
+            scratch.append(torch.empty_like(logits))
+        scratch[0].copy_(logits)
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
     except ImportError:
@@ -111,7 +113,7 @@ def _logprob_impls(logits, targets, temperature, valid):
     else:
         # Liger's cross entropy (-log p of the target, no entropy) computes its gradient in the forward.
         def liger_ce():
-            x = scratch.detach().requires_grad_(True)
+            x = scratch[0].detach().requires_grad_(True)
             loss = LigerCrossEntropyFunction.apply(x, targets.clamp(min=0), None, -100)[0]
             loss.backward()
         impls["liger (cross entropy)"] = (None, None, liger_ce, refill)
@@ -127,7 +129,7 @@ def _logprob_impls(logits, targets, temperature, valid):
         advantage = torch.ones(1, device=logits.device)
 
         def liger_grpo():
-            x = scratch.detach().unsqueeze(0).requires_grad_(True)
+            x = scratch[0].detach().unsqueeze(0).requires_grad_(True)
             loss = triton_grpo_loss(x, old, None, ids, advantage, None, temperature=temperature, beta=0.0,
                                     eps_low=0.2, eps_high=0.28, inplace=True, loss_type="dapo", reduce=True)[0]
             loss.backward()

@@ -62,7 +62,7 @@ class Trainer:
                         if cfg.data.val_files else None)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
-        self.hf_copy = self._hf_copy()
+        self.hf_copy = self._started(self._hf_copy)
         """What checkpoint.save_hf writes next to each checkpoint, or None."""
         self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
                                    shuffle=cfg.data.shuffle)
@@ -163,6 +163,11 @@ class Trainer:
                                      wait_group=self.control.group)
             if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
+                if asked and self.hf_copy:
+                    step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+                    print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; write it "
+                          f"with `megatron-dapo convert mcore-to-hf --mcore {step_dir} --out {step_dir / 'hf'}`",
+                          flush=True)
             if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "

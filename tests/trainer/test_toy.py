@@ -312,12 +312,23 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     assert any(r["pred"] for r in responses if r["data_source"] == "math_dapo")  # the answer the verifier read
 
 
+ONES_ONLY_REWARD = '''
+from megatron_dapo.reward.math_dapo import compute_score
+
+
+def score(response, ground_truth, extra_info):
+    """The toy's verifier for numbers ending in 1; every other group scores alike and is dropped."""
+    return compute_score(response, ground_truth).score if ground_truth == "1" else -1.0
+'''
+
+
 def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     """checkpoint.save_hf: each checkpoint has an hf folder that transformers loads with the run's tokenizer
     (here from a tokenizer-only model.tokenizer_path; the generation config stays model.path's). Its weights are
     the step-2 checkpoint's, as the converter writes them, not model.path's, and it goes with its checkpoint when
     keep_last deletes that. The same run decays its learning rate linearly to min_lr at its last optimizer step,
-    the schedule moving by a full batch's 2 optimizer steps each training step whatever dynamic sampling kept."""
+    the schedule moving by a full batch's 2 optimizer steps each training step whatever dynamic sampling kept:
+    its reward varies only for numbers ending in 1, so a step keeps a few groups, one mini-batch's worth."""
     from megatron_dapo.actor.actor import learning_rate
     from megatron_dapo.actor.config import OptimConfig
 
@@ -337,10 +348,12 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
     (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 12345}))
+    (tmp_path / "ones_only.py").write_text(ONES_ONLY_REWARD)
     command = [*_toy_command(run_dir), "trainer.total_training_steps=2", "trainer.val_before_train=false",
                "checkpoint.save_freq=1", "checkpoint.keep_last=1", "checkpoint.save_hf=true", "checkpoint.hf_dtype=fp32",
                f"model.tokenizer_path={tokenizer_dir}", "actor.optim.lr_decay_style=linear", "actor.optim.min_lr=1e-4",
-               "actor.optim.lr_warmup_steps=1"]
+               "actor.optim.lr_warmup_steps=1", "reward.functions.math_dapo=ones_only.py:score",
+               "algorithm.filter_groups.max_num_gen_batches=1"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -355,6 +368,7 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     assert schedule[0] == pytest.approx(2e-3) and schedule[3] == pytest.approx(1e-4)
     trained_steps = [row for row in _rows(run_dir) if "actor/lr" in row]
     assert trained_steps, "no step trained"
+    assert any(row["sampling/groups_kept"] <= 4 for row in trained_steps), trained_steps  # a short step came first
     for row in trained_steps:
         minis = -(-int(row["sampling/groups_kept"]) // 4)  # fewer groups kept: fewer mini-batches
         first = (row["step"] - 1) * 2
