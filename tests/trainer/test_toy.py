@@ -28,6 +28,19 @@ def _toy_command(run_dir: Path) -> list[str]:
             "trainer.total_training_steps=10", "trainer.test_freq=10", "checkpoint.save_freq=5"]
 
 
+def _linked_run_dir(toy_run: Path, tmp_path: Path) -> Path:
+    """A fresh run folder that shares the toy run's tokenizer, warm start and data (made once per module)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "base").symlink_to(toy_run / "base")
+    (run_dir / "data").symlink_to(toy_run / "data")
+    return run_dir
+
+
+def _torchrun(ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", _free_port()]
+
+
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -76,10 +89,7 @@ def test_toy_example_learns(toy_run):
 def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_path):
     """kill -9 right after the step-5 checkpoint, start the same command again: it resumes from step 5
     and steps 6-10 are those of the uninterrupted run (same data, samples, rewards and updates)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")  # the warm start, made once
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     env = {**os.environ, "MASTER_PORT": _free_port()}
     marker = run_dir / "checkpoints" / "step_000005" / "COMPLETE.json"
     proc = subprocess.Popen(_toy_command(run_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -120,10 +130,7 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     mcore_to_hf(toy_run / "checkpoints" / "step_000010", tmp_path / "policy-hf", dtype=torch.float32,
                 hf_template=toy_run / "base", progress=False)
     hf_to_mcore(tmp_path / "policy-hf", tmp_path / "policy-mcore", progress=False)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     command = [*_toy_command(run_dir), "trainer.total_training_steps=1", f"model.megatron_checkpoint={tmp_path / 'policy-mcore'}"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
@@ -138,10 +145,7 @@ def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
     and the validation equals the one the run logged after step 10 (same weights, same seeds)."""
     import shutil
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     shutil.copytree(toy_run / "checkpoints", run_dir / "checkpoints")
     command = [*_toy_command(run_dir), "trainer.val_only=true"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
@@ -158,10 +162,7 @@ def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
 def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: SGLang would start here")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     command = [*_toy_command(run_dir), "rollout.name=sglang"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
@@ -173,12 +174,8 @@ def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_pat
 def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
     """DP2 with rollout.engines=2: each rank hosts an embedded engine that samples half of every batch
     and takes its weights from its own replica; the probe agrees on both after every push."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
-               *_toy_command(run_dir)[1:], "rollout.engines=2", "trainer.total_training_steps=3",
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2", "trainer.total_training_steps=3",
                "trainer.test_freq=3", "checkpoint.save_freq=0", "logging.progress_interval_s=0"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -197,12 +194,8 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
 def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
     """Both engines refuse their prompts (too long for rollout.embedded.max_seq_len): rank 0 raises with
     the engine named and rank 1 stops on rank 0's word, instead of waiting for a collective that never comes."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
-               *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=8"]
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=8"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "RolloutError: rollout engine 0 (rank 0): RolloutError: bad input" in proc.stderr, proc.stderr[-4000:]
@@ -219,12 +212,8 @@ def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tm
         "    import a_package_missing_on_this_node\n"
         "def score(response, ground_truth, extra_info):\n"
         "    return 1.0\n")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _free_port(),
-               *_toy_command(run_dir)[1:], "reward.functions.math_dapo=node_reward.py:score"]
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "reward.functions.math_dapo=node_reward.py:score"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "a_package_missing_on_this_node" in proc.stderr and "reward.functions.math_dapo" in proc.stderr, \
@@ -237,10 +226,7 @@ def test_actor_offload_changes_no_step(toy_run, tmp_path):
     """actor.offload=true: the actor's weights and optimizer state go to host memory while the engine
     generates, and come back for training. Steps 1-3 equal the first run's; the run then resumes from
     its step-3 checkpoint (pushed and probed with the actor offloaded around it) and step 4 equals too."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     for steps in (3, 4):
         command = [*_toy_command(run_dir), "actor.offload=true", f"trainer.total_training_steps={steps}",
                    "trainer.val_before_train=false", "checkpoint.save_freq=2"]
@@ -279,10 +265,7 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     val.write_text("".join(json.dumps({**json.loads(row), **({"data_source": "last_digit"} if i % 2 else {})}) + "\n"
                            for i, row in enumerate(rows)))
     (tmp_path / "my_reward.py").write_text(LAST_DIGIT_REWARD)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     command = [*_toy_command(run_dir), f"data.val_files=[{val}]", "trainer.total_training_steps=1",
                "trainer.test_freq=1", "trainer.val_before_train=false", "checkpoint.save_freq=0"]
     env = {**os.environ, "MASTER_PORT": _free_port()}
@@ -336,10 +319,7 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
 
     from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    run_dir = _linked_run_dir(toy_run, tmp_path)
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer_dir.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
