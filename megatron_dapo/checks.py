@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 
-def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming the first non-finite entry of `values` (where `mask` is set).
+def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor | None = None, meaning: str = "") -> None:
+    """Raise ValueError naming the first non-finite entry of `values` (where `mask` is set), and `meaning`:
+    what such a value says about the run, when that is known.
 
     values: [B] (one number per sample) or [B, L] (per token); mask: same shape, or None.
     """
@@ -18,4 +19,5 @@ def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor | None = No
     count = int(bad.sum())
     value = values[tuple(where)].item()
     position = f"sample {where[0]}" + (f", token {where[1]}" if len(where) > 1 else "")
-    raise ValueError(f"{name} is not finite at {position} (value {value}; {count} such entries): refusing to train on it")
+    raise ValueError(f"{name} is not finite at {position} (value {value}; {count} such entries): refusing to train on "
+                     f"it{'; ' + meaning if meaning else ''}")

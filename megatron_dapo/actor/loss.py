@@ -195,8 +195,10 @@ def policy_loss(
     advantages: [B] or [B, L]. Non-finite inputs at valid tokens are refused with the sample named.
     token-mean on CUDA runs as one fused op when the extension is built (megatron_dapo.ops.dapo_loss).
     """
-    check_finite("logp", logp.detach(), mask)
-    check_finite("old_logp", old_logp, mask)
+    diverged = ("the policy's own log-probs: its weights have diverged (NaN or inf), and nothing of them is saved; "
+                "lower actor.optim.lr and start again from the last complete checkpoint")
+    check_finite("logp", logp.detach(), mask, meaning=diverged)
+    check_finite("old_logp", old_logp, mask, meaning=diverged)
     adv_tokens = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == logp.dim() - 1 else advantages
     check_finite("advantages", adv_tokens, mask)
     if rollout_logp is not None and tis_cap is not None:

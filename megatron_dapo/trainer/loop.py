@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -198,8 +199,10 @@ class Trainer:
             with timer("old_log_prob"):
                 batch.old_logp, _ = self.actor.compute_logprobs(batch)
             with timer("update"):
-                metrics.update(self.actor.update(batch, group_size=cfg.rollout.n,
-                                                 schedule_step=self.step * self.updates_per_step))
+                update = self.actor.update(batch, group_size=cfg.rollout.n,
+                                           schedule_step=self.step * self.updates_per_step)
+            self._check_update(update)
+            metrics.update(update)
             metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
                                                               * batch.loss_mask).max())
             self.memory.to_push(timer)
@@ -391,9 +394,27 @@ class Trainer:
         return push_weights(self.actor, self.engine, version=version, bucket_mb=self.config.rollout.weight_bucket_mb,
                             replicas=self.placement.replicas)
 
+    def _check_update(self, update: dict[str, float]) -> None:
+        """Stop every rank alike (the figures are reduced over all of them) when the update's loss or gradient
+        norm is not finite, before a checkpoint keeps its weights."""
+        bad = {k: update[k] for k in ("actor/pg_loss", "actor/grad_norm") if not math.isfinite(update[k])}
+        if bad:
+            raise RuntimeError(
+                f"step {self.step + 1}: the actor's update gave {', '.join(f'{k}={v}' for k, v in bad.items())}: "
+                f"training diverged, so its weights are not saved; the last complete checkpoint in "
+                f"{self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr, or check the rewards and advantages "
+                "of this step's samples.jsonl)")
+
     def _probe(self, trainer_probe: torch.Tensor, when: str) -> float:
         """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after
-        the push); a difference over rollout.parity_threshold stops the run before the engines generate."""
+        the push); a difference over rollout.parity_threshold stops the run before the engines generate.
+        Non-finite log-probs from the trainer itself stop it first, named as what they are: diverged weights,
+        not a bad push."""
+        if not torch.isfinite(trainer_probe).all():  # every rank has the same probe log-probs
+            raise RuntimeError(
+                f"after the weight push {when} the trainer's own log-probs of the probe are not finite: its weights "
+                f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "
+                f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr and start again)")
         threshold = self.config.rollout.parity_threshold
         diff = engine_probe_diff(self.engine, self.probe, trainer_probe, self.config.rollout.temperature)
         if not diff <= threshold:

@@ -222,6 +222,26 @@ def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tm
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("mini_batch, caught_by", [(4, "the loss's check of the next mini-batch's log-probs"),
+                                                   (8, "the trainer's probe after the push")])
+def test_diverged_weights_stop_the_run_named_as_such(toy_run, tmp_path, mini_batch, caught_by):
+    """A learning rate of 1e30 sends the weights to inf in the first optimizer step: the run stops at the next
+    forward pass (with 8 groups a mini-batch, the step's only update is followed by the push and the probe)
+    saying the policy's weights diverged, not that the push went wrong nor a bare 'not finite', and saves
+    nothing."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_toy_command(run_dir), "actor.optim.lr=1e30", "actor.optim.lr_warmup_steps=0",
+               f"actor.ppo_mini_batch_size={mini_batch}", "trainer.val_before_train=false", "checkpoint.save_freq=1"]
+    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    expected = {4: "logp is not finite at sample", 8: "after the weight push of step 1 the trainer's own log-probs"}
+    assert expected[mini_batch] in proc.stderr, (caught_by, proc.stderr[-4000:])
+    assert "its weights have diverged (NaN or inf)" in proc.stderr, proc.stderr[-4000:]
+    assert "differ from the trainer's" not in proc.stderr
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
 def test_actor_offload_changes_no_step(toy_run, tmp_path):
     """actor.offload=true: the actor's weights and optimizer state go to host memory while the engine
     generates, and come back for training. Steps 1-3 equal the first run's; the run then resumes from
