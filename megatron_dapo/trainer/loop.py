@@ -118,8 +118,8 @@ class Trainer:
             raise
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
-            raise RuntimeError("another rank failed to start (a rollout engine or a reward function; its log "
-                               "says why)")
+            raise RuntimeError("another rank failed to start (a rollout engine, a reward function or "
+                               "checkpoint.save_hf's folders; its log says why)")
         return made
 
     def _make_engine(self):
