@@ -20,6 +20,7 @@ from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
+from megatron_dapo.parallel.init import default_device
 
 _SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "entropy", "loss")
 
@@ -123,7 +124,7 @@ class MegatronActor:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return default_device()
 
     @staticmethod
     def _groups():

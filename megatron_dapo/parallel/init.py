@@ -29,6 +29,12 @@ def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.
     return layout
 
 
+def default_device() -> torch.device:
+    """This rank's device, the one the default process group's collectives take tensors on (NCCL: the rank's
+    GPU; gloo: the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     """megatron-core's TP/PP/DP groups on an initialised process group, and its seeded RNG tracker."""
     from megatron.core import parallel_state, tensor_parallel

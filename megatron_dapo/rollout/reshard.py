@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.export import stage_hf_tensors
+from megatron_dapo.parallel.init import default_device
 
 
 @dataclass
@@ -59,7 +60,7 @@ def _hf_tensors_for_engine(actor, replicas: tuple[int, ...]) -> Iterator[tuple[s
                     if header[0] is None:
                         break
                     name, shape, dtype = header[0]
-                    tensor = torch.empty(shape, dtype=dtype, device=_device())
+                    tensor = torch.empty(shape, dtype=dtype, device=default_device())
                     dist.recv(tensor, src=source)
                     yield name, tensor
     else:
@@ -69,10 +70,6 @@ def _hf_tensors_for_engine(actor, replicas: tuple[int, ...]) -> Iterator[tuple[s
                 dist.send(tensor.contiguous(), dst=pipeline[0])
         if first_tp:
             dist.send_object_list([None], dst=pipeline[0])
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[int, ...] = (0,)) -> PushStats | None:
@@ -122,7 +119,7 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor, temper
     """Largest |engine log-prob - `trainer`| over the probe sequences [B, S] and every rank's engine (None
     where a rank has none); all ranks get it. An engine that cannot score the probe, or gives NaN, counts
     as infinitely far off."""
-    diff = torch.zeros(1, dtype=torch.float64, device=_device())
+    diff = torch.zeros(1, dtype=torch.float64, device=default_device())
     if engine is not None:
         try:
             scored = engine.score(probe.tolist(), temperature)

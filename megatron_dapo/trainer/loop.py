@@ -27,7 +27,7 @@ from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks
-from megatron_dapo.parallel.init import init_distributed
+from megatron_dapo.parallel.init import default_device, init_distributed
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
@@ -108,8 +108,7 @@ class Trainer:
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
         a reward file that imports on one node and not on another, say)."""
-        ok = torch.ones(1, device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                        else "cpu")  # the default group's device: the actor may not exist yet
+        ok = torch.ones(1, device=default_device())  # the actor may not exist yet
         try:
             made = make()
         except Exception:
@@ -357,11 +356,13 @@ class Trainer:
         cfg = self.config
         if not cfg.checkpoint.save_hf:
             return None
-        for key, folder in (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)):
-            if folder and not (Path(folder) / ("config.json" if key == "model.path" else "")).exists():
-                raise ConfigError(f"checkpoint.save_hf copies the config, generation config and tokenizer of the "
-                                  f"local folders model.path and model.tokenizer_path, but {key}={folder} is not a "
-                                  f"{'model ' if key == 'model.path' else ''}folder: point {key} at one or set "
+        needed = {"model.path": Path(cfg.model.path) / "config.json"}  # a local model folder
+        if cfg.model.tokenizer_path:
+            needed["model.tokenizer_path"] = Path(cfg.model.tokenizer_path)  # a local folder
+        for key, path in needed.items():
+            if not path.exists():
+                raise ConfigError(f"checkpoint.save_hf copies the config, generation config and tokenizer files of "
+                                  f"local folders, but {path} does not exist: point {key} at a local folder or set "
                                   "checkpoint.save_hf=false")
         return checkpoints.HFCopy(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.checkpoint.hf_dtype],
                                   template=Path(cfg.model.path),
