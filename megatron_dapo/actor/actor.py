@@ -251,29 +251,40 @@ class MegatronActor:
         for _ in range(self.config.ppo_epochs):
             for start in range(0, batch.size, mini):
                 lr = learning_rate(self.config.optim, first + len(history), self.last_step)
-                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini)), lr))
+                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini)), lr, first_row=start))
         return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
 
-    def _mini_batch_step(self, batch: ActorBatch, lr: float) -> dict[str, float]:
+    def _mini_batch_step(self, batch: ActorBatch, lr: float, first_row: int = 0) -> dict[str, float]:
+        """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample)."""
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         micro_batches = self._micro_batches(batch)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)
 
+        refused: list[str] = []
+        """Why this rank's loss refused a micro-batch (non-finite inputs); raised on every rank after the schedule."""
+
         def loss_fn(mb: _MicroBatch, logits: torch.Tensor):
             logp, entropy = self._logp_entropy(mb, logits)
             device = logp.device
             data = mb.data
             mask = data.loss_mask.to(device)
-            out = policy_loss(
-                logp, data.old_logp.to(device), data.advantages.to(device), mask,
-                clip_ratio_low=self.config.clip_ratio_low, clip_ratio_high=self.config.clip_ratio_high,
-                clip_ratio_c=self.config.clip_ratio_c, loss_agg_mode=self.config.loss_agg_mode,
-                global_tokens=global_tokens.to(device), global_seqs=batch.size, norm_len=self.norm_len,
-                rollout_logp=data.rollout_logp.to(device) if data.rollout_logp is not None else None,
-                tis_cap=self.config.tis_imp_ratio_cap,
-            )
+            try:
+                out = policy_loss(
+                    logp, data.old_logp.to(device), data.advantages.to(device), mask,
+                    clip_ratio_low=self.config.clip_ratio_low, clip_ratio_high=self.config.clip_ratio_high,
+                    clip_ratio_c=self.config.clip_ratio_c, loss_agg_mode=self.config.loss_agg_mode,
+                    global_tokens=global_tokens.to(device), global_seqs=batch.size, norm_len=self.norm_len,
+                    rollout_logp=data.rollout_logp.to(device) if data.rollout_logp is not None else None,
+                    tis_cap=self.config.tis_imp_ratio_cap, samples=[first_row + r for r in mb.rows],
+                )
+            except ValueError as err:
+                # Raising here would stop this rank alone, inside the schedule, while the other pipeline stages
+                # and data-parallel ranks wait on it. The schedule finishes on a loss that moves nothing (its
+                # gradient is zero), and no optimizer step is taken.
+                refused.append(str(err))
+                return logp.sum() * 0.0, torch.tensor(1, dtype=torch.int, device=device), {}
             sums = out.sums()
             sums["entropy"] = torch.where(mask.bool(), entropy.detach(), 0).sum(dtype=torch.float32)
             sums["loss"] = out.loss.detach().float()
@@ -288,6 +299,7 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(micro_batches, loss_fn, forward_only=False)
+        _raise_on_every_rank(refused[0] if refused else None)
         success, grad_norm, _ = self.optimizer.step()
         self.steps += 1
         return self._reduce_metrics(outputs, grad_norm, lr, success)
@@ -312,6 +324,19 @@ class MegatronActor:
             "actor/update_skipped": float(not success),
         })
         return metrics
+
+
+def _raise_on_every_rank(error: str | None) -> None:
+    """ValueError on every rank when any rank has an `error`, with the first such rank's message: one rank's
+    refusal must not leave the others waiting in the next collective."""
+    found = torch.tensor(float(error is not None), device=default_device())
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    if not found.item():
+        return
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank, message = next((r, e) for r, e in enumerate(errors) if e is not None)
+    raise ValueError(f"{message} [found on rank {rank}; every rank stops]")
 
 
 def _finalize_grads(model, num_tokens=None, **kwargs):

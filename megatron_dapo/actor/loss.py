@@ -5,6 +5,7 @@ Shapes: B sequences x L response positions; `mask` marks the tokens that count.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -188,21 +189,23 @@ def policy_loss(
     norm_len: float | None = None,
     rollout_logp: torch.Tensor | None = None,
     tis_cap: float | None = None,
+    samples: Sequence[int] | None = None,
 ) -> PolicyLossOutput:
     """The DAPO policy loss of one shard (micro-batch on one rank) and its metric sums.
 
     logp: [B, L] current log-probs (with grad); old_logp, rollout_logp, mask: [B, L];
-    advantages: [B] or [B, L]. Non-finite inputs at valid tokens are refused with the sample named.
+    advantages: [B] or [B, L]. Non-finite inputs at valid tokens are refused with the sample named: its number in
+    `samples` (each row's number in the whole batch) when given.
     token-mean on CUDA runs as one fused op when the extension is built (megatron_dapo.ops.dapo_loss).
     """
     diverged = ("the policy's own log-probs: its weights have diverged (NaN or inf), and nothing of them is saved; "
                 "lower actor.optim.lr and start again from the last complete checkpoint")
-    check_finite("logp", logp.detach(), mask, meaning=diverged)
-    check_finite("old_logp", old_logp, mask, meaning=diverged)
+    check_finite("logp", logp.detach(), mask, meaning=diverged, samples=samples)
+    check_finite("old_logp", old_logp, mask, meaning=diverged, samples=samples)
     adv_tokens = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == logp.dim() - 1 else advantages
-    check_finite("advantages", adv_tokens, mask)
+    check_finite("advantages", adv_tokens, mask, samples=samples)
     if rollout_logp is not None and tis_cap is not None:
-        check_finite("rollout_logp", rollout_logp, mask)
+        check_finite("rollout_logp", rollout_logp, mask, samples=samples)
     if loss_agg_mode == "token-mean" and _fused_loss_available(logp):
         from megatron_dapo.ops.dapo_loss import fused_token_mean_loss
 

@@ -285,9 +285,30 @@ def check_offload_between_updates_changes_nothing(rank: int, world: int, workdir
             assert torch.equal(moved_weights[name], tensor), f"TP{tp} PP{pp}: {name} differs after offloading"
 
 
+def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
+    """A non-finite advantage in one row reaches the loss of one data-parallel rank's last pipeline stage only:
+    every rank raises its message, which names the row in the whole batch (none is left waiting inside the
+    schedule), and no weight moves."""
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.export import stage_hf_tensors
+
+    tokens, lengths, mask, advantages = _batch(groups=2, n=2)
+    advantages[3] = float("nan")  # the second data-parallel rank's rows at PP2 x DP2: 2, 3 (or 3 alone)
+    batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                       old_logp=torch.zeros(tokens.shape))
+    for groups_per_step in (2, 1):  # one mini-batch of rows 0-3; two of 2 rows each, the second refused
+        actor = _actor(workdir / "qwen2", 1, 2, False, ppo_mini_batch_size=groups_per_step)
+        before = {n: t.clone() for n, t in stage_hf_tensors(actor.model, actor.arch)}
+        with pytest.raises(ValueError, match=r"advantages is not finite at sample 3, .*found on rank 3; every rank"):
+            actor.update(batch, group_size=2)
+        if groups_per_step == 2:
+            for name, tensor in stage_hf_tensors(actor.model, actor.arch):
+                assert torch.equal(tensor, before[name]), f"{name} changed in a refused update"
+
+
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
           check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
-          check_offload_between_updates_changes_nothing]
+          check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank]
 
 
 @pytest.fixture(scope="module")
