@@ -20,7 +20,7 @@ from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
-from megatron_dapo.parallel.init import default_device
+from megatron_dapo.parallel.init import default_device, raise_on_every_rank
 
 _SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "entropy", "loss")
 
@@ -182,15 +182,17 @@ class MegatronActor:
             forward_only=forward_only,
         )
 
-    def _logp_entropy(self, mb: _MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [b, s, V/tp] -> logp, entropy [b, s] aligned with the tokens (column 0 is 0)."""
+    def _logp_entropy(self, mb: _MicroBatch, logits: torch.Tensor,
+                      temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, s, V/tp] -> logp, entropy [b, s] aligned with the tokens (column 0 is 0), at `temperature`
+        (default: the rollout's)."""
         ps = self._groups()
         width = logits.shape[-1]
         # Every position's logits against the next token (the last position against token 0, dropped
         # below): the logits are used whole, never sliced into a copy, and their memory takes the gradient.
         targets = torch.nn.functional.pad(mb.tokens[:, 1:], (0, 1))
         logp, entropy = vocab_parallel_logprob(
-            logits, targets, temperature=self.temperature,
+            logits, targets, temperature=self.temperature if temperature is None else temperature,
             vocab_start=ps.get_tensor_model_parallel_rank() * width, vocab_size=self.arch.vocab_size,
             group=ps.get_tensor_model_parallel_group(), inplace_backward=logits.requires_grad,
         )
@@ -202,15 +204,16 @@ class MegatronActor:
     # ---- forward only -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_logprobs(self, batch: ActorBatch,
+                         temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(token t | tokens < t) and the entropy there, [B, S] float32, on every rank (0 at t = 0
-        and beyond each row's length)."""
+        and beyond each row's length), at `temperature` (default: the rollout's, as the loss sees them)."""
         self.check_resident()
         self.model.eval()
         micro_batches = self._micro_batches(batch)
 
         def collect(mb: _MicroBatch, logits: torch.Tensor):
-            logp, entropy = self._logp_entropy(mb, logits)
+            logp, entropy = self._logp_entropy(mb, logits, temperature)
             return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {
                 "logp": logp.float(), "entropy": entropy.float()}
 
@@ -299,7 +302,7 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(micro_batches, loss_fn, forward_only=False)
-        _raise_on_every_rank(refused[0] if refused else None)
+        raise_on_every_rank(refused[0] if refused else None, ValueError)
         success, grad_norm, _ = self.optimizer.step()
         self.steps += 1
         return self._reduce_metrics(outputs, grad_norm, lr, success)
@@ -324,19 +327,6 @@ class MegatronActor:
             "actor/update_skipped": float(not success),
         })
         return metrics
-
-
-def _raise_on_every_rank(error: str | None) -> None:
-    """ValueError on every rank when any rank has an `error`, with the first such rank's message: one rank's
-    refusal must not leave the others waiting in the next collective."""
-    found = torch.tensor(float(error is not None), device=default_device())
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    if not found.item():
-        return
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    rank, message = next((r, e) for r, e in enumerate(errors) if e is not None)
-    raise ValueError(f"{message} [found on rank {rank}; every rank stops]")
 
 
 def _finalize_grads(model, num_tokens=None, **kwargs):

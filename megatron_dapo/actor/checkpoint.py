@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_dapo.parallel.init import raise_on_every_rank
+
 MARKER = "COMPLETE.json"
 
 
@@ -95,13 +97,17 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
         state["optimizer"] = actor.optimizer.sharded_state_dict(model_sd, metadata=metadata)
     dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
     dist.barrier()
+    error = None
     if dist.get_rank() == 0:
         marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
-        (partial / MARKER).write_text(json.dumps(marker, indent=1))
-        shutil.rmtree(directory, ignore_errors=True)
-        partial.rename(directory)
-    dist.barrier()
+        try:
+            (partial / MARKER).write_text(json.dumps(marker, indent=1))
+            shutil.rmtree(directory, ignore_errors=True)
+            partial.rename(directory)
+        except OSError as err:  # every rank stops on it, none waits for rank 0
+            error = f"checkpoint {directory}: could not complete it from {partial}: {err}"
+    raise_on_every_rank(error, CheckpointError)
     return directory
 
 
@@ -119,6 +125,38 @@ def _materialize_adam_state(optimizer) -> None:
                 if not state and isinstance(inner, torch.optim.AdamW):
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                  exp_avg_sq=torch.zeros_like(param))
+
+
+@contextmanager
+def _adam_steps_kept(optimizer):
+    """Let megatron-core 0.16's DistributedOptimizer load a "fully_reshardable" checkpoint into torch's AdamW
+    (its optimizer without Transformer Engine or apex, on GPUs too).
+
+    load_state_dict restores AdamW's per-parameter `step` from the param groups, then
+    _set_main_param_and_optimizer_states copies every state entry from the checkpoint's tensors, which hold only
+    param / exp_avg / exp_avg_sq: a KeyError on "step". While the load runs, each distributed optimizer keeps the
+    restored step instead. TE's and apex's fused Adam keep no per-parameter step: nothing changes for them.
+    """
+    patched = []
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(chained, "_set_main_param_and_optimizer_states"):  # not a DistributedOptimizer
+            continue
+        set_states = chained._set_main_param_and_optimizer_states
+
+        def set_states_keeping_step(model_param, tensors, chained=chained, set_states=set_states):
+            group_index, group_order = chained.model_param_group_index_map[model_param]
+            state = chained.optimizer.state[chained.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            return set_states(model_param, tensors)
+
+        chained._set_main_param_and_optimizer_states = set_states_keeping_step
+        patched.append(chained)
+    try:
+        yield
+    finally:
+        for chained in patched:
+            del chained._set_main_param_and_optimizer_states  # the class's method again
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -180,7 +218,8 @@ def load_actor(actor, directory: str | Path) -> dict:
     state = dist_checkpointing.load(request, str(directory))
     # The optimizer first: loading its state may rewrite model params from its main params; the model's
     # own checkpointed weights are then the last word.
-    actor.optimizer.load_state_dict(state["optimizer"])
+    with _adam_steps_kept(actor.optimizer):
+        actor.optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(actor.optimizer)
     actor.model.module.load_state_dict(state["model"])
     actor.steps = int(state["actor_steps"])

@@ -167,21 +167,6 @@ def apply_cpu_shims() -> None:
     _wrap_as_cuda(optimizer, "clip_grad_by_total_norm_fp32")
     _wrap_as_cuda(LanguageModule, "setup_embeddings_and_output_layer")
 
-    # 3c. Without Transformer Engine or apex the optimizer is torch's AdamW, whose per-parameter state
-    # has a "step" entry. DistributedOptimizer.load_state_dict restores "step" from the param groups,
-    # then _set_main_param_and_optimizer_states copies every state entry from the checkpoint's
-    # "fully_reshardable" tensors, which hold only param/exp_avg/exp_avg_sq: keep "step" as restored.
-    set_states = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_states_keeping_step(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        if "step" in state and "step" not in tensors:
-            tensors = {**tensors, "step": state["step"].clone()}
-        return set_states(self, model_param, tensors)
-
-    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
-
     # 3b. transformer/torch_norm.py: WrappedTorchNorm (the norm of get_gpt_layer_local_spec without
     # apex) asserts `not config.sequence_parallel`, because it does not mark its weights for the
     # TP all-reduce of sequence-parallel grads. Build the norm without SP, then mark the weights

@@ -35,6 +35,20 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def raise_on_every_rank(error: str | None, kind: type[Exception] = RuntimeError) -> None:
+    """`kind` raised on every rank when any rank has an `error`, with the first such rank's message: one rank's
+    failure must not leave the others waiting in their next collective. Collective (one scalar when no rank
+    has an error)."""
+    found = torch.tensor(float(error is not None), device=default_device())
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    if not found.item():
+        return
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank, message = next((r, e) for r, e in enumerate(errors) if e is not None)
+    raise kind(f"{message} [found on rank {rank}; every rank stops]")
+
+
 def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
     """megatron-core's TP/PP/DP groups on an initialised process group, and its seeded RNG tracker."""
     from megatron.core import parallel_state, tensor_parallel

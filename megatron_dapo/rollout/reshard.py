@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.export import stage_hf_tensors
-from megatron_dapo.parallel.init import default_device
+from megatron_dapo.parallel.init import default_device, raise_on_every_rank
 
 
 @dataclass
@@ -100,36 +100,42 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
     return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
 
 
-def probe_parity(actor, engine, probe: torch.Tensor, temperature: float) -> float:
+def probe_parity(actor, engine, probe: torch.Tensor) -> float:
     """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] and every rank's engine
     (None where a rank has none); all ranks get it."""
-    return engine_probe_diff(engine, probe, trainer_probe_logprobs(actor, probe), temperature)
+    return engine_probe_diff(engine, probe, trainer_probe_logprobs(actor, probe))
+
+
+PROBE_TEMPERATURE = 1.0
+"""The probe compares plain log_softmax(logits): SGLang scores a prompt's tokens at temperature 1 whatever the
+request's temperature, and the weights are what the probe checks, not the sampling."""
 
 
 def trainer_probe_logprobs(actor, probe: torch.Tensor) -> torch.Tensor:
-    """The actor's log-probs of the probe sequences [B, S] -> [B, S] (column 0 is 0); collective."""
+    """The actor's log-probs of the probe sequences [B, S] -> [B, S] (column 0 is 0), at PROBE_TEMPERATURE;
+    collective."""
     from megatron_dapo.actor.batch import ActorBatch
 
     lengths = torch.full((probe.shape[0],), probe.shape[1])
     batch = ActorBatch(tokens=probe, lengths=lengths, loss_mask=torch.zeros_like(probe))
-    return actor.compute_logprobs(batch)[0]
+    return actor.compute_logprobs(batch, temperature=PROBE_TEMPERATURE)[0]
 
 
-def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor, temperature: float) -> float:
+def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> float:
     """Largest |engine log-prob - `trainer`| over the probe sequences [B, S] and every rank's engine (None
-    where a rank has none); all ranks get it. An engine that cannot score the probe, or gives NaN, counts
-    as infinitely far off."""
+    where a rank has none); all ranks get it. NaN from an engine counts as infinitely far off; an engine that
+    cannot score the probe at all stops every rank with its error."""
     diff = torch.zeros(1, dtype=torch.float64, device=default_device())
+    error = None
     if engine is not None:
         try:
-            scored = engine.score(probe.tolist(), temperature)
+            scored = engine.score(probe.tolist(), PROBE_TEMPERATURE)
             diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
-        except Exception as err:  # counted as no agreement at all, so that every rank stops on it
-            print(f"rank {dist.get_rank()}: the rollout engine could not score the probe: {type(err).__name__}: {err}",
-                  flush=True)
-            diff[0] = float("inf")
+        except Exception as err:
+            error = f"the rollout engine could not score the weight-parity probe: {type(err).__name__}: {err}"
         if not torch.isfinite(diff).all():  # NaN compares false with any threshold
             diff[0] = float("inf")
+    raise_on_every_rank(error)
     if dist.get_world_size() > 1:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())

@@ -417,7 +417,7 @@ class Trainer:
                 f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "
                 f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr and start again)")
         threshold = self.config.rollout.parity_threshold
-        diff = engine_probe_diff(self.engine, self.probe, trainer_probe, self.config.rollout.temperature)
+        diff = engine_probe_diff(self.engine, self.probe, trainer_probe)
         if not diff <= threshold:
             raise RuntimeError(
                 f"after the weight push {when} a rollout engine's log-probs differ from the trainer's by "

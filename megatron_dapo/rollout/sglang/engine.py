@@ -20,6 +20,7 @@ when an engine starts.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable
 from typing import Literal
 
@@ -56,6 +57,10 @@ class SGLangEngine(RolloutEngine):
 
         Cheap, and meant for every rank, so that all of them stop alike instead of waiting for rank 0.
         """
+        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes", "on"):
+            raise ConfigError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would report the sampled tokens' "
+                              "log-probs at temperature 1, not at rollout.temperature where the trainer computes "
+                              "them; unset it")
         gpus = config.gpus(mode, local_world_size=local_world_size, visible_gpus=torch.cuda.device_count())
         if importlib.util.find_spec("sglang") is None:
             raise ConfigError("rollout.name=sglang but sglang is not installed: pip install 'megatron-dapo[sglang]', "
@@ -73,6 +78,9 @@ class SGLangEngine(RolloutEngine):
         engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
                                base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
                                enable_memory_saver=colocated, **config.server_args)
+        if not config.server_args.get("enable_deterministic_inference"):
+            print("SGLang samples without the requested seeds unless rollout.sglang.server_args."
+                  "enable_deterministic_inference is true: rollouts will not repeat exactly", flush=True)
         return cls(engine, tp_size=config.tp_size, weight_sync="tensor" if colocated else "broadcast")
 
     # ---- generation -------------------------------------------------------------------------
@@ -105,7 +113,11 @@ class SGLangEngine(RolloutEngine):
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
+        """As RolloutEngine.score, at temperature 1 only: SGLang's prompt log-probs are log_softmax(logits),
+        whatever temperature the request names."""
         self._check_usable()
+        if temperature != 1.0:
+            raise RolloutError(f"SGLang scores a sequence's tokens at temperature 1 only, got {temperature}")
         outputs = self.engine.generate(
             input_ids=[list(s) for s in sequences],
             sampling_params={"max_new_tokens": 0, "temperature": temperature},
@@ -175,9 +187,14 @@ class SGLangEngine(RolloutEngine):
 
 
 def _completion(out: dict) -> Completion:
+    """One SGLang output as a Completion; RolloutError for a request SGLang aborted (its reason given), which
+    must not pass for a completion cut at max_new_tokens."""
     meta = out["meta_info"]
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    if kind not in ("stop", "length"):
+        raise RolloutError(f"SGLang ended a request with finish reason {reason!r}, neither a stop token nor "
+                           "max_new_tokens")
     return Completion(token_ids=list(out["output_ids"]),
                       logprobs=[float(lp) for lp, _, _ in meta["output_token_logprobs"]],
                       finish_reason="stop" if kind == "stop" else "length")

@@ -207,3 +207,46 @@ def test_memory_is_taken_back_weights_first_each_tag_once():
     engine.resume_memory()
     assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache"]) and front.paused == set()
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+
+
+class _Finishing:
+    """sglang.Engine.generate answering each request with SGLang's own finish reason `finish` (to_json())."""
+
+    def __init__(self, finish):
+        self.finish = finish
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        return [{"output_ids": [7], "meta_info": {"finish_reason": self.finish.to_json(),
+                                                  "output_token_logprobs": [(-0.5, 7, None)]}} for _ in input_ids]
+
+
+def test_finish_reasons_map_and_an_aborted_request_is_an_error():
+    _sglang()
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, FINISH_MATCHED_TOKEN
+
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    params = SamplingParams(max_new_tokens=1)
+    for finish, expected in ((FINISH_MATCHED_TOKEN(matched=7), "stop"), (FINISH_LENGTH(length=1), "length")):
+        assert SGLangEngine(_Finishing(finish), tp_size=1).generate([[1, 2]], params)[0][0].finish_reason == expected
+    with pytest.raises(RolloutError, match="finish reason .*abort.*out of KV cache"):
+        SGLangEngine(_Finishing(FINISH_ABORT(message="out of KV cache")), tp_size=1).generate([[1, 2]], params)
+
+
+def test_scores_only_at_temperature_1_and_refuses_original_logprobs(monkeypatch):
+    """SGLang's prompt log-probs ignore the request's temperature, so score() takes only 1.0 (the parity probe's);
+    SGLANG_RETURN_ORIGINAL_LOGPROB (temperature-1 sampled log-probs) stops the engine before it starts."""
+    _sglang()
+    from megatron_dapo.config.loader import ConfigError
+    from megatron_dapo.rollout.engine import RolloutError
+    from megatron_dapo.rollout.reshard import PROBE_TEMPERATURE
+    from megatron_dapo.rollout.sglang import SGLangEngine
+    from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
+
+    assert PROBE_TEMPERATURE == 1.0
+    with pytest.raises(RolloutError, match="temperature 1 only, got 0.7"):
+        SGLangEngine(_Finishing(None), tp_size=1).score([[1, 2, 3]], 0.7)
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "true")
+    with pytest.raises(ConfigError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set"):
+        SGLangEngine.check_startable(SGLangEngineConfig(), "colocated", local_world_size=1)
