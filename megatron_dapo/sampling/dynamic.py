@@ -33,6 +33,9 @@ class SamplingStats:
     """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
     exhausted: bool = False
     """max_num_gen_batches was reached before the batch was full."""
+    metric_missing: int = 0
+    """Responses without a finite filter metric (their reward failed, or gave no such field), left out of the
+    variance test."""
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -42,6 +45,7 @@ class SamplingStats:
             "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
+            "sampling/metric_missing": self.metric_missing,
         }
 
 
@@ -65,13 +69,12 @@ class DynamicSamplingExhausted(RuntimeError):
         )
 
 
-def group_varies(values: Sequence[float], where: str = "a group") -> bool:
-    """True when the responses of one group do not all share one metric value."""
-    floats = [float(v) for v in values]
-    for i, v in enumerate(floats):
-        if not math.isfinite(v):
-            raise ValueError(f"the metric of response {i} in {where} is not finite ({v}): refusing to train on it")
-    return len(floats) > 1 and min(floats) != max(floats)
+def group_varies(values: Sequence[float]) -> bool:
+    """True when the responses of one group do not all share one metric value. Missing values (NaN or infinite:
+    a reward that failed, or one that gave no such field) are left out: it takes two present values that differ,
+    and a missing value never stops a run."""
+    present = [float(v) for v in values if math.isfinite(float(v))]
+    return len(present) > 1 and min(present) != max(present)
 
 
 class DynamicSampler(Generic[G]):
@@ -99,14 +102,15 @@ class DynamicSampler(Generic[G]):
             batch = list(generate())
             stats.gen_batches += 1
             stats.groups_generated += len(batch)
-            for index, group in enumerate(batch):
-                values = metric_values(group)
-                where = f"group {index} of generation batch {stats.gen_batches} ({self.config.metric})"
-                if not self.config.enable or group_varies(values, where):
+            for group in batch:
+                values = [float(v) for v in metric_values(group)]
+                present = [v for v in values if math.isfinite(v)]
+                stats.metric_missing += len(values) - len(present)
+                if not self.config.enable or group_varies(present):
                     kept.append(group)
-                elif float(values[0]) > 0:
+                elif present and present[0] > 0:
                     stats.dropped_all_correct += 1
-                else:
+                else:  # all wrong, or no response has the metric
                     stats.dropped_all_wrong += 1
             if progress is not None:
                 progress(stats, len(kept))

@@ -7,6 +7,7 @@ import torch
 
 from megatron_dapo.actor.batch import ActorBatch
 from megatron_dapo.advantage.grpo import group_advantages
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.data.dataset import Prompt
 from megatron_dapo.reward.overlong import overlong_filter_mask, overlong_penalty
 from megatron_dapo.reward.registry import RewardResult
@@ -25,7 +26,8 @@ class Group:
     """Final rewards: task score + overlong punishment."""
 
     def metric(self, name: str) -> list[float]:
-        """A reward field per response: acc, score (after shaping), or a task's own (e.g. profit_loss)."""
+        """A reward field per response: acc, score (after shaping), or a task's own (e.g. profit_loss; NaN where
+        the response's reward failed or did not give it)."""
         if name == "acc":
             return [r.acc for r in self.rewards]
         if name == "score":
@@ -34,6 +36,23 @@ class Group:
 
     def truncated(self) -> list[bool]:
         return [c.finish_reason == "length" for c in self.completions]
+
+
+def filter_metric_given(groups: list[Group], name: str) -> bool:
+    """Whether the rewards of `groups` give the filter metric `name`: always for acc and score; for a task's own
+    field, True when a reward that did not fail gives it, False when every one failed (nothing to tell yet).
+    ConfigError, naming the key and the fields they do give, when rewards were computed and none gives it: a
+    misspelt algorithm.filter_groups.metric would otherwise drop every group, step after step."""
+    if name in ("acc", "score"):
+        return True
+    scored = [r for g in groups for r in g.rewards if not r.failed]
+    if not scored:
+        return False
+    if any(name in r.extra for r in scored):
+        return True
+    given = sorted({"acc", "score"} | {key for r in scored for key in r.extra})
+    raise ConfigError(f"algorithm.filter_groups.metric={name!r}: no reward of a generation batch gives "
+                      f"such a figure; they give {', '.join(given)}")
 
 
 def shaped_scores(rewards: list[RewardResult], completions: list[Completion], *, enable: bool,

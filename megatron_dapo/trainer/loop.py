@@ -36,8 +36,8 @@ from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, train
 from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
-from megatron_dapo.trainer.groups import (Group, build_actor_batch, rollout_metrics, shaped_scores,
-                                          validation_metrics)
+from megatron_dapo.trainer.groups import (Group, build_actor_batch, filter_metric_given, rollout_metrics,
+                                          shaped_scores, validation_metrics)
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
 
@@ -89,6 +89,8 @@ class Trainer:
                                     functions=cfg.reward.functions) if self.engine is not None else None)
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
+        self._filter_metric_seen = False
+        """A reward gave the filter metric (checked on rank 0 until one does)."""
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
         self.step = 0
@@ -240,11 +242,15 @@ class Trainer:
                 generate_batch()
             return None
 
+        metric = self.config.algorithm.filter_groups.metric
+
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
-            return generate_batch()
+            groups = generate_batch()
+            if not self._filter_metric_seen:
+                self._filter_metric_seen = filter_metric_given(groups, metric)
+            return groups
 
-        metric = self.config.algorithm.filter_groups.metric
         with self._stops_everyone():
             return self.sampler.collect(next_batch, lambda g: g.metric(metric), progress=self._progress_line())
 

@@ -315,6 +315,43 @@ def test_a_reward_function_from_the_config(toy_run, tmp_path):
     assert any(r["pred"] for r in responses if r["data_source"] == "math_dapo")  # the answer the verifier read
 
 
+FLAKY_REWARD = '''
+from megatron_dapo.reward.math_dapo import compute_score
+from megatron_dapo.reward.registry import RewardResult
+
+
+def score(response, ground_truth, extra_info):
+    """The toy's verifier with a task figure of its own, failing for numbers ending in 0 to 3."""
+    if ground_truth in "0123":
+        raise RuntimeError("cannot score this one")
+    verdict = compute_score(response, ground_truth)
+    return RewardResult(score=verdict.score, acc=verdict.acc, extra={"right": verdict.acc})
+'''
+
+
+def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_path):
+    """algorithm.filter_groups.metric names a task's own figure that failed rewards do not give: those responses
+    are left out of the variance test and counted, and the run trains on. A misspelt figure stops the run at its
+    first generation batch, naming the key and the figures the rewards give."""
+    (tmp_path / "flaky.py").write_text(FLAKY_REWARD)
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_toy_command(run_dir), "trainer.total_training_steps=1", "trainer.val_before_train=false",
+               "trainer.test_freq=0", "checkpoint.save_freq=0", "reward.functions.math_dapo=flaky.py:score"]
+    env = {**os.environ, "MASTER_PORT": _free_port()}
+    proc = subprocess.run([*command, "algorithm.filter_groups.metric=rigth"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert ("algorithm.filter_groups.metric='rigth': no reward of a generation batch gives such a figure; they give "
+            "acc, right, score") in proc.stderr, proc.stderr[-4000:]
+    proc = subprocess.run([*command, "algorithm.filter_groups.metric=right"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = _rows(run_dir)[-1]
+    assert row["step"] == 1 and row["sampling/metric_missing"] >= 8, row  # a failing prompt: 8 responses
+    assert row["sampling/groups_dropped_all_wrong"] > 0 and row["sampling/groups_kept"] > 0, row
+    assert "actor/pg_loss" in row, row
+
+
 ONES_ONLY_REWARD = '''
 from megatron_dapo.reward.math_dapo import compute_score
 
