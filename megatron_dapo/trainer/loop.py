@@ -56,10 +56,11 @@ class Trainer:
             if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
                 (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-        self.stop_ids = tuple(sorted({t for t in [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}))
-        self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer,
+        self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
+        self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, prompt_key=cfg.data.prompt_key,
                                                   max_prompt_length=cfg.data.max_prompt_length)
-        self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+        self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, prompt_key=cfg.data.prompt_key,
+                                                 max_prompt_length=cfg.data.max_prompt_length)
                         if cfg.data.val_files else None)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
@@ -466,3 +467,16 @@ class _Timer:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stop_token_ids(tokenizer, model_path: str | Path) -> tuple[int, ...]:
+    """Where a response ends: the tokenizer's end and padding tokens, and every eos_token_id of the model folder's
+    config.json and generation_config.json (chat models list several there, Llama 3 Instruct's end of turn among
+    them; SGLang stops on those too, so both engines end responses alike)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(t for t in ids if isinstance(t, int)))

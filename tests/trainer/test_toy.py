@@ -332,11 +332,18 @@ def score(response, ground_truth, extra_info):
 def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_path):
     """algorithm.filter_groups.metric names a task's own figure that failed rewards do not give: those responses
     are left out of the variance test and counted, and the run trains on. A misspelt figure stops the run at its
-    first generation batch, naming the key and the figures the rewards give."""
+    first generation batch, naming the key and the figures the rewards give. (The data's prompts are under
+    another column here, named by data.prompt_key.)"""
     (tmp_path / "flaky.py").write_text(FLAKY_REWARD)
     run_dir = _linked_run_dir(toy_run, tmp_path)
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (toy_run / "data" / f"{split}.jsonl").read_text().splitlines()]
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({("question" if k == "prompt" else k): v for k, v in row.items()}) + "\n" for row in rows))
     command = [*_toy_command(run_dir), "trainer.total_training_steps=1", "trainer.val_before_train=false",
-               "trainer.test_freq=0", "checkpoint.save_freq=0", "reward.functions.math_dapo=flaky.py:score"]
+               "trainer.test_freq=0", "checkpoint.save_freq=0", "reward.functions.math_dapo=flaky.py:score",
+               f"data.train_files=[{tmp_path / 'train.jsonl'}]", f"data.val_files=[{tmp_path / 'val.jsonl'}]",
+               "data.prompt_key=question"]
     env = {**os.environ, "MASTER_PORT": _free_port()}
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=rigth"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
