@@ -50,6 +50,7 @@ class Trainer:
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
+        self._started(self._check_fresh_start)  # before this run writes anything into the folder
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,19 @@ class Trainer:
         self.probe = torch.cat([prompt, tail])[None]
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
 
+    def _check_fresh_start(self) -> None:
+        """ConfigError when checkpoint.resume=false would train into a folder that holds an earlier run's
+        checkpoints: its config and metrics would be mixed with the new run's, and keep_last, ordering the
+        checkpoints by step, would delete the new run's as soon as they are saved."""
+        cfg = self.config
+        if cfg.checkpoint.resume or cfg.trainer.val_only:
+            return
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            raise ConfigError(f"checkpoint.resume=false, but trainer.run_dir={self.run_dir} holds an earlier run's "
+                              f"checkpoints (the newest is {latest.name}): choose a new trainer.run_dir, move "
+                              f"{self.run_dir / 'checkpoints'} away, or set checkpoint.resume=true to continue it")
+
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
         a reward file that imports on one node and not on another, say)."""
@@ -120,8 +134,8 @@ class Trainer:
             raise
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
-            raise RuntimeError("another rank failed to start (a rollout engine, a reward function or "
-                               "checkpoint.save_hf's folders; its log says why)")
+            raise RuntimeError("another rank failed to start (the run folder, a rollout engine, a reward function "
+                               "or checkpoint.save_hf's folders; its log says why)")
         return made
 
     def _make_engine(self):

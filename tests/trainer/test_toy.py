@@ -118,6 +118,14 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
             a, b = resumed[step][key], expected[step][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: resumed {a}, uninterrupted {b}"
 
+    # A fresh start (checkpoint.resume=false) into this folder is refused before it writes anything there.
+    config, metrics = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
+    fresh = subprocess.run([*_toy_command(run_dir), "checkpoint.resume=false", "trainer.seed=2"], cwd=tmp_path,
+                           env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert fresh.returncode == 2, fresh.stderr[-4000:]
+    assert "holds an earlier run's checkpoints (the newest is step_000010)" in fresh.stderr, fresh.stderr[-4000:]
+    assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
+
 
 def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     """The trained policy published as a Hugging Face folder and converted back to megatron-core
