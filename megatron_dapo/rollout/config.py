@@ -19,6 +19,24 @@ class ValidationSamplingConfig:
     top_k: int = -1
     """Top-k for validation; -1 disables it."""
 
+    def __post_init__(self) -> None:
+        if problems := sampling_problems("rollout.val", self.n, self.temperature, self.top_p, self.top_k):
+            raise ConfigError(problems)
+
+
+def sampling_problems(prefix: str, n: int, temperature: float, top_p: float, top_k: int) -> list[str]:
+    """What is wrong with one set of sampling settings, each naming its key (NaN fails every range)."""
+    problems = []
+    if n < 1:
+        problems.append(f"{prefix}.n must be >= 1, got {n}")
+    if not 0 < temperature < float("inf"):
+        problems.append(f"{prefix}.temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"{prefix}.top_p must be in (0, 1], got {top_p}")
+    if top_k == 0 or top_k < -1:
+        problems.append(f"{prefix}.top_k must be -1 (off) or >= 1, got {top_k}")
+    return problems
+
 
 @dataclass(kw_only=True)
 class RolloutConfig:
@@ -48,17 +66,11 @@ class RolloutConfig:
     """The SGLang engine's GPUs, memory share and further server arguments (used when name is sglang)."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.n < 1:
-            problems.append(f"rollout.n must be >= 1, got {self.n}")
+        problems = sampling_problems("rollout", self.n, self.temperature, self.top_p, self.top_k)
         if self.engines < 1:
             problems.append(f"rollout.engines must be >= 1, got {self.engines}")
-        if self.temperature <= 0:
-            problems.append(f"rollout.temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            problems.append(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not self.parity_threshold >= 0:
+            problems.append(f"rollout.parity_threshold must be >= 0, got {self.parity_threshold}")
         if self.weight_bucket_mb < 1:
             problems.append(f"rollout.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
         if problems:
