@@ -43,7 +43,8 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
     return tokens, lengths, mask, advantages
 
 
-def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, **actor_kwargs):
+def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, grad_clip: float = 0.5,
+           **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -54,7 +55,7 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None
     layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                             sequence_parallel=sp).layout(dist.get_world_size())
     init_model_parallel(layout, seed=1)
-    optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=0.5, eps=ADAM_EPS)
+    optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=grad_clip, eps=ADAM_EPS)
     config = ActorConfig(optim=optim, **actor_kwargs)
     return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights)
 
@@ -306,9 +307,24 @@ def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir:
                 assert torch.equal(tensor, before[name]), f"{name} changed in a refused update"
 
 
+def check_gradient_norm_is_measured_without_clipping(rank: int, world: int, workdir: Path) -> None:
+    """actor.optim.grad_clip=0 (no clipping) still reports the gradient norm, the same as with clipping (which
+    scales the gradient after measuring it): the trainer's stop on a non-finite norm depends on it. megatron-core's
+    ChainedOptimizer measures it whatever clip_grad is; its single optimizers would not."""
+    from megatron_dapo.actor.batch import ActorBatch
+
+    tokens, lengths, mask, advantages = _batch(groups=2, n=2)
+    batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                       old_logp=hf_logprobs(workdir / "qwen2", tokens, TEMPERATURE))
+    norms = [_actor(workdir / "qwen2", 2, 1, False, grad_clip=clip, ppo_mini_batch_size=2).update(
+        batch, group_size=2)["actor/grad_norm"] for clip in (0.0, 0.5)]
+    assert norms[0] > 0 and abs(norms[0] - norms[1]) <= 1e-6 * norms[1], norms
+
+
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
           check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
-          check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank]
+          check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank,
+          check_gradient_norm_is_measured_without_clipping]
 
 
 @pytest.fixture(scope="module")
