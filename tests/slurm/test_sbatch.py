@@ -32,8 +32,8 @@ def cluster(tmp_path_factory):
         yield slurm
 
 
-def _submit(cluster: LocalSlurm, run_dir: Path, log_dir: Path, *overrides: str) -> int:
-    env = {"RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def _submit(cluster: LocalSlurm, run_dir: Path, log_dir: Path, *overrides: str, env_run_dir: Path | None = None) -> int:
+    env = {"RUN_DIR": str(env_run_dir or run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return cluster.sbatch(SCRIPT, *overrides, options=(f"--output={log_dir}/%x-%j.out",), env=env, cwd=ROOT)
 
 
@@ -80,9 +80,11 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     run_dir.mkdir()
     for made_once in ("base", "data"):  # skip the warm start: the first run made it
         (run_dir / made_once).symlink_to(first_dir / made_once)
-    # No periodic checkpoint: the only one before the end is the one the stop request makes.
+    # No periodic checkpoint: the only one before the end is the one the stop request makes. The run folder is
+    # an argument, over the RUN_DIR variable: the stop request must still reach it.
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=10", "trainer.test_freq=0",
-                  "trainer.val_before_train=false", "checkpoint.save_freq=0")
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0", f"trainer.run_dir={run_dir}",
+                  env_run_dir=tmp_path / "not-the-run")
     deadline = time.monotonic() + 600
     while len(_steps(run_dir)) < 2 and cluster.state(job) not in ENDED and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -111,4 +113,4 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     assert "requeueing job" in log and "(restart 1)" in log
     assert _steps(run_dir) == list(range(1, 11)), "every step trained exactly once across the requeue"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:06d}", "step_000010"]
-    assert not (run_dir / "STOP").exists()
+    assert not (run_dir / "STOP").exists() and not (tmp_path / "not-the-run").exists()
