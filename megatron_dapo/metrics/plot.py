@@ -1,8 +1,9 @@
 """`megatron-dapo plot RUN_DIR`: PNG curves of the main metrics from a run's metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from megatron_dapo.metrics.sinks import read_metrics
 
 PANELS = (
     ("reward", ("critic/score_mean", "critic/acc_mean")),
@@ -25,10 +26,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, (title, prefixes) in zip(axes.flat, PANELS):
         keys = sorted({k for row in rows for k in row if any(k.startswith(p) for p in prefixes)})

@@ -29,6 +29,20 @@ class MetricSinks:
                                     dir=str(run_dir), resume="allow")
         self.started = time.time()
 
+    def resumed(self, step: int, checkpoint: Path) -> None:
+        """The run continues from `checkpoint`, taken after `step`: rows of later steps already in metrics.jsonl
+        (logged before a crash or a stop) are superseded by the ones to come (read_metrics drops them; the file
+        keeps them), and TensorBoard purges its events after `step`."""
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), "resumed_from": str(checkpoint)}) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self.tensorboard.log_dir
+            self.tensorboard.close()
+            self.tensorboard = SummaryWriter(log_dir, purge_step=step + 1)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -54,3 +68,22 @@ class MetricSinks:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl as the run's history: where the run resumed from a checkpoint, the rows
+    of later steps logged before (by an attempt that crashed or stopped) are left out, and so are the resume
+    markers themselves."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
+    rows: list[dict] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "resumed_from" in row:
+            rows = [r for r in rows if r["step"] <= row["step"]]
+        else:
+            rows.append(row)
+    return rows

@@ -410,6 +410,7 @@ class Trainer:
         self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
+            self.sinks.resumed(self.step, latest)
 
     def _push(self, version: int):
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""
@@ -476,11 +477,6 @@ class _Timer:
 
     def metrics(self) -> dict[str, float]:
         return {**{f"timing/{k}": v for k, v in self.times.items()}, "timing/step": self.total()}
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def stop_token_ids(tokenizer, model_path: str | Path) -> tuple[int, ...]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_dapo.metrics.sinks import read_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.25
 """Validation avg@4 after 10 steps must beat step 0 by this much (seed 1: about 0.39 -> 0.95)."""
@@ -112,6 +114,10 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
 
     expected, resumed = by_step(_rows(toy_run)), by_step(_rows(run_dir))
     assert sorted(resumed) == list(range(1, 11))
+    # The run's history: the rows the killed attempt logged after step 5 are superseded by the resumed ones.
+    history = [row["step"] for row in read_metrics(run_dir) if "critic/acc_mean" in row]
+    assert history == list(range(1, 11)), history
+    assert any(row.get("resumed_from", "").endswith("step_000005") for row in _rows(run_dir))
     for step in range(6, 11):
         for key in ("critic/acc_mean", "sampling/gen_batches", "response_length/mean", "actor/pg_loss",
                     "actor/grad_norm", "actor/pg_clipfrac_high"):
