@@ -35,8 +35,11 @@ def local_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
     m = z.max(dim=-1).values if valid_columns else z.new_full(z.shape[:1], float("-inf"))
     e = torch.exp(z - m[:, None])
     owned = targets >= 0
-    target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    target = torch.where(owned, target, torch.zeros_like(target))
+    if valid_columns:
+        target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        target = torch.where(owned, target, torch.zeros_like(target))
+    else:  # a slice of padding only (a tiny vocabulary over many ranks): it owns no target
+        target = z.new_zeros(z.shape[:1])
     return torch.stack([m, e.sum(-1), (e * z).sum(-1), target], dim=-1)
 
 
