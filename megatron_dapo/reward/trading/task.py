@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 
 from megatron_dapo.reward.trading import simulator
@@ -74,8 +75,9 @@ def parse_orders(response: str, episode: Episode) -> list[ChildOrder]:
             raise MalformedAnswer("price_outside_book", f"offset {offset} gives price {price}")
         total += size
         orders.append(ChildOrder(step=step, price=round(price, 10), size=size, tif=tif))
-    if len(orders) > episode.horizon * MAX_ORDERS_PER_STEP:
-        raise MalformedAnswer("too_many_orders", f"{len(orders)} orders for {episode.horizon} steps "
+    busiest = max(Counter(order.step for order in orders).items(), key=lambda item: item[1], default=None)
+    if busiest is not None and busiest[1] > MAX_ORDERS_PER_STEP:
+        raise MalformedAnswer("too_many_orders", f"{busiest[1]} orders at step {busiest[0]} "
                               f"(at most {MAX_ORDERS_PER_STEP} per step)")
     if total > episode.quantity + simulator.EPS:
         raise MalformedAnswer("oversize", f"sizes add up to {total:g} > the order's {episode.quantity:g}")

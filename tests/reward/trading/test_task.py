@@ -40,7 +40,7 @@ def test_orders_are_read_after_the_last_orders_line():
     ("Orders:\nstep=2 offset=0 size=5 tif=1", "bad_step"),
     ("Orders:\nstep=0 offset=0 size=-5 tif=1", "negative_size"),
     ("Orders:\nstep=0 offset=0 size=5 tif=0", "bad_tif"),
-    ("Orders:\n" + "step=0 offset=0 size=1 tif=1\n" * 9, "too_many_orders"),
+    ("Orders:\n" + "step=0 offset=0 size=1 tif=1\n" * 5, "too_many_orders"),  # the limit is per step
     ("Orders:\nstep=0 offset=500 size=5 tif=1", "price_outside_book"),
     ("Orders:\nstep=0 offset=0 size=6 tif=1\nstep=1 offset=0 size=6 tif=1", "oversize"),
 ])
