@@ -22,6 +22,7 @@ def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor | None = No
     where = bad.nonzero()[0].tolist()
     count = int(bad.sum())
     value = values[tuple(where)].item()
-    position = f"sample {samples[where[0]] if samples is not None else where[0]}" + (f", token {where[1]}" if len(where) > 1 else "")
+    sample = samples[where[0]] if samples is not None else where[0]
+    position = f"sample {sample}" + (f", token {where[1]}" if len(where) > 1 else "")
     raise ValueError(f"{name} is not finite at {position} (value {value}; {count} such entries): refusing to train on "
                      f"it{'; ' + meaning if meaning else ''}")

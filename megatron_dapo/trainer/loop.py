@@ -410,7 +410,8 @@ class Trainer:
         self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
-            self.sinks.resumed(self.step, latest)
+            if not self.config.trainer.val_only:  # training goes on from here: later rows are superseded
+                self.sinks.resumed(self.step, latest)
 
     def _push(self, version: int):
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""
