@@ -35,7 +35,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s) x" \
      "${PROCS_PER_TASK} rank(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run folder ${RUN_DIR}"
 
-# A signal to this shell (Slurm's warning before the time limit, --signal=B:USR1@120, or preemption's
+# A signal to this shell (Slurm's warning before the time limit, --signal=B:USR1@SECONDS, or preemption's
 # SIGTERM) asks the run to save after its current step: the STOP file reaches every node through the
 # shared file system. Once the run has stopped, the job puts itself back in the queue.
 STOP_REASON=

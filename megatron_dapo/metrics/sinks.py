@@ -15,7 +15,16 @@ CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", 
 class MetricSinks:
     def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int):
         self.config, self.total = config, total_steps
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if config.jsonl else None
+        self.jsonl = None
+        self.earlier_rows = False
+        """metrics.jsonl held rows of an earlier attempt when this one opened it."""
+        if config.jsonl:
+            path = run_dir / "metrics.jsonl"
+            earlier = path.read_bytes() if path.is_file() else b""
+            self.earlier_rows = bool(earlier.strip())
+            self.jsonl = open(path, "a")
+            if earlier and not earlier.endswith(b"\n"):  # a row cut short by a crash: the next one starts afresh
+                self.jsonl.write("\n")
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -27,16 +36,16 @@ class MetricSinks:
 
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
                                     dir=str(run_dir), resume="allow")
-        self.started = time.time()
 
-    def resumed(self, step: int, checkpoint: Path) -> None:
-        """The run continues from `checkpoint`, taken after `step`: rows of later steps already in metrics.jsonl
-        (logged before a crash or a stop) are superseded by the ones to come (read_metrics drops them; the file
-        keeps them), and TensorBoard purges its events after `step`."""
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "time": time.time(), "resumed_from": str(checkpoint)}) + "\n")
+    def training_starts(self, step: int, checkpoint: Path | None) -> None:
+        """Training starts after `step`, from `checkpoint` (None: from the starting weights). Rows an earlier attempt
+        logged for later steps (all of them on a start from scratch) are superseded by the ones to come: a marker
+        row says so to read_metrics, the file keeps them; TensorBoard purges its events after `step`."""
+        if self.jsonl and self.earlier_rows:
+            marker = {"step": step, "time": time.time(), "resumed_from": str(checkpoint) if checkpoint else None}
+            self.jsonl.write(json.dumps(marker) + "\n")
             self.jsonl.flush()
-        if self.tensorboard:
+        if self.tensorboard and checkpoint is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = self.tensorboard.log_dir
@@ -71,19 +80,20 @@ class MetricSinks:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl as the run's history: where the run resumed from a checkpoint, the rows
-    of later steps logged before (by an attempt that crashed or stopped) are left out, and so are the resume
-    markers themselves."""
+    """The rows of RUN_DIR/metrics.jsonl as the run's history. Where an attempt started again (after a crash or a
+    stop), the rows an earlier attempt logged for the steps it trains again are left out, and so are the start
+    markers themselves and a row a crash cut short."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
     rows: list[dict] = []
     for line in path.read_text().splitlines():
-        if not line.strip():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # empty, or the end of a row cut short by a crash
             continue
-        row = json.loads(line)
         if "resumed_from" in row:
-            rows = [r for r in rows if r["step"] <= row["step"]]
+            rows = [r for r in rows if r["step"] <= row["step"]] if row["resumed_from"] else []
         else:
             rows.append(row)
     return rows

@@ -39,7 +39,7 @@ class RewardConfig:
         if self.num_workers < 1:
             problems.append(f"reward.num_workers must be >= 1, got {self.num_workers}")
         if not 0 < self.timeout_s < float("inf"):  # NaN too: a NaN deadline would never pass
-            problems.append(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+            problems.append(f"reward.timeout_s must be a number of seconds > 0, got {self.timeout_s}")
         problems += [p for source, target in self.functions.items() if (p := target_problem(source, target))]
         if problems:
             raise ConfigError(problems)

@@ -38,21 +38,30 @@ class Group:
         return [c.finish_reason == "length" for c in self.completions]
 
 
-def filter_metric_given(groups: list[Group], name: str) -> bool:
-    """Whether the rewards of `groups` give the filter metric `name`: always for acc and score; for a task's own
-    field, True when a reward that did not fail gives it, False when every one failed (nothing to tell yet).
-    ConfigError, naming the key and the fields they do give, when rewards were computed and none gives it: a
-    misspelt algorithm.filter_groups.metric would otherwise drop every group, step after step."""
-    if name in ("acc", "score"):
-        return True
-    scored = [r for g in groups for r in g.rewards if not r.failed]
-    if not scored:
-        return False
-    if any(name in r.extra for r in scored):
-        return True
-    given = sorted({"acc", "score"} | {key for r in scored for key in r.extra})
-    raise ConfigError(f"algorithm.filter_groups.metric={name!r}: no reward of a generation batch gives "
-                      f"such a figure; they give {', '.join(given)}")
+class FilterMetricCheck:
+    """Whether the rewards give dynamic sampling's metric (algorithm.filter_groups.metric) at all, over one step's
+    generation batches. A task's own figure that no scored reward of a whole step gives makes every group look
+    alike, so every step would drop every group and train on nothing: a misspelt key, or a task that gives the
+    figure to no answer yet. That is a ConfigError naming the key and the figures the rewards do give."""
+
+    def __init__(self, name: str):
+        self.name, self.scored, self.given = name, 0, set()
+
+    def add(self, groups: list[Group]) -> None:
+        for reward in (r for g in groups for r in g.rewards if not r.failed):
+            self.scored += 1
+            self.given.update(reward.extra)
+
+    def check(self, step: int) -> bool:
+        """True once a reward gave the figure (nothing left to check); False when no reward was scored."""
+        if self.name in self.given:
+            return True
+        if not self.scored:
+            return False
+        raise ConfigError(
+            f"algorithm.filter_groups.metric={self.name!r}: none of the {self.scored} rewards scored in step {step} "
+            f"gives such a figure (they give {', '.join(sorted({'acc', 'score'} | self.given))}), so every group "
+            "was dropped: a misspelt key, or a task that gives the figure to no answer yet (filter on score or acc)")
 
 
 def shaped_scores(rewards: list[RewardResult], completions: list[Completion], *, enable: bool,

@@ -36,7 +36,7 @@ from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, train
 from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
-from megatron_dapo.trainer.groups import (Group, build_actor_batch, filter_metric_given, rollout_metrics,
+from megatron_dapo.trainer.groups import (FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
                                           shaped_scores, validation_metrics)
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
@@ -91,8 +91,9 @@ class Trainer:
                                     functions=cfg.reward.functions) if self.engine is not None else None)
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
-        self._filter_metric_seen = False
-        """A reward gave the filter metric (checked on rank 0 until one does)."""
+        filtering = cfg.algorithm.filter_groups
+        self._check_filter_metric = filtering.enable and filtering.metric not in ("acc", "score")
+        """Whether no reward has given the filter metric yet (checked on rank 0 each step until one does)."""
         self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
         self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
         self.step = 0
@@ -258,16 +259,19 @@ class Trainer:
             return None
 
         metric = self.config.algorithm.filter_groups.metric
+        check = FilterMetricCheck(metric)
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
             groups = generate_batch()
-            if not self._filter_metric_seen:
-                self._filter_metric_seen = filter_metric_given(groups, metric)
+            check.add(groups)
             return groups
 
         with self._stops_everyone():
-            return self.sampler.collect(next_batch, lambda g: g.metric(metric), progress=self._progress_line())
+            sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric), progress=self._progress_line())
+            if self._check_filter_metric:
+                self._check_filter_metric = not check.check(self.step + 1)
+            return sampled
 
     def _progress_line(self):
         """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step
@@ -394,8 +398,14 @@ class Trainer:
 
     def _resume(self) -> None:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None
-        if latest is None and not self.config.model.megatron_checkpoint:
-            return
+        if latest is not None or self.config.model.megatron_checkpoint:
+            self._load_and_push(latest)
+        if self.rank0 and not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
+            self.sinks.training_starts(self.step, latest)
+
+    def _load_and_push(self, latest: Path | None) -> None:
+        """The run's latest checkpoint (or model.megatron_checkpoint's weights, already in the actor) into the
+        engines, checked by the probe."""
         self.memory.to_training()
         if latest is None:  # the engines loaded model.path's weights, not the actor's
             version = 0
@@ -410,8 +420,6 @@ class Trainer:
         self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
-            if not self.config.trainer.val_only:  # training goes on from here: later rows are superseded
-                self.sinks.resumed(self.step, latest)
 
     def _push(self, version: int):
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""

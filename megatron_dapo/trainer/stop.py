@@ -1,7 +1,7 @@
 """Stop requests: the run saves a checkpoint after the step in progress and exits cleanly.
 
 A request is a file named STOP in the run folder, which the sbatch scripts write when their own
-shell is signalled (`--signal=B:USR1@300` ahead of the time limit, or SIGTERM): the file reaches
+shell is signalled (`--signal=B:USR1@SECONDS` ahead of the time limit, or SIGTERM): the file reaches
 every node through the shared file system. SIGTERM and SIGUSR1 sent to a rank itself count too,
 for ranks started without torchrun; under torchrun a SIGTERM gives the ranks only 30 s before it
 kills them, and a SIGUSR1 to torchrun ends it, so the STOP file is the way there. Any rank's

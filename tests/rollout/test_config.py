@@ -46,5 +46,5 @@ def test_bad_sampling_values_name_their_keys_validation_too():
             load_config(None, overrides)
         for line in expected:
             assert line in str(err.value), str(err.value)
-    with pytest.raises(ConfigError, match="reward.timeout_s must be > 0, got nan"):
+    with pytest.raises(ConfigError, match="reward.timeout_s must be a number of seconds > 0, got nan"):
         load_config(None, ["reward.timeout_s=.nan"])

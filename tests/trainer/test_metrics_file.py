@@ -9,11 +9,30 @@ def test_rows_logged_after_the_resumed_checkpoint_are_superseded(tmp_path):
     sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=4)
     for step in (1, 2, 3):  # an attempt that saved at step 1, logged 2 and 3, then crashed
         sinks.log(step, {"critic/acc_mean": step / 10})
-    sinks.resumed(1, tmp_path / "checkpoints" / "step_000001")
+    sinks.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "critic/acc')  # a row cut short by the crash
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=4)
+    sinks.training_starts(1, tmp_path / "checkpoints" / "step_000001")
     for step in (2, 3, 4):
         sinks.log(step, {"critic/acc_mean": step / 100})
     sinks.close()
     assert [(row["step"], row["critic/acc_mean"]) for row in read_metrics(tmp_path)] == [
         (1, 0.1), (2, 0.02), (3, 0.03), (4, 0.04)]
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 7 and lines[3]["resumed_from"].endswith("step_000001")  # nothing deleted from the file
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and json.loads(lines[4])["resumed_from"].endswith("step_000001")  # nothing deleted
+
+
+def test_a_start_from_scratch_supersedes_every_earlier_row_and_a_first_start_writes_no_marker(tmp_path):
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=2)
+    sinks.training_starts(0, None)  # nothing earlier: no marker
+    sinks.log(0, {"val/acc_avg@4": 0.5})
+    sinks.log(1, {"critic/acc_mean": 0.1})  # crashed before its first checkpoint
+    sinks.close()
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=2)
+    sinks.training_starts(0, None)
+    sinks.log(0, {"val/acc_avg@4": 0.25})
+    sinks.close()
+    assert read_metrics(tmp_path) == [row for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                                         .splitlines()) if "val/acc_avg@4" in row][1:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4

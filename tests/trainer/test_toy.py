@@ -335,7 +335,7 @@ from megatron_dapo.reward.registry import RewardResult
 
 
 def score(response, ground_truth, extra_info):
-    """The toy's verifier with a task figure of its own, failing for numbers ending in 0 to 3."""
+    """The toy's verifier with a task figure of its own, failing for numbers ending in 1 to 3."""
     if ground_truth in "0123":
         raise RuntimeError("cannot score this one")
     verdict = compute_score(response, ground_truth)
@@ -345,8 +345,8 @@ def score(response, ground_truth, extra_info):
 
 def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_path):
     """algorithm.filter_groups.metric names a task's own figure that failed rewards do not give: those responses
-    are left out of the variance test and counted, and the run trains on. A misspelt figure stops the run at its
-    first generation batch, naming the key and the figures the rewards give. (The data's prompts are under
+    are left out of the variance test and counted, and the run trains on. A misspelt figure, which drops every
+    group, stops the run at the end of its first step, naming the key and the figures the rewards give. (The data's prompts are under
     another column here, named by data.prompt_key.)"""
     (tmp_path / "flaky.py").write_text(FLAKY_REWARD)
     run_dir = _linked_run_dir(toy_run, tmp_path)
@@ -362,8 +362,8 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=rigth"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert ("algorithm.filter_groups.metric='rigth': no reward of a generation batch gives such a figure; they give "
-            "acc, right, score") in proc.stderr, proc.stderr[-4000:]
+    assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in step 1 gives such "
+                     r"a figure \(they give acc, right, score\)", proc.stderr), proc.stderr[-4000:]
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=right"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
