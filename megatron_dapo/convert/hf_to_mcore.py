@@ -23,9 +23,7 @@ from megatron_dapo.models.hf_io import HFCheckpointReader
 
 def _check_tensors(reader: HFCheckpointReader, arch: ModelArch) -> None:
     """Every tensor the table needs is there with the shape config.json implies; nothing else is."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for rule, layer in families.hf_export_rules(arch):
-        expected.update(zip(families.hf_names(rule, layer), families.hf_shapes(rule, arch)))
+    expected = families.hf_tensor_shapes(arch)
     present = set(reader.names())
     if arch.tie_word_embeddings and "lm_head.weight" in present:
         # Some tied checkpoints carry lm_head.weight too; it must be the embedding it claims to be.

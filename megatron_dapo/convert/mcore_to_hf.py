@@ -105,13 +105,12 @@ def _check_keys(reader: dcp_io.CheckpointReader, arch: ModelArch) -> None:
 def _plan_shards(arch: ModelArch, itemsize: int, shard_bytes: int) -> tuple[list[_Tensor], int]:
     """Every output tensor in Hugging Face order, each assigned to a shard of at most shard_bytes."""
     tensors, shard, filled = [], 0, 0
-    for rule, layer in families.hf_export_rules(arch):
-        for name, shape in zip(families.hf_names(rule, layer), families.hf_shapes(rule, arch)):
-            size = torch.Size(shape).numel() * itemsize
-            if filled and filled + size > shard_bytes:
-                shard, filled = shard + 1, 0
-            tensors.append(_Tensor(name, shape, shard))
-            filled += size
+    for name, shape in families.hf_tensor_shapes(arch).items():
+        size = torch.Size(shape).numel() * itemsize
+        if filled and filled + size > shard_bytes:
+            shard, filled = shard + 1, 0
+        tensors.append(_Tensor(name, shape, shard))
+        filled += size
     return tensors, shard + 1
 
 

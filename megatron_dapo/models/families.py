@@ -122,6 +122,15 @@ def hf_export_rules(arch: ModelArch) -> list[tuple[Rule, int | None]]:
     return rules
 
 
+def hf_tensor_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model's Hugging Face checkpoint by name, with its shape (no lm_head.weight when the
+    embeddings are tied)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule, layer in hf_export_rules(arch):
+        shapes.update(zip(hf_names(rule, layer), hf_shapes(rule, arch)))
+    return shapes
+
+
 def fuse(rule: Rule, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
     """Hugging Face tensors -> the megatron tensor at TP=1 (vocabulary not padded)."""
     if rule.fuse is Fuse.COPY:

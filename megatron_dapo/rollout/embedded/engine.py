@@ -15,7 +15,7 @@ from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
 from megatron_dapo.rollout.embedded.decode import generate_batch, right_padded
 from megatron_dapo.rollout.embedded.kv_cache import KVCache
 from megatron_dapo.rollout.embedded.model import CausalLM
-from megatron_dapo.rollout.embedded.weights import WeightPush
+from megatron_dapo.rollout.weights import WeightPush
 from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams
 
 TIED_HEAD = "lm_head.weight"

@@ -14,8 +14,9 @@ tensor) buckets, sent one of two ways:
 Either way a bucket's memory stays referenced until SGLang's call has returned (the calls are
 synchronous) and a new bucket is always a new tensor, so no buffer is reused while the engine may
 still read it; blocks shared through CUDA IPC are collected after the push. SGLang reports most
-failures as (False, message), which become RolloutError here. SGLang stays optional: it is imported
-when an engine starts.
+failures as (False, message), which become RolloutError here. Every bucket is checked against the model's
+HF names and shapes before SGLang sees it, and the push checked complete at its end (SGLang itself only
+warns about a name it does not know). SGLang stays optional: it is imported when an engine starts.
 """
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ from typing import Literal
 import torch
 
 from megatron_dapo.config.loader import ConfigError
+from megatron_dapo.models import families
+from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError
 from megatron_dapo.rollout.sglang.broadcast import BroadcastSender
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success, flatten
+from megatron_dapo.rollout.weights import PushLedger
 
 MEMORY_TAGS = ("kv_cache", "weights")
 """What `release_memory` frees while the trainer runs (colocated mode)."""
@@ -39,9 +43,12 @@ MEMORY_TAGS = ("kv_cache", "weights")
 class SGLangEngine(RolloutEngine):
     """Rollout through an in-process `sglang.Engine` started with `skip_tokenizer_init`."""
 
-    def __init__(self, engine, *, tp_size: int, weight_sync: Literal["tensor", "broadcast"] = "tensor"):
-        """Wrap a started `sglang.Engine` (see `launch`); `weight_sync` says how pushes travel."""
-        self.engine, self.tp_size = engine, tp_size
+    def __init__(self, engine, *, tp_size: int, weight_sync: Literal["tensor", "broadcast"] = "tensor",
+                 ledger: PushLedger | None = None):
+        """Wrap a started `sglang.Engine` (see `launch`); `weight_sync` says how pushes travel. `ledger`: the
+        model's HF tensor names and shapes, against which every push is checked before SGLang sees it, and
+        checked complete at its end (SGLang itself only warns about a name it does not know)."""
+        self.engine, self.tp_size, self._ledger = engine, tp_size, ledger
         self._sender = BroadcastSender(engine, tp_size) if weight_sync == "broadcast" else None
         self._version, self._open = 0, False
         self._released: set[str] = set()
@@ -81,7 +88,8 @@ class SGLangEngine(RolloutEngine):
         if not config.server_args.get("enable_deterministic_inference"):
             print("SGLang samples without the requested seeds unless rollout.sglang.server_args."
                   "enable_deterministic_inference is true: rollouts will not repeat exactly", flush=True)
-        return cls(engine, tp_size=config.tp_size, weight_sync="tensor" if colocated else "broadcast")
+        return cls(engine, tp_size=config.tp_size, weight_sync="tensor" if colocated else "broadcast",
+                   ledger=push_ledger(ModelArch.from_pretrained(model_path)))
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -133,6 +141,8 @@ class SGLangEngine(RolloutEngine):
         if "weights" in self._released:
             raise RolloutError("the engine's weights are released: call resume_weights() before a push")
         self._open = True
+        if self._ledger is not None:
+            self._ledger.begin()
         if hasattr(self.engine, "begin_weight_update"):  # sglang >= 0.5.23 loads weights only inside a session
             expect_success(self.engine.begin_weight_update(), "begin_weight_update")
 
@@ -140,16 +150,21 @@ class SGLangEngine(RolloutEngine):
         if not self._open:
             raise RolloutError("update_weights outside a push: call begin_weight_update() first")
         bucket = list(named_tensors)
+        names = [name for name, _ in self._ledger.accept(bucket)] if self._ledger is not None else []
         if self._sender is not None:
             self._sender.send(bucket)
-            return
-        flat = flatten(bucket)  # referenced until SGLang's call has returned: its workers read it through CUDA IPC
-        payloads = bucket_payloads(flat, self.tp_size)
-        expect_success(self.engine.update_weights_from_tensor(named_tensors=payloads, load_format="flattened_bucket",
-                                                              flush_cache=False), "update_weights_from_tensor")
-        del flat, payloads
+        else:
+            flat = flatten(bucket)  # referenced until SGLang's call has returned: its workers read it through CUDA IPC
+            payloads = bucket_payloads(flat, self.tp_size)
+            expect_success(self.engine.update_weights_from_tensor(
+                named_tensors=payloads, load_format="flattened_bucket", flush_cache=False), "update_weights_from_tensor")
+            del flat, payloads
+        if self._ledger is not None:
+            self._ledger.record(names)
 
     def end_weight_update(self, version: int) -> None:
+        if self._ledger is not None:
+            self._ledger.end(version)  # every tensor arrived, or the push stays open: stale
         if hasattr(self.engine, "end_weight_update"):
             expect_success(self.engine.end_weight_update(), "end_weight_update")
         expect_success(self.engine.flush_cache(), "flush_cache")
@@ -198,3 +213,10 @@ def _completion(out: dict) -> Completion:
     return Completion(token_ids=list(out["output_ids"]),
                       logprobs=[float(lp) for lp, _, _ in meta["output_token_logprobs"]],
                       finish_reason="stop" if kind == "stop" else "length")
+
+
+def push_ledger(arch: ModelArch) -> PushLedger:
+    """What a push into an engine for `arch` must carry: every HF tensor with its shape (lm_head.weight accepted
+    but not required when the embeddings are tied)."""
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if arch.tie_word_embeddings else {}
+    return PushLedger(families.hf_tensor_shapes(arch), aliases)

@@ -250,3 +250,63 @@ def test_scores_only_at_temperature_1_and_refuses_original_logprobs(monkeypatch)
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "true")
     with pytest.raises(ConfigError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set"):
         SGLangEngine.check_startable(SGLangEngineConfig(), "colocated", local_world_size=1)
+
+
+class _Loading:
+    """sglang.Engine's weight calls, signature-checked against the real Engine, loading every bucket."""
+
+    def __init__(self):
+        from sglang.srt.entrypoints.engine import Engine
+
+        self.engine_class, self.loaded = Engine, 0
+
+    def begin_weight_update(self):
+        inspect.signature(self.engine_class.begin_weight_update).bind(self)
+        return True, "Succeeded"
+
+    def update_weights_from_tensor(self, **kwargs):
+        inspect.signature(self.engine_class.update_weights_from_tensor).bind(self, **kwargs)
+        self.loaded += 1
+        return True, "Succeeded"
+
+    def end_weight_update(self):
+        return True, "Succeeded"
+
+    def flush_cache(self):
+        return True
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        return [{"output_ids": [7], "meta_info": {"finish_reason": {"type": "length"},
+                                                  "output_token_logprobs": [(-0.5, 7, None)]}} for _ in input_ids]
+
+
+def test_pushes_are_checked_against_the_models_names_and_shapes(tmp_path):
+    """SGLang only warns about a tensor name it does not know: the adapter refuses an unknown name or a wrong
+    shape before SGLang sees the bucket, and a push that leaves a tensor out stays open (stale)."""
+    _sglang()
+    from megatron_dapo.models.arch import ModelArch
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
+    from megatron_dapo.rollout.sglang import SGLangEngine
+    from megatron_dapo.rollout.sglang.engine import push_ledger
+    from tests.tiny_models import make_tiny_model
+
+    ledger = push_ledger(ModelArch.from_pretrained(make_tiny_model("qwen2", tmp_path / "qwen2")))
+    front = _Loading()
+    engine = SGLangEngine(front, tp_size=1, ledger=ledger)
+    full = {name: torch.zeros(shape) for name, shape in ledger.shapes.items()}
+    engine.begin_weight_update()
+    with pytest.raises(RolloutError, match=r"unknown tensor 'model.norm.weights' \(did you mean 'model.norm.weight'"):
+        engine.update_weights([("model.norm.weights", full["model.norm.weight"])])
+    with pytest.raises(RolloutError, match=r"'model.norm.weight' has shape \(3,\), the engine's .* has shape \(64,\)"):
+        engine.update_weights([("model.norm.weight", torch.zeros(3))])
+    assert front.loaded == 0  # SGLang saw neither
+    names = sorted(full)
+    engine.update_weights([(name, full[name]) for name in names[:-1]])
+    with pytest.raises(RolloutError, match=f"weight push incomplete: 1 of {len(names)} parameters .*{names[-1]}"):
+        engine.end_weight_update(version=1)
+    with pytest.raises(StaleWeightsError):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    engine.update_weights([(names[-1], full[names[-1]])])
+    engine.end_weight_update(version=1)
+    assert engine.weight_version == 1 and front.loaded == 2
+    assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]

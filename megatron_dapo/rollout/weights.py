@@ -1,9 +1,10 @@
-"""Weight pushes into the embedded engine, as a transaction over its HF-named parameters.
+"""Weight pushes as transactions over HF-named tensors, for every engine.
 
-`begin` marks the weights stale; each `update` validates its whole batch (names, shapes) before
-copying any of it; `end` checks every parameter arrived since `begin` and only then makes the
-new version current. A push that breaks off leaves the engine stale, so nothing samples from a
-half-updated model.
+`begin` marks the weights stale; each `update` validates its whole batch (names, shapes) before any of it
+reaches the engine; `end` checks every parameter arrived since `begin` and only then makes the new version
+current. A push that breaks off leaves the engine stale, so nothing samples from a half-updated model.
+`PushLedger` keeps that account from the expected names and shapes alone (the SGLang adapter's, whose
+weights live in SGLang's processes); `WeightPush` also copies into the embedded engine's parameters.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-class WeightPush:
-    """The engine's parameters by HF name, their version, and the push in progress (if any)."""
+class PushLedger:
+    """The engine's tensors by HF name and shape, their version, and the push in progress (if any)."""
 
-    def __init__(self, params: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
-        """params: every required parameter by name; aliases: extra accepted name -> the name it shares storage with."""
-        self.params = dict(params)
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str]) -> None:
+        """shapes: every required tensor by name; aliases: extra accepted name -> the name it shares storage with."""
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.aliases = dict(aliases)
         self.version = 0
         self.open_since: int | None = None  # version at the last begin() not yet closed by a good end()
@@ -49,8 +50,9 @@ class WeightPush:
         self.open_since = self.version
         self.received = set()
 
-    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Validate the whole batch, then copy it (dtype and device converted on copy)."""
+    def accept(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """The batch as (engine name, tensor) once all of it is valid; RolloutError naming every bad tensor and
+        accepting none otherwise. `record` the names once the engine holds them."""
         if self.open_since is None:
             raise RolloutError("update_weights() outside a push: call begin_weight_update() first")
         batch = list(named_tensors)
@@ -64,30 +66,29 @@ class WeightPush:
                 problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             elif target is None:
                 problems.append(self._unknown(name))
-            elif tuple(tensor.shape) != tuple(self.params[target].shape):
+            elif tuple(tensor.shape) != self.shapes[target]:
                 problems.append(
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the engine's {target!r} has shape "
-                    f"{tuple(self.params[target].shape)}"
+                    f"{self.shapes[target]}"
                 )
         if problems:
             raise RolloutError(
                 f"update_weights() rejected its batch of {len(batch)} tensor(s); none of them was copied:\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
-        with torch.no_grad():
-            for name, tensor in batch:
-                target = self._target(name)
-                self.params[target].copy_(tensor)
-                self.received.add(target)
+        return [(self._target(name), tensor) for name, tensor in batch]
+
+    def record(self, names: Iterable[str]) -> None:
+        self.received.update(names)
 
     def end(self, version: int) -> None:
-        """Close the push: every parameter must have arrived since begin(); then serve `version`."""
+        """Close the push: every tensor must have arrived since begin(); then serve `version`."""
         if self.open_since is None:
             raise RolloutError("end_weight_update() without begin_weight_update()")
-        missing = sorted(set(self.params) - self.received)
+        missing = sorted(set(self.shapes) - self.received)
         if missing:
             raise RolloutError(
-                f"weight push incomplete: {len(missing)} of {len(self.params)} parameters not received since "
+                f"weight push incomplete: {len(missing)} of {len(self.shapes)} parameters not received since "
                 f"begin_weight_update(): {_listing(missing)}; the engine stays stale (version {self.version})"
             )
         self.version = int(version)
@@ -95,11 +96,28 @@ class WeightPush:
         self.received = set()
 
     def _target(self, name: str) -> str | None:
-        if name in self.params:
+        if name in self.shapes:
             return name
         return self.aliases.get(name)
 
     def _unknown(self, name: str) -> str:
-        close = difflib.get_close_matches(name, [*self.params, *self.aliases], n=1)
+        close = difflib.get_close_matches(name, [*self.shapes, *self.aliases], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown tensor {name!r}{hint}; the engine's parameters carry their HF checkpoint names"
+
+
+class WeightPush(PushLedger):
+    """A PushLedger over the embedded engine's own parameters, which `update` copies into."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
+        """params: every required parameter by name; aliases: extra accepted name -> the name it shares storage with."""
+        super().__init__({name: tuple(p.shape) for name, p in params.items()}, aliases)
+        self.params = dict(params)
+
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Validate the whole batch, then copy it (dtype and device converted on copy)."""
+        batch = self.accept(named_tensors)
+        with torch.no_grad():
+            for target, tensor in batch:
+                self.params[target].copy_(tensor)
+        self.record(target for target, _ in batch)

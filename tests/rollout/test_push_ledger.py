@@ -1,0 +1,16 @@
+"""What a weight push must carry, from the family tables alone (the SGLang adapter's check): exactly the names,
+shapes and tied-head alias of the embedded engine's parameters, which tests/rollout/test_reshard.py pushes into."""
+import pytest
+
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.rollout.embedded import EmbeddedEngine
+from megatron_dapo.rollout.sglang.engine import push_ledger
+from tests.tiny_models import FAMILIES, make_tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ledger_matches_the_embedded_engines_parameters(family, tmp_path):
+    folder = make_tiny_model(family, tmp_path / family)
+    ledger, engine = push_ledger(ModelArch.from_pretrained(folder)), EmbeddedEngine.from_pretrained(folder)
+    assert ledger.shapes == engine.weights.shapes
+    assert ledger.aliases == engine.weights.aliases
