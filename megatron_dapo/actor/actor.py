@@ -68,6 +68,10 @@ class MegatronActor:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        if config.loss_agg_mode == "seq-mean-token-sum-norm" and norm_len is None:
+            # aggregate_loss's default, the padded width, differs from micro-batch to micro-batch here
+            raise ValueError("actor.loss_agg_mode=seq-mean-token-sum-norm needs norm_len, the fixed length each "
+                             "sequence's loss sum is divided by (the trainer passes data.max_response_length)")
         if layout.vpp is not None:
             raise ValueError(
                 "parallel.virtual_pipeline_model_parallel_size is not supported by the actor yet: set it to null"

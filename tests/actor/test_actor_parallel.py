@@ -305,6 +305,8 @@ def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir:
         if groups_per_step == 2:
             for name, tensor in stage_hf_tensors(actor.model, actor.arch):
                 assert torch.equal(tensor, before[name]), f"{name} changed in a refused update"
+    with pytest.raises(ValueError, match="seq-mean-token-sum-norm needs norm_len"):  # no fixed length to divide by
+        _actor(workdir / "qwen2", 1, 2, False, loss_agg_mode="seq-mean-token-sum-norm")
 
 
 def check_gradient_norm_is_measured_without_clipping(rank: int, world: int, workdir: Path) -> None:
