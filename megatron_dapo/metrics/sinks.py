@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from megatron_dapo.metrics.config import LoggingConfig
@@ -34,8 +35,12 @@ class MetricSinks:
         if config.wandb_project:
             import wandb
 
+            # One W&B run for the whole run folder: a restarted job (a requeue, a resume) continues it.
+            id_file = run_dir / "wandb_run_id"
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:16])
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
-                                    dir=str(run_dir), resume="allow")
+                                    dir=str(run_dir), id=id_file.read_text().strip(), resume="allow")
 
     def training_starts(self, step: int, checkpoint: Path | None) -> None:
         """Training starts after `step`, from `checkpoint` (None: from the starting weights). Rows an earlier attempt
