@@ -14,7 +14,9 @@ CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", 
 
 
 class MetricSinks:
-    def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int):
+    def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int, training: bool = True):
+        """training: False for trainer.val_only, whose row at an earlier step gets a W&B run of its own (the
+        training's run would ignore a step it has passed)."""
         self.config, self.total = config, total_steps
         self.jsonl = None
         self.earlier_rows = False
@@ -35,12 +37,13 @@ class MetricSinks:
         if config.wandb_project:
             import wandb
 
-            # One W&B run for the whole run folder: a restarted job (a requeue, a resume) continues it.
+            # One W&B run for the training in a run folder: a restarted job (a requeue, a resume) continues it.
             id_file = run_dir / "wandb_run_id"
-            if not id_file.is_file():
+            if training and not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:16])
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
-                                    dir=str(run_dir), id=id_file.read_text().strip(), resume="allow")
+                                    dir=str(run_dir), id=id_file.read_text().strip() if training else None,
+                                    resume="allow" if training else None)
 
     def training_starts(self, step: int, checkpoint: Path | None) -> None:
         """Training starts after `step`, from `checkpoint` (None: from the starting weights). Rows an earlier attempt
@@ -50,7 +53,7 @@ class MetricSinks:
             marker = {"step": step, "time": time.time(), "resumed_from": str(checkpoint) if checkpoint else None}
             self.jsonl.write(json.dumps(marker) + "\n")
             self.jsonl.flush()
-        if self.tensorboard and checkpoint is not None:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir = self.tensorboard.log_dir

@@ -81,8 +81,8 @@ class PushLedger:
     def record(self, names: Iterable[str]) -> None:
         self.received.update(names)
 
-    def end(self, version: int) -> None:
-        """Close the push: every tensor must have arrived since begin(); then serve `version`."""
+    def check_complete(self) -> None:
+        """RolloutError unless a push is open and every tensor has arrived since begin()."""
         if self.open_since is None:
             raise RolloutError("end_weight_update() without begin_weight_update()")
         missing = sorted(set(self.shapes) - self.received)
@@ -91,6 +91,10 @@ class PushLedger:
                 f"weight push incomplete: {len(missing)} of {len(self.shapes)} parameters not received since "
                 f"begin_weight_update(): {_listing(missing)}; the engine stays stale (version {self.version})"
             )
+
+    def end(self, version: int) -> None:
+        """Close the push (check_complete first); then serve `version`."""
+        self.check_complete()
         self.version = int(version)
         self.open_since = None
         self.received = set()

@@ -40,28 +40,32 @@ class Group:
 
 class FilterMetricCheck:
     """Whether the rewards give dynamic sampling's metric (algorithm.filter_groups.metric) at all, over one step's
-    generation batches. A task's own figure that no scored reward of a whole step gives makes every group look
-    alike, so every step would drop every group and train on nothing: a misspelt key, or a task that gives the
-    figure to no answer yet. That is a ConfigError naming the key and the figures the rewards do give."""
+    generation batches. A task's own figure that no scored reward gives makes every group look alike: every one
+    is dropped, and the step trains on nothing, fails as exhausted or, without a batch limit, never ends. That
+    is a misspelt key, or a task that gives the figure to no answer yet: a ConfigError naming the key and the
+    figures the rewards do give, once `patience` generation batches of a step have passed without it."""
 
-    def __init__(self, name: str):
-        self.name, self.scored, self.given = name, 0, set()
+    def __init__(self, name: str, patience: int):
+        self.name, self.patience = name, patience
+        self.batches, self.scored, self.given = 0, 0, set()
 
     def add(self, groups: list[Group]) -> None:
+        self.batches += 1
         for reward in (r for g in groups for r in g.rewards if not r.failed):
             self.scored += 1
             self.given.update(reward.extra)
 
     def check(self, step: int) -> bool:
-        """True once a reward gave the figure (nothing left to check); False when no reward was scored."""
+        """True once a reward gave the figure (nothing left to check); False while it cannot tell yet."""
         if self.name in self.given:
             return True
-        if not self.scored:
+        if self.batches < self.patience or not self.scored:
             return False
         raise ConfigError(
-            f"algorithm.filter_groups.metric={self.name!r}: none of the {self.scored} rewards scored in step {step} "
-            f"gives such a figure (they give {', '.join(sorted({'acc', 'score'} | self.given))}), so every group "
-            "was dropped: a misspelt key, or a task that gives the figure to no answer yet (filter on score or acc)")
+            f"algorithm.filter_groups.metric={self.name!r}: none of the {self.scored} rewards scored in the "
+            f"{self.batches} generation batches of step {step} gives such a figure (they give "
+            f"{', '.join(sorted({'acc', 'score'} | self.given))}), so every group was dropped: a misspelt key, or a "
+            "task that gives the figure to no answer yet (filter on score or acc)")
 
 
 def shaped_scores(rewards: list[RewardResult], completions: list[Completion], *, enable: bool,

@@ -94,7 +94,8 @@ class Trainer:
         filtering = cfg.algorithm.filter_groups
         self._check_filter_metric = filtering.enable and filtering.metric not in ("acc", "score")
         """Whether no reward has given the filter metric yet (checked on rank 0 each step until one does)."""
-        self.sinks = MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps) if self.rank0 else None
+        self.sinks = (MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps,
+                                  training=not cfg.trainer.val_only) if self.rank0 else None)
         self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
         self.step = 0
         self.reward_seconds = 0.0
@@ -258,20 +259,20 @@ class Trainer:
                 generate_batch()
             return None
 
-        metric = self.config.algorithm.filter_groups.metric
-        check = FilterMetricCheck(metric)
+        filtering = self.config.algorithm.filter_groups
+        check = FilterMetricCheck(filtering.metric, patience=filtering.max_num_gen_batches or 10)
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
             groups = generate_batch()
-            check.add(groups)
+            if self._check_filter_metric:  # before the sampler drops every group for want of the figure
+                check.add(groups)
+                self._check_filter_metric = not check.check(self.step + 1)
             return groups
 
         with self._stops_everyone():
-            sampled = self.sampler.collect(next_batch, lambda g: g.metric(metric), progress=self._progress_line())
-            if self._check_filter_metric:
-                self._check_filter_metric = not check.check(self.step + 1)
-            return sampled
+            return self.sampler.collect(next_batch, lambda g: g.metric(filtering.metric),
+                                        progress=self._progress_line())
 
     def _progress_line(self):
         """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step

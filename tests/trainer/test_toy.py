@@ -346,7 +346,8 @@ def score(response, ground_truth, extra_info):
 def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_path):
     """algorithm.filter_groups.metric names a task's own figure that failed rewards do not give: those responses
     are left out of the variance test and counted, and the run trains on. A misspelt figure, which drops every
-    group, stops the run at the end of its first step, naming the key and the figures the rewards give. (The data's prompts are under
+    group, stops the run once a step's max_num_gen_batches (4) have passed, naming the key and the figures the
+    rewards give. (The data's prompts are under
     another column here, named by data.prompt_key.)"""
     (tmp_path / "flaky.py").write_text(FLAKY_REWARD)
     run_dir = _linked_run_dir(toy_run, tmp_path)
@@ -362,8 +363,9 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=rigth"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in step 1 gives such "
-                     r"a figure \(they give acc, right, score\)", proc.stderr), proc.stderr[-4000:]
+    assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in the 4 generation "
+                     r"batches of step 1 gives such a figure \(they give acc, right, score\)", proc.stderr), \
+        proc.stderr[-4000:]
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=right"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -164,12 +164,14 @@ class SGLangEngine(RolloutEngine):
 
     def end_weight_update(self, version: int) -> None:
         if self._ledger is not None:
-            self._ledger.end(version)  # every tensor arrived, or the push stays open: stale
+            self._ledger.check_complete()  # every tensor arrived, or the push stays open: stale
         if hasattr(self.engine, "end_weight_update"):
             expect_success(self.engine.end_weight_update(), "end_weight_update")
         expect_success(self.engine.flush_cache(), "flush_cache")
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()  # free the buckets' blocks that SGLang's workers have let go of
+        if self._ledger is not None:
+            self._ledger.end(version)
         self._version, self._open, self._weights_lost = version, False, False
 
     # ---- memory -----------------------------------------------------------------------------
