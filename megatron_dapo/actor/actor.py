@@ -222,21 +222,29 @@ class MegatronActor:
                 "logp": logp.float(), "entropy": entropy.float()}
 
         outputs = self._run(micro_batches, collect, forward_only=True)
-        result = torch.zeros(2, *batch.tokens.shape, dtype=torch.float32, device=self.device)
+        # Only the positions inside each row's length travel, packed row after row at offsets every rank
+        # computes alike from the lengths: a batch of long-tailed response lengths is mostly padding.
+        lengths = batch.lengths.long()
+        starts = torch.cumsum(lengths, 0) - lengths
+        packed = torch.zeros(2, int(lengths.sum()), dtype=torch.float32, device=self.device)
         if self._is_last_stage():
             for mb, out in zip(micro_batches, outputs):
                 if mb.rows:
-                    s = out["logp"].shape[1]
-                    result[0, mb.rows, :s] = out["logp"]
-                    result[1, mb.rows, :s] = out["entropy"]
+                    rows = torch.tensor(mb.rows)
+                    width = torch.arange(out["logp"].shape[1])
+                    inside = width < lengths[rows][:, None]  # [b, s]: row-major, as the packing
+                    where = (starts[rows][:, None] + width)[inside].to(self.device)
+                    inside = inside.to(self.device)
+                    packed[0, where] = out["logp"][inside]
+                    packed[1, where] = out["entropy"][inside]
         ps = self._groups()
-        dist.all_reduce(result, group=ps.get_pipeline_model_parallel_group())
-        dist.all_reduce(result, group=ps.get_data_parallel_group())
-        # Padding positions hold whatever the micro-batch cut left there: zero them, so the result does
-        # not depend on the layout or the token budget.
-        valid = torch.arange(batch.tokens.shape[1]) < batch.lengths[:, None]
-        valid[:, 0] = False
-        return result[0].cpu() * valid, result[1].cpu() * valid
+        dist.all_reduce(packed, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(packed, group=ps.get_data_parallel_group())
+        valid = torch.arange(batch.tokens.shape[1]) < lengths[:, None]
+        result = torch.zeros(2, *batch.tokens.shape, dtype=torch.float32)
+        result[:, valid] = packed.cpu()
+        result[:, :, 0] = 0.0  # no log-prob for the first token
+        return result[0], result[1]
 
     # ---- the update ------------------------------------------------------------------------
 
