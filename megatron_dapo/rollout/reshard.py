@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_dapo.actor.export import stage_hf_tensors
 from megatron_dapo.parallel.init import default_device, raise_on_every_rank
+from megatron_dapo.rollout.engine import RolloutError
 
 
 @dataclass
@@ -75,28 +76,46 @@ def _hf_tensors_for_engine(actor, replicas: tuple[int, ...]) -> Iterator[tuple[s
 def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[int, ...] = (0,)) -> PushStats | None:
     """Push the actor's weights into `engine` (on the first rank of each replica in `replicas`; None elsewhere).
 
-    Collective over those replicas. Returns the push's figures where an engine is, None elsewhere.
+    Collective over every rank. Returns the push's figures where an engine is, None elsewhere. An engine that
+    refuses a call (a bucket's names or shapes, an incomplete push, SGLang's answer) is left stale and called no
+    more; its host keeps taking part in the gathers and sends of the rest of the push, and then every rank
+    raises RolloutError with the engine's message, none is left waiting in a collective.
     """
     actor.check_resident()  # the same answer on every rank: all refuse, none waits
     start = time.perf_counter()
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []
     size = count = total = buckets = 0
+    error: str | None = None
+
+    def call(method, *args) -> None:
+        nonlocal error
+        if error is None:
+            try:
+                method(*args)
+            except Exception as err:
+                error = (f"the weight push into the rollout engine failed ({method.__name__}): "
+                         f"{type(err).__name__}: {err}")
+
     if engine is not None:
-        engine.begin_weight_update()
+        call(engine.begin_weight_update)
     for name, tensor in _hf_tensors_for_engine(actor, replicas):
+        if error is not None:  # the engine is out of this push: only the collectives go on
+            continue
         bucket.append((name, tensor.detach().clone()))
         size += tensor.numel() * tensor.element_size()
         count += 1
         if size >= limit:
-            engine.update_weights(bucket)
+            call(engine.update_weights, bucket)
             total, buckets, bucket, size = total + size, buckets + 1, [], 0
+    if engine is not None:
+        if bucket:
+            call(engine.update_weights, bucket)
+            total, buckets = total + size, buckets + 1
+        call(engine.end_weight_update, version)
+    raise_on_every_rank(error, RolloutError)
     if engine is None:
         return None
-    if bucket:
-        engine.update_weights(bucket)
-        total, buckets = total + size, buckets + 1
-    engine.end_weight_update(version)
     return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
 
 

@@ -116,7 +116,27 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
         dist.barrier()
 
 
-CHECKS = [check_engine_follows_the_trainer_after_every_push, check_two_engines_each_follow_their_replica]
+def check_a_push_the_engine_refuses_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
+    """Qwen2's weights (q/k/v biases) pushed into an engine built for Qwen3 (no biases, q/k norms): the engine
+    refuses the first bucket on rank 0 while ranks 1-3 are still gathering and sending the rest. Every rank
+    raises the engine's message, and the engine stays stale."""
+    from megatron_dapo.rollout.embedded import EmbeddedEngine
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
+    from megatron_dapo.rollout.reshard import push_weights
+
+    actor = _actor(workdir / "qwen2", 2, 2, False)
+    engine = EmbeddedEngine.from_pretrained(workdir / "qwen3") if rank == 0 else None
+    refused = (r"(?s)failed \(update_weights\): RolloutError: update_weights\(\) rejected .*"
+               r"unknown tensor 'model.layers.0.self_attn.q_proj.bias'.*found on rank 0")
+    with pytest.raises(RolloutError, match=refused):
+        push_weights(actor, engine, version=1, bucket_mb=1)
+    if engine is not None:
+        with pytest.raises(StaleWeightsError):
+            engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+
+
+CHECKS = [check_engine_follows_the_trainer_after_every_push, check_two_engines_each_follow_their_replica,
+          check_a_push_the_engine_refuses_stops_every_rank]
 
 
 @pytest.fixture(scope="module")
