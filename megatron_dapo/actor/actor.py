@@ -20,7 +20,7 @@ from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
-from megatron_dapo.parallel.init import default_device, raise_on_every_rank
+from megatron_dapo.parallel.init import default_device, stop_together
 
 _SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "entropy", "loss")
 
@@ -277,7 +277,7 @@ class MegatronActor:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)
 
-        refused: list[str] = []
+        refused: list[ValueError] = []
         """Why this rank's loss refused a micro-batch (non-finite inputs); raised on every rank after the schedule."""
 
         def loss_fn(mb: _MicroBatch, logits: torch.Tensor):
@@ -298,7 +298,7 @@ class MegatronActor:
                 # Raising here would stop this rank alone, inside the schedule, while the other pipeline stages
                 # and data-parallel ranks wait on it. The schedule finishes on a loss that moves nothing (its
                 # gradient is zero), and no optimizer step is taken.
-                refused.append(str(err))
+                refused.append(err)
                 return logp.sum() * 0.0, torch.tensor(1, dtype=torch.int, device=device), {}
             sums = out.sums()
             sums["entropy"] = torch.where(mask.bool(), entropy.detach(), 0).sum(dtype=torch.float32)
@@ -314,7 +314,7 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(micro_batches, loss_fn, forward_only=False)
-        raise_on_every_rank(refused[0] if refused else None, ValueError)
+        stop_together(refused[0] if refused else None, ValueError)
         success, grad_norm, _ = self.optimizer.step()
         self.steps += 1
         return self._reduce_metrics(outputs, grad_norm, lr, success)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_dapo.parallel.init import raise_on_every_rank
+from megatron_dapo.parallel.init import stop_together
 
 MARKER = "COMPLETE.json"
 
@@ -97,7 +97,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
         state["optimizer"] = actor.optimizer.sharded_state_dict(model_sd, metadata=metadata)
     dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
     dist.barrier()
-    error = None
+    failure = None
     if dist.get_rank() == 0:
         marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
@@ -106,8 +106,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
             shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
         except OSError as err:  # every rank stops on it, none waits for rank 0
-            error = f"checkpoint {directory}: could not complete it from {partial}: {err}"
-    raise_on_every_rank(error, CheckpointError)
+            failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
+    stop_together(failure, CheckpointError)
     return directory
 
 

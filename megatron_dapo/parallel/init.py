@@ -35,17 +35,23 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def raise_on_every_rank(error: str | None, kind: type[Exception] = RuntimeError) -> None:
-    """`kind` raised on every rank when any rank has an `error`, with the first such rank's message: one rank's
-    failure must not leave the others waiting in their next collective. Collective (one scalar when no rank
-    has an error)."""
-    found = torch.tensor(float(error is not None), device=default_device())
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+def stop_together(failure: BaseException | None, kind: type[Exception] = RuntimeError,
+                  group: dist.ProcessGroup | None = None) -> None:
+    """Collective over `group` (default: every rank) after a part that may fail on some ranks only: one rank's
+    failure must not leave the others waiting in their next collective. When a rank has a `failure`, it raises
+    it (its own type and traceback) and every other rank raises `kind` with the first failing rank's message.
+    Costs one scalar all-reduce when no rank failed."""
+    gloo = group is not None and dist.get_backend(group) == "gloo"
+    found = torch.tensor(float(failure is not None), device="cpu" if gloo else default_device())
+    dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
     if not found.item():
         return
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    rank, message = next((r, e) for r, e in enumerate(errors) if e is not None)
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if failure is None else str(failure), group=group)
+    if failure is not None:
+        raise failure
+    index, message = next((i, m) for i, m in enumerate(messages) if m is not None)
+    rank = dist.get_global_rank(group, index) if group is not None else index
     raise kind(f"{message} [found on rank {rank}; every rank stops]")
 
 

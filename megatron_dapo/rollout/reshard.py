@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.export import stage_hf_tensors
-from megatron_dapo.parallel.init import default_device, raise_on_every_rank
+from megatron_dapo.parallel.init import default_device, stop_together
 from megatron_dapo.rollout.engine import RolloutError
 
 
@@ -86,21 +86,22 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []
     size = count = total = buckets = 0
-    error: str | None = None
+    failure: RolloutError | None = None
 
     def call(method, *args) -> None:
-        nonlocal error
-        if error is None:
+        nonlocal failure
+        if failure is None:
             try:
                 method(*args)
             except Exception as err:
-                error = (f"the weight push into the rollout engine failed ({method.__name__}): "
-                         f"{type(err).__name__}: {err}")
+                failure = RolloutError(f"the weight push into the rollout engine failed ({method.__name__}): "
+                                       f"{type(err).__name__}: {err}")
+                failure.__cause__ = err
 
     if engine is not None:
         call(engine.begin_weight_update)
     for name, tensor in _hf_tensors_for_engine(actor, replicas):
-        if error is not None:  # the engine is out of this push: only the collectives go on
+        if failure is not None:  # the engine is out of this push: only the collectives go on
             continue
         bucket.append((name, tensor.detach().clone()))
         size += tensor.numel() * tensor.element_size()
@@ -113,7 +114,7 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
             call(engine.update_weights, bucket)
             total, buckets = total + size, buckets + 1
         call(engine.end_weight_update, version)
-    raise_on_every_rank(error, RolloutError)
+    stop_together(failure, RolloutError)
     if engine is None:
         return None
     return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
@@ -145,16 +146,18 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> flo
     where a rank has none); all ranks get it. NaN from an engine counts as infinitely far off; an engine that
     cannot score the probe at all stops every rank with its error."""
     diff = torch.zeros(1, dtype=torch.float64, device=default_device())
-    error = None
+    failure = None
     if engine is not None:
         try:
             scored = engine.score(probe.tolist(), PROBE_TEMPERATURE)
             diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
         except Exception as err:
-            error = f"the rollout engine could not score the weight-parity probe: {type(err).__name__}: {err}"
+            failure = RolloutError(f"the rollout engine could not score the weight-parity probe: "
+                                   f"{type(err).__name__}: {err}")
+            failure.__cause__ = err
         if not torch.isfinite(diff).all():  # NaN compares false with any threshold
             diff[0] = float("inf")
-    raise_on_every_rank(error)
+    stop_together(failure, RolloutError)
     if dist.get_world_size() > 1:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())

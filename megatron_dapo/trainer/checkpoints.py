@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.checkpoint import is_complete, load_actor, save_actor
+from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -42,7 +43,7 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
     in: a 32B model takes rank 0 minutes to convert at 0.24 GB/s (docs/performance.md), and a large one
     could outlast the default group's 30-minute timeout. None: the default group."""
     path = save_actor(actor, run_dir / "checkpoints" / f"step_{step:06d}", extra={"trainer": trainer_state})
-    ok = torch.ones(1, device="cpu" if wait_group is not None else actor.device)
+    failure = None
     if dist.get_rank() == 0:
         try:
             if hf is not None:
@@ -57,14 +58,10 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
                               if (m := _STEP.match(p.name)) and is_complete(p))
             for _, old in complete[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        except Exception:
-            ok.zero_()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=wait_group)
-            raise
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=wait_group)  # the other ranks wait here for rank 0
-    if not ok.item():
-        raise RuntimeError(f"rank 0 failed after saving {path} (writing its Hugging Face copy or deleting old "
-                           "checkpoints); its log says why")
+        except Exception as err:
+            failure = err
+    # The other ranks wait here for rank 0; on its failure they stop with its message.
+    stop_together(failure, group=wait_group)
     return path
 
 

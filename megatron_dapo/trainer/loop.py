@@ -27,7 +27,7 @@ from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks
-from megatron_dapo.parallel.init import default_device, init_distributed
+from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
@@ -127,17 +127,12 @@ class Trainer:
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
         a reward file that imports on one node and not on another, say)."""
-        ok = torch.ones(1, device=default_device())  # the actor may not exist yet
+        made = failure = None
         try:
             made = make()
-        except Exception:
-            ok.zero_()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            raise
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not ok.item():
-            raise RuntimeError("another rank failed to start (the run folder, a rollout engine, a reward function "
-                               "or checkpoint.save_hf's folders; its log says why)")
+        except Exception as err:
+            failure = err
+        stop_together(failure)  # the failing rank raises its own error, the others its message
         return made
 
     def _make_engine(self):

@@ -218,7 +218,7 @@ def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
 
 def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tmp_path):
     """A reward file that imports on rank 0 and not on rank 1 (a package missing on one node, say): rank 1
-    names the file and the key, and rank 0 stops at the same point saying another rank failed, before the
+    names the file and the key, and rank 0 stops at the same point with rank 1's message, before the
     actor is built, rather than going on alone into the actor's collectives."""
     (tmp_path / "node_reward.py").write_text(
         "import os\n"
@@ -232,7 +232,7 @@ def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tm
     assert proc.returncode != 0
     assert "a_package_missing_on_this_node" in proc.stderr and "reward.functions.math_dapo" in proc.stderr, \
         proc.stderr[-4000:]
-    assert "another rank failed to start" in proc.stderr, proc.stderr[-4000:]
+    assert "[found on rank 1; every rank stops]" in proc.stderr, proc.stderr[-4000:]  # rank 0's words
     assert not (run_dir / "checkpoints").exists()
 
 
