@@ -101,6 +101,49 @@ def test_tp_combine_of_shard_statistics(shards):
     assert ((lse - ez).double() - ref_h).abs().max().item() <= 1e-4
 
 
+def test_slices_of_padding_only():
+    """A tiny vocabulary over many ranks: the last slices hold padding only (valid = 0). Their statistics
+    must drop out of the combine and their gradient must be zero, as in the reference."""
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    tokens, vocab, shards, width = 9, 20, 8, 4  # slices 5, 6 and 7 start at or past the vocabulary
+    logits = torch.randn(tokens, shards * width, device="cuda", generator=gen).to(torch.bfloat16)
+    logits[:, vocab:] = 30.0  # padding must not count
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    stats, grads = [], []
+    g_lp = torch.randn(tokens, device="cuda", generator=gen)
+    g_h = torch.randn(tokens, device="cuda", generator=gen)
+    for r in range(shards):
+        start = r * width
+        local = targets - start
+        local = torch.where((local >= 0) & (local < width), local, -1)
+        valid = max(0, min(width, vocab - start))
+        shard = logits[:, start:start + width].contiguous()
+        _poison(tokens * 16)
+        got = extension.EXTENSION.logprob_stats(shard, local, 1.0, valid)
+        want = lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        stats.append(got)
+    logp, lse, ez = lp_ops.combine_stats(torch.stack(stats))
+    ref_lp, ref_h = _fp64_reference(logits, targets, 1.0, vocab)
+    assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
+    assert ((lse - ez).double() - ref_h).abs().max().item() <= 1e-4
+    for r in range(shards):
+        start = r * width
+        local = targets - start
+        local = torch.where((local >= 0) & (local < width), local, -1)
+        valid = max(0, min(width, vocab - start))
+        shard = logits[:, start:start + width].contiguous()
+        grad = torch.full_like(shard, float("nan"))
+        extension.EXTENSION.logprob_grad_into(shard, local, lse, ez, g_lp, g_h, 1.0, valid, grad)
+        grads.append(grad)
+    ref_grad = _fp64_grad(logits, targets, 1.0, vocab, g_lp, g_h)
+    got_grad = torch.cat(grads, dim=1)
+    assert torch.isfinite(got_grad).all(), "an unwritten gradient element"
+    assert (got_grad[:, vocab:] == 0).all()
+    assert (got_grad.double() - ref_grad).abs().max().item() <= 1e-2 * ref_grad.abs().max().item()
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 4099, 1 << 20])
 @pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
 def test_loss_kernel_against_fp64_reference(tokens, mask_kind):
