@@ -52,14 +52,18 @@ def warm_start(folder: Path, tokenizer, train: list[str], seed: int, steps: int 
 
 
 def prepare(run_dir: Path, seed: int) -> list[str]:
-    """Make the tokenizer, data and warm start in run_dir (once); the overrides that point the config at them."""
-    base = run_dir / "base"
-    if not (base / "model.safetensors").is_file():
-        tokenizer = make_char_tokenizer(base, CHARS, TEMPLATE)
+    """Make the tokenizer, data and warm start in run_dir (once); the overrides that point the config at them.
+
+    The tokenizer has its own folder: next to the model's Qwen2 config.json, AutoTokenizer would load it as
+    Qwen2's tokenizer class, whose pre-tokenizer drops the prompt's newline and the answer's space, so the
+    trainer would see other token ids than the warm start was fitted on."""
+    base, tokenizer_dir = run_dir / "base", run_dir / "tokenizer"
+    if not ((base / "model.safetensors").is_file() and (tokenizer_dir / "tokenizer.json").is_file()):
+        tokenizer = make_char_tokenizer(tokenizer_dir, CHARS, TEMPLATE)
         train = make_data(run_dir / "data", seed)
         warm_start(base, tokenizer, train, seed)
-    return [f"model.path={base}", f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]",
-            f"data.val_files=[{run_dir / 'data' / 'val.jsonl'}]"]
+    return [f"model.path={base}", f"model.tokenizer_path={tokenizer_dir}",
+            f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]", f"data.val_files=[{run_dir / 'data' / 'val.jsonl'}]"]
 
 
 def main(argv: list[str]) -> int:

@@ -78,7 +78,7 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     assert state == "COMPLETED"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    for made_once in ("base", "data"):  # skip the warm start: the first run made it
+    for made_once in ("base", "tokenizer", "data"):  # skip the warm start: the first run made it
         (run_dir / made_once).symlink_to(first_dir / made_once)
     # No periodic checkpoint: the only one before the end is the one the stop request makes. The run folder is
     # an argument, over the RUN_DIR variable: the stop request must still reach it.

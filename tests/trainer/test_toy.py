@@ -34,8 +34,8 @@ def _linked_run_dir(toy_run: Path, tmp_path: Path) -> Path:
     """A fresh run folder that shares the toy run's tokenizer, warm start and data (made once per module)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "base").symlink_to(toy_run / "base")
-    (run_dir / "data").symlink_to(toy_run / "data")
+    for made_once in ("base", "tokenizer", "data"):
+        (run_dir / made_once).symlink_to(toy_run / made_once)
     return run_dir
 
 
@@ -49,10 +49,10 @@ def _rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """One uninterrupted 10-step toy run."""
+    """One uninterrupted 20-step toy run (its first 10 steps are those of `_toy_command`'s 10-step runs)."""
     run_dir = tmp_path_factory.mktemp("toy") / "run"
     env = {**os.environ, "MASTER_PORT": _free_port()}
-    proc = subprocess.run(_toy_command(run_dir), cwd=run_dir.parent, env=env, capture_output=True, text=True,
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=20"], cwd=run_dir.parent, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
@@ -63,21 +63,21 @@ def test_toy_example_learns(toy_run):
     rows = _rows(run_dir)
     val = {row["step"]: row["val/acc_avg@4"] for row in rows if "val/acc_avg@4" in row}
     assert 0.1 < val[0] < 0.8, f"the warm start should be right sometimes, not always: {val[0]}"
-    assert val[10] >= val[0] + MARGIN, f"validation did not rise enough: {val}"
+    assert val[20] >= val[0] + MARGIN, f"validation did not rise enough: {val}"
     train = [row for row in rows if "critic/acc_mean" in row]
-    assert len(train) == 10 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train)
+    assert len(train) == 20 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train)
     assert all(key in train[0] for key in ("actor/pg_clipfrac_high", "actor/entropy", "actor/grad_norm",
                                           "sampling/gen_batches", "timing/update", "timing/reward", "perf/tokens_per_s"))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step_000005", "step_000010"], checkpoints
+    assert checkpoints == ["step_000015", "step_000020"], checkpoints
 
     # Two responses as text each step and each validation, with how they scored.
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     train_samples = [s for s in samples if s["split"] == "train"]
-    per_step = [sum(s["step"] == step for s in train_samples) for step in range(1, 11)]
+    per_step = [sum(s["step"] == step for s in train_samples) for step in range(1, 21)]
     kept = [row["sampling/groups_kept"] for row in train]
     assert per_step == [min(2, int(k)) for k in kept], (per_step, kept)  # the first completion of each kept group
-    assert [s["step"] for s in samples if s["split"] == "val"] == [0, 0, 10, 10]
+    assert [s["step"] for s in samples if s["split"] == "val"] == [0, 0, 10, 10, 20, 20]
     for s in samples:
         assert s["acc"] in (0.0, 1.0) and s["finish_reason"] in ("stop", "length") and s["prompt"], s
         assert s["length"] >= 1 and s["response"] and s["ground_truth"].isdigit(), s
@@ -136,12 +136,12 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
 def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     """The trained policy published as a Hugging Face folder and converted back to megatron-core
     (`convert mcore-to-hf`, then `hf-to-mcore`): a run started from it with model.megatron_checkpoint
-    validates at step 0 like the first run after its step 10, so the actor and the rollout engine
+    validates at step 0 like the first run after its step 20, so the actor and the rollout engine
     both hold the trained weights, not model.path's warm start."""
     from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
     from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
 
-    mcore_to_hf(toy_run / "checkpoints" / "step_000010", tmp_path / "policy-hf", dtype=torch.float32,
+    mcore_to_hf(toy_run / "checkpoints" / "step_000020", tmp_path / "policy-hf", dtype=torch.float32,
                 hf_template=toy_run / "base", progress=False)
     hf_to_mcore(tmp_path / "policy-hf", tmp_path / "policy-mcore", progress=False)
     run_dir = _linked_run_dir(toy_run, tmp_path)
@@ -151,12 +151,12 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     first = {row["step"]: row["val/acc_avg@4"] for row in _rows(toy_run) if "val/acc_avg@4" in row}
     started = [row["val/acc_avg@4"] for row in _rows(run_dir) if row["step"] == 0 and "val/acc_avg@4" in row]
-    assert started and abs(started[0] - first[10]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)
+    assert started and abs(started[0] - first[20]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)
 
 
 def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
-    """trainer.val_only on a copy of the finished run: it loads step 10, pushes, validates once and exits,
-    and the validation equals the one the run logged after step 10 (same weights, same seeds)."""
+    """trainer.val_only on a copy of the finished run: it loads step 20, pushes, validates once and exits,
+    and the validation equals the one the run logged after step 20 (same weights, same seeds)."""
     import shutil
 
     run_dir = _linked_run_dir(toy_run, tmp_path)
@@ -166,11 +166,11 @@ def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = _rows(run_dir)
-    assert len(rows) == 1 and rows[0]["step"] == 10, rows
-    expected = next(row for row in _rows(toy_run) if row["step"] == 10 and "val/acc_avg@4" in row)
+    assert len(rows) == 1 and rows[0]["step"] == 20, rows
+    expected = next(row for row in _rows(toy_run) if row["step"] == 20 and "val/acc_avg@4" in row)
     for key in ("val/acc_avg@4", "val/pass@4", "val/score_mean"):
         assert rows[0][key] == expected[key], (key, rows[0][key], expected[key])
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000005", "step_000010"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000015", "step_000020"]
 
 
 def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_path):
@@ -403,8 +403,8 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer_dir.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (toy_run / "base" / name).is_file():
-            (tokenizer_dir / name).write_text((toy_run / "base" / name).read_text())
+        if (toy_run / "tokenizer" / name).is_file():
+            (tokenizer_dir / name).write_text((toy_run / "tokenizer" / name).read_text())
     settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
     (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 12345}))
@@ -423,9 +423,9 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     assert json.loads((hf / "generation_config.json").read_text()).get("eos_token_id") != 12345
 
     # the toy's batch of 8 groups makes 2 mini-batches of 4: schedule steps 0-1 in step 1, 2-3 in step 2 (the last)
-    optim = OptimConfig(lr=2e-3, lr_warmup_steps=1, lr_decay_style="linear", min_lr=1e-4)
+    optim = OptimConfig(lr=1e-3, lr_warmup_steps=1, lr_decay_style="linear", min_lr=1e-4)
     schedule = [learning_rate(optim, i, last_step=3) for i in range(4)]
-    assert schedule[0] == pytest.approx(2e-3) and schedule[3] == pytest.approx(1e-4)
+    assert schedule[0] == pytest.approx(1e-3) and schedule[3] == pytest.approx(1e-4)
     trained_steps = [row for row in _rows(run_dir) if "actor/lr" in row]
     assert trained_steps, "no step trained"
     assert any(row["sampling/groups_kept"] <= 4 for row in trained_steps), trained_steps  # a short step came first
