@@ -1,6 +1,7 @@
 """The actor's megatron-core GPTModel, built from a Hugging Face model folder for one parallel layout."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -64,8 +65,43 @@ def layer_spec(arch: ModelArch):
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
+        adapt_torch_norm()
         return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+
+
+_TORCH_NORM_ADAPTED = False
+
+
+def adapt_torch_norm() -> None:
+    """Make the local spec's norm serve every layout, on CPU and on GPUs without Transformer Engine.
+
+    megatron-core 0.16's transformer/torch_norm.py WrappedTorchNorm (the local spec's norm without apex)
+    asserts `not config.sequence_parallel`, because it does not mark its weights for the tensor-parallel
+    all-reduce of sequence-parallel gradients, and builds torch.nn.RMSNorm in float32 whatever
+    config.params_dtype says. The norm is built without SP here, its weights marked the way Transformer
+    Engine's and apex's norms mark them (finalize_model_grads then all-reduces their gradients over TP),
+    and cast to params_dtype (bf16 on GPU, as Transformer Engine makes them; a float32 weight would also
+    leave torch's fused RMSNorm kernel for its slow path). Idempotent."""
+    global _TORCH_NORM_ADAPTED
+    if _TORCH_NORM_ADAPTED:
+        return
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    build_norm = WrappedTorchNorm.__new__
+
+    def new_norm(cls, config, hidden_size, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        if sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        norm = build_norm(cls, config, hidden_size, *args, **kwargs).to(dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(new_norm)
+    _TORCH_NORM_ADAPTED = True
 
 
 def build_gpt_model(arch: ModelArch, layout: ParallelLayout, *, bf16: bool, recompute: bool = False):

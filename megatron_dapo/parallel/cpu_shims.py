@@ -10,12 +10,12 @@ idempotent and a no-op when CUDA is available. Every patch is scoped to megatron
 2. tensor_parallel/random.py's RNG-state helpers swap the CPU generator's state instead.
 3. Checks no module-global can reach: `x.type() == 'torch.cuda.FloatTensor'` and `x.cuda()`
    (torch.Tensor patched only while three megatron functions run), and WrappedTorchNorm's
-   refusal of sequence_parallel.
+   refusal of sequence_parallel (the local layer spec's norm; applied on GPUs without Transformer
+   Engine too, by actor/model.py).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import logging
@@ -167,23 +167,8 @@ def apply_cpu_shims() -> None:
     _wrap_as_cuda(optimizer, "clip_grad_by_total_norm_fp32")
     _wrap_as_cuda(LanguageModule, "setup_embeddings_and_output_layer")
 
-    # 3b. transformer/torch_norm.py: WrappedTorchNorm (the norm of get_gpt_layer_local_spec without
-    # apex) asserts `not config.sequence_parallel`, because it does not mark its weights for the
-    # TP all-reduce of sequence-parallel grads. Build the norm without SP, then mark the weights
-    # the way FusedLayerNorm does; finalize_model_grads then all-reduces their grads over TP.
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    # 3b. WrappedTorchNorm's refusal of sequence_parallel: not CUDA-only, see actor/model.py.
+    from megatron_dapo.actor.model import adapt_torch_norm
 
-    build_norm = WrappedTorchNorm.__new__
-
-    def new_norm(cls, config, hidden_size, *args, **kwargs):
-        if not config.sequence_parallel:
-            return build_norm(cls, config, hidden_size, *args, **kwargs)
-        config_without_sp = copy.copy(config)
-        config_without_sp.sequence_parallel = False
-        norm = build_norm(cls, config_without_sp, hidden_size, *args, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = True
-        return norm
-
-    WrappedTorchNorm.__new__ = staticmethod(new_norm)
+    adapt_torch_norm()
     _APPLIED = True

@@ -324,10 +324,34 @@ def check_gradient_norm_is_measured_without_clipping(rank: int, world: int, work
     assert norms[0] > 0 and abs(norms[0] - norms[1]) <= 1e-6 * norms[1], norms
 
 
+def check_local_spec_norms_follow_params_dtype_and_sequence_parallel(rank: int, world: int, workdir: Path) -> None:
+    """Without Transformer Engine (every CPU, and GPUs without it) the layers' norms are megatron-core's
+    WrappedTorchNorm, which refuses sequence parallel and is built in float32: here they build with SP,
+    are marked for the TP all-reduce of their gradients, and take the model's dtype (bf16 as on a GPU)."""
+    import torch.distributed as dist
+
+    from megatron_dapo.actor.model import build_gpt_model
+    from megatron_dapo.models.arch import ModelArch
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_model_parallel
+
+    arch = ModelArch.from_pretrained(workdir / "qwen3")  # q/k norms besides the layer norms
+    for sp in (True, False):
+        layout = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sp).layout(dist.get_world_size())
+        init_model_parallel(layout, seed=1)
+        model = build_gpt_model(arch, layout, bf16=True)
+        norms = {name: p for name, p in model.named_parameters() if "norm" in name}
+        assert len(norms) == 2 * arch.num_layers + 2 * arch.num_layers + 1, sorted(norms)  # per layer 2 + q/k
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters()), \
+            {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16}
+        assert all(getattr(p, "sequence_parallel", False) == sp for p in norms.values()), sp
+
+
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
           check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
           check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank,
-          check_gradient_norm_is_measured_without_clipping]
+          check_gradient_norm_is_measured_without_clipping,
+          check_local_spec_norms_follow_params_dtype_and_sequence_parallel]
 
 
 @pytest.fixture(scope="module")
