@@ -5,7 +5,9 @@
 Builds a random Qwen2.5-0.5B-shaped Hugging Face folder (rank 0, once), loads it into the Megatron
 actor at TP = --tp (PP 1; bf16 on a GPU, fp32 on CPU), starts the embedded engine on rank 0 (on its
 GPU when there is one) and times `push_weights` a few times:
-seconds, GB/s of HF-named tensors delivered, buckets. Appends a row to benchmarks/results/push.csv.
+seconds, GB/s of HF-named tensors delivered, buckets; then the weight-parity probe (128 random tokens) after
+the last push: the mean and largest |engine - trainer| log-prob, the figures `rollout.parity_threshold`
+bounds (bf16 on both sides on a GPU). Appends a row to benchmarks/results/push.csv.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dapo.parallel.init import init_distributed
     from megatron_dapo.rollout.embedded import EmbeddedEngine
     from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
-    from megatron_dapo.rollout.reshard import push_weights
+    from megatron_dapo.rollout.reshard import probe_parity, push_weights
 
     layout = init_distributed(ParallelConfig(tensor_model_parallel_size=args.tp), seed=1)
     rank = dist.get_rank()
@@ -57,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         dist.barrier()
         runs.append((time.perf_counter() - start, stats))
+    probe = torch.randint(0, actor.arch.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    parity = probe_parity(actor, engine, probe)
     if rank == 0:
         seconds = statistics.median(s for s, _ in runs)
         stats = runs[-1][1]
         row = {"machine": machine(), "torch": torch.__version__, "tp": args.tp,
                "world": dist.get_world_size(), "bucket_mb": args.bucket_mb, "tensors": stats.tensors,
                "gb": round(stats.bytes / 1e9, 3), "seconds_median": round(seconds, 3),
-               "gb_per_s": round(stats.bytes / seconds / 1e9, 3), "buckets": stats.buckets}
+               "gb_per_s": round(stats.bytes / seconds / 1e9, 3), "buckets": stats.buckets,
+               "probe_mean_diff": f"{parity.mean:.3g}", "probe_max_diff": f"{parity.max:.3g}"}
         print(row, flush=True)
         append_rows(args.out, "push", [row])
     dist.barrier()

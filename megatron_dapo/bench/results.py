@@ -17,13 +17,21 @@ def machine() -> str:
 
 
 def append_rows(folder: str | Path, name: str, rows: list[dict]) -> Path:
-    """Append `rows` to folder/name.csv (header written when the file is new)."""
+    """Append `rows` to folder/name.csv (header written when the file is new). Rows with a column the file
+    lacks rewrite it with that column added (empty in the earlier rows)."""
     path = Path(folder) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
+    earlier, fields = [], []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            earlier, fields = list(reader), list(reader.fieldnames or [])
+    added = [key for row in rows for key in row if key not in fields]
+    fields += list(dict.fromkeys(added))
+    with open(path, "w" if added or not earlier else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if added or not earlier:
             writer.writeheader()
+            writer.writerows(earlier)
         writer.writerows(rows)
     return path

@@ -13,7 +13,8 @@ PANELS = (
     ("clip fractions", ("actor/pg_clipfrac_high", "actor/pg_clipfrac_low")),
     ("dynamic sampling", ("sampling/gen_batches", "sampling/groups_dropped_all_correct",
                           "sampling/groups_dropped_all_wrong")),
-    ("trainer vs engine", ("rollout/probe_logp_max_diff", "rollout/trainer_logp_max_diff")),
+    ("trainer vs engine", ("rollout/probe_logp_mean_diff", "rollout/probe_logp_max_diff",
+                           "rollout/trainer_logp_max_diff")),
     ("grad norm", ("actor/grad_norm",)),
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from megatron_dapo.metrics.config import LoggingConfig
 
 CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", "actor/entropy",
-                "actor/pg_clipfrac_high", "sampling/gen_batches", "rollout/probe_logp_max_diff", "timing/step")
+                "actor/pg_clipfrac_high", "sampling/gen_batches", "rollout/probe_logp_mean_diff", "timing/step")
 
 
 class MetricSinks:

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
@@ -56,8 +58,9 @@ class RolloutConfig:
     """Top-k sampling; -1 disables it."""
     weight_bucket_mb: int = 512
     """Size of one weight-sync bucket from the trainer to the engine."""
-    parity_threshold: float = 0.05
-    """Stop the run when the engine's and the trainer's probe log-probs differ by more than this."""
+    parity_threshold: float | None = None
+    """Stop the run when the engine's and the trainer's log-probs of the probe differ by more than this, on
+    average over its tokens. None: PARITY_FLOAT32 where both compute in float32, PARITY_HALF otherwise."""
     val: ValidationSamplingConfig = field(default_factory=ValidationSamplingConfig)
     """Sampling settings for validation."""
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
@@ -69,9 +72,29 @@ class RolloutConfig:
         problems = sampling_problems("rollout", self.n, self.temperature, self.top_p, self.top_k)
         if self.engines < 1:
             problems.append(f"rollout.engines must be >= 1, got {self.engines}")
-        if not self.parity_threshold >= 0:
+        if self.parity_threshold is not None and not self.parity_threshold >= 0:
             problems.append(f"rollout.parity_threshold must be >= 0, got {self.parity_threshold}")
         if self.weight_bucket_mb < 1:
             problems.append(f"rollout.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
         if problems:
             raise ConfigError(problems)
+
+    def parity_threshold_for(self, trainer_float32: bool) -> float:
+        """rollout.parity_threshold, or its default for the trainer's and the engine's precision."""
+        if self.parity_threshold is not None:
+            return self.parity_threshold
+        engine_float32 = (self.name == "embedded"
+                          and self.embedded.torch_dtype(self.embedded.torch_device()) == torch.float32)
+        return PARITY_FLOAT32 if trainer_float32 and engine_float32 else PARITY_HALF
+
+
+PARITY_FLOAT32 = 1e-3
+"""Default probe bound (mean |difference| of log-probs) where trainer and engine both run float32: their
+log-probs then agree to ~1e-6 (CPU, tests/trainer/test_toy.py)."""
+PARITY_HALF = 0.5
+"""Default bound where either side runs bf16 (or fp16). Rounding alone moves log-probs by about 0.1 on average
+where logits reach ~45 (measured on a CPU: a random Qwen2-shaped model, hidden 512, 4 layers, its output layer
+scaled up to such logits, bf16 against float32 on the same weights: 0.10 mean, 0.33 largest over 47 tokens; two
+bf16 implementations can differ by up to about twice that), while weights in the wrong place move log-probs by
+nats. In bf16 an engine one step behind is not told apart from rounding; the push's own checks (every tensor
+named, shaped and present) cover what the probe cannot."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -120,9 +121,19 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
     return PushStats(tensors=count, bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
 
 
-def probe_parity(actor, engine, probe: torch.Tensor) -> float:
-    """Largest |engine log-prob - trainer log-prob| over the probe sequences [B, S] and every rank's engine
-    (None where a rank has none); all ranks get it."""
+class ProbeDiff(NamedTuple):
+    """|engine log-prob - trainer log-prob| over the probe's scored tokens, for the engine that differs most."""
+
+    max: float
+    """The largest difference at one token."""
+    mean: float
+    """The mean difference over the tokens (what rollout.parity_threshold bounds: one token's bf16 rounding can
+    move its log-prob by ~0.1 while a wrong tensor moves all of them)."""
+
+
+def probe_parity(actor, engine, probe: torch.Tensor) -> ProbeDiff:
+    """The probe sequences [B, S] scored by every rank's engine (None where a rank has none) against the
+    trainer; all ranks get the result."""
     return engine_probe_diff(engine, probe, trainer_probe_logprobs(actor, probe))
 
 
@@ -141,23 +152,23 @@ def trainer_probe_logprobs(actor, probe: torch.Tensor) -> torch.Tensor:
     return actor.compute_logprobs(batch, temperature=PROBE_TEMPERATURE)[0]
 
 
-def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> float:
-    """Largest |engine log-prob - `trainer`| over the probe sequences [B, S] and every rank's engine (None
-    where a rank has none); all ranks get it. NaN from an engine counts as infinitely far off; an engine that
-    cannot score the probe at all stops every rank with its error."""
-    diff = torch.zeros(1, dtype=torch.float64, device=default_device())
+def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> ProbeDiff:
+    """|engine log-prob - `trainer`| over the probe sequences [B, S], largest and mean, for the rank's engine
+    (None where a rank has none); all ranks get the worst engine's. NaN from an engine counts as infinitely far
+    off; an engine that cannot score the probe at all stops every rank with its error."""
+    diff = torch.zeros(2, dtype=torch.float64, device=default_device())
     failure = None
     if engine is not None:
         try:
             scored = engine.score(probe.tolist(), PROBE_TEMPERATURE)
-            diff[0] = max((s.float().cpu() - trainer[i, 1:]).abs().max().item() for i, s in enumerate(scored))
+            gaps = torch.cat([(s.double().cpu() - trainer[i, 1:].double()).abs() for i, s in enumerate(scored)])
+            diff[0], diff[1] = gaps.max(), gaps.mean()
         except Exception as err:
             failure = RolloutError(f"the rollout engine could not score the weight-parity probe: "
                                    f"{type(err).__name__}: {err}")
             failure.__cause__ = err
-        if not torch.isfinite(diff).all():  # NaN compares false with any threshold
-            diff[0] = float("inf")
+        diff[~torch.isfinite(diff)] = float("inf")  # NaN compares false with any threshold
     stop_together(failure, RolloutError)
     if dist.get_world_size() > 1:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff.item())
+    return ProbeDiff(max=float(diff[0]), mean=float(diff[1]))

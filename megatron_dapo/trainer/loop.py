@@ -32,7 +32,7 @@ from megatron_dapo.reward.custom import check_reward_sources, load_reward_functi
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
-from megatron_dapo.rollout.reshard import engine_probe_diff, push_weights, trainer_probe_logprobs
+from megatron_dapo.rollout.reshard import ProbeDiff, engine_probe_diff, push_weights, trainer_probe_logprobs
 from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
@@ -107,9 +107,11 @@ class Trainer:
         dist.barrier()
         probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         prompt = torch.tensor(self.train_set[0].prompt_ids)
-        tail = torch.randint(0, self.actor.arch.vocab_size, (8,), generator=probe_gen)
+        # Random ids from the tokenizer's own: a model's vocabulary often ends in rows never trained.
+        tail = torch.randint(0, min(self.actor.arch.vocab_size, len(tokenizer)), (8,), generator=probe_gen)
         self.probe = torch.cat([prompt, tail])[None]
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
+        self.parity_threshold = cfg.rollout.parity_threshold_for(trainer_float32=not self.actor.transformer_config.bf16)
 
     def _check_fresh_start(self) -> None:
         """ConfigError when checkpoint.resume=false would train into a folder that holds an earlier run's
@@ -226,7 +228,8 @@ class Trainer:
                 metrics.update(push.metrics())
             self.memory.to_generation(timer)  # the engine is whole again; the probe needs its KV cache
             with timer("reshard"):
-                metrics["rollout/probe_logp_max_diff"] = self._probe(trainer_probe, f"of step {self.step + 1}")
+                probe = self._probe(trainer_probe, f"of step {self.step + 1}")
+                metrics["rollout/probe_logp_max_diff"], metrics["rollout/probe_logp_mean_diff"] = probe
             if cfg.actor.offload:
                 metrics["actor/offloaded_gb"] = self.memory.offloaded_bytes / 1e9
             tokens = int(batch.lengths.sum())
@@ -433,9 +436,9 @@ class Trainer:
                 f"{self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr, or check the rewards and advantages "
                 "of this step's samples.jsonl)")
 
-    def _probe(self, trainer_probe: torch.Tensor, when: str) -> float:
+    def _probe(self, trainer_probe: torch.Tensor, when: str) -> ProbeDiff:
         """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after
-        the push); a difference over rollout.parity_threshold stops the run before the engines generate.
+        the push); a mean difference over the parity threshold stops the run before the engines generate.
         Non-finite log-probs from the trainer itself stop it first, named as what they are: diverged weights,
         not a bad push."""
         if not torch.isfinite(trainer_probe).all():  # every rank has the same probe log-probs
@@ -443,13 +446,13 @@ class Trainer:
                 f"after the weight push {when} the trainer's own log-probs of the probe are not finite: its weights "
                 f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "
                 f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr and start again)")
-        threshold = self.config.rollout.parity_threshold
+        threshold = self.parity_threshold
         diff = engine_probe_diff(self.engine, self.probe, trainer_probe)
-        if not diff <= threshold:
+        if not diff.mean <= threshold:
             raise RuntimeError(
-                f"after the weight push {when} a rollout engine's log-probs differ from the trainer's by "
-                f"{diff:.3g} (> rollout.parity_threshold={threshold}): the engine is not running the weights that "
-                "were trained; stopping before it generates from them")
+                f"after the weight push {when} a rollout engine's log-probs of the probe differ from the trainer's "
+                f"by {diff.mean:.3g} on average, {diff.max:.3g} at most (> rollout.parity_threshold={threshold:g}): "
+                "the engine is not running the weights that were trained; stopping before it generates from them")
         return diff
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:

@@ -48,3 +48,20 @@ def test_bad_sampling_values_name_their_keys_validation_too():
             assert line in str(err.value), str(err.value)
     with pytest.raises(ConfigError, match="reward.timeout_s must be a number of seconds > 0, got nan"):
         load_config(None, ["reward.timeout_s=.nan"])
+
+
+def test_parity_threshold_defaults_to_the_precision_of_trainer_and_engine():
+    """None (the default) resolves to the float32 bound only where the trainer and the embedded engine both run
+    float32; a bf16 side, or SGLang, gets the bound for bf16 rounding; a given value is kept."""
+    from megatron_dapo.rollout.config import PARITY_FLOAT32, PARITY_HALF
+
+    cpu = load_config(None, ["rollout.embedded.device=cpu"]).rollout
+    assert cpu.parity_threshold is None
+    assert cpu.parity_threshold_for(trainer_float32=True) == PARITY_FLOAT32
+    assert cpu.parity_threshold_for(trainer_float32=False) == PARITY_HALF
+    bf16 = load_config(None, ["rollout.embedded.device=cpu", "rollout.embedded.dtype=bfloat16"]).rollout
+    assert bf16.parity_threshold_for(trainer_float32=True) == PARITY_HALF
+    assert load_config(None, ["rollout.name=sglang"]).rollout.parity_threshold_for(trainer_float32=True) == PARITY_HALF
+    given = load_config(None, ["rollout.parity_threshold=0.2", "rollout.embedded.dtype=bfloat16"]).rollout
+    assert given.parity_threshold_for(trainer_float32=False) == 0.2
+    assert load_config(None, ["rollout.parity_threshold=null"]).rollout.parity_threshold is None

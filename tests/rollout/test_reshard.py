@@ -28,15 +28,15 @@ def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, wor
         actor = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
         engine = EmbeddedEngine.from_pretrained(folder) if rank == 0 else None
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
-        before = probe_parity(actor, engine, probe)
+        before = probe_parity(actor, engine, probe).max
         assert before <= 1e-5, f"{family}: engine and trainer disagree before training ({before})"
         for step in range(3):
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                                old_logp=old_logp)
             actor.update(batch, group_size=2)
-            stale = probe_parity(actor, engine, probe)
+            stale = probe_parity(actor, engine, probe).max
             stats = push_weights(actor, engine, version=step + 1, bucket_mb=1)
-            diff = probe_parity(actor, engine, probe)
+            diff = probe_parity(actor, engine, probe).max
             assert stale > 1e-4, f"{family} step {step}: the update did not move the probe ({stale})"
             assert diff <= 1e-5, f"{family} step {step}: engine differs from trainer by {diff} after the push"
             if rank == 0:
@@ -105,9 +105,9 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                                old_logp=old_logp)
             actor.update(batch, group_size=2)
-            stale = probe_parity(actor, engine, probe)
+            stale = probe_parity(actor, engine, probe).max
             stats = push_weights(actor, engine, version=step + 1, bucket_mb=1, replicas=placement.replicas)
-            diff = probe_parity(actor, engine, probe)
+            diff = probe_parity(actor, engine, probe).max
             assert stale > 1e-4, f"TP{tp} PP{pp} step {step}: the update did not move the probe ({stale})"
             assert diff <= 1e-5, f"TP{tp} PP{pp} step {step}: an engine differs from its replica by {diff}"
             assert (stats is not None) == placement.hosts_engine

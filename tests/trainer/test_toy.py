@@ -256,6 +256,33 @@ def test_diverged_weights_stop_the_run_named_as_such(toy_run, tmp_path, mini_bat
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
+def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
+    """A bf16 engine behind the float32 trainer: the probe's log-probs differ by bf16 rounding (~0.03 on average
+    here). The default threshold for mixed precision lets the run train and logs the difference; the float32
+    default, given explicitly, stops it after the first push with both figures named and nothing saved."""
+    from megatron_dapo.rollout.config import PARITY_FLOAT32, PARITY_HALF
+
+    runs = {}
+    for name, extra in (("default", []), ("float32", [f"rollout.parity_threshold={PARITY_FLOAT32}"])):
+        (tmp_path / name).mkdir()
+        run_dir = _linked_run_dir(toy_run, tmp_path / name)
+        command = [*_toy_command(run_dir), "rollout.embedded.dtype=bfloat16", "trainer.total_training_steps=1",
+                   "trainer.val_before_train=false", "checkpoint.save_freq=1", *extra]
+        runs[name] = run_dir, subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                                             capture_output=True, text=True, timeout=300)
+    run_dir, proc = runs["default"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = next(row for row in _rows(run_dir) if "critic/acc_mean" in row)
+    assert PARITY_FLOAT32 < row["rollout/probe_logp_mean_diff"] < PARITY_HALF, row
+    assert row["rollout/probe_logp_mean_diff"] <= row["rollout/probe_logp_max_diff"], row
+    run_dir, proc = runs["float32"]
+    assert proc.returncode != 0
+    assert re.search(r"after the weight push of step 1 a rollout engine's log-probs of the probe differ from the "
+                     r"trainer's by [0-9.e-]+ on average, [0-9.e-]+ at most \(> rollout.parity_threshold=0.001\): "
+                     r"the engine is not running the weights that were trained", proc.stderr), proc.stderr[-4000:]
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
 def test_actor_offload_changes_no_step(toy_run, tmp_path):
     """actor.offload=true: the actor's weights and optimizer state go to host memory while the engine
     generates, and come back for training. Steps 1-3 equal the first run's; the run then resumes from
