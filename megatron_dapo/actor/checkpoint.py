@@ -112,17 +112,24 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
 
 
 def _materialize_adam_state(optimizer) -> None:
-    """Give every parameter of a fresh torch AdamW its state (step, exp_avg, exp_avg_sq), to be
-    overwritten by the load. megatron-core reads the step count off the state it is about to replace;
-    with Transformer Engine's or apex's fused Adam (no per-parameter step) this is already so."""
+    """Give every parameter of an optimizer that has not stepped yet its Adam state, so that a save before the
+    first step writes zero moments and a load has state to overwrite. torch's AdamW gets (step, exp_avg,
+    exp_avg_sq): megatron-core reads the step count off the state it is about to replace. Transformer Engine's
+    and apex's fused Adam keep no per-parameter step; megatron-core's own init_state_fn gives them their moments
+    (its DistributedOptimizer reads exp_avg of every parameter when it saves, and does not make them itself)."""
     import torch
 
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
+        if not isinstance(inner, torch.optim.AdamW):
+            init_state = getattr(chained, "init_state_fn", None)
+            if init_state is not None:  # fills only the parameters without state
+                init_state(inner, getattr(chained, "config", None))
+            continue
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
-                if not state and isinstance(inner, torch.optim.AdamW):
+                if not state:
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                  exp_avg_sq=torch.zeros_like(param))
 

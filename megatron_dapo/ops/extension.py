@@ -29,5 +29,9 @@ def use_kernel(tensor: torch.Tensor) -> bool:
 def describe() -> str:
     """One line for logs: which implementation the ops use."""
     if EXTENSION is None:
-        return f"fused kernels: not built ({UNAVAILABLE_BECAUSE}); pure-torch references in use"
+        line = f"fused kernels: not built ({UNAVAILABLE_BECAUSE}); pure-torch references in use"
+        if torch.cuda.is_available():  # where it costs: the reference makes float32 copies of the logits
+            line += ("; on a GPU the reference's log-prob backward holds about five float32 [tokens, vocab / TP] "
+                     "arrays besides the logits (the kernels none): reinstall with nvcc present to build them")
+        return line
     return "fused kernels: megatron_dapo._C (CUDA tensors); pure-torch references elsewhere"

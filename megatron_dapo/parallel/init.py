@@ -32,7 +32,8 @@ def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.
 def default_device() -> torch.device:
     """This rank's device, the one the default process group's collectives take tensors on (NCCL: the rank's
     GPU; gloo: the CPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    nccl = torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend() == "nccl")
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def stop_together(failure: BaseException | None, kind: type[Exception] = RuntimeError,

@@ -27,6 +27,7 @@ from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks
+from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
 from megatron_dapo.reward.registry import RewardSample, RewardScorer
@@ -53,6 +54,8 @@ class Trainer:
         self._started(self._check_fresh_start)  # before this run writes anything into the folder
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
+            if torch.cuda.is_available():
+                print(extension.describe(), flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
                 (self.run_dir / "config.yaml").write_text(dump_config(cfg))

@@ -7,13 +7,17 @@ broadcast per bucket, not one per tensor.
 
 SGLang's calls block until its workers have taken part in the collective, so each collective runs
 on a daemon thread while the calling thread talks to the engine. When the engine refuses a bucket
-(it answers (False, message) before joining the broadcast), the error is raised at once and the
-run stops; the broadcast left waiting ends with the group's timeout (`timeout_s`): gloo raises in
-its thread, NCCL's watchdog aborts the process.
+(it answers (False, message) before joining the broadcast), the error is printed and raised at once
+and the run stops; the broadcast left waiting ends with the group's timeout (`timeout_s`): gloo
+raises in its thread, NCCL's watchdog aborts the process. A CUDA bucket is broadcast on a stream of
+its own, which the device's current stream waits for only once the engine has loaded the bucket:
+a broadcast the engine never joined holds up nothing else (the rest of the push's collectives, the
+all-ranks stop), as NCCL's wait on the current stream would.
 """
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_dapo.rollout.engine import RolloutError
 from megatron_dapo.rollout.sglang.wire import dtype_name, expect_success, flatten
 
 GROUP_NAME = "megatron_dapo_weights"
@@ -56,6 +61,15 @@ class _InBackground:
         return self._box.get("value")
 
 
+def _broadcast(tensor: torch.Tensor, group, stream) -> None:
+    """`tensor` from rank 0 of `group`; on `stream` (and the tensor's device) when one is given."""
+    if stream is None:
+        dist.broadcast(tensor, src=0, group=group)
+        return
+    with torch.cuda.device(tensor.device), torch.cuda.stream(stream):  # a new thread starts on device 0
+        dist.broadcast(tensor, src=0, group=group)
+
+
 class BroadcastSender:
     """The host's side of SGLang's `update_weights_from_distributed` (flattened buckets)."""
 
@@ -82,9 +96,20 @@ class BroadcastSender:
         if self.group is None:  # the buckets' device decides: NCCL between GPUs, gloo for CPU tensors
             self.connect("nccl" if bucket.get_flattened_tensor().is_cuda else "gloo")
         metadata = bucket.get_metadata()
-        sending = _InBackground(dist.broadcast, bucket.get_flattened_tensor(), src=0, group=self.group)
-        expect_success(self.engine.update_weights_from_distributed(
-            names=[m.name for m in metadata], dtypes=[dtype_name(m.dtype) for m in metadata],
-            shapes=[list(m.shape) for m in metadata], group_name=GROUP_NAME, flush_cache=False,
-            load_format="flattened_bucket"), "update_weights_from_distributed")
+        tensor, side = bucket.get_flattened_tensor(), None
+        if tensor.is_cuda:
+            side = torch.cuda.Stream(device=tensor.device)
+            side.wait_stream(torch.cuda.current_stream(tensor.device))  # the bucket is written
+            tensor.record_stream(side)
+        sending = _InBackground(_broadcast, tensor, self.group, side)
+        try:
+            expect_success(self.engine.update_weights_from_distributed(
+                names=[m.name for m in metadata], dtypes=[dtype_name(m.dtype) for m in metadata],
+                shapes=[list(m.shape) for m in metadata], group_name=GROUP_NAME, flush_cache=False,
+                load_format="flattened_bucket"), "update_weights_from_distributed")
+        except RolloutError as err:  # said now: the broadcast left waiting may end the process before a raise
+            print(f"weight broadcast to SGLang: {err}", file=sys.stderr, flush=True)
+            raise
         sending.result(timeout=self.timeout_s)  # the bucket's memory stays referenced until here
+        if side is not None:
+            torch.cuda.current_stream(tensor.device).wait_stream(side)
