@@ -38,7 +38,28 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0 if report.fits else 1
 
 
+KNOWN_NOISE = (
+    # megatron-core's imports and model build without Transformer Engine / apex: the trainer uses the local
+    # layer spec (torch norms) and torch's AdamW then, by design; the trainer's first lines say which.
+    (UserWarning, r"(Transformer Engine and )?Apex (is|are) not installed"),
+    (UserWarning, r"full scope is deprecated"),  # TransformerConfig's own default cuda_graph_scope
+    # DistributedOptimizer zeroes the .grad of its float32 shard views (non-leaf views of the parameters).
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
+    # megatron-core 0.16 calls the collectives torch 2.13 renamed.
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+)
+"""Warnings every rank of every run printed, about nothing the run can change: left out of `train`'s output."""
+
+
+def _quiet_known_noise() -> None:
+    import warnings
+
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def _train(args: argparse.Namespace) -> int:
+    _quiet_known_noise()
     from megatron_dapo.parallel.init import shutdown_distributed
     from megatron_dapo.trainer.loop import Trainer
 

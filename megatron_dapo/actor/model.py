@@ -70,6 +70,15 @@ def layer_spec(arch: ModelArch):
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
 
 
+def describe_spec() -> str:
+    """One line for logs: which layer implementations the actor's model is built from."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return "layers: megatron-core's local spec, torch norms and attention (Transformer Engine is not installed)"
+    return "layers: Transformer Engine"
+
+
 _TORCH_NORM_ADAPTED = False
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.actor.batch import ActorBatch
+from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
@@ -54,6 +55,7 @@ class Trainer:
         self._started(self._check_fresh_start)  # before this run writes anything into the folder
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
+            print(describe_spec(), flush=True)
             if torch.cuda.is_available():
                 print(extension.describe(), flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
