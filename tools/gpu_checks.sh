@@ -2,7 +2,7 @@
 # The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
 # inside a time budget (for a machine whose commands have a time limit, 10 minutes say).
 #
-#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push generate embedded
+#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push embedded generate
 #
 # build         the fused kernels, in place (python setup.py build_ext --inplace)
 # kernel-tests  tests/ops/test_kernels_cuda.py: the kernels against fp64 references, odd shapes, TP combine
@@ -12,21 +12,23 @@
 # update        tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
 # push          tools/bench_push.py at TP1: actor -> embedded engine on the GPU, bf16
 # generate      tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
-# embedded      tests/rollout/embedded: the embedded engine's tests, its CUDA one included
+# embedded      tests/rollout/embedded/test_engine.py -k cuda: the embedded engine on the GPU against the CPU (bf16)
 #
-# Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 500); each step is stopped at what is left of it
+# Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 560); each step is stopped at what is left of it
 # (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results
 # (a timeout may overrun by the 10 s a stopped step is given to exit). A failed, stopped or skipped step
 # makes the exit status 1.
 # Wheels: a folder .whl in the repository (megatron-core, liger-kernel; `bash tools/gpu_wheels.sh` fetches
 # them on a machine with PyPI, for a GPU machine without network access) is installed into /tmp/site first.
+# .whl is git-ignored: a remote runner must be told to carry it. Without megatron-core the steps that need it
+# (actor, update, push) are skipped at once, said in the summary, instead of failing one by one.
 # Results: every log, CSV and PNG go into OUT_DIR/gpu_checks.tgz, rewritten after each step (so a command
 # cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last.
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-build kernel-tests kernels actor update push generate embedded}
-budget=${GPU_CHECKS_BUDGET_S:-500}
+steps=${*:-build kernel-tests kernels actor update push embedded generate}
+budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d /tmp/gpu_checks.XXXXXX)
@@ -43,6 +45,12 @@ fi
   python3 -c "import transformers as t; print('transformers', t.__version__)" 2>&1 | tail -n 1
 } >"$work/device.txt" 2>&1
 cat "$work/device.txt"
+megatron=yes
+if ! python3 -c "import megatron.core" >/dev/null 2>&1; then
+  megatron=no
+  echo "!! megatron-core does not import: actor, update and push are skipped (carry .whl, see tools/gpu_wheels.sh)"
+fi
+python3 -c "import liger_kernel" >/dev/null 2>&1 || echo "!! liger-kernel does not import: the kernel benchmark has no Liger rows"
 
 summary=("step          result   time")
 pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
@@ -53,6 +61,13 @@ pack() {  # everything so far into one archive and the summary, so that a cut-of
 step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the budget left, output to NAME.log
   local name=$1 cap=$2
   shift 2
+  case $name in
+    actor|update|push) if [ "$megatron" = no ]; then
+        summary+=("$(printf '%-13s %-8s %5s s  (no megatron-core)' "$name" skipped -)")
+        pack
+        return
+      fi ;;
+  esac
   local left=$((budget - (SECONDS - started)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 20 ]; then
@@ -79,10 +94,10 @@ for name in $steps; do
     kernels) step kernels 180 python3 tools/bench_kernels.py --preset acceptance --out "$work" ;;
     kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;
     actor) step actor 180 python3 -m pytest -q -rs tests/actor/test_actor_gpu.py ;;
-    update) step update 150 torchrun --nproc-per-node 1 tools/bench_update.py --tp 1 --out "$work" ;;
-    push) step push 120 torchrun --nproc-per-node 1 tools/bench_push.py --tp 1 --out "$work" ;;
+    update) step update 150 python3 -m torch.distributed.run --nproc-per-node 1 tools/bench_update.py --tp 1 --out "$work" ;;
+    push) step push 120 python3 -m torch.distributed.run --nproc-per-node 1 tools/bench_push.py --tp 1 --out "$work" ;;
     generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
-    embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded ;;
+    embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded/test_engine.py -k cuda ;;
     *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
   esac
 done

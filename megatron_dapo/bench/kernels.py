@@ -91,7 +91,8 @@ def _logprob_impls(logits, targets, temperature, valid):
     impls["reference"] = (lambda: combine_stats(local_stats(logits, targets, temperature, valid)[None]),
                           lambda: local_grad(logits, targets, lse, ez, ones, ones, temperature, valid))
     try:
-        stats_c, grad_c = torch.compile(local_stats), torch.compile(local_grad)
+        # dynamic: one graph for every shape of a dtype, not a recompile per shape of the grid
+        stats_c, grad_c = torch.compile(local_stats, dynamic=True), torch.compile(local_grad, dynamic=True)
         impls["torch.compile"] = (lambda: combine_stats(stats_c(logits, targets, temperature, valid)[None]),
                                   lambda: grad_c(logits, targets, lse, ez, ones, ones, temperature, valid))
     except Exception as err:  # no triton, say
@@ -107,8 +108,9 @@ def _logprob_impls(logits, targets, temperature, valid):
         scratch[0].copy_(logits)
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
-    except ImportError:
-        pass
+    except Exception as err:  # not installed, or fails to import (a Triton it does not fit): no Liger row
+        if not isinstance(err, ImportError) or "liger_kernel" not in str(err):
+            print(f"Liger-Kernel does not import: {type(err).__name__}: {err}", file=sys.stderr)
     else:
         # Liger's cross entropy (-log p of the target, no entropy) computes its gradient in the forward.
         def liger_ce():
@@ -118,8 +120,9 @@ def _logprob_impls(logits, targets, temperature, valid):
         impls["liger (cross entropy)"] = (None, None, liger_ce, refill)
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except ImportError:
-        pass
+    except Exception as err:  # not installed, or fails to import (a Triton it does not fit): no Liger row
+        if not isinstance(err, ImportError) or "liger_kernel" not in str(err):
+            print(f"Liger-Kernel does not import: {type(err).__name__}: {err}", file=sys.stderr)
     else:
         # Liger's GRPO loss with loss_type="dapo": log-prob from the logits and the clipped loss, fused; its
         # logits are [batch, completion + 1, vocab], here one row of all the tokens.

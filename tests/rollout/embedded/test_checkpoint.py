@@ -9,9 +9,11 @@ import transformers
 
 from megatron_dapo.models.arch import ModelError
 from megatron_dapo.models.hf_io import INDEX
-from megatron_dapo.rollout.embedded import EmbeddedEngine
+from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import RolloutError
 from tests.tiny_models import hf_score
+
+CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
 
 PROBE = [[4, 8, 15, 16, 23, 42], [108, 3, 77]]
 
@@ -20,14 +22,14 @@ def test_sharded_checkpoint_loads(qwen2, tmp_path):
     qwen2.hf.save_pretrained(tmp_path, max_shard_size="20KB")
     shards = set(json.loads((tmp_path / INDEX).read_text())["weight_map"].values())
     assert len(shards) > 2
-    engine = EmbeddedEngine.from_pretrained(tmp_path)
+    engine = EmbeddedEngine.from_pretrained(tmp_path, CPU)
     for seq, got in zip(PROBE, engine.score(PROBE, 1.0)):
         torch.testing.assert_close(got, hf_score(qwen2.hf, seq, 1.0), rtol=0, atol=1e-5)
 
 
 def test_state_dict_and_folder_give_the_same_engine(tiny):
-    from_folder = EmbeddedEngine.from_pretrained(tiny.folder)
-    from_state = EmbeddedEngine.from_state_dict(tiny.hf.config, tiny.hf.state_dict())
+    from_folder = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
+    from_state = EmbeddedEngine.from_state_dict(tiny.hf.config, tiny.hf.state_dict(), CPU)
     for a, b in zip(from_folder.score(PROBE, 1.0), from_state.score(PROBE, 1.0)):
         assert torch.equal(a, b)
 
@@ -40,17 +42,17 @@ def test_checkpoint_missing_a_tensor_is_refused(qwen2):
 
 def test_folder_without_config_or_weights_is_refused(qwen2, tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
-        EmbeddedEngine.from_pretrained(tmp_path)
+        EmbeddedEngine.from_pretrained(tmp_path, CPU)
     (tmp_path / "config.json").write_text((qwen2.folder / "config.json").read_text())
     with pytest.raises(ModelError, match=r"no \*.safetensors"):
-        EmbeddedEngine.from_pretrained(tmp_path)
+        EmbeddedEngine.from_pretrained(tmp_path, CPU)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     gpt2.save_pretrained(tmp_path)
     with pytest.raises(ModelError) as err:
-        EmbeddedEngine.from_pretrained(tmp_path)
+        EmbeddedEngine.from_pretrained(tmp_path, CPU)
     message = str(err.value)
     assert "GPT2LMHeadModel" in message
     for supported in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"):

@@ -10,12 +10,14 @@ from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import RolloutError, SamplingParams
 from tests.tiny_models import hf_score
 
+CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
+
 GREEDY = SamplingParams(max_new_tokens=4, top_k=1)
 
 
 @pytest.fixture(scope="module")
 def engine(qwen2):
-    return EmbeddedEngine.from_pretrained(qwen2.folder)
+    return EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
 
 
 def test_empty_prompt_is_refused(engine):
@@ -38,7 +40,7 @@ def test_prompt_plus_max_new_tokens_past_the_context_is_refused(engine, qwen2):
 
 
 def test_configured_limit_is_enforced(qwen2):
-    short = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(max_seq_len=10))
+    short = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cpu", max_seq_len=10))
     with pytest.raises(RolloutError, match="11 > the engine's limit of 10"):
         short.generate([[1] * 7], GREEDY)
 
@@ -55,7 +57,7 @@ def test_no_prompts_no_completions(engine):
 
 
 def test_release_and_resume(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     before = engine.generate([[3, 1, 4]], GREEDY)
     assert engine.cache.allocated_bytes > 0
     engine.release_memory()

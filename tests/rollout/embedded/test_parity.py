@@ -7,6 +7,8 @@ from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import SamplingParams
 from tests.tiny_models import hf_score
 
+CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
+
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32], [7], [26, 53, 58, 97], [84, 62]]
 TOL = 1e-5  # fp32 on both sides; measured max |diff| ~1e-6
 
@@ -20,7 +22,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) ->
 
 def test_greedy_matches_transformers_generate(tiny):
     """Batched prompts of different lengths, n=2, a stop token ending one early: HF's tokens, prompt by prompt."""
-    engine = EmbeddedEngine.from_pretrained(tiny.folder)
+    engine = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
     free_run = [hf_greedy(tiny.hf, p, 12, eos=None) for p in PROMPTS]
     stop = free_run[0][5]  # ends prompt 0 at step 6 at the latest; the others decode on without it
     expected = [hf_greedy(tiny.hf, p, 12, eos=stop) for p in PROMPTS]
@@ -36,7 +38,7 @@ def test_greedy_matches_transformers_generate(tiny):
 
 
 def test_score_matches_transformers_log_softmax(tiny):
-    engine = EmbeddedEngine.from_pretrained(tiny.folder)
+    engine = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
     sequences = [p + [11, 12, 13, 14] for p in PROMPTS] + [[5]]
     for temperature in (1.0, 0.6):
         scores = engine.score(sequences, temperature)
@@ -52,7 +54,7 @@ def test_sampled_logprobs_are_untruncated_and_match_transformers(tiny):
     Ten stop tokens make the completions end at different steps, so rows leave the batch
     mid-decode: this also checks that the KV cache of the rows that stay is intact.
     """
-    engine = EmbeddedEngine.from_pretrained(tiny.folder)
+    engine = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
     temperature = 0.8
     params = SamplingParams(
         max_new_tokens=10, n=3, temperature=temperature, top_k=20, top_p=0.9, seed=1,
@@ -69,7 +71,7 @@ def test_sampled_logprobs_are_untruncated_and_match_transformers(tiny):
 
 def test_batch_size_does_not_change_greedy_output(qwen2):
     params = SamplingParams(max_new_tokens=8, top_k=1, n=2)
-    wide = EmbeddedEngine.from_pretrained(qwen2.folder).generate(PROMPTS, params)
-    narrow_engine = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(max_batch_size=3))
+    wide = EmbeddedEngine.from_pretrained(qwen2.folder, CPU).generate(PROMPTS, params)
+    narrow_engine = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cpu", max_batch_size=3))
     narrow = narrow_engine.generate(PROMPTS, params)  # 8 rows in chunks of 3: prompt 1's samples are split
     assert [[c.token_ids for c in cs] for cs in wide] == [[c.token_ids for c in cs] for cs in narrow]

@@ -6,16 +6,18 @@ import math
 import pytest
 import torch
 
-from megatron_dapo.rollout.embedded import EmbeddedEngine
+from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.embedded.sampling import allowed_tokens
 from megatron_dapo.rollout.engine import SamplingParams
+
+CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
 
 PROMPTS = [[5, 9, 2, 6], [31], [41, 59, 26]]
 
 
 @pytest.fixture(scope="module")
 def engine(qwen2):
-    return EmbeddedEngine.from_pretrained(qwen2.folder)
+    return EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
 from tests.tiny_models import hf_score
 
+CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
+
 PROBE = [[4, 8, 15, 16, 23, 42], [108, 3, 77]]
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
@@ -27,7 +29,7 @@ def buckets(state: dict[str, torch.Tensor], count: int) -> list[list[tuple[str, 
 
 
 def test_complete_push_in_buckets_serves_the_new_weights(tiny):
-    engine = EmbeddedEngine.from_pretrained(tiny.folder)
+    engine = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
     assert engine.weight_version == 0
     new = tiny.redrawn(seed=1)
     before = engine.score(PROBE, 1.0)
@@ -46,7 +48,7 @@ def test_complete_push_in_buckets_serves_the_new_weights(tiny):
 
 
 def test_unknown_name_is_rejected_with_a_close_match_and_nothing_copied(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     before = snapshot(engine)
     engine.begin_weight_update()
     good = ("model.norm.weight", torch.full_like(before["model.norm.weight"], 3.0))
@@ -58,7 +60,7 @@ def test_unknown_name_is_rejected_with_a_close_match_and_nothing_copied(qwen2):
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes_and_nothing_copied(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     before = snapshot(engine)
     engine.begin_weight_update()
     good = ("model.norm.weight", torch.full_like(before["model.norm.weight"], 3.0))
@@ -71,7 +73,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes_and_nothing_copied(qwen2):
 
 
 def test_broken_off_push_leaves_the_engine_stale(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     state = qwen2.redrawn(seed=2).state_dict()
     engine.begin_weight_update()
     engine.update_weights(list(state.items())[:3])  # then the trainer dies
@@ -99,7 +101,7 @@ def test_broken_off_push_leaves_the_engine_stale(qwen2):
 
 
 def test_tied_head_is_optional_and_accepted(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     assert qwen2.hf.config.tie_word_embeddings
     new = qwen2.redrawn(seed=3)
     state = {k: v for k, v in new.state_dict().items() if k != "lm_head.weight"}
@@ -127,7 +129,7 @@ def test_fp32_push_into_bf16_engine_is_converted(qwen2):
 
 
 def test_push_protocol_misuse_is_refused(qwen2):
-    engine = EmbeddedEngine.from_pretrained(qwen2.folder)
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     norm = ("model.norm.weight", torch.ones(64))
     with pytest.raises(RolloutError, match="call begin_weight_update"):
         engine.update_weights([norm])
