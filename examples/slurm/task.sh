@@ -21,5 +21,10 @@ if [ -n "${MEGATRON_DAPO_IFNAME:-}" ]; then
     export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$MEGATRON_DAPO_IFNAME}
 fi
 
+# megatron-core's tensor-parallel layers (without Transformer Engine) overlap their collectives with the
+# gradient matmuls only when each GPU runs kernels in the order they were launched; Megatron-LM's launchers set
+# this too. The SGLang engine's own processes are started without it (megatron_dapo/rollout/sglang/engine.py).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+
 exec torchrun --nnodes="$SLURM_NTASKS" --node-rank="$SLURM_PROCID" --nproc-per-node="$PROCS_PER_TASK" \
     --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m megatron_dapo train "$@"

@@ -82,9 +82,17 @@ class SGLangEngine(RolloutEngine):
 
         gpus = cls.check_startable(config, mode, local_world_size=local_world_size)
         colocated = mode == "colocated"
-        engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
-                               base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
-                               enable_memory_saver=colocated, **config.server_args)
+        # The trainer's CUDA_DEVICE_MAX_CONNECTIONS=1 (for megatron-core's overlapped collectives, see
+        # examples/slurm/task.sh) would serialise the kernels of SGLang's overlapping streams: its processes,
+        # started here, do without it. This process's CUDA context already has its setting.
+        kept = os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+        try:
+            engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
+                                   base_gpu_id=gpus.start, mem_fraction_static=config.mem_fraction_static,
+                                   enable_memory_saver=colocated, **config.server_args)
+        finally:
+            if kept is not None:
+                os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = kept
         if not config.server_args.get("enable_deterministic_inference"):
             print("SGLang samples without the requested seeds unless rollout.sglang.server_args."
                   "enable_deterministic_inference is true: rollouts will not repeat exactly", flush=True)
