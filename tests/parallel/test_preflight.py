@@ -160,18 +160,18 @@ def test_actor_offload_gives_sglang_the_whole_gpu_and_checks_the_push():
 
 
 def test_disaggregated_sglang_takes_gpus_from_the_trainer():
-    overrides = ("rollout.name=sglang", "rollout.mode=disaggregated", "rollout.sglang.tp_size=4",
+    overrides = ("rollout.name=sglang", "rollout.mode=disaggregated", "rollout.engines=1", "rollout.sglang.tp_size=4",
                  "parallel.tensor_model_parallel_size=2", "actor.ppo_mini_batch_size=32")
     report = _check("dapo-qwen3-4b", 1, 8, *overrides)
     text = report.render()
     assert report.fits, text
     assert "= 4 ranks (4 per node; each node's last 4 GPUs are SGLang's)" in text
     assert "layout: TP2+SP x PP1 x DP2 = 4 ranks" in text and "while SGLang generates" not in text
-    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=8")
+    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:3], "rollout.sglang.tp_size=8")
     assert report.problems == ["rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size (8) GPUs "
                                "leave none of a node's 8 for the trainer: lower rollout.sglang.tp_size or use "
                                "rollout.mode=colocated"]
-    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:2], "rollout.sglang.tp_size=2",
+    report = _check("dapo-qwen3-4b", 1, 8, *overrides[:3], "rollout.sglang.tp_size=2",
                     "parallel.tensor_model_parallel_size=4")
     assert report.problems == ["parallel.tensor_model_parallel_size (4) x parallel.pipeline_model_parallel_size (1) = "
                                "4 does not divide 6 ranks: use a number of nodes that makes nodes x 6 a multiple of 4, "
