@@ -223,8 +223,9 @@ class Trainer:
                                            schedule_step=self.step * self.updates_per_step)
             self._check_update(update)
             metrics.update(update)
-            metrics["rollout/trainer_logp_max_diff"] = float(((batch.old_logp - batch.rollout_logp).abs()
-                                                              * batch.loss_mask).max())
+            gaps = (batch.old_logp - batch.rollout_logp).abs() * batch.loss_mask
+            metrics["rollout/trainer_logp_max_diff"] = float(gaps.max())
+            metrics["rollout/trainer_logp_mean_diff"] = float(gaps.sum() / batch.loss_mask.sum().clamp(min=1))
             self.memory.to_push(timer)
             with timer("reshard"):
                 push = self._push(version=self.step + 1)

@@ -66,6 +66,8 @@ def test_toy_example_learns(toy_run):
     assert val[20] >= val[0] + MARGIN, f"validation did not rise enough: {val}"
     train = [row for row in rows if "critic/acc_mean" in row]
     assert len(train) == 20 and all(row["rollout/probe_logp_max_diff"] < 1e-4 for row in train)
+    # The engine's log-probs of what it sampled are the trainer's old log-probs (float32 on both sides).
+    assert all(row["rollout/trainer_logp_mean_diff"] <= row["rollout/trainer_logp_max_diff"] < 1e-4 for row in train)
     assert all(key in train[0] for key in ("actor/pg_clipfrac_high", "actor/entropy", "actor/grad_norm",
                                           "sampling/gen_batches", "timing/update", "timing/reward", "perf/tokens_per_s"))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
