@@ -43,8 +43,9 @@ KNOWN_NOISE = (
     # layer spec (torch norms) and torch's AdamW then, by design; the trainer's first lines say which.
     (UserWarning, r"(Transformer Engine and )?Apex (is|are) not installed"),
     (UserWarning, r"full scope is deprecated"),  # TransformerConfig's own default cuda_graph_scope
-    # DistributedOptimizer zeroes the .grad of its float32 shard views (non-leaf views of the parameters).
-    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
+    # DistributedOptimizer zeroes the .grad of its float32 shard views (non-leaf views of the parameters);
+    # only megatron-core's accesses are left out.
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", r"megatron\."),
     # megatron-core 0.16 calls the collectives torch 2.13 renamed.
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
 )
@@ -54,8 +55,8 @@ KNOWN_NOISE = (
 def _quiet_known_noise() -> None:
     import warnings
 
-    for category, message in KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, *module in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module[0] if module else "")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -276,7 +276,7 @@ def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     from megatron_dapo.cli import KNOWN_NOISE  # and the run's output is free of megatron-core's known noise
 
-    assert not [m for _, m in KNOWN_NOISE if re.search(m, proc.stderr)], proc.stderr[-4000:]
+    assert not [m for _, m, *_ in KNOWN_NOISE if re.search(m, proc.stderr)], proc.stderr[-4000:]
     assert "layers: megatron-core's local spec" in proc.stdout, proc.stdout[-2000:]
     row = next(row for row in _rows(run_dir) if "critic/acc_mean" in row)
     assert PARITY_FLOAT32 < row["rollout/probe_logp_mean_diff"] < PARITY_HALF, row
