@@ -5,40 +5,31 @@ from megatron_dapo.reward.math_dapo import compute_score, extract_answer, normal
 SOLUTION = "Let us add the two numbers step by step.\nSo the total is clear.\n"
 
 
+# The DAPO reference's verifier (Minerva's normalisation) is matched exactly, quirks included: these pin it.
 @pytest.mark.parametrize(
     ("answer", "ground_truth"),
     [
         ("34", "34"),
-        ("34.", "34"),
         ("$34$", "34"),
         ("\\boxed{34}", "34"),
-        ("$\\boxed{34}$.", "34"),
-        ("\\boxed{\\boxed{34}}", "34"),
+        ("$\\boxed{34}$.", "34"),                         # the first $...$ span is the answer
         ("x = 34", "34"),
-        ("34.0", "34"),
-        ("034", "34"),
-        ("-12", "-12"),
-        ("\u221212", "-12"),                               # unicode minus sign
         ("1,000", "1000"),
         ("1{,}000", "1000"),
         ("\\$1,234,567", "1234567"),
         ("12 cm", "12"),
         ("12\\text{ cm}^2", "12"),
-        ("12\\,\\mathrm{cm}", "12"),
         ("5 square units", "5"),
+        ("5 edges", "5"),
         ("30^\\circ", "30"),
         ("30^{\\circ}", "30"),
-        ("45\\%", "45"),
-        ("\\dfrac{3}{4}", "\\frac{3}{4}"),
-        ("\\tfrac34", "\\frac{3}{4}"),
-        ("3/4", "\\frac{3}{4}"),
-        ("\\frac{6}{8}", "3/4"),                           # reduced: 6/8 = 3/4
-        ("\\frac{8}{4}", "2"),
-        ("-\\frac{1}{2}", "-1/2"),
-        ("\\frac{-1}{2}", "-\\frac12"),
-        ("\\left(1, 2\\right)", "(1,2)"),
+        ("\\frac34", "\\frac{3}{4}"),
         ("\\sqrt2", "\\sqrt{2}"),
         ("\\text{Sunday}", "Sunday"),
+        ("\\overline{12}", "12"),
+        ("an 8", "8"),
+        ("1, 000", "1000"),                                # every space goes, then the commas of a digit string
+        ("1,2", "12"),
     ],
 )
 def test_equivalent_forms_are_correct(answer, ground_truth):
@@ -51,13 +42,25 @@ def test_equivalent_forms_are_correct(answer, ground_truth):
     [
         ("35", "34"),
         ("-34", "34"),
-        ("1, 000", "1000"),                                # a list, not a thousands separator
         ("\\frac{3}{4}", "\\frac{4}{3}"),
-        ("0.75", "\\frac{3}{4}"),                          # decimals and fractions are not unified
+        ("0.75", "\\frac{3}{4}"),
         ("3.4", "34"),
-        ("\\times 3", "3"),                                # \times is not the unit word "times"
+        ("\\times 3", "3"),
         ("", "34"),
         ("cm", ""),                                        # empty after normalising: never correct
+        # What the reference does not rewrite, so neither do we:
+        ("34.", "34"),
+        ("34.0", "34"),
+        ("034", "34"),
+        ("\u221212", "-12"),                               # unicode minus sign
+        ("45\\%", "45"),
+        ("\\dfrac{3}{4}", "\\frac{3}{4}"),
+        ("3/4", "\\frac{3}{4}"),
+        ("\\frac{6}{8}", "\\frac{3}{4}"),
+        ("\\(34\\)", "34"),
+        ("{34}", "34"),
+        ("\\mathbf{34}", "34"),
+        ("5 ft", "5"),
     ],
 )
 def test_different_answers_are_wrong(answer, ground_truth):
@@ -66,8 +69,8 @@ def test_different_answers_are_wrong(answer, ground_truth):
 
 
 def test_prediction_is_the_normalised_answer():
-    verdict = compute_score(SOLUTION + "Answer: $\\boxed{\\dfrac{10}{4}}$ dollars.", "5/2")
-    assert verdict.pred == "\\frac{5}{2}"
+    verdict = compute_score(SOLUTION + "Answer: x = $\\boxed{\\frac34}$ dollars.", "\\frac{3}{4}")
+    assert verdict.pred == "\\frac{3}{4}"
     assert verdict.score == 1.0
 
 
@@ -115,8 +118,9 @@ def test_model_output_is_never_evaluated():
 
 @pytest.mark.parametrize(
     ("raw", "normal"),
-    [("7.0", "7"), ("-7.50", "-7.5"), ("-0", "0"), ("+5", "5"), (".5", "0.5"), ("1\\,000", "1000"),
-     ("1,\\!000", "1000"), ("\\frac{4}{-6}", "-\\frac{2}{3}"), ("1/0", "1/0"), ("12 dollars.", "12")],
+    [("x = 5", "5"), ("\\frac34", "\\frac{3}{4}"), ("\\frac{10}4", "\\frac{10}4"), ("\\sqrt2x", "\\sqrt{2}x"),
+     ("1,000,000", "1000000"), ("7.0", "7.0"), ("12 dollars.", "12."), ("5\\mathrm{th}", "5"), ("\\text{m}", ""),
+     ("\\boxed{\\boxed{34}}", "\\boxed{34}"), ("1 \\text{and} 2", "12"), ("a $b$ c $d$", "b")],
 )
 def test_normalize_answer(raw, normal):
     assert normalize_answer(raw) == normal
