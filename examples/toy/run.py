@@ -62,8 +62,9 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
         tokenizer = make_char_tokenizer(tokenizer_dir, CHARS, TEMPLATE)
         train = make_data(run_dir / "data", seed)
         warm_start(base, tokenizer, train, seed)
+    data = run_dir / "data"
     return [f"model.path={base}", f"model.tokenizer_path={tokenizer_dir}",
-            f"data.train_files=[{run_dir / 'data' / 'train.jsonl'}]", f"data.val_files=[{run_dir / 'data' / 'val.jsonl'}]"]
+            f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]"]
 
 
 def main(argv: list[str]) -> int:

@@ -116,7 +116,8 @@ class Trainer:
         tail = torch.randint(0, min(self.actor.arch.vocab_size, len(tokenizer)), (8,), generator=probe_gen)
         self.probe = torch.cat([prompt, tail])[None]
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
-        self.parity_threshold = cfg.rollout.parity_threshold_for(trainer_float32=not self.actor.transformer_config.bf16)
+        self.parity_threshold = cfg.rollout.parity_threshold_for(
+            trainer_float32=not self.actor.transformer_config.bf16)
 
     def _check_fresh_start(self) -> None:
         """ConfigError when checkpoint.resume=false would train into a folder that holds an earlier run's

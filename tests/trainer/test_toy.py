@@ -52,8 +52,8 @@ def toy_run(tmp_path_factory):
     """One uninterrupted 20-step toy run (its first 10 steps are those of `_toy_command`'s 10-step runs)."""
     run_dir = tmp_path_factory.mktemp("toy") / "run"
     env = {**os.environ, "MASTER_PORT": _free_port()}
-    proc = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=20"], cwd=run_dir.parent, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=20"], cwd=run_dir.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
