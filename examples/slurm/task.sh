@@ -12,6 +12,18 @@ if [ -z "${MEGATRON_DAPO_IFNAME:-}" ] && command -v ip >/dev/null; then
         MEGATRON_DAPO_IFNAME=$(ip -o route get "$master_ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' || true)
         if [ "$MEGATRON_DAPO_IFNAME" = lo ] && [ "${SLURM_NNODES:-1}" -gt 1 ]; then
             MEGATRON_DAPO_IFNAME=$(ip -o -4 addr show | awk -v ip="$master_ip" '{split($4, a, "/")} a[1] == ip {print $2; exit}' || true)
+            if { [ -z "$MEGATRON_DAPO_IFNAME" ] || [ "$MEGATRON_DAPO_IFNAME" = lo ]; } && command -v scontrol >/dev/null; then
+                # The first node's name resolves to a loopback address here (127.0.1.1 in Debian's /etc/hosts):
+                # the interface that routes to another node of the job is the one the others can reach.
+                other=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | grep -vx -e "$(hostname)" -e "$(hostname -s)" | head -n 1 || true)
+                other_ip=$( [ -n "$other" ] && getent ahostsv4 "$other" | awk 'NR == 1 {print $1}' || true)
+                MEGATRON_DAPO_IFNAME=$( [ -n "$other_ip" ] && ip -o route get "$other_ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' || true)
+            fi
+            if [ -z "$MEGATRON_DAPO_IFNAME" ] || [ "$MEGATRON_DAPO_IFNAME" = lo ]; then
+                echo "task ${SLURM_PROCID} on $(hostname): no network interface reaches the other nodes;" \
+                     "set MEGATRON_DAPO_IFNAME" >&2
+                MEGATRON_DAPO_IFNAME=
+            fi
         fi
     fi
 fi

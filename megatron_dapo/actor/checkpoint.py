@@ -95,7 +95,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
     }
     with _optimizer_state_in_buffer_space(actor.optimizer):
         state["optimizer"] = actor.optimizer.sharded_state_dict(model_sd, metadata=metadata)
-    dist_checkpointing.save(state, str(partial), content_metadata=_metadata())
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_spread_over_data_parallel(),
+                            content_metadata=_metadata())
     dist.barrier()
     failure = None
     if dist.get_rank() == 0:
@@ -109,6 +110,18 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
             failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
     stop_together(failure, CheckpointError)
     return directory
+
+
+def _spread_over_data_parallel():
+    """megatron-core's default save strategy, with every tensor written by one rank of its data-parallel group
+    chosen to even out the bytes (FullyParallelSaveStrategyWrapper; only metadata is exchanged). Without it the
+    first data-parallel replica writes the whole checkpoint: all on the first node of a multi-node run."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -201,13 +214,17 @@ def load_model_weights(model, directory: str | Path) -> dict:
 
 
 def _check_complete(directory: Path) -> None:
+    """CheckpointError on every rank when any rank cannot see the complete checkpoint (a node whose shared file
+    system has not caught up, a folder on one node's local disk), not on that rank alone (collective)."""
+    failure = None
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint {directory} does not exist")
-    if not is_complete(directory):
-        raise CheckpointError(
+        failure = CheckpointError(f"checkpoint {directory} does not exist")
+    elif not is_complete(directory):
+        failure = CheckpointError(
             f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish); "
             "delete it or point to an earlier checkpoint"
         )
+    stop_together(failure, CheckpointError)
 
 
 def load_actor(actor, directory: str | Path) -> dict:

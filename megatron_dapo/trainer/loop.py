@@ -403,7 +403,11 @@ class Trainer:
         return {"step": self.step, "data": self.stream.state_dict()}
 
     def _resume(self) -> None:
-        latest = checkpoints.latest_checkpoint(self.run_dir) if self.config.checkpoint.resume else None
+        latest = None
+        if self.config.checkpoint.resume:  # rank 0's choice for all: another node's listing of the folder may lag
+            chosen = [checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None]
+            dist.broadcast_object_list(chosen, src=0)
+            latest = chosen[0]
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
         if self.rank0 and not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded

@@ -196,6 +196,12 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
 
     # And the other way round: saved at TP1 x DP4, resumed at TP2 x PP2.
     save_actor(moved, workdir / "ckpt_tp1")
+    if rank == 0:  # each of the 4 data-parallel ranks wrote a share, not the first replica all of it
+        written = {}
+        for part in (workdir / "ckpt_tp1").glob("__*_*.distcp"):
+            writer = int(part.name.split("_")[2])
+            written[writer] = written.get(writer, 0) + part.stat().st_size
+        assert len(written) == 4 and min(written.values()) > 0.5 * max(written.values()), written
     third = moved.update(batch(), group_size=2)
     after_three, _ = moved.compute_logprobs(batch())
     back = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
