@@ -82,6 +82,9 @@ def test_toy_example_learns(toy_run):
     assert [s["step"] for s in samples if s["split"] == "val"] == [0, 0, 10, 10, 20, 20]
     for s in samples:
         assert s["acc"] in (0.0, 1.0) and s["finish_reason"] in ("stop", "length") and s["prompt"], s
+        # The trainer's tokenizer is the warm start's: the chat template's newline survives (Qwen2's tokenizer
+        # class, which a tokenizer folder next to the model's config.json would load, drops it).
+        assert s["prompt"].startswith("Q:") and s["prompt"].endswith("\nA:"), s
         assert s["length"] >= 1 and s["response"] and s["ground_truth"].isdigit(), s
 
     plot = subprocess.run([sys.executable, "-m", "megatron_dapo", "plot", str(run_dir)], capture_output=True, text=True)
