@@ -62,21 +62,25 @@ def layer_spec(arch: ModelArch):
     """Transformer Engine's layer spec when it is importable, megatron-core's local spec otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        adapt_torch_norm()
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    if _has_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    adapt_torch_norm()
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
 
 
 def describe_spec() -> str:
-    """One line for logs: which layer implementations the actor's model is built from."""
-    try:
+    """One line for logs: which layer implementations `layer_spec` builds the actor's model from."""
+    if _has_transformer_engine():
+        return "layers: Transformer Engine"
+    return "layers: megatron-core's local spec, torch norms and attention (Transformer Engine is not installed)"
+
+
+def _has_transformer_engine() -> bool:
+    try:  # imported, not only found: an install that does not import counts as none, as for megatron-core
         import transformer_engine  # noqa: F401
     except ImportError:
-        return "layers: megatron-core's local spec, torch norms and attention (Transformer Engine is not installed)"
-    return "layers: Transformer Engine"
+        return False
+    return True
 
 
 _TORCH_NORM_ADAPTED = False

@@ -38,6 +38,15 @@ def _fp64_grad(logits, targets, temperature, valid, g_lp, g_h):
     return x.grad
 
 
+def _vocab_slices(logits, targets, vocab, width):
+    """(slice's logits, its local targets with -1 off the slice, its valid columns) of each rank's vocabulary
+    slice of `width` columns, as the tensor-parallel ranks hold them."""
+    for start in range(0, logits.shape[1], width):
+        local = targets - start
+        local = torch.where((local >= 0) & (local < width), local, -1)
+        yield logits[:, start:start + width].contiguous(), local, max(0, min(width, vocab - start))
+
+
 SHAPES = [(1, 7), (7, 123), (33, 1000), (257, 32003), (64, 151936)]
 
 
@@ -87,14 +96,8 @@ def test_tp_combine_of_shard_statistics(shards):
     tokens, vocab, padded = 129, 32001, 32008
     logits = (torch.randn(tokens, padded, device="cuda", generator=gen) * 3).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
-    width = padded // shards
-    stats = []
-    for r in range(shards):
-        start = r * width
-        local = targets - start
-        local = torch.where((local >= 0) & (local < width), local, -1)
-        valid = max(0, min(width, vocab - start))
-        stats.append(extension.EXTENSION.logprob_stats(logits[:, start:start + width].contiguous(), local, 0.9, valid))
+    stats = [extension.EXTENSION.logprob_stats(shard, local, 0.9, valid)
+             for shard, local, valid in _vocab_slices(logits, targets, vocab, padded // shards)]
     logp, lse, ez = lp_ops.combine_stats(torch.stack(stats))
     ref_lp, ref_h = _fp64_reference(logits, targets, 0.9, vocab)
     assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
@@ -113,12 +116,7 @@ def test_slices_of_padding_only():
     stats, grads = [], []
     g_lp = torch.randn(tokens, device="cuda", generator=gen)
     g_h = torch.randn(tokens, device="cuda", generator=gen)
-    for r in range(shards):
-        start = r * width
-        local = targets - start
-        local = torch.where((local >= 0) & (local < width), local, -1)
-        valid = max(0, min(width, vocab - start))
-        shard = logits[:, start:start + width].contiguous()
+    for shard, local, valid in _vocab_slices(logits, targets, vocab, width):
         _poison(tokens * 16)
         got = extension.EXTENSION.logprob_stats(shard, local, 1.0, valid)
         want = lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
@@ -128,12 +126,7 @@ def test_slices_of_padding_only():
     ref_lp, ref_h = _fp64_reference(logits, targets, 1.0, vocab)
     assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
     assert ((lse - ez).double() - ref_h).abs().max().item() <= 1e-4
-    for r in range(shards):
-        start = r * width
-        local = targets - start
-        local = torch.where((local >= 0) & (local < width), local, -1)
-        valid = max(0, min(width, vocab - start))
-        shard = logits[:, start:start + width].contiguous()
+    for shard, local, valid in _vocab_slices(logits, targets, vocab, width):
         grad = torch.full_like(shard, float("nan"))
         extension.EXTENSION.logprob_grad_into(shard, local, lse, ez, g_lp, g_h, 1.0, valid, grad)
         grads.append(grad)
