@@ -92,10 +92,18 @@ class DAPOConfig:
                 f"({self.data.max_response_length}): the buffer must leave room for unpunished responses; "
                 "lower reward.overlong_buffer.len or raise data.max_response_length"
             )
-        if self.algorithm.filter_groups.enable and self.rollout.n < 2:
+        data = self.data
+        if self.algorithm.filter_groups.enable and data.train_batch_size > data.gen_batch_size:
             problems.append(
-                "algorithm.filter_groups.enable needs rollout.n >= 2 (a group of one response never varies): "
-                "raise rollout.n or set algorithm.filter_groups.enable=false"
+                f"data.train_batch_size ({data.train_batch_size}) > data.gen_batch_size ({data.gen_batch_size}): "
+                "set data.gen_batch_size >= data.train_batch_size (dynamic sampling over-samples, it never "
+                "under-samples)"
+            )
+        if self.rollout.n < 2:
+            problems.append(
+                f"rollout.n is {self.rollout.n}: algorithm.adv_estimator={self.algorithm.adv_estimator} compares "
+                "each response with the others to the same prompt, so a group of one has advantage 0 and never "
+                "trains (nor does it vary, as dynamic sampling needs); set rollout.n >= 2"
             )
         if self.actor.offload and self.rollout.mode != "colocated":
             problems.append(

@@ -14,7 +14,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     """Column holding the prompt as chat messages."""
     gen_batch_size: int = 96
-    """Prompts per generation batch of dynamic sampling (each sampled rollout.n times)."""
+    """Prompts per generation batch of dynamic sampling (each sampled rollout.n times). Without it
+    (algorithm.filter_groups.enable=false) a step draws train_batch_size prompts and trains on all of them."""
     train_batch_size: int = 32
     """Prompt groups per training step, after dynamic sampling has filtered them."""
     max_prompt_length: int = 2048
@@ -29,10 +30,5 @@ class DataConfig:
         for key in ("gen_batch_size", "train_batch_size", "max_prompt_length", "max_response_length"):
             if getattr(self, key) < 1:
                 problems.append(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if self.train_batch_size > self.gen_batch_size:
-            problems.append(
-                f"data.train_batch_size ({self.train_batch_size}) > data.gen_batch_size ({self.gen_batch_size}): "
-                "set data.gen_batch_size >= data.train_batch_size (dynamic sampling over-samples, it never under-samples)"
-            )
         if problems:
             raise ConfigError(problems)

@@ -11,7 +11,8 @@ class FilterGroupsConfig:
     enable: bool = True
     """Dynamic sampling: keep only prompt groups whose metric varies, over-sampling until the batch is full."""
     metric: str = "acc"
-    """Reward field whose variance decides (acc, score, or a task's own such as profit_loss)."""
+    """The figure whose variance decides, named as in verl: acc; score (the task's, before overlong shaping);
+    seq_reward or seq_final_reward (after it); or a task's own such as profit_loss."""
     max_num_gen_batches: int = 10
     """Generation batches allowed per step; 0 means no limit."""
     on_exhausted: Literal["error", "train"] = "train"

@@ -23,6 +23,7 @@ class SamplingStats:
     gen_batches: int = 0
     """Generation batches asked for."""
     groups_generated: int = 0
+    """Prompt groups generated and scored over those batches."""
     kept: int = 0
     """Groups in the training batch."""
     dropped_all_correct: int = 0
@@ -40,6 +41,7 @@ class SamplingStats:
     def metrics(self) -> dict[str, float]:
         return {
             "sampling/gen_batches": self.gen_batches,
+            "sampling/groups_generated": self.groups_generated,
             "sampling/groups_kept": self.kept,
             "sampling/groups_dropped_all_correct": self.dropped_all_correct,
             "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,

@@ -14,6 +14,12 @@ from megatron_dapo.reward.registry import RewardResult
 from megatron_dapo.rollout.engine import Completion
 
 
+FINAL_REWARD_METRICS = ("seq_reward", "seq_final_reward")
+"""verl's names for the reward after overlong shaping (no KL term here, so the two are one figure)."""
+BUILTIN_METRICS = ("acc", "score", *FINAL_REWARD_METRICS)
+"""The filter metrics every reward gives; any other name is a task's own figure."""
+
+
 @dataclass
 class Group:
     """The rollout.n responses to one prompt."""
@@ -26,13 +32,19 @@ class Group:
     """Final rewards: task score + overlong punishment."""
 
     def metric(self, name: str) -> list[float]:
-        """A reward field per response: acc, score (after shaping), or a task's own (e.g. profit_loss; NaN where
-        the response's reward failed or did not give it)."""
-        if name == "acc":
-            return [r.acc for r in self.rewards]
-        if name == "score":
-            return self.scores
-        return [r.extra.get(name, float("nan")) for r in self.rewards]
+        """Dynamic sampling's figure (algorithm.filter_groups.metric) per response, named as in verl: acc; score,
+        the task's score before overlong shaping; seq_reward or seq_final_reward, the reward after it; or a task's
+        own figure such as profit_loss. NaN where the response's reward failed (it neither counts nor trains) or
+        did not give the figure."""
+        nan = float("nan")
+        if name in FINAL_REWARD_METRICS:
+            return [nan if r.failed else s for r, s in zip(self.rewards, self.scores)]
+        if name in ("acc", "score"):
+            return [nan if r.failed else getattr(r, name) for r in self.rewards]
+        return [r.extra.get(name, nan) for r in self.rewards]
+
+    def failed(self) -> list[bool]:
+        return [r.failed for r in self.rewards]
 
     def truncated(self) -> list[bool]:
         return [c.finish_reason == "length" for c in self.completions]
@@ -64,7 +76,7 @@ class FilterMetricCheck:
         raise ConfigError(
             f"algorithm.filter_groups.metric={self.name!r}: none of the {self.scored} rewards scored in the "
             f"{self.batches} generation batches of step {step} gives such a figure (they give "
-            f"{', '.join(sorted({'acc', 'score'} | self.given))}), so every group was dropped: a misspelt key, or a "
+            f"{', '.join(sorted(set(BUILTIN_METRICS) | self.given))}), so every group was dropped: a misspelt key, or a "
             "task that gives the figure to no answer yet (filter on score or acc)")
 
 
@@ -98,8 +110,11 @@ def build_actor_batch(groups: list[Group], *, norm_by_std: bool, overlong_filter
     if overlong_filtering:
         truncated = torch.tensor([t for g in groups for t in g.truncated()])
         mask = overlong_filter_mask(mask, truncated)
+    # A response whose reward failed was never scored: it leaves its group's statistics and the loss.
+    failed = torch.tensor([g.failed() for g in groups], dtype=torch.bool).reshape(b, 1)
+    mask = mask.masked_fill(failed, 0)
     scores = torch.tensor([g.scores for g in groups], dtype=torch.float32)
-    advantages = group_advantages(scores, norm_by_std=norm_by_std).reshape(-1)
+    advantages = group_advantages(scores, norm_by_std=norm_by_std, valid=~failed.reshape(scores.shape)).reshape(-1)
     return ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                       rollout_logp=rollout_logp)
 
@@ -126,7 +141,7 @@ def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
     """avg@k, pass@k and mean score over every prompt, the same per data_source (val/SOURCE/...), and the
     mean of each extra reward figure over the responses that report it."""
     def summary(prefix: str, part: list[Group]) -> dict[str, float]:
-        accs = [g.metric("acc") for g in part]
+        accs = [[r.acc for r in g.rewards] for g in part]  # a failed reward counts as wrong
         return {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
                 f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
                 f"{prefix}score_mean": sum(sum(g.scores) for g in part) / (len(part) * k)}

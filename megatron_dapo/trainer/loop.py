@@ -38,7 +38,7 @@ from megatron_dapo.rollout.reshard import ProbeDiff, engine_probe_diff, push_wei
 from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
 from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
-from megatron_dapo.trainer.groups import (FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
+from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
                                           shaped_scores, validation_metrics)
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import StopRequest
@@ -72,8 +72,10 @@ class Trainer:
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
         self.hf_copy = self._started(self._hf_copy)
         """What checkpoint.save_hf writes next to each checkpoint, or None."""
-        self.stream = PromptStream(self.train_set, cfg.data.gen_batch_size, seed=cfg.trainer.seed,
-                                   shuffle=cfg.data.shuffle)
+        # Without dynamic sampling every group generated is trained on: a step draws train_batch_size prompts.
+        self.stream = PromptStream(self.train_set, (cfg.data.gen_batch_size if cfg.algorithm.filter_groups.enable
+                                                    else cfg.data.train_batch_size),
+                                   seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         self.updates_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size * cfg.actor.ppo_epochs
         """Optimizer steps of a full batch: the learning-rate schedule moves by this much every training step."""
         self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
@@ -97,7 +99,7 @@ class Trainer:
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         filtering = cfg.algorithm.filter_groups
-        self._check_filter_metric = filtering.enable and filtering.metric not in ("acc", "score")
+        self._check_filter_metric = filtering.enable and filtering.metric not in BUILTIN_METRICS
         """Whether no reward has given the filter metric yet (checked on rank 0 each step until one does)."""
         self.sinks = (MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps,
                                   training=not cfg.trainer.val_only) if self.rank0 else None)

@@ -34,3 +34,20 @@ def test_non_finite_reward_is_refused_with_the_sample_named():
 def test_shape_is_checked():
     with pytest.raises(ValueError, match=r"\[groups, n\]"):
         group_advantages(torch.tensor([1.0, 0.0]))
+
+
+def test_invalid_responses_leave_the_group_statistics():
+    """A response whose reward failed: its group is normalised over the others, as if it had not been drawn."""
+    rewards = torch.tensor([[1.0, float("nan"), 0.0, 1.0, -1.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, False, True, True, False], [True, True, True, True, True]])
+    adv = group_advantages(rewards, valid=valid)
+    assert adv[0, [0, 2, 3]].tolist() == pytest.approx(group_advantages(torch.tensor([[1.0, 0.0, 1.0]]))[0].tolist())
+    assert adv[0, [1, 4]].tolist() == [0.0, 0.0]
+    assert adv[1].tolist() == pytest.approx(group_advantages(rewards[1:])[0].tolist())
+    centred = group_advantages(rewards, valid=valid, norm_by_std=False)
+    assert centred[0].tolist() == pytest.approx([1 / 3, 0.0, -2 / 3, 1 / 3, 0.0])
+
+
+def test_group_with_one_valid_response_has_zero_advantage():
+    adv = group_advantages(torch.tensor([[5.0, 1.0, 0.0]]), valid=torch.tensor([[False, True, False]]))
+    assert adv.tolist() == [[0.0, 0.0, 0.0]]

@@ -30,9 +30,9 @@ def _toy_command(run_dir: Path) -> list[str]:
             "trainer.total_training_steps=10", "trainer.test_freq=10", "checkpoint.save_freq=5"]
 
 
-def _linked_run_dir(toy_run: Path, tmp_path: Path) -> Path:
+def _linked_run_dir(toy_run: Path, tmp_path: Path, name: str = "run") -> Path:
     """A fresh run folder that shares the toy run's tokenizer, warm start and data (made once per module)."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / name
     run_dir.mkdir()
     for made_once in ("base", "tokenizer", "data"):
         (run_dir / made_once).symlink_to(toy_run / made_once)
@@ -400,7 +400,8 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in the 4 generation "
-                     r"batches of step 1 gives such a figure \(they give acc, right, score\)", proc.stderr), \
+                     r"batches of step 1 gives such a figure \(they give acc, right, score, seq_final_reward, "
+                     r"seq_reward\)", proc.stderr), \
         proc.stderr[-4000:]
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=right"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -409,6 +410,17 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     assert row["step"] == 1 and row["sampling/metric_missing"] >= 8, row  # a failing prompt: 8 responses
     assert row["sampling/groups_dropped_all_wrong"] > 0 and row["sampling/groups_kept"] > 0, row
     assert "actor/pg_loss" in row, row
+    # Without dynamic sampling a step draws train_batch_size (8) prompts, not gen_batch_size (24), and trains on
+    # them all, the failed responses masked out.
+    run_dir = _linked_run_dir(toy_run, tmp_path, "unfiltered")
+    proc = subprocess.run([*command, "algorithm.filter_groups.enable=false", "trainer.total_training_steps=2",
+                           f"trainer.run_dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = _rows(run_dir)[-1]
+    assert row["step"] == 2 and row["sampling/gen_batches"] == 1 and row["sampling/groups_generated"] == 8, row
+    assert row["sampling/groups_kept"] == 8 and row["sampling/groups_trimmed"] == 0, row
+    assert "actor/pg_loss" in row and row["critic/reward_failed"] > 0, row
 
 
 ONES_ONLY_REWARD = '''

@@ -1,0 +1,67 @@
+"""Groups of responses: the figures dynamic sampling filters on, and what a failed reward does to the batch."""
+import math
+
+import pytest
+import torch
+
+from megatron_dapo.advantage.grpo import group_advantages
+from megatron_dapo.data.dataset import Prompt
+from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
+from megatron_dapo.rollout.engine import Completion
+from megatron_dapo.sampling.config import FilterGroupsConfig
+from megatron_dapo.sampling.dynamic import DynamicSampler
+from megatron_dapo.trainer.groups import Group, build_actor_batch, validation_metrics
+
+
+def _group(rewards: list[RewardResult], penalties: list[float] | None = None, length: int = 3) -> Group:
+    prompt = Prompt(prompt_ids=[1, 2], ground_truth="7", data_source="math_dapo", extra_info={}, index=0)
+    completions = [Completion(token_ids=[3 + i] * length, logprobs=[-0.5] * length, finish_reason="stop")
+                   for i in range(len(rewards))]
+    penalties = penalties or [0.0] * len(rewards)
+    return Group(prompt=prompt, completions=completions, rewards=rewards,
+                 scores=[r.score + p for r, p in zip(rewards, penalties)])
+
+
+def _failed() -> RewardResult:
+    return RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason="timeout: 10 s")
+
+
+def test_filter_figures_are_named_as_in_verl():
+    group = _group([RewardResult(score=1.0, acc=1.0, extra={"pnl": 2.0}), RewardResult(score=-1.0, acc=0.0),
+                    _failed()], penalties=[-0.5, 0.0, 0.0])
+    nan = [math.isnan(v) for v in group.metric("acc")]
+    assert group.metric("acc")[:2] == [1.0, 0.0] and nan == [False, False, True]
+    assert group.metric("score")[:2] == [1.0, -1.0]  # the task's score, before overlong shaping
+    assert group.metric("seq_reward")[:2] == group.metric("seq_final_reward")[:2] == [0.5, -1.0]  # after it
+    assert math.isnan(group.metric("seq_reward")[2]) and math.isnan(group.metric("score")[2])
+    assert group.metric("pnl")[0] == 2.0 and all(math.isnan(v) for v in group.metric("pnl")[1:])
+
+
+def test_a_failed_reward_leaves_the_statistics_and_the_loss():
+    """A correct answer whose reward timed out is not pushed down as a wrong one: its row has no loss tokens and
+    the other responses' advantages are those of the group without it."""
+    right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
+    groups = [_group([right, wrong, _failed(), wrong]), _group([right, wrong, right, wrong])]
+    batch = build_actor_batch(groups, norm_by_std=True, overlong_filtering=False)
+    assert batch.loss_mask[2].sum() == 0 and batch.loss_mask[[0, 1, 3, 4, 5, 6, 7]].sum(dim=1).tolist() == [3] * 7
+    expected = group_advantages(torch.tensor([[1.0, -1.0, -1.0]]))[0]
+    assert batch.advantages[[0, 1, 3]].tolist() == pytest.approx(expected.tolist())
+    assert batch.advantages[2] == 0
+    assert batch.advantages[4:].tolist() == pytest.approx(group_advantages(torch.tensor([[1.0, -1.0] * 2]))[0].tolist())
+
+
+def test_dynamic_sampling_judges_a_group_by_its_scored_responses():
+    """Right + failed: one scored response, nothing to compare: dropped. Right, wrong + failed: kept."""
+    right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
+    lone, varied = _group([right, _failed(), _failed()]), _group([right, wrong, _failed()])
+    for metric in ("acc", "score", "seq_reward"):
+        sampler = DynamicSampler(FilterGroupsConfig(metric=metric, max_num_gen_batches=1), train_batch_size=2)
+        sampled = sampler.collect(lambda: [lone, varied], lambda g: g.metric(metric))
+        assert sampled.groups == [varied], metric
+        assert sampled.stats.metric_missing == 3 and sampled.stats.dropped_all_correct == 1, metric
+
+
+def test_validation_counts_a_failed_reward_as_wrong():
+    right = RewardResult(score=1.0, acc=1.0)
+    metrics = validation_metrics([_group([right, _failed()]), _group([_failed(), _failed()])], k=2)
+    assert metrics["val/acc_avg@2"] == 0.25 and metrics["val/pass@2"] == 0.5
