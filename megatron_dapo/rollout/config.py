@@ -70,6 +70,12 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         problems = sampling_problems("rollout", self.n, self.temperature, self.top_p, self.top_k)
+        if self.top_k == 1:
+            problems.append(
+                "rollout.top_k=1 samples greedily: the rollout.n responses to a prompt are the same, so every group "
+                "has advantage 0 and nothing trains (SGLang would also report its log-probs at temperature 1); "
+                "greedy decoding is for validation (rollout.val.top_k=1)"
+            )
         if self.engines < 1:
             problems.append(f"rollout.engines must be >= 1, got {self.engines}")
         if self.parity_threshold is not None and not self.parity_threshold >= 0:

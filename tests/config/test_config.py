@@ -72,6 +72,7 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
         (["reward.overlong_buffer.len=512"], "reward.overlong_buffer.len (512) >= data.max_response_length (512)"),
         (["rollout.n=1"], "rollout.n is 1: algorithm.adv_estimator=grpo"),
         (["rollout.n=1", "algorithm.filter_groups.enable=false"], "set rollout.n >= 2"),
+        (["rollout.top_k=1"], "rollout.top_k=1 samples greedily"),
         (["actor.ppo_mini_batch_size=3"], "actor.ppo_mini_batch_size (3) does not divide data.train_batch_size (8)"),
         (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
          "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"),

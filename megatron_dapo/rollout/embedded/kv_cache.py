@@ -68,8 +68,9 @@ class KVCache:
         """Row i <- row src[i] for i < len(src), for the first `span` positions (expand n samples, drop finished)."""
         k, v = self._buffers()
         n = src.numel()
-        k[:, :n, :, :span] = k[:, src, :, :span]
-        v[:, :n, :, :span] = v[:, src, :, :span]
+        for layer in range(k.shape[0]):  # one layer at a time: the gather's temporary is one layer's rows
+            k[layer, :n, :, :span] = k[layer, src, :, :span]
+            v[layer, :n, :, :span] = v[layer, src, :, :span]
 
     def prefill_view(self, layer: int, rows: int) -> LayerCache:
         """Layer `layer`'s cache for prefilling rows 0..rows-1."""

@@ -83,7 +83,13 @@ class Attention(nn.Module):
             cache.v[rows, :, cache.lengths] = v[:, :, 0]
             span = cache.key_mask.shape[-1]
             keys, values = cache.k[:, :, :span], cache.v[:, :, :span]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.key_mask, enable_gqa=True)
+            # The query heads of each key/value head as that head's query rows ([B, Hkv, G, D]; query head h
+            # reads key/value head h // G): with a mask, SDPA's own GQA runs only in its math kernel, which
+            # copies the keys and values once per query head; folded, the memory-efficient kernel reads them once.
+            hkv = self.num_kv_heads
+            folded = q.reshape(b, hkv, self.num_heads // hkv, self.head_dim)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=cache.key_mask)
+            out = out.reshape(b, self.num_heads, 1, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 

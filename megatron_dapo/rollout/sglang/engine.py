@@ -36,8 +36,9 @@ from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success, flatten
 from megatron_dapo.rollout.weights import PushLedger
 
-MEMORY_TAGS = ("kv_cache", "weights")
-"""What `release_memory` frees while the trainer runs (colocated mode)."""
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+"""What `release_memory` frees while the trainer runs (colocated mode): SGLang's three kinds of GPU memory. The
+decode CUDA graphs' pool (1-4 GB per GPU) goes too; SGLang keeps a host copy of it and restores it on resume."""
 
 
 class SGLangEngine(RolloutEngine):

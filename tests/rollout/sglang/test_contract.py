@@ -166,13 +166,13 @@ def test_memory_is_taken_back_weights_first_each_tag_once():
     lose their values in SGLang (no CPU backup): the engine refuses to generate until a push; released
     with weights=False (a checkpoint saved mid-phase), it generates again without one."""
     _sglang()
-    from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
 
     from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
     from megatron_dapo.rollout.sglang import SGLangEngine
     from megatron_dapo.rollout.sglang.engine import MEMORY_TAGS
 
-    assert set(MEMORY_TAGS) == {GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_WEIGHTS}
+    assert sorted(MEMORY_TAGS) == sorted(GPU_MEMORY_ALL_TYPES)  # the CUDA graphs' pool too
     front = _MemoryFrontEnd()
     engine = SGLangEngine(front, tp_size=1)
     engine.release_memory()
@@ -188,14 +188,15 @@ def test_memory_is_taken_back_weights_first_each_tag_once():
     engine.resume_memory()
     assert front.paused == set()
     memory_calls = [call for call in front.calls if "memory" in call[0]]
-    assert memory_calls == [("release_memory_occupation", ["kv_cache", "weights"]),
+    assert memory_calls == [("release_memory_occupation", ["kv_cache", "weights", "cuda_graph"]),
                             ("resume_memory_occupation", ["weights"]),
-                            ("resume_memory_occupation", ["kv_cache"])], memory_calls
+                            ("resume_memory_occupation", ["kv_cache", "cuda_graph"])], memory_calls
     assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]
     # Without actor.offload the trainer resumes everything at once, then pushes.
     engine.release_memory()
     engine.resume_memory()
-    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache", "weights"]) and front.paused == set()
+    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache", "weights", "cuda_graph"])
+    assert front.paused == set()
     with pytest.raises(StaleWeightsError, match="weights were released and have not been pushed since"):
         engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
     engine.begin_weight_update()
@@ -203,9 +204,9 @@ def test_memory_is_taken_back_weights_first_each_tag_once():
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
     # A checkpoint with the actor offloaded: only the KV cache goes, and no push is needed after.
     engine.release_memory(weights=False)
-    assert front.calls[-1] == ("release_memory_occupation", ["kv_cache"])
+    assert front.calls[-1] == ("release_memory_occupation", ["kv_cache", "cuda_graph"])
     engine.resume_memory()
-    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache"]) and front.paused == set()
+    assert front.calls[-1] == ("resume_memory_occupation", ["kv_cache", "cuda_graph"]) and front.paused == set()
     engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
 
 
