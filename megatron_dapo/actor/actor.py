@@ -267,7 +267,9 @@ class MegatronActor:
             for start in range(0, batch.size, mini):
                 lr = learning_rate(self.config.optim, first + len(history), self.last_step)
                 history.append(self._mini_batch_step(batch.rows(slice(start, start + mini)), lr, first_row=start))
-        return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+        metrics = {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+        metrics["actor/ratio_max"] = max(h["actor/ratio_max"] for h in history)  # the largest, as its name says
+        return metrics
 
     def _mini_batch_step(self, batch: ActorBatch, lr: float, first_row: int = 0) -> dict[str, float]:
         """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample)."""
