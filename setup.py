@@ -91,6 +91,8 @@ setup(
         "test": ["pytest>=8.0"],
         "dev": ["pytest>=8.0", "ruff>=0.5"],
         "bench": ["liger-kernel"],
+        "tensorboard": ["tensorboard"],  # logging.tensorboard
+        "wandb": ["wandb"],  # logging.wandb_project
     },
     entry_points={"console_scripts": ["megatron-dapo=megatron_dapo.cli:main"]},
 )

@@ -4,7 +4,7 @@
 #   PROCS_PER_TASK  ranks started by each srun task (one task per node: the GPUs per node)
 #   OVERRIDES       (array) dotted config overrides; the sbatch script's own arguments are appended
 # It does the cluster side only: folders, rendezvous on the first node, network interface, and the
-# save-then-requeue dance on preemption or time limit; then every task runs examples/slurm/task.sh,
+# save-then-requeue dance before the time limit; then every task runs examples/slurm/task.sh,
 # which starts torchrun and `megatron-dapo train`.
 #
 # Variables that matter (all optional):
@@ -29,14 +29,15 @@ done
 mkdir -p "$RUN_DIR"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MEGATRON_DAPO_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# 15000-29999: below Linux's ephemeral ports (32768-60999), which the node's own connections may hold.
+MASTER_PORT=${MEGATRON_DAPO_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
 export MASTER_ADDR MASTER_PORT PROCS_PER_TASK MEGATRON_DAPO_HOME
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s) x" \
      "${PROCS_PER_TASK} rank(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run folder ${RUN_DIR}"
 
-# A signal to this shell (Slurm's warning before the time limit, --signal=B:USR1@SECONDS, or preemption's
-# SIGTERM) asks the run to save after its current step: the STOP file reaches every node through the
+# A signal to this shell alone (Slurm's warning before the time limit, --signal=B:USR1@SECONDS, or
+# `scancel --batch --signal=TERM`) asks the run to save after its current step: the STOP file reaches every node through the
 # shared file system. Once the run has stopped, the job puts itself back in the queue.
 STOP_REASON=
 request_stop() {

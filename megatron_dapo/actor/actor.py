@@ -86,7 +86,7 @@ class MegatronActor:
         if weights is None:
             load_hf_weights(model, self.arch, model_path)
         else:
-            load_model_weights(model, weights)
+            load_model_weights(model, weights, arch=self.arch)
         self.transformer_config = model.config
         self.model = DistributedDataParallel(
             model.config,

@@ -1,8 +1,9 @@
 """Actor checkpoints through megatron-core's dist_checkpointing: written atomically, loadable at any layout.
 
-A checkpoint is written into `<dir>.partial` and renamed to `<dir>` only after every rank has
-finished and rank 0 has written the marker file `COMPLETE.json`; a crash mid-save leaves only a
-`.partial` folder, which is never taken for a checkpoint. Optimizer state is stored in model
+A checkpoint is written into `<dir>.partial`, renamed to `<dir>` once every rank has finished, and only
+then given the marker file `COMPLETE.json` (itself written under another name and renamed); a crash
+mid-save leaves a `.partial` folder or a folder without the marker, neither ever taken for a checkpoint,
+also on file systems whose folder rename is not atomic. Optimizer state is stored in model
 space ("fully_reshardable"), so a checkpoint saved at one TP x PP x DP loads at another.
 """
 from __future__ import annotations
@@ -82,10 +83,14 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
     actor.check_resident()
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
+    failure = None
     if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True, exist_ok=True)  # a leftover rmtree could not remove (an NFS .nfs file)
+        except OSError as err:  # every rank stops on it, none waits for rank 0
+            failure = CheckpointError(f"checkpoint {directory}: could not make {partial}: {err}")
+    stop_together(failure, CheckpointError)
     _materialize_adam_state(actor.optimizer)  # a checkpoint before the first step holds zero moments
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
@@ -103,9 +108,11 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
         marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         try:
-            (partial / MARKER).write_text(json.dumps(marker, indent=1))
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)  # an earlier attempt's, never marked complete
             partial.rename(directory)
+            written = directory / (MARKER + ".partial")
+            written.write_text(json.dumps(marker, indent=1))
+            written.rename(directory / MARKER)  # the last act: the folder is whole by now
         except OSError as err:  # every rank stops on it, none waits for rank 0
             failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
     stop_together(failure, CheckpointError)
@@ -198,9 +205,10 @@ def _unshare_adam_steps(optimizer) -> None:
                 seen.add(id(state["step"]))
 
 
-def load_model_weights(model, directory: str | Path) -> dict:
+def load_model_weights(model, directory: str | Path, arch=None) -> dict:
     """Load only the weights of a complete checkpoint (a run's, or one from `megatron-dapo convert
     hf-to-mcore`) into this rank's stage of a GPTModel, at any layout; returns the marker's contents.
+    `arch` (a ModelArch): the model's, refused with the differences named when the checkpoint's is another.
 
     Call it before the optimizer is built: the optimizer copies the weights it starts from.
     """
@@ -208,6 +216,8 @@ def load_model_weights(model, directory: str | Path) -> dict:
 
     directory = Path(directory)
     _check_complete(directory)
+    if arch is not None:
+        _check_same_model(directory, arch)
     state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, str(directory))
     model.load_state_dict(state["model"])
     return json.loads((directory / MARKER).read_text())
@@ -227,12 +237,37 @@ def _check_complete(directory: Path) -> None:
     stop_together(failure, CheckpointError)
 
 
+SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "tie_word_embeddings", "qkv_bias", "qk_norm")
+"""What makes two models' tensors differ (ModelArch fields)."""
+
+
+def _check_same_model(directory: Path, arch) -> None:
+    """CheckpointError on every rank when the checkpoint's model (the marker's hf_config) is not `arch`'s:
+    megatron-core loads embedding and output rows without checking their count, so a checkpoint of a model with
+    another vocabulary would load with rows cut off or left as they were."""
+    from megatron_dapo.models.arch import ModelArch
+
+    failure = None
+    saved_config = json.loads((directory / MARKER).read_text()).get("hf_config")
+    if saved_config is not None:
+        saved = ModelArch.from_hf_config(saved_config, source=str(directory / MARKER))
+        differ = [f"{name}: checkpoint {getattr(saved, name)}, model {getattr(arch, name)}" for name in SHAPE_FIELDS
+                  if getattr(saved, name) != getattr(arch, name)]
+        if differ:
+            failure = CheckpointError(f"checkpoint {directory} holds another model than model.path's config.json "
+                                      f"({'; '.join(differ)}): point model.path at the model the checkpoint was "
+                                      "made from")
+    stop_together(failure, CheckpointError)
+
+
 def load_actor(actor, directory: str | Path) -> dict:
     """Load a complete checkpoint into the actor (any layout); returns the marker's contents."""
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
     _check_complete(directory)
+    _check_same_model(directory, actor.arch)
     _materialize_adam_state(actor.optimizer)
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)

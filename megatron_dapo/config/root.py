@@ -139,6 +139,24 @@ def dump_config(config: DAPOConfig) -> str:
     return yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
 
 
+def config_changes(before: str, after: DAPOConfig) -> list[str]:
+    """'key: old -> new' for each setting of `after` that differs from the YAML `before` (dump_config's form);
+    keys only one side has count too."""
+    def flat(node, prefix=""):
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    try:
+        old = flat(yaml.safe_load(before) or {})
+    except yaml.YAMLError:
+        return ["(the earlier config.yaml does not parse)"]
+    new = flat(yaml.safe_load(dump_config(after)))
+    missing = object()
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(old.keys() | new.keys())
+            if old.get(key, missing) != new.get(key, missing)]
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

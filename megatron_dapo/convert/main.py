@@ -74,4 +74,9 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
     if "logp_max_diff" in summary:
         line += f"; verified: max |log-prob difference| = {summary['logp_max_diff']:.3g} <= {args.tolerance:g}"
     print(line)
+    source = summary.get("source_dtype")
+    if source is not None and source.itemsize < DTYPES[args.dtype].itemsize:
+        print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}, so the {args.dtype} copy "
+              "holds their values exactly, no more precise (a bf16 run keeps its fp32 master weights in the "
+              "optimizer state, which is not converted)")
     return 0

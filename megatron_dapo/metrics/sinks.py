@@ -13,6 +13,25 @@ CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", 
                 "actor/pg_clipfrac_high", "sampling/gen_batches", "rollout/probe_logp_mean_diff", "timing/step")
 
 
+OPTIONAL_SINKS = {"tensorboard": ("logging.tensorboard=true", "tensorboard"),
+                  "wandb": ("logging.wandb_project", "wandb")}
+"""Sink -> (the setting that asks for it, the package it needs: pip install megatron-dapo[SINK])."""
+
+
+def check_sink_packages(config: LoggingConfig) -> None:
+    """ConfigError naming the setting and the package when a sink the config asks for cannot be imported."""
+    import importlib.util
+
+    from megatron_dapo.config.loader import ConfigError
+
+    wanted = {"tensorboard": config.tensorboard, "wandb": bool(config.wandb_project)}
+    missing = [sink for sink, on in wanted.items() if on and importlib.util.find_spec(OPTIONAL_SINKS[sink][1]) is None]
+    if missing:
+        raise ConfigError([f"{OPTIONAL_SINKS[sink][0]} needs the {OPTIONAL_SINKS[sink][1]} package, which is not "
+                           f"installed: pip install 'megatron-dapo[{sink}]', or turn the setting off"
+                           for sink in missing])
+
+
 class MetricSinks:
     def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int, training: bool = True):
         """training: False for trainer.val_only, whose row at an earlier step gets a W&B run of its own (the

@@ -36,8 +36,8 @@ class HFCopy:
 
 def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None,
          wait_group: dist.ProcessGroup | None = None) -> Path:
-    """Save step_N, then on rank 0 write its Hugging Face copy (when asked) and delete the complete checkpoints
-    beyond the newest `keep_last`. An error on rank 0 stops every rank; the checkpoint itself is complete by then.
+    """Save step_N, then on rank 0 write its Hugging Face copy (when asked), delete the complete checkpoints
+    beyond the newest `keep_last` and what crashed saves left. An error on rank 0 stops every rank; the checkpoint itself is complete by then.
 
     wait_group: a CPU (gloo) group whose timeout covers the conversion, for the other ranks to wait on rank 0
     in: a 32B model takes rank 0 minutes to convert at 0.24 GB/s (docs/performance.md), and a large one
@@ -58,6 +58,11 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
                               if (m := _STEP.match(p.name)) and is_complete(p))
             for _, old in complete[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+            # What crashed saves left (a .partial folder, a folder never marked complete): never loadable, and
+            # keep_last, counting complete checkpoints only, would leave them there for good.
+            for stale in (run_dir / "checkpoints").glob("step_*"):
+                if stale.is_dir() and not is_complete(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
         except Exception as err:
             failure = err
     # The other ranks wait here for rank 0; on its failure they stop with its message.

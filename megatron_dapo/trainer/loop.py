@@ -24,10 +24,10 @@ from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.actor.batch import ActorBatch
 from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
-from megatron_dapo.config.root import DAPOConfig, dump_config
+from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
-from megatron_dapo.metrics.sinks import MetricSinks
+from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
@@ -41,7 +41,7 @@ from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
                                           shaped_scores, validation_metrics)
 from megatron_dapo.trainer.memory import ColocatedMemory
-from megatron_dapo.trainer.stop import StopRequest
+from megatron_dapo.trainer.stop import STOP_FILE, StopRequest
 
 
 class Trainer:
@@ -53,6 +53,13 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
         self._started(self._check_fresh_start)  # before this run writes anything into the folder
+        self._started(lambda: check_sink_packages(cfg.logging))  # not minutes later, on rank 0 alone
+        if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
+            # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
+            # minutes of start-up is kept, and the run stops after its first step.
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        self._earlier_config: str | None = None
+        """The config.yaml of the attempt this one may resume (rank 0), to say what changed."""
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             print(describe_spec(), flush=True)
@@ -60,7 +67,9 @@ class Trainer:
                 print(extension.describe(), flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
-                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+                saved = self.run_dir / "config.yaml"
+                self._earlier_config = saved.read_text() if saved.is_file() else None
+                saved.write_text(dump_config(cfg))
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
         self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, prompt_key=cfg.data.prompt_key,
@@ -101,16 +110,15 @@ class Trainer:
         filtering = cfg.algorithm.filter_groups
         self._check_filter_metric = filtering.enable and filtering.metric not in BUILTIN_METRICS
         """Whether no reward has given the filter metric yet (checked on rank 0 each step until one does)."""
-        self.sinks = (MetricSinks(cfg.logging, self.run_dir, cfg.trainer.total_training_steps,
-                                  training=not cfg.trainer.val_only) if self.rank0 else None)
+        self.sinks = self._started(lambda: MetricSinks(
+            cfg.logging, self.run_dir, cfg.trainer.total_training_steps, training=not cfg.trainer.val_only)
+            if self.rank0 else None)  # W&B's login or network failing stops every rank, not rank 0 alone
         self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
         self.step = 0
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
         self.stop = StopRequest(self.run_dir, self.actor.device)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
-        if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
-            self.stop.clear()
         dist.barrier()
         probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         prompt = torch.tensor(self.train_set[0].prompt_ids)
@@ -432,6 +440,10 @@ class Trainer:
         self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
+            changes = config_changes(self._earlier_config, self.config) if self._earlier_config else []
+            if changes:  # on purpose (a new learning rate) or not (a new run meant for a fresh folder): said aloud
+                print(f"the config differs from the one the resumed run last started with ({len(changes)}): "
+                      + "; ".join(changes), flush=True)
 
     def _push(self, version: int):
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""

@@ -126,3 +126,32 @@ def test_cli_reports_config_errors_without_a_traceback(good):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "config error: unknown key actor.clip_ratio_hgh" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_changes_name_each_setting(good):
+    from megatron_dapo.config.root import config_changes, dump_config
+
+    before = load_config(good)
+    after = load_config(good, ["actor.optim.lr=2e-6", "rollout.n=8", "data.val_files=[a.jsonl]"])
+    assert config_changes(dump_config(before), before) == []
+    assert config_changes(dump_config(before), after) == [
+        f"actor.optim.lr: {before.actor.optim.lr} -> 2e-06",
+        f"data.val_files: {before.data.val_files} -> ['a.jsonl']", "rollout.n: 4 -> 8"]
+    changes = config_changes("trainer: {seed: 1}\nold_section: {x: 1}\n", before)
+    assert changes[0] == "actor.clip_ratio_c: (unset) -> 10.0" and "old_section.x: 1 -> (unset)" in changes
+
+
+def test_a_sink_without_its_package_is_refused_naming_both():
+    import importlib.util
+
+    from megatron_dapo.metrics.config import LoggingConfig
+    from megatron_dapo.metrics.sinks import check_sink_packages
+
+    for config, package in ((LoggingConfig(wandb_project="p"), "wandb"), (LoggingConfig(tensorboard=True), "tensorboard")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(ConfigError, match=rf"needs the {package} package, which is not installed: "
+                                                  rf"pip install 'megatron-dapo\[{package}\]'"):
+                check_sink_packages(config)
+        else:
+            check_sink_packages(config)
+    check_sink_packages(LoggingConfig())

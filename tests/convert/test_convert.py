@@ -62,7 +62,7 @@ def test_round_trip_is_bit_exact(tmp_path, family):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_bf16_round_trip_and_the_stored_layout(tmp_path):
+def test_bf16_round_trip_and_the_stored_layout(tmp_path, capsys):
     source = make_tiny_model("qwen3", tmp_path / "hf")
     hf_to_mcore(source, tmp_path / "mcore", dtype=torch.bfloat16, progress=False)
     reader = CheckpointReader(tmp_path / "mcore")
@@ -80,6 +80,13 @@ def test_bf16_round_trip_and_the_stored_layout(tmp_path):
     before, after = _tensors(source), _tensors(tmp_path / "back")
     assert all(torch.equal(after[name], before[name].to(torch.bfloat16)) for name in before)
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
+    # An fp32 copy of bf16 weights says it holds no more than their bf16 values.
+    from megatron_dapo.convert.main import main
+
+    assert main(["mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out", str(tmp_path / "fp32"), "--dtype", "fp32",
+                 "--quiet"]) == 0
+    assert "note: the checkpoint's model weights are bfloat16, so the fp32 copy holds their values exactly" in \
+        capsys.readouterr().out
 
 
 def test_cli_converts_both_ways_verified_with_progress(tmp_path):
@@ -96,7 +103,7 @@ def test_cli_converts_both_ways_verified_with_progress(tmp_path):
                             "--hf-template", str(source), "--verify", "--tolerance", "1e-4"],
                            capture_output=True, text=True, timeout=300)
     assert to_hf.returncode == 0, to_hf.stderr
-    assert "verified" in to_hf.stdout
+    assert "verified" in to_hf.stdout and "note:" not in to_hf.stdout  # fp32 weights to fp32
     assert (tmp_path / "back" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
     # A second conversion into the same folder is refused, and the folder is left as it was.
     again = subprocess.run([sys.executable, "-m", "megatron_dapo", "convert", "mcore-to-hf", "--mcore",

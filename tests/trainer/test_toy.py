@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,11 +109,16 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "checkpoints" / "step_000010").exists(), "the run finished before it was killed"
+    stale = [run_dir / "checkpoints" / "step_000007.partial", run_dir / "checkpoints" / "step_000008"]  # crashed saves
+    for folder in stale:
+        (folder / "model").mkdir(parents=True)
 
     again = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**env, "MASTER_PORT": _free_port()},
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout and "step_000005" in again.stdout, again.stdout[-2000:]
+    assert "the config differs" not in again.stdout, again.stdout[-2000:]
+    assert not any(folder.exists() for folder in stale)  # swept at the next save
 
     def by_step(rows):  # the last row of each training step (a step may have been logged before the kill)
         return {row["step"]: row for row in rows if "critic/acc_mean" in row}
@@ -129,12 +135,20 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
             a, b = resumed[step][key], expected[step][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step} {key}: resumed {a}, uninterrupted {b}"
 
+    # Resuming with other settings is allowed (a longer run, a new learning rate) and said aloud, each one named.
+    longer = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=11", "actor.optim.lr=5e-4"],
+                            cwd=tmp_path, env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True,
+                            timeout=900)
+    assert longer.returncode == 0, longer.stderr[-4000:]
+    assert ("the config differs from the one the resumed run last started with (2): actor.optim.lr: 0.001 -> 0.0005; "
+            "trainer.total_training_steps: 10 -> 11") in longer.stdout, longer.stdout[-2000:]
+
     # A fresh start (checkpoint.resume=false) into this folder is refused before it writes anything there.
     config, metrics = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
     fresh = subprocess.run([*_toy_command(run_dir), "checkpoint.resume=false", "trainer.seed=2"], cwd=tmp_path,
                            env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
     assert fresh.returncode == 2, fresh.stderr[-4000:]
-    assert "holds an earlier run's checkpoints (the newest is step_000010)" in fresh.stderr, fresh.stderr[-4000:]
+    assert "holds an earlier run's checkpoints (the newest is step_000011)" in fresh.stderr, fresh.stderr[-4000:]
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
@@ -157,6 +171,22 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     first = {row["step"]: row["val/acc_avg@4"] for row in _rows(toy_run) if "val/acc_avg@4" in row}
     started = [row["val/acc_avg@4"] for row in _rows(run_dir) if row["step"] == 0 and "val/acc_avg@4" in row]
     assert started and abs(started[0] - first[20]) <= 0.05 and started[0] >= first[0] + MARGIN, (started, first)
+
+    # A checkpoint of another model (here: its marker says another vocabulary) is refused, the difference named;
+    # megatron-core would load its embedding rows without checking their count.
+    other = tmp_path / "other-mcore"
+    shutil.copytree(tmp_path / "policy-mcore", other)
+    marker = json.loads((other / "COMPLETE.json").read_text())
+    vocab = marker["hf_config"]["vocab_size"]
+    marker["hf_config"]["vocab_size"] = vocab + 64
+    (other / "COMPLETE.json").write_text(json.dumps(marker))
+    other_run = _linked_run_dir(toy_run, tmp_path, "other-run")
+    proc = subprocess.run([*command, f"model.megatron_checkpoint={other}", f"trainer.run_dir={other_run}"],
+                          cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode != 0
+    assert (f"holds another model than model.path's config.json (vocab_size: checkpoint {vocab + 64}, model {vocab})"
+            in proc.stderr), proc.stderr[-4000:]
 
 
 def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
