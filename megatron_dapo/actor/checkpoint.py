@@ -105,7 +105,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
     dist.barrier()
     failure = None
     if dist.get_rank() == 0:
-        marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(), **(extra or {}),
+        marker = {"actor_steps": actor.steps, "layout": actor.layout.describe(),
+                  "distributed_optimizer": actor.layout.distributed_optimizer, **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         try:
             shutil.rmtree(directory, ignore_errors=True)  # an earlier attempt's, never marked complete
@@ -268,6 +269,13 @@ def load_actor(actor, directory: str | Path) -> dict:
     directory = Path(directory)
     _check_complete(directory)
     _check_same_model(directory, actor.arch)
+    saved = json.loads((directory / MARKER).read_text()).get("distributed_optimizer")
+    if saved is not None and saved != actor.layout.distributed_optimizer:  # megatron-core: a KeyError deep inside
+        stop_together(CheckpointError(
+            f"checkpoint {directory} was saved with parallel.use_distributed_optimizer={str(saved).lower()}, whose "
+            f"optimizer state this run (={str(actor.layout.distributed_optimizer).lower()}) cannot load: set "
+            f"parallel.use_distributed_optimizer={str(saved).lower()}, or start from its weights alone "
+            f"(model.megatron_checkpoint={directory} in a fresh run folder)"), CheckpointError)
     _materialize_adam_state(actor.optimizer)
     metadata = _metadata()
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)

@@ -143,6 +143,13 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     assert ("the config differs from the one the resumed run last started with (2): actor.optim.lr: 0.001 -> 0.0005; "
             "trainer.total_training_steps: 10 -> 11") in longer.stdout, longer.stdout[-2000:]
 
+    # Not so the optimizer's layout, whose state would not load (megatron-core: a bare KeyError).
+    other = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=12",
+                            "parallel.use_distributed_optimizer=false"], cwd=tmp_path,
+                           env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and ("was saved with parallel.use_distributed_optimizer=true, whose optimizer state "
+                                      "this run (=false) cannot load") in other.stderr, other.stderr[-4000:]
+
     # A fresh start (checkpoint.resume=false) into this folder is refused before it writes anything there.
     config, metrics = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
     fresh = subprocess.run([*_toy_command(run_dir), "checkpoint.resume=false", "trainer.seed=2"], cwd=tmp_path,
