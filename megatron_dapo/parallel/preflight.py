@@ -128,7 +128,7 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
         arch = _arch_from_config(config, report)
     if arch is not None:
         _check_model(config, arch, layout, report)
-        _check_memory(config, arch, layout, gpu_memory_gb, report)
+        _check_memory(config, arch, layout, gpu_memory_gb, report, ranks_per_node=per_node)
     return report
 
 
@@ -256,7 +256,8 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
                "is sharded over data parallelism)"))
 
 
-def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report) -> None:
+def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report,
+                  ranks_per_node: int = 1) -> None:
     layer, embedding, output = parameter_counts(arch)
     per_stage = arch.num_layers // layout.pp if arch.num_layers % layout.pp == 0 else -(-arch.num_layers // layout.pp)
     if layout.pp == 1:  # one stage holds the embedding and the output layer
@@ -283,6 +284,14 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, {in_flight} in flight"
         + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    if layout.distributed_optimizer and layout.dp > 1:
+        # megatron-core's "fully_reshardable" save (what lets a checkpoint load at another layout) gathers the
+        # DP-sharded optimizer state of each rank's TP x PP shard in host memory, on every rank.
+        gathered = 12 * params
+        report.lines.append(
+            f"host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its "
+            f"data-parallel group, {gathered / GB:.1f} GB per rank, {gathered * ranks_per_node / GB:.0f} GB per node"
+            + (" (on top of actor.offload's copies)" if config.actor.offload else ""))
     if config.rollout.name == "sglang":
         _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report)
     engine = _embedded_engine_bytes(config, arch)
