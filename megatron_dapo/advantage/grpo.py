@@ -18,7 +18,7 @@ def group_advantages(rewards: torch.Tensor, *, norm_by_std: bool = True, eps: fl
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [groups, n], got shape {tuple(rewards.shape)}")
     if valid is None:
-        valid = torch.ones(rewards.shape, dtype=torch.bool)
+        valid = torch.ones_like(rewards, dtype=torch.bool)
     if valid.shape != rewards.shape:
         raise ValueError(f"valid must have the rewards' shape {tuple(rewards.shape)}, got {tuple(valid.shape)}")
     valid = valid.to(torch.bool)
