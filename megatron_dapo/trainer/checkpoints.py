@@ -37,7 +37,8 @@ class HFCopy:
 def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None,
          wait_group: dist.ProcessGroup | None = None) -> Path:
     """Save step_N, then on rank 0 write its Hugging Face copy (when asked), delete the complete checkpoints
-    beyond the newest `keep_last` and what crashed saves left. An error on rank 0 stops every rank; the checkpoint itself is complete by then.
+    beyond the newest `keep_last` and what crashed saves left. An error on rank 0 stops every rank; the
+    checkpoint itself is complete by then.
 
     wait_group: a CPU (gloo) group whose timeout covers the conversion, for the other ranks to wait on rank 0
     in: a 32B model takes rank 0 minutes to convert at 0.24 GB/s (docs/performance.md), and a large one
