@@ -231,8 +231,15 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number from 1, row) of a .jsonl file, skipping blank lines, or (row number from 0, row) of a
     .parquet file; a line that is not JSON gives _Unreadable."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield number, _Unreadable(f"not UTF-8 ({err})")
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -15,7 +15,17 @@ from pathlib import Path
 class SampleLog:
     def __init__(self, run_dir: Path, count: int):
         self.count = count
-        self.file = open(run_dir / "samples.jsonl", "a") if count else None
+        self.file = None
+        if count:
+            path = run_dir / "samples.jsonl"
+            cut = False
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb") as earlier:
+                    earlier.seek(-1, 2)
+                    cut = earlier.read(1) != b"\n"
+            self.file = open(path, "a")
+            if cut:  # a row cut short by a crash: the next one starts afresh
+                self.file.write("\n")
 
     def write(self, step: int, split: str, groups: list, tokenizer) -> None:
         """`groups`: trainer Groups (prompt, completions, rewards, scores)."""

@@ -20,6 +20,7 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import numbers
 import os
 import pickle
 import signal
@@ -177,7 +178,8 @@ class RewardScorer:
                     index = queue.popleft()
                     sample = samples[index]
                     try:
-                        payload = pickle.dumps((fns[index], sample.response, sample.ground_truth, sample.extra_info))
+                        payload = pickle.dumps((index, fns[index], sample.response, sample.ground_truth,
+                                                sample.extra_info))
                     except Exception as err:
                         fail(index, "error", f"sample cannot be sent to a worker: {type(err).__name__}: {err}")
                         continue
@@ -204,16 +206,21 @@ class RewardScorer:
                     self._replace(slot)
                     continue
                 if not worker.ready:
-                    status, value = pickle.loads(message)
+                    status, value, _ = pickle.loads(message)
                     if status != "ready":
                         raise RuntimeError(f"reward worker {worker.process.pid} failed to start: {value}")
                     worker.ready = True
                     continue
-                index, worker.index = worker.index, None
                 try:
-                    status, value = pickle.loads(message)
+                    status, value, answered = pickle.loads(message)
                 except Exception as err:                    # e.g. a class the trainer cannot import
                     status, value = "error", f"result cannot be read: {type(err).__name__}: {err}"
+                    answered = worker.index
+                if answered != worker.index:  # not this sample's answer (a stray reply): keep waiting for it
+                    logger.warning("reward worker %d answered for sample %s while scoring sample %s; ignored",
+                                   worker.process.pid, answered, worker.index)
+                    continue
+                index, worker.index = worker.index, None
                 if status == "error":
                     fail(index, "error", value)
                 else:
@@ -285,7 +292,11 @@ class _Worker:
         return True
 
     def kill(self) -> None:
-        self.process.kill()
+        """SIGKILL to the worker's process group: what the reward function started (a sandbox, a solver) too."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):      # not its own group leader yet, or already gone
+            self.process.kill()
         self.process.join(timeout=5)
         self.conn.close()
 
@@ -305,12 +316,18 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
     """Worker loop: load the config's reward functions, then receive (fn, response, ground_truth, extra_info)
     and send ("ok", value) or ("error", why)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:                               # the trainer died before the line above took hold
+        os._exit(1)
+    os.setsid()  # a process group of its own, which kill() ends with everything the reward function started
     try:
         load_reward_functions(functions)
     except Exception as err:
-        conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}")))
+        conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}", None)))
         return
-    conn.send_bytes(pickle.dumps(("ready", os.getpid())))
+    conn.send_bytes(pickle.dumps(("ready", os.getpid(), None)))
+    me = os.getpid()
     while True:
         try:
             payload = conn.recv_bytes()
@@ -318,33 +335,70 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
             return
         if not payload:
             return
+        index = None
         try:
-            fn, response, ground_truth, extra_info = pickle.loads(payload)
-            reply = pickle.dumps(("ok", fn(response, ground_truth, extra_info)))
+            index, fn, response, ground_truth, extra_info = pickle.loads(payload)
+            reply = pickle.dumps(("ok", fn(response, ground_truth, extra_info), index))
         except BaseException as err:                       # a reward function may even call sys.exit
             where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
             at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-            reply = pickle.dumps(("error", f"{type(err).__name__}: {err}{at}"))
+            reply = pickle.dumps(("error", f"{type(err).__name__}: {err}{at}", index))
+        if os.getpid() != me:  # a process the reward function forked came back here: it must not answer
+            os._exit(0)
         conn.send_bytes(reply)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGKILL when the trainer dies, even by SIGKILL or the OOM killer,
+    which leave no chance to stop it (a worker stuck in a reward function's C code would live on). Elsewhere
+    nothing: the worker then ends when it next reads from its closed pipe."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
-    """A reward function's return value -> (result, None) or (None, (kind, detail))."""
-    if isinstance(value, RewardResult):
-        if value.failed:                                   # the function reported its own failure
-            return None, ("error", value.reason or "the reward function marked the sample failed")
-        result = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        result = RewardResult(score=float(value), acc=float(value))
-    else:
-        return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")
-    numbers = {"score": result.score, "acc": result.acc, **{f"extra[{k!r}]": v for k, v in result.extra.items()}}
-    for name, number in numbers.items():
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            return None, ("bad_return", f"{name} is {type(number).__name__}, expected a number")
-        if not math.isfinite(number):
-            return None, ("non_finite", f"{name} is {number}")
-    return result, None
+    """A reward function's return value -> (result, None) or (None, (kind, detail)). Numbers may be any real
+    number, numpy's and bools included (True is 1.0); the result holds Python floats and `pred` as text."""
+    try:
+        if isinstance(value, RewardResult):
+            if value.failed:                               # the function reported its own failure
+                return None, ("error", value.reason or "the reward function marked the sample failed")
+            if not isinstance(value.extra, dict):
+                return None, ("bad_return", f"extra is {type(value.extra).__name__}, expected a dict of numbers")
+            fields = {"score": value.score, "acc": value.acc, **{f"extra[{k!r}]": v for k, v in value.extra.items()}}
+        elif _real(value) is None:
+            return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")
+        else:
+            fields = {"score": value}
+        checked = {}
+        for name, number in fields.items():
+            number = _real(number)
+            if number is None:
+                return None, ("bad_return", f"{name} is {type(fields[name]).__name__}, expected a number")
+            if not math.isfinite(number):
+                return None, ("non_finite", f"{name} is {number}")
+            checked[name] = number
+        if not isinstance(value, RewardResult):
+            return RewardResult(score=checked["score"], acc=checked["score"]), None
+        return RewardResult(score=checked["score"], acc=checked["acc"],
+                            extra={str(k): checked[f"extra[{k!r}]"] for k in value.extra},
+                            pred=None if value.pred is None else str(value.pred)), None
+    except Exception as err:                               # whatever the value's own methods raise
+        return None, ("bad_return", f"the returned value cannot be read: {type(err).__name__}: {err}")
+
+
+def _real(number: Any) -> float | None:
+    """A real number (int, float, bool, numpy scalar) as a float; None for anything else."""
+    if isinstance(number, numbers.Real) or (type(number).__module__ == "numpy" and getattr(number, "shape", None) == ()
+                                            and getattr(number.dtype, "kind", "") in "biuf"):
+        return float(number)
+    return None
 
 
 def _qualified_name(fn: Callable) -> str:

@@ -77,6 +77,10 @@ class Trainer:
         self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, prompt_key=cfg.data.prompt_key,
                                                  max_prompt_length=cfg.data.max_prompt_length)
                         if cfg.data.val_files else None)
+        if self.rank0:  # what the files held and what was dropped (too long, duplicated, malformed)
+            print(f"data.train_files: {self.train_set.report()}", flush=True)
+            if self.val_set is not None:
+                print(f"data.val_files: {self.val_set.report()}", flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
         self.hf_copy = self._started(self._hf_copy)

@@ -212,3 +212,13 @@ def test_stream_refuses_a_state_from_another_run():
         PromptStream(prompts(6), batch_size=3, seed=11).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=12"):
         PromptStream(prompts(7), batch_size=3, seed=12).load_state_dict(state)
+
+
+def test_a_byte_order_mark_is_read_past_and_a_line_not_utf8_is_one_malformed_row(tmp_path, tokenizer):
+    lines = [json.dumps(row(P1, "3")).encode(), b'{"prompt": "\xff\xfe"}', json.dumps(row(P2, "4")).encode()]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    dataset = PromptDataset.from_files(path, tokenizer, max_prompt_length=16)
+    assert [p.prompt_ids for p in dataset] == [P1_IDS, P2_IDS]
+    assert dataset.stats.malformed == 1
+    assert dataset.stats.malformed_examples[0].startswith("train.jsonl line 2: not UTF-8 ('utf-8' codec can't decode")

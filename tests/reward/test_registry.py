@@ -133,3 +133,106 @@ def test_registration_rules():
 def test_compute_rewards_one_shot():
     batch = compute_rewards([("test_plain", "7", "7", {}), ("test_plain", "8", "7", {})], timeout_s=5.0, num_workers=1)
     assert batch.scores == [1.0, 0.0]
+
+
+@register_reward("test_unusual")
+def unusual(response, ground_truth, extra_info):
+    """Returns what real reward functions return: numpy numbers, bools, odd extras; or forks."""
+    import numpy as np
+
+    if response == "np32":
+        return np.float32(0.25)
+    if response == "bool":
+        return response == "bool"
+    if response == "np_result":
+        return RewardResult(score=np.float32(1.0), acc=np.bool_(True), extra={"n": np.int64(3)}, pred=np.int64(7))
+    if response == "extra_none":
+        return RewardResult(score=1.0, acc=1.0, extra=None)
+    if response == "fork":  # the child raises a little later, in the worker's loop, as a library's helper might
+        if os.fork() == 0:
+            time.sleep(0.2)
+            raise RuntimeError("child")
+        return 5.0
+    return float(len(response))
+
+
+def test_numbers_of_any_real_kind_are_taken_and_a_bad_extra_costs_its_sample(scorer):
+    batch = scorer.score([RewardSample("test_unusual", r, "", {}) for r in ("np32", "bool", "np_result", "extra_none")])
+    assert batch.scores[:3] == [0.25, 1.0, 1.0] and batch.accs[:3] == [0.25, 1.0, 1.0]
+    result = batch.results[2]
+    assert result.extra == {"n": 3.0} and type(result.extra["n"]) is float and result.pred == "7"
+    assert type(result.score) is float and type(result.acc) is float
+    assert batch.results[3].failed and batch.results[3].reason == "bad_return: extra is NoneType, expected a dict of numbers"
+
+
+def test_a_forked_child_never_answers_for_a_sample(scorer):
+    """A reward function that forks: the child, back in the worker's loop, exits without a word, so every later
+    sample still gets its own result (before, each got the previous one's)."""
+    samples = [RewardSample("test_unusual", r, "", {}) for r in ("fork", "ab", "abc", "abcd")]
+    batch = scorer.score(samples)
+    assert batch.scores == [5.0, 2.0, 3.0, 4.0] and batch.failure_counts == {}
+    time.sleep(0.4)
+    again = scorer.score([RewardSample("test_unusual", r, "", {}) for r in ("a", "abcde")])
+    assert again.scores == [1.0, 5.0]
+
+
+@register_reward("test_spawner")
+def spawner(response, ground_truth, extra_info):
+    """Starts a long child process (as a sandbox would), writes its pid where the test reads it, and hangs."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"])
+    with open(response, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has ended
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_timed_out_sample_takes_what_its_function_started_with_it(scorer, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    batch = scorer.score([RewardSample("test_spawner", str(pid_file), "", {})])
+    assert batch.failure_counts == {"timeout": 1}
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the reward function's child outlived its killed worker"
+
+
+def test_workers_die_with_a_killed_trainer(tmp_path):
+    """SIGKILL to the process holding the pool (a trainer the OOM killer picks) ends its workers too, the one
+    busy in a reward function that never returns included (an idle one sees its pipe close)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os, sys, time\n"
+            "import tests.reward.test_registry\n"
+            "from megatron_dapo.reward.registry import RewardScorer\n"
+            "scorer = RewardScorer(timeout_s=600.0, num_workers=2)\n"
+            "scorer.score([('math_dapo', 'Answer: 1', '1', {})])\n"
+            "print(' '.join(str(w.process.pid) for w in scorer._workers), flush=True)\n"
+            "scorer.score([('test_troublesome', 'hang', '', {})])\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    workers = [int(pid) for pid in holder.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    time.sleep(1.0)  # the hanging sample reaches its worker
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "reward workers outlived the killed trainer"

@@ -36,3 +36,15 @@ def test_a_start_from_scratch_supersedes_every_earlier_row_and_a_first_start_wri
     assert read_metrics(tmp_path) == [row for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
                                                          .splitlines()) if "val/acc_avg@4" in row][1:]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_samples_row_cut_short_by_a_crash_leaves_the_next_rows_readable(tmp_path):
+    from megatron_dapo.metrics.samples import SampleLog
+
+    (tmp_path / "samples.jsonl").write_text('{"step": 1, "split": "train"}\n{"step": 2, "spl')
+    log = SampleLog(tmp_path, 2)
+    log.file.write(json.dumps({"step": 3}) + "\n")
+    log.close()
+    assert (tmp_path / "samples.jsonl").read_text().splitlines()[1:] == ['{"step": 2, "spl', '{"step": 3}']
+    SampleLog(tmp_path, 2).close()  # a whole file gets nothing added
+    assert (tmp_path / "samples.jsonl").read_text().endswith('\n{"step": 3}\n')
