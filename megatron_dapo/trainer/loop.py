@@ -44,6 +44,10 @@ from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import STOP_FILE, StopRequest
 
 
+ALL_FAILED_STOP = 16
+"""Responses scored at once, every one failing, that stop the run as a broken reward function."""
+
+
 class Trainer:
     def __init__(self, config: DAPOConfig):
         from transformers import AutoTokenizer
@@ -363,8 +367,17 @@ class Trainer:
         start = time.perf_counter()
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
-        results = self.scorer.score(samples).results
+        batch = self.scorer.score(samples)
+        results = batch.results
         self.reward_seconds += time.perf_counter() - start
+        if len(results) >= ALL_FAILED_STOP and batch.num_failed == len(results):
+            # Not one answer scored: a broken reward function (a missing file, a wrong signature), not bad answers.
+            # Training on would train on nothing, step after step.
+            kinds = ", ".join(f"{kind} {count}" for kind, count in batch.failure_counts.items())
+            raise RuntimeError(
+                f"the reward functions failed on every one of the {len(results)} responses scored here ({kinds}); "
+                f"the first, data_source {samples[0].data_source!r}: {results[0].reason}. Fix the reward function "
+                "(reward.functions) or raise reward.timeout_s")
         buffer = self.config.reward.overlong_buffer
         groups = []
         for i, (prompt, completions) in enumerate(zip(prompts, outputs)):

@@ -460,6 +460,26 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     assert "actor/pg_loss" in row and row["critic/reward_failed"] > 0, row
 
 
+BROKEN_REWARD = '''
+def score(response, ground_truth, extra_info):
+    return {"score": 1.0}  # neither a number nor a RewardResult: every sample fails
+'''
+
+
+def test_a_reward_function_failing_on_every_response_stops_the_run_naming_it(toy_run, tmp_path):
+    """A reward function that fails on every one of a generation batch's responses is broken, not strict: the run
+    stops with the failure named instead of dropping every group, step after step."""
+    (tmp_path / "broken.py").write_text(BROKEN_REWARD)
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=1", "trainer.val_before_train=false",
+                           "reward.functions.math_dapo=broken.py:score"], cwd=tmp_path,
+                          env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert ("the reward functions failed on every one of the 192 responses scored here (bad_return 192); the first, "
+            "data_source 'math_dapo': bad_return: returned dict, expected RewardResult or a float") in proc.stderr, \
+        proc.stderr[-4000:]
+
+
 ONES_ONLY_REWARD = '''
 from megatron_dapo.reward.math_dapo import compute_score
 
