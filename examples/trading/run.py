@@ -51,13 +51,15 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
     rows = cut_episodes(market, window=WINDOW[compact][0], horizon=HORIZON[compact], stride=3 if compact else 5,
                         seed=seed, tick=round(tick, 10), quantity=(1, 9) if compact else (5, 50))
     split = dict(zip(("train", "val"), split_by_time(rows, val_fraction=0.1)))
-    for name, part in split.items():
-        with open(folder / f"{name}.jsonl", "w") as f:
+    for name, part in split.items():  # each file whole or not at all: written aside, then renamed
+        written = folder / f"{name}.jsonl.partial"
+        with open(written, "w") as f:
             for row in part:
                 prompt = render_prompt(row.history, row.history_trades, row.episode, compact=compact)
                 f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}], "data_source": DATA_SOURCE,
                                     "reward_model": {"ground_truth": "see extra_info.episode"},
                                     "extra_info": {"episode": episode_to_dict(row.episode)}}) + "\n")
+        written.rename(folder / f"{name}.jsonl")
     return {name: len(part) for name, part in split.items()}
 
 
@@ -80,9 +82,18 @@ def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trad
     """Data (and, for the CPU-sized variant, tokenizer and model) in run_dir, once; the overrides to use them."""
     compact = config_path.name == "config_cpu.yaml"
     data = run_dir / "data"
-    if not (data / "val.jsonl").is_file():
+    # What the episodes were cut from: other market files (or a seed) than the folder's episodes' make them again.
+    source = {"compact": compact, "seed": seed, "books": books and str(Path(books).resolve()),
+              "trades": trades and str(Path(trades).resolve())}
+    made_from = json.loads((data / "source.json").read_text()) if (data / "source.json").is_file() else None
+    if not (data / "val.jsonl").is_file() or made_from != source:
         counts = make_episodes(data, compact=compact, seed=seed, books=books, trades=trades)
+        (data / "source.json").write_text(json.dumps(source, indent=1))
         print(f"episodes: {counts['train']} train, {counts['val']} validation (split by time)", flush=True)
+        if made_from is not None:  # the warm start was fitted on the earlier episodes
+            print(f"episodes made again from {books or 'the generator'} (the folder's came from "
+                  f"{made_from['books'] or 'the generator'}, seed {made_from['seed']})", flush=True)
+            (run_dir / "base" / "model.safetensors").unlink(missing_ok=True)
     overrides = [f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]"]
     if compact:
         # The tokenizer has its own folder: next to a Qwen2 config.json, AutoTokenizer would load it as

@@ -35,3 +35,25 @@ def test_cpu_variant_trains_and_reports_shortfall_against_the_baselines(tmp_path
     assert val[0]["val/malformed_mean"] < 0.9 and val[10]["val/malformed_mean"] < val[0]["val/malformed_mean"] - 0.2
     steps = [row for row in rows if "reward/profit_loss_mean" in row]
     assert len(steps) == 10 and all("reward/vs_twap_bps_mean" in row for row in steps)
+
+
+def test_episodes_are_made_again_from_other_market_files(tmp_path):
+    """The full-size variant's data: made once per run folder, and made again (said so) when --books / --trades
+    name other files than the folder's episodes came from, instead of training on the old ones."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "examples" / "trading" / "run.py"), "--config",
+               str(ROOT / "examples" / "trading" / "config.yaml"), "--prepare-only", f"trainer.run_dir={run_dir}"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and "validation (split by time)" in first.stdout, first.stderr[-3000:]
+    assert json.loads((run_dir / "data" / "source.json").read_text())["books"] is None
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "split by time" not in again.stdout, again.stdout  # the folder's, as they are
+    books, trades = tmp_path / "books.csv", tmp_path / "trades.csv"
+    books.write_bytes((run_dir / "data" / "books.csv").read_bytes())
+    trades.write_bytes((run_dir / "data" / "trades.csv").read_bytes())
+    other = subprocess.run([*command, "--books", str(books), "--trades", str(trades)], capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert f"episodes made again from {books} (the folder's came from the generator, seed 1)" in other.stdout
+    assert json.loads((run_dir / "data" / "source.json").read_text())["books"] == str(books.resolve())
+    assert not list((run_dir / "data").glob("*.partial"))
