@@ -320,7 +320,10 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
     _die_with_parent()
     if os.getppid() != parent:                               # the trainer died before the line above took hold
         os._exit(1)
-    os.setsid()  # a process group of its own, which kill() ends with everything the reward function started
+    try:
+        os.setsid()  # a process group of its own, which kill() ends with everything the reward function started
+    except OSError:  # already a group leader: kill() then ends the worker alone
+        pass
     try:
         load_reward_functions(functions)
     except Exception as err:
