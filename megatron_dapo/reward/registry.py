@@ -178,8 +178,10 @@ class RewardScorer:
                     index = queue.popleft()
                     sample = samples[index]
                     try:
-                        payload = pickle.dumps((index, fns[index], sample.response, sample.ground_truth,
-                                                sample.extra_info))
+                        # The number outside the sample's own pickle: the worker reads it even when the rest
+                        # cannot be unpickled there, and says why for this sample.
+                        payload = pickle.dumps((index, pickle.dumps((fns[index], sample.response,
+                                                                     sample.ground_truth, sample.extra_info))))
                     except Exception as err:
                         fail(index, "error", f"sample cannot be sent to a worker: {type(err).__name__}: {err}")
                         continue
@@ -313,8 +315,8 @@ class _Worker:
 
 
 def _worker_main(conn, functions: dict[str, str]) -> None:
-    """Worker loop: load the config's reward functions, then receive (fn, response, ground_truth, extra_info)
-    and send ("ok", value) or ("error", why)."""
+    """Worker loop: load the config's reward functions, then receive (sample number, pickled (fn, response,
+    ground_truth, extra_info)) and send ("ok", value, number) or ("error", why, number)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
     parent = os.getppid()
     _die_with_parent()
@@ -338,9 +340,9 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
             return
         if not payload:
             return
-        index = None
+        index, sample = pickle.loads(payload)
         try:
-            index, fn, response, ground_truth, extra_info = pickle.loads(payload)
+            fn, response, ground_truth, extra_info = pickle.loads(sample)
             reply = pickle.dumps(("ok", fn(response, ground_truth, extra_info), index))
         except BaseException as err:                       # a reward function may even call sys.exit
             where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
