@@ -217,11 +217,12 @@ def load_model_weights(model, directory: str | Path, arch=None) -> dict:
 
     directory = Path(directory)
     _check_complete(directory)
+    marker = json.loads((directory / MARKER).read_text())
     if arch is not None:
-        _check_same_model(directory, arch)
+        _check_same_model(directory, marker, arch)
     state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, str(directory))
     model.load_state_dict(state["model"])
-    return json.loads((directory / MARKER).read_text())
+    return marker
 
 
 def _check_complete(directory: Path) -> None:
@@ -243,14 +244,14 @@ SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num
 """What makes two models' tensors differ (ModelArch fields)."""
 
 
-def _check_same_model(directory: Path, arch) -> None:
-    """CheckpointError on every rank when the checkpoint's model (the marker's hf_config) is not `arch`'s:
+def _check_same_model(directory: Path, marker: dict, arch) -> None:
+    """CheckpointError on every rank when the checkpoint's model (its marker's hf_config) is not `arch`'s:
     megatron-core loads embedding and output rows without checking their count, so a checkpoint of a model with
     another vocabulary would load with rows cut off or left as they were."""
     from megatron_dapo.models.arch import ModelArch
 
     failure = None
-    saved_config = json.loads((directory / MARKER).read_text()).get("hf_config")
+    saved_config = marker.get("hf_config")
     if saved_config is not None:
         saved = ModelArch.from_hf_config(saved_config, source=str(directory / MARKER))
         differ = [f"{name}: checkpoint {getattr(saved, name)}, model {getattr(arch, name)}" for name in SHAPE_FIELDS
@@ -268,8 +269,9 @@ def load_actor(actor, directory: str | Path) -> dict:
 
     directory = Path(directory)
     _check_complete(directory)
-    _check_same_model(directory, actor.arch)
-    saved = json.loads((directory / MARKER).read_text()).get("distributed_optimizer")
+    marker = json.loads((directory / MARKER).read_text())
+    _check_same_model(directory, marker, actor.arch)
+    saved = marker.get("distributed_optimizer")
     if saved is not None and saved != actor.layout.distributed_optimizer:  # megatron-core: a KeyError deep inside
         stop_together(CheckpointError(
             f"checkpoint {directory} was saved with parallel.use_distributed_optimizer={str(saved).lower()}, whose "
@@ -290,4 +292,4 @@ def load_actor(actor, directory: str | Path) -> dict:
     _unshare_adam_steps(actor.optimizer)
     actor.model.module.load_state_dict(state["model"])
     actor.steps = int(state["actor_steps"])
-    return json.loads((directory / MARKER).read_text())
+    return marker

@@ -203,7 +203,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
         if not (partial / "generation_config.json").is_file():
             (partial / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))
         summary = {"tensors": len(plan), "bytes": total, "shards": shards, "gb_per_s": bar.close(),
-                   "source_dtype": reader.dtype(families.checkpoint_key(next(iter(_groups(arch)))[0][0]))}
+                   "source_dtype": reader.dtype(families.checkpoint_key(families.EMBEDDING))}
         if verify_tolerance is not None:
             summary["logp_max_diff"] = check_logprobs(partial, mcore_dir, verify_tolerance, round_to=dtype)
     return summary

@@ -11,21 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_dapo.metrics.sinks import open_rows
+
 
 class SampleLog:
     def __init__(self, run_dir: Path, count: int):
         self.count = count
-        self.file = None
-        if count:
-            path = run_dir / "samples.jsonl"
-            cut = False
-            if path.is_file() and path.stat().st_size:
-                with open(path, "rb") as earlier:
-                    earlier.seek(-1, 2)
-                    cut = earlier.read(1) != b"\n"
-            self.file = open(path, "a")
-            if cut:  # a row cut short by a crash: the next one starts afresh
-                self.file.write("\n")
+        self.file = open_rows(run_dir / "samples.jsonl")[0] if count else None
 
     def write(self, step: int, split: str, groups: list, tokenizer) -> None:
         """`groups`: trainer Groups (prompt, completions, rewards, scores)."""

@@ -6,6 +6,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 from megatron_dapo.metrics.config import LoggingConfig
 
@@ -32,6 +33,16 @@ def check_sink_packages(config: LoggingConfig) -> None:
                            for sink in missing])
 
 
+def open_rows(path: Path) -> tuple[TextIO, bool]:
+    """`path` opened to append JSON rows, and whether it held any already. A last row cut short by a crash is
+    ended first, so that the next row starts on a line of its own."""
+    earlier = path.read_bytes() if path.is_file() else b""
+    file = open(path, "a")
+    if earlier and not earlier.endswith(b"\n"):
+        file.write("\n")
+    return file, bool(earlier.strip())
+
+
 class MetricSinks:
     def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int, training: bool = True):
         """training: False for trainer.val_only, whose row at an earlier step gets a W&B run of its own (the
@@ -41,12 +52,7 @@ class MetricSinks:
         self.earlier_rows = False
         """metrics.jsonl held rows of an earlier attempt when this one opened it."""
         if config.jsonl:
-            path = run_dir / "metrics.jsonl"
-            earlier = path.read_bytes() if path.is_file() else b""
-            self.earlier_rows = bool(earlier.strip())
-            self.jsonl = open(path, "a")
-            if earlier and not earlier.endswith(b"\n"):  # a row cut short by a crash: the next one starts afresh
-                self.jsonl.write("\n")
+            self.jsonl, self.earlier_rows = open_rows(run_dir / "metrics.jsonl")
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

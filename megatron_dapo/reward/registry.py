@@ -376,23 +376,23 @@ def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
                 return None, ("error", value.reason or "the reward function marked the sample failed")
             if not isinstance(value.extra, dict):
                 return None, ("bad_return", f"extra is {type(value.extra).__name__}, expected a dict of numbers")
-            fields = {"score": value.score, "acc": value.acc, **{f"extra[{k!r}]": v for k, v in value.extra.items()}}
+            named = [("score", value.score), ("acc", value.acc), *((f"extra[{k!r}]", v) for k, v in value.extra.items())]
         elif _real(value) is None:
             return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")
         else:
-            fields = {"score": value}
-        checked = {}
-        for name, number in fields.items():
-            number = _real(number)
-            if number is None:
-                return None, ("bad_return", f"{name} is {type(fields[name]).__name__}, expected a number")
-            if not math.isfinite(number):
-                return None, ("non_finite", f"{name} is {number}")
-            checked[name] = number
-        if not isinstance(value, RewardResult):
-            return RewardResult(score=checked["score"], acc=checked["score"]), None
-        return RewardResult(score=checked["score"], acc=checked["acc"],
-                            extra={str(k): checked[f"extra[{k!r}]"] for k in value.extra},
+            named = [("score", value)]
+        checked = []
+        for name, number in named:
+            real = _real(number)
+            if real is None:
+                return None, ("bad_return", f"{name} is {type(number).__name__}, expected a number")
+            if not math.isfinite(real):
+                return None, ("non_finite", f"{name} is {real}")
+            checked.append(real)
+        if not isinstance(value, RewardResult):            # a float return is both score and accuracy
+            return RewardResult(score=checked[0], acc=checked[0]), None
+        score, acc, *extra = checked
+        return RewardResult(score=score, acc=acc, extra=dict(zip(map(str, value.extra), extra)),
                             pred=None if value.pred is None else str(value.pred)), None
     except Exception as err:                               # whatever the value's own methods raise
         return None, ("bad_return", f"the returned value cannot be read: {type(err).__name__}: {err}")
