@@ -9,6 +9,7 @@ from pathlib import Path
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import dump_config, load_config
 from megatron_dapo.models.arch import ModelError
+from megatron_dapo.trainer.lock import RunFolderInUse
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
         return 2
     except ModelError as err:  # a model folder or layout that cannot work: the message says what to change
+        print(f"megatron-dapo: {err}", file=sys.stderr)
+        return 2
+    except RunFolderInUse as err:  # another training holds trainer.run_dir: the message names it
         print(f"megatron-dapo: {err}", file=sys.stderr)
         return 2
 

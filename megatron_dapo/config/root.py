@@ -34,7 +34,8 @@ class AlgorithmConfig:
 @dataclass(kw_only=True)
 class TrainerConfig:
     run_dir: str = "runs/dapo"
-    """Run folder: metrics, checkpoints, plots. Training again in the same folder resumes."""
+    """Run folder: metrics, checkpoints, plots. Training again in the same folder resumes; one training at a time
+    (a second is refused while the first holds its RUNNING file, trainer/lock.py)."""
     total_training_steps: int = 100
     """Rollout steps to train for."""
     test_freq: int = 10

@@ -40,6 +40,7 @@ from megatron_dapo.trainer import checkpoints
 from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
                                           shaped_scores, validation_metrics)
+from megatron_dapo.trainer.lock import RunLock
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.stop import STOP_FILE, StopRequest
 
@@ -56,6 +57,9 @@ class Trainer:
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
+        self.lock = RunLock(self.run_dir) if self.rank0 and not cfg.trainer.val_only else None
+        """The run folder's RUNNING file, held by rank 0 of a training (a validation only reads the folder)."""
+        self._started(lambda: self.lock and self.lock.acquire())  # before anything else looks into the folder
         self._started(self._check_fresh_start)  # before this run writes anything into the folder
         self._started(lambda: check_sink_packages(cfg.logging))  # not minutes later, on rank 0 alone
         if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
@@ -189,6 +193,7 @@ class Trainer:
             self._log(self.step, self.validate())
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
+            self._started(lambda: self.lock and self.lock.check())  # taken over while suspended: stop, save nothing
             self.step += 1
             if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
                 metrics.update(self.validate())
@@ -221,6 +226,8 @@ class Trainer:
             self.scorer.close()
         if self.engine is not None:
             self.engine.close()
+        if self.lock:
+            self.lock.release()
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config

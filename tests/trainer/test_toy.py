@@ -73,6 +73,7 @@ def test_toy_example_learns(toy_run):
                                           "sampling/gen_batches", "timing/update", "timing/reward", "perf/tokens_per_s"))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000015", "step_000020"], checkpoints
+    assert not (run_dir / "RUNNING").exists()  # the folder is free again
 
     # Two responses as text each step and each validation, with how they scored.
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -225,6 +226,28 @@ def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_pat
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "rollout.name=sglang needs CUDA GPUs" in proc.stderr and "set rollout.name=embedded" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_a_folder_another_training_holds_is_refused_untouched(toy_run, tmp_path):
+    """The same command started twice: the second stops at once, naming the first, and changes nothing in the
+    folder (not its config.yaml, not its STOP file)."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom megatron_dapo.trainer.lock import RunLock\n"
+         "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(600)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run_dir / "STOP").touch()  # the first run's stop request
+        proc = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"trainer.run_dir={run_dir} is in use by a training that is still running" in proc.stderr, proc.stderr
+    assert f"pid {holder.pid}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert (run_dir / "STOP").exists() and not (run_dir / "config.yaml").exists()
 
 
 def test_two_ranks_with_an_engine_each(toy_run, tmp_path):

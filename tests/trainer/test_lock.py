@@ -1,0 +1,101 @@
+"""The run folder's RUNNING file: one live training per folder, and a dead holder's file taken over."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_dapo.trainer.lock import LOCK_FILE, RunFolderInUse, RunLock
+
+HOLDER = """
+import sys, time
+from megatron_dapo.trainer.lock import RunLock
+lock = RunLock(sys.argv[1], heartbeat_s=0.1, stale_s=2.0, host=sys.argv[2] or None)
+lock.acquire()
+print("held", flush=True)
+if sys.argv[3] == "exit":
+    sys.exit(0)  # released at exit
+if sys.argv[3] == "raise":
+    raise RuntimeError("a crash")
+while True:
+    time.sleep(0.05)
+    lock.check()
+"""
+
+
+def _holder(run_dir, host="", then="hold"):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), host, then], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held", proc.stderr.read()
+    return proc
+
+
+def _kill(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_live_holder_on_this_host_is_refused_at_once_and_a_killed_one_taken_over(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RunFolderInUse, match=rf"trainer.run_dir={tmp_path} is in use .*pid {holder.pid}.*STOP"):
+            RunLock(tmp_path, stale_s=30).acquire()
+        assert time.monotonic() - start < 5  # no wait for a heartbeat: the pid tells
+    finally:
+        _kill(holder)
+    assert (tmp_path / LOCK_FILE).exists()  # SIGKILL left it
+    lock = RunLock(tmp_path, stale_s=30)
+    start = time.monotonic()
+    lock.acquire()
+    assert time.monotonic() - start < 5
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.owner["token"]
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_holder_on_another_host_counts_as_alive_while_its_file_changes(tmp_path):
+    holder = _holder(tmp_path, host="node-b")
+    waits = []
+    try:
+        with pytest.raises(RunFolderInUse, match="host node-b.*changed within 2 s"):
+            RunLock(tmp_path, stale_s=2.0).acquire(say=waits.append)
+        assert len(waits) == 1 and "node-b" in waits[0]
+    finally:
+        _kill(holder)
+    lock = RunLock(tmp_path, stale_s=1.0)
+    start = time.monotonic()
+    lock.acquire(say=waits.append)  # its file stops changing: after stale_s the folder is taken over
+    assert 1.0 <= time.monotonic() - start < 10
+    lock.release()
+
+
+def test_a_clean_exit_and_a_python_error_release_the_folder(tmp_path):
+    for then in ("exit", "raise"):
+        holder = _holder(tmp_path, then=then)
+        holder.wait(timeout=30)
+        assert holder.returncode == (0 if then == "exit" else 1)
+        assert not (tmp_path / LOCK_FILE).exists(), then
+
+
+def test_a_holder_whose_folder_was_taken_over_stops(tmp_path):
+    holder = _holder(tmp_path, host="node-b")
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-c", "pid": 7, "started": "then", "token": "x"}))
+        holder.wait(timeout=30)  # its next beat sees another holder; check() raises
+        assert holder.returncode == 1
+        assert "was taken over by another training (host node-c, pid 7" in holder.stderr.read()
+    finally:
+        if holder.poll() is None:
+            _kill(holder)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node-c"  # the new holder's file is left alone
+
+
+def test_an_unreadable_file_that_never_changes_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text('{"host": "node-b", "pi')  # a holder died writing it
+    lock = RunLock(tmp_path, stale_s=0.5)
+    lock.acquire(say=lambda line: None)
+    assert lock.held
+    lock.release()
