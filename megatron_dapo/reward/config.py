@@ -24,6 +24,9 @@ class RewardConfig:
     """A reward function that takes longer on one sample costs that sample, not the run."""
     num_workers: int = 2
     """Processes scoring rewards on each engine's host (each host scores the completions its engine sampled)."""
+    worker_max_rss_gb: float | None = 8.0
+    """A worker whose resident memory grows past this (a reward function that caches or leaks) is replaced by a
+    fresh one between samples; null: never."""
     functions: dict[str, str] = field(default_factory=dict)
     """Reward functions by data_source: 'package.module:function' or 'path/to/file.py:function' (reward/custom.py);
     an entry for a built-in source (math_dapo, ...) replaces it."""
@@ -38,6 +41,8 @@ class RewardConfig:
             )
         if self.num_workers < 1:
             problems.append(f"reward.num_workers must be >= 1, got {self.num_workers}")
+        if self.worker_max_rss_gb is not None and not 0 < self.worker_max_rss_gb < float("inf"):
+            problems.append(f"reward.worker_max_rss_gb must be > 0 or null, got {self.worker_max_rss_gb}")
         if not 0 < self.timeout_s < float("inf"):  # NaN too: a NaN deadline would never pass
             problems.append(f"reward.timeout_s must be a number of seconds > 0, got {self.timeout_s}")
         problems += [p for source, target in self.functions.items() if (p := target_problem(source, target))]

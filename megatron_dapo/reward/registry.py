@@ -144,12 +144,17 @@ class RewardScorer:
     """
 
     def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0,
-                 functions: dict[str, str] | None = None):
+                 functions: dict[str, str] | None = None, max_rss_gb: float | None = None):
+        """max_rss_gb: a worker whose resident memory has grown past this is replaced after its sample (a reward
+        function that caches or leaks would otherwise grow for the whole run); None: never."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.timeout_s = timeout_s
+        self.max_rss_bytes = None if max_rss_gb is None else max_rss_gb * 1e9
+        self.replaced_for_memory = 0
+        """Workers replaced so far because they outgrew max_rss_gb."""
         self.startup_timeout_s = startup_timeout_s
         self.functions = dict(functions or {})
         load_reward_functions(self.functions)
@@ -231,6 +236,7 @@ class RewardScorer:
                         fail(index, *problem)
                     else:
                         results[index] = result
+                self._replace_if_grown(slot)
             # 3. kill workers past their deadline
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
@@ -262,6 +268,17 @@ class RewardScorer:
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
         self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s, self.functions)
+
+    def _replace_if_grown(self, slot: int) -> None:
+        """Replace the idle worker in `slot` when it holds more than max_rss_gb (between samples: nothing is lost)."""
+        if self.max_rss_bytes is None:
+            return
+        rss = _resident_bytes(self._workers[slot].process.pid)
+        if rss is not None and rss > self.max_rss_bytes:
+            logger.warning("reward worker %d holds %.2f GB (> reward.worker_max_rss_gb=%g): replaced by a fresh one",
+                           self._workers[slot].process.pid, rss / 1e9, self.max_rss_bytes / 1e9)
+            self.replaced_for_memory += 1
+            self._replace(slot)
 
 
 def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float, num_workers: int = 2,
@@ -351,6 +368,15 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         if os.getpid() != me:  # a process the reward function forked came back here: it must not answer
             os._exit(0)
         conn.send_bytes(reply)
+
+
+def _resident_bytes(pid: int) -> int | None:
+    """The resident memory of process `pid` (Linux's /proc/PID/statm), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _die_with_parent() -> None:

@@ -193,7 +193,7 @@ class RunLock:
         self.held = False
         self._done.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=5)  # a beat stuck in a hung file system must not hold up the exit
         now = _read(self.path)
         if now is not None and self._token_of(now) == self.owner["token"]:
             self.path.unlink(missing_ok=True)

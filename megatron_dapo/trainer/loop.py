@@ -116,7 +116,8 @@ class Trainer:
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
                   f"({cfg.rollout.name}, weights from data-parallel replica {self.placement.replicas[index]})", flush=True)
         self.scorer = (RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                                    functions=cfg.reward.functions) if self.engine is not None else None)
+                                    functions=cfg.reward.functions, max_rss_gb=cfg.reward.worker_max_rss_gb)
+                       if self.engine is not None else None)
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         filtering = cfg.algorithm.filter_groups

@@ -236,3 +236,38 @@ def test_workers_die_with_a_killed_trainer(tmp_path):
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in workers), "reward workers outlived the killed trainer"
+
+
+_HOARD = []
+
+
+@register_reward("test_hoarding")
+def hoarding(response, ground_truth, extra_info):
+    """Keeps 40 MB of every call, as a reward function with an unbounded cache would; answers with its pid."""
+    _HOARD.append(b"x" * (40 << 20))
+    return RewardResult(score=float(os.getpid()), acc=1.0)
+
+
+def test_a_worker_that_outgrows_its_memory_limit_is_replaced_between_samples():
+    samples = [RewardSample("test_hoarding", str(i), "", {}) for i in range(12)]
+    with RewardScorer(timeout_s=30, num_workers=1, max_rss_gb=None) as unbounded:
+        assert len(set(unbounded.score(samples).scores)) == 1  # one worker scored all, 480 MB held
+    with RewardScorer(timeout_s=30, num_workers=1, max_rss_gb=0.0) as scorer:  # base memory is already over
+        batch = scorer.score(samples[:3])
+        assert batch.num_failed == 0 and len(set(batch.scores)) == 3 and scorer.replaced_for_memory == 3
+    with RewardScorer(timeout_s=30, num_workers=1) as probe:
+        base = _resident(probe, [samples[0]])  # a worker's memory after one sample
+    with RewardScorer(timeout_s=30, num_workers=1, max_rss_gb=(base + (60 << 20)) / 1e9) as scorer:
+        batch = scorer.score(samples)
+        # Replaced once it holds more than 60 MB above its state after one sample: after every third sample.
+        assert batch.num_failed == 0 and all(r.acc == 1.0 for r in batch.results)
+        pids = batch.scores
+        assert len(set(pids)) == 4 and all(pids[i] == pids[i - i % 3] for i in range(12)), pids
+        assert scorer.replaced_for_memory == 4
+
+
+def _resident(scorer, samples):
+    from megatron_dapo.reward.registry import _resident_bytes
+
+    scorer.score(samples)
+    return _resident_bytes(scorer._workers[0].process.pid)
