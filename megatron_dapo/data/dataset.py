@@ -98,7 +98,8 @@ class PromptDataset(Sequence[Prompt]):
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         stats = DatasetStats(files=[str(p) for p in paths])
-        ground_truth_of: dict[tuple, str] = {}
+        first_copy: dict[tuple, tuple[str, str | None]] = {}
+        """Each prompt's first row: its ground truth, and why it was dropped (None: kept)."""
         prompts: list[Prompt] = []
 
         def malformed(where: str, why: str) -> None:
@@ -119,20 +120,28 @@ class PromptDataset(Sequence[Prompt]):
                     malformed(f"{path.name} {unit} {number}", str(err))
                     continue
                 key = tuple((m["role"], m["content"]) for m in messages)
-                if key in ground_truth_of:
-                    stats.duplicates += 1
-                    stats.conflicting_duplicates += ground_truth_of[key] != ground_truth
+                if key in first_copy:  # counted as what became of its first copy (tokenized once)
+                    first_ground_truth, dropped = first_copy[key]
+                    if dropped == "too long":
+                        stats.too_long += 1
+                    elif dropped is not None:
+                        malformed(f"{path.name} {unit} {number}", dropped)
+                    else:
+                        stats.duplicates += 1
+                        stats.conflicting_duplicates += first_ground_truth != ground_truth
                     continue
-                ground_truth_of[key] = ground_truth
+                first_copy[key] = (ground_truth, None)
                 try:
                     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                         return_dict=False)
                     ids = [int(t) for t in ids]
                 except Exception as err:                    # a template may reject a role or a message order
-                    malformed(f"{path.name} {unit} {number}", f"chat template failed: {type(err).__name__}: {err}")
+                    first_copy[key] = (ground_truth, f"chat template failed: {type(err).__name__}: {err}")
+                    malformed(f"{path.name} {unit} {number}", first_copy[key][1])
                     continue
                 stats.longest_prompt = max(stats.longest_prompt, len(ids))
                 if len(ids) > max_prompt_length:
+                    first_copy[key] = (ground_truth, "too long")
                     stats.too_long += 1
                     continue
                 prompts.append(Prompt(prompt_ids=ids, ground_truth=ground_truth, data_source=data_source,

@@ -15,7 +15,7 @@ def make_char_tokenizer(folder: str | Path, chars: list[str], chat_template: str
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *chars])}
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *dict.fromkeys(chars)])}  # a repeat: one id
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -121,13 +121,13 @@ def build_actor_batch(groups: list[Group], *, norm_by_std: bool, overlong_filter
 
 def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, float]:
     rewards = [r for g in groups for r in g.rewards]
-    scores = [s for g in groups for s in g.scores]
+    scored = _scored(groups)
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     logprobs = [lp for g in groups for c in g.completions for lp in c.logprobs]
     n = max(len(rewards), 1)
     return {
         **extra_means("reward/", rewards),
-        "critic/score_mean": sum(scores) / n,
+        "critic/score_mean": sum(scored) / max(len(scored), 1),
         "critic/acc_mean": sum(r.acc for r in rewards) / n,
         "critic/reward_failed": float(sum(r.failed for r in rewards)),
         "response_length/mean": sum(lengths) / n,
@@ -144,13 +144,18 @@ def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
         accs = [[r.acc for r in g.rewards] for g in part]  # a failed reward counts as wrong
         return {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
                 f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-                f"{prefix}score_mean": sum(sum(g.scores) for g in part) / (len(part) * k)}
+                f"{prefix}score_mean": sum(scored := _scored(part)) / max(len(scored), 1)}
 
     result = summary("val/", groups)
     for source in sorted({g.prompt.data_source for g in groups}):
         result.update(summary(f"val/{source}/", [g for g in groups if g.prompt.data_source == source]))
     result.update(extra_means("val/", [r for g in groups for r in g.rewards]))
     return result
+
+
+def _scored(groups: list[Group]) -> list[float]:
+    """The shaped scores of the responses whose reward did not fail (a failed one's score is a placeholder)."""
+    return [s for g in groups for s, failed in zip(g.scores, g.failed()) if not failed]
 
 
 def extra_means(prefix: str, rewards: list[RewardResult]) -> dict[str, float]:

@@ -146,9 +146,19 @@ def test_all_dropped_says_why(tmp_path, tokenizer):
         PromptDataset.from_files(path, tokenizer, max_prompt_length=16)
     message = str(err.value)
     assert "raise data.max_prompt_length (now 16)" in message
-    assert ("3 rows read from 1 file(s): 0 prompts kept, 1 duplicates removed (0 with another ground truth), "
-            "1 too long (longest prompt 22 tokens), 1 malformed") in message
+    assert ("3 rows read from 1 file(s): 0 prompts kept, 0 duplicates removed (0 with another ground truth), "
+            "2 too long (longest prompt 22 tokens), 1 malformed") in message  # a copy of a dropped row: dropped
     assert "train.jsonl line 3: missing 'reward_model'" in message
+
+
+def test_a_copy_of_a_row_the_template_refused_is_malformed_too(tmp_path, tokenizer):
+    bogus = [{"role": "bogus", "content": "one"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [row(bogus), row(P1), row(bogus)])
+    dataset = PromptDataset.from_files(path, tokenizer, max_prompt_length=16)
+    stats = dataset.stats
+    assert (stats.kept, stats.duplicates, stats.malformed) == (1, 0, 2)
+    assert [e.split(":")[0] for e in stats.malformed_examples] == ["train.jsonl line 1", "train.jsonl line 3"]
+    assert "unknown role bogus" in stats.malformed_examples[1]
 
 
 def test_bad_inputs_are_refused(tmp_path, tokenizer):

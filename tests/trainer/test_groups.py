@@ -10,7 +10,7 @@ from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
 from megatron_dapo.rollout.engine import Completion
 from megatron_dapo.sampling.config import FilterGroupsConfig
 from megatron_dapo.sampling.dynamic import DynamicSampler
-from megatron_dapo.trainer.groups import Group, build_actor_batch, validation_metrics
+from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, validation_metrics
 
 
 def _group(rewards: list[RewardResult], penalties: list[float] | None = None, length: int = 3) -> Group:
@@ -65,3 +65,12 @@ def test_validation_counts_a_failed_reward_as_wrong():
     right = RewardResult(score=1.0, acc=1.0)
     metrics = validation_metrics([_group([right, _failed()]), _group([_failed(), _failed()])], k=2)
     assert metrics["val/acc_avg@2"] == 0.25 and metrics["val/pass@2"] == 0.5
+    assert metrics["val/score_mean"] == 1.0  # the one scored response: a failed one's placeholder is no score
+
+
+def test_the_mean_score_is_that_of_the_responses_scored():
+    """A reward function that fails often must not look like a falling reward: critic/reward_failed says it."""
+    right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
+    metrics = rollout_metrics([_group([right, wrong, right, _failed()], penalties=[-0.5, 0, 0, 0])], 8)
+    assert metrics["critic/score_mean"] == pytest.approx((0.5 - 1.0 + 1.0) / 3)
+    assert metrics["critic/acc_mean"] == 0.5 and metrics["critic/reward_failed"] == 1
