@@ -274,6 +274,7 @@ class MegatronActor:
     def _mini_batch_step(self, batch: ActorBatch, lr: float, first_row: int = 0) -> dict[str, float]:
         """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample)."""
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
+        global_seqs = (batch.loss_mask.sum(-1) > 0).sum().clamp(min=1).to(torch.float32)  # rows with loss tokens
         micro_batches = self._micro_batches(batch)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -292,7 +293,8 @@ class MegatronActor:
                     logp, data.old_logp.to(device), data.advantages.to(device), mask,
                     clip_ratio_low=self.config.clip_ratio_low, clip_ratio_high=self.config.clip_ratio_high,
                     clip_ratio_c=self.config.clip_ratio_c, loss_agg_mode=self.config.loss_agg_mode,
-                    global_tokens=global_tokens.to(device), global_seqs=batch.size, norm_len=self.norm_len,
+                    global_tokens=global_tokens.to(device), global_seqs=global_seqs.to(device),
+                    global_rows=batch.size, norm_len=self.norm_len,
                     rollout_logp=data.rollout_logp.to(device) if data.rollout_logp is not None else None,
                     tis_cap=self.config.tis_imp_ratio_cap, samples=[first_row + r for r in mb.rows],
                 )
@@ -310,7 +312,7 @@ class MegatronActor:
             if self.config.entropy_coeff:  # the entropy's gradient flows through the same log-prob op
                 loss = loss - self.config.entropy_coeff * aggregate_loss(
                     entropy, mask, self.config.loss_agg_mode, global_tokens=global_tokens.to(device),
-                    global_seqs=batch.size, norm_len=self.norm_len)
+                    global_seqs=global_seqs.to(device), global_rows=batch.size, norm_len=self.norm_len)
             return loss, torch.tensor(1, dtype=torch.int, device=device), sums
 
         self.model.zero_grad_buffer()

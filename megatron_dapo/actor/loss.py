@@ -136,6 +136,7 @@ def aggregate_loss(
     *,
     global_tokens: float | torch.Tensor | None = None,
     global_seqs: float | torch.Tensor | None = None,
+    global_rows: float | None = None,
     norm_len: float | None = None,
 ) -> torch.Tensor:
     """Reduce per-token losses [B, L] to this shard's share of the global batch loss.
@@ -145,12 +146,16 @@ def aggregate_loss(
       token-mean               sum(loss) / global_tokens
       seq-mean-token-sum       sum_b sum_t loss / global_seqs
       seq-mean-token-mean      sum_b mean_t loss / global_seqs
-      seq-mean-token-sum-norm  sum(loss) / (global_seqs * norm_len)   (norm_len: e.g. max response length)
-    Defaults (None) use this shard's own counts, i.e. the unsplit batch.
+      seq-mean-token-sum-norm  sum(loss) / (global_rows * norm_len)   (norm_len: e.g. max response length)
+    global_tokens counts the mask's tokens, global_seqs the sequences with at least one (a response whose whole
+    loss is masked, by overlong filtering or a failed reward, is in no mean), global_rows every sequence (the
+    constant of the -norm mode). Defaults (None) use this shard's own counts, i.e. the unsplit batch.
     """
     masked = torch.where(mask.bool(), loss, torch.zeros_like(loss))
     mask = mask.to(loss.dtype)
-    seqs = global_seqs if global_seqs is not None else loss.shape[0]
+    if global_seqs is None:
+        global_seqs = (mask.sum(-1) > 0).sum()
+    seqs = torch.clamp(torch.as_tensor(global_seqs, dtype=loss.dtype), min=1.0)
     if mode == "token-mean":
         tokens = global_tokens if global_tokens is not None else mask.sum()
         return masked.sum() / torch.clamp(torch.as_tensor(tokens, dtype=loss.dtype), min=1.0)
@@ -161,7 +166,8 @@ def aggregate_loss(
         return per_seq.sum() / seqs
     if mode == "seq-mean-token-sum-norm":
         horizon = norm_len if norm_len is not None else loss.shape[-1]
-        return masked.sum() / (seqs * horizon)
+        rows = global_rows if global_rows is not None else loss.shape[0]
+        return masked.sum() / (rows * horizon)
     raise ValueError(
         f"unknown loss_agg_mode {mode!r}; use token-mean, seq-mean-token-sum, seq-mean-token-mean "
         "or seq-mean-token-sum-norm"
@@ -186,6 +192,7 @@ def policy_loss(
     loss_agg_mode: LossAggMode = "token-mean",
     global_tokens: float | torch.Tensor | None = None,
     global_seqs: float | torch.Tensor | None = None,
+    global_rows: float | None = None,
     norm_len: float | None = None,
     rollout_logp: torch.Tensor | None = None,
     tis_cap: float | None = None,
@@ -221,7 +228,7 @@ def policy_loss(
     )
     loss = aggregate_loss(
         per_token.loss, mask, loss_agg_mode,
-        global_tokens=global_tokens, global_seqs=global_seqs, norm_len=norm_len,
+        global_tokens=global_tokens, global_seqs=global_seqs, global_rows=global_rows, norm_len=norm_len,
     )
     valid = mask.bool()
     ratios = torch.where(valid, per_token.ratio, torch.zeros_like(per_token.ratio))

@@ -66,13 +66,15 @@ def test_log_ratio_is_clamped_against_overflow():
         ("token-mean", None, 21 / 6),
         ("seq-mean-token-sum", None, (3 + 18) / 2),
         ("seq-mean-token-mean", None, (1.5 + 4.5) / 2),
-        ("seq-mean-token-sum-norm", None, 21 / (2 * 4)),
-        ("seq-mean-token-sum-norm", 10, 21 / (2 * 10)),
+        ("seq-mean-token-sum-norm", None, 21 / (3 * 4)),
+        ("seq-mean-token-sum-norm", 10, 21 / (3 * 10)),
     ],
 )
 def test_aggregation_modes_by_hand(mode, norm_len, expected):
-    loss = torch.tensor([[1.0, 2.0, float("nan"), 99.0], [3.0, 4.0, 5.0, 6.0]])
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    """The third row's loss is all masked (a truncated response, overlong filtering): it is in no mean; only the
+    -norm mode's constant counts every row."""
+    loss = torch.tensor([[1.0, 2.0, float("nan"), 99.0], [3.0, 4.0, 5.0, 6.0], [7.0, 7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
     assert aggregate_loss(loss, mask, mode, norm_len=norm_len).item() == pytest.approx(expected)
 
 
@@ -85,6 +87,7 @@ def test_micro_batch_split_gives_the_unsplit_loss_and_gradient(mode):
     adv = torch.randn(B, generator=gen, dtype=torch.float64)
     lengths = torch.randint(1, L + 1, (B,), generator=gen)
     mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
+    mask[[1, 5]] = 0  # filtered responses: in no shard's count
     kwargs = dict(CLIP, loss_agg_mode=mode, norm_len=L)
 
     whole = base.clone().requires_grad_(True)
@@ -95,7 +98,7 @@ def test_micro_batch_split_gives_the_unsplit_loss_and_gradient(mode):
     total = 0.0
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
         part = policy_loss(split[rows], old[rows], adv[rows], mask[rows], **kwargs,
-                           global_tokens=mask.sum(), global_seqs=B).loss
+                           global_tokens=mask.sum(), global_seqs=(mask.sum(-1) > 0).sum(), global_rows=B).loss
         part.backward()
         total += part.item()
     assert total == pytest.approx(full.item(), rel=1e-12)
