@@ -57,6 +57,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.rollout_timeout_s must be a number of seconds > 0, got {self.rollout_timeout_s}")
         if self.total_training_steps < 0:
             raise ConfigError(f"trainer.total_training_steps must be >= 0, got {self.total_training_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"trainer.seed must be in [0, 2**32), got {self.seed}")
         if self.test_freq < 0:
             raise ConfigError(f"trainer.test_freq must be >= 0 (0 disables), got {self.test_freq}")
 

@@ -14,6 +14,7 @@ weights would silently corrupt the rollout.
 from __future__ import annotations
 
 import abc
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,8 +50,18 @@ class SamplingParams:
     """Seed of this call's generator: same seed, prompts and engine settings -> same completions; None: fresh."""
 
     def __post_init__(self) -> None:
-        self.stop_token_ids = tuple(self.stop_token_ids)
         problems = []
+        for name in ("max_new_tokens", "n", "top_k", "seed"):  # numpy integers are taken as Python ints
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise RolloutError(f"bad SamplingParams: {name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        stops = (self.stop_token_ids,) if isinstance(self.stop_token_ids, numbers.Integral) else self.stop_token_ids
+        self.stop_token_ids = tuple(int(t) for t in stops)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:

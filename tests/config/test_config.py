@@ -73,6 +73,8 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
         (["rollout.n=1"], "rollout.n is 1: algorithm.adv_estimator=grpo"),
         (["rollout.n=1", "algorithm.filter_groups.enable=false"], "set rollout.n >= 2"),
         (["rollout.top_k=1"], "rollout.top_k=1 samples greedily"),
+        (["reward.worker_max_rss_gb=0"], "reward.worker_max_rss_gb must be > 0 or null, got 0"),
+        (["trainer.seed=-1"], "trainer.seed must be in [0, 2**32), got -1"),
         (["actor.ppo_mini_batch_size=3"], "actor.ppo_mini_batch_size (3) does not divide data.train_batch_size (8)"),
         (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
          "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"),

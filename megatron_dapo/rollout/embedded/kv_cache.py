@@ -49,16 +49,21 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def reserve(self, rows: int, capacity: int) -> None:
-        """Make room for `rows` sequences of up to `capacity` tokens; reuses the buffers when they fit."""
-        if self.k is not None and self.k.shape[1] >= rows and self.k.shape[3] >= capacity:
+        """Make room for `rows` sequences of up to `capacity` tokens, all zeros; reuses the buffers when they fit.
+
+        Zeros, not whatever was there: a decode step multiplies masked slots by a 0 attention weight, and
+        uninitialized memory, or an earlier batch's overflowed half-precision values, may hold NaN (0 * NaN = NaN).
+        Reused, the part this batch can use is cleared (one write over it, a small cost next to the batch)."""
+        if self.k is not None and self.v is not None and self.k.shape[1] >= rows and self.k.shape[3] >= capacity:
+            self.k[:, :rows, :, :capacity].zero_()
+            self.v[:, :rows, :, :capacity].zero_()
             return
         self.release()
         a = self.arch
         shape = (a.num_layers, rows, a.num_kv_heads, capacity, a.head_dim)
-        # Zeros, not empty: a decode step multiplies masked slots by a 0 attention weight, and
-        # uninitialized memory may hold NaN (0 * NaN = NaN).
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)  # out of memory here: k is freed, none is held
+        self.k, self.v = k, v
 
     def release(self) -> None:
         """Drop the buffers."""

@@ -123,7 +123,7 @@ class SGLangEngine(RolloutEngine):
         for i in range(len(requests)):
             item = dict(sampling)
             if params.seed is not None:
-                item["sampling_seed"] = params.seed * 1_000_003 + i
+                item["sampling_seed"] = (params.seed * 1_000_003 + i) % 2**63  # SGLang keeps it in an int64
             per_request.append(item)
         outputs = self.engine.generate(input_ids=requests, sampling_params=per_request, return_logprob=True)
         completions = [_completion(out) for out in outputs]

@@ -100,3 +100,28 @@ def test_cuda_default_is_bf16_and_matches_the_cpu_engine(qwen2):
         torch.testing.assert_close(a, b, rtol=0, atol=0.1)  # bf16 kernels differ between devices
     out = gpu.generate(seqs, SamplingParams(max_new_tokens=6, n=3, top_p=0.9, seed=0))
     assert [len(cs) for cs in out] == [3, 3]
+
+
+def test_a_reused_cache_holding_nan_changes_nothing(qwen2):
+    """Rows of different lengths read masked cache slots they have not written yet (weight 0, but 0 x NaN is NaN):
+    an earlier batch's overflowed values left in the reused buffers must not reach this batch."""
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
+    prompts, params = [[3, 1, 4, 1, 5], [9]], SamplingParams(max_new_tokens=6, n=2, seed=7)
+    before = engine.generate(prompts, params)
+    with torch.inference_mode():  # the engine's buffers are inference tensors
+        engine.cache.k.fill_(float("nan"))
+        engine.cache.v.fill_(float("nan"))
+    again = engine.generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in before]
+    assert [[c.logprobs for c in g] for g in again] == [[c.logprobs for c in g] for g in before]
+
+
+def test_sampling_params_of_the_wrong_type_are_refused_by_name():
+    import numpy as np
+
+    assert SamplingParams(max_new_tokens=np.int64(3), seed=np.int64(3), stop_token_ids=5).stop_token_ids == (5,)
+    for bad, name in [(dict(max_new_tokens=2.5), "max_new_tokens"), (dict(n=1.5), "n"), (dict(seed=True), "seed")]:
+        with pytest.raises(RolloutError, match=f"{name} must be an integer"):
+            SamplingParams(**{"max_new_tokens": 3, **bad})
+    with pytest.raises(RolloutError, match=r"seed must be in \[0, 2\*\*63\)"):
+        SamplingParams(max_new_tokens=3, seed=2**64)
