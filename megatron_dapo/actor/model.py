@@ -151,6 +151,7 @@ def load_hf_weights(model, arch: ModelArch, folder: str | Path) -> None:
     from megatron.core import parallel_state
 
     reader = HFCheckpointReader(folder)
+    reader.check_tied_head(arch.tie_word_embeddings)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded = families.padded_vocab_size(arch.vocab_size, tp)

@@ -26,10 +26,7 @@ def _check_tensors(reader: HFCheckpointReader, arch: ModelArch) -> None:
     expected = families.hf_tensor_shapes(arch)
     present = set(reader.names())
     if arch.tie_word_embeddings and "lm_head.weight" in present:
-        # Some tied checkpoints carry lm_head.weight too; it must be the embedding it claims to be.
-        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-            raise ConversionError(f"{reader.shard_of('lm_head.weight')}: tensor 'lm_head.weight' differs from "
-                                  "'model.embed_tokens.weight' but config.json sets tie_word_embeddings: true")
+        reader.check_tied_head(tied=True)  # some tied checkpoints carry lm_head.weight too: it must be the embedding
         present.discard("lm_head.weight")
     unknown = sorted(present - set(expected))
     if unknown:

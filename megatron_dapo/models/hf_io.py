@@ -71,6 +71,14 @@ class HFCheckpointReader:
                              f"expected one of {', '.join(SAFETENSORS_DTYPES)}")
         return found, dtype
 
+    def check_tied_head(self, tied: bool) -> None:
+        """ModelError when config.json ties the embeddings but the checkpoint also holds an lm_head.weight that is
+        not the embedding (some tied checkpoints carry an equal copy): which one a loader took would decide."""
+        if tied and "lm_head.weight" in self.weight_map and "model.embed_tokens.weight" in self.weight_map:
+            if not torch.equal(self.get("lm_head.weight"), self.get("model.embed_tokens.weight")):
+                raise ModelError(f"{self.shard_of('lm_head.weight')}: tensor 'lm_head.weight' differs from "
+                                 "'model.embed_tokens.weight' but config.json sets tie_word_embeddings: true")
+
     def shard_of(self, name: str) -> Path:
         return self.folder / self.weight_map[name]
 

@@ -63,7 +63,9 @@ class EmbeddedEngine(RolloutEngine):
     def from_pretrained(cls, folder: str | Path, config: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
         """Load a local Hugging Face folder (config.json + safetensors, sharded or not), one shard at a time."""
         arch = ModelArch.from_pretrained(folder)
-        return cls(arch, HFCheckpointReader(folder).iter_shards(), config)
+        reader = HFCheckpointReader(folder)
+        reader.check_tied_head(arch.tie_word_embeddings)  # else the head would be whichever of the two came last
+        return cls(arch, reader.iter_shards(), config)
 
     @classmethod
     def from_state_dict(

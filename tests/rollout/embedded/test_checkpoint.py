@@ -57,3 +57,20 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     assert "GPT2LMHeadModel" in message
     for supported in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"):
         assert supported in message
+
+
+def test_a_tied_checkpoint_whose_head_is_not_its_embedding_is_refused(qwen2, tmp_path):
+    """config.json ties the embeddings; a stored lm_head.weight equal to the embedding loads, one that differs is
+    refused rather than decided by shard order (the actor and the converter read the embedding)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in qwen2.hf.state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "config.json").write_text((qwen2.folder / "config.json").read_text())
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, tmp_path / "model.safetensors")
+    engine = EmbeddedEngine.from_pretrained(tmp_path, CPU)
+    for seq, got in zip(PROBE, engine.score(PROBE, 1.0)):
+        torch.testing.assert_close(got, hf_score(qwen2.hf, seq, 1.0), rtol=0, atol=1e-5)
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"] + 1}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="'lm_head.weight' differs from 'model.embed_tokens.weight' but config.json "
+                                         "sets tie_word_embeddings: true"):
+        EmbeddedEngine.from_pretrained(tmp_path, CPU)
