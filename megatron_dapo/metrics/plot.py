@@ -12,7 +12,7 @@ PANELS = (
     ("entropy", ("actor/entropy",)),
     ("clip fractions", ("actor/pg_clipfrac_high", "actor/pg_clipfrac_low")),
     ("dynamic sampling", ("sampling/gen_batches", "sampling/groups_dropped_all_correct",
-                          "sampling/groups_dropped_all_wrong")),
+                          "sampling/groups_dropped_all_wrong", "sampling/groups_dropped_unscored")),
     ("trainer vs engine", ("rollout/probe_logp_mean_diff", "rollout/probe_logp_max_diff",
                            "rollout/trainer_logp_max_diff")),
     ("grad norm", ("actor/grad_norm",)),

@@ -30,6 +30,9 @@ class SamplingStats:
     """Groups whose metric was equal and > 0 for every response."""
     dropped_all_wrong: int = 0
     """Groups whose metric was equal and <= 0 for every response."""
+    dropped_unscored: int = 0
+    """Groups with fewer than two responses that have the metric (their rewards failed, or gave no such field):
+    nothing to compare."""
     trimmed: int = 0
     """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
     exhausted: bool = False
@@ -45,6 +48,7 @@ class SamplingStats:
             "sampling/groups_kept": self.kept,
             "sampling/groups_dropped_all_correct": self.dropped_all_correct,
             "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,
+            "sampling/groups_dropped_unscored": self.dropped_unscored,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
             "sampling/metric_missing": self.metric_missing,
@@ -66,7 +70,7 @@ class DynamicSamplingExhausted(RuntimeError):
         super().__init__(
             f"dynamic sampling kept {stats.kept} of {target} groups after {stats.gen_batches} generation batches "
             f"({stats.dropped_all_correct} groups dropped as all-correct, {stats.dropped_all_wrong} as all-wrong "
-            f"by metric {metric!r}); raise algorithm.filter_groups.max_num_gen_batches, lower "
+            f"by metric {metric!r}, {stats.dropped_unscored} with fewer than two responses scored); raise algorithm.filter_groups.max_num_gen_batches, lower "
             "data.train_batch_size, or set algorithm.filter_groups.on_exhausted=train to train on what was kept"
         )
 
@@ -110,9 +114,11 @@ class DynamicSampler(Generic[G]):
                 stats.metric_missing += len(values) - len(present)
                 if not self.config.enable or group_varies(present):
                     kept.append(group)
-                elif present and present[0] > 0:
+                elif len(present) < 2:
+                    stats.dropped_unscored += 1
+                elif present[0] > 0:
                     stats.dropped_all_correct += 1
-                else:  # all wrong, or no response has the metric
+                else:
                     stats.dropped_all_wrong += 1
             if progress is not None:
                 progress(stats, len(kept))

@@ -318,9 +318,10 @@ class Trainer:
             now = time.perf_counter()
             if now - last >= interval:
                 last = now
+                unscored = f", {stats.dropped_unscored} unscored" if stats.dropped_unscored else ""
                 print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
                       f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
-                      f"dropped, {now - started:.0f} s", file=sys.stderr, flush=True)
+                      f"dropped{unscored}, {now - started:.0f} s", file=sys.stderr, flush=True)
         return show
 
     def _actor_batch(self, sampled: SampledBatch | None) -> tuple[ActorBatch | None, dict[str, float]]:

@@ -72,14 +72,14 @@ def test_other_metrics_such_as_profit_loss():
 
 def test_missing_metric_values_are_left_out_and_never_stop_the_run():
     """A failed reward (no task field: NaN) or an infinite value is counted and left out of the variance test:
-    a group needs two present values that differ; a group with none is dropped as all-wrong."""
+    a group needs two present values that differ; one with fewer than two is dropped as unscored."""
     nan, inf = float("nan"), float("inf")
     script = [[("a", [0.5, nan, 0.5]), ("b", [nan, -1.0, 2.0]), ("c", [nan, nan, nan]), ("d", [inf, 1.0, nan]),
                ("e", [nan, 3.0, 3.0])]]
     out = _collect(script, target=5, metric="profit_loss", max_num_gen_batches=1)
     assert [name for name, _ in out.groups] == ["b"]
     s = out.stats
-    assert (s.dropped_all_correct, s.dropped_all_wrong, s.metric_missing) == (3, 1, 8)
+    assert (s.dropped_all_correct, s.dropped_all_wrong, s.dropped_unscored, s.metric_missing) == (2, 0, 2, 8)
     assert out.stats.metrics()["sampling/metric_missing"] == 8
 
 

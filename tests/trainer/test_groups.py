@@ -58,7 +58,8 @@ def test_dynamic_sampling_judges_a_group_by_its_scored_responses():
         sampler = DynamicSampler(FilterGroupsConfig(metric=metric, max_num_gen_batches=1), train_batch_size=2)
         sampled = sampler.collect(lambda: [lone, varied], lambda g: g.metric(metric))
         assert sampled.groups == [varied], metric
-        assert sampled.stats.metric_missing == 3 and sampled.stats.dropped_all_correct == 1, metric
+        stats = sampled.stats
+        assert (stats.metric_missing, stats.dropped_unscored, stats.dropped_all_correct) == (3, 1, 0), metric
 
 
 def test_validation_counts_a_failed_reward_as_wrong():

@@ -468,7 +468,7 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = _rows(run_dir)[-1]
     assert row["step"] == 1 and row["sampling/metric_missing"] >= 8, row  # a failing prompt: 8 responses
-    assert row["sampling/groups_dropped_all_wrong"] > 0 and row["sampling/groups_kept"] > 0, row
+    assert row["sampling/groups_dropped_unscored"] > 0 and row["sampling/groups_kept"] > 0, row  # the failing prompt
     assert "actor/pg_loss" in row, row
     # Without dynamic sampling a step draws train_batch_size (8) prompts, not gen_batch_size (24), and trains on
     # them all, the failed responses masked out.
