@@ -11,7 +11,8 @@ Fills, for a buy (a sell mirrors it):
 - resting at price p, with a queue ahead of it: the displayed bid size at p when it was placed
   (nothing when p improves on the best bid); cancellations ahead are not credited;
 - in each interval: seller-initiated trades at exactly p first use up the queue ahead, then fill
-  the order; trades below p (which would have hit the order first, by price priority) fill it, up
+  the order; the queue is the market's, so orders of ours at one price clear it once between them
+  (the first placed fills first, then the next, behind whatever of the queue is still ahead of it); trades below p (which would have hit the order first, by price priority) fill it, up
   to their size; asks displayed below p in the new book (a book that moved through the order) fill
   it up to their size (an ask at exactly p does not: the replayed book does not know which of its
   asks the order itself took). Resting orders share these volumes, best price first, then in the
@@ -162,8 +163,9 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
         if step > 0:  # the interval's trades and the new book, against what rests
             trades = [[t.price, t.size] for t in episode.trades[step - 1] if t.aggressor == hitting]
             priority = (lambda o: (-o["price"], o["seq"])) if side == "buy" else (lambda o: (o["price"], o["seq"]))
+            cleared: list[list[float]] = []  # [price, queue volume traded away at it this interval]
             for order in sorted(resting, key=priority):
-                _fill_resting(order, trades, levels, side, step, execution)
+                _fill_resting(order, trades, levels, side, step, execution, cleared)
             resting = [o for o in resting if o["left"] > EPS and o["expires"] > step]
         if step == horizon:
             break
@@ -197,9 +199,11 @@ def _consume(pool: list[list[float]], eligible, amount: float) -> float:
 
 
 def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[float]], side: str, step: int,
-                  execution: Execution) -> None:
+                  execution: Execution, cleared: list[list[float]]) -> None:
     """One interval for one resting order: trades at its price serve the queue ahead first; then it fills
-    from what is left of them, from trades through its price, and from crossing levels, up to their sizes."""
+    from what is left of them, from trades through its price, and from crossing levels, up to their sizes.
+    cleared: the queue volume already traded away at each price this interval, by orders of ours placed before
+    this one; the market's queue ahead of this order is cleared once, not again for each of our orders."""
     price = order["price"]
 
     def at(p: float) -> bool:
@@ -208,7 +212,12 @@ def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[floa
     def through(p: float) -> bool:
         return _better_or_equal(side, price, p) and not at(p)
 
-    order["queue"] -= _consume(trades, at, order["queue"])
+    done = next((entry for entry in cleared if at(entry[0])), None)
+    if done is None:
+        done = [price, 0.0]
+        cleared.append(done)
+    done[1] += _consume(trades, at, max(order["queue"] - done[1], 0.0))
+    order["queue"] = max(order["queue"] - done[1], 0.0)
     got = _consume(trades, lambda p: at(p) or through(p), order["left"])
     got += _consume(levels, through, order["left"] - got)
     if got > EPS:

@@ -119,3 +119,22 @@ def test_resting_fills_are_capped_by_what_traded_and_shared():
     episode = _episode("buy", 10, [(Trade(100.0, 6.0, "sell"),), ()])
     fills = simulate(episode, [ChildOrder(step=0, price=100.0, size=5, tif=1)] * 2).fills
     assert [f for f in fills if not f[3]] == [(1, 100.0, 1.0, False)]
+
+
+def test_orders_of_ours_at_one_price_clear_the_queue_once():
+    """The 5 displayed at 99 are the market's queue ahead of both bids: 7 sold at 99 clear it once, then fill the
+    first bid and the second, as they fill one bid of 2. Split or not, the same schedule scores the same."""
+    episode = _episode("buy", 2, [(Trade(99.0, 7.0, "sell"),), ()],
+                       books=[Book(bids=((99.0, 5.0),), asks=((101.0, 4.0),))] * 3)
+    one = simulate(episode, [ChildOrder(step=0, price=99.0, size=2, tif=2)])
+    two = simulate(episode, [ChildOrder(step=0, price=99.0, size=1, tif=2)] * 2)
+    assert one.fills == [(1, 99.0, 2.0, False)]
+    assert two.fills == [(1, 99.0, 1.0, False), (1, 99.0, 1.0, False)]
+    # A bid placed later, behind more of the queue (8 displayed then), waits for what is ahead of it only.
+    books = [Book(bids=((99.0, 5.0),), asks=((101.0, 4.0),)), Book(bids=((99.0, 8.0),), asks=((101.0, 4.0),))] * 2
+    episode = _episode("buy", 2, [(), (Trade(99.0, 7.0, "sell"),), (Trade(99.0, 2.0, "sell"),)], books=books)
+    fills = simulate(episode, [ChildOrder(step=0, price=99.0, size=1, tif=3), ChildOrder(step=1, price=99.0, size=1,
+                                                                                         tif=2)]).fills
+    # Interval 2: 5 clear the queue ahead of both, 1 fills the first bid, 1 more of the second's queue (8) goes;
+    # interval 3: the 2 left of its queue go, and it fills at the horizon's market order.
+    assert [f for f in fills if not f[3]] == [(2, 99.0, 1.0, False)] and fills[-1] == (3, 101.0, 1.0, True)
