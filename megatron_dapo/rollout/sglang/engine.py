@@ -21,6 +21,7 @@ warns about a name it does not know). SGLang stays optional: it is imported when
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Iterable
 from typing import Literal
@@ -149,6 +150,10 @@ class SGLangEngine(RolloutEngine):
     def begin_weight_update(self) -> None:
         if "weights" in self._released:
             raise RolloutError("the engine's weights are released: call resume_weights() before a push")
+        if self._open and hasattr(self.engine, "end_weight_update"):
+            # A push that broke off (a refused bucket, a tensor left out) left SGLang's session open, and SGLang
+            # refuses to begin another: close it first. Its reply is not checked: it may not have opened at all.
+            self.engine.end_weight_update()
         self._open = True
         if self._ledger is not None:
             self._ledger.begin()
@@ -214,20 +219,26 @@ class SGLangEngine(RolloutEngine):
 
 def _completion(out: dict) -> Completion:
     """One SGLang output as a Completion; RolloutError for a request SGLang aborted (its reason given), which
-    must not pass for a completion cut at max_new_tokens."""
+    must not pass for a completion cut at max_new_tokens, and for one whose log-probs are not those of its
+    tokens: SGLang ends a request that sampled NaN or an id outside the vocabulary as a "stop", with a stop id
+    written over the token and the sampled one's log-prob kept."""
     meta = out["meta_info"]
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
     if kind not in ("stop", "length"):
         raise RolloutError(f"SGLang ended a request with finish reason {reason!r}, neither a stop token nor "
                            "max_new_tokens")
-    return Completion(token_ids=list(out["output_ids"]),
-                      logprobs=[float(lp) for lp, _, _ in meta["output_token_logprobs"]],
-                      finish_reason="stop" if kind == "stop" else "length")
+    token_ids = [int(t) for t in out["output_ids"]]
+    scored = meta["output_token_logprobs"]
+    logprobs = [float(lp) for lp, _, _ in scored]
+    if [int(t) for _, t, _ in scored] != token_ids or not all(math.isfinite(lp) for lp in logprobs):
+        raise RolloutError(f"SGLang returned a completion whose log-probs are not finite or not those of its tokens "
+                           f"(finish reason {reason!r}): its model produced NaN or an id outside the vocabulary")
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if kind == "stop" else "length")
 
 
 def push_ledger(arch: ModelArch) -> PushLedger:
-    """What a push into an engine for `arch` must carry: every HF tensor with its shape (lm_head.weight accepted
-    but not required when the embeddings are tied)."""
-    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if arch.tie_word_embeddings else {}
-    return PushLedger(families.hf_tensor_shapes(arch), aliases)
+    """What a push into an engine for `arch` must carry: every HF tensor with its shape. With tied embeddings
+    there is no lm_head.weight to push (SGLang's loaders skip one), so a push naming it is refused rather than
+    counted as the embedding."""
+    return PushLedger(families.hf_tensor_shapes(arch), {})

@@ -311,3 +311,78 @@ def test_pushes_are_checked_against_the_models_names_and_shapes(tmp_path):
     engine.end_weight_update(version=1)
     assert engine.weight_version == 1 and front.loaded == 2
     assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]
+
+
+class _NaNSampled:
+    """sglang.Engine.generate answering as SGLang's scheduler does for a request that sampled an id outside the
+    vocabulary (a NaN): the token overwritten by the stop id, the sampled one's log-prob kept."""
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        from sglang.srt.managers.schedule_batch import FINISH_MATCHED_STR
+
+        finish = FINISH_MATCHED_STR(matched="NaN happened").to_json()
+        return [{"output_ids": [11, 2], "meta_info": {"finish_reason": finish, "output_token_logprobs": [
+            (-0.5, 11, None), (float("nan"), -1, None)]}} for _ in input_ids]
+
+
+def test_a_nan_sampled_is_an_error_not_a_stop():
+    _sglang()
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    with pytest.raises(RolloutError, match="log-probs are not finite or not those of its tokens .*NaN happened"):
+        SGLangEngine(_NaNSampled(), tp_size=1).generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+class _Sessions(_Loading):
+    """_Loading with SGLang's weight-update session rules: one session at a time, loads only inside one."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = False
+
+    def begin_weight_update(self):
+        super().begin_weight_update()
+        if self.open:
+            return False, "a weight update session is already open"
+        self.open = True
+        return True, "Succeeded"
+
+    def update_weights_from_tensor(self, **kwargs):
+        if not self.open:
+            return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+        return super().update_weights_from_tensor(**kwargs)
+
+    def end_weight_update(self):
+        was, self.open = self.open, False
+        return (True, "Succeeded") if was else (False, "no weight update session is open")
+
+
+def test_a_push_that_broke_off_can_be_made_again(tmp_path):
+    """A push refused midway leaves SGLang's session open; the next push closes it before opening its own, and the
+    engine serves again once that push is whole. With tied embeddings there is no lm_head.weight to push: SGLang's
+    loaders skip one, so the adapter refuses it rather than count it as the embedding."""
+    _sglang()
+    from megatron_dapo.models.arch import ModelArch
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
+    from megatron_dapo.rollout.sglang import SGLangEngine
+    from megatron_dapo.rollout.sglang.engine import push_ledger
+    from tests.tiny_models import make_tiny_model
+
+    arch = ModelArch.from_pretrained(make_tiny_model("qwen2", tmp_path / "qwen2"))
+    assert arch.tie_word_embeddings
+    ledger = push_ledger(arch)
+    front = _Sessions()
+    engine = SGLangEngine(front, tp_size=1, ledger=ledger)
+    full = {name: torch.zeros(shape) for name, shape in ledger.shapes.items()}
+    engine.begin_weight_update()
+    engine.update_weights([("model.norm.weight", full["model.norm.weight"])])
+    with pytest.raises(RolloutError, match="unknown tensor 'lm_head.weight'"):
+        engine.update_weights([("lm_head.weight", full["model.embed_tokens.weight"])])
+    with pytest.raises(StaleWeightsError):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    engine.begin_weight_update()  # the push again, from the start
+    engine.update_weights(list(full.items()))
+    engine.end_weight_update(version=3)
+    assert engine.weight_version == 3 and not front.open
+    assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]
