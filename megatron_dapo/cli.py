@@ -33,7 +33,11 @@ def _check_config(args: argparse.Namespace) -> int:
         path = Path(args.model_config)
         if not path.is_file():
             raise ModelError(f"--model-config {path}: no such file")
-        arch = ModelArch.from_hf_config(json.loads(path.read_text()), source=str(path))
+        try:
+            hf_config = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            raise ModelError(f"--model-config {path}: not a readable JSON file: {err}") from None
+        arch = ModelArch.from_hf_config(hf_config, source=str(path))
     report = check_allocation(config, args.nodes, args.gpus_per_node, args.gpu_memory_gb, arch=arch)
     print(report.render())
     return 0 if report.fits else 1
@@ -140,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positional overrides only before the options (`check-config C --nodes 2 a.b=1` leaves a.b=1
+    # over): dotted overrides after them belong to the overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except ConfigError as err:

@@ -222,6 +222,13 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
     weights = 2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size
     memory = gpu_memory_gb * GB
     free = memory - OVERHEAD_GB * GB - (actor_resident - adam_moments if colocated and not offload else 0.0)
+    if free <= 0:  # colocated: the actor's weights and gradients alone fill the GPU before SGLang starts
+        report.problems.append(
+            f"colocated SGLang finds no GPU memory free when it starts: the actor's weights and gradients take "
+            f"{(actor_resident - adam_moments) / GB:.1f} GB of {gpu_memory_gb:g} GB per GPU already: set "
+            "actor.offload=true, use rollout.mode=disaggregated, or use more nodes or a larger "
+            "tensor/pipeline-parallel layout")
+        return
     share = sglang.mem_fraction_static * free
     report.lines.append(f"SGLang engine ({mode}, {sglang.tp_size} GPU(s)): rollout.sglang.mem_fraction_static "
                         f"{sglang.mem_fraction_static:g} of the {free / GB:.1f} GB free when it starts = "

@@ -125,6 +125,14 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     # Without a readable model folder, the model's checks are skipped and the note says how to run them.
     bare = subprocess.run(command[:-2] + ["--nodes", "16"], capture_output=True, text=True)
     assert bare.returncode == 0 and "note: models/Qwen2.5-32B/config.json is not readable here" in bare.stdout
+    # Overrides after the options count too; a broken --model-config is named, without a traceback.
+    later = subprocess.run(command + ["--nodes", "16", "rollout.sglang.mem_fraction_static=0.98"], capture_output=True,
+                           text=True)
+    assert later.returncode == 1 and "lower rollout.sglang.mem_fraction_static to 0.95" in later.stdout, later.stderr
+    model_config.write_text("{not json")
+    broken = subprocess.run(command + ["--nodes", "16"], capture_output=True, text=True)
+    assert broken.returncode == 2 and f"--model-config {model_config}: not a readable JSON file" in broken.stderr
+    assert "Traceback" not in broken.stderr, broken.stderr
 
 
 def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
@@ -140,6 +148,11 @@ def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=1")
     assert any(p.startswith("the SGLang engine's weights (65.5 GB per GPU at rollout.sglang.tp_size 1)")
                for p in report.problems), report.problems
+    # The actor alone fills the GPUs before SGLang starts: no share of a negative remainder is offered as a fix.
+    report = _check("dapo-qwen2.5-32b", 1, 8, "parallel.tensor_model_parallel_size=2", "rollout.engines=1")
+    assert ("colocated SGLang finds no GPU memory free when it starts: the actor's weights and gradients take 114.7 GB "
+            "of 80 GB per GPU already: set actor.offload=true") in " ".join(report.problems), report.problems
+    assert not any("mem_fraction_static to" in p for p in report.problems), report.problems
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.tp_size=16")
     assert "rollout.sglang.tp_size (16) is more than a node's 8 GPUs: an engine runs on one node; lower it" in \
         report.problems
