@@ -155,13 +155,17 @@ class EpisodeRow:
 def cut_episodes(market: MarketData, *, window: int, horizon: int, stride: int, seed: int, tick: float,
                  quantity: tuple[float, float] = (1.0, 10.0), taker_fee_bps: float = 5.0,
                  maker_fee_bps: float = 1.0) -> list[EpisodeRow]:
-    """Episodes from consecutive snapshots: `window` shown (ending at arrival), `horizon` steps replayed."""
+    """Episodes from consecutive snapshots: `window` shown (ending at arrival), `horizon` steps replayed.
+    quantity: the bounds of each episode's order size, whole lots (drawn uniformly, both included)."""
+    low, high = quantity
+    if not (float(low).is_integer() and float(high).is_integer() and 1 <= low <= high):
+        raise ValueError(f"quantity bounds must be whole lots with 1 <= low <= high, got {quantity}")
     rng = random.Random(seed)
     rows = []
     for first in range(1, len(market.books) - window - horizon + 1, stride):
         arrival = first + window - 1
         episode = Episode(
-            side=rng.choice(("buy", "sell")), quantity=float(rng.randint(int(quantity[0]), int(quantity[1]))),
+            side=rng.choice(("buy", "sell")), quantity=float(rng.randint(int(low), int(high))),
             tick=tick, books=tuple(market.books[arrival:arrival + horizon + 1]),
             trades=tuple(market.trades[arrival + 1:arrival + horizon + 1]),
             taker_fee_bps=taker_fee_bps, maker_fee_bps=maker_fee_bps)

@@ -106,3 +106,12 @@ def test_synthetic_market_has_regimes_and_episodes_split_by_time():
     assert episode_from_dict(episode_to_dict(train[0].episode)) == train[0].episode
     text = render_prompt(train[0].history, train[0].history_trades, train[0].episode)
     assert text.count("spread") >= 8 and "Orders:" in text and "step=S offset=O size=Q tif=F" in text
+
+
+def test_quantity_bounds_are_whole_lots():
+    market = synthetic_market(60, seed=3)
+    rows = cut_episodes(market, window=4, horizon=4, stride=10, seed=0, tick=0.1, quantity=(2, 3))
+    assert {row.episode.quantity for row in rows} <= {2.0, 3.0}
+    for bad in ((0.5, 2.0), (0, 3), (4, 2), (1.5, 3)):  # a zero-size order would divide its shortfall by zero
+        with pytest.raises(ValueError, match="whole lots with 1 <= low <= high"):
+            cut_episodes(market, window=4, horizon=4, stride=10, seed=0, tick=0.1, quantity=bad)
