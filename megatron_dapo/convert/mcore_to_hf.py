@@ -171,6 +171,9 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     """
     mcore_dir = Path(mcore_dir)
     template = Path(hf_template) if hf_template is not None else None
+    if mcore_dir.name.endswith(".partial") and not (mcore_dir / MARKER).is_file():  # read as what it is
+        raise ConversionError(f"{mcore_dir}: an unfinished save (a .partial folder, no {MARKER}); convert an earlier, "
+                              "complete checkpoint")
     reader = dcp_io.CheckpointReader(mcore_dir)
     if not (mcore_dir / MARKER).is_file():
         raise ConversionError(f"{mcore_dir}: no {MARKER}, so the save that wrote it did not finish; "

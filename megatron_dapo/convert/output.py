@@ -24,7 +24,7 @@ def output_folder(out: str | Path, overwrite: bool):
     An `out` that already holds a checkpoint (or anything else) is refused unless `overwrite`. A process
     killed mid-conversion leaves only the `.partial` folder, which no loader takes for a checkpoint.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # `--out .` has a name, and a symbolic link's target is written, the link kept
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.checkpoint import is_complete, load_actor, save_actor
+from megatron_dapo.actor.checkpoint import MARKER, is_complete, load_actor, save_actor
 from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -58,6 +58,7 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
             complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
                               if (m := _STEP.match(p.name)) and is_complete(p))
             for _, old in complete[:-keep_last]:
+                (old / MARKER).unlink(missing_ok=True)  # first: a prune cut short leaves no complete-looking folder
                 shutil.rmtree(old, ignore_errors=True)
             # What crashed saves left (a .partial folder, a folder never marked complete): never loadable, and
             # keep_last, counting complete checkpoints only, would leave them there for good.

@@ -175,6 +175,11 @@ def test_output_holding_a_checkpoint_is_refused_unless_overwrite(tmp_path):
     hf_to_mcore(source, tmp_path / "out", overwrite=True, dtype=torch.bfloat16, progress=False)
     assert CheckpointReader(tmp_path / "out").dtype("decoder.final_layernorm.weight") == torch.bfloat16
     assert not (tmp_path / "out.partial").exists()
+    # A symbolic link as the output: its target is written, the link kept.
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    hf_to_mcore(source, tmp_path / "link", progress=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "COMPLETE.json").is_file()
 
 
 def test_bad_megatron_checkpoints_are_named(tmp_path):
@@ -196,6 +201,9 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
     with pytest.raises(ConversionError, match="no COMPLETE.json, so the save that wrote it did not finish"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
     (tmp_path / "marker").rename(tmp_path / "mcore" / "COMPLETE.json")
+    (tmp_path / "step_000007.partial").mkdir()  # a save that crashed before it wrote anything
+    with pytest.raises(ConversionError, match=r"step_000007.partial: an unfinished save"):
+        mcore_to_hf(tmp_path / "step_000007.partial", tmp_path / "out", progress=False)
     # A data file listed in the metadata but gone.
     (tmp_path / "mcore" / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointFormatError, match=r"listed in .metadata are missing: __0_0.distcp"):
