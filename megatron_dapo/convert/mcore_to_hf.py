@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron_dapo.actor.checkpoint import MARKER
+from megatron_dapo.actor.checkpoint import MARKER, SHAPE_FIELDS
 from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
 from megatron_dapo.convert.output import ConversionError, Progress, output_folder
@@ -68,7 +68,16 @@ def _hf_config(mcore_dir: Path, marker: dict, template: Path | None) -> dict:
         path = template / "config.json"
         if not path.is_file():
             raise ConversionError(f"--hf-template {template}: no config.json")
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
+        if "hf_config" in marker:  # the rows of a vocabulary a size off would otherwise be cut or padded silently
+            saved = ModelArch.from_hf_config(marker["hf_config"], source=f"{mcore_dir / MARKER}")
+            given = ModelArch.from_hf_config(config, source=str(path))
+            differ = [f"{name}: checkpoint {getattr(saved, name)}, template {getattr(given, name)}"
+                      for name in SHAPE_FIELDS if getattr(saved, name) != getattr(given, name)]
+            if differ:
+                raise ConversionError(f"--hf-template {template} is another model than the one {mcore_dir} was made "
+                                      f"from ({'; '.join(differ)}): pass the folder the run started from")
+        return config
     if "hf_config" not in marker:
         raise ConversionError(f"{mcore_dir / MARKER} does not record the model's config.json; pass --hf-template DIR "
                               "(the Hugging Face folder the run started from)")

@@ -188,14 +188,22 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
     # Not a checkpoint at all.
     with pytest.raises(CheckpointFormatError, match="no .metadata file.*a Hugging Face folder"):
         mcore_to_hf(source, tmp_path / "out", progress=False)
-    # A checkpoint for another config: the first mismatching key is named.
+    # A template of another model than the checkpoint's marker records: the differing fields are named.
     template = tmp_path / "template"
     template.mkdir()
     config = json.loads((source / "config.json").read_text())
-    (template / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    (template / "config.json").write_text(json.dumps({**config, "intermediate_size": 128, "vocab_size": 200}))
+    with pytest.raises(ConversionError, match=r"is another model than the one .*mcore was made from \(vocab_size: "
+                                              r"checkpoint 211, template 200; intermediate_size: checkpoint 96, template "
+                                              r"128\)"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    # A checkpoint whose marker records no config, for another config: the first mismatching key is named.
+    marker = json.loads((tmp_path / "mcore" / "COMPLETE.json").read_text())
+    (tmp_path / "mcore" / "COMPLETE.json").write_text(json.dumps({k: v for k, v in marker.items() if k != "hf_config"}))
     with pytest.raises(ConversionError, match=r"tensor 'decoder.layers.mlp.linear_fc1.weight' has shape \(2, 192, 64\), "
                                               r"expected \(2, 256, 64\)"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    (tmp_path / "mcore" / "COMPLETE.json").write_text(json.dumps(marker))
     # A save that did not finish.
     (tmp_path / "mcore" / "COMPLETE.json").rename(tmp_path / "marker")
     with pytest.raises(ConversionError, match="no COMPLETE.json, so the save that wrote it did not finish"):
