@@ -39,7 +39,8 @@ class TrainerConfig:
     total_training_steps: int = 100
     """Rollout steps to train for."""
     test_freq: int = 10
-    """Validate every this many steps; 0 disables periodic validation."""
+    """Validate every this many steps and after the last one (a stop request skips a validation that is due);
+    0 disables periodic validation."""
     val_before_train: bool = True
     """Validate once before the first step."""
     val_only: bool = False

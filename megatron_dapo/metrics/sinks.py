@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -35,12 +36,32 @@ def check_sink_packages(config: LoggingConfig) -> None:
 
 def open_rows(path: Path) -> tuple[TextIO, bool]:
     """`path` opened to append JSON rows, and whether it held any already. A last row cut short by a crash is
-    ended first, so that the next row starts on a line of its own."""
-    earlier = path.read_bytes() if path.is_file() else b""
-    file = open(path, "a")
-    if earlier and not earlier.endswith(b"\n"):
+    ended first, so that the next row starts on a line of its own; a character the crash cut in half is dropped
+    (its first bytes would leave the file unreadable as UTF-8). Only the file's end is read."""
+    size = path.stat().st_size if path.is_file() else 0
+    tail = b""
+    if size:
+        with open(path, "rb") as f:
+            f.seek(max(size - 4096, 0))
+            tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+        cut = _cut_character(tail)
+        if cut:
+            os.truncate(path, size - cut)
+    file = open(path, "a", encoding="utf-8")
+    if tail and not tail.endswith(b"\n"):
         file.write("\n")
-    return file, bool(earlier.strip())
+    return file, size > len(tail) or bool(tail.strip())
+
+
+def _cut_character(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character without finishing it (0 when none do)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's first byte (or an ASCII one)
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            return back if back < need else 0
+    return 0
 
 
 class MetricSinks:

@@ -194,14 +194,17 @@ class Trainer:
             self._log(self.step, self.validate())
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
-            self._started(lambda: self.lock and self.lock.check())  # taken over while suspended: stop, save nothing
             self.step += 1
-            if cfg.trainer.test_freq and self.step % cfg.trainer.test_freq == 0:
-                metrics.update(self.validate())
-            self._log(self.step, metrics)
             last = self.step == cfg.trainer.total_training_steps
+            # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
+            # and goes straight to the checkpoint. The run's last step is validated too.
             asked = self.stop.requested()
+            if cfg.trainer.test_freq and (self.step % cfg.trainer.test_freq == 0 or last) and not asked:
+                metrics.update(self.validate())
+                asked = self.stop.requested()
             stopping = not last and asked
+            self._started(lambda: self.lock and self.lock.check())  # taken over while suspended: stop, save nothing
+            self._log(self.step, metrics)
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 with self.memory.actor_resident():
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
@@ -446,8 +449,8 @@ class Trainer:
             latest = chosen[0]
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
-        if self.rank0 and not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
-            self.sinks.training_starts(self.step, latest)
+        if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
+            self._started(lambda: self.rank0 and self.sinks.training_starts(self.step, latest))
 
     def _load_and_push(self, latest: Path | None) -> None:
         """The run's latest checkpoint (or model.megatron_checkpoint's weights, already in the actor) into the
@@ -458,7 +461,8 @@ class Trainer:
         else:
             state = checkpoints.load(latest, self.actor)
             self.step = version = int(state["step"])
-            self.stream.load_state_dict(state["data"])
+            if not self.config.trainer.val_only:  # a validation draws no training prompts
+                self.stream.load_state_dict(state["data"])
         self.memory.to_push()
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
@@ -507,8 +511,8 @@ class Trainer:
         return diff
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.sinks:
-            self.sinks.log(step, metrics)
+        """Rank 0 writes the row; a sink failing there (a full disk, W&B) stops every rank (collective)."""
+        self._started(lambda: self.sinks and self.sinks.log(step, metrics))
 
 
 class _Timer:

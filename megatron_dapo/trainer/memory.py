@@ -15,6 +15,8 @@ back while the engine frees only its KV cache (so its weights, which SGLang does
 release, need no push after).
 
 Every rank calls each phase at the same point (there are barriers); a phase already reached is a no-op.
+A hand-off that fails on one rank (an engine that cannot take its memory back, a host out of memory for the
+offloaded actor) stops every rank there, instead of leaving the others in their next collective.
 In disaggregated mode the engine has GPUs of its own and the phases do nothing.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import ContextManager, Literal
 
 import torch
 import torch.distributed as dist
+
+from megatron_dapo.parallel.init import stop_together
 
 Timer = Callable[[str], ContextManager]
 
@@ -46,7 +50,7 @@ class ColocatedMemory:
         """With offload, the actor leaves the device on every rank before any engine starts: SGLang sizes
         its KV cache from the memory free when it starts, for the whole run."""
         if self.colocated and self.offload:
-            self.offloaded_bytes = self.actor.offload().copied_bytes
+            self._offload()
             _empty_cache()  # the freed blocks go back to the device, where SGLang can see them
             dist.barrier()
 
@@ -54,12 +58,10 @@ class ColocatedMemory:
         if not self.colocated or self.phase == "training":
             return
         with timer("engine_memory"):
-            if self.engine is not None:
-                self.engine.release_memory()
-            dist.barrier()
+            _together(self.engine and self.engine.release_memory)  # every rank waits for the engine's memory
         if self.offload:
             with timer("actor_offload"):
-                self.actor.reload()
+                _together(self.actor.reload)
         self.phase = "training"
 
     def to_push(self, timer: Timer = _untimed) -> None:
@@ -70,11 +72,10 @@ class ColocatedMemory:
         with timer("engine_memory"):
             _empty_cache()
             dist.barrier()
-            if self.engine is not None:
-                if self.offload:
-                    self.engine.resume_weights()  # the KV cache waits for the actor to leave
-                else:
-                    self.engine.resume_memory()
+            if self.engine is None:
+                _together(None)
+            else:  # with offload the KV cache waits for the actor to leave
+                _together(self.engine.resume_weights if self.offload else self.engine.resume_memory)
         self.phase = "push"
 
     def to_generation(self, timer: Timer = _untimed) -> None:
@@ -84,13 +85,12 @@ class ColocatedMemory:
             self.to_push(timer)
         if self.offload:
             with timer("actor_offload"):
-                self.offloaded_bytes = self.actor.offload().copied_bytes
+                self._offload()
         with timer("engine_memory"):
             if self.offload:
                 _empty_cache()
                 dist.barrier()
-            if self.engine is not None:
-                self.engine.resume_memory()
+            _together(self.engine and self.engine.resume_memory)
         self.phase = "generation"
 
     @contextlib.contextmanager
@@ -101,19 +101,35 @@ class ColocatedMemory:
             yield
             return
         with timer("engine_memory"):
-            if self.engine is not None:
-                self.engine.release_memory(weights=False)
-            dist.barrier()
+            _together(self.engine and (lambda: self.engine.release_memory(weights=False)))
         with timer("actor_offload"):
-            self.actor.reload()
+            _together(self.actor.reload)
         yield
         with timer("actor_offload"):
-            self.actor.offload()
+            self._offload()
         with timer("engine_memory"):
             _empty_cache()
             dist.barrier()
-            if self.engine is not None:
-                self.engine.resume_memory()
+            _together(self.engine and self.engine.resume_memory)
+
+    def _offload(self) -> None:
+        """The actor to host memory on every rank (collective)."""
+        def offload():
+            self.offloaded_bytes = self.actor.offload().copied_bytes
+
+        _together(offload)
+
+
+def _together(part: Callable[[], object] | None) -> None:
+    """`part()` (nothing when None) on this rank, then every rank stops if it failed on any (collective, and so
+    also a barrier)."""
+    failure = None
+    try:
+        if part is not None:
+            part()
+    except Exception as err:
+        failure = err
+    stop_together(failure)
 
 
 def _empty_cache() -> None:

@@ -48,3 +48,15 @@ def test_a_samples_row_cut_short_by_a_crash_leaves_the_next_rows_readable(tmp_pa
     assert (tmp_path / "samples.jsonl").read_text().splitlines()[1:] == ['{"step": 2, "spl', '{"step": 3}']
     SampleLog(tmp_path, 2).close()  # a whole file gets nothing added
     assert (tmp_path / "samples.jsonl").read_text().endswith('\n{"step": 3}\n')
+
+
+def test_a_character_cut_in_half_by_a_crash_leaves_the_file_readable(tmp_path):
+    from megatron_dapo.metrics.samples import SampleLog
+
+    row = json.dumps({"step": 1, "response": "ответ ✓"}, ensure_ascii=False).encode()
+    (tmp_path / "samples.jsonl").write_bytes(b'{"step": 0}\n' + row[:-4])  # cut inside the 3-byte check mark
+    log = SampleLog(tmp_path, 2)
+    log.file.write(json.dumps({"step": 2, "response": "да"}, ensure_ascii=False) + "\n")
+    log.close()
+    lines = (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == '{"step": 0}' and lines[1] == row[:-5].decode() and json.loads(lines[2])["response"] == "да"
