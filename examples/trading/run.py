@@ -15,8 +15,9 @@ val/vs_market_bps_mean, val/vs_passive_bps_mean; negative is better than the bas
 The market comes from --books / --trades files (CSV or Parquet, layout in
 megatron_dapo/reward/trading/market.py) or, by default, from the synthetic generator; train and
 validation episodes come from disjoint stretches of time. The CPU-sized variant also makes a
-character-level tokenizer and a tiny Qwen2-shaped model warm-started on valid, varied answers, so
-that its first rollouts parse and differ and DAPO has something to choose between.
+character-level tokenizer and a tiny Qwen2-shaped model warm-started on varied one-order answers, half of
+them ordering more than the episode's size, so that its first rollouts parse and differ and DAPO has
+something to choose between.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
 WINDOW, HORIZON = {True: (4, 4), False: (16, 6)}, {True: 4, False: 6}
+WHOLE_SIZE_SHARE = 0.5
+"""How often the warm start's answer orders exactly the episode's size (the rest order more: malformed)."""
 
 
 def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, trades: str | None) -> dict:
@@ -63,19 +66,22 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
     return {name: len(part) for name, part in split.items()}
 
 
-def warm_start(folder: Path, tokenizer, train_file: Path, seed: int, steps: int = 300) -> None:
-    """Fit a tiny Qwen2 to random valid one-order answers (the whole size, any step, offset and tif)."""
+def warm_start(folder: Path, tokenizer, train_file: Path, seed: int, steps: int = 1200) -> None:
+    """Fit a tiny Qwen2 to random one-order answers (any step, offset and tif) that give the order's size
+    WHOLE_SIZE_SHARE of the time and more than the order otherwise (malformed: oversize), so that its first
+    rollouts parse, differ, and are often enough wrong in one learnable way for DAPO to have work to do."""
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
 
     def sample(rng: random.Random):
         row = rng.choice(rows)
         episode = row["extra_info"]["episode"]
         horizon = len(episode["books"]) - 1
-        answer = (f"Orders:\nstep={rng.randrange(2)} offset={rng.randint(-2, 3)} "
-                  f"size={episode['quantity']:g} tif={rng.randint(1, horizon)}")
+        size = episode["quantity"] + (0 if rng.random() < WHOLE_SIZE_SHARE else rng.randint(1, 3))
+        answer = (f"Orders:\nstep={rng.randrange(2)} offset={rng.randint(-2, 3)} size={size:g} "
+                  f"tif={rng.randint(1, horizon)}")
         return row["prompt"], answer
 
-    fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=32, max_positions=256)
+    fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=32, max_positions=256, lr=3e-3)
 
 
 def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trades: str | None) -> list[str]:

@@ -1,6 +1,7 @@
 """The examples' tiny models: a character-level tokenizer and a supervised warm start, no download."""
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +27,13 @@ def make_char_tokenizer(folder: str | Path, chars: list[str], chat_template: str
 
 
 def fit_tiny_model(folder: str | Path, tokenizer, sample: Callable[[random.Random], tuple[list[dict], str]], *, seed: int,
-               steps: int, batch_size: int, max_positions: int) -> None:
+                   steps: int, batch_size: int, max_positions: int, lr: float = 1e-3, warmup_steps: int = 50) -> None:
     """Fit a tiny Qwen2 (hidden 64, 2 layers, tied embeddings) to `sample(rng)` -> (chat messages, answer)
-    pairs, the loss on the answer and its EOS only, and save it to `folder`."""
+    pairs, the loss on the answer and its EOS only, and save it to `folder`.
+
+    The learning rate warms up over `warmup_steps` and decays to zero along a cosine, so that the fit ends
+    converged on the answers' distribution: a fit cut off at a constant rate ends wherever the last batches
+    left it, and that differs between CPUs (AVX2 or AVX-512 kernels round differently), seeds and versions."""
     import torch
     import transformers
 
@@ -39,7 +44,9 @@ def fit_tiny_model(folder: str | Path, tokenizer, sample: Callable[[random.Rando
                                       max_position_embeddings=max_positions, tie_word_embeddings=True,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = transformers.Qwen2ForCausalLM(config)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda i: min(1.0, (i + 1) / max(warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     pad = tokenizer.pad_token_id
     for _ in range(steps):
         rows = []
@@ -54,5 +61,6 @@ def fit_tiny_model(folder: str | Path, tokenizer, sample: Callable[[random.Rando
         optim.zero_grad()
         loss.backward()
         optim.step()
+        schedule.step()
     model.save_pretrained(folder)
     print(f"warm start: {steps} steps, final loss {loss.item():.3f}, saved to {folder}", flush=True)

@@ -30,9 +30,12 @@ def test_cpu_variant_trains_and_reports_shortfall_against_the_baselines(tmp_path
     for row in val.values():
         for name in ("shortfall_bps", "vs_twap_bps", "vs_market_bps", "vs_passive_bps", "profit_loss"):
             assert isinstance(row[f"val/{name}_mean"], float)
-    # The warm start answers in the format often enough to learn from, and DAPO alone makes the answers
-    # valid more often (seed 1: 60% malformed at step 0, 17% at step 10; mostly the size copied wrong).
-    assert val[0]["val/malformed_mean"] < 0.9 and val[10]["val/malformed_mean"] < val[0]["val/malformed_mean"] - 0.2
+    # The warm start answers in the format, ordering more than the episode's size about half the time, and
+    # DAPO alone makes the answers valid more often (seed 1: 61% malformed at step 0, 57% oversize; 16% at step
+    # 10, 2% oversize).
+    first, last = val[0], val[10]
+    assert 0.2 < first["val/malformed_mean"] < 0.9 and last["val/malformed_mean"] < first["val/malformed_mean"] - 0.2
+    assert last["val/malformed_oversize_mean"] < first["val/malformed_oversize_mean"] - 0.2
     steps = [row for row in rows if "reward/profit_loss_mean" in row]
     assert len(steps) == 10 and all("reward/vs_twap_bps_mean" in row for row in steps)
 
