@@ -5,19 +5,26 @@ prompt and response decoded, the finish reason, the response's length, the task'
 score, the reward used for the advantage, and the ground truth. The first completion of each of
 the first `count` groups is written, so the same prompts' answers can be followed across steps in
 validation. With logging.val_generations, every validation response goes to val_generations/step_N.jsonl.
+An attempt that starts again in a folder whose samples.jsonl has rows writes the start marker metrics.jsonl
+gets; read_samples gives the run's history.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from megatron_dapo.metrics.sinks import open_rows
+from megatron_dapo.metrics.sinks import open_rows, read_history, start_marker
 
 
 class SampleLog:
     def __init__(self, run_dir: Path, count: int):
         self.count = count
-        self.file = open_rows(run_dir / "samples.jsonl")[0] if count else None
+        self.file, self.earlier_rows = open_rows(run_dir / "samples.jsonl") if count else (None, False)
+
+    def training_starts(self, step: int, checkpoint: Path | None) -> None:
+        """As MetricSinks.training_starts: the rows an earlier attempt wrote after `step` are superseded."""
+        if self.file is not None and self.earlier_rows:
+            start_marker(self.file, step, checkpoint)
 
     def write(self, step: int, split: str, groups: list, tokenizer) -> None:
         """`groups`: trainer Groups (prompt, completions, rewards, scores)."""
@@ -31,6 +38,14 @@ class SampleLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def read_samples(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN_DIR/samples.jsonl as the run's history (see read_metrics)."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder with logging.samples_per_step > 0?")
+    return read_history(path)
 
 
 def response_row(group, index: int, tokenizer) -> dict:

@@ -96,9 +96,7 @@ class MetricSinks:
         logged for later steps (all of them on a start from scratch) are superseded by the ones to come: a marker
         row says so to read_metrics, the file keeps them; TensorBoard purges its events after `step`."""
         if self.jsonl and self.earlier_rows:
-            marker = {"step": step, "time": time.time(), "resumed_from": str(checkpoint) if checkpoint else None}
-            self.jsonl.write(json.dumps(marker) + "\n")
-            self.jsonl.flush()
+            start_marker(self.jsonl, step, checkpoint)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -140,8 +138,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
+    return read_history(path)
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rows of a JSONL file that start markers (`{"step": N, "resumed_from": ...}`) divide into attempts:
+    each marker drops the earlier rows after step N (all of them when it resumed from nothing), and is dropped
+    itself, as is a row a crash cut short."""
     rows: list[dict] = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # empty, or the end of a row cut short by a crash
@@ -151,3 +156,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         else:
             rows.append(row)
     return rows
+
+
+def start_marker(file: TextIO, step: int, checkpoint: Path | None) -> None:
+    """The row that tells read_history an attempt starts after `step`, from `checkpoint` (None: from scratch)."""
+    file.write(json.dumps({"step": step, "time": time.time(),
+                           "resumed_from": str(checkpoint) if checkpoint else None}) + "\n")
+    file.flush()

@@ -77,7 +77,6 @@ class Trainer:
             if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
                 saved = self.run_dir / "config.yaml"
                 self._earlier_config = saved.read_text() if saved.is_file() else None
-                saved.write_text(dump_config(cfg))
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
         self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, prompt_key=cfg.data.prompt_key,
@@ -450,7 +449,18 @@ class Trainer:
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
-            self._started(lambda: self.rank0 and self.sinks.training_starts(self.step, latest))
+            self._started(lambda: self.rank0 and self._training_starts(latest))
+
+    def _training_starts(self, latest: Path | None) -> None:
+        """Rank 0, once the run has resumed (or started): the metrics and samples files are told, and config.yaml
+        becomes this attempt's. An attempt that failed to resume (an optimizer layout that does not load, say)
+        leaves the config of the run's checkpoints there, for the next attempt to be compared with."""
+        self.sinks.training_starts(self.step, latest)
+        self.samples.training_starts(self.step, latest)
+        saved = self.run_dir / "config.yaml"
+        partial = saved.with_name(saved.name + ".partial")
+        partial.write_text(dump_config(self.config))
+        partial.replace(saved)  # whole or not at all
 
     def _load_and_push(self, latest: Path | None) -> None:
         """The run's latest checkpoint (or model.megatron_checkpoint's weights, already in the actor) into the

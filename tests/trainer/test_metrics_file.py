@@ -60,3 +60,19 @@ def test_a_character_cut_in_half_by_a_crash_leaves_the_file_readable(tmp_path):
     log.close()
     lines = (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()
     assert lines[0] == '{"step": 0}' and lines[1] == row[:-5].decode() and json.loads(lines[2])["response"] == "да"
+
+
+def test_samples_an_attempt_wrote_after_the_resumed_checkpoint_are_superseded(tmp_path):
+    from megatron_dapo.metrics.samples import SampleLog, read_samples
+
+    log = SampleLog(tmp_path, 2)
+    log.training_starts(0, None)  # nothing earlier: no marker
+    for step in (1, 2, 3):  # saved at step 2, crashed after writing step 3's samples
+        log.file.write(json.dumps({"step": step, "split": "train", "response": f"first {step}"}) + "\n")
+    log.close()
+    log = SampleLog(tmp_path, 2)
+    log.training_starts(2, tmp_path / "checkpoints" / "step_000002")
+    log.file.write(json.dumps({"step": 3, "split": "train", "response": "second 3"}) + "\n")
+    log.close()
+    assert [row["response"] for row in read_samples(tmp_path)] == ["first 1", "first 2", "second 3"]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 5  # the file keeps every row
