@@ -212,6 +212,7 @@ void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets
   check_logits(logits, targets);
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(1) == 1,
               "megatron_dapo._C: grad must have the logits' shape and dtype, rows contiguous");
+  TORCH_CHECK(grad.device() == logits.device(), "megatron_dapo._C: grad must be on the logits' device");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0);
   if (rows == 0) {
@@ -219,6 +220,7 @@ void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets
   }
   auto as_rows = [&](const torch::Tensor& t, const char* name) {
     TORCH_CHECK(t.numel() == rows, "megatron_dapo._C: ", name, " must have one value per token");
+    TORCH_CHECK(t.device() == logits.device(), "megatron_dapo._C: ", name, " must be on the logits' device");
     return t.to(torch::kFloat).contiguous();
   };
   const auto lse_c = as_rows(lse, "lse");

@@ -89,7 +89,10 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
 
 for name in $steps; do
   case $name in
-    build) step build 300 python3 setup.py build_ext --inplace ;;
+    build) step build 300 bash -c 'python3 setup.py build_ext --inplace && python3 -c "
+from megatron_dapo.ops import extension as e
+assert e.EXTENSION is not None, e.UNAVAILABLE_BECAUSE  # else every kernel test would skip, and pass
+print(e.describe())"' ;;
     kernel-tests) step kernel-tests 120 python3 -m pytest -q -rs tests/ops/test_kernels_cuda.py ;;
     kernels) step kernels 180 python3 tools/bench_kernels.py --preset acceptance --out "$work" ;;
     kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;

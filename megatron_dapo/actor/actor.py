@@ -272,7 +272,12 @@ class MegatronActor:
         return metrics
 
     def _mini_batch_step(self, batch: ActorBatch, lr: float, first_row: int = 0) -> dict[str, float]:
-        """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample)."""
+        """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample).
+        A mini-batch without a loss token (overlong filtering or failed rewards masked all of it) takes none:
+        its gradient is zero, but Adam's momentum and the weight decay would still move the weights. Every
+        rank holds the whole batch, so every rank skips alike."""
+        if not bool(batch.loss_mask.any()):
+            return self._reduce_metrics([], None, lr, success=False)
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         global_seqs = (batch.loss_mask.sum(-1) > 0).sum().clamp(min=1).to(torch.float32)  # rows with loss tokens
         micro_batches = self._micro_batches(batch)

@@ -26,8 +26,9 @@ def make_char_tokenizer(folder: str | Path, chars: list[str], chat_template: str
     return tokenizer
 
 
-def fit_tiny_model(folder: str | Path, tokenizer, sample: Callable[[random.Random], tuple[list[dict], str]], *, seed: int,
-                   steps: int, batch_size: int, max_positions: int, lr: float = 1e-3, warmup_steps: int = 50) -> None:
+def fit_tiny_model(folder: str | Path, tokenizer, sample: Callable[[random.Random], tuple[list[dict], str]], *,
+                   seed: int, steps: int, batch_size: int, max_positions: int, lr: float = 1e-3,
+                   warmup_steps: int = 50) -> None:
     """Fit a tiny Qwen2 (hidden 64, 2 layers, tied embeddings) to `sample(rng)` -> (chat messages, answer)
     pairs, the loss on the answer and its EOS only, and save it to `folder`.
 

@@ -182,9 +182,10 @@ class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_start, vocab_size, group, inplace_backward):
         vl = logits.shape[-1]
-        local_targets = targets - vocab_start
-        local_targets = torch.where((local_targets >= 0) & (local_targets < vl), local_targets, -1)
         valid = max(0, min(vl, vocab_size - vocab_start))
+        local_targets = targets - vocab_start
+        # A target in the padding columns is owned by no rank, on the kernel and the reference alike.
+        local_targets = torch.where((local_targets >= 0) & (local_targets < valid), local_targets, -1)
         stats = logprob_stats(logits, local_targets, temperature, valid)
         world = dist.get_world_size(group) if group is not None else 1
         if world > 1:

@@ -14,6 +14,7 @@ weights would silently corrupt the rollout.
 from __future__ import annotations
 
 import abc
+import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ class SamplingParams:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             problems.append(f"n must be >= 1, got {self.n}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            problems.append(f"temperature must be > 0 and finite (use top_k=1 for greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:

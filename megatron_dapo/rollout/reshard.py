@@ -99,17 +99,37 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
                                        f"{type(err).__name__}: {err}")
                 failure.__cause__ = err
 
+    def flush() -> None:
+        nonlocal total, buckets, bucket, size
+        call(engine.update_weights, bucket)
+        total, buckets, bucket, size = total + size, buckets + 1, [], 0
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        nonlocal size, count
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > limit:  # a bucket outgrows the limit only by a tensor larger than it
+            flush()
+        bucket.append((name, tensor.detach().clone()))  # the engine may keep it: never a parameter's own storage
+        size += nbytes
+        count += 1
+        if size >= limit:
+            flush()
+
     if engine is not None:
         call(engine.begin_weight_update)
     for name, tensor in _hf_tensors_for_engine(actor, replicas):
         if failure is not None:  # the engine is out of this push: only the collectives go on
             continue
-        bucket.append((name, tensor.detach().clone()))
-        size += tensor.numel() * tensor.element_size()
-        count += 1
-        if size >= limit:
-            call(engine.update_weights, bucket)
-            total, buckets, bucket, size = total + size, buckets + 1, [], 0
+        if engine is None:
+            failure = RolloutError(f"rank {dist.get_rank()} was handed {name} to push but hosts no rollout engine")
+            continue
+        try:  # a copy that runs out of memory here stops every rank below, not this one alone mid-collective
+            add(name, tensor)
+        except Exception as err:
+            failure = RolloutError(f"the weight push into the rollout engine failed at {name}: "
+                                   f"{type(err).__name__}: {err}")
+            failure.__cause__ = err
+            bucket, size = [], 0
     if engine is not None:
         if bucket:
             call(engine.update_weights, bucket)
@@ -161,6 +181,10 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> Pro
     if engine is not None:
         try:
             scored = engine.score(probe.tolist(), PROBE_TEMPERATURE)
+            shapes = [tuple(s.shape) for s in scored]
+            if shapes != [(probe.shape[1] - 1,)] * probe.shape[0]:  # a broadcast would compare the wrong tokens
+                raise RolloutError(f"score() gave log-probs of shapes {shapes} for {probe.shape[0]} sequences of "
+                                   f"{probe.shape[1]} tokens (expected {probe.shape[1] - 1} each)")
             gaps = torch.cat([(s.double().cpu() - trainer[i, 1:].double()).abs() for i, s in enumerate(scored)])
             diff[0], diff[1] = gaps.max(), gaps.mean()
         except Exception as err:

@@ -56,12 +56,17 @@ class PushLedger:
         if self.open_since is None:
             raise RolloutError("update_weights() outside a push: call begin_weight_update() first")
         batch = list(named_tensors)
-        problems, seen = [], set()
+        problems, seen, by_target = [], set(), {}
         for name, tensor in batch:
             target = self._target(name)
             if name in seen:
                 problems.append(f"tensor {name!r} appears twice in one update_weights() call")
+            elif target is not None and target in by_target and not _same(by_target[target][1], tensor):
+                # A tied head and its embedding: the same value under both names is fine, two values are not.
+                problems.append(f"tensors {by_target[target][0]!r} and {name!r} are one parameter ({target!r}) "
+                                "but differ in one update_weights() call")
             seen.add(name)
+            by_target.setdefault(target, (name, tensor))
             if not isinstance(tensor, torch.Tensor):
                 problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             elif target is None:
@@ -125,3 +130,8 @@ class WeightPush(PushLedger):
             for target, tensor in batch:
                 self.params[target].copy_(tensor)
         self.record(target for target, _ in batch)
+
+
+def _same(a, b) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and torch.equal(a, b.to(a.device)))

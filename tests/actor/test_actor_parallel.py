@@ -330,6 +330,29 @@ def check_gradient_norm_is_measured_without_clipping(rank: int, world: int, work
     assert norms[0] > 0 and abs(norms[0] - norms[1]) <= 1e-6 * norms[1], norms
 
 
+def check_a_mini_batch_without_loss_tokens_moves_no_weight(rank: int, world: int, workdir: Path) -> None:
+    """A mini-batch whose every token is masked (overlong filtering, failed rewards) takes no optimizer step:
+    its gradient is zero, but Adam's momentum and the weight decay (0.1 here) would move the weights."""
+    from megatron_dapo.actor.batch import ActorBatch
+
+    tokens, lengths, mask, advantages = _batch(groups=2, n=2)
+    old_logp = hf_logprobs(workdir / "qwen2", tokens, TEMPERATURE)
+    actor = _actor(workdir / "qwen2", 2, 1, False, ppo_mini_batch_size=1)
+    actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                            old_logp=old_logp), group_size=2)  # Adam now has momentum
+    before = [p.detach().clone() for p in actor.model.parameters()]
+    masked = mask.clone()
+    masked[2:] = 0  # the second mini-batch has no loss token
+    metrics = actor.update(ActorBatch(tokens=tokens[2:], lengths=lengths[2:], loss_mask=masked[2:],
+                                      advantages=advantages[2:], old_logp=old_logp[2:]), group_size=2)
+    assert metrics["actor/update_skipped"] == 1.0 and metrics["actor/grad_norm"] == 0.0, metrics
+    assert all(torch.equal(p, b) for p, b in zip(actor.model.parameters(), before))
+    metrics = actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=masked, advantages=advantages,
+                                      old_logp=old_logp), group_size=2)
+    assert metrics["actor/update_skipped"] == 0.5, metrics  # the first mini-batch stepped, the second did not
+    assert not all(torch.equal(p, b) for p, b in zip(actor.model.parameters(), before))
+
+
 def check_local_spec_norms_follow_params_dtype_and_sequence_parallel(rank: int, world: int, workdir: Path) -> None:
     """Without Transformer Engine (every CPU, and GPUs without it) the layers' norms are megatron-core's
     WrappedTorchNorm, which refuses sequence parallel and is built in float32: here they build with SP,
@@ -356,7 +379,7 @@ def check_local_spec_norms_follow_params_dtype_and_sequence_parallel(rank: int, 
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
           check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
           check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank,
-          check_gradient_norm_is_measured_without_clipping,
+          check_gradient_norm_is_measured_without_clipping, check_a_mini_batch_without_loss_tokens_moves_no_weight,
           check_local_spec_norms_follow_params_dtype_and_sequence_parallel]
 
 

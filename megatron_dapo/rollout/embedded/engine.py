@@ -1,6 +1,7 @@
 """EmbeddedEngine: the default rollout engine, a plain-PyTorch decoder that runs on CPU or CUDA."""
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -53,8 +54,8 @@ class EmbeddedEngine(RolloutEngine):
         self.released = False
         try:
             self.weights.begin()
-            for bucket in buckets:
-                self.weights.update(bucket)
+            for bucket in buckets:  # a tied checkpoint's lm_head.weight, checked equal to the embedding, is left out
+                self.weights.update([(n, t) for n, t in bucket if not (arch.tie_word_embeddings and n == TIED_HEAD)])
             self.weights.end(version=0)
         except RolloutError as err:
             raise RolloutError(f"loading the checkpoint failed: {err}") from err
@@ -77,7 +78,14 @@ class EmbeddedEngine(RolloutEngine):
         """Build from a config.json dict (or a transformers config object) and an HF-named state dict."""
         if not isinstance(hf_config, Mapping):
             hf_config = hf_config.to_dict()
-        return cls(ModelArch.from_hf_config(hf_config), [state_dict.items()], config)
+        arch = ModelArch.from_hf_config(hf_config)
+        embedding = state_dict.get("model.embed_tokens.weight")
+        head = state_dict.get(TIED_HEAD)
+        if arch.tie_word_embeddings and isinstance(head, torch.Tensor) and isinstance(embedding, torch.Tensor) \
+                and not torch.equal(head, embedding):  # else the head would be whichever of the two came last
+            raise RolloutError(f"tensor {TIED_HEAD!r} differs from 'model.embed_tokens.weight' but the config sets "
+                               "tie_word_embeddings: true")
+        return cls(arch, [state_dict.items()], config)
 
     # --- generation and scoring -------------------------------------------------------------
 
@@ -107,8 +115,8 @@ class EmbeddedEngine(RolloutEngine):
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
         """fp32 CPU tensors [L-1]: log_softmax(logits / temperature) of tokens 1..L-1 given their prefix."""
         self._check_ready()
-        if not temperature > 0:
-            raise RolloutError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise RolloutError(f"temperature must be > 0 and finite, got {temperature}")
         self._check_sequences(sequences, "sequence", extra=0)
         out = []
         for start in range(0, len(sequences), self.config.max_batch_size):

@@ -54,7 +54,8 @@ class SGLangEngineConfig:
         gpus = range(first, first + self.tp_size)
         if gpus.stop > visible_gpus:
             raise ConfigError(
-                f"the SGLang engine needs GPUs {gpus.start}..{gpus.stop - 1} (rollout.sglang.base_gpu_id={first}, "
+                f"the SGLang engine needs GPUs {gpus.start}..{gpus.stop - 1} (rollout.sglang.base_gpu_id="
+                f"{first if self.base_gpu_id is not None else f'null, so {first}'}, "
                 f"rollout.sglang.tp_size={self.tp_size}) but this node has {visible_gpus}"
                 + ("" if colocated else f"; in disaggregated mode the trainer's {local_world_size} ranks use GPUs "
                    f"0..{local_world_size - 1}: start fewer ranks per node (torchrun --nproc-per-node) or lower "

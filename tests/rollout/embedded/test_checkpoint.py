@@ -32,6 +32,10 @@ def test_state_dict_and_folder_give_the_same_engine(tiny):
     from_state = EmbeddedEngine.from_state_dict(tiny.hf.config, tiny.hf.state_dict(), CPU)
     for a, b in zip(from_folder.score(PROBE, 1.0), from_state.score(PROBE, 1.0)):
         assert torch.equal(a, b)
+    if tiny.hf.config.tie_word_embeddings:  # a head that is not the embedding is refused, as from a folder
+        state = {**tiny.hf.state_dict(), "lm_head.weight": tiny.hf.state_dict()["model.embed_tokens.weight"] + 1}
+        with pytest.raises(RolloutError, match="'lm_head.weight' differs from 'model.embed_tokens.weight'"):
+            EmbeddedEngine.from_state_dict(tiny.hf.config, state, CPU)
 
 
 def test_checkpoint_missing_a_tensor_is_refused(qwen2):

@@ -138,3 +138,8 @@ def test_push_protocol_misuse_is_refused(qwen2):
     engine.begin_weight_update()
     with pytest.raises(RolloutError, match="appears twice"):
         engine.update_weights([norm, norm])
+    embedding = engine.model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(RolloutError, match=r"tensors 'model.embed_tokens.weight' and 'lm_head.weight' are one "
+                                           r"parameter \('model.embed_tokens.weight'\) but differ"):
+        engine.update_weights([("model.embed_tokens.weight", embedding), ("lm_head.weight", embedding + 1)])
+    assert torch.equal(engine.model.model.embed_tokens.weight, embedding)

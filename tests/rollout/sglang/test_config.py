@@ -43,8 +43,11 @@ def test_colocated_engine_starts_on_node_0s_first_gpu():
 def test_disaggregated_engine_takes_the_gpus_after_the_trainers():
     config = SGLangEngineConfig(tp_size=4)
     assert config.gpus("disaggregated", local_world_size=4, visible_gpus=8) == range(4, 8)
-    with pytest.raises(ConfigError, match=r"GPUs 6\.\.9 .*this node has 8.*--nproc-per-node"):
+    with pytest.raises(ConfigError, match=r"GPUs 6\.\.9 \(rollout.sglang.base_gpu_id=null, so 6, .*this node has 8.*"
+                                          r"--nproc-per-node"):
         config.gpus("disaggregated", local_world_size=6, visible_gpus=8)
+    with pytest.raises(ConfigError, match=r"GPUs 6\.\.9 \(rollout.sglang.base_gpu_id=6, "):
+        SGLangEngineConfig(tp_size=4, base_gpu_id=6).gpus("disaggregated", local_world_size=6, visible_gpus=8)
     with pytest.raises(ConfigError, match=r"GPUs 2\.\.5 overlap the trainer's GPUs 0\.\.3.*base_gpu_id >= 4"):
         SGLangEngineConfig(tp_size=4, base_gpu_id=2).gpus("disaggregated", local_world_size=4,
                                                           visible_gpus=8)
