@@ -84,7 +84,8 @@ class EmbeddedEngine(RolloutEngine):
         if arch.tie_word_embeddings and isinstance(head, torch.Tensor) and isinstance(embedding, torch.Tensor) \
                 and not torch.equal(head, embedding):  # else the head would be whichever of the two came last
             raise RolloutError(f"tensor {TIED_HEAD!r} differs from 'model.embed_tokens.weight' but the config sets "
-                               "tie_word_embeddings: true")
+                               "tie_word_embeddings: true: leave lm_head.weight out of the state dict, or untie the "
+                               "config if the model has a head of its own")
         return cls(arch, [state_dict.items()], config)
 
     # --- generation and scoring -------------------------------------------------------------
