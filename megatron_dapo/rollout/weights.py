@@ -31,6 +31,7 @@ class PushLedger:
         self.version = 0
         self.open_since: int | None = None  # version at the last begin() not yet closed by a good end()
         self.received: set[str] = set()
+        self.given_as: dict[str, str] = {}  # parameter -> the name it first arrived under in this push
 
     @property
     def stale(self) -> bool:
@@ -49,6 +50,7 @@ class PushLedger:
         """Open a push (also restarts one that broke off)."""
         self.open_since = self.version
         self.received = set()
+        self.given_as = {}
 
     def accept(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """The batch as (engine name, tensor) once all of it is valid; RolloutError naming every bad tensor and
@@ -56,6 +58,7 @@ class PushLedger:
         if self.open_since is None:
             raise RolloutError("update_weights() outside a push: call begin_weight_update() first")
         batch = list(named_tensors)
+        names = {name for name, _ in batch}
         problems, seen, by_target = [], set(), {}
         for name, tensor in batch:
             target = self._target(name)
@@ -65,6 +68,11 @@ class PushLedger:
                 # A tied head and its embedding: the same value under both names is fine, two values are not.
                 problems.append(f"tensors {by_target[target][0]!r} and {name!r} are one parameter ({target!r}) "
                                 "but differ in one update_weights() call")
+            elif ((earlier := self.given_as.get(target, name)) != name and earlier not in names
+                  and not self._holds(target, tensor)):
+                # The later of two calls would silently win.
+                problems.append(f"tensor {name!r} is parameter {target!r}, given as {earlier!r} earlier in this "
+                                "push with another value")
             seen.add(name)
             by_target.setdefault(target, (name, tensor))
             if not isinstance(tensor, torch.Tensor):
@@ -84,7 +92,15 @@ class PushLedger:
         return [(self._target(name), tensor) for name, tensor in batch]
 
     def record(self, names: Iterable[str]) -> None:
-        self.received.update(names)
+        """The engine now holds these tensors (the names given to `accept`)."""
+        for name in names:
+            target = self._target(name)
+            self.received.add(target)
+            self.given_as.setdefault(target, name)
+
+    def _holds(self, target: str, tensor: torch.Tensor) -> bool:
+        """Whether the engine's `target` already has this value; unknown without the values at hand."""
+        return False
 
     def check_complete(self) -> None:
         """RolloutError unless a push is open and every tensor has arrived since begin()."""
@@ -103,6 +119,7 @@ class PushLedger:
         self.version = int(version)
         self.open_since = None
         self.received = set()
+        self.given_as = {}
 
     def _target(self, name: str) -> str | None:
         if name in self.shapes:
@@ -125,11 +142,16 @@ class WeightPush(PushLedger):
 
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Validate the whole batch, then copy it (dtype and device converted on copy)."""
-        batch = self.accept(named_tensors)
+        named = list(named_tensors)
+        batch = self.accept(named)
         with torch.no_grad():
             for target, tensor in batch:
                 self.params[target].copy_(tensor)
-        self.record(target for target, _ in batch)
+        self.record(name for name, _ in named)
+
+    def _holds(self, target: str, tensor: torch.Tensor) -> bool:
+        held = self.params[target]
+        return isinstance(tensor, torch.Tensor) and torch.equal(held, tensor.to(held.device, held.dtype))
 
 
 def _same(a, b) -> bool:

@@ -164,7 +164,8 @@ class SGLangEngine(RolloutEngine):
         if not self._open:
             raise RolloutError("update_weights outside a push: call begin_weight_update() first")
         bucket = list(named_tensors)
-        names = [name for name, _ in self._ledger.accept(bucket)] if self._ledger is not None else []
+        if self._ledger is not None:
+            self._ledger.accept(bucket)
         if self._sender is not None:
             self._sender.send(bucket)
         else:
@@ -174,7 +175,7 @@ class SGLangEngine(RolloutEngine):
                 named_tensors=payloads, load_format="flattened_bucket", flush_cache=False), "update_weights_from_tensor")
             del flat, payloads
         if self._ledger is not None:
-            self._ledger.record(names)
+            self._ledger.record(name for name, _ in bucket)
 
     def end_weight_update(self, version: int) -> None:
         if self._ledger is not None:

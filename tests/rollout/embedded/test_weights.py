@@ -110,8 +110,8 @@ def test_tied_head_is_optional_and_accepted(qwen2):
     engine.end_weight_update(version=1)  # lm_head.weight not required
     head = torch.randn_like(state["model.embed_tokens.weight"])
     engine.begin_weight_update()
-    engine.update_weights(state.items())
-    engine.update_weights([("lm_head.weight", head)])
+    engine.update_weights([(k, head if k == "model.embed_tokens.weight" else v) for k, v in state.items()])
+    engine.update_weights([("lm_head.weight", head)])  # given again under its other name, the same value
     engine.end_weight_update(version=2)
     assert torch.equal(engine.model.lm_head.weight, head)
     assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
@@ -142,4 +142,22 @@ def test_push_protocol_misuse_is_refused(qwen2):
     with pytest.raises(RolloutError, match=r"tensors 'model.embed_tokens.weight' and 'lm_head.weight' are one "
                                            r"parameter \('model.embed_tokens.weight'\) but differ"):
         engine.update_weights([("model.embed_tokens.weight", embedding), ("lm_head.weight", embedding + 1)])
+    assert torch.equal(engine.model.model.embed_tokens.weight, embedding)
+
+
+def test_tied_head_and_embedding_in_separate_calls_must_agree(qwen2):
+    # The later call would otherwise silently replace what the earlier one gave.
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
+    new = qwen2.redrawn(seed=6).state_dict()
+    embedding = new["model.embed_tokens.weight"]
+    engine.begin_weight_update()
+    engine.update_weights([("model.embed_tokens.weight", embedding)])
+    with pytest.raises(RolloutError, match=r"tensor 'lm_head.weight' is parameter 'model.embed_tokens.weight', "
+                                           r"given as 'model.embed_tokens.weight' earlier in this push"):
+        engine.update_weights([("lm_head.weight", embedding + 1)])
+    assert torch.equal(engine.model.model.embed_tokens.weight, embedding)
+    engine.update_weights([("lm_head.weight", embedding)])  # the same value under its other name
+    engine.update_weights([("model.embed_tokens.weight", embedding + 1)])  # a name resent: the newer value
+    engine.update_weights(list(new.items()))  # a whole state dict, tied head included, after all that
+    engine.end_weight_update(version=1)
     assert torch.equal(engine.model.model.embed_tokens.weight, embedding)
