@@ -106,12 +106,12 @@ def dapo_loss_backward(grad_loss: torch.Tensor, logp: torch.Tensor, old_logp: to
         return EXTENSION.dapo_loss_backward(grad_loss, logp, old_logp, advantages, mask, weight, clip_low,
                                             clip_high, clip_c, global_tokens)
     return reference_backward(grad_loss, logp, old_logp, advantages, mask, weight, clip_low, clip_high, clip_c,
-                              global_tokens)
+                              global_tokens).contiguous()  # the kernel's layout, whatever logp's strides
 
 
 @dapo_loss_backward.register_fake
 def _(grad_loss, logp, old_logp, advantages, mask, weight, clip_low, clip_high, clip_c, global_tokens):
-    return torch.empty_like(logp)
+    return torch.empty_like(logp, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):

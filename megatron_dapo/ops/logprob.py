@@ -113,12 +113,13 @@ def logprob_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
         EXTENSION.logprob_grad_into(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
                                     valid_columns, grad)
         return grad
-    return local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns)
+    return local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+                      valid_columns).contiguous()  # the kernel's layout, whatever the logits' strides
 
 
 @logprob_grad.register_fake
 def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns):
-    return torch.empty_like(logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("megatron_dapo::logprob_grad_", mutates_args=("logits",))

@@ -79,6 +79,9 @@ def test_loss_ops_registrations():
                                                3.0, tokens))
     torch.library.opcheck(loss_ops.dapo_loss_backward, (torch.ones(()), logp, old, adv, mask, None, 0.2, 0.28, 3.0,
                                                         tokens))
+    column_major = logp.t().contiguous().t()
+    torch.library.opcheck(loss_ops.dapo_loss_backward, (torch.ones(()), column_major, old, adv, mask, None, 0.2,
+                                                        0.28, 3.0, tokens))
 
 
 def _logits(tokens=7, vocab=37, dtype=torch.float64, seed=0):
@@ -153,3 +156,5 @@ def test_logprob_ops_registrations():
     torch.library.opcheck(lp_ops.logprob_grad_, (logits.clone(), local, lse, ez, g[0], g[1], 0.9, 17))
     torch.library.opcheck(lp_ops.logprob_entropy, (logits.clone().requires_grad_(True), targets.clamp(max=16), 0.9,
                                                    17))
+    transposed = logits.t().contiguous().t()  # column-major: the fake must give the real op's strides
+    torch.library.opcheck(lp_ops.logprob_grad, (transposed, local, lse, ez, g[0], g[1], 0.9, 17))
