@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -173,10 +174,17 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         if isinstance(value, int) and not isinstance(value, bool):
             return value, True
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), True
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            return float(value), True  # YAML 1.1 (PyYAML) reads 1e-6, without a dot, as a string
+            number = float(value)
+        elif isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            number = float(value)  # YAML 1.1 (PyYAML) reads 1e-6, without a dot, as a string
+        if number is not None:
+            if math.isfinite(number):
+                return number, True
+            # No setting means "no limit" by inf, and a NaN passes every `x < bound` check unnoticed.
+            problems.append(f"{key}: expected a finite number, got {value!r}")
+            return None, False
     elif tp is str:
         if isinstance(value, str):
             return value, True

@@ -79,6 +79,10 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
         (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
          "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"),
         (["actor.clip_ratio_high"], "is not of the form dotted.key=value"),
+        (["reward.overlong_buffer.penalty_factor=.inf"],
+         "reward.overlong_buffer.penalty_factor: expected a finite number, got inf"),
+        (["actor.optim.grad_clip=.nan"], "actor.optim.grad_clip: expected a finite number, got nan"),
+        (["actor.clip_ratio_c=-.inf"], "actor.clip_ratio_c: expected a finite number, got -inf"),
         (["data.gen_batch_size.x=1"], "override data.gen_batch_size.x: data.gen_batch_size holds a int"),
     ],
 )
