@@ -37,7 +37,8 @@ __device__ __forceinline__ TokenResult token_loss(float logp, float old_logp, fl
   const float raw = r.valid ? logp - old_logp : 0.f;
   const float a = r.valid ? advantage : 0.f;
   const bool inside_clamp = raw >= -kLogRatioClamp && raw <= kLogRatioClamp;
-  r.log_ratio = fminf(fmaxf(raw, -kLogRatioClamp), kLogRatioClamp);
+  // fminf / fmaxf return the other operand for a NaN; torch's clamp keeps it, and so does this.
+  r.log_ratio = isnan(raw) ? raw : fminf(fmaxf(raw, -kLogRatioClamp), kLogRatioClamp);
   r.ratio = expf(r.log_ratio);
   const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
   const float unclipped = -a * r.ratio;
@@ -54,13 +55,16 @@ __device__ __forceinline__ TokenResult token_loss(float logp, float old_logp, fl
     loss = fminf(pessimistic, dual);
     d_loss = pessimistic < dual ? d_pessimistic : pessimistic > dual ? 0.f : 0.5f * d_pessimistic;
   }
-  r.loss = loss * weight;
+  r.loss = (isnan(r.log_ratio) ? r.log_ratio : loss) * weight;  // a NaN log-prob makes the loss NaN
   r.dloss_dlogp = (r.valid && inside_clamp) ? d_loss * r.ratio * weight : 0.f;
   r.clip_high = a > 0.f && r.ratio > hi;
   r.clip_low = a < 0.f && r.ratio < lo;
   r.dual_clip = a < 0.f && r.ratio > p.clip_c;
   return r;
 }
+
+// The larger of two floats, NaN if either is (torch's max; fmaxf would drop the NaN).
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return isnan(a) || isnan(b) ? NAN : fmaxf(a, b); }
 
 __device__ __forceinline__ float weight_at(const float* weight, int64_t i) { return weight ? weight[i] : 1.f; }
 
@@ -83,7 +87,7 @@ __global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const f
     sums[4] += t.dual_clip;
     sums[5] += -t.log_ratio;
     sums[6] += (t.ratio - 1.f) - t.log_ratio;
-    ratio_max = fmaxf(ratio_max, t.ratio);
+    ratio_max = max_keep_nan(ratio_max, t.ratio);
   }
   __shared__ double shared[kSums][kThreads];
   __shared__ float shared_max[kThreads];
@@ -99,7 +103,7 @@ __global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const f
       for (int k = 0; k < kSums; ++k) {
         shared[k][threadIdx.x] += shared[k][threadIdx.x + width];
       }
-      shared_max[threadIdx.x] = fmaxf(shared_max[threadIdx.x], shared_max[threadIdx.x + width]);
+      shared_max[threadIdx.x] = max_keep_nan(shared_max[threadIdx.x], shared_max[threadIdx.x + width]);
     }
     __syncthreads();
   }
@@ -125,7 +129,7 @@ __global__ void dapo_loss_final_kernel(const double* __restrict__ partial, const
     for (int k = 0; k < kSums; ++k) {
       sums[k] += partial[b * kSums + k];
     }
-    ratio_max = fmaxf(ratio_max, partial_max[b]);
+    ratio_max = max_keep_nan(ratio_max, partial_max[b]);
   }
   const double denominator = fmax(static_cast<double>(global_tokens[0]), 1.0);
   out[0] = static_cast<float>(sums[0] / denominator);

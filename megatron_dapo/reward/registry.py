@@ -56,7 +56,8 @@ class RewardResult:
     """The answer the verifier read from the response, for logs."""
 
 
-FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died")
+FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")
+"""not_scored: left unscored because the reward function had failed on everything before (`give_up_after`)."""
 
 RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float"]
 
@@ -161,7 +162,10 @@ class RewardScorer:
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
 
-    def score(self, samples: Iterable[RewardSample | tuple]) -> RewardBatch:
+    def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None) -> RewardBatch:
+        """One result per sample. give_up_after: once this many samples are done, every one failed, and every
+        data_source of the batch is among them, the rest are failed as not_scored, unscored: a function that
+        hangs would otherwise cost reward.timeout_s per sample (hours for a batch), all to fail anyway."""
         samples = [RewardSample(*s) for s in samples]
         fns = []
         for index, sample in enumerate(samples):
@@ -170,16 +174,27 @@ class RewardScorer:
             fns.append(_REGISTRY[sample.data_source])
         results: list[RewardResult | None] = [None] * len(samples)
         kinds: Counter[str] = Counter()
+        sources, failed_sources, scored = {s.data_source for s in samples}, set(), 0
 
         def fail(index: int, kind: str, detail: str) -> None:
             results[index] = RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason=f"{kind}: {detail}")
             kinds[kind] += 1
+            failed_sources.add(samples[index].data_source)
 
         queue = deque(range(len(samples)))
         while queue or any(w.index is not None for w in self._workers):
+            done = sum(kinds.values())
+            # Giving up: no new sample goes out; the ones out still count (one may succeed).
+            giving_up = (give_up_after is not None and not scored and done >= give_up_after
+                         and failed_sources == sources)
+            if giving_up and all(w.index is None for w in self._workers):
+                for index in queue:
+                    fail(index, "not_scored", f"the reward function failed on all {done} samples scored before")
+                queue.clear()
+                break
             # 1. hand queued samples to idle workers
             for slot, worker in enumerate(self._workers):
-                if worker.ready and worker.index is None and queue:
+                if worker.ready and worker.index is None and queue and not giving_up:
                     index = queue.popleft()
                     sample = samples[index]
                     try:
@@ -236,6 +251,7 @@ class RewardScorer:
                         fail(index, *problem)
                     else:
                         results[index] = result
+                        scored += 1
                 self._replace_if_grown(slot)
             # 3. kill workers past their deadline
             now = time.monotonic()

@@ -378,7 +378,7 @@ class Trainer:
         start = time.perf_counter()
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
-        batch = self.scorer.score(samples)
+        batch = self.scorer.score(samples, give_up_after=ALL_FAILED_STOP)
         results = batch.results
         self.reward_seconds += time.perf_counter() - start
         if len(results) >= ALL_FAILED_STOP and batch.num_failed == len(results):

@@ -168,3 +168,27 @@ def test_loss_kernel_against_fp64_reference(tokens, mask_kind):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
     again = extension.EXTENSION.dapo_loss_forward(logp, old, adv, mask, weight, *args)
     assert torch.equal(out, again), "the reductions must be deterministic"
+
+
+@pytest.mark.parametrize("poisoned", ["logp", "old_logp", "advantage", "masked_logp"])
+def test_loss_kernel_keeps_a_nan_as_the_reference_does(poisoned):
+    # fminf / fmaxf drop a NaN operand: a NaN log-prob must still make the loss NaN, and one under the mask nothing.
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    tokens = 4099
+    logp = -torch.rand(tokens, device="cuda", generator=gen) * 3
+    old = logp + torch.randn(tokens, device="cuda", generator=gen) * 0.5
+    adv = torch.randn(tokens, device="cuda", generator=gen)
+    mask = torch.ones(tokens, device="cuda")
+    mask[5] = 0
+    at = 5 if poisoned == "masked_logp" else 1234
+    {"logp": logp, "old_logp": old, "advantage": adv, "masked_logp": logp}[poisoned][at] = float("nan")
+    args = (0.2, 0.28, 3.0, mask.sum().reshape(1))
+    out = extension.EXTENSION.dapo_loss_forward(logp, old, adv, mask, None, *args)
+    ref = loss_ops.reference_forward(logp.double(), old.double(), adv.double(), mask.double(), None, *args)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert out[0].isnan().item() == (poisoned != "masked_logp")
+    grad = extension.EXTENSION.dapo_loss_backward(torch.ones((), device="cuda"), logp, old, adv, mask, None, *args)
+    ref_grad = loss_ops.reference_backward(torch.ones((), dtype=torch.float64, device="cuda"), logp.double(),
+                                           old.double(), adv.double(), mask.double(), None, *args)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9, equal_nan=True)

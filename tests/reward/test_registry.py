@@ -94,6 +94,27 @@ def test_a_hang_is_bounded_and_the_pool_recovers(scorer):
     assert scorer.score([sample("dddd")]).scores == [4.0]
 
 
+def test_a_function_that_fails_on_everything_is_given_up_on(scorer):
+    # 40 hangs at 0.5 s each on 2 workers would take 10 s; after 4 failures the rest are left unscored.
+    start = time.monotonic()
+    batch = scorer.score([sample("hang") for _ in range(40)], give_up_after=4)
+    assert time.monotonic() - start < 5.0
+    assert batch.num_failed == 40 and batch.failure_counts["timeout"] >= 4
+    assert batch.failure_counts["timeout"] + batch.failure_counts["not_scored"] == 40
+    reason = next(r.reason for r in batch.results if r.reason.startswith("not_scored"))
+    assert reason.startswith("not_scored: the reward function failed on all ")
+    assert scorer.score([sample("dddd")]).scores == [4.0]  # the pool still works
+
+
+def test_giving_up_waits_for_a_success_and_for_every_data_source(scorer):
+    # One success before the count is reached: every sample is scored.
+    batch = scorer.score([sample("raise"), sample("ab")] + [sample("raise")] * 10, give_up_after=4)
+    assert batch.failure_counts == {"error": 11} and batch.scores[1] == 2.0
+    # A group of one source failing first does not condemn the other source's samples behind it.
+    batch = scorer.score([sample("raise")] * 8 + [("test_plain", "7", "7", {})] * 3, give_up_after=4)
+    assert batch.failure_counts == {"error": 8} and batch.scores[8:] == [1.0, 1.0, 1.0]
+
+
 def test_a_dying_worker_costs_its_sample(scorer):
     batch = scorer.score([sample("die"), sample("a"), sample("bb")])
     assert batch.scores == [FAILED_SCORE, 1.0, 2.0]
