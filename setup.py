@@ -88,7 +88,7 @@ setup(
     extras_require={
         "sglang": ["sglang>=0.5.23"],  # the flattened-bucket broadcast and weight-update sessions
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "tensorboard"],  # tensorboard: the logging.tensorboard sink is tested too
         "dev": ["pytest>=8.0", "ruff>=0.5"],
         "bench": ["liger-kernel"],
         "tensorboard": ["tensorboard"],  # logging.tensorboard

@@ -15,7 +15,7 @@ from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
 from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig, OptimConfig
 from megatron_dapo.actor.loss import aggregate_loss, loss_metrics, policy_loss
-from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, load_hf_weights
+from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, check_token_ids, load_hf_weights
 from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
@@ -148,6 +148,7 @@ class MegatronActor:
 
     def _micro_batches(self, batch: ActorBatch) -> list[_MicroBatch]:
         check_sequence_length(self.arch, int(batch.lengths.max()))
+        check_token_ids(self.arch, batch.tokens, batch.lengths)
         rows = self._local_rows(batch.size)
         if not rows:  # more data-parallel ranks than rows: run one row with no loss so the schedule runs
             rows, empty = [0], True
@@ -263,11 +264,18 @@ class MegatronActor:
         mini = self.config.ppo_mini_batch_size * group_size
         first = self.steps if schedule_step is None else schedule_step
         history: list[dict[str, float]] = []
+        trained: list[dict[str, float]] = []  # the mini-batches with loss tokens: a skipped one has no loss figures
         for _ in range(self.config.ppo_epochs):
             for start in range(0, batch.size, mini):
                 lr = learning_rate(self.config.optim, first + len(history), self.last_step)
-                history.append(self._mini_batch_step(batch.rows(slice(start, start + mini)), lr, first_row=start))
-        metrics = {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+                rows = batch.rows(slice(start, start + mini))
+                history.append(self._mini_batch_step(rows, lr, first_row=start))
+                if bool(rows.loss_mask.any()):
+                    trained.append(history[-1])
+        counted = trained or history
+        metrics = {key: sum(h[key] for h in counted) / len(counted) for key in history[0]}
+        for key in ("actor/lr", "actor/update_skipped"):  # over every mini-batch
+            metrics[key] = sum(h[key] for h in history) / len(history)
         metrics["actor/ratio_max"] = max(h["actor/ratio_max"] for h in history)  # the largest, as its name says
         return metrics
 

@@ -109,7 +109,10 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
                   "distributed_optimizer": actor.layout.distributed_optimizer, **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         try:
-            shutil.rmtree(directory, ignore_errors=True)  # an earlier attempt's, never marked complete
+            # An earlier attempt's, or the same step saved again: unmarked first, so that an rmtree cut short
+            # (an NFS .nfs file held open) leaves no complete-looking folder with shards missing.
+            (directory / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
             written = directory / (MARKER + ".partial")
             written.write_text(json.dumps(marker, indent=1))

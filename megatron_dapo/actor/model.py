@@ -178,4 +178,19 @@ def check_sequence_length(arch: ModelArch, length: int) -> None:
         )
 
 
-__all__ = ["ModelError", "build_gpt_model", "load_hf_weights", "transformer_config", "check_sequence_length"]
+def check_token_ids(arch: ModelArch, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Every token in use must be one of the model's ids. One past them (a tokenizer with added tokens the
+    model's config.json lacks) would embed as a padding row and score a log-prob of nothing, silently."""
+    valid = torch.arange(tokens.shape[1]) < lengths.cpu()[:, None]
+    bad = valid & ((tokens.cpu() < 0) | (tokens.cpu() >= arch.vocab_size))
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ModelError(
+            f"token id {int(tokens[row, col])} (sequence {row}, position {col}) is not one of the model's "
+            f"{arch.vocab_size} ids (config.json vocab_size): the tokenizer (model.tokenizer_path) does not match "
+            "the model"
+        )
+
+
+__all__ = ["ModelError", "build_gpt_model", "load_hf_weights", "transformer_config", "check_sequence_length",
+           "check_token_ids"]

@@ -17,9 +17,11 @@ from megatron_dapo.metrics.sinks import open_rows, read_history, start_marker
 
 
 class SampleLog:
-    def __init__(self, run_dir: Path, count: int):
+    def __init__(self, run_dir: Path, count: int, training: bool = True):
+        """training: False for trainer.val_only (see open_rows' repair)."""
         self.count = count
-        self.file, self.earlier_rows = open_rows(run_dir / "samples.jsonl") if count else (None, False)
+        self.file, self.earlier_rows = (open_rows(run_dir / "samples.jsonl", repair=training) if count
+                                        else (None, False))
 
     def training_starts(self, step: int, checkpoint: Path | None) -> None:
         """As MetricSinks.training_starts: the rows an earlier attempt wrote after `step` are superseded."""

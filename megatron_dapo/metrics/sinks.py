@@ -34,13 +34,16 @@ def check_sink_packages(config: LoggingConfig) -> None:
                            for sink in missing])
 
 
-def open_rows(path: Path) -> tuple[TextIO, bool]:
+def open_rows(path: Path, repair: bool = True) -> tuple[TextIO, bool]:
     """`path` opened to append JSON rows, and whether it held any already. A last row cut short by a crash is
     ended first, so that the next row starts on a line of its own; a character the crash cut in half is dropped
-    (its first bytes would leave the file unreadable as UTF-8). Only the file's end is read."""
+    (its first bytes would leave the file unreadable as UTF-8). Only the file's end is read.
+
+    repair=False (trainer.val_only, which may run beside the training that writes the file): the end is left
+    as it is, since it may be a row the training is writing now; a row of ours joined to it is skipped on reading."""
     size = path.stat().st_size if path.is_file() else 0
     tail = b""
-    if size:
+    if size and repair:
         with open(path, "rb") as f:
             f.seek(max(size - 4096, 0))
             tail = f.read()
@@ -73,7 +76,7 @@ class MetricSinks:
         self.earlier_rows = False
         """metrics.jsonl held rows of an earlier attempt when this one opened it."""
         if config.jsonl:
-            self.jsonl, self.earlier_rows = open_rows(run_dir / "metrics.jsonl")
+            self.jsonl, self.earlier_rows = open_rows(run_dir / "metrics.jsonl", repair=training)
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -86,7 +89,9 @@ class MetricSinks:
             # One W&B run for the training in a run folder: a restarted job (a requeue, a resume) continues it.
             id_file = run_dir / "wandb_run_id"
             if training and not id_file.is_file():
-                id_file.write_text(uuid.uuid4().hex[:16])
+                partial = id_file.with_name(id_file.name + ".partial")
+                partial.write_text(uuid.uuid4().hex[:16])
+                partial.replace(id_file)  # whole or not at all: an empty id would start a new W&B run each time
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
                                     dir=str(run_dir), id=id_file.read_text().strip() if training else None,
                                     resume="allow" if training else None)
@@ -102,7 +107,8 @@ class MetricSinks:
 
             log_dir = self.tensorboard.log_dir
             self.tensorboard.close()
-            self.tensorboard = SummaryWriter(log_dir, purge_step=step + 1)
+            # From scratch (no checkpoint) step 0's validation is logged again too.
+            self.tensorboard = SummaryWriter(log_dir, purge_step=step + 1 if checkpoint else 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl:

@@ -54,11 +54,13 @@ def place_engines(engines: int, timeout_s: float = 14400.0) -> Placement:
     me = (dist.get_rank(), ps.get_data_parallel_rank(), first, int(os.environ.get("LOCAL_RANK", "0")))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, me)
-    replicas = tuple(i * (dp // engines) for i in range(engines))
     firsts = {dp_rank: (rank, local) for rank, dp_rank, is_first, local in everyone if is_first}
-    hosts = tuple(firsts[r][0] for r in replicas)
-    group = rollout_group(timeout_s, sorted(hosts)) if engines > 1 else None  # every rank must call it
-    return Placement(hosts=hosts, replicas=replicas, local_ranks=tuple(firsts[r][1] for r in replicas), group=group)
+    # In host rank order, whatever megatron-core's rank order: a group's gather returns its members' parts in
+    # rank order, and generate_shared puts the shares back together in the order of `hosts`.
+    placed = sorted((firsts[r][0], r, firsts[r][1]) for r in (i * (dp // engines) for i in range(engines)))
+    hosts, replicas, local_ranks = (tuple(column) for column in zip(*placed))
+    group = rollout_group(timeout_s, list(hosts)) if engines > 1 else None  # every rank must call it
+    return Placement(hosts=hosts, replicas=replicas, local_ranks=local_ranks, group=group)
 
 
 def rollout_group(timeout_s: float, ranks: list[int] | None = None):

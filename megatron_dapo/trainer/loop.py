@@ -49,11 +49,21 @@ ALL_FAILED_STOP = 16
 """Responses scored at once, every one failing, that stop the run as a broken reward function."""
 
 
+def _check_model_folder(path: str) -> None:
+    """ConfigError naming model.path unless it is a folder with a config.json."""
+    if not path:
+        raise ConfigError("model.path is not set: give the Hugging Face model folder (config.json, safetensors, "
+                          "tokenizer) the actor starts from, e.g. model.path=/models/Qwen2.5-7B")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path={path}: no config.json there; it must be a local Hugging Face model folder")
+
+
 class Trainer:
     def __init__(self, config: DAPOConfig):
         from transformers import AutoTokenizer
 
         self.config = cfg = config
+        _check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
@@ -114,9 +124,9 @@ class Trainer:
             index = self.placement.hosts.index(dist.get_rank())
             print(f"rank {dist.get_rank()} hosts rollout engine {index} of {len(self.placement.hosts)} "
                   f"({cfg.rollout.name}, weights from data-parallel replica {self.placement.replicas[index]})", flush=True)
-        self.scorer = (RewardScorer(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                                    functions=cfg.reward.functions, max_rss_gb=cfg.reward.worker_max_rss_gb)
-                       if self.engine is not None else None)
+        self.scorer = self._started(lambda: RewardScorer(
+            timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers, functions=cfg.reward.functions,
+            max_rss_gb=cfg.reward.worker_max_rss_gb) if self.engine is not None else None)
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         filtering = cfg.algorithm.filter_groups
@@ -125,7 +135,9 @@ class Trainer:
         self.sinks = self._started(lambda: MetricSinks(
             cfg.logging, self.run_dir, cfg.trainer.total_training_steps, training=not cfg.trainer.val_only)
             if self.rank0 else None)  # W&B's login or network failing stops every rank, not rank 0 alone
-        self.samples = SampleLog(self.run_dir, cfg.logging.samples_per_step) if self.rank0 else None
+        self.samples = self._started(  # an unwritable folder stops every rank
+            lambda: SampleLog(self.run_dir, cfg.logging.samples_per_step, training=not cfg.trainer.val_only)
+            if self.rank0 else None)
         self.step = 0
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""

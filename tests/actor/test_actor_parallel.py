@@ -347,9 +347,13 @@ def check_a_mini_batch_without_loss_tokens_moves_no_weight(rank: int, world: int
                                       advantages=advantages[2:], old_logp=old_logp[2:]), group_size=2)
     assert metrics["actor/update_skipped"] == 1.0 and metrics["actor/grad_norm"] == 0.0, metrics
     assert all(torch.equal(p, b) for p, b in zip(actor.model.parameters(), before))
+    _, entropy = actor.compute_logprobs(ActorBatch(tokens=tokens[:2], lengths=lengths[:2], loss_mask=mask[:2]))
+    stepped_entropy = float((entropy * mask[:2]).sum() / mask[:2].sum())
     metrics = actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=masked, advantages=advantages,
                                       old_logp=old_logp), group_size=2)
     assert metrics["actor/update_skipped"] == 0.5, metrics  # the first mini-batch stepped, the second did not
+    # The loss figures are the stepped mini-batch's, not halved by the skipped one's zeros.
+    assert abs(metrics["actor/entropy"] - stepped_entropy) <= 1e-5 * stepped_entropy, (metrics, stepped_entropy)
     assert not all(torch.equal(p, b) for p, b in zip(actor.model.parameters(), before))
 
 

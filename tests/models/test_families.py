@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_dapo.actor.model import check_sequence_length
+from megatron_dapo.actor.model import check_sequence_length, check_token_ids
 from megatron_dapo.models import families as F
 from megatron_dapo.models.arch import ModelArch, ModelError
 
@@ -60,6 +60,22 @@ def test_sequence_longer_than_the_positions_is_refused():
     check_sequence_length(arch, 128)
     with pytest.raises(ModelError, match="129 tokens is longer than the model's max_position_embeddings"):
         check_sequence_length(arch, 129)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    arch = ModelArch.from_hf_config(CONFIG)
+    tokens = torch.tensor([[1, 2, arch.vocab_size - 1, 0], [3, 4, 5, 6]])
+    lengths = torch.tensor([3, 4])
+    check_token_ids(arch, tokens, lengths)
+    tokens[0, 3] = arch.vocab_size  # beyond the row's length: padding, never read
+    check_token_ids(arch, tokens, lengths)
+    tokens[1, 2] = arch.vocab_size
+    with pytest.raises(ModelError, match=rf"token id {arch.vocab_size} \(sequence 1, position 2\) is not one of the "
+                                         rf"model's {arch.vocab_size} ids"):
+        check_token_ids(arch, tokens, lengths)
+    tokens[1, 2] = -1
+    with pytest.raises(ModelError, match="token id -1"):
+        check_token_ids(arch, tokens, lengths)
 
 
 def test_unknown_megatron_name_is_refused():

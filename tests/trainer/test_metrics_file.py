@@ -76,3 +76,35 @@ def test_samples_an_attempt_wrote_after_the_resumed_checkpoint_are_superseded(tm
     log.close()
     assert [row["response"] for row in read_samples(tmp_path)] == ["first 1", "first 2", "second 3"]
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 5  # the file keeps every row
+
+
+def test_a_validation_only_run_leaves_the_training_s_unfinished_row_alone(tmp_path):
+    # trainer.val_only may run beside the training writing these files: what looks cut short may be mid-write.
+    from megatron_dapo.metrics.samples import SampleLog
+
+    row = json.dumps({"step": 1, "response": "ответ ✓"}, ensure_ascii=False).encode()
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        (tmp_path / name).write_bytes(b'{"step": 0}\n' + row[:-4])
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=2, training=False)
+    sinks.close()
+    SampleLog(tmp_path, 2, training=False).close()
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert (tmp_path / name).read_bytes() == b'{"step": 0}\n' + row[:-4], name
+
+
+def test_tensorboard_drops_what_an_attempt_logged_after_the_resumed_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def attempt(start, checkpoint, rows):
+        sinks = MetricSinks(LoggingConfig(console=False, jsonl=False, tensorboard=True), tmp_path, total_steps=3)
+        sinks.training_starts(start, checkpoint)
+        for step, value in rows:
+            sinks.log(step, {"val/acc": value})
+        sinks.close()
+
+    attempt(0, None, [(0, 0.1), (1, 0.2)])  # crashed before its first checkpoint
+    attempt(0, None, [(0, 0.3), (1, 0.4), (2, 0.5)])  # from scratch again: step 0's validation logged again
+    attempt(1, tmp_path / "checkpoints" / "step_000001", [(2, 0.6)])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("val/acc")] == [(0, 0.3), (1, 0.4), (2, 0.6)]
