@@ -166,6 +166,8 @@ class RewardScorer:
         """One result per sample. give_up_after: once this many samples are done, every one failed, and every
         data_source of the batch is among them, the rest are failed as not_scored, unscored: a function that
         hangs would otherwise cost reward.timeout_s per sample (hours for a batch), all to fail anyway."""
+        if not self._workers:
+            raise RuntimeError("RewardScorer.score() after close()")
         samples = [RewardSample(*s) for s in samples]
         fns = []
         for index, sample in enumerate(samples):
@@ -343,8 +345,12 @@ class _Worker:
         self.process.join(timeout=1)
         if self.process.is_alive():
             self.kill()
-        else:
-            self.conn.close()
+            return
+        try:  # what the reward function started and left running (a solver kept in a module global)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing of its group is left
+            pass
+        self.conn.close()
 
 
 def _worker_main(conn, functions: dict[str, str]) -> None:

@@ -231,6 +231,36 @@ def test_a_timed_out_sample_takes_what_its_function_started_with_it(scorer, tmp_
     assert not _alive(child), "the reward function's child outlived its killed worker"
 
 
+_HELPER = {}
+
+
+@register_reward("test_leaves_a_helper")
+def leaves_a_helper(response, ground_truth, extra_info):
+    """Keeps a helper process in a module global (a solver, a sandbox) and returns: it outlives the sample."""
+    import subprocess
+
+    if "child" not in _HELPER:
+        _HELPER["child"] = subprocess.Popen(["sleep", "600"])
+    with open(response, "w") as f:
+        f.write(str(_HELPER["child"].pid))
+    return 1.0
+
+
+def test_closing_the_pool_ends_what_its_functions_left_running(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    scorer = RewardScorer(timeout_s=5.0, num_workers=1)
+    assert scorer.score([RewardSample("test_leaves_a_helper", str(pid_file), "", {})]).scores == [1.0]
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    scorer.close()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "a reward function's helper process outlived the closed pool"
+    with pytest.raises(RuntimeError, match=r"score\(\) after close\(\)"):
+        scorer.score([sample("a")])
+
+
 def test_workers_die_with_a_killed_trainer(tmp_path):
     """SIGKILL to the process holding the pool (a trainer the OOM killer picks) ends its workers too, the one
     busy in a reward function that never returns included (an idle one sees its pipe close)."""
