@@ -86,7 +86,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
     chunks = plan_chunks(reader, arch, dtype)
     total = sum(torch.Size(c.shape).numel() * c.dtype.itemsize for c in chunks)
     bar = Progress("hf-to-mcore", len(chunks), total, quiet=not progress)
-    with output_folder(out, overwrite) as partial:
+    with output_folder(out, overwrite, sources=(hf_dir,)) as partial:
         dcp_io.write_checkpoint(partial, chunks, extra_states(arch), common={"actor_steps": 0},
                                 on_written=lambda chunk, data: bar.update(1, data.nbytes))
         rate = bar.close()

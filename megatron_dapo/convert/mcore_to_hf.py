@@ -196,7 +196,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     files = [SINGLE_FILE] if shards == 1 else [f"model-{s + 1:05d}-of-{shards:05d}.safetensors" for s in range(shards)]
     total = sum(torch.Size(t.shape).numel() for t in plan) * dtype.itemsize
     bar = Progress("mcore-to-hf", len(plan), total, quiet=not progress)
-    with output_folder(out, overwrite) as partial:
+    with output_folder(out, overwrite, sources=(mcore_dir, template, tokenizer)) as partial:
         writers = [_ShardWriter(partial / files[s], [t for t in plan if t.shard == s], dtype) for s in range(shards)]
         for group in _groups(arch):
             for name, tensor in _read_group(reader, arch, group):

@@ -18,13 +18,18 @@ class ConversionError(ModelError):
 
 
 @contextmanager
-def output_folder(out: str | Path, overwrite: bool):
+def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | None, ...] = ()):
     """Yield a fresh `<out>.partial` folder; on success it replaces `out`, on failure it is removed.
 
-    An `out` that already holds a checkpoint (or anything else) is refused unless `overwrite`. A process
-    killed mid-conversion leaves only the `.partial` folder, which no loader takes for a checkpoint.
+    An `out` that already holds a checkpoint (or anything else) is refused unless `overwrite`, and so is one
+    that is or holds one of the `sources` read (replacing it would delete them). A process killed
+    mid-conversion leaves only the `.partial` folder, which no loader takes for a checkpoint.
     """
     out = Path(out).resolve()  # `--out .` has a name, and a symbolic link's target is written, the link kept
+    for source in sources:
+        if source is not None and Path(source).resolve().is_relative_to(out):
+            raise ConversionError(f"output folder {out} holds the input {source}: replacing it would delete what "
+                                  "it is converted from; choose another --out")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -182,6 +182,18 @@ def test_output_holding_a_checkpoint_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "COMPLETE.json").is_file()
 
 
+def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(tmp_path):
+    source = make_tiny_model("qwen2", tmp_path / "work" / "hf")
+    for out in (tmp_path / "work", source):
+        with pytest.raises(ConversionError, match=r"output folder .* holds the input .*: replacing it would delete"):
+            hf_to_mcore(source, out, overwrite=True, progress=False)
+    assert (source / "config.json").is_file() and not list(tmp_path.glob("**/*.partial"))
+    hf_to_mcore(source, tmp_path / "work" / "mcore", progress=False)  # beside it is fine
+    with pytest.raises(ConversionError, match=r"holds the input"):
+        mcore_to_hf(tmp_path / "work" / "mcore", tmp_path / "work", overwrite=True, progress=False)
+    assert (tmp_path / "work" / "mcore" / "COMPLETE.json").is_file()
+
+
 def test_bad_megatron_checkpoints_are_named(tmp_path):
     source = make_tiny_model("llama", tmp_path / "hf")
     hf_to_mcore(source, tmp_path / "mcore", progress=False)
