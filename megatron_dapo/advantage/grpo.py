@@ -23,7 +23,7 @@ def group_advantages(rewards: torch.Tensor, *, norm_by_std: bool = True, eps: fl
         raise ValueError(f"valid must have the rewards' shape {tuple(rewards.shape)}, got {tuple(valid.shape)}")
     valid = valid.to(torch.bool)
     rewards = torch.where(valid, rewards.to(torch.float32), 0.0)
-    check_finite("reward", rewards)
+    check_finite("reward", rewards.reshape(-1))  # flat: "sample g x n + j", the response's row in the batch
     count = valid.sum(dim=1, keepdim=True)
     mean = rewards.sum(dim=1, keepdim=True) / count.clamp(min=1)
     centred = torch.where(valid, rewards - mean, 0.0)

@@ -1,6 +1,7 @@
 """Run-folder checkpoints: step_NNNNNN folders (actor + trainer state), the latest complete one wins."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.checkpoint import MARKER, is_complete, load_actor, save_actor
+from megatron_dapo.actor.checkpoint import MARKER, CheckpointError, is_complete, load_actor, save_actor
 from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -73,4 +74,10 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
 
 
 def load(path: Path, actor) -> dict:
+    """The trainer state saved with the checkpoint at `path`, its actor state loaded into `actor` (collective)."""
+    marker = json.loads((path / MARKER).read_text())  # every rank reads the same file, and raises alike
+    if "trainer" not in marker:
+        raise CheckpointError(f"{path} is a checkpoint without a training's state (step, data order): not one a "
+                              "training saved. To start from its weights, set model.megatron_checkpoint to it in a "
+                              "fresh run folder, and keep it out of RUN_DIR/checkpoints")
     return load_actor(actor, path)["trainer"]
