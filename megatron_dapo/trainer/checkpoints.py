@@ -49,13 +49,7 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
     if dist.get_rank() == 0:
         try:
             if hf is not None:
-                from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
-
-                start = time.perf_counter()
-                summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
-                                      progress=False, tokenizer=hf.tokenizer)
-                print(f"wrote {path / 'hf'} ({summary['bytes'] / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)",
-                      flush=True)
+                _write_hf_copy(path, hf)
             complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
                               if (m := _STEP.match(p.name)) and is_complete(p))
             for _, old in complete[:-keep_last]:
@@ -71,6 +65,29 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
     # The other ranks wait here for rank 0; on its failure they stop with its message.
     stop_together(failure, group=wait_group)
     return path
+
+
+def _write_hf_copy(path: Path, hf: HFCopy) -> None:
+    from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+
+    start = time.perf_counter()
+    summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
+                          progress=False, tokenizer=hf.tokenizer)
+    print(f"wrote {path / 'hf'} ({summary['bytes'] / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | None = None) -> None:
+    """Write the Hugging Face copy of the checkpoint at `path` when it has none (collective; rank 0 writes): the
+    attempt that saved it was stopped or killed between the checkpoint and its copy (`<path>/hf` appears whole
+    or not at all). An error on rank 0 stops every rank."""
+    failure = None
+    if dist.get_rank() == 0 and not (path / "hf").is_dir():
+        print(f"{path} has no Hugging Face copy (the attempt that saved it stopped first): writing it", flush=True)
+        try:
+            _write_hf_copy(path, hf)
+        except Exception as err:
+            failure = err
+    stop_together(failure, group=wait_group)
 
 
 def load(path: Path, actor) -> dict:

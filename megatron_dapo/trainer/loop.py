@@ -225,9 +225,9 @@ class Trainer:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
                 if asked and self.hf_copy:
                     step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-                    print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; write it "
-                          f"with `megatron-dapo convert mcore-to-hf --mcore {step_dir} --out {step_dir / 'hf'}`",
-                          flush=True)
+                    print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
+                          f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
+                          f"--out {step_dir / 'hf'}`", flush=True)
             if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
@@ -460,6 +460,8 @@ class Trainer:
             latest = chosen[0]
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
+        if latest is not None and self.hf_copy and not self.config.trainer.val_only:
+            checkpoints.complete_hf_copy(latest, self.hf_copy, wait_group=self.control.group)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
             self._started(lambda: self.rank0 and self._training_starts(latest))
 

@@ -579,3 +579,12 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     mcore_to_hf(run_dir / "checkpoints" / "step_000002", tmp_path / "direct", dtype=torch.float32, progress=False)
     direct = AutoModelForCausalLM.from_pretrained(tmp_path / "direct", dtype=torch.float32).state_dict()
     assert all(torch.equal(trained[k], direct[k]) for k in direct)
+
+    # Killed between the checkpoint and its copy: the next start writes the copy, though nothing is left to train.
+    shutil.rmtree(hf)
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"{hf.parent} has no Hugging Face copy" in again.stdout and f"wrote {hf}" in again.stdout, again.stdout
+    copied = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
+    assert all(torch.equal(copied[k], direct[k]) for k in direct)
