@@ -64,6 +64,14 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:
+        return False
+    return True
+
+
 def _describe(owner: dict) -> str:
     job = f", SLURM job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
     return f"host {owner.get('host')}, pid {owner.get('pid')}{job}, started {owner.get('started')}"
@@ -148,15 +156,19 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         warned = False
+        unreadable = None  # the file's bytes at the last beat, when they were not JSON
         while not self._done.wait(self.heartbeat_s):
             try:
                 now = _read(self.path)
-                mine = now is not None and self._token_of(now) == self.owner["token"]
+                if now is not None and not _parses(now) and now != unreadable:
+                    # A newcomer's file half-written (it is whole a moment later), or our own beat torn by a file
+                    # system error (it stays as it is): the next beat tells, and rewrites only the latter.
+                    unreadable = now
+                    continue
+                unreadable = None
+                mine = now is not None and (not _parses(now) or self._token_of(now) == self.owner["token"])
                 if not mine:
-                    try:
-                        other = json.loads(now) if now is not None else None
-                    except ValueError:
-                        other = None
+                    other = json.loads(now) if now is not None else None
                     self.lost = _describe(other) if isinstance(other, dict) else "its file was deleted"
                     return
                 self._beats += 1

@@ -99,3 +99,27 @@ def test_an_unreadable_file_that_never_changes_is_taken_over(tmp_path):
     lock.acquire(say=lambda line: None)
     assert lock.held
     lock.release()
+
+
+def test_a_torn_beat_is_rewritten_and_a_newcomer_s_half_written_file_waited_for(tmp_path):
+    lock = RunLock(tmp_path, heartbeat_s=0.2, stale_s=2.0)
+    lock.acquire(say=lambda line: None)
+    try:
+        path = tmp_path / LOCK_FILE
+        path.write_text('{"host": "node-b", "pi')  # our own beat cut short by a file-system error
+        deadline = time.monotonic() + 5
+        while path.read_text().startswith('{"host": "node-b"') and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["token"] == lock.owner["token"] and lock.lost is None
+        lock.check()
+        path.write_text('{"host": "node-c", "pi')  # a newcomer's file, then whole at once
+        time.sleep(0.1)
+        path.write_text(json.dumps({"host": "node-c", "pid": 7, "started": "then", "token": "x"}))
+        deadline = time.monotonic() + 5
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RunFolderInUse, match="taken over by another training \\(host node-c, pid 7"):
+            lock.check()
+        assert json.loads(path.read_text())["host"] == "node-c"
+    finally:
+        lock.release()
