@@ -49,6 +49,14 @@ ALL_FAILED_STOP = 16
 """Responses scored at once, every one failing, that stop the run as a broken reward function."""
 
 
+def match_sglang_nccl_settings() -> None:
+    """NCCL_CUMEM_ENABLE=0 unless set: what SGLang's Engine gives its worker processes when it is unset (sglang
+    0.5.23, entrypoints/engine.py _set_envs_and_config). NCCL reads it once per process, so it must hold before
+    this process's first communicator: the weight broadcast (disaggregated mode) joins a trainer rank and those
+    workers in one NCCL group, and peers that disagree on cuMem can hang or fail in it."""
+    os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
+
+
 def _check_model_folder(path: str) -> None:
     """ConfigError naming model.path unless it is a folder with a config.json."""
     if not path:
@@ -64,6 +72,8 @@ class Trainer:
 
         self.config = cfg = config
         _check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
+        if cfg.rollout.name == "sglang":
+            match_sglang_nccl_settings()
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)

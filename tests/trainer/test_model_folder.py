@@ -1,4 +1,4 @@
-"""A training without a usable model.path stops at once, naming the key (before any process group or lock)."""
+"""Start-up settings checked or made before any process group: model.path, and NCCL settings for SGLang."""
 import dataclasses
 
 import pytest
@@ -19,3 +19,16 @@ def test_an_unset_or_wrong_model_path_is_named(tmp_path):
     with pytest.raises(ConfigError, match=f"model.path={tmp_path}: no config.json there"):
         Trainer(_config(tmp_path / "run", str(tmp_path)))
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_an_sglang_rollout_takes_sglang_s_nccl_setting_unless_one_is_set(tmp_path, monkeypatch):
+    import os
+
+    from megatron_dapo.trainer.loop import match_sglang_nccl_settings
+
+    monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
+    match_sglang_nccl_settings()
+    assert os.environ["NCCL_CUMEM_ENABLE"] == "0"
+    monkeypatch.setenv("NCCL_CUMEM_ENABLE", "1")  # the user's choice, for both sides
+    match_sglang_nccl_settings()
+    assert os.environ["NCCL_CUMEM_ENABLE"] == "1"
