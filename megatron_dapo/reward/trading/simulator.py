@@ -9,7 +9,8 @@ Fills, for a buy (a sell mirrors it):
 - marketable (limit >= best ask at placement): takes the ask levels priced <= limit, best first, at
   their prices and up to their displayed sizes; the rest of the order rests at the limit;
 - resting at price p, with a queue ahead of it: the displayed bid size at p when it was placed
-  (nothing when p improves on the best bid); cancellations ahead are not credited;
+  (nothing when p improves on the best bid or lies between displayed levels; the deepest level's size
+  when p is below every displayed bid, where the book shows nothing); cancellations ahead are not credited;
 - in each interval: seller-initiated trades at exactly p first use up the queue ahead, then fill
   the order; the queue is the market's, so orders of ours at one price clear it once between them
   (the first placed fills first, then the next, behind whatever of the queue is still ahead of it); trades below p (which would have hit the order first, by price priority) fill it, up
@@ -136,10 +137,14 @@ def take(levels: list[list[float]], side: str, size: float, limit: float | None)
 
 
 def _queue_ahead(book: Book, side: str, price: float) -> float:
-    for level, depth in book.same_side(side):
+    levels = book.same_side(side)
+    for level, depth in levels:
         if abs(level - price) <= EPS:
             return depth
-    return 0.0
+    deepest = levels[-1] if levels else None
+    if deepest is not None and (price < deepest[0] if side == "buy" else price > deepest[0]):
+        return deepest[1]  # beyond the displayed levels, where the book shows nothing: as deep as the deepest
+    return 0.0  # improves on the touch, or in a gap between displayed levels: nobody is there
 
 
 def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:

@@ -138,3 +138,15 @@ def test_orders_of_ours_at_one_price_clear_the_queue_once():
     # Interval 2: 5 clear the queue ahead of both, 1 fills the first bid, 1 more of the second's queue (8) goes;
     # interval 3: the 2 left of its queue go, and it fills at the horizon's market order.
     assert [f for f in fills if not f[3]] == [(2, 99.0, 1.0, False)] and fills[-1] == (3, 101.0, 1.0, True)
+
+
+def test_a_bid_beyond_the_displayed_levels_waits_behind_the_deepest_level_s_size():
+    # The book shows bids down to 99 (x 10); a bid at 97 is behind an unseen queue taken as 10 deep: 12 sold at 97
+    # fill it by 2 only (a trade at 98, above it, does not reach it).
+    episode = _episode("buy", 10, [(Trade(98.0, 3.0, "sell"), Trade(97.0, 12.0, "sell")), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=97.0, size=10, tif=2)])
+    assert execution.fills[0] == (1, 97.0, 2.0, False)
+    # The same for a sell above the deepest ask (102 x 10).
+    episode = _episode("sell", 10, [(Trade(104.0, 11.0, "buy"),), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=104.0, size=10, tif=2)])
+    assert execution.fills[0] == (1, 104.0, 1.0, False)
