@@ -114,6 +114,9 @@ class DAPOConfig:
                 f"actor.offload frees the actor's GPU memory for a colocated rollout engine, but rollout.mode is "
                 f"{self.rollout.mode!r}: set actor.offload=false"
             )
+        if self.parallel.virtual_pipeline_model_parallel_size is not None:
+            problems.append("parallel.virtual_pipeline_model_parallel_size: the actor does not support an interleaved "
+                            "(virtual) pipeline yet; set it to null")
         if self.trainer.val_only and not self.data.val_files:
             problems.append("trainer.val_only validates, but data.val_files is empty: name the validation files")
         mini, train = self.actor.ppo_mini_batch_size, self.data.train_batch_size

@@ -52,6 +52,8 @@ class Report:
     """Each one says what to change."""
     notes: list[str] = field(default_factory=list)
     """Worth knowing; the run can start anyway."""
+    model_checked: bool = True
+    """False when the model's config.json was not at hand: layout and batches only, no memory estimate."""
 
     @property
     def fits(self) -> bool:
@@ -61,8 +63,11 @@ class Report:
         out = list(self.lines)
         out += [f"note: {n}" for n in self.notes]
         out += [f"problem: {p}" for p in self.problems]
-        out.append("fits this allocation" if self.fits else
-                   f"does not fit this allocation: {len(self.problems)} problem(s) above")
+        if not self.fits:
+            out.append(f"does not fit this allocation: {len(self.problems)} problem(s) above")
+        else:
+            out.append("fits this allocation" if self.model_checked else
+                       "the layout and batches fit this allocation; the model and its memory were not checked")
         return "\n".join(out)
 
 
@@ -155,8 +160,13 @@ def _arch_from_config(config: DAPOConfig, report: Report) -> ModelArch | None:
     if not path.is_file():
         report.notes.append(f"{path} is not readable here: the model's checks (heads and layers against TP / PP, "
                             "sequence length, memory) were skipped; pass --model-config to run them")
+        report.model_checked = False
         return None
-    return ModelArch.from_hf_config(json.loads(path.read_text()), source=str(path))
+    try:
+        hf_config = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise ModelError(f"{path} (model.path's config.json): not a readable JSON file: {err}") from None
+    return ModelArch.from_hf_config(hf_config, source=str(path))
 
 
 def _check_batches(config: DAPOConfig, dp: int, report: Report) -> None:
@@ -207,7 +217,7 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
 
 
 def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, adam_moments: float,
-                  actor_grads: float, gpu_memory_gb: float, report: Report) -> None:
+                  actor_grads: float, gpu_memory_gb: float, report: Report, sharded_optimizer: bool = True) -> None:
     """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor.
 
     SGLang sizes itself when it starts: weights and KV cache take rollout.sglang.mem_fraction_static of
@@ -249,7 +259,9 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
         if push > memory:
             report.problems.append(
                 f"the weight push needs {push / GB:.1f} GB per GPU (the actor next to SGLang's weights): raise "
-                "rollout.sglang.tp_size, or use more nodes (the optimizer state is sharded over data parallelism)")
+                "rollout.sglang.tp_size" + (", or use more nodes (the optimizer state is sharded over data "
+                                            "parallelism)" if sharded_optimizer else
+                                            ", or set parallel.use_distributed_optimizer=true"))
         return
     total = actor_resident + share + OVERHEAD_GB * GB
     report.lines.append(f"while SGLang generates, its GPUs also hold the actor's weights, gradients and optimizer "
@@ -259,8 +271,9 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
         report.problems.append(
             f"colocated SGLang needs {total / GB:.1f} GB per GPU while it generates: "
             + (f"set actor.offload=true, or lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2
-               else "set actor.offload=true, use rollout.mode=disaggregated, or use more nodes (the optimizer state "
-               "is sharded over data parallelism)"))
+               else "set actor.offload=true, use rollout.mode=disaggregated, or "
+               + ("use more nodes (the optimizer state is sharded over data parallelism)" if sharded_optimizer
+                  else "set parallel.use_distributed_optimizer=true")))
 
 
 def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report,
@@ -291,6 +304,13 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, {in_flight} in flight"
         + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    length = config.data.max_prompt_length + config.data.max_response_length
+    scores = 12 * (arch.num_heads / tp) * length ** 2  # bf16 scores and probabilities, fp32 softmax in and out
+    report.notes.append(
+        f"the estimate assumes Transformer Engine's fused attention (pip install '.[te]'); without it megatron-core's "
+        f"local attention also keeps each layer's attention scores, {scores / GB:.1f} GB per layer for one "
+        f"{length}-token sequence" + (" (one layer at a time, recomputed)" if config.actor.recompute_activations
+                                      else f" (x {per_stage} layers)"))
     if layout.distributed_optimizer and layout.dp > 1:
         # megatron-core's "fully_reshardable" save (what lets a checkpoint load at another layout) gathers the
         # DP-sharded optimizer state of each rank's TP x PP shard in host memory, on every rank.
@@ -300,7 +320,8 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
             f"data-parallel group, {gathered / GB:.1f} GB per rank, {gathered * ranks_per_node / GB:.0f} GB per node"
             + (" (on top of actor.offload's copies)" if config.actor.offload else ""))
     if config.rollout.name == "sglang":
-        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report)
+        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report,
+                      sharded_optimizer=layout.distributed_optimizer and layout.dp > 1)
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine

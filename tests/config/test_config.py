@@ -78,6 +78,8 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
         (["actor.ppo_mini_batch_size=3"], "actor.ppo_mini_batch_size (3) does not divide data.train_batch_size (8)"),
         (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
          "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size >= 2"),
+        (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+         "parallel.virtual_pipeline_model_parallel_size: the actor does not support an interleaved"),
         (["actor.clip_ratio_high"], "is not of the form dotted.key=value"),
         (["reward.overlong_buffer.penalty_factor=.inf"],
          "reward.overlong_buffer.penalty_factor: expected a finite number, got inf"),

@@ -125,6 +125,15 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     # Without a readable model folder, the model's checks are skipped and the note says how to run them.
     bare = subprocess.run(command[:-2] + ["--nodes", "16"], capture_output=True, text=True)
     assert bare.returncode == 0 and "note: models/Qwen2.5-32B/config.json is not readable here" in bare.stdout
+    assert bare.stdout.rstrip().endswith("the layout and batches fit this allocation; the model and its memory were "
+                                         "not checked"), bare.stdout
+    # model.path's own config.json broken: named, exit code 2, no traceback.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    unread = subprocess.run(command[:-2] + ["--nodes", "16", f"model.path={tmp_path / 'model'}"], capture_output=True,
+                            text=True)
+    assert unread.returncode == 2 and "(model.path's config.json): not a readable JSON file" in unread.stderr
+    assert "Traceback" not in unread.stderr, unread.stderr
     # Overrides after the options count too; a broken --model-config is named, without a traceback.
     later = subprocess.run(command + ["--nodes", "16", "rollout.sglang.mem_fraction_static=0.98"], capture_output=True,
                            text=True)
@@ -171,6 +180,11 @@ def test_actor_offload_gives_sglang_the_whole_gpu_and_checks_the_push():
                     "rollout.engines=4")
     assert any(p.startswith("the weight push needs") and "raise rollout.sglang.tp_size" in p
                for p in report.problems), report.problems
+    # Without the distributed optimizer more nodes do not shard the optimizer state: not offered as a fix.
+    report = _check("dapo-qwen2.5-32b", 4, 8, "actor.offload=true", "rollout.sglang.tp_size=1", "rollout.engines=4",
+                    "parallel.use_distributed_optimizer=false")
+    push = next(p for p in report.problems if p.startswith("the weight push needs"))
+    assert "more nodes" not in push and "set parallel.use_distributed_optimizer=true" in push, push
     with pytest.raises(ConfigError, match="set actor.offload=false"):
         _check("dapo-qwen2.5-32b", 16, 8, "actor.offload=true", "rollout.mode=disaggregated")
 
