@@ -57,7 +57,7 @@ class RewardResult:
 
 
 FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")
-"""not_scored: left unscored because the reward function had failed on everything before (`give_up_after`)."""
+"""not_scored: left unscored because its data_source's function had failed on all of it before (`give_up_after`)."""
 
 RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float"]
 
@@ -163,9 +163,10 @@ class RewardScorer:
         self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
 
     def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None) -> RewardBatch:
-        """One result per sample. give_up_after: once this many samples are done, every one failed, and every
-        data_source of the batch is among them, the rest are failed as not_scored, unscored: a function that
-        hangs would otherwise cost reward.timeout_s per sample (hours for a batch), all to fail anyway."""
+        """One result per sample. give_up_after: once this many samples of a data_source are done and every one
+        failed, that source's function is broken: the rest of its samples are failed as not_scored, unscored (one
+        that hangs would otherwise cost reward.timeout_s per sample, hours for a batch, all to fail anyway). Its
+        samples already out finish first: one of them may succeed, and then the rest are scored after all."""
         if not self._workers:
             raise RuntimeError("RewardScorer.score() after close()")
         samples = [RewardSample(*s) for s in samples]
@@ -176,27 +177,37 @@ class RewardScorer:
             fns.append(_REGISTRY[sample.data_source])
         results: list[RewardResult | None] = [None] * len(samples)
         kinds: Counter[str] = Counter()
-        sources, failed_sources, scored = {s.data_source for s in samples}, set(), 0
+        done: Counter[str] = Counter()      # finished samples per data_source
+        scored: Counter[str] = Counter()    # of them, scored
+        held: dict[str, list[int]] = {}     # queued samples of a source whose function may be broken, held back
+        given_up: set[str] = set()
 
         def fail(index: int, kind: str, detail: str) -> None:
             results[index] = RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason=f"{kind}: {detail}")
             kinds[kind] += 1
-            failed_sources.add(samples[index].data_source)
+            done[samples[index].data_source] += 1
 
         queue = deque(range(len(samples)))
-        while queue or any(w.index is not None for w in self._workers):
-            done = sum(kinds.values())
-            # Giving up: no new sample goes out; the ones out still count (one may succeed).
-            giving_up = (give_up_after is not None and not scored and done >= give_up_after
-                         and failed_sources == sources)
-            if giving_up and all(w.index is None for w in self._workers):
-                for index in queue:
-                    fail(index, "not_scored", f"the reward function failed on all {done} samples scored before")
-                queue.clear()
+        while True:
+            busy = {samples[w.index].data_source for w in self._workers if w.index is not None}
+            for source in list(held):  # decided once its samples out are back
+                if scored[source]:
+                    queue.extendleft(reversed(held.pop(source)))
+                elif source not in busy:
+                    for index in held.pop(source):
+                        fail(index, "not_scored", f"the reward function of {source!r} failed on all "
+                                                  f"{done[source]} of its samples scored before")
+                    given_up.add(source)
+            if give_up_after is not None:
+                for source in {s for s, n in done.items() if n >= give_up_after and not scored[s]} - given_up:
+                    if source not in held and any(samples[i].data_source == source for i in queue):
+                        held[source] = [i for i in queue if samples[i].data_source == source]
+                        queue = deque(i for i in queue if samples[i].data_source != source)
+            if not (queue or held or busy):
                 break
             # 1. hand queued samples to idle workers
             for slot, worker in enumerate(self._workers):
-                if worker.ready and worker.index is None and queue and not giving_up:
+                if worker.ready and worker.index is None and queue:
                     index = queue.popleft()
                     sample = samples[index]
                     try:
@@ -253,7 +264,8 @@ class RewardScorer:
                         fail(index, *problem)
                     else:
                         results[index] = result
-                        scored += 1
+                        done[samples[index].data_source] += 1
+                        scored[samples[index].data_source] += 1
                 self._replace_if_grown(slot)
             # 3. kill workers past their deadline
             now = time.monotonic()

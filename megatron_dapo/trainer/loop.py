@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -403,14 +404,16 @@ class Trainer:
         batch = self.scorer.score(samples, give_up_after=ALL_FAILED_STOP)
         results = batch.results
         self.reward_seconds += time.perf_counter() - start
-        if len(results) >= ALL_FAILED_STOP and batch.num_failed == len(results):
-            # Not one answer scored: a broken reward function (a missing file, a wrong signature), not bad answers.
-            # Training on would train on nothing, step after step.
-            kinds = ", ".join(f"{kind} {count}" for kind, count in batch.failure_counts.items())
-            raise RuntimeError(
-                f"the reward functions failed on every one of the {len(results)} responses scored here ({kinds}); "
-                f"the first, data_source {samples[0].data_source!r}: {results[0].reason}. Fix the reward function "
-                "(reward.functions) or raise reward.timeout_s")
+        for source in dict.fromkeys(s.data_source for s in samples):
+            mine = [r for s, r in zip(samples, results) if s.data_source == source]
+            if len(mine) >= ALL_FAILED_STOP and all(r.failed for r in mine):
+                # Not one answer scored: a broken reward function (a missing file, a wrong signature), not bad
+                # answers. Training on would train on nothing of this source, step after step.
+                kinds = Counter(r.reason.split(":", 1)[0] for r in mine)
+                raise RuntimeError(
+                    f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
+                    f"scored here ({', '.join(f'{k} {n}' for k, n in kinds.items())}); the first: {mine[0].reason}. "
+                    "Fix the reward function (reward.functions) or raise reward.timeout_s")
         buffer = self.config.reward.overlong_buffer
         groups = []
         for i, (prompt, completions) in enumerate(zip(prompts, outputs)):

@@ -102,17 +102,22 @@ def test_a_function_that_fails_on_everything_is_given_up_on(scorer):
     assert batch.num_failed == 40 and batch.failure_counts["timeout"] >= 4
     assert batch.failure_counts["timeout"] + batch.failure_counts["not_scored"] == 40
     reason = next(r.reason for r in batch.results if r.reason.startswith("not_scored"))
-    assert reason.startswith("not_scored: the reward function failed on all ")
+    assert reason.startswith("not_scored: the reward function of 'test_troublesome' failed on all ")
     assert scorer.score([sample("dddd")]).scores == [4.0]  # the pool still works
 
 
-def test_giving_up_waits_for_a_success_and_for_every_data_source(scorer):
+def test_giving_up_waits_for_a_success_and_is_per_data_source(scorer):
     # One success before the count is reached: every sample is scored.
     batch = scorer.score([sample("raise"), sample("ab")] + [sample("raise")] * 10, give_up_after=4)
     assert batch.failure_counts == {"error": 11} and batch.scores[1] == 2.0
-    # A group of one source failing first does not condemn the other source's samples behind it.
-    batch = scorer.score([sample("raise")] * 8 + [("test_plain", "7", "7", {})] * 3, give_up_after=4)
-    assert batch.failure_counts == {"error": 8} and batch.scores[8:] == [1.0, 1.0, 1.0]
+    # A source whose function fails on everything is given up on; another source's samples, before and after
+    # its, are all scored.
+    plain = ("test_plain", "7", "7", {})
+    batch = scorer.score([plain] * 2 + [sample("raise")] * 20 + [plain] * 3, give_up_after=4)
+    assert batch.scores[:2] == [1.0, 1.0] and batch.scores[22:] == [1.0, 1.0, 1.0]
+    assert batch.failure_counts["error"] >= 4 and batch.failure_counts["error"] + batch.failure_counts["not_scored"] == 20
+    reason = next(r.reason for r in batch.results if r.reason and r.reason.startswith("not_scored"))
+    assert reason.startswith("not_scored: the reward function of 'test_troublesome' failed on all ")
 
 
 def test_a_dying_worker_costs_its_sample(scorer):
