@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # over): dotted overrides after them belong to the overrides too.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
+    elif extra and hasattr(args, "options"):  # `convert --help`: REMAINDER leaves an option it starts with over
+        args.options = [*extra, *args.options]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

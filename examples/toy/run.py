@@ -1,7 +1,7 @@
 """The toy DAPO example: a tiny model learns a verifiable task with DAPO alone, on 2 CPU cores.
 
 Task: answer with the last digit of a 3-digit number, "Q:472" -> "Answer: 2", scored by the
-DAPO-Math verifier (+1 / -1). The same command first makes (in under a minute, once per run folder) a
+DAPO-Math verifier (+1 / -1). The same command first makes (in about a minute, once per run folder) a
 character-level tokenizer with a chat template, the train / validation prompts (disjoint numbers),
 and a warm start: the model is fitted to answers that give the last digit only ~40% of the time
 and the first digit otherwise, so its first rollouts have a mean reward well between 0 and 1 and

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -17,8 +18,11 @@ def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.
     """
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            # A world of one without torchrun: a port of its own, so that two such runs on a host (a validation
+            # beside a training, the toy twice) do not take the same one.
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if cuda:
@@ -27,6 +31,12 @@ def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.
     layout = config.layout(dist.get_world_size())
     init_model_parallel(layout, seed)
     return layout
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def default_device() -> torch.device:

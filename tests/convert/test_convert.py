@@ -236,3 +236,11 @@ def test_shard_sizes_parse():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
     with pytest.raises(Exception, match="not a size"):
         parse_size("5 parsecs")
+
+
+def test_convert_help_lists_both_directions(capsys):
+    from megatron_dapo.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["convert", "--help"])  # what `megatron-dapo --help` tells to run
+    assert stopped.value.code == 0 and "{hf-to-mcore,mcore-to-hf}" in capsys.readouterr().out
