@@ -39,15 +39,15 @@ def open_rows(path: Path, repair: bool = True) -> tuple[TextIO, bool]:
     ended first, so that the next row starts on a line of its own; a character the crash cut in half is dropped
     (its first bytes would leave the file unreadable as UTF-8). Only the file's end is read.
 
-    repair=False (trainer.val_only, which may run beside the training that writes the file): the end is left
-    as it is, since it may be a row the training is writing now; a row of ours joined to it is skipped on reading."""
+    repair=False (trainer.val_only, which may run beside the training that writes the file): nothing is cut, since
+    the end may be a row the training is writing now; a row cut short is only ended, for ours to start a line."""
     size = path.stat().st_size if path.is_file() else 0
     tail = b""
-    if size and repair:
+    if size:
         with open(path, "rb") as f:
             f.seek(max(size - 4096, 0))
             tail = f.read()
-    if tail and not tail.endswith(b"\n"):
+    if tail and not tail.endswith(b"\n") and repair:
         cut = _cut_character(tail)
         if cut:
             os.truncate(path, size - cut)

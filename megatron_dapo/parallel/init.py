@@ -22,6 +22,7 @@ def init_distributed(config: ParallelConfig, seed: int, timeout_s: float = 1800.
             # A world of one without torchrun: a port of its own, so that two such runs on a host (a validation
             # beside a training, the toy twice) do not take the same one.
             os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ.setdefault("MASTER_PORT", "29511")  # WORLD_SIZE given without a port
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")

@@ -321,7 +321,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
             + (" (on top of actor.offload's copies)" if config.actor.offload else ""))
     if config.rollout.name == "sglang":
         _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report,
-                      sharded_optimizer=layout.distributed_optimizer and layout.dp > 1)
+                      sharded_optimizer=layout.distributed_optimizer)  # more nodes: more DP to shard over
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine

@@ -47,15 +47,38 @@ from megatron_dapo.trainer.stop import STOP_FILE, StopRequest
 
 
 ALL_FAILED_STOP = 16
-"""Responses scored at once, every one failing, that stop the run as a broken reward function."""
+"""Responses of a data_source scored at once, every one failing (and at least two prompts' worth), that stop the run
+as a broken reward function."""
 
 
-def match_sglang_nccl_settings() -> None:
-    """NCCL_CUMEM_ENABLE=0 unless set: what SGLang's Engine gives its worker processes when it is unset (sglang
-    0.5.23, entrypoints/engine.py _set_envs_and_config). NCCL reads it once per process, so it must hold before
-    this process's first communicator: the weight broadcast (disaggregated mode) joins a trainer rank and those
-    workers in one NCCL group, and peers that disagree on cuMem can hang or fail in it."""
-    os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
+def broken_reward_threshold(n: int) -> int:
+    """Responses of one data_source, every one failing, that make its reward function broken: ALL_FAILED_STOP, and
+    at least two prompts' worth of `n` responses each, since one bad prompt (a ground truth its verifier cannot
+    read) fails all of its own responses."""
+    return max(ALL_FAILED_STOP, 2 * n)
+
+
+def check_reward_functions(samples: list[RewardSample], results: list, broken_after: int) -> None:
+    """RuntimeError naming the data_source whose function failed on every one of its responses here, when there are
+    `broken_after` or more of them: a broken function (a missing file, a wrong signature), not bad answers, and
+    training on would train on nothing of that source, step after step."""
+    for source in dict.fromkeys(s.data_source for s in samples):
+        mine = [r for s, r in zip(samples, results) if s.data_source == source]
+        if len(mine) >= broken_after and all(r.failed for r in mine):
+            kinds = Counter(r.reason.split(":", 1)[0] for r in mine)
+            raise RuntimeError(
+                f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
+                f"scored here ({', '.join(f'{kind} {count}' for kind, count in kinds.items())}); the first: "
+                f"{mine[0].reason}. Fix the reward function (reward.functions) or raise reward.timeout_s")
+
+
+def match_sglang_nccl_settings(server_args: dict) -> None:
+    """NCCL_CUMEM_ENABLE, unless set, as SGLang's Engine sets it for its worker processes (sglang 0.5.23,
+    entrypoints/engine.py _set_envs_and_config): 1 with enable_symm_mem, which it forces, 0 otherwise (its choice
+    when unset; with the variable set it keeps the value, so both sides agree). NCCL reads it once per process, so
+    it must hold before this process's first communicator: the weight broadcast (disaggregated mode) joins a
+    trainer rank and those workers in one NCCL group, and peers that disagree on cuMem can hang or fail in it."""
+    os.environ.setdefault("NCCL_CUMEM_ENABLE", "1" if server_args.get("enable_symm_mem") else "0")
 
 
 def _check_model_folder(path: str) -> None:
@@ -74,7 +97,7 @@ class Trainer:
         self.config = cfg = config
         _check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
         if cfg.rollout.name == "sglang":
-            match_sglang_nccl_settings()
+            match_sglang_nccl_settings(cfg.rollout.sglang.server_args)
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
@@ -401,19 +424,11 @@ class Trainer:
         start = time.perf_counter()
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
-        batch = self.scorer.score(samples, give_up_after=ALL_FAILED_STOP)
+        broken_after = broken_reward_threshold(n)
+        batch = self.scorer.score(samples, give_up_after=broken_after)
         results = batch.results
         self.reward_seconds += time.perf_counter() - start
-        for source in dict.fromkeys(s.data_source for s in samples):
-            mine = [r for s, r in zip(samples, results) if s.data_source == source]
-            if len(mine) >= ALL_FAILED_STOP and all(r.failed for r in mine):
-                # Not one answer scored: a broken reward function (a missing file, a wrong signature), not bad
-                # answers. Training on would train on nothing of this source, step after step.
-                kinds = Counter(r.reason.split(":", 1)[0] for r in mine)
-                raise RuntimeError(
-                    f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
-                    f"scored here ({', '.join(f'{k} {n}' for k, n in kinds.items())}); the first: {mine[0].reason}. "
-                    "Fix the reward function (reward.functions) or raise reward.timeout_s")
+        check_reward_functions(samples, results, broken_after)
         buffer = self.config.reward.overlong_buffer
         groups = []
         for i, (prompt, completions) in enumerate(zip(prompts, outputs)):

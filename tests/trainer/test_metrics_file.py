@@ -88,8 +88,8 @@ def test_a_validation_only_run_leaves_the_training_s_unfinished_row_alone(tmp_pa
     sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=2, training=False)
     sinks.close()
     SampleLog(tmp_path, 2, training=False).close()
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        assert (tmp_path / name).read_bytes() == b'{"step": 0}\n' + row[:-4], name
+    for name in ("metrics.jsonl", "samples.jsonl"):  # ended, for a row of its own to start a line, and not cut
+        assert (tmp_path / name).read_bytes() == b'{"step": 0}\n' + row[:-4] + b"\n", name
 
 
 def test_tensorboard_drops_what_an_attempt_logged_after_the_resumed_step(tmp_path):

@@ -27,8 +27,11 @@ def test_an_sglang_rollout_takes_sglang_s_nccl_setting_unless_one_is_set(tmp_pat
     from megatron_dapo.trainer.loop import match_sglang_nccl_settings
 
     monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
-    match_sglang_nccl_settings()
+    match_sglang_nccl_settings({})
     assert os.environ["NCCL_CUMEM_ENABLE"] == "0"
+    monkeypatch.delenv("NCCL_CUMEM_ENABLE")
+    match_sglang_nccl_settings({"enable_symm_mem": True})  # SGLang forces 1 for its symmetric memory
+    assert os.environ["NCCL_CUMEM_ENABLE"] == "1"
     monkeypatch.setenv("NCCL_CUMEM_ENABLE", "1")  # the user's choice, for both sides
-    match_sglang_nccl_settings()
+    match_sglang_nccl_settings({})
     assert os.environ["NCCL_CUMEM_ENABLE"] == "1"
