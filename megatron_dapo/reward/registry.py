@@ -194,9 +194,9 @@ class RewardScorer:
                 if scored[source]:
                     queue.extendleft(reversed(held.pop(source)))
                 elif source not in busy:
+                    why = f"the reward function of {source!r} failed on all {done[source]} of its samples scored before"
                     for index in held.pop(source):
-                        fail(index, "not_scored", f"the reward function of {source!r} failed on all "
-                                                  f"{done[source]} of its samples scored before")
+                        fail(index, "not_scored", why)
                     given_up.add(source)
             if give_up_after is not None:
                 for source in {s for s, n in done.items() if n >= give_up_after and not scored[s]} - given_up:
