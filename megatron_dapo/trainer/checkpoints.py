@@ -78,11 +78,11 @@ def _write_hf_copy(path: Path, hf: HFCopy) -> None:
 
 def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | None = None) -> None:
     """Write the Hugging Face copy of the checkpoint at `path` when it has none (collective; rank 0 writes): the
-    attempt that saved it was stopped or killed between the checkpoint and its copy (`<path>/hf` appears whole
-    or not at all). An error on rank 0 stops every rank."""
+    attempt that saved it was stopped or killed between the checkpoint and its copy, or ran without
+    checkpoint.save_hf (`<path>/hf` appears whole or not at all). An error on rank 0 stops every rank."""
     failure = None
     if dist.get_rank() == 0 and not (path / "hf").is_dir():
-        print(f"{path} has no Hugging Face copy (the attempt that saved it stopped first): writing it", flush=True)
+        print(f"{path} has no Hugging Face copy (checkpoint.save_hf): writing it", flush=True)
         try:
             _write_hf_copy(path, hf)
         except Exception as err:
