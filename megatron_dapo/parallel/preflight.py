@@ -14,7 +14,8 @@ of the busiest GPU:
 - the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
 - on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its
-  weights and a KV cache for rollout.embedded.max_batch_size full-length sequences.
+  weights and a KV cache for rollout.embedded.max_batch_size full-length sequences (colocated, the
+  cache is freed while the actor trains, so it counts only where it outgrows the activations and logits).
 
 SGLang (rollout.name=sglang) takes rollout.sglang.mem_fraction_static of the memory free when it
 starts, and gives it back while the actor trains; while it generates, the actor's weights, gradients
@@ -325,12 +326,16 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
     engine = _embedded_engine_bytes(config, arch)
     if engine:
         weights_b, cache_b = engine
-        total += weights_b + cache_b
+        colocated = config.rollout.mode == "colocated"
+        # Colocated, the engine drops its KV cache while the actor trains: the busier of the two phases counts.
+        total += weights_b + (max(0.0, cache_b - activations - logits) if colocated else cache_b)
         report.lines.append(
             f"each engine's host (rank 0 first) also holds an embedded rollout engine: weights {weights_b / GB:.1f} GB "
             "+ KV cache "
             f"{cache_b / GB:.1f} GB (rollout.embedded.max_batch_size {config.rollout.embedded.max_batch_size} x "
-            f"{config.data.max_prompt_length + config.data.max_response_length} tokens) = {total / GB:.1f} GB there")
+            f"{config.data.max_prompt_length + config.data.max_response_length} tokens)"
+            + (", freed while the actor trains, in place of its activations and logits" if colocated else "")
+            + f" = {total / GB:.1f} GB there")
     if total <= gpu_memory_gb * GB:
         return
     fixes = []

@@ -106,6 +106,11 @@ def test_batches_and_sequence_lengths():
 
 
 def test_embedded_engine_kv_cache_counts_on_rank_0():
+    # Colocated, the engine's KV cache (21.7 GB) is freed while the actor trains: it stands in for the activations
+    # (2.5 GB) and logits (5.6 GB) of the 30.2 GB training estimate, not on top of them: 30.2 + 8.0 + 13.6.
+    text = _check("dapo-qwen3-4b", 1, 8).render()
+    assert "KV cache 21.7 GB (rollout.embedded.max_batch_size 16 x 9216 tokens), freed while the actor trains" in text
+    assert "activations and logits = 51.9 GB there\n" in text, text
     report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_batch_size=128")
     assert not report.fits
     assert "KV cache 173.9 GB" in report.render()
