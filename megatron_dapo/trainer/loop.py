@@ -43,7 +43,7 @@ from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Gr
                                           shaped_scores, validation_metrics)
 from megatron_dapo.trainer.lock import RunLock
 from megatron_dapo.trainer.memory import ColocatedMemory
-from megatron_dapo.trainer.stop import STOP_FILE, StopRequest
+from megatron_dapo.trainer.stop import STOP_FILE, StopRequest, clear_stale_stop, process_started
 
 
 ALL_FAILED_STOP = 16
@@ -108,8 +108,9 @@ class Trainer:
         self._started(lambda: check_sink_packages(cfg.logging))  # not minutes later, on rank 0 alone
         if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
             # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
-            # minutes of start-up is kept, and the run stops after its first step.
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+            # minutes of start-up is kept, and the run stops after its first step; so is one from the seconds of
+            # imports before this line, which is newer than this process.
+            clear_stale_stop(self.run_dir / STOP_FILE, process_started())
         self._earlier_config: str | None = None
         """The config.yaml of the attempt this one may resume (rank 0), to say what changed."""
         if self.rank0:

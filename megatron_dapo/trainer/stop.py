@@ -9,8 +9,10 @@ request stops all of them.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,28 @@ import torch.distributed as dist
 
 STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def process_started() -> float:
+    """When this process began, in wall-clock seconds (from /proc; now where there is none)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+def clear_stale_stop(path: Path, started: float) -> bool:
+    """Delete a STOP file written before `started` (left by the attempt this one resumes); one written since, a
+    stop asked for while this process starts, stays. Whether it was deleted."""
+    try:
+        if path.stat().st_mtime >= started:
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class StopRequest:

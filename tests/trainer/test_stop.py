@@ -30,3 +30,19 @@ def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers)
     assert stop.reason() == f"{tmp_path / 'STOP'} exists" and stop.requested()
     stop.clear()
     assert stop.reason() is None and not (tmp_path / "STOP").exists()
+
+
+def test_a_stop_file_older_than_the_process_is_cleared_a_newer_one_kept(tmp_path):
+    import time
+
+    from megatron_dapo.trainer.stop import clear_stale_stop, process_started
+
+    started = process_started()
+    assert started <= time.time() and time.time() - started < 24 * 3600  # this test process, from /proc
+    stop = tmp_path / "STOP"
+    stop.touch()
+    os.utime(stop, (started - 60, started - 60))  # left by the attempt this one resumes
+    assert clear_stale_stop(stop, started) and not stop.exists()
+    stop.touch()  # asked for while this process was starting
+    assert not clear_stale_stop(stop, started) and stop.exists()
+    assert not clear_stale_stop(tmp_path / "none", started)
