@@ -52,7 +52,7 @@ class DatasetStats:
     malformed_examples: list[str] = field(default_factory=list)
     """The first MAX_EXAMPLES of them: "<file> <row or line>: <what is wrong>"."""
     duplicates: int = 0
-    """Rows whose prompt (all messages) equals an earlier row's."""
+    """Rows whose prompt (all messages) and data_source equal an earlier row's."""
     conflicting_duplicates: int = 0
     """Of those, rows whose ground truth differs from the kept row's (the first one is kept)."""
     too_long: int = 0
@@ -119,7 +119,8 @@ class PromptDataset(Sequence[Prompt]):
                 except _Malformed as err:
                     malformed(f"{path.name} {unit} {number}", str(err))
                     continue
-                key = tuple((m["role"], m["content"]) for m in messages)
+                # The same messages under two data_sources are two tasks (two verifiers), not a duplicate.
+                key = (data_source, tuple((m["role"], m["content"]) for m in messages))
                 if key in first_copy:  # counted as what became of its first copy (tokenized once)
                     first_ground_truth, dropped = first_copy[key]
                     if dropped == "too long":

@@ -133,6 +133,13 @@ def test_duplicates_across_files(tmp_path, tokenizer):
     assert (dataset.stats.rows_read, dataset.stats.duplicates) == (3, 1)
 
 
+def test_the_same_messages_under_another_data_source_are_kept(tmp_path, tokenizer):
+    rows = write_jsonl(tmp_path / "a.jsonl", [row(P1, "3"), row(P1, "3", source="other_task"), row(P1, "3")])
+    dataset = PromptDataset.from_files([rows], tokenizer, max_prompt_length=8)
+    assert [p.data_source for p in dataset] == ["math_dapo", "other_task"]
+    assert (dataset.stats.duplicates, dataset.stats.conflicting_duplicates) == (1, 0)
+
+
 def test_max_prompt_length_is_inclusive(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [row(P1), row(P3)])   # 8 and 11 tokens
     dataset = PromptDataset.from_files(path, tokenizer, max_prompt_length=8)
