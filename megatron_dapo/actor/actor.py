@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
 from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig, OptimConfig
-from megatron_dapo.actor.loss import aggregate_loss, loss_metrics, policy_loss
+from megatron_dapo.actor.loss import PolicyLossOutput, aggregate_loss, loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, check_token_ids, load_hf_weights
 from megatron_dapo.actor.offload import HostOffload, OffloadStats
 from megatron_dapo.models.arch import ModelArch
@@ -22,7 +22,8 @@ from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
 from megatron_dapo.parallel.init import default_device, stop_together
 
-_SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "entropy", "loss")
+_SUMS = ("tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "clip_high_prob", "entropy", "loss")
+_MAXIMA = PolicyLossOutput.MAXIMA
 
 
 @dataclass
@@ -265,22 +266,32 @@ class MegatronActor:
         first = self.steps if schedule_step is None else schedule_step
         history: list[dict[str, float]] = []
         trained: list[dict[str, float]] = []  # the mini-batches with loss tokens: a skipped one has no loss figures
+        clipped_high = clipped_high_prob = 0.0  # the global batch's sums over every mini-batch
         for _ in range(self.config.ppo_epochs):
             for start in range(0, batch.size, mini):
                 lr = learning_rate(self.config.optim, first + len(history), self.last_step)
                 rows = batch.rows(slice(start, start + mini))
-                history.append(self._mini_batch_step(rows, lr, first_row=start))
+                step_metrics, totals = self._mini_batch_step(rows, lr, first_row=start)
+                history.append(step_metrics)
+                clipped_high += totals.get("clip_high", 0.0)
+                clipped_high_prob += totals.get("clip_high_prob", 0.0)
                 if bool(rows.loss_mask.any()):
                     trained.append(history[-1])
         counted = trained or history
         metrics = {key: sum(h[key] for h in counted) / len(counted) for key in history[0]}
         for key in ("actor/lr", "actor/update_skipped"):  # over every mini-batch
             metrics[key] = sum(h[key] for h in history) / len(history)
-        metrics["actor/ratio_max"] = max(h["actor/ratio_max"] for h in history)  # the largest, as its name says
+        for key in ("actor/ratio_max", "actor/pg_clip_high_prob_max"):  # the largest, as their names say
+            metrics[key] = max(h[key] for h in history)
+        # A mean over the up-clipped tokens of every mini-batch: the first mini-batch is on-policy and clips none,
+        # and a mean of the mini-batches' means would count its 0.
+        metrics["actor/pg_clip_high_prob_mean"] = clipped_high_prob / max(clipped_high, 1.0)
         return metrics
 
-    def _mini_batch_step(self, batch: ActorBatch, lr: float, first_row: int = 0) -> dict[str, float]:
-        """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample).
+    def _mini_batch_step(self, batch: ActorBatch, lr: float,
+                         first_row: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimizer step on `batch`, rows first_row.. of the update's batch (for naming a bad sample); its
+        metrics, and the loss's sums over the whole mini-batch (every rank's).
         A mini-batch without a loss token (overlong filtering or failed rewards masked all of it) takes none:
         its gradient is zero, but Adam's momentum and the weight decay would still move the weights. Every
         rank holds the whole batch, so every rank skips alike."""
@@ -320,7 +331,7 @@ class MegatronActor:
             sums = out.sums()
             sums["entropy"] = torch.where(mask.bool(), entropy.detach(), 0).sum(dtype=torch.float32)
             sums["loss"] = out.loss.detach().float()
-            sums["ratio_max"] = out.ratio_max.detach().float()
+            sums.update(out.maxima())
             loss = out.loss
             if self.config.entropy_coeff:  # the entropy's gradient flows through the same log-prob op
                 loss = loss - self.config.entropy_coeff * aggregate_loss(
@@ -336,18 +347,20 @@ class MegatronActor:
         self.steps += 1
         return self._reduce_metrics(outputs, grad_norm, lr, success)
 
-    def _reduce_metrics(self, outputs: list[dict], grad_norm, lr: float, success: bool) -> dict[str, float]:
+    def _reduce_metrics(self, outputs: list[dict], grad_norm, lr: float,
+                        success: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """The mini-batch's metrics, and the loss's sums (named as in _SUMS) over every rank."""
         ps = self._groups()
         sums = torch.zeros(len(_SUMS), dtype=torch.float32, device=self.device)
-        ratio_max = torch.zeros((), dtype=torch.float32, device=self.device)
+        maxima = torch.zeros(len(_MAXIMA), dtype=torch.float32, device=self.device)  # all of them are >= 0
         if self._is_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
                 sums += torch.stack([out[k].to(sums.device) for k in _SUMS])
-                ratio_max = torch.maximum(ratio_max, out["ratio_max"].to(sums.device))
+                maxima = torch.maximum(maxima, torch.stack([out[k].to(sums.device) for k in _MAXIMA]))
         dist.all_reduce(sums)
-        dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         totals = dict(zip(_SUMS, sums.tolist()))
-        metrics = loss_metrics(totals, ratio_max.item())
+        metrics = loss_metrics(totals, dict(zip(_MAXIMA, maxima.tolist())))
         metrics.update({
             "actor/pg_loss": totals["loss"],
             "actor/entropy": totals["entropy"] / max(totals["tokens"], 1.0),
@@ -355,7 +368,7 @@ class MegatronActor:
             "actor/lr": lr,
             "actor/update_skipped": float(not success),
         })
-        return metrics
+        return metrics, totals
 
 
 def _finalize_grads(model, num_tokens=None, **kwargs):

@@ -50,23 +50,53 @@ class PolicyLossOutput:
     """Sum of (ratio - 1) - log(ratio)."""
     ratio_max: torch.Tensor
     """Largest ratio over valid tokens."""
+    clip_high_prob: torch.Tensor
+    """Sum over the clip_high tokens of their probability under the old policy, exp(old_logp)."""
+    clip_high_prob_max: torch.Tensor
+    """The largest of those probabilities (0 when no token is clipped high)."""
+
+    MAXIMA = ("ratio_max", "clip_high_prob_max")
+    """The fields that combine across shards by their maximum; the others (but the loss) add up."""
 
     def sums(self) -> dict[str, torch.Tensor]:
-        """Everything but the loss and ratio_max, detached: add these across shards, then call `metrics`."""
-        return {f.name: getattr(self, f.name).detach() for f in fields(self) if f.name not in ("loss", "ratio_max")}
+        """The fields that add up across shards, detached (not the loss): add them, then call `loss_metrics`."""
+        return {f.name: getattr(self, f.name).detach() for f in fields(self)
+                if f.name != "loss" and f.name not in self.MAXIMA}
+
+    def maxima(self) -> dict[str, torch.Tensor]:
+        """The fields that combine by their maximum, detached."""
+        return {name: getattr(self, name).detach() for name in self.MAXIMA}
 
 
-def loss_metrics(sums: dict[str, float], ratio_max: float) -> dict[str, float]:
-    """Metric sums added over the global batch -> the fractions and means that are logged."""
+def loss_metrics(sums: dict[str, float], maxima: dict[str, float]) -> dict[str, float]:
+    """Metric sums added over the global batch, and maxima taken over it -> the figures that are logged."""
     tokens = max(float(sums["tokens"]), 1.0)
     return {
         "actor/pg_clipfrac_high": float(sums["clip_high"]) / tokens,
         "actor/pg_clipfrac_low": float(sums["clip_low"]) / tokens,
         "actor/pg_clipfrac_dual": float(sums["dual_clip"]) / tokens,
+        "actor/pg_clip_high_prob_mean": float(sums["clip_high_prob"]) / max(float(sums["clip_high"]), 1.0),
+        "actor/pg_clip_high_prob_max": float(maxima["clip_high_prob_max"]),
         "actor/ppo_kl": float(sums["kl_k1"]) / tokens,
         "actor/ppo_kl_k3": float(sums["kl_k3"]) / tokens,
-        "actor/ratio_max": float(ratio_max),
+        "actor/ratio_max": float(maxima["ratio_max"]),
     }
+
+
+def up_clipped_prob(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_ratio_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the tokens that clip-higher holds back (inside the mask, A > 0, ratio > 1 + clip_ratio_high): the sum of
+    their probabilities under the old policy, and the largest (0 when there are none); float32 scalars.
+    DAPO's paper watches these: the tokens the upper bound stops are the unlikely ones, which is why it raises
+    that bound. advantages: [B, L] or [B]."""
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logp)
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logp.detach() - old_logp, torch.zeros_like(old_logp))
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    held = valid & (advantages > 0) & (ratio > 1.0 + clip_ratio_high)
+    prob = torch.where(held, torch.exp(old_logp.float()), torch.zeros((), dtype=torch.float32, device=logp.device))
+    return prob.sum(dtype=torch.float32), prob.max() if prob.numel() else prob.new_zeros(())
 
 
 def truncated_is_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, tis_cap: float,
@@ -232,6 +262,7 @@ def policy_loss(
     )
     valid = mask.bool()
     ratios = torch.where(valid, per_token.ratio, torch.zeros_like(per_token.ratio))
+    clip_high_prob, clip_high_prob_max = up_clipped_prob(logp, old_logp, adv_tokens, mask, clip_ratio_high)
     return PolicyLossOutput(
         loss=loss,
         tokens=valid.sum(dtype=torch.float32),
@@ -241,4 +272,6 @@ def policy_loss(
         kl_k1=per_token.kl_k1.sum(dtype=torch.float32),
         kl_k3=per_token.kl_k3.sum(dtype=torch.float32),
         ratio_max=ratios.max() if ratios.numel() else ratios.new_zeros(()),
+        clip_high_prob=clip_high_prob,
+        clip_high_prob_max=clip_high_prob_max,
     )

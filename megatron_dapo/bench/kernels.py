@@ -196,11 +196,12 @@ def bench_loss(tokens: int, device: str):
 
     impls = {"reference": reference}
     if extension.EXTENSION is not None:
-        from megatron_dapo.ops.dapo_loss import fused_token_mean_loss
+        from megatron_dapo.ops.dapo_loss import dapo_loss
 
-        def ours():  # the kernel against the reference, like for like
+        def ours():  # the op alone (its metric sums made in the kernel) against the reference, like for like
             x = logp.detach().requires_grad_(True)
-            fused_token_mean_loss(x, old, adv, mask, global_tokens=count, **clips).loss.backward()
+            dapo_loss(x, old, adv, mask, None, clips["clip_ratio_low"], clips["clip_ratio_high"],
+                      clips["clip_ratio_c"], count)[0].backward()
 
         def ours_checked():  # what the actor calls: the kernel behind policy_loss's input checks (host syncs)
             x = logp.detach().requires_grad_(True)

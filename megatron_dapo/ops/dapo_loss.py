@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_dapo.actor.loss import LOG_RATIO_CLAMP, PolicyLossOutput
+from megatron_dapo.actor.loss import LOG_RATIO_CLAMP, PolicyLossOutput, up_clipped_prob
 from megatron_dapo.ops.extension import EXTENSION, use_kernel
 
 FIELDS = ("loss", "tokens", "clip_high", "clip_low", "dual_clip", "kl_k1", "kl_k3", "ratio_max")
@@ -150,5 +150,8 @@ def fused_token_mean_loss(
                     mask.to(torch.float32).contiguous(), weight.contiguous() if weight is not None else None,
                     float(clip_ratio_low), float(clip_ratio_high), float(clip_ratio_c), tokens)
     values = dict(zip(FIELDS, out.unbind()))
+    # The probabilities of the up-clipped tokens are a metric only, a few elementwise passes over [B, L]: in torch.
+    clip_high_prob, clip_high_prob_max = up_clipped_prob(logp, old_logp, advantages, mask, clip_ratio_high)
     return PolicyLossOutput(**{name: values[name] if name == "loss" else values[name].detach().float()
-                               for name in FIELDS})
+                               for name in FIELDS},
+                            clip_high_prob=clip_high_prob, clip_high_prob_max=clip_high_prob_max)

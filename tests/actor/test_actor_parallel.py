@@ -105,12 +105,14 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
         logits = model(t).logits
         logp, entropy = vocab_parallel_logprob(logits[:, :-1], t[:, 1:], temperature=TEMPERATURE)
         logp, entropy = torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
-        loss = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
-                           clip_ratio_high=0.28, clip_ratio_c=10.0).loss
+        out = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
+                          clip_ratio_high=0.28, clip_ratio_c=10.0)
+        loss = out.loss
         (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], "token-mean")).backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
         optim.step()
-        history.append((loss.item(), norm.item()))
+        history.append((loss.item(), norm.item(), out.clip_high.item(), out.clip_high_prob.item(),
+                        out.clip_high_prob_max.item()))
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     return history, state
 
@@ -123,8 +125,9 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
     failures = []
     for family in ("qwen2", "llama"):
         folder = workdir / family
-        old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.05 * torch.randn(tokens.shape,
-                                                                                   generator=torch.Generator().manual_seed(3))
+        # Stale enough that some tokens are clipped high (ratio past 1.28), so their figures are compared too.
+        old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.2 * torch.randn(tokens.shape,
+                                                                                  generator=torch.Generator().manual_seed(3))
         references = {coeff: _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2), coeff)
                       for coeff in (0.0, ENTROPY_COEFF)}
         assert references[0.0][0][0][1] != references[ENTROPY_COEFF][0][0][1]  # the bonus changes the gradient
@@ -135,6 +138,10 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
             history, state = references[coeff]
             ref_loss = sum(h[0] for h in history) / len(history)
             ref_norm = sum(h[1] for h in history) / len(history)
+            ref_clipped = sum(h[2] for h in history)
+            assert ref_clipped > 0, "the batch must have tokens clipped high"
+            ref_prob_mean = sum(h[3] for h in history) / ref_clipped
+            ref_prob_max = max(h[4] for h in history)
             actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget,
                            entropy_coeff=coeff)
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
@@ -145,6 +152,10 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
                 failures.append(f"{name}: loss {metrics['actor/pg_loss']} != {ref_loss}")
             if abs(metrics["actor/grad_norm"] - ref_norm) > 1e-5 * ref_norm:
                 failures.append(f"{name}: grad norm {metrics['actor/grad_norm']} != {ref_norm}")
+            for key, ref in (("actor/pg_clip_high_prob_mean", ref_prob_mean),
+                             ("actor/pg_clip_high_prob_max", ref_prob_max)):
+                if abs(metrics[key] - ref) > 1e-5 * ref:
+                    failures.append(f"{name}: {key} {metrics[key]} != {ref}")
             for hf_name, tensor in stage_hf_tensors(actor.model, actor.arch):
                 expected = state[hf_name]
                 rel = ((tensor - expected).norm() / expected.norm()).item()

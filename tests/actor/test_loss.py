@@ -39,10 +39,33 @@ def test_clipped_loss_gradient_and_metrics_by_hand():
     logr = [math.log(r) for r in RATIO[0].tolist()]
     assert out.kl_k1.item() == pytest.approx(-sum(logr))
     assert out.kl_k3.item() == pytest.approx(sum(r - 1 - lr for r, lr in zip(RATIO[0].tolist(), logr)))
-    metrics = loss_metrics({k: v.item() for k, v in out.sums().items()}, out.ratio_max.item())
+    metrics = loss_metrics({k: v.item() for k, v in out.sums().items()},
+                           {k: v.item() for k, v in out.maxima().items()})
     assert metrics["actor/pg_clipfrac_high"] == pytest.approx(1 / 6)
     assert metrics["actor/pg_clipfrac_low"] == pytest.approx(1 / 6)
     assert metrics["actor/pg_clipfrac_dual"] == pytest.approx(1 / 6)
+    assert metrics["actor/ratio_max"] == pytest.approx(5.0)
+    # The one token clipped high was sampled at probability e^-2 by the old policy.
+    assert metrics["actor/pg_clip_high_prob_mean"] == metrics["actor/pg_clip_high_prob_max"] == pytest.approx(
+        math.exp(-2.0))
+
+
+def test_up_clipped_probabilities_count_only_the_tokens_clipped_high():
+    # Row 0: clipped high at old probability 0.1 and 0.3; row 1: a ratio past the bound with A < 0 (not clip-higher),
+    # one inside the bound, and one clipped high but masked out.
+    old = torch.tensor([[0.1, 0.3, 0.5], [0.2, 0.6, 0.05]], dtype=torch.float64).log()
+    ratio = torch.tensor([[1.5, 2.0, 1.1], [1.5, 1.2, 1.9]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    out = policy_loss(old + ratio.log(), old, adv, mask, **CLIP)
+    assert out.clip_high.item() == 2
+    assert out.clip_high_prob.item() == pytest.approx(0.4)
+    assert out.clip_high_prob_max.item() == pytest.approx(0.3)
+    none = policy_loss(old, old, adv, mask, **CLIP)  # on-policy: nothing is clipped
+    assert none.clip_high_prob.item() == none.clip_high_prob_max.item() == 0.0
+    metrics = loss_metrics({k: v.item() for k, v in none.sums().items()},
+                           {k: v.item() for k, v in none.maxima().items()})
+    assert metrics["actor/pg_clip_high_prob_mean"] == 0.0
 
 
 def test_sequence_advantage_broadcasts_over_tokens():

@@ -32,7 +32,8 @@ def test_loss_op_equals_policy_loss_in_value_metrics_and_gradient():
     ref = policy_loss(a, old, adv, mask, loss_agg_mode="token-mean", global_tokens=40.0, **CLIPS)
     ours = loss_ops.fused_token_mean_loss(b, old, adv, mask, global_tokens=40.0, **CLIPS)
     assert ours.clip_high + ours.clip_low > 0, "the inputs must exercise the clips"
-    for name in loss_ops.FIELDS:
+    assert ours.clip_high_prob > 0
+    for name in loss_ops.FIELDS + ("clip_high_prob", "clip_high_prob_max"):
         torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).double(), rtol=1e-6, atol=1e-7,
                                    msg=name)
     ref.loss.backward()
