@@ -7,7 +7,7 @@ from megatron_dapo.metrics.sinks import read_metrics
 
 PANELS = (
     ("reward", ("critic/score_mean", "critic/acc_mean")),
-    ("validation", ("val/acc_avg@", "val/pass@")),
+    ("validation", ("val/acc_avg@", "val/pass@", "val/maj@")),
     ("response length", ("response_length/mean", "response_length/max")),
     ("entropy", ("actor/entropy",)),
     ("clip fractions", ("actor/pg_clipfrac_high", "actor/pg_clipfrac_low")),

@@ -53,7 +53,7 @@ class RewardResult:
     reason: str | None = None
     """Why it failed: "<kind>: <detail>", kind one of FAILURE_KINDS."""
     pred: str | None = None
-    """The answer the verifier read from the response, for logs."""
+    """The answer the verifier read from the response: logged with the sample, and the vote in val/maj@K."""
 
 
 FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")

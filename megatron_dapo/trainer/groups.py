@@ -139,18 +139,39 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
 
 def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
     """avg@k, pass@k and mean score over every prompt, the same per data_source (val/SOURCE/...), and the
-    mean of each extra reward figure over the responses that report it."""
+    mean of each extra reward figure over the responses that report it. maj@k (majority vote) over the prompts
+    of the data_sources whose verifier reports the answer it read (RewardResult.pred), when every prompt's does."""
+    voting = {g.prompt.data_source for g in groups if any(r.pred is not None for r in g.rewards)}
+
     def summary(prefix: str, part: list[Group]) -> dict[str, float]:
         accs = [[r.acc for r in g.rewards] for g in part]  # a failed reward counts as wrong
-        return {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
-                f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-                f"{prefix}score_mean": sum(scored := _scored(part)) / max(len(scored), 1)}
+        result = {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
+                  f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
+                  f"{prefix}score_mean": sum(scored := _scored(part)) / max(len(scored), 1)}
+        if all(g.prompt.data_source in voting for g in part):
+            result[f"{prefix}maj@{k}"] = sum(majority_vote(g.rewards) for g in part) / len(part)
+        return result
 
     result = summary("val/", groups)
     for source in sorted({g.prompt.data_source for g in groups}):
         result.update(summary(f"val/{source}/", [g for g in groups if g.prompt.data_source == source]))
     result.update(extra_means("val/", [r for g in groups for r in g.rewards]))
     return result
+
+
+def majority_vote(rewards: list[RewardResult]) -> float:
+    """Whether the answer most responses gave is right: 1 or 0, or the share of right answers among those tied
+    for the most votes (what a random pick among them scores on average). Responses without an answer (no
+    `pred`, or a failed reward) do not vote; none voting scores 0."""
+    votes: dict[str, list[float]] = {}
+    for r in rewards:
+        if r.pred is not None and not r.failed:
+            votes.setdefault(r.pred, []).append(r.acc)
+    if not votes:
+        return 0.0
+    most = max(len(accs) for accs in votes.values())
+    tied = [accs for accs in votes.values() if len(accs) == most]
+    return sum(max(accs) > 0 for accs in tied) / len(tied)
 
 
 def _scored(groups: list[Group]) -> list[float]:

@@ -10,7 +10,8 @@ from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
 from megatron_dapo.rollout.engine import Completion
 from megatron_dapo.sampling.config import FilterGroupsConfig
 from megatron_dapo.sampling.dynamic import DynamicSampler
-from megatron_dapo.trainer.groups import Group, build_actor_batch, rollout_metrics, validation_metrics
+from megatron_dapo.trainer.groups import (Group, build_actor_batch, majority_vote, rollout_metrics,
+                                          validation_metrics)
 
 
 def _group(rewards: list[RewardResult], penalties: list[float] | None = None, length: int = 3) -> Group:
@@ -67,6 +68,34 @@ def test_validation_counts_a_failed_reward_as_wrong():
     metrics = validation_metrics([_group([right, _failed()]), _group([_failed(), _failed()])], k=2)
     assert metrics["val/acc_avg@2"] == 0.25 and metrics["val/pass@2"] == 0.5
     assert metrics["val/score_mean"] == 1.0  # the one scored response: a failed one's placeholder is no score
+
+
+def test_majority_vote_by_hand():
+    def said(pred, acc=0.0):
+        return RewardResult(score=1.0 if acc else -1.0, acc=acc, pred=pred)
+
+    unanswered = RewardResult(score=-1.0, acc=0.0)  # no Answer line: no vote
+    # 42 (right) twice against 41 and 40 once: the majority is right, though most responses are wrong.
+    assert majority_vote([said("42", 1.0), said("41"), said("42", 1.0), said("40"), unanswered, unanswered]) == 1.0
+    assert majority_vote([said("41"), said("41"), said("42", 1.0)]) == 0.0
+    assert majority_vote([said("41"), said("42", 1.0)]) == 0.5  # a tie: a random pick is right half the time
+    assert majority_vote([unanswered, _failed()]) == 0.0
+    failed_vote = RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason="timeout: 10 s", pred="41")
+    assert majority_vote([failed_vote, failed_vote, said("42", 1.0)]) == 1.0  # a failed reward does not vote
+
+
+def test_maj_at_k_is_reported_for_the_sources_whose_verifier_reads_an_answer():
+    right, wrong = RewardResult(score=1.0, acc=1.0, pred="7"), RewardResult(score=-1.0, acc=0.0, pred="8")
+    math_groups = [_group([right, wrong, right]), _group([wrong, wrong, right])]
+    metrics = validation_metrics(math_groups, k=3)
+    assert metrics["val/maj@3"] == metrics["val/math_dapo/maj@3"] == 0.5
+    assert metrics["val/acc_avg@3"] == pytest.approx(0.5) and metrics["val/pass@3"] == 1.0
+    # A custom function that returns a float gives no answer: no maj@k for its source, nor for the whole set.
+    plain = _group([RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)] + [_failed()])
+    plain.prompt = Prompt(prompt_ids=[1, 2], ground_truth="7", data_source="my_task", extra_info={}, index=1)
+    metrics = validation_metrics(math_groups + [plain], k=3)
+    assert metrics["val/math_dapo/maj@3"] == 0.5
+    assert "val/my_task/maj@3" not in metrics and "val/maj@3" not in metrics
 
 
 def test_the_mean_score_is_that_of_the_responses_scored():
