@@ -113,7 +113,7 @@ def build_actor_batch(groups: list[Group], *, norm_by_std: bool, overlong_filter
     # A response whose reward failed was never scored: it leaves its group's statistics and the loss.
     failed = torch.tensor([g.failed() for g in groups], dtype=torch.bool).reshape(b, 1)
     mask = mask.masked_fill(failed, 0)
-    scores = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+    scores = torch.tensor([g.scores for g in groups], dtype=torch.float64)  # a finite float64 reward stays finite
     advantages = group_advantages(scores, norm_by_std=norm_by_std, valid=~failed.reshape(scores.shape)).reshape(-1)
     return ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                       rollout_logp=rollout_logp)
