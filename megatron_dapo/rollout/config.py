@@ -7,6 +7,7 @@ import torch
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
+from megatron_dapo.rollout.engine import MIN_TEMPERATURE
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 
 
@@ -31,8 +32,9 @@ def sampling_problems(prefix: str, n: int, temperature: float, top_p: float, top
     problems = []
     if n < 1:
         problems.append(f"{prefix}.n must be >= 1, got {n}")
-    if not 0 < temperature < float("inf"):
-        problems.append(f"{prefix}.temperature must be > 0 (use top_k=1 for greedy), got {temperature}")
+    if not MIN_TEMPERATURE <= temperature < float("inf"):
+        problems.append(f"{prefix}.temperature must be >= {MIN_TEMPERATURE:g} (use top_k=1 for greedy), "
+                        f"got {temperature}")
     if not 0 < top_p <= 1:
         problems.append(f"{prefix}.top_p must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:

@@ -22,6 +22,10 @@ from typing import Literal
 
 import torch
 
+MIN_TEMPERATURE = 1e-3
+"""The lowest sampling temperature: below it logits / temperature can overflow float32 (NaN log-probs). For greedy
+decoding use top_k=1."""
+
 
 class RolloutError(ValueError):
     """Bad input to a rollout engine (prompt, sampling parameters, weight push)."""
@@ -67,8 +71,9 @@ class SamplingParams:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             problems.append(f"n must be >= 1, got {self.n}")
-        if not 0 < self.temperature < math.inf:
-            problems.append(f"temperature must be > 0 and finite (use top_k=1 for greedy), got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            problems.append(f"temperature must be >= {MIN_TEMPERATURE:g} and finite (use top_k=1 for greedy), "
+                            f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:

@@ -37,7 +37,7 @@ def test_bad_sampling_values_name_their_keys_validation_too():
     validation, hours in); NaN is refused as it is read, for every float setting, reward.timeout_s's too."""
     for overrides, expected in (
         (["rollout.val.n=0", "rollout.val.temperature=0", "rollout.val.top_p=0", "rollout.val.top_k=0"],
-         ["rollout.val.n must be >= 1, got 0", "rollout.val.temperature must be > 0", "rollout.val.top_p",
+         ["rollout.val.n must be >= 1, got 0", "rollout.val.temperature must be >= 0.001", "rollout.val.top_p",
           "rollout.val.top_k must be -1 (off) or >= 1, got 0"]),
         (["rollout.parity_threshold=-1"], ["rollout.parity_threshold must be >= 0, got -1"]),
         (["rollout.temperature=.nan", "reward.timeout_s=.nan"],

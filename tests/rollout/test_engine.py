@@ -21,8 +21,10 @@ def test_stop_token_ids_become_a_tuple():
     [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
         (dict(max_new_tokens=4, n=0), "n must be >= 1, got 0"),
-        (dict(max_new_tokens=4, temperature=0.0), r"must be > 0 and finite \(use top_k=1 for greedy\), got 0.0"),
-        (dict(max_new_tokens=4, temperature=float("inf")), r"temperature must be > 0 and finite .*, got inf"),
+        (dict(max_new_tokens=4, temperature=0.0), r"must be >= 0.001 and finite \(use top_k=1 for greedy\), got 0.0"),
+        # logits / 1e-39 overflow float32: NaN log-probs
+        (dict(max_new_tokens=4, temperature=1e-39), r"temperature must be >= 0.001 and finite .*, got 1e-39"),
+        (dict(max_new_tokens=4, temperature=float("inf")), r"temperature must be >= 0.001 and finite .*, got inf"),
         (dict(max_new_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
         (dict(max_new_tokens=4, top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         (dict(max_new_tokens=4, top_k=0), r"top_k must be -1 \(off\) or >= 1, got 0"),

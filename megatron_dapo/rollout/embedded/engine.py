@@ -17,7 +17,7 @@ from megatron_dapo.rollout.embedded.decode import generate_batch, right_padded
 from megatron_dapo.rollout.embedded.kv_cache import KVCache
 from megatron_dapo.rollout.embedded.model import CausalLM
 from megatron_dapo.rollout.weights import WeightPush
-from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams
+from megatron_dapo.rollout.engine import MIN_TEMPERATURE, Completion, RolloutEngine, RolloutError, SamplingParams
 
 TIED_HEAD = "lm_head.weight"
 
@@ -116,8 +116,8 @@ class EmbeddedEngine(RolloutEngine):
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
         """fp32 CPU tensors [L-1]: log_softmax(logits / temperature) of tokens 1..L-1 given their prefix."""
         self._check_ready()
-        if not 0 < temperature < math.inf:
-            raise RolloutError(f"temperature must be > 0 and finite, got {temperature}")
+        if not MIN_TEMPERATURE <= temperature < math.inf:
+            raise RolloutError(f"temperature must be >= {MIN_TEMPERATURE:g} and finite, got {temperature}")
         self._check_sequences(sequences, "sequence", extra=0)
         out = []
         for start in range(0, len(sequences), self.config.max_batch_size):

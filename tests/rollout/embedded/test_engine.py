@@ -27,6 +27,12 @@ def test_empty_prompt_is_refused(engine):
         engine.score([[]], 1.0)
 
 
+def test_a_temperature_that_would_overflow_the_logits_is_refused(engine):
+    with pytest.raises(RolloutError, match="temperature must be >= 0.001 and finite, got 1e-39"):
+        engine.score([[3, 1, 4, 1]], 1e-39)  # logits / 1e-39 is inf in float32: NaN log-probs
+    assert torch.isfinite(engine.score([[3, 1, 4, 1]], 1e-3)[0]).all()
+
+
 def test_prompt_plus_max_new_tokens_past_the_context_is_refused(engine, qwen2):
     limit = qwen2.hf.config.max_position_embeddings  # 64 (conftest.SHAPE)
     engine.generate([[1] * (limit - 4)], GREEDY)  # exactly fits
