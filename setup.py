@@ -83,7 +83,7 @@ setup(
         "pyyaml>=6.0",
         "psutil",  # megatron-core dist_checkpointing writers need it
         "matplotlib",
-        "pyarrow",
+        "pyarrow>=13",  # RecordBatch.to_pylist(maps_as_pydicts=...)
     ],
     extras_require={
         "sglang": ["sglang>=0.5.23"],  # the flattened-bucket broadcast and weight-update sessions

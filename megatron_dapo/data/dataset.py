@@ -259,7 +259,9 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=4096) for record in batch.to_pylist())
+        # A map column (reward_model or extra_info as map<string, string>, as Spark writes them) reads as a dict.
+        rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=4096)
+                for record in batch.to_pylist(maps_as_pydicts="lossy"))
         yield from enumerate(rows)
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl")

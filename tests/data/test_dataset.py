@@ -124,6 +124,23 @@ def test_parquet_in_the_public_layout(tmp_path, tokenizer):
     assert stats.malformed_examples == ["dapo.parquet row 4: missing 'reward_model'"]
 
 
+def test_parquet_map_columns_read_as_objects(tmp_path, tokenizer):
+    """reward_model and extra_info written as map<string, string> (as Spark writes a dict column)."""
+    path = tmp_path / "spark.parquet"
+    to_map = pa.map_(pa.string(), pa.string())
+    table = pa.table({
+        "prompt": pa.array([P1, P2]),
+        "reward_model": pa.array([[("ground_truth", "3"), ("style", "rule")], [("ground_truth", "4")]], type=to_map),
+        "data_source": ["math_dapo", "math_dapo"],
+        "extra_info": pa.array([[("index", "7")], []], type=to_map),
+    })
+    pq.write_table(table, path)
+    dataset = PromptDataset.from_files([path], tokenizer, max_prompt_length=8)
+    assert dataset.stats.malformed_examples == []
+    assert [(p.prompt_ids, p.ground_truth, p.extra_info) for p in dataset] == [(P1_IDS, "3", {"index": "7"}),
+                                                                                (P2_IDS, "4", {})]
+
+
 def test_duplicates_across_files(tmp_path, tokenizer):
     first = write_jsonl(tmp_path / "a.jsonl", [row(P1, "3")])
     second = tmp_path / "b.parquet"
