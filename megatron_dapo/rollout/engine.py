@@ -63,7 +63,15 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise RolloutError(f"bad SamplingParams: {name} must be an integer, got {value!r}")
             setattr(self, name, int(value))
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise RolloutError(f"bad SamplingParams: {name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
         stops = (self.stop_token_ids,) if isinstance(self.stop_token_ids, numbers.Integral) else self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stops):
+            raise RolloutError(f"bad SamplingParams: stop_token_ids must be token ids (integers), got {stops!r}")
         self.stop_token_ids = tuple(int(t) for t in stops)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")

@@ -37,6 +37,17 @@ def test_bad_values_are_named(kwargs, message):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(temperature="0.7"), r"temperature must be a number, got '0.7'"),
+    (dict(top_p=None), r"top_p must be a number, got None"),
+    (dict(stop_token_ids="12"), r"stop_token_ids must be token ids \(integers\), got '12'"),  # not (1, 2)
+    (dict(stop_token_ids=[2, 3.0]), r"stop_token_ids must be token ids \(integers\), got \[2, 3.0\]"),
+])
+def test_values_of_the_wrong_type_are_named(kwargs, message):
+    with pytest.raises(RolloutError, match=message):
+        SamplingParams(max_new_tokens=4, **kwargs)
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(RolloutError, match="n must be.*top_k must be"):
         SamplingParams(max_new_tokens=4, n=0, top_k=0)
