@@ -151,6 +151,20 @@ def _read_group(reader: dcp_io.CheckpointReader, arch: ModelArch, group) -> list
     return named
 
 
+def _check_tied_head(reader: dcp_io.CheckpointReader, arch: ModelArch, rows_per_read: int = 8192) -> None:
+    """With tied embeddings, an output layer the checkpoint holds too must be the embedding: the Hugging Face
+    model keeps one of them, and which one would decide. Read in blocks of rows, never a whole copy."""
+    embedding, head = families.checkpoint_key(families.EMBEDDING), "output_layer.weight"
+    if not arch.tie_word_embeddings or head not in reader.tensors:
+        return
+    rows, width = arch.vocab_size, reader.shape(embedding)[1]  # padded rows past vocab_size are dropped on export
+    for start in range(0, rows, rows_per_read):
+        shape = (min(rows_per_read, rows - start), width)
+        if not torch.equal(reader.read(embedding, (start, 0), shape), reader.read(head, (start, 0), shape)):
+            raise ConversionError(f"{reader.folder}: tensor {head!r} differs from {embedding!r} (from row {start}) but "
+                                  "the config.json sets tie_word_embeddings: true; is it the config of this model?")
+
+
 def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = False) -> None:
     """Tokenizer files, chat template, generation config: everything of the template but its weights and
     config (tokenizer_only: its generation config too, which comes from the model's folder)."""
@@ -158,7 +172,8 @@ def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = 
         return
     skipped = (INDEX, "config.json", "generation_config.json") if tokenizer_only else (INDEX, "config.json")
     for path in template.iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in skipped:
+        weights = path.name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)  # pytorch_model.bin.index.json too
+        if path.is_file() and not weights and path.name not in skipped:
             shutil.copy2(path, partial / path.name)
 
 
@@ -191,6 +206,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     config = _hf_config(mcore_dir, marker, template)
     arch = ModelArch.from_hf_config(config, source=f"the model config of {mcore_dir}")
     _check_keys(reader, arch)
+    _check_tied_head(reader, arch)
     plan, shards = _plan_shards(arch, dtype.itemsize, shard_size_bytes)
     shard_of = {t.name: t.shard for t in plan}
     files = [SINGLE_FILE] if shards == 1 else [f"model-{s + 1:05d}-of-{shards:05d}.safetensors" for s in range(shards)]
@@ -208,7 +224,8 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             (partial / INDEX).write_text(json.dumps(index, indent=2))
         _copy_template(template, partial)
         _copy_template(Path(tokenizer) if tokenizer is not None else None, partial, tokenizer_only=True)
-        config = {**config, "dtype": str(dtype).replace("torch.", "")}
+        # A config.json read by its model_type alone gets its class named: SGLang and vLLM pick the model by it.
+        config = {"architectures": [arch.architecture], **config, "dtype": str(dtype).replace("torch.", "")}
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]
         (partial / "config.json").write_text(json.dumps(config, indent=2))

@@ -22,21 +22,27 @@ def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | 
     """Yield a fresh `<out>.partial` folder; on success it replaces `out`, on failure it is removed.
 
     An `out` that already holds a checkpoint (or anything else) is refused unless `overwrite`, and so is one
-    that is or holds one of the `sources` read (replacing it would delete them). A process killed
-    mid-conversion leaves only the `.partial` folder, which no loader takes for a checkpoint.
+    that is or holds one of the `sources` read (replacing it would delete them), or whose `<out>.partial` is
+    (it is cleared first). A process killed mid-conversion leaves only the `.partial` folder, which no loader
+    takes for a checkpoint.
     """
     out = Path(out).resolve()  # `--out .` has a name, and a symbolic link's target is written, the link kept
+    partial = out.with_name(out.name + ".partial")
     for source in sources:
-        if source is not None and Path(source).resolve().is_relative_to(out):
+        if source is None:
+            continue
+        if Path(source).resolve().is_relative_to(out):
             raise ConversionError(f"output folder {out} holds the input {source}: replacing it would delete what "
                                   "it is converted from; choose another --out")
+        if Path(source).resolve().is_relative_to(partial):
+            raise ConversionError(f"the input {source} is in {partial}, the folder this conversion writes first "
+                                  "(and clears): choose another --out")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         held = [name for name in CHECKPOINT_FILES if (out / name).exists()] or sorted(p.name for p in out.iterdir())[:5]
         raise ConversionError(f"output folder {out} is not empty (holds {', '.join(held)}); "
                               "pass --overwrite to replace it, or choose another folder")
-    partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:

@@ -194,6 +194,46 @@ def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(tmp_path)
     assert (tmp_path / "work" / "mcore" / "COMPLETE.json").is_file()
 
 
+def test_an_input_in_the_outputs_partial_folder_is_refused(tmp_path):
+    """`<out>.partial` is cleared before anything is written: an input there would be deleted before it is read."""
+    source = make_tiny_model("qwen2", tmp_path / "model.partial")
+    with pytest.raises(ConversionError, match=r"the input .*model.partial is in .*model.partial, the folder this "
+                                              r"conversion writes first"):
+        hf_to_mcore(source, tmp_path / "model", progress=False)
+    assert (source / "config.json").is_file() and (source / "model.safetensors").is_file()
+
+
+def test_a_tied_config_over_an_untied_checkpoint_is_refused(tmp_path):
+    """The output layer is not the embedding: writing the embedding alone would lose the model's head."""
+    source = make_tiny_model("llama", tmp_path / "hf")  # untied
+    hf_to_mcore(source, tmp_path / "mcore", progress=False)
+    marker = json.loads((tmp_path / "mcore" / "COMPLETE.json").read_text())
+    (tmp_path / "mcore" / "COMPLETE.json").write_text(json.dumps({k: v for k, v in marker.items() if k != "hf_config"}))
+    template = tmp_path / "template"
+    template.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    (template / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ConversionError, match=r"tensor 'output_layer.weight' differs from "
+                                              r"'embedding.word_embeddings.weight' \(from row 0\) but the config.json "
+                                              r"sets tie_word_embeddings: true"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_the_output_config_names_the_architecture_and_no_stale_weight_index_is_copied(tmp_path):
+    source = make_tiny_model("qwen3", tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    del config["architectures"]  # read by its model_type
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
+    (source / "tokenizer_config.json").write_text("{}")
+    hf_to_mcore(source, tmp_path / "mcore", progress=False)
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", hf_template=source, progress=False)
+    back = tmp_path / "back"
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert (back / "tokenizer_config.json").is_file() and not (back / "pytorch_model.bin.index.json").exists()
+
+
 def test_bad_megatron_checkpoints_are_named(tmp_path):
     source = make_tiny_model("llama", tmp_path / "hf")
     hf_to_mcore(source, tmp_path / "mcore", progress=False)
