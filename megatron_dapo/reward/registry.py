@@ -162,14 +162,22 @@ class RewardScorer:
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
 
-    def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None) -> RewardBatch:
+    def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None,
+              group_size: int = 1) -> RewardBatch:
         """One result per sample. give_up_after: once this many samples of a data_source are done and every one
         failed, that source's function is broken: the rest of its samples are failed as not_scored, unscored (one
         that hangs would otherwise cost reward.timeout_s per sample, hours for a batch, all to fail anyway). Its
-        samples already out finish first: one of them may succeed, and then the rest are scored after all."""
+        samples already out finish first: one of them may succeed, and then the rest are scored after all.
+
+        group_size: the samples come in groups of this many responses to one prompt. They are sent to the workers
+        response-major (every prompt's first response, then every prompt's second...), so the first samples of a
+        source done come from as many prompts as there are: a few prompts whose ground truth the function cannot
+        read fail all their responses, and sent prompt after prompt they could look like a broken function."""
         if not self._workers:
             raise RuntimeError("RewardScorer.score() after close()")
         samples = [RewardSample(*s) for s in samples]
+        if group_size < 1 or len(samples) % group_size:
+            raise ValueError(f"{len(samples)} samples do not make groups of group_size={group_size}")
         fns = []
         for index, sample in enumerate(samples):
             if sample.data_source not in _REGISTRY:
@@ -187,7 +195,7 @@ class RewardScorer:
             kinds[kind] += 1
             done[samples[index].data_source] += 1
 
-        queue = deque(range(len(samples)))
+        queue = deque(sorted(range(len(samples)), key=lambda i: (i % group_size, i // group_size)))
         while True:
             busy = {samples[w.index].data_source for w in self._workers if w.index is not None}
             for source in list(held):  # decided once its samples out are back

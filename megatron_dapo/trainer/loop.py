@@ -426,7 +426,7 @@ class Trainer:
         samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                                 p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
         broken_after = broken_reward_threshold(n)
-        batch = self.scorer.score(samples, give_up_after=broken_after)
+        batch = self.scorer.score(samples, give_up_after=broken_after, group_size=n)
         results = batch.results
         self.reward_seconds += time.perf_counter() - start
         check_reward_functions(samples, results, broken_after)

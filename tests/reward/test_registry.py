@@ -121,6 +121,20 @@ def test_giving_up_waits_for_a_success_and_is_per_data_source(scorer):
     assert reason.startswith("not_scored: the reward function of 'test_troublesome' failed on all ")
 
 
+def test_a_few_bad_prompts_first_do_not_look_like_a_broken_function(scorer):
+    """Two prompts whose 8 responses all fail (a ground truth the function cannot read), then 30 good prompts:
+    sent prompt after prompt, the first 16 samples done could all be failures, and the function was given up on
+    (or not, by the workers' timing). Sent response-major, the first 16 done span 16 prompts."""
+    n = 8
+    samples = [sample("raise")] * (2 * n) + [sample("ab")] * (30 * n)
+    for _ in range(3):
+        batch = scorer.score(samples, give_up_after=2 * n, group_size=n)
+        assert batch.failure_counts == {"error": 2 * n}
+        assert batch.scores[2 * n:] == [2.0] * (30 * n)
+    with pytest.raises(ValueError, match="5 samples do not make groups of group_size=2"):
+        scorer.score([sample("ab")] * 5, group_size=2)
+
+
 def test_a_dying_worker_costs_its_sample(scorer):
     batch = scorer.score([sample("die"), sample("a"), sample("bb")])
     assert batch.scores == [FAILED_SCORE, 1.0, 2.0]
