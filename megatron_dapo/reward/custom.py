@@ -55,7 +55,7 @@ def load_reward_functions(functions: dict[str, str]) -> None:
                 register_reward(data_source, fn, replace=True)
             except ConfigError:
                 raise
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # a file that calls sys.exit() as it is imported, too
                 problem = f"reward.functions.{data_source}: {target!r} cannot be loaded: {type(err).__name__}: {err}"
         if problem:
             problems.append(problem)

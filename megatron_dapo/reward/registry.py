@@ -16,6 +16,7 @@ samples in 0.13-0.17 s with 2 workers, 0.29 s with 1, against 0.03-0.05 s in-pro
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import multiprocessing
@@ -161,6 +162,9 @@ class RewardScorer:
         load_reward_functions(self.functions)
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
+        # A run that ends on an error ends the workers' process groups too: what a reward function started and
+        # kept (a solver in a module global) would otherwise outlive the trainer.
+        atexit.register(self.close)
 
     def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None,
               group_size: int = 1) -> RewardBatch:
@@ -293,6 +297,7 @@ class RewardScorer:
         return batch
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         for worker in self._workers:
             worker.stop()
         self._workers = []
@@ -385,13 +390,18 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         os.setsid()  # a process group of its own, which kill() ends with everything the reward function started
     except OSError:  # already a group leader: kill() then ends the worker alone
         pass
+    else:  # out of the terminal's group, Ctrl-C no longer reaches it; what a function starts must not ignore it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The reward functions may start processes of their own (a process pool running code under test): the
+    # worker is a daemon to the trainer, which multiprocessing would refuse to let have children.
+    multiprocessing.current_process().daemon = False
     try:
         load_reward_functions(functions)
     except Exception as err:
         conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}", None)))
         return
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), None)))
-    me = os.getpid()
+    me, home = os.getpid(), os.getcwd()
     while True:
         try:
             payload = conn.recv_bytes()
@@ -406,9 +416,18 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         except BaseException as err:                       # a reward function may even call sys.exit
             where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
             at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-            reply = pickle.dumps(("error", f"{type(err).__name__}: {err}{at}", index))
+            try:
+                why = f"{type(err).__name__}: {err}{at}"
+            except BaseException:                          # its __str__ raised too
+                why = f"{type(err).__name__} (its message cannot be shown){at}"
+            reply = pickle.dumps(("error", why, index))
         if os.getpid() != me:  # a process the reward function forked came back here: it must not answer
             os._exit(0)
+        try:  # the next sample, of any data_source, starts where the worker started
+            if os.getcwd() != home:
+                os.chdir(home)
+        except OSError:  # the folder it moved to is gone
+            os.chdir(home)
         conn.send_bytes(reply)
 
 

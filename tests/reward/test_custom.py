@@ -1,4 +1,9 @@
 """reward.functions: reward functions named in the config, from a file or a module, scored in real workers."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from megatron_dapo.config.loader import ConfigError
@@ -95,6 +100,115 @@ def test_an_entry_that_cannot_be_loaded_names_the_key_and_why(reward_file, tmp_p
     assert "reward.functions.c" in text and "No module named 'no_such_package'" in text
     assert "reward.functions.d" in text and "No module named 'not_a_module_anywhere'" in text
     assert "a" not in registry.registered_sources()
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit('set PRICE_DATA first')\n")  # ends the process when imported
+    with pytest.raises(ConfigError, match=r"reward.functions.e: .* cannot be loaded: SystemExit: set PRICE_DATA first"):
+        load_reward_functions({"e": f"{exits}:fn"})
+
+
+WORKER_HABITS = '''
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+
+def pooled(response, ground_truth, extra_info):
+    """Code under test run in a process pool, as code-execution rewards do."""
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        return float(pool.submit(pow, 3, 2).result())
+
+
+def wanders(response, ground_truth, extra_info):
+    os.chdir(response)
+    return 1.0
+
+
+def reads_here(response, ground_truth, extra_info):
+    with open("ground_truth.txt") as f:
+        return 1.0 if f.read() == ground_truth else 0.0
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+def unprintable(response, ground_truth, extra_info):
+    raise Unprintable()
+
+
+def interruptible(response, ground_truth, extra_info):
+    """Whether a program it starts can be stopped with SIGINT (a worker's own SIG_IGN would be inherited)."""
+    out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+                         capture_output=True, text=True, check=True).stdout
+    return 1.0 if "default_int_handler" in out else 0.0
+'''
+
+
+KEEPS_A_HELPER = '''
+import subprocess
+
+HELPER = []
+
+
+def keeps(response, ground_truth, extra_info):
+    """Starts a helper once and keeps it for later samples (a solver, a sandbox)."""
+    if not HELPER:
+        HELPER.append(subprocess.Popen(["sleep", "600"]))
+    return float(HELPER[0].pid)
+'''
+
+CRASHING_RUN = '''
+import sys
+from megatron_dapo.reward.registry import RewardScorer
+
+if __name__ == "__main__":
+    scorer = RewardScorer(timeout_s=30, num_workers=1, functions={"keeps": sys.argv[1] + ":keeps"})
+    print(int(scorer.score([("keeps", "", "", {})]).scores[0]), flush=True)
+    raise RuntimeError("the run fails; nobody calls scorer.close()")
+'''
+
+
+def test_a_run_that_fails_leaves_no_helper_of_a_reward_function_behind(tmp_path):
+    functions = tmp_path / "keeps.py"
+    functions.write_text(KEEPS_A_HELPER)
+    script = tmp_path / "run.py"
+    script.write_text(CRASHING_RUN)
+    run = subprocess.run([sys.executable, str(script), str(functions)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "the run fails" in run.stderr, run.stderr
+    helper = int(run.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{helper}").exists() and _state(helper) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{helper}").exists() or _state(helper) == "Z", "the helper outlived the run"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_what_a_reward_function_may_do_in_a_worker(tmp_path, monkeypatch):
+    """Start processes of its own, change the folder (the next sample starts where the worker did), raise an
+    exception that cannot say what it is (its sample fails, the worker lives)."""
+    habits = tmp_path / "habits.py"
+    habits.write_text(WORKER_HABITS)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "ground_truth.txt").write_text("7")
+    monkeypatch.chdir(here)  # the workers start here
+    names = ("pooled", "wanders", "reads_here", "unprintable", "interruptible")
+    with RewardScorer(timeout_s=60, num_workers=1, functions={n: f"{habits}:{n}" for n in names}) as scorer:
+        batch = scorer.score([("pooled", "", "", {}), ("reads_here", "", "7", {}), ("wanders", "/", "", {}),
+                              ("reads_here", "", "7", {}), ("unprintable", "", "", {}), ("reads_here", "", "7", {}),
+                              ("interruptible", "", "", {})])
+    reasons = [r.reason for r in batch.results]
+    assert batch.scores[:4] == [9.0, 1.0, 1.0, 1.0], reasons
+    assert reasons[4].startswith("error: Unprintable (its message cannot be shown) (at habits.py:"), reasons
+    assert batch.scores[5:] == [1.0, 1.0], reasons
 
 
 def test_a_data_source_without_a_function_is_named_with_its_rows():
