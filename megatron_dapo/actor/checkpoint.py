@@ -219,7 +219,7 @@ def load_model_weights(model, directory: str | Path, arch=None) -> dict:
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    _check_complete(directory)
+    check_complete(directory)
     marker = json.loads((directory / MARKER).read_text())
     if arch is not None:
         _check_same_model(directory, marker, arch)
@@ -228,7 +228,7 @@ def load_model_weights(model, directory: str | Path, arch=None) -> dict:
     return marker
 
 
-def _check_complete(directory: Path) -> None:
+def check_complete(directory: Path) -> None:
     """CheckpointError on every rank when any rank cannot see the complete checkpoint (a node whose shared file
     system has not caught up, a folder on one node's local disk), not on that rank alone (collective)."""
     failure = None
@@ -271,7 +271,7 @@ def load_actor(actor, directory: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    _check_complete(directory)
+    check_complete(directory)
     marker = json.loads((directory / MARKER).read_text())
     _check_same_model(directory, marker, actor.arch)
     saved = marker.get("distributed_optimizer")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.checkpoint import MARKER, CheckpointError, is_complete, load_actor, save_actor
+from megatron_dapo.actor.checkpoint import (MARKER, CheckpointError, check_complete, is_complete, load_actor,
+                                           save_actor)
 from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -92,6 +93,7 @@ def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | Non
 
 def load(path: Path, actor) -> dict:
     """The trainer state saved with the checkpoint at `path`, its actor state loaded into `actor` (collective)."""
+    check_complete(path)  # rank 0 chose it: a rank that cannot see it (a lagging file system) stops every rank
     marker = json.loads((path / MARKER).read_text())  # every rank reads the same file, and raises alike
     if "trainer" not in marker:
         raise CheckpointError(f"{path} is a checkpoint without a training's state (step, data order): not one a "

@@ -176,7 +176,7 @@ class Trainer:
         self.step = 0
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
-        self.stop = StopRequest(self.run_dir, self.actor.device)
+        self.stop = StopRequest(self.run_dir, self.actor.device, catch_signals=not cfg.trainer.val_only)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
         dist.barrier()
         probe_gen = torch.Generator().manual_seed(cfg.trainer.seed)
@@ -258,11 +258,14 @@ class Trainer:
                                      wait_group=self.control.group)
             if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
+                step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
                 if asked and self.hf_copy:
-                    step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
                     print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
                           f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
                           f"--out {step_dir / 'hf'}`", flush=True)
+                if asked and cfg.trainer.test_freq and "val/" not in " ".join(metrics):
+                    print(f"a stop was requested during the last step: its validation was skipped; the same command "
+                          f"with trainer.val_only=true validates {step_dir}", flush=True)
             if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "

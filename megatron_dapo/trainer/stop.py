@@ -45,11 +45,13 @@ def clear_stale_stop(path: Path, started: float) -> bool:
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path, device: torch.device):
+    def __init__(self, run_dir: Path, device: torch.device, catch_signals: bool = True):
+        """catch_signals: SIGTERM and SIGUSR1 ask for a stop after the step instead of ending the process (False for
+        a run that never polls, trainer.val_only: the signals then end it as usual)."""
         self.file = run_dir / STOP_FILE
         self.device = device
         self.signal: str | None = None
-        if threading.current_thread() is threading.main_thread():
+        if catch_signals and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 signal.signal(sig, self._on_signal)
 

@@ -81,7 +81,25 @@ def check_the_actor_batch_reaches_every_rank(rank: int, world: int, workdir: Pat
     assert channel.share_batch(None, torch.device("cpu")) is None
 
 
+def check_a_checkpoint_one_rank_cannot_see_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
+    """Rank 0 picks the checkpoint to resume from; a node whose file system has not caught up sees no marker
+    there. Every rank stops with that named, instead of rank 1 alone failing to read the marker (and rank 0
+    waiting for it in the next collective)."""
+    import json
+
+    from megatron_dapo.actor.checkpoint import MARKER, CheckpointError
+    from megatron_dapo.trainer.checkpoints import load
+
+    path = workdir / f"as_rank_{rank}_sees_it" / "step_000003"
+    path.mkdir(parents=True)
+    if rank == 0:
+        (path / MARKER).write_text(json.dumps({"trainer": {"step": 3}}))
+    with pytest.raises(CheckpointError, match=r"step_000003 is incomplete \(no COMPLETE.json"):
+        load(path, actor=None)
+
+
 CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_actor_batch_reaches_every_rank,
+          check_a_checkpoint_one_rank_cannot_see_stops_every_rank,
           check_a_shorter_timeout_gives_up]  # the last leaves the default group timed out
 
 

@@ -24,6 +24,15 @@ def test_signal_asks_to_stop_instead_of_killing(tmp_path, restore_handlers, sig)
     assert stop.reason() == f"received {sig.name}" and stop.requested()
 
 
+def test_a_run_that_never_polls_leaves_the_signals_alone(tmp_path, restore_handlers):
+    """trainer.val_only: SIGTERM must end it, not set a flag nobody reads."""
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    StopRequest(tmp_path, torch.device("cpu"), catch_signals=False)
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == before
+    StopRequest(tmp_path, torch.device("cpu"))
+    assert all(signal.getsignal(sig) != before[sig] for sig in SIGNALS)
+
+
 def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers):
     stop = StopRequest(tmp_path, torch.device("cpu"))
     (tmp_path / "STOP").touch()
