@@ -34,4 +34,5 @@ def stage_hf_tensors(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor
             shards = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(shards, local.contiguous(), group=group)
             full = families.unshard(rule, shards, vocab_size=arch.vocab_size)
+            del shards  # not held while the consumer has the full tensor
         yield from zip(families.hf_names(rule, layer), families.unfuse(rule, full, arch))

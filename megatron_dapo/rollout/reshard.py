@@ -5,8 +5,9 @@ replica each, see fleet.py). Inside that replica each pipeline stage gathers its
 shards inside its TP group (`stage_hf_tensors`); the first rank of every later stage sends its
 stage's tensors to the replica's first rank, one tensor at a time, and that rank, which hosts the
 engine, pushes them in buckets of `bucket_mb`. Replicas with engines push side by side. A bucket is
-a fresh list of fresh tensors, handed to the engine and dropped: its memory is never reused while
-the engine may still read it. After the push, a parity probe compares every engine's log-probs of
+a fresh list of fresh tensors (gathered or received ones as they come, a parameter's own storage
+copied), handed to the engine and dropped: its memory is never reused while the engine may still
+read it. After the push, a parity probe compares every engine's log-probs of
 fixed sequences with the trainer's.
 """
 from __future__ import annotations
@@ -87,6 +88,8 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []
     size = count = total = buckets = 0
+    own = {p.untyped_storage().data_ptr() for p in actor.model.parameters()}
+    """The parameters' storage (megatron-core's DDP keeps them in a few large buffers): a tensor in one is copied."""
     failure: RolloutError | None = None
 
     def call(method, *args) -> None:
@@ -109,7 +112,9 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > limit:  # a bucket outgrows the limit only by a tensor larger than it
             flush()
-        bucket.append((name, tensor.detach().clone()))  # the engine may keep it: never a parameter's own storage
+        if tensor.untyped_storage().data_ptr() in own:  # the engine may keep it: never a parameter's own storage
+            tensor = tensor.detach().clone()
+        bucket.append((name, tensor))  # a gathered or received tensor is already fresh: no second copy
         size += nbytes
         count += 1
         if size >= limit:

@@ -136,8 +136,32 @@ def check_a_push_the_engine_refuses_stops_every_rank(rank: int, world: int, work
             engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
 
 
+def check_the_engine_never_gets_a_parameters_storage(rank: int, world: int, workdir: Path) -> None:
+    """The tensors handed to the engine are fresh: gathered or received ones as they are (a second copy would
+    hold two buckets), a parameter's own (norm weights, replicated across TP) copied."""
+    from megatron_dapo.rollout.embedded import EmbeddedEngine
+    from megatron_dapo.rollout.reshard import push_weights
+
+    actor = _actor(workdir / "qwen3", 2, 2, False)
+    engine = EmbeddedEngine.from_pretrained(workdir / "qwen3") if rank == 0 else None
+    given: list[int] = []
+    if engine is not None:
+        update = engine.update_weights
+
+        def recording(named_tensors):
+            named_tensors = list(named_tensors)
+            given.extend(t.untyped_storage().data_ptr() for _, t in named_tensors)
+            return update(named_tensors)
+
+        engine.update_weights = recording
+    push_weights(actor, engine, version=1, bucket_mb=1)
+    if engine is not None:
+        own = {p.untyped_storage().data_ptr() for p in actor.model.parameters()}
+        assert given and not own & set(given), "a parameter's own storage reached the engine"
+
+
 CHECKS = [check_engine_follows_the_trainer_after_every_push, check_two_engines_each_follow_their_replica,
-          check_a_push_the_engine_refuses_stops_every_rank]
+          check_a_push_the_engine_refuses_stops_every_rank, check_the_engine_never_gets_a_parameters_storage]
 
 
 @pytest.fixture(scope="module")
