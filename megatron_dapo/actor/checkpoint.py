@@ -9,6 +9,7 @@ space ("fully_reshardable"), so a checkpoint saved at one TP x PP x DP loads at 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,12 +116,31 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
             shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
             written = directory / (MARKER + ".partial")
-            written.write_text(json.dumps(marker, indent=1))
+            with open(written, "w") as f:  # on disk before it is named: a power cut leaves no empty marker
+                f.write(json.dumps(marker, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
             written.rename(directory / MARKER)  # the last act: the folder is whole by now
+            _sync_folder(directory)
+            _sync_folder(directory.parent)
         except OSError as err:  # every rank stops on it, none waits for rank 0
             failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
     stop_together(failure, CheckpointError)
     return directory
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in `folder` durable (where the file system lets a folder be synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems refuse it; their renames are on the server already
+        pass
+    finally:
+        os.close(fd)
 
 
 def _spread_over_data_parallel():
@@ -239,6 +259,12 @@ def check_complete(directory: Path) -> None:
             f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish); "
             "delete it or point to an earlier checkpoint"
         )
+    else:
+        try:
+            json.loads((directory / MARKER).read_text())
+        except (OSError, ValueError) as err:
+            failure = CheckpointError(f"{directory / MARKER} cannot be read ({type(err).__name__}: {err}); "
+                                      f"delete {directory} or point to an earlier checkpoint")
     stop_together(failure, CheckpointError)
 
 

@@ -52,7 +52,11 @@ def stop_together(failure: BaseException | None, kind: type[Exception] = Runtime
     """Collective over `group` (default: every rank) after a part that may fail on some ranks only: one rank's
     failure must not leave the others waiting in their next collective. When a rank has a `failure`, it raises
     it (its own type and traceback) and every other rank raises `kind` with the first failing rank's message.
-    Costs one scalar all-reduce when no rank failed."""
+    Costs one scalar all-reduce when no rank failed. Without a process group this process is every rank."""
+    if not dist.is_initialized():
+        if failure is not None:
+            raise failure
+        return
     gloo = group is not None and dist.get_backend(group) == "gloo"
     found = torch.tensor(float(failure is not None), device="cpu" if gloo else default_device())
     dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)

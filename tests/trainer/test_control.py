@@ -96,6 +96,10 @@ def check_a_checkpoint_one_rank_cannot_see_stops_every_rank(rank: int, world: in
         (path / MARKER).write_text(json.dumps({"trainer": {"step": 3}}))
     with pytest.raises(CheckpointError, match=r"step_000003 is incomplete \(no COMPLETE.json"):
         load(path, actor=None)
+    # A marker a power cut left empty is named too, on every rank.
+    (path / MARKER).write_text("" if rank == 1 else json.dumps({"trainer": {"step": 3}}))
+    with pytest.raises(CheckpointError, match=r"step_000003/COMPLETE.json cannot be read \(JSONDecodeError"):
+        load(path, actor=None)
 
 
 CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_actor_batch_reaches_every_rank,
