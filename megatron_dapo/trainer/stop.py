@@ -23,13 +23,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def process_started() -> float:
-    """When this process began, in wall-clock seconds (from /proc; now where there is none)."""
+    """When this process began, in wall-clock seconds: the kernel's boot time plus the process's start after it
+    (/proc/stat's btime and /proc/self/stat's starttime), never later than now; now where /proc has neither."""
+    now = time.time()
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return min(now, boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return now
 
 
 def clear_stale_stop(path: Path, started: float) -> bool:

@@ -55,3 +55,16 @@ def test_a_stop_file_older_than_the_process_is_cleared_a_newer_one_kept(tmp_path
     stop.touch()  # asked for while this process was starting
     assert not clear_stale_stop(stop, started) and stop.exists()
     assert not clear_stale_stop(tmp_path / "none", started)
+
+
+def test_a_process_start_is_when_it_began():
+    """A process started now says it began now (the boot time has a 1 s grain), whatever its uptime clock says."""
+    import subprocess
+    import sys
+    import time
+
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", "from megatron_dapo.trainer.stop import process_started; "
+                          "print(repr(process_started()))"], capture_output=True, text=True, check=True).stdout
+    after = time.time()
+    assert before - 1.5 <= float(out) <= after
