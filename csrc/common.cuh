@@ -15,8 +15,10 @@ struct alignas(sizeof(T) * N) Pack {
 // Merges the online-softmax state (m, s, w) = (max, sum exp(z - m), sum exp(z - m) * z) of two parts.
 __device__ __forceinline__ void merge_softmax(float& m, float& s, float& w, float m2, float s2, float w2) {
   const float top = fmaxf(m, m2);
-  if (top == -CUDART_INF_F) {
-    return;  // both parts empty
+  if (top == -CUDART_INF_F) {  // both parts hold only -inf (s and w are 0) or NaN (s and w are NaN): keep a NaN
+    s += s2;
+    w += w2;
+    return;
   }
   const float a = __expf(m - top);
   const float b = __expf(m2 - top);

@@ -21,9 +21,16 @@ constexpr int kThreads = 256;
 constexpr int kSums = 7;  // loss, tokens, clip_high, clip_low, dual_clip, kl_k1, kl_k3
 constexpr float kLogRatioClamp = 20.f;
 
+// The clip range [lo, hi] = [1 - clip_low, 1 + clip_high], each bound worked out in double and rounded once to
+// float, as the reference's float32 clamp rounds its Python-float bounds (1.f - 0.111f is 1 ulp off).
 struct LossParams {
-  float clip_low, clip_high, clip_c;
+  float lo, hi, clip_c;
 };
+
+inline LossParams loss_params(double clip_low, double clip_high, double clip_c) {
+  return LossParams{static_cast<float>(1.0 - clip_low), static_cast<float>(1.0 + clip_high),
+                    static_cast<float>(clip_c)};
+}
 
 struct TokenResult {
   float loss, dloss_dlogp, ratio, log_ratio;
@@ -40,7 +47,7 @@ __device__ __forceinline__ TokenResult token_loss(float logp, float old_logp, fl
   // fminf / fmaxf return the other operand for a NaN; torch's clamp keeps it, and so does this.
   r.log_ratio = isnan(raw) ? raw : fminf(fmaxf(raw, -kLogRatioClamp), kLogRatioClamp);
   r.ratio = expf(r.log_ratio);
-  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
+  const float lo = p.lo, hi = p.hi;
   const float unclipped = -a * r.ratio;
   const float clipped = -a * fminf(fmaxf(r.ratio, lo), hi);
   const float d_unclipped = -a;
@@ -198,7 +205,7 @@ torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& 
   auto partial = torch::empty({blocks, kSums}, lp.options().dtype(torch::kDouble));
   auto partial_max = torch::empty({blocks}, lp.options());
   auto out = torch::empty({kSums + 1}, lp.options());
-  const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high), static_cast<float>(clip_c)};
+  const LossParams params = loss_params(clip_low, clip_high, clip_c);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dapo_loss_partial_kernel<<<blocks, kThreads, 0, stream>>>(
       lp.data_ptr<float>(), in.old_logp.data_ptr<float>(), in.advantages.data_ptr<float>(),
@@ -223,8 +230,7 @@ torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Te
   const auto g = flat_float(grad_loss, 1, "grad_loss", logp.device());
   auto grad = torch::empty({n}, lp.options());
   if (n > 0) {
-    const LossParams params{static_cast<float>(clip_low), static_cast<float>(clip_high),
-                            static_cast<float>(clip_c)};
+    const LossParams params = loss_params(clip_low, clip_high, clip_c);
     dapo_loss_backward_kernel<<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.data_ptr<float>(), lp.data_ptr<float>(), in.old_logp.data_ptr<float>(), in.advantages.data_ptr<float>(),
         in.mask.data_ptr<float>(), in.weight_ptr(), n, params, in.global_tokens.data_ptr<float>(),

@@ -29,10 +29,12 @@ __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_t
                                            float& w) {
   float z[VEC];
   float top = -CUDART_INF_F;
+  bool nan = false;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     z[k] = static_cast<float>(pack.v[k]) * inv_temperature;
-    top = fmaxf(top, z[k]);
+    top = fmaxf(top, z[k]);  // skips a NaN: `nan` keeps it
+    nan |= isnan(z[k]);
   }
   if (top > m) {
     const float scale = __expf(m - top);
@@ -40,8 +42,12 @@ __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_t
     w *= scale;
     m = top;
   }
+  if (nan) {  // a NaN logit makes the row's statistics NaN, as torch's max and sum do; NaN * 0 stays NaN after
+    s = CUDART_NAN_F;
+    w = CUDART_NAN_F;
+  }
   if (m == -CUDART_INF_F) {
-    return;  // only -inf so far: nothing to add
+    return;  // only -inf (and NaN) so far: nothing to add
   }
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {

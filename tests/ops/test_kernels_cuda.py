@@ -137,6 +137,32 @@ def test_slices_of_padding_only():
     assert (got_grad.double() - ref_grad).abs().max().item() <= 1e-2 * ref_grad.abs().max().item()
 
 
+@pytest.mark.parametrize("vocab", [32001, 32000])  # single-element loads, and 16-byte packs
+def test_a_nan_logit_makes_its_row_nan_as_in_the_reference(vocab):
+    """fmaxf skips a NaN: one read while a thread had seen only -inf was dropped, and a slice all NaN dropped out
+    of the TP combine, so a diverged model's log-probs stayed finite and no alarm rang."""
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    tokens, width = 6, vocab // 2 + 1
+    logits = torch.randn(tokens, vocab, device="cuda", generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    logits[0, 0] = float("nan")                  # the first value thread 0 reads
+    logits[1, 0:8] = float("nan")                # a whole 16-byte pack of bf16
+    logits[2, :width] = float("nan")             # a TP slice all NaN: row 2's target on the other slice
+    targets[2] = vocab - 1
+    logits[3, 5] = float("-inf")                 # -inf then NaN in one thread's reads
+    logits[3, 5 + 512] = float("nan")
+    stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid)
+             for shard, local, valid in _vocab_slices(logits, targets, vocab, width)]
+    logp, lse, _ = lp_ops.combine_stats(torch.stack(stats))
+    want = [lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
+            for shard, local, valid in _vocab_slices(logits, targets, vocab, width)]
+    ref_lp, _, _ = lp_ops.combine_stats(torch.stack(want))
+    assert logp[:4].isnan().all() and ref_lp[:4].isnan().all(), (logp, ref_lp)
+    assert torch.isfinite(logp[4:]).all()
+    torch.testing.assert_close(logp[4:].cpu(), ref_lp[4:], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 4099, 1 << 20])
 @pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
 def test_loss_kernel_against_fp64_reference(tokens, mask_kind):
