@@ -95,5 +95,11 @@ class ActorConfig:
                             "the warm-up")
         if self.optim.grad_clip < 0:
             problems.append(f"actor.optim.grad_clip must be >= 0 (0 disables), got {self.optim.grad_clip}")
+        if self.optim.weight_decay < 0:
+            problems.append(f"actor.optim.weight_decay must be >= 0, got {self.optim.weight_decay}")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            problems.append(f"actor.optim.betas must be two numbers in [0, 1), got {list(self.optim.betas)}")
+        if self.optim.eps <= 0:
+            problems.append(f"actor.optim.eps must be > 0, got {self.optim.eps}")
         if problems:
             raise ConfigError(problems)
