@@ -51,6 +51,8 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
         write_market(synthetic_market(4000 if compact else 20000, seed=seed), books, trades)
     market = load_market(books, trades)
     tick = min(b.asks[0][0] - b.bids[0][0] for b in market.books)
+    gaps = sorted(b - a for a, b in zip(market.timestamps, market.timestamps[1:]))
+    interval_s = gaps[len(gaps) // 2] if gaps else 10.0  # the data's usual spacing of snapshots, said in the prompt
     rows = cut_episodes(market, window=WINDOW[compact][0], horizon=HORIZON[compact], stride=3 if compact else 5,
                         seed=seed, tick=round(tick, 10), quantity=(1, 9) if compact else (5, 50))
     split = dict(zip(("train", "val"), split_by_time(rows, val_fraction=0.1)))
@@ -58,7 +60,8 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
         written = folder / f"{name}.jsonl.partial"
         with open(written, "w") as f:
             for row in part:
-                prompt = render_prompt(row.history, row.history_trades, row.episode, compact=compact)
+                prompt = render_prompt(row.history, row.history_trades, row.episode, compact=compact,
+                                       interval_s=interval_s)
                 f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}], "data_source": DATA_SOURCE,
                                     "reward_model": {"ground_truth": "see extra_info.episode"},
                                     "extra_info": {"episode": episode_to_dict(row.episode)}}) + "\n")

@@ -37,7 +37,9 @@ MAX_OFFSET_TICKS = 20
 MAX_ORDERS_PER_STEP = 4
 MALFORMED_REASONS = ("unparseable", "too_many_orders", "bad_step", "negative_size", "bad_tif", "price_outside_book",
                      "oversize")
-_LINE = re.compile(r"step=(-?\d+) offset=(-?\d+) size=(-?\d+(?:\.\d+)?) tif=(-?\d+)")
+_LINE = re.compile(r"step=(-?[0-9]{1,9}) offset=(-?[0-9]{1,9}) size=(-?[0-9]{1,12}(?:\.[0-9]{1,12})?) "
+                   r"tif=(-?[0-9]{1,9})")
+"""ASCII digits only, and not too many of them: a runaway number (4,300 digits and int() raises) is unparseable."""
 
 
 class MalformedAnswer(ValueError):
@@ -113,6 +115,14 @@ def reward(response: str, ground_truth: str, extra_info: dict[str, Any]):
 
 # ---- the prompt ---------------------------------------------------------------------------------
 
+def _price_text(price: float, tick: float) -> str:
+    """A price with the tick's decimals (trailing zeros dropped): `:g` keeps 6 significant digits, and showed
+    100234.5 as 100234, and a bid of 59994.93 and an ask of 59994.94 as the same 59994.9."""
+    decimals = max(0, len(f"{tick:.10f}".rstrip("0").split(".")[1]))
+    text = f"{price:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def render_prompt(history: list[Book], trades: list[tuple[Trade, ...]], episode: Episode, *, compact: bool = False,
                   interval_s: float = 10.0) -> str:
     """The episode as text: the order, the fees, the recent book window (oldest first), the answer format.
@@ -136,8 +146,8 @@ def render_prompt(history: list[Book], trades: list[tuple[Trade, ...]], episode:
     ]
     previous = None
     for book, interval in zip(history, trades):
-        depth = " ".join(f"{p:g}x{s:g}" for p, s in book.bids[:3]) + " | " + \
-            " ".join(f"{p:g}x{s:g}" for p, s in book.asks[:3])
+        depth = " ".join(f"{_price_text(p, episode.tick)}x{s:g}" for p, s in book.bids[:3]) + " | " + \
+            " ".join(f"{_price_text(p, episode.tick)}x{s:g}" for p, s in book.asks[:3])
         spread = round((book.best_ask - book.best_bid) / episode.tick)
         ret = 0.0 if previous is None else (book.mid / previous.mid - 1) * 1e4
         bought = sum(t.size for t in interval if t.aggressor == "buy")
@@ -147,5 +157,6 @@ def render_prompt(history: list[Book], trades: list[tuple[Trade, ...]], episode:
     lines.append("The last snapshot is now (step 0). Reason briefly, then answer with a line 'Orders:' followed by "
                  "one line per child order: step=S offset=O size=Q tif=F (S: step 0.."
                  f"{episode.horizon - 1}; O: limit price in ticks behind the touch on your side, negative to "
-                 "cross; Q: size; F: steps it rests), or 'none'.")
+                 f"cross, at most {MAX_OFFSET_TICKS} either way; Q: size, the sizes adding up to at most the order; "
+                 f"F: steps it rests), at most {MAX_ORDERS_PER_STEP} orders a step, or 'none'.")
     return "\n".join(lines)

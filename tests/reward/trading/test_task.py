@@ -13,7 +13,7 @@ from megatron_dapo.reward.trading.market import (
     synthetic_market,
     write_market,
 )
-from megatron_dapo.reward.trading.simulator import ChildOrder, Trade
+from megatron_dapo.reward.trading.simulator import Book, ChildOrder, Episode, Trade
 from megatron_dapo.reward.trading.task import (
     MALFORMED_REASONS,
     MALFORMED_REWARD,
@@ -43,6 +43,8 @@ def test_orders_are_read_after_the_last_orders_line():
     ("Orders:\n" + "step=0 offset=0 size=1 tif=1\n" * 5, "too_many_orders"),  # the limit is per step
     ("Orders:\nstep=0 offset=500 size=5 tif=1", "price_outside_book"),
     ("Orders:\nstep=0 offset=0 size=6 tif=1\nstep=1 offset=0 size=6 tif=1", "oversize"),
+    ("Orders:\nstep=0 offset=0 size=1 tif=" + "1" * 5000, "unparseable"),  # int() refuses 4,300+ digits
+    ("Orders:\nstep=\u0660 offset=0 size=5 tif=1", "unparseable"),  # an Arabic-Indic zero is no ASCII digit
 ])
 def test_malformed_answers_get_the_penalty_and_their_reason(answer, reason):
     result = evaluate(answer, EPISODE)
@@ -106,6 +108,19 @@ def test_synthetic_market_has_regimes_and_episodes_split_by_time():
     assert episode_from_dict(episode_to_dict(train[0].episode)) == train[0].episode
     text = render_prompt(train[0].history, train[0].history_trades, train[0].episode)
     assert text.count("spread") >= 8 and "Orders:" in text and "step=S offset=O size=Q tif=F" in text
+    assert "at most 20 either way" in text and "at most 4 orders a step" in text  # what the penalty is for
+
+
+def test_prices_are_shown_to_the_tick():
+    """`:g` kept 6 significant digits: 100234.5 read 100234, and a 59994.93 bid and a 59994.94 ask looked alike."""
+    episode = Episode(side="buy", quantity=1.0, tick=0.01, books=(Book(bids=((59994.93, 1.0),),
+                                                                          asks=((59994.94, 2.0),)),) * 2, trades=((),))
+    book = episode.books[0]
+    text = render_prompt([book], [()], episode)
+    assert "59994.93x1 | 59994.94x2 spread 1" in text
+    big = Episode(side="sell", quantity=1.0, tick=0.5, books=(Book(bids=((100234.5, 3.0),),
+                                                                    asks=((100235.0, 1.0),)),) * 2, trades=((),))
+    assert "100234.5x3 | 100235x1 spread 1" in render_prompt([big.books[0]], [()], big)
 
 
 def test_quantity_bounds_are_whole_lots():
