@@ -58,10 +58,21 @@ done
 wait "$SRUN_PID" && STATUS=0 || STATUS=$?  # srun's own exit status
 
 # The run clears the STOP file when it reaches its last step, so a signal that came too late to stop it
-# does not requeue a finished run.
+# does not requeue a finished run. Only a run that stopped cleanly (exit 0: its checkpoint saved) while the
+# job still runs is requeued: a plain `scancel` (the job is CANCELLED) or the time limit (TIMEOUT) ends the
+# job, and a run that failed on its way out (a full disk at the save) is not started again to fail again.
 if [ -n "$STOP_REASON" ] && [ -f "$RUN_DIR/STOP" ]; then
-    echo "$(date -Is) the run stopped (exit ${STATUS}); requeueing job ${SLURM_JOB_ID} to continue from its last checkpoint" >&2
-    scontrol requeue "$SLURM_JOB_ID" || echo "requeue refused (the job is being cancelled or requeued already)" >&2
-    sleep 30  # Slurm ends this script as part of the requeue
+    JOB_STATE=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n 1 || true)
+    if [ "$STATUS" -ne 0 ]; then
+        echo "$(date -Is) the run failed while stopping (exit ${STATUS}): job ${SLURM_JOB_ID} is not requeued;" \
+             "submit it again to continue from the last complete checkpoint" >&2
+    elif [ "${JOB_STATE:-RUNNING}" != RUNNING ]; then
+        echo "$(date -Is) the run stopped and saved; job ${SLURM_JOB_ID} is ${JOB_STATE} (cancelled or out of" \
+             "time): not requeued" >&2
+    else
+        echo "$(date -Is) the run stopped and saved; requeueing job ${SLURM_JOB_ID} to continue from that checkpoint" >&2
+        scontrol requeue "$SLURM_JOB_ID" || echo "requeue refused (the job is being cancelled or requeued already)" >&2
+        sleep 30  # Slurm ends this script as part of the requeue
+    fi
 fi
 exit "$STATUS"

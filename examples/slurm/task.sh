@@ -15,7 +15,10 @@ if [ -z "${MEGATRON_DAPO_IFNAME:-}" ] && command -v ip >/dev/null; then
             if { [ -z "$MEGATRON_DAPO_IFNAME" ] || [ "$MEGATRON_DAPO_IFNAME" = lo ]; } && command -v scontrol >/dev/null; then
                 # The first node's name resolves to a loopback address here (127.0.1.1 in Debian's /etc/hosts):
                 # the interface that routes to another node of the job is the one the others can reach.
-                other=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | grep -vx -e "$(hostname)" -e "$(hostname -s)" | head -n 1 || true)
+                # This node by its Slurm name (which may differ from its host name) and its host names.
+                other=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null \
+                        | grep -vx -e "${SLURMD_NODENAME:-$MASTER_ADDR}" -e "$(hostname 2>/dev/null || true)" \
+                                   -e "$(hostname -s 2>/dev/null || true)" | head -n 1 || true)
                 other_ip=$( [ -n "$other" ] && getent ahostsv4 "$other" | awk 'NR == 1 {print $1}' || true)
                 MEGATRON_DAPO_IFNAME=$( [ -n "$other_ip" ] && ip -o route get "$other_ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' || true)
             fi
