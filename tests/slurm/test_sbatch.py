@@ -2,7 +2,7 @@
 
 Submitted with 2 tasks it trains (DP 2), writes metrics and checkpoints; a second submission told
 to stop mid-run (the signal Slurm sends ahead of a time limit) saves, requeues itself, and the
-requeued job resumes from that checkpoint and finishes.
+requeued job resumes from that checkpoint and finishes; a job cancelled mid-run is not requeued.
 """
 from __future__ import annotations
 
@@ -114,3 +114,27 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     assert _steps(run_dir) == list(range(1, 11)), "every step trained exactly once across the requeue"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:06d}", "step_000010"]
     assert not (run_dir / "STOP").exists() and not (tmp_path / "not-the-run").exists()
+
+
+def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
+    """`scancel JOB` sends SIGTERM to the batch shell too, which asks the run to stop: the job must end as
+    cancelled, not put itself back in the queue."""
+    _, state, first_dir, _ = first_run
+    assert state == "COMPLETED"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for made_once in ("base", "tokenizer", "data"):
+        (run_dir / made_once).symlink_to(first_dir / made_once)
+    job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=50", "trainer.test_freq=0",
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0")
+    deadline = time.monotonic() + 600
+    while not _steps(run_dir) and cluster.state(job) not in ENDED and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _steps(run_dir), _log(tmp_path, job)[-4000:]
+    cluster.run("scancel", str(job))
+    assert cluster.wait_state(job, ENDED, timeout_s=300) == "CANCELLED", _log(tmp_path, job)[-4000:]
+    time.sleep(5)  # a requeue would come from the batch shell after the run ended
+    info = cluster.job(job)
+    log = _log(tmp_path, job)
+    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, log[-4000:])
+    assert "requeueing job" not in log, log[-4000:]
