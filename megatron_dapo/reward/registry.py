@@ -164,7 +164,8 @@ class RewardScorer:
         self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
         # A run that ends on an error ends the workers' process groups too: what a reward function started and
         # kept (a solver in a module global) would otherwise outlive the trainer.
-        atexit.register(self.close)
+        self._owner = os.getpid()
+        atexit.register(self._close_at_exit)
 
     def score(self, samples: Iterable[RewardSample | tuple], give_up_after: int | None = None,
               group_size: int = 1) -> RewardBatch:
@@ -296,8 +297,12 @@ class RewardScorer:
                            samples[first].data_source, batch.results[first].reason)
         return batch
 
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._owner:  # not in a process forked from the owner, which inherits the hook
+            self.close()
+
     def close(self) -> None:
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         for worker in self._workers:
             worker.stop()
         self._workers = []
