@@ -33,8 +33,18 @@ class ConfigError(ValueError):
         return f"{len(self.problems)} config problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line value: its text and its YAML reading. A text setting takes the text, so that
+    `trainer.run_dir=2024`, `logging.wandb_project=on` or `model.path=/m/a #1` mean what they say."""
+
+    text: str
+    value: Any
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": 0.28}` (values read as YAML)."""
+    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": 0.28}` (values read as YAML;
+    a scalar keeps its text too, for text settings)."""
     parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -42,14 +52,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. actor.clip_ratio_high=0.28)")
         try:
-            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from None
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
+        parsed[key] = value if isinstance(value, (dict, list)) else _Override(raw.strip(), value)
     return parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set each dotted key in a nested dict (a copy); intermediate mappings are created as needed."""
+    """Set each dotted key in a nested dict (a copy); intermediate mappings are created as needed. A mapping
+    given for a section is merged into it, key by key, as a YAML file's section would be by dotted keys."""
     out = _deep_copy(raw)
     for dotted, value in overrides.items():
         node = out
@@ -60,7 +72,18 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 prefix = ".".join(parts[: depth + 1])
                 raise ConfigError(f"override {dotted}: {prefix} holds a {type(child).__name__}, not a section")
             node = child
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _merged(node[last], value)
+        else:
+            node[last] = value
+    return out
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -69,12 +92,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
     return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently,
+    so a second `actor:` section at the end of a file would undo the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys the section may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"key {key!r} appears twice in one section", seen[key], "here again", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return str(err) if isinstance(err, yaml.constructor.ConstructorError) else err.__class__.__name__
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -123,7 +167,11 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
 def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Override):
+        value = value.text if _wants_text(tp, value) else value.value
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out
+            value = {}
         n = len(problems)
         built = _build(tp, value, key, problems)
         return built, len(problems) == n and built is not None
@@ -164,9 +212,14 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
             return None, False
-        return dict(value), True
+        item_tp = args[1] if args else Any
+        out, ok = {}, True
+        for name, item in value.items():
+            out[name], good = _convert(item_tp, item, f"{key}.{name}", problems)
+            ok &= good
+        return out, ok
     if tp is Any:
-        return value, True
+        return _plain(value), True
     if tp is bool:
         if isinstance(value, bool):
             return value, True
@@ -194,6 +247,15 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
     return None, False
 
 
+def _wants_text(tp: Any, override: _Override) -> bool:
+    """Whether a text setting takes the command line's text as it is: yes, unless the text is quoted YAML
+    or, for an optional setting, null."""
+    optional_text = typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+    if tp is not str and not (optional_text and override.value is not None):
+        return False
+    return not override.text.startswith(("'", '"'))
+
+
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -201,6 +263,15 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    """`value` with the command line's texts dropped (an Any setting takes the YAML reading)."""
+    if isinstance(value, _Override):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

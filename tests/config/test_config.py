@@ -112,6 +112,46 @@ def test_sequence_parallel_is_off_without_tensor_parallel(good):
     assert not config.parallel.layout(4).sequence_parallel
 
 
+def test_text_settings_take_the_command_line_text(good):
+    """YAML would read these as a number, a date, a bool, null or a comment; a text setting means the text."""
+    config = load_config(good, ["trainer.run_dir=2024-01-01", "logging.wandb_run_name=42", "logging.wandb_project=on",
+                                "model.path=/models/a #1", "model.tokenizer_path='007'"])
+    assert config.trainer.run_dir == "2024-01-01" and config.logging.wandb_run_name == "42"
+    assert config.logging.wandb_project == "on" and config.model.path == "/models/a #1"
+    assert config.model.tokenizer_path == "007"
+    assert load_config(good, ["model.tokenizer_path=null"]).model.tokenizer_path is None
+    assert load_config(good, ["trainer.seed=0x10"]).trainer.seed == 16  # other settings read YAML as before
+    assert "reward.functions.a: expected str, got int 3" in _error(good, "reward.functions={a: 3}")
+    assert "reward.functions.a must be 'package.module:function'" in _error(good, "reward.functions.a=3")
+
+
+def test_a_section_on_the_command_line_is_merged_into_the_files(good):
+    config = load_config(good, ["actor.optim.lr=2e-6", "actor.optim={weight_decay: 0.0}",
+                                "algorithm.filter_groups={max_num_gen_batches: 0}"])
+    assert config.actor.optim.lr == 2e-6 and config.actor.optim.weight_decay == 0.0
+    assert config.algorithm.filter_groups.metric == "acc" and config.algorithm.filter_groups.max_num_gen_batches == 0
+    assert config.actor.clip_ratio_high == 0.28 and config.actor.ppo_mini_batch_size == 4
+
+
+def test_a_key_given_twice_is_refused(good, tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(GOOD + "actor: {optim: {lr: 1e-6}}\n")
+    message = _error(twice)
+    assert "key 'actor' appears twice" in message and "line 4" in message and "line 8" in message
+    assert "key 'lr' appears twice" in _error(good, "actor.optim={lr: 1e-6, lr: 2e-6}")
+    merged = tmp_path / "merged.yaml"  # a YAML merge key's entries may be overridden, as YAML means
+    merged.write_text(GOOD.replace("rollout: {n: 4, temperature: 1.0}",
+                                   "base: &base {n: 4, temperature: 1.0}\nrollout: {<<: *base, n: 8}")
+                      .replace("base: &base", "x-base: &base"))
+    assert "unknown key x-base" in _error(merged)
+
+
+def test_a_section_left_empty_takes_its_defaults(good, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(GOOD + "checkpoint:\n  # save_freq: 10\n")
+    assert load_config(empty).checkpoint == load_config(good).checkpoint
+
+
 def test_missing_and_malformed_files(tmp_path):
     assert "does not exist" in _error(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
