@@ -12,7 +12,7 @@ from typing import TextIO
 from megatron_dapo.metrics.config import LoggingConfig
 
 CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", "actor/entropy",
-                "actor/pg_clipfrac_high", "sampling/gen_batches", "rollout/probe_logp_mean_diff", "timing/step")
+                "actor/pg_clipfrac_high", "sampling/gen_batches", "sampling/groups_kept", "rollout/probe_logp_mean_diff", "timing/step")
 
 
 OPTIONAL_SINKS = {"tensorboard": ("logging.tensorboard=true", "tensorboard"),
@@ -152,7 +152,9 @@ def read_history(path: Path) -> list[dict]:
     each marker drops the earlier rows after step N (all of them when it resumed from nothing), and is dropped
     itself, as is a row a crash cut short."""
     rows: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # A character a crash cut in half, left in place when trainer.val_only opened the file next (it repairs
+    # nothing), only spoils the row it was in: that row is dropped below as cut short.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # empty, or the end of a row cut short by a crash

@@ -68,8 +68,12 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise RolloutError(f"bad SamplingParams: {name} must be a number, got {value!r}")
             setattr(self, name, float(value))
-        stops = (self.stop_token_ids,) if isinstance(self.stop_token_ids, numbers.Integral) else self.stop_token_ids
-        if isinstance(stops, (str, bytes)) or not all(
+        stops = self.stop_token_ids
+        if isinstance(stops, numbers.Integral) and not isinstance(stops, bool):
+            stops = (stops,)
+        elif isinstance(stops, Iterable) and not isinstance(stops, (str, bytes)):
+            stops = tuple(stops)  # a generator is read once, here
+        if not isinstance(stops, tuple) or not all(
                 isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stops):
             raise RolloutError(f"bad SamplingParams: stop_token_ids must be token ids (integers), got {stops!r}")
         self.stop_token_ids = tuple(int(t) for t in stops)

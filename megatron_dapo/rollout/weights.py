@@ -57,7 +57,7 @@ class PushLedger:
         accepting none otherwise. `record` the names once the engine holds them."""
         if self.open_since is None:
             raise RolloutError("update_weights() outside a push: call begin_weight_update() first")
-        batch = list(named_tensors)
+        batch = pairs(named_tensors)
         names = {name for name, _ in batch}
         problems, seen, by_target = [], set(), {}
         for name, tensor in batch:
@@ -142,7 +142,7 @@ class WeightPush(PushLedger):
 
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Validate the whole batch, then copy it (dtype and device converted on copy)."""
-        named = list(named_tensors)
+        named = pairs(named_tensors)
         batch = self.accept(named)
         with torch.no_grad():
             for target, tensor in batch:
@@ -157,3 +157,20 @@ class WeightPush(PushLedger):
 def _same(a, b) -> bool:
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
             and torch.equal(a, b.to(a.device)))
+
+
+def pairs(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of an update_weights() call as a list; RolloutError when they are not pairs."""
+    if isinstance(named_tensors, Mapping):
+        raise RolloutError("update_weights() takes (name, tensor) pairs: pass state_dict.items(), not the dict")
+    batch = list(named_tensors)
+    odd = [item for item in batch if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str))]
+    if odd:
+        raise RolloutError(f"update_weights() takes (name, tensor) pairs with the name a str; {len(odd)} of the "
+                           f"{len(batch)} items are not, the first a {type(odd[0]).__name__}: {_short(odd[0])}")
+    return batch
+
+
+def _short(item) -> str:
+    text = repr(item)
+    return text if len(text) <= 80 else text[:77] + "..."

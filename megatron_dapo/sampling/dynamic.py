@@ -41,6 +41,12 @@ class SamplingStats:
     """Responses without a finite filter metric (their reward failed, or gave no such field), left out of the
     variance test."""
 
+    def shortfall(self, target: int, metric: str) -> str:
+        """What an exhausted collection kept and why, for a message."""
+        return (f"dynamic sampling kept {self.kept} of {target} groups after {self.gen_batches} generation batches "
+                f"({self.dropped_all_correct} groups dropped as all-correct, {self.dropped_all_wrong} as all-wrong "
+                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored)")
+
     def metrics(self) -> dict[str, float]:
         return {
             "sampling/gen_batches": self.gen_batches,
@@ -68,9 +74,7 @@ class DynamicSamplingExhausted(RuntimeError):
     def __init__(self, stats: SamplingStats, target: int, metric: str):
         self.stats = stats
         super().__init__(
-            f"dynamic sampling kept {stats.kept} of {target} groups after {stats.gen_batches} generation batches "
-            f"({stats.dropped_all_correct} groups dropped as all-correct, {stats.dropped_all_wrong} as all-wrong "
-            f"by metric {metric!r}, {stats.dropped_unscored} with fewer than two responses scored); raise algorithm.filter_groups.max_num_gen_batches, lower "
+            f"{stats.shortfall(target, metric)}; raise algorithm.filter_groups.max_num_gen_batches, lower "
             "data.train_batch_size, or set algorithm.filter_groups.on_exhausted=train to train on what was kept"
         )
 

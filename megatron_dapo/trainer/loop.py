@@ -384,6 +384,12 @@ class Trainer:
         cfg, groups, batch = self.config, sampled.groups, None
         with self._stops_everyone():  # the other ranks still wait for rank 0's word
             metrics = sampled.stats.metrics()
+            if sampled.stats.exhausted and cfg.logging.console:
+                filtering = cfg.algorithm.filter_groups
+                consequence = "the step trains on those" if groups else "the step has nothing to train on: no update"
+                print(f"step {self.step + 1}: {sampled.stats.shortfall(cfg.data.train_batch_size, filtering.metric)}; "
+                      f"{consequence} (algorithm.filter_groups.max_num_gen_batches={filtering.max_num_gen_batches}, "
+                      "on_exhausted=train)", file=sys.stderr, flush=True)
             if groups:
                 metrics.update(rollout_metrics(groups, cfg.data.max_response_length))
                 batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,

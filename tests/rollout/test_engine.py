@@ -1,6 +1,7 @@
 """SamplingParams validation and the interface's typed results."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams
@@ -41,11 +42,20 @@ def test_bad_values_are_named(kwargs, message):
     (dict(temperature="0.7"), r"temperature must be a number, got '0.7'"),
     (dict(top_p=None), r"top_p must be a number, got None"),
     (dict(stop_token_ids="12"), r"stop_token_ids must be token ids \(integers\), got '12'"),  # not (1, 2)
-    (dict(stop_token_ids=[2, 3.0]), r"stop_token_ids must be token ids \(integers\), got \[2, 3.0\]"),
+    (dict(stop_token_ids=[2, 3.0]), r"stop_token_ids must be token ids \(integers\), got \(2, 3.0\)"),
+    (dict(stop_token_ids=None), r"stop_token_ids must be token ids \(integers\), got None"),  # eos_token_id None
+    (dict(stop_token_ids=True), r"stop_token_ids must be token ids \(integers\), got True"),
 ])
 def test_values_of_the_wrong_type_are_named(kwargs, message):
     with pytest.raises(RolloutError, match=message):
         SamplingParams(max_new_tokens=4, **kwargs)
+
+
+def test_stop_token_ids_given_as_a_generator_are_kept():
+    """Read once: a check that used them up left no stop tokens, and every completion ran to max_new_tokens."""
+    assert SamplingParams(max_new_tokens=4, stop_token_ids=(t for t in [2, 7])).stop_token_ids == (2, 7)
+    assert SamplingParams(max_new_tokens=4, stop_token_ids=map(int, "35")).stop_token_ids == (3, 5)
+    assert SamplingParams(max_new_tokens=4, stop_token_ids=np.int64(9)).stop_token_ids == (9,)
 
 
 def test_all_problems_are_reported_together():

@@ -90,6 +90,10 @@ def test_a_validation_only_run_leaves_the_training_s_unfinished_row_alone(tmp_pa
     SampleLog(tmp_path, 2, training=False).close()
     for name in ("metrics.jsonl", "samples.jsonl"):  # ended, for a row of its own to start a line, and not cut
         assert (tmp_path / name).read_bytes() == b'{"step": 0}\n' + row[:-4] + b"\n", name
+    # The half character stays in the file, whoever appends next: it costs its own row only.
+    SampleLog(tmp_path, 2).close()
+    from megatron_dapo.metrics.samples import read_samples
+    assert read_samples(tmp_path) == [{"step": 0}] and read_metrics(tmp_path) == [{"step": 0}]
 
 
 def test_tensorboard_drops_what_an_attempt_logged_after_the_resumed_step(tmp_path):

@@ -565,6 +565,9 @@ def test_checkpoints_with_a_hugging_face_copy(toy_run, tmp_path):
     trained_steps = [row for row in _rows(run_dir) if "actor/lr" in row]
     assert trained_steps, "no step trained"
     assert any(row["sampling/groups_kept"] <= 4 for row in trained_steps), trained_steps  # a short step came first
+    assert re.search(r"step \d: dynamic sampling kept \d of 8 groups after 1 generation batches .*; the step trains "
+                     r"on those \(algorithm\.filter_groups\.max_num_gen_batches=1, on_exhausted=train\)", proc.stderr), \
+        proc.stderr[-4000:]  # said on the console, not only in metrics.jsonl
     for row in trained_steps:
         minis = -(-int(row["sampling/groups_kept"]) // 4)  # fewer groups kept: fewer mini-batches
         first = (row["step"] - 1) * 2

@@ -172,6 +172,10 @@ class EmbeddedEngine(RolloutEngine):
         problems = []
         vocab = self.arch.vocab_size
         for i, seq in enumerate(sequences):
+            if isinstance(seq, (str, bytes)) or not (hasattr(seq, "__len__") and hasattr(seq, "__iter__")):
+                problems.append(f"{what} {i} is a {type(seq).__name__}, not a list of token ids "
+                                f"(a batch is a list of {what}s)")
+                continue
             if len(seq) == 0:
                 problems.append(f"{what} {i} is empty")
                 continue

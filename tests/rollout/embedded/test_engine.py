@@ -27,6 +27,13 @@ def test_empty_prompt_is_refused(engine):
         engine.score([[]], 1.0)
 
 
+def test_a_flat_prompt_is_refused_by_what_it_is(engine):
+    with pytest.raises(RolloutError, match=r"prompt 0 is a int, not a list of token ids \(a batch is a list of prompts\)"):
+        engine.generate([1, 2, 3], GREEDY)
+    with pytest.raises(RolloutError, match="sequence 0 is a str, not a list of token ids"):
+        engine.score(["12"], 1.0)
+
+
 def test_a_temperature_that_would_overflow_the_logits_is_refused(engine):
     with pytest.raises(RolloutError, match="temperature must be >= 0.001 and finite, got 1e-39"):
         engine.score([[3, 1, 4, 1]], 1e-39)  # logits / 1e-39 is inf in float32: NaN log-probs

@@ -138,6 +138,10 @@ def test_push_protocol_misuse_is_refused(qwen2):
     engine.begin_weight_update()
     with pytest.raises(RolloutError, match="appears twice"):
         engine.update_weights([norm, norm])
+    with pytest.raises(RolloutError, match=r"pass state_dict.items\(\), not the dict"):
+        engine.update_weights(dict([norm]))
+    with pytest.raises(RolloutError, match=r"1 of the 2 items are not, the first a tuple: \('model.norm.weight', "):
+        engine.update_weights([norm, (*norm, "extra")])
     embedding = engine.model.model.embed_tokens.weight.detach().clone()
     with pytest.raises(RolloutError, match=r"tensors 'model.embed_tokens.weight' and 'lm_head.weight' are one "
                                            r"parameter \('model.embed_tokens.weight'\) but differ"):
