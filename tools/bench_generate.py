@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = args.batch * args.new_tokens
     ours_s = _timed(ours, args.repeats, cuda)
+    print(f"embedded engine: {ours_s:.3f} s, {tokens / ours_s:.1f} tokens/s (transformers next)", flush=True)
     theirs_s = _timed(theirs, args.repeats, cuda)
     row = {"machine": machine(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step()
     seconds = statistics.median(step() for _ in range(args.repeats))
-    round_trips = [_offload_round_trip(actor, gpu) for _ in range(args.repeats)]
-    if rank == 0:
+    if rank == 0:  # written before the offload round trips, which a time limit or the host's memory may cut short
         layer, _, _ = parameter_counts(actor.arch)
         matmul_params = layer * hf.num_hidden_layers + hf.vocab_size * hf.hidden_size  # + the output projection
         tokens = b * s
@@ -92,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                "mfu": round(flops / seconds / world / (args.peak_tflops * 1e12), 3) if gpu else ""}
         print(row, flush=True)
         append_rows(args.out, "update", [row])
+    round_trips = [_offload_round_trip(actor, gpu) for _ in range(args.repeats)]
+    if rank == 0:
         copied, dropped = round_trips[0][0], round_trips[0][1]
         offload_s = statistics.median(r[2] for r in round_trips)
         reload_s = statistics.median(r[3] for r in round_trips)

@@ -43,10 +43,11 @@ fi
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>&1 | tail -n 1
   python3 -c "import transformers as t; print('transformers', t.__version__)" 2>&1 | tail -n 1
+  echo "ninja: $(command -v ninja || echo 'not found: the kernels compile one source at a time')"
 } >"$work/device.txt" 2>&1
 cat "$work/device.txt"
 megatron=yes
-if ! python3 -c "import megatron.core" >/dev/null 2>&1; then
+if ! grep -q '^megatron-core [0-9]' "$work/device.txt"; then  # its import above failed
   megatron=no
   echo "!! megatron-core does not import: actor, update and push are skipped (carry .whl, see tools/gpu_wheels.sh)"
 fi
@@ -82,11 +83,24 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
   local result=ok
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && result=timeout
   [ $rc -ne 0 ] && [ $result = ok ] && result="failed($rc)"
+  # pytest passes with every test skipped (no CUDA, an extension that did not load): no GPU check was done
+  local tally note=""
+  tally=$(grep -E '[0-9]+ (passed|failed|skipped|deselected)' "$work/$name.log" | tail -n 1)
+  if [ $result = ok ] && [[ $tally =~ ([0-9]+)\ skipped ]]; then
+    note="  (${BASH_REMATCH[1]} skipped: see -rs in $name.log)"
+    [[ $tally =~ [0-9]+\ passed ]] || result=skipped
+  fi
   tail -n 4 "$work/$name.log"
-  summary+=("$(printf '%-13s %-8s %5s s' "$name" "$result" $((SECONDS - t0)))")
+  summary+=("$(printf '%-13s %-8s %5s s%s' "$name" "$result" $((SECONDS - t0)) "$note")")
   pack
 }
 
+for name in $steps; do  # every name checked before any step runs
+  case $name in
+    build|kernel-tests|kernels|kernels-full|actor|update|push|generate|embedded) ;;
+    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
+  esac
+done
 for name in $steps; do
   case $name in
     build) step build 300 bash -c 'python3 setup.py build_ext --inplace && python3 -c "

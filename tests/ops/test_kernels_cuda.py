@@ -89,11 +89,12 @@ def test_logprob_forward_and_backward_against_fp64(tokens, vocab, dtype, tempera
     assert torch.equal(inplace, grad)
 
 
+@pytest.mark.parametrize("padded", [32008, 32064])  # slices of 16004 / 4001 columns: single loads; 16032 / 4008: packs
 @pytest.mark.parametrize("shards", [2, 8])
-def test_tp_combine_of_shard_statistics(shards):
+def test_tp_combine_of_shard_statistics(shards, padded):
     _need_gpu()
     gen = torch.Generator(device="cuda").manual_seed(shards)
-    tokens, vocab, padded = 129, 32001, 32008
+    tokens, vocab = 129, 32001
     logits = (torch.randn(tokens, padded, device="cuda", generator=gen) * 3).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     stats = [extension.EXTENSION.logprob_stats(shard, local, 0.9, valid)
@@ -137,23 +138,27 @@ def test_slices_of_padding_only():
     assert (got_grad.double() - ref_grad).abs().max().item() <= 1e-2 * ref_grad.abs().max().item()
 
 
-@pytest.mark.parametrize("vocab", [32001, 32000])  # single-element loads, and 16-byte packs
-def test_a_nan_logit_makes_its_row_nan_as_in_the_reference(vocab):
+# Slices of 16001 columns are read one element at a time, of 16000 in 16-byte packs of 8 bf16 (a row stride that
+# is a multiple of 8); either way by 256 threads (csrc/logprob.cu threads_for), so thread 0's second read is 256
+# elements, or 256 packs, after its first.
+@pytest.mark.parametrize(("vocab", "width", "vec"), [(32002, 16001, 1), (32000, 16000, 8)])
+def test_a_nan_logit_makes_its_row_nan_as_in_the_reference(vocab, width, vec):
     """fmaxf skips a NaN: one read while a thread had seen only -inf was dropped, and a slice all NaN dropped out
     of the TP combine, so a diverged model's log-probs stayed finite and no alarm rang."""
     _need_gpu()
     gen = torch.Generator(device="cuda").manual_seed(11)
-    tokens, width = 6, vocab // 2 + 1
+    tokens = 6
     logits = torch.randn(tokens, vocab, device="cuda", generator=gen).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     logits[0, 0] = float("nan")                  # the first value thread 0 reads
     logits[1, 0:8] = float("nan")                # a whole 16-byte pack of bf16
     logits[2, :width] = float("nan")             # a TP slice all NaN: row 2's target on the other slice
     targets[2] = vocab - 1
-    logits[3, 5] = float("-inf")                 # -inf then NaN in one thread's reads
-    logits[3, 5 + 512] = float("nan")
-    stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid)
-             for shard, local, valid in _vocab_slices(logits, targets, vocab, width)]
+    logits[3, :vec] = float("-inf")              # thread 0 reads only -inf, then a NaN
+    logits[3, 256 * vec + vec // 2] = float("nan")
+    slices = list(_vocab_slices(logits, targets, vocab, width))
+    assert all((shard.stride(0) % 8 == 0) == (vec == 8) for shard, _, _ in slices)  # the load path meant
+    stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid) for shard, local, valid in slices]
     logp, lse, _ = lp_ops.combine_stats(torch.stack(stats))
     want = [lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
             for shard, local, valid in _vocab_slices(logits, targets, vocab, width)]
