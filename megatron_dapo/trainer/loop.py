@@ -313,7 +313,7 @@ class Trainer:
                 metrics.update(push.metrics())
             self.memory.to_generation(timer)  # the engine is whole again; the probe needs its KV cache
             with timer("reshard"):
-                probe = self._probe(trainer_probe, f"of step {self.step + 1}")
+                probe = self._probe(trainer_probe, f"after the weight push of step {self.step + 1}")
                 metrics["rollout/probe_logp_max_diff"], metrics["rollout/probe_logp_mean_diff"] = probe
             if cfg.actor.offload:
                 metrics["actor/offloaded_gb"] = self.memory.offloaded_bytes / 1e9
@@ -498,6 +498,11 @@ class Trainer:
             latest = chosen[0]
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
+        else:  # each engine loaded model.path itself: checked all the same, before it generates from it
+            with self.memory.actor_resident():
+                trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
+            self._probe(trainer_probe, "at the start, where each engine loaded model.path itself and the trainer "
+                                       "built the actor from it,")
         if latest is not None and self.hf_copy and not self.config.trainer.val_only:
             checkpoints.complete_hf_copy(latest, self.hf_copy, wait_group=self.control.group)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
@@ -529,7 +534,8 @@ class Trainer:
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
         self.memory.to_generation()
-        self._probe(trainer_probe, "at the start" if latest is None else f"when resuming at step {self.step}")
+        self._probe(trainer_probe, "after the weight push at the start" if latest is None
+                    else f"after the weight push when resuming at step {self.step}")
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
             changes = config_changes(self._earlier_config, self.config) if self._earlier_config else []
@@ -560,16 +566,16 @@ class Trainer:
         not a bad push."""
         if not torch.isfinite(trainer_probe).all():  # every rank has the same probe log-probs
             raise RuntimeError(
-                f"after the weight push {when} the trainer's own log-probs of the probe are not finite: its weights "
+                f"{when} the trainer's own log-probs of the probe are not finite: its weights "
                 f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "
                 f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr and start again)")
         threshold = self.parity_threshold
         diff = engine_probe_diff(self.engine, self.probe, trainer_probe)
         if not diff.mean <= threshold:
             raise RuntimeError(
-                f"after the weight push {when} a rollout engine's log-probs of the probe differ from the trainer's "
+                f"{when} a rollout engine's log-probs of the probe differ from the trainer's "
                 f"by {diff.mean:.3g} on average, {diff.max:.3g} at most (> rollout.parity_threshold={threshold:g}): "
-                "the engine is not running the weights that were trained; stopping before it generates from them")
+                "the engine is not running the trainer's weights; stopping before it generates from them")
         return diff
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:

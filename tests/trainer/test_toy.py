@@ -278,10 +278,11 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
 
 
 def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
-    """Both engines refuse their prompts (too long for rollout.embedded.max_seq_len): rank 0 raises with
-    the engine named and rank 1 stops on rank 0's word, instead of waiting for a collective that never comes."""
+    """Both engines refuse their prompts (too long for rollout.embedded.max_seq_len with 16 new tokens, while the
+    16-token probe at the start fits): rank 0 raises with the engine named and rank 1 stops on rank 0's word,
+    instead of waiting for a collective that never comes."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
-    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=8"]
+    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=20"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "RolloutError: rollout engine 0 (rank 0): RolloutError: bad input" in proc.stderr, proc.stderr[-4000:]
@@ -331,7 +332,8 @@ def test_diverged_weights_stop_the_run_named_as_such(toy_run, tmp_path, mini_bat
 def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     """A bf16 engine behind the float32 trainer: the probe's log-probs differ by bf16 rounding (~0.03 on average
     here). The default threshold for mixed precision lets the run train and logs the difference; the float32
-    default, given explicitly, stops it after the first push with both figures named and nothing saved."""
+    default, given explicitly, stops it with both figures named and nothing generated or saved, at the start: the
+    engine loaded model.path itself, and is checked before its first generation as after every push."""
     from megatron_dapo.rollout.config import PARITY_FLOAT32, PARITY_HALF
 
     runs = {}
@@ -353,9 +355,11 @@ def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     assert row["rollout/probe_logp_mean_diff"] <= row["rollout/probe_logp_max_diff"], row
     run_dir, proc = runs["float32"]
     assert proc.returncode != 0
-    assert re.search(r"after the weight push of step 1 a rollout engine's log-probs of the probe differ from the "
-                     r"trainer's by [0-9.e-]+ on average, [0-9.e-]+ at most \(> rollout.parity_threshold=0.001\): "
-                     r"the engine is not running the weights that were trained", proc.stderr), proc.stderr[-4000:]
+    assert re.search(r"at the start, where each engine loaded model.path itself and the trainer built the actor from "
+                     r"it, a rollout engine's log-probs of the probe differ from the trainer's by [0-9.e-]+ on average, "
+                     r"[0-9.e-]+ at most \(> rollout.parity_threshold=0.001\): the engine is not running the trainer's "
+                     r"weights", proc.stderr), proc.stderr[-4000:]
+    assert not (run_dir / "samples.jsonl").exists() or "train" not in (run_dir / "samples.jsonl").read_text()
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 

@@ -35,6 +35,16 @@ class SGLangEngineConfig:
         for key in sorted(set(self.server_args) & set(SET_BY_US)):
             problems.append(f"rollout.sglang.server_args.{key} is set by the trainer; use the rollout.sglang key "
                             "of that name where there is one, or remove it")
+        for key in ("dp_size", "pp_size", "nnodes"):
+            if self.server_args.get(key, 1) != 1:
+                # SGLang takes weight updates with dp_size 1 only, and its workers' ranks in the update group
+                # count TP ranks only; an engine spans one node.
+                problems.append(f"rollout.sglang.server_args.{key}={self.server_args[key]!r}: the trainer's weight "
+                                f"push needs an SGLang engine of one node, TP only; remove {key}, and for more "
+                                "engines set rollout.engines")
+        if self.server_args.get("load_format") == "dummy":
+            problems.append("rollout.sglang.server_args.load_format=dummy: the engines generate from model.path's "
+                            "weights before the first push, so they must load them; remove load_format")
         if problems:
             raise ConfigError(problems)
 

@@ -66,7 +66,7 @@ class SGLangEngine(RolloutEngine):
 
         Cheap, and meant for every rank, so that all of them stop alike instead of waiting for rank 0.
         """
-        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes", "on"):
+        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes", "y", "on"):
             raise ConfigError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would report the sampled tokens' "
                               "log-probs at temperature 1, not at rollout.temperature where the trainer computes "
                               "them; unset it")
@@ -116,6 +116,8 @@ class SGLangEngine(RolloutEngine):
         self._check_usable()
         if any(len(p) == 0 for p in prompts):
             raise RolloutError("empty prompt: every prompt needs at least one token")
+        if not prompts:
+            return []  # SGLang refuses an empty batch
         sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                     "top_p": params.top_p, "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids),
                     "skip_special_tokens": False}
@@ -126,7 +128,11 @@ class SGLangEngine(RolloutEngine):
             if params.seed is not None:
                 item["sampling_seed"] = (params.seed * 1_000_003 + i) % 2**63  # SGLang keeps it in an int64
             per_request.append(item)
-        outputs = self.engine.generate(input_ids=requests, sampling_params=per_request, return_logprob=True)
+        try:
+            outputs = self.engine.generate(input_ids=requests, sampling_params=per_request, return_logprob=True)
+        except ValueError as err:  # a request SGLang refuses (one past its context length) fails the whole call
+            raise RolloutError(f"SGLang refused the generation batch ({len(prompts)} prompts x {params.n}): "
+                               f"{err}") from err
         completions = [_completion(out) for out in outputs]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 

@@ -33,6 +33,17 @@ def test_bad_sglang_values_name_their_keys():
     assert "rollout.sglang.server_args.tp_size is set by the trainer" in message
 
 
+def test_server_args_the_weight_push_cannot_serve_are_refused():
+    overrides = ["rollout.sglang.server_args={dp_size: 2, pp_size: 2, nnodes: 1, load_format: dummy}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "rollout.sglang.server_args.dp_size=2: the trainer's weight push needs an SGLang engine of one node" in message
+    assert "rollout.sglang.server_args.pp_size=2" in message and "nnodes" not in message
+    assert "rollout.sglang.server_args.load_format=dummy: the engines generate from model.path's weights" in message
+    assert load_config(None, ["rollout.sglang.server_args={load_format: safetensors}"])  # a real format is fine
+
+
 def test_colocated_engine_starts_on_node_0s_first_gpu():
     config = SGLangEngineConfig(tp_size=2)
     assert config.gpus("colocated", local_world_size=8, visible_gpus=8) == range(0, 2)

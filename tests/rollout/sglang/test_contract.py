@@ -233,6 +233,23 @@ def test_finish_reasons_map_and_an_aborted_request_is_an_error():
         assert SGLangEngine(_Finishing(finish), tp_size=1).generate([[1, 2]], params)[0][0].finish_reason == expected
     with pytest.raises(RolloutError, match="finish reason .*abort.*out of KV cache"):
         SGLangEngine(_Finishing(FINISH_ABORT(message="out of KV cache")), tp_size=1).generate([[1, 2]], params)
+    assert SGLangEngine(_Finishing(None), tp_size=1).generate([], params) == []
+
+
+class _Refusing:
+    """sglang.Engine.generate as it answers a batch holding a request it aborts up front (status 400)."""
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        raise ValueError("The input (30000 tokens) is longer than the model's context length (32768 tokens).")
+
+
+def test_a_batch_sglang_refuses_is_a_rollout_error_with_its_reason():
+    _sglang()
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    with pytest.raises(RolloutError, match=r"SGLang refused the generation batch \(2 prompts x 1\): The input \(30000"):
+        SGLangEngine(_Refusing(), tp_size=1).generate([[1], [2]], SamplingParams(max_new_tokens=4000))
 
 
 def test_scores_only_at_temperature_1_and_refuses_original_logprobs(monkeypatch):
