@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig
 from megatron_dapo.models import families
 from megatron_dapo.models.arch import ModelArch, ModelError
@@ -107,10 +108,17 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
     if rollout.name == "sglang" and rollout.mode == "colocated" and rollout.sglang.tp_size > gpus_per_node:
         report.problems.append(f"rollout.sglang.tp_size ({rollout.sglang.tp_size}) is more than a node's "
                                f"{gpus_per_node} GPUs: an engine runs on one node; lower it")
+    if rollout.name == "sglang" and not report.problems:
+        try:  # where the trainer puts the engine (rollout.sglang.base_gpu_id included), checked as it checks it
+            engine_range = rollout.sglang.gpus(rollout.mode, local_world_size=gpus_per_node - engine_gpus,
+                                               visible_gpus=gpus_per_node)
+        except ConfigError as err:
+            report.problems.extend(err.problems)
+            return report
     world = nodes * (gpus_per_node - engine_gpus)
     report.lines.append(f"allocation: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks"
-                        + (f" ({gpus_per_node - engine_gpus} per node; each node's last {engine_gpus} GPUs are "
-                           "SGLang's)"
+                        + (f" ({gpus_per_node - engine_gpus} per node; GPUs {engine_range.start}.."
+                           f"{engine_range.stop - 1} of each node are SGLang's)"
                            if engine_gpus else "") + f", {gpu_memory_gb:g} GB each")
     if world % (tp * pp):
         report.problems.append(
@@ -280,31 +288,48 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
 def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: float, report: Report,
                   ranks_per_node: int = 1) -> None:
     layer, embedding, output = parameter_counts(arch)
+    vocab = families.padded_vocab_size(arch.vocab_size, layout.tp)  # the actor's embedding and output are padded
+    embedding += (vocab - arch.vocab_size) * arch.hidden_size
+    output += (vocab - arch.vocab_size) * arch.hidden_size if output else 0
     per_stage = arch.num_layers // layout.pp if arch.num_layers % layout.pp == 0 else -(-arch.num_layers // layout.pp)
-    if layout.pp == 1:  # one stage holds the embedding and the output layer
-        params = (per_stage * layer + embedding + output) / layout.tp
-    else:  # the last stage keeps its own copy of a tied embedding
-        first, last = per_stage * layer + embedding, per_stage * layer + (output or embedding)
-        params = max(first, last) / layout.tp
     dp_shard = layout.dp if layout.distributed_optimizer else 1
-    weights, grads, optimizer = 2 * params, 4 * params, 12 * params / dp_shard
     tokens = max(config.actor.ppo_max_token_len_per_gpu, config.data.max_prompt_length + config.data.max_response_length)
     h, tp = arch.hidden_size, layout.tp
     full_layer = tokens * h * (34 / tp if layout.sequence_parallel else 10 + 24 / tp)
-    in_flight = layout.pp
-    if config.actor.recompute_activations:
-        kept = tokens * h * 2 / (tp if layout.sequence_parallel else 1)
-        activations = per_stage * kept * in_flight + full_layer
-    else:
-        activations = per_stage * full_layer * in_flight
-    logits = 4 * tokens * arch.vocab_size / tp
-    total = weights + grads + optimizer + activations + logits + OVERHEAD_GB * GB
+
+    def stage(params: float, in_flight: int, logits: float) -> dict[str, float]:
+        """One GPU of a pipeline stage holding `params` parameters (before TP) and `in_flight` micro-batches'
+        activations (1F1B: the first stage holds PP of them, the last one), with `logits` bytes of logits."""
+        params /= tp
+        if config.actor.recompute_activations:
+            kept = tokens * h * 2 / (tp if layout.sequence_parallel else 1)
+            activations = per_stage * kept * in_flight + full_layer
+        else:
+            activations = per_stage * full_layer * in_flight
+        return {"params": params, "weights": 2 * params, "grads": 4 * params, "optimizer": 12 * params / dp_shard,
+                "activations": activations, "logits": logits, "in_flight": in_flight}
+
+    logits_bytes = 4 * tokens * vocab / tp
+    if layout.pp == 1:  # one stage holds the embedding and the output layer
+        stages = {"every GPU": stage(per_stage * layer + embedding + output, 1, logits_bytes)}
+    else:  # the last stage keeps its own copy of a tied embedding; no GPU holds the first's and the last's peaks
+        stages = {"first pipeline stage": stage(per_stage * layer + embedding, layout.pp, 0.0),
+                  "last pipeline stage": stage(per_stage * layer + (output or embedding), 1, logits_bytes)}
+    totals = {name: sum(part[k] for k in ("weights", "grads", "optimizer", "activations", "logits")) + OVERHEAD_GB * GB
+              for name, part in stages.items()}
+    busiest = max(totals, key=totals.get)
+    weights, grads, optimizer, activations, logits = (stages[busiest][k] for k in
+                                                     ("weights", "grads", "optimizer", "activations", "logits"))
+    total = totals[busiest]
+    others = "".join(f"; the {name}: {totals[name] / GB:.1f} GB" for name in totals if name != busiest)
     report.lines.append(
-        f"memory estimate for the busiest GPU: weights {weights / GB:.1f} GB + gradients {grads / GB:.1f} + "
+        "memory estimate for the busiest GPU" + (f" ({busiest}{others})" if layout.pp > 1 else "") +
+        f": weights {weights / GB:.1f} GB + gradients {grads / GB:.1f} + "
         f"optimizer {optimizer / GB:.1f}" + (f" (sharded over DP {dp_shard})" if dp_shard > 1 else "") +
-        f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, {in_flight} in flight"
-        + (", recomputed" if config.actor.recompute_activations else "") +
+        f" + activations {activations / GB:.1f} ({tokens} tokens per micro-batch, "
+        f"{stages[busiest]['in_flight']} in flight" + (", recomputed" if config.actor.recompute_activations else "") +
         f") + logits {logits / GB:.1f} + overhead {OVERHEAD_GB:.0f} = {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+    params = max(part["params"] for part in stages.values())
     length = config.data.max_prompt_length + config.data.max_response_length
     scores = 12 * (arch.num_heads / tp) * length ** 2  # bf16 scores and probabilities, fp32 softmax in and out
     report.notes.append(
@@ -320,27 +345,39 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
             f"host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its "
             f"data-parallel group, {gathered / GB:.1f} GB per rank, {gathered * ranks_per_node / GB:.0f} GB per node"
             + (" (on top of actor.offload's copies)" if config.actor.offload else ""))
-    if config.rollout.name == "sglang":
-        _check_sglang(config, arch, weights + grads + optimizer, optimizer * 8 / 12, grads, gpu_memory_gb, report,
+    if config.rollout.name == "sglang":  # an engine's GPUs may be any stage's: the larger actor state counts
+        heavy = max(stages.values(), key=lambda part: part["params"])
+        _check_sglang(config, arch, heavy["weights"] + heavy["grads"] + heavy["optimizer"], heavy["optimizer"] * 8 / 12,
+                      heavy["grads"], gpu_memory_gb, report,
                       sharded_optimizer=layout.distributed_optimizer)  # more nodes: more DP to shard over
     engine = _embedded_engine_bytes(config, arch)
+    colocated = config.rollout.mode == "colocated"
+    offload = colocated and config.actor.offload
     if engine:
         weights_b, cache_b = engine
-        colocated = config.rollout.mode == "colocated"
-        # Colocated, the engine drops its KV cache while the actor trains: the busier of the two phases counts.
-        total += weights_b + (max(0.0, cache_b - activations - logits) if colocated else cache_b)
+        host_name = next(iter(stages))  # rank 0, an engine's host, is in the first pipeline stage
+        host, host_total = stages[host_name], totals[host_name]
+        if offload:  # generating, the engine has the GPU to itself; training, the actor and the engine's weights
+            host_total = OVERHEAD_GB * GB + weights_b + max(host_total - OVERHEAD_GB * GB, cache_b)
+        elif colocated:  # the engine drops its KV cache while the actor trains: the busier phase counts
+            host_total += weights_b + max(0.0, cache_b - host["activations"] - host["logits"])
+        else:
+            host_total += weights_b + cache_b
+        total = max(total, host_total)
         report.lines.append(
             f"each engine's host (rank 0 first) also holds an embedded rollout engine: weights {weights_b / GB:.1f} GB "
             "+ KV cache "
             f"{cache_b / GB:.1f} GB (rollout.embedded.max_batch_size {config.rollout.embedded.max_batch_size} x "
             f"{config.data.max_prompt_length + config.data.max_response_length} tokens)"
-            + (", freed while the actor trains, in place of its activations and logits" if colocated else "")
-            + f" = {total / GB:.1f} GB there")
+            + (", with the actor in host memory while it generates (actor.offload)" if offload else
+               ", freed while the actor trains, in place of its activations and logits" if colocated else "")
+            + f" = {host_total / GB:.1f} GB there")
     if total <= gpu_memory_gb * GB:
         return
     fixes = []
     if engine and engine[1] > 0.2 * total:
-        fixes.append("lower rollout.embedded.max_batch_size or set rollout.name=sglang")
+        fixes.append("lower rollout.embedded.max_batch_size or set rollout.name=sglang"
+                     + ("" if offload or not colocated else ", or set actor.offload=true"))
     if not config.actor.recompute_activations and activations > 0.2 * total:
         fixes.append("set actor.recompute_activations=true")
     if layout.tp > 1 and not layout.sequence_parallel:

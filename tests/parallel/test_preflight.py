@@ -59,15 +59,15 @@ def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
     assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
     assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 35\.7 GB of 80 GB", text), text
-    # 32.76B / TP8 parameters x 12 bytes (fp32 master weights and Adam moments), x 8 ranks a node
+    # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam moments), x 8 ranks a node
     assert "host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its " \
-           "data-parallel group, 49.1 GB per rank, 393 GB per node" in text, text
+           "data-parallel group, 49.2 GB per rank, 393 GB per node" in text, text
 
 
 def test_too_few_nodes_for_the_optimizer_state_says_what_to_change():
     report = _check("dapo-qwen2.5-32b", 1, 8)
     assert not report.fits
-    assert "optimizer 49.1" in report.render()
+    assert "optimizer 49.2" in report.render()
     assert any("exceeds the GPU's 80 GB" in p and "use more nodes" in p for p in report.problems), report.problems
 
 
@@ -200,7 +200,7 @@ def test_disaggregated_sglang_takes_gpus_from_the_trainer():
     report = _check("dapo-qwen3-4b", 1, 8, *overrides)
     text = report.render()
     assert report.fits, text
-    assert "= 4 ranks (4 per node; each node's last 4 GPUs are SGLang's)" in text
+    assert "= 4 ranks (4 per node; GPUs 4..7 of each node are SGLang's)" in text
     assert "layout: TP2+SP x PP1 x DP2 = 4 ranks" in text and "while SGLang generates" not in text
     report = _check("dapo-qwen3-4b", 1, 8, *overrides[:3], "rollout.sglang.tp_size=8")
     assert report.problems == ["rollout.mode=disaggregated: the SGLang engine's rollout.sglang.tp_size (8) GPUs "
@@ -226,3 +226,39 @@ def test_rollout_engines_need_replicas_and_sglang_hosts_first_on_their_node():
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.engines=32", "parallel.tensor_model_parallel_size=4")
     assert any(p.startswith("rollout.engines (32) puts SGLang engines on ranks [4, 12, 20, 28], which are not the "
                             "first rank of their node") for p in report.problems), report.problems
+
+
+def test_sglang_gpus_are_checked_where_base_gpu_id_puts_them():
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.base_gpu_id=4")
+    assert report.problems == ["the SGLang engine needs GPUs 4..11 (rollout.sglang.base_gpu_id=4, "
+                               "rollout.sglang.tp_size=8) but this node has 8"], report.problems
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang", "rollout.mode=disaggregated", "rollout.engines=1",
+                    "rollout.sglang.tp_size=4", "rollout.sglang.base_gpu_id=0")
+    assert report.problems == ["rollout.mode=disaggregated: the SGLang engine's GPUs 0..3 overlap the trainer's GPUs "
+                               "0..3; set rollout.sglang.base_gpu_id >= 4 or rollout.mode=colocated"], report.problems
+
+
+def test_actor_offload_gives_the_embedded_engine_the_gpu_while_it_generates():
+    """Offloaded, the actor is in host memory while the KV cache is there, and the cache is gone while the actor
+    trains: 8.0 GB of engine weights + the larger of 59.8 GB of cache and the actor's 26.2 GB, + 4 overhead."""
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_batch_size=44")
+    assert "exceeds the GPU's 80 GB: lower rollout.embedded.max_batch_size or set rollout.name=sglang, or set " \
+           "actor.offload=true" in report.problems[0], report.problems
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_batch_size=44", "actor.offload=true")
+    assert report.fits, report.render()
+    assert "KV cache 59.8 GB (rollout.embedded.max_batch_size 44 x 9216 tokens), with the actor in host memory " \
+           "while it generates (actor.offload) = 71.8 GB there" in report.render()
+
+
+def test_pipeline_stages_are_estimated_each_for_itself():
+    """The first stage holds PP micro-batches' activations and the embedding, the last one micro-batch, the output
+    layer and the logits: no GPU holds both peaks, so the busier stage decides (here the last, by 33.2 GB, where
+    their sum would say 34.0)."""
+    report = _check("dapo-qwen3-4b", 1, 8, "parallel.tensor_model_parallel_size=1",
+                    "parallel.pipeline_model_parallel_size=4", "rollout.engines=2", "rollout.name=sglang",
+                    "rollout.sglang.tp_size=4", memory=34.0)
+    text = report.render()
+    assert ("memory estimate for the busiest GPU (last pipeline stage; the first pipeline stage: 24.6 GB): weights "
+            "2.6 GB + gradients 5.2 + optimizer 7.8 (sharded over DP 2) + activations 2.5 (18432 tokens per "
+            "micro-batch, 1 in flight, recomputed) + logits 11.2 + overhead 4 = 33.2 GB of 34 GB") in text, text
+    assert not any("exceeds the GPU" in p for p in report.problems), report.problems
