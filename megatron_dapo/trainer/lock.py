@@ -6,7 +6,8 @@ metrics.jsonl, clear each other's STOP file, and each delete the other's half-wr
 crashed save. The file names its holder (host, pid, SLURM job) and is rewritten every HEARTBEAT_S.
 
 A new run takes the folder over when the holder is gone:
-- on the holder's host, at once when its pid no longer runs the process that wrote the file;
+- on the holder's machine (same host name, boot and pid namespace: two clusters or containers may share a
+  host name), at once when its pid no longer runs the process that wrote the file;
 - from another host, when the file has not changed for STALE_S (read through a fresh open each time,
   which NFS revalidates, so attribute caching cannot make a live holder look stale).
 A clean exit, a stop request and a Python error delete the file; SIGKILL and lost nodes leave it to
@@ -56,6 +57,20 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # the name in parentheses may hold spaces
 
 
+def _machine() -> dict:
+    """What tells this machine's pids apart from another's with the same host name: the kernel's boot and this
+    process's pid namespace (empty where /proc does not say)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return {"boot_id": boot, "pid_ns": namespace}
+
+
 def _read(path: Path) -> bytes | None:
     try:
         with open(path, "rb") as f:  # a fresh open: NFS's close-to-open rule revalidates the file
@@ -84,7 +99,8 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_s
-        self.owner = {"host": host or socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+        self.owner = {"host": host or socket.gethostname(), **_machine(), "pid": os.getpid(),
+                      "pid_start": _process_start(os.getpid()),
                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
         self.held = False
@@ -106,7 +122,7 @@ class RunLock:
                 owner = json.loads(seen)
             except ValueError:
                 owner = None  # half-written by a holder that died writing it, or not ours: stale if it stays so
-            if isinstance(owner, dict) and owner.get("host") == self.owner["host"]:
+            if self._same_machine(owner):
                 pid = owner.get("pid")
                 started = _process_start(pid) if isinstance(pid, int) and pid > 0 else None
                 if started is not None and started in ("", owner.get("pid_start")):
@@ -114,13 +130,34 @@ class RunLock:
             elif self._changes(seen, owner, say):
                 raise self._in_use(owner if isinstance(owner, dict) else {},
                                    f"its {LOCK_FILE} file changed within {self.stale_s:g} s")
-            # Gone: replace the file unless another newcomer did so first.
-            if _read(self.path) == seen:
-                self.path.unlink(missing_ok=True)
+            self._take_over(seen)
         self.held = True
         self._thread = threading.Thread(target=self._heartbeat, name="run-folder-lock", daemon=True)
         self._thread.start()
         atexit.register(self.release)
+
+    def _same_machine(self, owner) -> bool:
+        """Whether the file's holder ran where this process can look its pid up (a file without the machine's
+        identity counts as another machine's: its heartbeat decides)."""
+        return isinstance(owner, dict) and all(
+            owner.get(key) == self.owner[key] for key in ("host", "boot_id", "pid_ns")) and bool(self.owner["boot_id"])
+
+    def _take_over(self, seen: bytes) -> None:
+        """Remove the file of a holder found gone, whose bytes were `seen`, unless another newcomer has replaced it
+        since: the file is moved aside in one step and checked there, so that a file another newcomer has just
+        made is never deleted (reading, then deleting, could delete one made in between); such a file is put
+        back, unless a third has made one meanwhile, whose run then goes on alone."""
+        aside = self.path.with_name(f"{LOCK_FILE}.taken-{self.owner['token']}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # its holder, or another newcomer, removed it first
+        if _read(aside) != seen:
+            try:
+                os.link(aside, self.path)  # creates only where no file is
+            except OSError:  # one is (or links are not supported here): that holder's heartbeat will say so
+                pass
+        aside.unlink(missing_ok=True)
 
     def _create(self) -> bool:
         try:

@@ -13,6 +13,8 @@ HOLDER = """
 import sys, time
 from megatron_dapo.trainer.lock import RunLock
 lock = RunLock(sys.argv[1], heartbeat_s=0.1, stale_s=2.0, host=sys.argv[2] or None)
+if sys.argv[4:]:  # another machine of the same host name (another cluster on the same file system, a container)
+    lock.owner["boot_id"] = sys.argv[4]
 lock.acquire()
 print("held", flush=True)
 if sys.argv[3] == "exit":
@@ -25,8 +27,9 @@ while True:
 """
 
 
-def _holder(run_dir, host="", then="hold"):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), host, then], stdout=subprocess.PIPE,
+def _holder(run_dir, host="", then="hold", boot_id=None):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), host, then, *([boot_id] if boot_id else [])],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held", proc.stderr.read()
     return proc
@@ -70,6 +73,32 @@ def test_a_holder_on_another_host_counts_as_alive_while_its_file_changes(tmp_pat
     lock.acquire(say=waits.append)  # its file stops changing: after stale_s the folder is taken over
     assert 1.0 <= time.monotonic() - start < 10
     lock.release()
+
+
+def test_a_holder_of_the_same_host_name_on_another_machine_is_judged_by_its_heartbeat(tmp_path):
+    """Its pid means nothing here (another boot, or another pid namespace): no pid looked up, no take-over at once."""
+    holder = _holder(tmp_path, boot_id="another-boot")
+    try:
+        with pytest.raises(RunFolderInUse, match="changed within 2 s"):
+            RunLock(tmp_path, stale_s=2.0).acquire(say=lambda _: None)
+    finally:
+        _kill(holder)
+
+
+def test_a_take_over_never_deletes_a_file_another_newcomer_has_just_made(tmp_path):
+    """Two newcomers find the same dead holder's file: the first replaces it with its own; the second, which read
+    the dead one's, must not delete the first's (a read then a delete could)."""
+    path = tmp_path / LOCK_FILE
+    dead = json.dumps({"host": "node-c", "pid": 7, "started": "then", "token": "dead"}).encode()
+    path.write_bytes(dead)
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first._take_over(dead)
+    assert not path.exists()
+    assert first._create()
+    made = path.read_bytes()
+    second._take_over(dead)  # what the second newcomer does next, having seen the dead holder's file
+    assert path.read_bytes() == made and sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    assert not second._create()
 
 
 def test_a_clean_exit_and_a_python_error_release_the_folder(tmp_path):
