@@ -88,7 +88,7 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
   tally=$(grep -E '[0-9]+ (passed|failed|skipped|deselected)' "$work/$name.log" | tail -n 1)
   if [ $result = ok ] && [[ $tally =~ ([0-9]+)\ skipped ]]; then
     note="  (${BASH_REMATCH[1]} skipped: see -rs in $name.log)"
-    [[ $tally =~ [0-9]+\ passed ]] || result=skipped
+    [[ $tally =~ [0-9]+\ (passed|xpassed|xfailed) ]] || result=skipped
   fi
   tail -n 4 "$work/$name.log"
   summary+=("$(printf '%-13s %-8s %5s s%s' "$name" "$result" $((SECONDS - t0)) "$note")")

@@ -284,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / f"{name}.png")
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
     print_headline(rows)
-    broken = [r for r in rows if str(r["impl"]).startswith("ours") and str(r.get("note", "")).startswith(
-        ("failed", "out of memory"))]
+    broken = [r for r in rows if str(r["impl"]).startswith("ours") and str(r.get("note", "")).startswith("failed")]
     if broken:  # a CUDA error in our kernel fails every later row too: the run must not read as done
         print(f"our kernels failed on {len(broken)} of the rows, the first ({broken[0]['op']} {broken[0]['tokens']} x "
               f"{broken[0].get('vocab', '')}): {broken[0]['note']}", file=sys.stderr)
         return 1
+    short = [r for r in rows if r["impl"] == "ours" and r.get("note") == "out of memory"]
+    if short:  # a shape too large for this GPU's memory: said, not a failure
+        print(f"our kernels ran out of memory on {len(short)} shape(s), the first {short[0]['tokens']} x "
+              f"{short[0].get('vocab', '')}", file=sys.stderr)
     return 0
 
 

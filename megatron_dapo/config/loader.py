@@ -6,6 +6,7 @@ naming the dotted key to change, before any work starts.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -36,15 +37,16 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class _Override:
     """A command-line value: its text and its YAML reading. A text setting takes the text, so that
-    `trainer.run_dir=2024`, `logging.wandb_project=on` or `model.path=/m/a #1` mean what they say."""
+    `trainer.run_dir=2024`, `logging.wandb_project=on`, `model.path=/m/a #1` or `logging.wandb_run_name=@x` mean
+    what they say; any other setting takes the reading, or reports `error` when the text is not YAML."""
 
     text: str
     value: Any
+    error: str | None = None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": 0.28}` (values read as YAML;
-    a scalar keeps its text too, for text settings)."""
+    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": _Override("0.28", 0.28)}`."""
     parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -52,38 +54,56 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. actor.clip_ratio_high=0.28)")
         try:
-            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
-        parsed[key] = value if isinstance(value, (dict, list)) else _Override(raw.strip(), value)
+            parsed[key] = _Override(raw.strip(), yaml.load(raw, Loader=_StrictLoader) if raw.strip() else "")
+        except yaml.YAMLError as err:  # reported where the setting is known not to be text
+            parsed[key] = _Override(raw.strip(), None, error=_yaml_problem(err))
     return parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], root: type | None = None) -> dict[str, Any]:
     """Set each dotted key in a nested dict (a copy); intermediate mappings are created as needed. A mapping
-    given for a section is merged into it, key by key, as a YAML file's section would be by dotted keys."""
+    given for a section is merged into it, key by key, as a YAML file's section would be by dotted keys; a
+    mapping setting (`reward.functions`) is replaced. `root`: the config dataclass that tells sections from
+    mapping settings (without it every mapping is merged)."""
     out = _deep_copy(raw)
     for dotted, value in overrides.items():
-        node = out
+        node, section = out, root
         parts = dotted.split(".")
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or a section whose keys are all commented out
+                child = node[part] = {}
             if not isinstance(child, dict):
                 prefix = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {dotted}: {prefix} holds a {type(child).__name__}, not a section")
-            node = child
+                shown = child.value if isinstance(child, _Override) else child
+                raise ConfigError(f"override {dotted}: {prefix} holds a {type(shown).__name__}, not a section")
+            node, section = child, _field_type(section, part)
         last = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(last), dict):
-            node[last] = _merged(node[last], value)
+        given = value.value if isinstance(value, _Override) else value
+        if (isinstance(given, dict) and isinstance(node.get(last), dict)
+                and (root is None or dataclasses.is_dataclass(_field_type(section, last)))):
+            node[last] = _merged(node[last], given, _field_type(section, last) if root is not None else None)
         else:
             node[last] = value
     return out
 
 
-def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _field_type(section: type | None, name: str) -> Any:
+    """The type of field `name` of dataclass `section` (None when either is unknown)."""
+    if section is None or not dataclasses.is_dataclass(section):
+        return None
+    return typing.get_type_hints(section).get(name)
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any], section: type | None) -> dict[str, Any]:
     out = _deep_copy(base)
     for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        inner = _field_type(section, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and (
+                section is None or dataclasses.is_dataclass(inner)):
+            out[key] = _merged(out[key], value, inner)
+        else:
+            out[key] = value
     return out
 
 
@@ -110,6 +130,8 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys the section may override
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the parent class refuses it, as a YAML error
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     f"key {key!r} appears twice in one section", seen[key], "here again", key_node.start_mark)
@@ -168,7 +190,13 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if isinstance(value, _Override):
-        value = value.text if _wants_text(tp, value) else value.value
+        if _wants_text(tp, value):
+            value = value.text
+        elif value.error is not None:
+            problems.append(f"override {key}: value {value.text!r} is not valid YAML ({value.error})")
+            return None, False
+        else:
+            value = value.value
     if dataclasses.is_dataclass(tp):
         if value is None:  # a section whose keys are all commented out
             value = {}
@@ -251,7 +279,11 @@ def _wants_text(tp: Any, override: _Override) -> bool:
     """Whether a text setting takes the command line's text as it is: yes, unless the text is quoted YAML
     or, for an optional setting, null."""
     optional_text = typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
-    if tp is not str and not (optional_text and override.value is not None):
+    if tp is not str and not optional_text:
+        return False
+    if override.error is not None:
+        return True
+    if optional_text and override.value is None:
         return False
     return not override.text.startswith(("'", '"'))
 

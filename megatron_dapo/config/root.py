@@ -135,7 +135,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     With `world_size`, the parallel layout is also checked against it.
     """
     raw = load_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, parse_overrides(list(overrides)))
+    raw = apply_overrides(raw, parse_overrides(list(overrides)), root=DAPOConfig)
     config = from_dict(DAPOConfig, raw)
     if world_size is not None:
         config.parallel.layout(world_size)

@@ -4,7 +4,7 @@ One JSON object a line: step, split ("train": kept groups of the step; "val": va
 prompt and response decoded, the finish reason, the response's length, the task's accuracy and
 score, the reward used for the advantage, and the ground truth. The first completion of each of
 the first `count` groups is written, so the same prompts' answers can be followed across steps in
-validation. With logging.val_generations, every validation response goes to val_generations/step_N.jsonl.
+validation. With logging.val_generations, every validation response goes to val_generations/step_NNNNNN.jsonl.
 An attempt that starts again in a folder whose samples.jsonl has rows writes the start marker metrics.jsonl
 gets; read_samples gives the run's history.
 """

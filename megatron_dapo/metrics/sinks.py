@@ -154,7 +154,9 @@ def read_history(path: Path) -> list[dict]:
     rows: list[dict] = []
     # A character a crash cut in half, left in place when trainer.val_only opened the file next (it repairs
     # nothing), only spoils the row it was in: that row is dropped below as cut short.
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # Rows end at "\n" only: splitlines() would also cut a response at U+2028, U+0085 and the like, which
+    # samples.jsonl holds as they are (ensure_ascii=False).
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # empty, or the end of a row cut short by a crash

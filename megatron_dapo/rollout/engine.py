@@ -101,6 +101,16 @@ class SamplingParams:
         return self.top_k == 1
 
 
+def not_token_ids(seq) -> str | None:
+    """What `seq` is when it cannot be one prompt's token ids (a str, a number, a tensor that is not 1-D),
+    else None: a flat list of ids passed as the batch makes each id a "prompt"."""
+    if isinstance(seq, (str, bytes)) or not (hasattr(seq, "__len__") and hasattr(seq, "__iter__")):
+        return f"a {type(seq).__name__}"
+    if getattr(seq, "ndim", 1) != 1:
+        return f"a {type(seq).__name__} of {seq.ndim} dimensions"
+    return None
+
+
 @dataclass
 class Completion:
     """One sampled completion of one prompt."""

@@ -138,9 +138,8 @@ class RunLock:
 
     def _same_machine(self, owner) -> bool:
         """Whether the file's holder ran where this process can look its pid up (a file without the machine's
-        identity counts as another machine's: its heartbeat decides)."""
-        return isinstance(owner, dict) and all(
-            owner.get(key) == self.owner[key] for key in ("host", "boot_id", "pid_ns")) and bool(self.owner["boot_id"])
+        identity, from an earlier version, counts as another machine's: its heartbeat decides)."""
+        return isinstance(owner, dict) and all(owner.get(key) == self.owner[key] for key in ("host", "boot_id", "pid_ns"))
 
     def _take_over(self, seen: bytes) -> None:
         """Remove the file of a holder found gone, whose bytes were `seen`, unless another newcomer has replaced it
@@ -197,6 +196,9 @@ class RunLock:
         while not self._done.wait(self.heartbeat_s):
             try:
                 now = _read(self.path)
+                if now is None:  # a newcomer may have moved it aside this instant to check it, and puts it back
+                    time.sleep(0.5)
+                    now = _read(self.path)
                 if now is not None and not _parses(now) and now != unreadable:
                     # A newcomer's file half-written (it is whole a moment later), or our own beat torn by a file
                     # system error (it stays as it is): the next beat tells, and rewrites only the latter.

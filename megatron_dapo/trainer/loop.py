@@ -502,7 +502,7 @@ class Trainer:
             with self.memory.actor_resident():
                 trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
             self._probe(trainer_probe, "at the start, where each engine loaded model.path itself and the trainer "
-                                       "built the actor from it,")
+                                       "built the actor from it,", trained=False)
         if latest is not None and self.hf_copy and not self.config.trainer.val_only:
             checkpoints.complete_hf_copy(latest, self.hf_copy, wait_group=self.control.group)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
@@ -559,12 +559,16 @@ class Trainer:
                 f"{self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr, or check the rewards and advantages "
                 "of this step's samples.jsonl)")
 
-    def _probe(self, trainer_probe: torch.Tensor, when: str) -> ProbeDiff:
+    def _probe(self, trainer_probe: torch.Tensor, when: str, trained: bool = True) -> ProbeDiff:
         """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after
         the push); a mean difference over the parity threshold stops the run before the engines generate.
-        Non-finite log-probs from the trainer itself stop it first, named as what they are: diverged weights,
-        not a bad push."""
+        Non-finite log-probs from the trainer itself stop it first, named as what they are: diverged weights
+        (`trained`; else model.path's weights), not a bad push."""
         if not torch.isfinite(trainer_probe).all():  # every rank has the same probe log-probs
+            if not trained:
+                raise RuntimeError(
+                    f"{when} the trainer's own log-probs of the probe are not finite: model.path's weights hold NaN or "
+                    f"inf as the actor loaded them ({self.config.model.path}); nothing was trained or saved")
             raise RuntimeError(
                 f"{when} the trainer's own log-probs of the probe are not finite: its weights "
                 f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "

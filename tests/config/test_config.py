@@ -121,6 +121,10 @@ def test_text_settings_take_the_command_line_text(good):
     assert config.model.tokenizer_path == "007"
     assert load_config(good, ["model.tokenizer_path=null"]).model.tokenizer_path is None
     assert load_config(good, ["trainer.seed=0x10"]).trainer.seed == 16  # other settings read YAML as before
+    for text in ("@exp", "a: b", "- a", "%d", "[1]"):  # not YAML, or YAML of another type: still the text
+        assert load_config(good, [f"logging.wandb_run_name={text}"]).logging.wandb_run_name == text
+    assert "override trainer.seed: value '@x' is not valid YAML" in _error(good, "trainer.seed=@x")
+    assert "trainer.seed holds a int, not a section" in _error(good, "trainer.seed=3", "trainer.seed.x=1")
     assert "reward.functions.a: expected str, got int 3" in _error(good, "reward.functions={a: 3}")
     assert "reward.functions.a must be 'package.module:function'" in _error(good, "reward.functions.a=3")
 
@@ -131,6 +135,11 @@ def test_a_section_on_the_command_line_is_merged_into_the_files(good):
     assert config.actor.optim.lr == 2e-6 and config.actor.optim.weight_decay == 0.0
     assert config.algorithm.filter_groups.metric == "acc" and config.algorithm.filter_groups.max_num_gen_batches == 0
     assert config.actor.clip_ratio_high == 0.28 and config.actor.ppo_mini_batch_size == 4
+    # A mapping setting is replaced, not merged: the command line can drop an entry.
+    functions = load_config(good, ["reward.functions={a: m.x:f, b: m.y:f}", "reward.functions={a: m.z:f}"])
+    assert functions.reward.functions == {"a": "m.z:f"}
+    assert load_config(good, ["rollout.sglang.server_args={x: 1}", "rollout.sglang={server_args: {}}"]) \
+        .rollout.sglang.server_args == {}
 
 
 def test_a_key_given_twice_is_refused(good, tmp_path):
@@ -139,6 +148,7 @@ def test_a_key_given_twice_is_refused(good, tmp_path):
     message = _error(twice)
     assert "key 'actor' appears twice" in message and "line 4" in message and "line 8" in message
     assert "key 'lr' appears twice" in _error(good, "actor.optim={lr: 1e-6, lr: 2e-6}")
+    assert "found unhashable key" in _error(good, "reward.functions={[a]: 1}")
     merged = tmp_path / "merged.yaml"  # a YAML merge key's entries may be overridden, as YAML means
     merged.write_text(GOOD.replace("rollout: {n: 4, temperature: 1.0}",
                                    "base: &base {n: 4, temperature: 1.0}\nrollout: {<<: *base, n: 8}")
@@ -150,6 +160,7 @@ def test_a_section_left_empty_takes_its_defaults(good, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text(GOOD + "checkpoint:\n  # save_freq: 10\n")
     assert load_config(empty).checkpoint == load_config(good).checkpoint
+    assert load_config(empty, ["checkpoint.save_freq=7"]).checkpoint.save_freq == 7
 
 
 def test_missing_and_malformed_files(tmp_path):

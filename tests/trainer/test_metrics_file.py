@@ -62,6 +62,16 @@ def test_a_character_cut_in_half_by_a_crash_leaves_the_file_readable(tmp_path):
     assert lines[0] == '{"step": 0}' and lines[1] == row[:-5].decode() and json.loads(lines[2])["response"] == "да"
 
 
+def test_a_response_holding_a_unicode_line_separator_is_one_row(tmp_path):
+    from megatron_dapo.metrics.samples import SampleLog, read_samples
+
+    log = SampleLog(tmp_path, 2)
+    for step, response in enumerate(("a\u2028b", "c\x85d", "e\u2029f")):
+        log.file.write(json.dumps({"step": step, "response": response}, ensure_ascii=False) + "\n")
+    log.close()
+    assert [row["response"] for row in read_samples(tmp_path)] == ["a\u2028b", "c\x85d", "e\u2029f"]
+
+
 def test_samples_an_attempt_wrote_after_the_resumed_checkpoint_are_superseded(tmp_path):
     from megatron_dapo.metrics.samples import SampleLog, read_samples
 

@@ -329,6 +329,29 @@ def test_diverged_weights_stop_the_run_named_as_such(toy_run, tmp_path, mini_bat
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
+def test_a_model_path_holding_nan_stops_at_the_start_named_as_such(toy_run, tmp_path):
+    """The probe at a fresh start: the actor's own log-probs are not finite, because model.path's weights are not
+    (a broken conversion, say); said so before anything generates, not as a training that diverged."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for made_once in ("tokenizer", "data"):
+        (run_dir / made_once).symlink_to(toy_run / made_once)
+    shutil.copytree(toy_run / "base", run_dir / "base")
+    weights = load_file(run_dir / "base" / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, run_dir / "base" / "model.safetensors", metadata={"format": "pt"})
+    proc = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("at the start, where each engine loaded model.path itself and the trainer built the actor from it, the "
+            "trainer's own log-probs of the probe are not finite: model.path's weights hold NaN or inf") in proc.stderr, \
+        proc.stderr[-4000:]
+    assert "diverged" not in proc.stderr
+    assert not (run_dir / "samples.jsonl").exists() or "train" not in (run_dir / "samples.jsonl").read_text()
+
+
 def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     """A bf16 engine behind the float32 trainer: the probe's log-probs differ by bf16 rounding (~0.03 on average
     here). The default threshold for mixed precision lets the run train and logs the difference; the float32

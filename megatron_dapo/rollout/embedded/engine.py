@@ -17,7 +17,8 @@ from megatron_dapo.rollout.embedded.decode import generate_batch, right_padded
 from megatron_dapo.rollout.embedded.kv_cache import KVCache
 from megatron_dapo.rollout.embedded.model import CausalLM
 from megatron_dapo.rollout.weights import WeightPush
-from megatron_dapo.rollout.engine import MIN_TEMPERATURE, Completion, RolloutEngine, RolloutError, SamplingParams
+from megatron_dapo.rollout.engine import (MIN_TEMPERATURE, Completion, RolloutEngine, RolloutError, SamplingParams,
+                                          not_token_ids)
 
 TIED_HEAD = "lm_head.weight"
 
@@ -172,9 +173,9 @@ class EmbeddedEngine(RolloutEngine):
         problems = []
         vocab = self.arch.vocab_size
         for i, seq in enumerate(sequences):
-            if isinstance(seq, (str, bytes)) or not (hasattr(seq, "__len__") and hasattr(seq, "__iter__")):
-                problems.append(f"{what} {i} is a {type(seq).__name__}, not a list of token ids "
-                                f"(a batch is a list of {what}s)")
+            kind = not_token_ids(seq)
+            if kind is not None:
+                problems.append(f"{what} {i} is {kind}, not a list of token ids (a batch is a list of {what}s)")
                 continue
             if len(seq) == 0:
                 problems.append(f"{what} {i} is empty")

@@ -31,7 +31,8 @@ import torch
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.models import families
 from megatron_dapo.models.arch import ModelArch
-from megatron_dapo.rollout.engine import Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError
+from megatron_dapo.rollout.engine import (Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError,
+                                          not_token_ids)
 from megatron_dapo.rollout.sglang.broadcast import BroadcastSender
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success, flatten
@@ -114,6 +115,10 @@ class SGLangEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         self._check_usable()
+        for i, prompt in enumerate(prompts):
+            kind = not_token_ids(prompt)
+            if kind is not None:
+                raise RolloutError(f"prompt {i} is {kind}, not a list of token ids (a batch is a list of prompts)")
         if any(len(p) == 0 for p in prompts):
             raise RolloutError("empty prompt: every prompt needs at least one token")
         if not prompts:

@@ -32,6 +32,8 @@ def test_a_flat_prompt_is_refused_by_what_it_is(engine):
         engine.generate([1, 2, 3], GREEDY)
     with pytest.raises(RolloutError, match="sequence 0 is a str, not a list of token ids"):
         engine.score(["12"], 1.0)
+    with pytest.raises(RolloutError, match="prompt 0 is a Tensor of 0 dimensions, not a list of token ids"):
+        engine.generate(torch.tensor([1, 2, 3]), GREEDY)
 
 
 def test_a_temperature_that_would_overflow_the_logits_is_refused(engine):

@@ -234,6 +234,8 @@ def test_finish_reasons_map_and_an_aborted_request_is_an_error():
     with pytest.raises(RolloutError, match="finish reason .*abort.*out of KV cache"):
         SGLangEngine(_Finishing(FINISH_ABORT(message="out of KV cache")), tp_size=1).generate([[1, 2]], params)
     assert SGLangEngine(_Finishing(None), tp_size=1).generate([], params) == []
+    with pytest.raises(RolloutError, match=r"prompt 0 is a int, not a list of token ids \(a batch is a list of prompts\)"):
+        SGLangEngine(_Finishing(None), tp_size=1).generate([1, 2], params)
 
 
 class _Refusing:
