@@ -94,7 +94,9 @@ class PromptDataset(Sequence[Prompt]):
                 raise FileNotFoundError(f"data file {path} does not exist")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
-                             "prompts are chat messages and need one")
+                             "prompts are chat messages and need one: point model.tokenizer_path at a tokenizer "
+                             "folder whose tokenizer_config.json (or chat_template.jinja) has one, e.g. the "
+                             "instruct model's")
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         stats = DatasetStats(files=[str(p) for p in paths])
