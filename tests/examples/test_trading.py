@@ -1,5 +1,6 @@
 """The trading example's CPU-sized variant end to end: episodes, warm start, `megatron-dapo train`."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -29,7 +30,7 @@ def test_cpu_variant_trains_and_reports_shortfall_against_the_baselines(tmp_path
     assert sorted(val) == [0, 5, 10]
     for row in val.values():
         for name in ("shortfall_bps", "vs_twap_bps", "vs_market_bps", "vs_passive_bps", "profit_loss"):
-            assert isinstance(row[f"val/{name}_mean"], float)
+            assert isinstance(row[f"val/{name}_mean"], float) and math.isfinite(row[f"val/{name}_mean"]), row
     # The warm start answers in the format, ordering more than the episode's size about half the time, and
     # DAPO alone makes the answers valid more often (seed 1: 61% malformed at step 0, 57% oversize; 16% at step
     # 10, 2% oversize).

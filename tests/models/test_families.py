@@ -21,7 +21,8 @@ def test_qkv_interleaves_whole_query_groups():
     # group 0 = q heads 0,1 then k0 then v0; group 1 = q heads 2,3, k1, v1
     expected = torch.cat([q[:2 * hd], k[:hd], v[:hd], q[2 * hd:], k[hd:], v[hd:]])
     assert torch.equal(fused, expected)
-    assert all(torch.equal(a, b) for a, b in zip(F.unfuse(rule, fused, arch), [q, k, v]))
+    unfused = F.unfuse(rule, fused, arch)
+    assert len(unfused) == 3 and all(torch.equal(a, b) for a, b in zip(unfused, [q, k, v]))
     shards = [F.shard(rule, fused, r, 2) for r in range(2)]
     assert torch.equal(shards[1], expected[len(expected) // 2:]) and torch.equal(F.unshard(rule, shards), fused)
 
@@ -41,7 +42,8 @@ def test_vocab_is_padded_and_trimmed():
     table = torch.randn(100, 8)
     padded = F.padded_vocab_size(100, 2)
     shards = [F.shard(rule, table, r, 2, padded) for r in range(2)]
-    assert padded == 256 and shards[0].shape == (128, 8) and shards[1][100 - 128:].abs().sum() == 0
+    assert padded == 256 and shards[0].shape == shards[1].shape == (128, 8)
+    assert torch.equal(shards[0][:100], table) and shards[0][100:].abs().sum() == 0 and shards[1].abs().sum() == 0
     assert torch.equal(F.unshard(rule, shards, vocab_size=100), table)
 
 

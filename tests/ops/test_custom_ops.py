@@ -44,20 +44,34 @@ def test_loss_op_equals_policy_loss_in_value_metrics_and_gradient():
 
 
 def test_loss_op_with_importance_weight_and_dual_clip():
+    """The op's loss, metric sums and gradient with a truncated importance weight equal the reference policy
+    loss's with the same weight (rollout log-probs and a cap), dual-clipped tokens included."""
+    from megatron_dapo.actor.loss import truncated_is_weight
+
     logp, old, adv, mask = _loss_inputs(seed=3)
     old = logp + 2.0  # ratio e^-2 ... and with negative advantages the dual clip bites at e^2
     old[1] = logp[1] - 2.0
-    weight = torch.rand_like(logp) + 0.5
+    rollout = old - torch.randn(old.shape, generator=torch.Generator().manual_seed(4), dtype=old.dtype) * 0.5
+    weight = truncated_is_weight(old, rollout, 1.3, mask)
+    assert (weight < 1.3).any() and (weight == 1.3).any(), "some weights capped, some not"
+    a = logp.clone().requires_grad_(True)
     b = logp.clone().requires_grad_(True)
+    ref = policy_loss(a, old, adv, mask, loss_agg_mode="token-mean", global_tokens=mask.sum(), rollout_logp=rollout,
+                      tis_cap=1.3, **CLIPS)
     ours = loss_ops.fused_token_mean_loss(b, old, adv, mask, global_tokens=mask.sum(), weight=weight, **CLIPS)
-    per_token = -adv[:, None] * torch.exp(logp - old)
     assert ours.dual_clip > 0
-    # Hand check of one dual-clipped token: loss = -A * clip_c, no gradient.
+    for name in loss_ops.FIELDS:
+        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).double(), rtol=1e-6, atol=1e-7,
+                                   msg=name)
+    unweighted = loss_ops.fused_token_mean_loss(logp, old, adv, mask, global_tokens=mask.sum(), **CLIPS)
+    assert not torch.isclose(unweighted.loss, ours.loss), "the weight must change the loss"
+    ref.loss.backward()
+    ours.loss.backward()
+    torch.testing.assert_close(b.grad, torch.nan_to_num(a.grad, nan=0.0), rtol=1e-10, atol=1e-12)
+    # A dual-clipped token: loss -A * clip_c * weight, no gradient.
     row, col = next((r, c) for r in range(1, logp.shape[0]) for c in range(logp.shape[1])
                     if mask[r, c] and adv[r] < 0 and torch.exp(logp[r, c] - old[r, c]) > 3.0)
-    ours.loss.backward()
     assert b.grad[row, col] == 0
-    assert per_token[row, col] > -adv[row] * 3.0
 
 
 def test_loss_gradcheck_fp64():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_dapo.ops import extension
+from tests.required import unavailable
 
 
 def _can_build() -> bool:
@@ -19,7 +20,8 @@ def _can_build() -> bool:
 
 def test_extension_is_built_where_it_can_be():
     if not _can_build():
-        pytest.skip(f"torch {torch.__version__} is a CPU build or nvcc is missing: the extension is not built here")
+        unavailable("extension", f"torch {torch.__version__} is a CPU build or nvcc is missing: the extension is not "
+                                 "built here")
     assert extension.EXTENSION is not None, f"megatron_dapo._C did not import: {extension.UNAVAILABLE_BECAUSE}"
     for name in ("logprob_stats", "logprob_grad_into", "dapo_loss_forward", "dapo_loss_backward"):
         assert hasattr(extension.EXTENSION, name), name

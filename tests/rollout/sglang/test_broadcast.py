@@ -20,12 +20,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.required import unavailable
+
 
 def _sglang_engine_class():
     try:
         from sglang.srt.entrypoints.engine import Engine
     except ImportError as err:
-        pytest.skip(f"sglang is not installed here ({err}); CI's kernel environment installs it")
+        unavailable("sglang", f"sglang does not import here ({err}); CI's kernel environment installs it")
     return Engine
 
 

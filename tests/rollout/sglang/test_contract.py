@@ -12,13 +12,21 @@ import inspect
 import pytest
 import torch
 
+from tests.required import unavailable
+
 
 def _sglang():
     try:
         from sglang.srt.entrypoints.engine import Engine
     except ImportError as err:
-        pytest.skip(f"sglang is not installed here ({err}); CI's kernel environment installs it")
+        unavailable("sglang", f"sglang does not import here ({err}); CI's kernel environment installs it")
     return Engine
+
+
+def _bind(method: str, **kwargs) -> None:
+    """TypeError unless the real sglang.Engine's `method` takes these keyword arguments (the fakes below stand in
+    for an Engine that cannot run here, and must not drift from its API)."""
+    inspect.signature(getattr(_sglang(), method)).bind(None, **kwargs)
 
 
 CALLS = {  # Engine method -> keyword arguments megatron_dapo.rollout.sglang passes
@@ -99,6 +107,7 @@ class _Failing:
         return True, "Succeeded"
 
     def update_weights_from_tensor(self, **kwargs):
+        _bind("update_weights_from_tensor", **kwargs)
         return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
 
 
@@ -217,6 +226,7 @@ class _Finishing:
         self.finish = finish
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
         return [{"output_ids": [7], "meta_info": {"finish_reason": self.finish.to_json(),
                                                   "output_token_logprobs": [(-0.5, 7, None)]}} for _ in input_ids]
 
@@ -242,6 +252,7 @@ class _Refusing:
     """sglang.Engine.generate as it answers a batch holding a request it aborts up front (status 400)."""
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
         raise ValueError("The input (30000 tokens) is longer than the model's context length (32768 tokens).")
 
 
@@ -337,6 +348,7 @@ class _NaNSampled:
     vocabulary (a NaN): the token overwritten by the stop id, the sampled one's log-prob kept."""
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
         from sglang.srt.managers.schedule_batch import FINISH_MATCHED_STR
 
         finish = FINISH_MATCHED_STR(matched="NaN happened").to_json()
