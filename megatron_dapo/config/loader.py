@@ -140,7 +140,10 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
-    return str(err) if isinstance(err, yaml.constructor.ConstructorError) else err.__class__.__name__
+    """What is wrong with a command-line value: the whole message for a mapping's key, else its one-line reason."""
+    if isinstance(err, yaml.constructor.ConstructorError):
+        return str(err)
+    return getattr(err, "problem", None) or err.__class__.__name__
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

@@ -22,7 +22,8 @@ class LoggingConfig:
     samples_per_step: int = 2
     """Responses written as text to samples.jsonl each step and each validation (metrics/samples.py); 0: none."""
     val_generations: bool = False
-    """Every validation response as text (with score, answer read, data_source) in RUN_DIR/val_generations/step_NNNNNN.jsonl."""
+    """Every validation response as text (with score, answer read, data_source) in
+    RUN_DIR/val_generations/step_NNNNNN.jsonl."""
 
     def __post_init__(self) -> None:
         if self.progress_interval_s < 0:

@@ -12,7 +12,8 @@ from typing import TextIO
 from megatron_dapo.metrics.config import LoggingConfig
 
 CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", "actor/entropy",
-                "actor/pg_clipfrac_high", "sampling/gen_batches", "sampling/groups_kept", "rollout/probe_logp_mean_diff", "timing/step")
+                "actor/pg_clipfrac_high", "sampling/gen_batches", "sampling/groups_kept", "rollout/probe_logp_mean_diff",
+                "timing/step")
 
 
 OPTIONAL_SINKS = {"tensorboard": ("logging.tensorboard=true", "tensorboard"),

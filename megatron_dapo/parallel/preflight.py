@@ -108,7 +108,8 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
     if rollout.name == "sglang" and rollout.mode == "colocated" and rollout.sglang.tp_size > gpus_per_node:
         report.problems.append(f"rollout.sglang.tp_size ({rollout.sglang.tp_size}) is more than a node's "
                                f"{gpus_per_node} GPUs: an engine runs on one node; lower it")
-    if rollout.name == "sglang" and not report.problems:
+        return report
+    if rollout.name == "sglang":
         try:  # where the trainer puts the engine (rollout.sglang.base_gpu_id included), checked as it checks it
             engine_range = rollout.sglang.gpus(rollout.mode, local_world_size=gpus_per_node - engine_gpus,
                                                visible_gpus=gpus_per_node)

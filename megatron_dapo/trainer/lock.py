@@ -139,7 +139,8 @@ class RunLock:
     def _same_machine(self, owner) -> bool:
         """Whether the file's holder ran where this process can look its pid up (a file without the machine's
         identity, from an earlier version, counts as another machine's: its heartbeat decides)."""
-        return isinstance(owner, dict) and all(owner.get(key) == self.owner[key] for key in ("host", "boot_id", "pid_ns"))
+        return isinstance(owner, dict) and all(owner.get(key) == self.owner[key]
+                                               for key in ("host", "boot_id", "pid_ns"))
 
     def _take_over(self, seen: bytes) -> None:
         """Remove the file of a holder found gone, whose bytes were `seen`, unless another newcomer has replaced it

@@ -123,7 +123,8 @@ def test_text_settings_take_the_command_line_text(good):
     assert load_config(good, ["trainer.seed=0x10"]).trainer.seed == 16  # other settings read YAML as before
     for text in ("@exp", "a: b", "- a", "%d", "[1]"):  # not YAML, or YAML of another type: still the text
         assert load_config(good, [f"logging.wandb_run_name={text}"]).logging.wandb_run_name == text
-    assert "override trainer.seed: value '@x' is not valid YAML" in _error(good, "trainer.seed=@x")
+    assert "override trainer.seed: value '@x' is not valid YAML (found character '@' that cannot start any token)" \
+        in _error(good, "trainer.seed=@x")
     assert "trainer.seed holds a int, not a section" in _error(good, "trainer.seed=3", "trainer.seed.x=1")
     assert "reward.functions.a: expected str, got int 3" in _error(good, "reward.functions={a: 3}")
     assert "reward.functions.a must be 'package.module:function'" in _error(good, "reward.functions.a=3")

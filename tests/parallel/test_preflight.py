@@ -59,7 +59,8 @@ def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
     assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
     assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 35\.7 GB of 80 GB", text), text
-    # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam moments), x 8 ranks a node
+    # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam
+    # moments), x 8 ranks a node
     assert "host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its " \
            "data-parallel group, 49.2 GB per rank, 393 GB per node" in text, text
 
