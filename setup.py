@@ -88,7 +88,9 @@ setup(
     extras_require={
         "sglang": ["sglang>=0.5.23"],  # the flattened-bucket broadcast and weight-update sessions
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8.0", "tensorboard"],  # tensorboard: the logging.tensorboard sink is tested too
+        # tensorboard: the logging.tensorboard sink is tested too; ninja: the kernels are compiled for the CPU
+        # model of tests/ops/cuda_on_cpu (with the machine's C++ compiler) and checked there
+        "test": ["pytest>=8.0", "tensorboard", "ninja"],
         "dev": ["pytest>=8.0", "ruff>=0.5"],
         "bench": ["liger-kernel"],
         "tensorboard": ["tensorboard"],  # logging.tensorboard

@@ -1,0 +1,210 @@
+"""The CUDA kernels of csrc/, compiled for the CPU on the CUDA execution model of cuda_on_cpu/runtime.h
+(`cpu_kernels.py`), against the package's pure-torch references and fp64.
+
+This checks the kernels' logic on every machine: indexing, the 16-byte-pack and one-element load paths the
+launchers choose between, row tails, vocabulary padding, the block and warp reductions and their
+barriers, in-place gradients, NaN handling, the loss's grid-stride loop and two-stage reduction. Inputs
+sit inside NaN-filled memory (around each row, and in the padding columns the statistics must not read),
+so a read outside the columns a kernel owns shows as NaN, and a write outside them changes the NaN. Every
+call runs twice, the threads between barriers in opposite orders, and must give the same bits. The GPU
+itself (instructions, speed) is checked by test_kernels_cuda.py on a machine with one.
+"""
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dapo.ops import dapo_loss as loss_ops
+from megatron_dapo.ops import logprob as lp_ops
+from tests.ops import cpu_kernels
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SHAPES = [(1, 7), (7, 123), (9, 1000), (4, 4099), (3, 32003), (2, 151936)]  # thread counts 128, 256 and 512
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    # One build per torch version, kept between runs (ninja recompiles what changed).
+    return cpu_kernels.build(Path(tempfile.gettempdir()) / "megatron_dapo_cpu_kernels" / torch.__version__)
+
+
+def _twice(fn, *args):
+    """fn(*args) twice (the model runs the threads in opposite orders); the two results must be the same bits."""
+    first = fn(*args)
+    second = fn(*args)
+    assert torch.equal(first.view(torch.uint8), second.view(torch.uint8)), "the result depends on thread order"
+    return first
+
+
+def _in_nan(rows: int, columns: int, dtype, packs: bool):
+    """(buffer, view): a [rows, columns] view inside a NaN-filled buffer with NaN before and after every row
+    and a NaN row after the last. `packs`: the view's address and row stride allow 16-byte loads."""
+    width = (columns + 7) // 8 * 8 + 16  # a multiple of 8 elements: 16-byte rows for every dtype
+    buffer = torch.full((rows + 1, width), float("nan"), dtype=dtype)
+    start = 8 if packs else 1  # 8 elements is 16 or 32 bytes from the (64-byte aligned) start; 1 is not aligned
+    return buffer, buffer[:rows, start:start + columns]
+
+
+def _outside_untouched(buffer: torch.Tensor, view: torch.Tensor):
+    inside = torch.zeros(buffer.shape, dtype=torch.bool)
+    offset = view.data_ptr() - buffer.data_ptr()
+    first = offset // buffer.element_size()
+    inside[:view.shape[0], first:first + view.shape[1]] = True
+    assert buffer[~inside].isnan().all(), "a kernel wrote outside its tensor"
+
+
+def _logits(tokens, vocab, valid, dtype, packs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    buffer, logits = _in_nan(tokens, vocab, dtype, packs)
+    logits[:, :valid] = (torch.randn(tokens, valid, generator=gen) * 4).to(dtype)  # padding columns stay NaN
+    targets = torch.randint(0, valid, (tokens,), generator=gen)
+    targets[::3] = -1  # owned by another rank
+    return buffer, logits, targets
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["packs", "one-element"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "vocab"), SHAPES)
+def test_logprob_stats_and_grad_against_the_reference(kernels, tokens, vocab, dtype, packs):
+    temperature = 0.7
+    valid = vocab - 5  # five padding columns, NaN: the statistics must not read them
+    buffer, logits, targets = _logits(tokens, vocab, valid, dtype, packs, seed=tokens * 131 + vocab)
+
+    stats = _twice(kernels.logprob_stats, logits, targets, temperature, valid)
+    expected = lp_ops.local_stats(logits, targets, temperature, valid)
+    assert stats.dtype == torch.float32 and stats.shape == (tokens, 4)
+    # The kernel multiplies by 1 / temperature where the reference divides: the max and the target logit
+    # may differ in the last bit.
+    torch.testing.assert_close(stats[:, [0, 3]], expected[:, [0, 3]], rtol=2e-7, atol=0)
+    torch.testing.assert_close(stats[:, 1:3], expected[:, 1:3], rtol=2e-5, atol=1e-6)
+    _outside_untouched(buffer, logits)
+
+    lse = expected[:, 0] + expected[:, 1].log()
+    expected_z = expected[:, 2] / expected[:, 1]
+    gen = torch.Generator().manual_seed(7)
+    g_lp, g_h = torch.randn(tokens, generator=gen), torch.randn(tokens, generator=gen)
+    want = lp_ops.local_grad(logits, targets, lse, expected_z, g_lp, g_h, temperature, valid)
+    assert not want.isnan().any()
+
+    grad_buffer, grad = _in_nan(tokens, vocab, dtype, packs)
+    _twice(lambda: (kernels.logprob_grad_into(logits, targets, lse, expected_z, g_lp, g_h, temperature, valid, grad),
+                    grad.clone())[1])
+    torch.testing.assert_close(grad, want)
+    assert (grad[:, valid:] == 0).all(), "padding columns get a zero gradient"
+    _outside_untouched(grad_buffer, grad)
+
+    kernels.logprob_grad_into(logits, targets, lse, expected_z, g_lp, g_h, temperature, valid, logits)  # in place
+    torch.testing.assert_close(logits, want)
+    _outside_untouched(buffer, logits)
+
+
+@pytest.mark.parametrize("shards", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tensor_parallel_combine_against_fp64(kernels, shards, dtype):
+    tokens, vocab = 5, 32003
+    width = math.ceil(vocab / shards / 8) * 8  # each rank's slice, the last one padded
+    gen = torch.Generator().manual_seed(shards)
+    full = (torch.randn(tokens, vocab, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    padded = torch.cat([full, full.new_full((tokens, width * shards - vocab), float("nan"))], 1)
+    stats = []
+    for rank in range(shards):
+        local = targets - rank * width
+        local = torch.where((local >= 0) & (local < width), local, -1)
+        valid = max(0, min(width, vocab - rank * width))
+        stats.append(_twice(kernels.logprob_stats, padded[:, rank * width:(rank + 1) * width], local, 1.3, valid))
+    logp, lse, expected_z = lp_ops.combine_stats(torch.stack(stats))
+
+    logprobs = torch.log_softmax(full.double() / 1.3, -1)
+    torch.testing.assert_close(logp.double(), logprobs.gather(1, targets[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    torch.testing.assert_close((lse - expected_z).double(), entropy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["packs", "one-element"])
+def test_nan_and_infinite_logits(kernels, packs):
+    tokens, vocab = 5, 1003
+    _, logits, targets = _logits(tokens, vocab, vocab, torch.bfloat16, packs, seed=3)
+    logits[0, 100] = float("nan")  # inside the packed part
+    logits[1, vocab - 1] = float("nan")  # in the row's tail
+    logits[2] = float("-inf")  # nothing possible
+    logits[3, :500] = float("-inf")
+    logits[3, 600] = float("inf")
+    stats = _twice(kernels.logprob_stats, logits, targets, 1.0, vocab)
+    # A row's statistics may differ from the reference's where they mean the same (a NaN in the sum but not
+    # in the max); what the ranks combine them into may not.
+    got = lp_ops.combine_stats(stats[None])
+    want = lp_ops.combine_stats(lp_ops.local_stats(logits, targets, 1.0, vocab)[None])
+    for name, value, expected in zip(("logp", "lse", "expected_z"), got, want):
+        torch.testing.assert_close(value, expected, rtol=2e-5, atol=1e-5, equal_nan=True,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+    assert got[1][:4].isnan().all() and got[1][4].isfinite()
+    assert stats[:2, 1].isnan().all() and stats[2, 1] == 0  # an all -inf slice adds nothing when combined
+
+
+def test_empty_slices_and_rows(kernels):
+    logits = torch.randn(3, 16)
+    targets = torch.tensor([0, -1, 5])
+    stats = kernels.logprob_stats(logits, targets, 1.0, 0)  # a slice of padding only
+    assert stats[:, 0].eq(float("-inf")).all() and stats[:, 1:].eq(0).all()
+    assert kernels.logprob_stats(logits[:0], targets[:0], 1.0, 16).shape == (0, 4)
+
+
+def test_launcher_checks_name_the_tensor(kernels):
+    logits = torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="targets must be int64"):
+        kernels.logprob_stats(logits, torch.zeros(3, dtype=torch.int32), 1.0, 16)
+    with pytest.raises(RuntimeError, match="grad must have the logits' shape"):
+        kernels.logprob_grad_into(logits, torch.zeros(3, dtype=torch.long), *[torch.zeros(3)] * 4, 1.0, 16,
+                                  torch.zeros(3, 15))
+    with pytest.raises(RuntimeError, match="mask has 2 elements, expected 3"):
+        kernels.dapo_loss_forward(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2), None,
+                                  0.2, 0.28, 10.0, torch.tensor(3.0))
+
+
+def _loss_inputs(n, mask_kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(n, generator=gen) * 3
+    old_logp = logp + torch.randn(n, generator=gen) * 0.3
+    old_logp[::5] = logp[::5]  # ratio exactly 1: ties between the clipped and unclipped terms
+    old_logp[1::97] = logp[1::97] + 30  # beyond the log-ratio clamp: no gradient
+    advantages = torch.randn(n, generator=gen)
+    advantages[::7] = 0
+    mask = {"mixed": (torch.rand(n, generator=gen) > 0.3).float(), "ones": torch.ones(n), "zeros": torch.zeros(n)}
+    weight = torch.rand(n, generator=gen) * 2
+    return logp, old_logp, advantages, mask[mask_kind], weight
+
+
+LOSS_CASES = [(n, mask_kind, weighted) for n in (1, 7, 1000) for mask_kind in ("mixed", "ones", "zeros")
+              for weighted in (False, True)]
+LOSS_CASES.append((262144 + 77, "mixed", True))  # past the 1024 blocks x 256 threads of one sweep: the loop turns
+
+
+@pytest.mark.parametrize(("n", "mask_kind", "weighted"), LOSS_CASES)
+def test_dapo_loss_forward_and_backward_against_the_reference(kernels, n, mask_kind, weighted):
+    logp, old_logp, advantages, mask, weight = _loss_inputs(n, mask_kind, seed=n)
+    weight = weight if weighted else None
+    args = (logp, old_logp, advantages, mask, weight, 0.2, 0.28, 3.0, torch.tensor(float(n) + 11))
+
+    out = _twice(kernels.dapo_loss_forward, *args)
+    expected = loss_ops.reference_forward(*args)
+    assert out.shape == (len(loss_ops.FIELDS),)
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-7)  # loss: fp64 sums against fp32's
+    torch.testing.assert_close(out[1:5], expected[1:5], rtol=0, atol=0)  # token and clip counts
+    torch.testing.assert_close(out[5:7], expected[5:7], rtol=1e-4, atol=1e-3)  # KL sums
+    torch.testing.assert_close(out[7], expected[7], rtol=0, atol=0)  # largest ratio
+
+    grad_loss = torch.tensor(0.75)
+    grad = _twice(kernels.dapo_loss_backward, grad_loss, *args)
+    torch.testing.assert_close(grad, loss_ops.reference_backward(grad_loss, *args), rtol=1e-6, atol=1e-9)
+
+
+def test_dapo_loss_nan_log_prob(kernels):
+    logp, old_logp, advantages, mask, _ = _loss_inputs(600, "ones", seed=5)
+    logp[300] = float("nan")
+    args = (logp, old_logp, advantages, mask, None, 0.2, 0.28, 3.0, torch.tensor(600.0))
+    out = _twice(kernels.dapo_loss_forward, *args)
+    assert out[0].isnan() and out[7].isnan()  # the loss and the largest ratio
+    torch.testing.assert_close(out, loss_ops.reference_forward(*args), equal_nan=True)
