@@ -28,6 +28,7 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
+from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
@@ -135,6 +136,7 @@ class Trainer:
                 print(f"data.val_files: {self.val_set.report()}", flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
+        self._check_room_to_respond()  # the same files on every rank: all refuse alike
         self.hf_copy = self._started(self._hf_copy)
         """What checkpoint.save_hf writes next to each checkpoint, or None."""
         # Without dynamic sampling every group generated is trained on: a step draws train_batch_size prompts.
@@ -200,6 +202,27 @@ class Trainer:
             raise ConfigError(f"checkpoint.resume=false, but trainer.run_dir={self.run_dir} holds an earlier run's "
                               f"checkpoints (the newest is {latest.name}): choose a new trainer.run_dir, move "
                               f"{self.run_dir / 'checkpoints'} away, or set checkpoint.resume=true to continue it")
+
+    def _check_room_to_respond(self) -> None:
+        """Each engine refuses a prompt it could not extend by data.max_response_length tokens (and the actor a
+        sequence past the model's positions): a run would stop when such a prompt is first drawn, maybe hours
+        in. Found at start instead, from the longest prompt kept."""
+        cfg = self.config
+        arch = ModelArch.from_pretrained(cfg.model.path)
+        limits = {"the model's max_position_embeddings": (arch.max_position_embeddings, "")}
+        if cfg.rollout.name == "embedded" and cfg.rollout.embedded.max_seq_len is not None:
+            limits["rollout.embedded.max_seq_len"] = (cfg.rollout.embedded.max_seq_len,
+                                                      ", or raise rollout.embedded.max_seq_len")
+        problems = []
+        for files, prompts in (("data.train_files", self.train_set), ("data.val_files", self.val_set)):
+            longest = max((len(p.prompt_ids) for p in (prompts.prompts if prompts else ())), default=0)
+            needed = longest + cfg.data.max_response_length
+            problems += [f"{files}: the longest prompt kept has {longest} tokens; with data.max_response_length="
+                         f"{cfg.data.max_response_length} that is {needed} > {limit}, {what}: lower "
+                         f"data.max_prompt_length (longer prompts are dropped) or data.max_response_length{fix}"
+                         for what, (limit, fix) in limits.items() if needed > limit]
+        if problems:
+            raise ConfigError(problems)
 
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;

@@ -104,6 +104,11 @@ def test_batches_and_sequence_lengths():
                for p in report.problems), report.problems
     report = _check("dapo-qwen3-4b", 1, 8, "data.max_response_length=40000", "reward.overlong_buffer.len=2048")
     assert any("41024 tokens exceeds the model's max_position_embeddings (32768)" in p for p in report.problems)
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_seq_len=9000")
+    assert report.problems == ["data.max_prompt_length + data.max_response_length = 9216 tokens exceeds "
+                               "rollout.embedded.max_seq_len (9000), and the engine refuses a prompt it cannot extend "
+                               "by a full response: raise rollout.embedded.max_seq_len or lower them"], report.problems
+    assert not _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_seq_len=9216").problems
 
 
 def test_embedded_engine_kv_cache_counts_on_rank_0():
