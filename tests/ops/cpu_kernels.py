@@ -1,8 +1,8 @@
 """The CUDA kernels of csrc/ built for the CPU, on the CUDA execution model of cuda_on_cpu/runtime.h.
 
 The sources are compiled as they are, with two mechanical rewrites: `kernel<<<grid, block, shared,
-stream>>>(args)` becomes a call of the model's launcher, and the launchers' `is_cuda()` checks accept
-the CPU, which stands in for the device. `cuda_on_cpu/` holds the CUDA and c10/cuda headers the
+stream>>>(args)` becomes a call of the model's launcher (which is told the kernel's `__launch_bounds__`),
+and the launchers' `is_cuda()` checks accept the CPU, which stands in for the device. `cuda_on_cpu/` holds the CUDA and c10/cuda headers the
 kernels include, in front of torch's on the include path. The module has the functions of
 `megatron_dapo._C`, taking CPU tensors.
 """
@@ -19,9 +19,19 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
 SOURCES = ("logprob.cu", "dapo_loss.cu")
 
 
+BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)\s+(\w+)\s*\(")
+
+
 def rewrite(text: str, name: str) -> str:
     """One kernel source made plain C++ for the CPU model."""
-    text, launches = LAUNCH.subn(lambda m: f'::emu::launch("{m[1]}", ::emu::Config({m[2]}), {m[1]}, ', text)
+    bounds = {kernel: bound for bound, kernel in BOUNDS.findall(text)}
+
+    def launch(m: re.Match) -> str:
+        config = f"::emu::Config({m[2]})"
+        bound = bounds.get(m[1].split("<")[0])
+        return f'::emu::launch("{m[1]}", {config}{f".bounded({bound})" if bound else ""}, {m[1]}, '
+
+    text, launches = LAUNCH.subn(launch, text)
     if not launches:
         raise AssertionError(f"csrc/{name}: no kernel launch found to rewrite")
     if "<<<" in text:
@@ -32,14 +42,13 @@ def rewrite(text: str, name: str) -> str:
 
 
 def build(directory: Path):
-    """Compile the kernels and bindings in `directory`; returns the loaded module."""
+    """Compile the kernels and bindings in `directory` (a fresh one: a build killed half-way leaves a lock there
+    that the next build would wait on for ever); returns the loaded module."""
     directory.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC / "bindings.cpp")]
     for name in SOURCES:
         target = directory / (Path(name).stem + ".cpp")
-        text = rewrite((CSRC / name).read_text(), name)
-        if not target.exists() or target.read_text() != text:  # an unchanged file is not compiled again
-            target.write_text(text)
+        target.write_text(rewrite((CSRC / name).read_text(), name))
         sources.append(str(target))
     return torch.utils.cpp_extension.load(
         name="megatron_dapo_cpu_kernels",

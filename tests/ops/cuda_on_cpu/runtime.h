@@ -2,30 +2,33 @@
 // without a GPU (tests/ops/cpu_kernels.py builds them with it, tests/ops/test_kernels_on_cpu.py runs them).
 //
 // A launch runs the grid's blocks one after another. The threads of a block are fibers (ucontext) on the
-// calling thread: each runs until it reaches a barrier or ends, then the next one runs. __syncthreads() is
-// a barrier of the block's threads, __shfl_xor_sync one of the warp's lanes with an exchange of values,
-// and __shared__ memory is one static array (blocks do not overlap; each block finds what the last one
-// left, as a block on a GPU may find another's leftovers). The order in which the fibers run between two
-// barriers alternates from one launch of a kernel to its next (thread 0 first, then the last thread first),
-// so a result that depends on the order of unsynchronised threads differs between two runs of the same call. A barrier that
-// not every thread of its block (or lane of its warp) reaches, a shuffle from a lane that does not exist,
-// or an invalid launch configuration throws, naming the kernel. So does a load or store at an address
-// its type's alignment does not allow (the kernels' 16-byte packs): the sources are compiled with
-// -fsanitize=alignment and the handler below reports to the launch. What this does not model: the GPU's
-// instructions (__expf is expf here), memory coalescing, and warps running in lockstep between
-// synchronisation points.
+// calling thread, run one warp at a time: a warp's lanes run until each has reached __syncthreads or ended
+// (a shuffle, which every lane of the warp must reach, is the only other point where they wait), then the
+// next warp runs, and once every thread waits at the same __syncthreads they all go on. __shared__
+// memory is one static array per variable, filled with 0xFF bytes (NaN) before each block, so a read of
+// shared memory no thread has written is NaN. Warps run in ascending order, lanes too, on one launch of a
+// kernel and in descending order on its next: a result that depends on the order of unsynchronised threads
+// (in one warp or across warps) differs between two runs of the same call. These fail the launch, which
+// throws naming the kernel: a __syncthreads that not every thread of the block reaches, threads waiting at
+// different __syncthreads, a shuffle that not every lane of a full warp reaches (CUDA leaves both
+// undefined), a block larger than the kernel's __launch_bounds__ or 1024 threads, an exception or a
+// misaligned load or store in a kernel (the sources are compiled with -fsanitize=alignment; the handler
+// below reports to the launch). What this does not model: the GPU's instructions (__expf is expf here),
+// memory coalescing, and warps running in lockstep between synchronisation points.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <map>
-#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -45,7 +48,10 @@ struct dim3 {
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Every __shared__ variable lies in one section, which the launcher fills with 0xFF before each block.
+#define __shared__ static __attribute__((section("emu_shared")))
+extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
 
 namespace emu {
 
@@ -56,13 +62,43 @@ enum class State { kReady, kAtSync, kAtShuffle, kDone };
 
 struct Fiber {
   ucontext_t context;
-  std::unique_ptr<char[]> stack{new char[kStack]};
   State state = State::kReady;
   uint3 index;
+  const char* sync_file = "";  // where it waits in __syncthreads
+  int sync_line = 0;
 };
 
-// The launch being run: its fibers and the one running now.
+// The launch being run: its fibers, their stacks, and the one running now.
 struct Launch {
+  explicit Launch(int64_t threads) : fibers(threads) {
+    page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    stacks_size = threads * (kStack + page);
+    void* memory = mmap(nullptr, stacks_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) {
+      throw std::runtime_error("cannot map the fibers' stacks");
+    }
+    stacks = static_cast<char*>(memory);
+    for (int64_t t = 0; t < threads; ++t) {  // a guard page under each stack: an overflow faults
+      mprotect(stack_of(t) - page, page, PROT_NONE);
+    }
+  }
+  ~Launch() { munmap(stacks, stacks_size); }
+  Launch(const Launch&) = delete;
+  Launch& operator=(const Launch&) = delete;
+
+  char* stack_of(int64_t t) { return stacks + t * (kStack + page) + page; }
+
+  void fail(const std::string& why) {
+    if (failure.empty()) {
+      failure = why;
+    }
+  }
+
+  void yield(State state) {
+    running->state = state;
+    swapcontext(&running->context, &scheduler);
+  }
+
   const char* name = "";
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
@@ -72,53 +108,22 @@ struct Launch {
   dim3 block_dim, grid_dim;
   unsigned char slots[1024][8];  // the values each lane offers in a shuffle
   std::string failure;
-
-  void yield(State state) {
-    running->state = state;
-    swapcontext(&running->context, &scheduler);
-  }
+  char* stacks = nullptr;
+  size_t stacks_size = 0, page = 0;
 };
 
 inline Launch* current = nullptr;
 inline std::map<std::string, unsigned long> launches;  // per kernel, for the order of its next launch
 
 inline void fiber_entry() {
-  current->body();
+  try {
+    current->body();
+  } catch (const std::exception& err) {
+    current->fail(std::string("an exception in the kernel: ") + err.what());
+  } catch (...) {
+    current->fail("an exception in the kernel");
+  }
   current->running->state = State::kDone;  // uc_link returns to the scheduler
-}
-
-// Runs every fiber that is ready until it waits or ends, in this launch's order.
-inline void run_ready(Launch& launch, bool reverse) {
-  const int n = static_cast<int>(launch.fibers.size());
-  for (int k = 0; k < n; ++k) {
-    Fiber& fiber = launch.fibers[reverse ? n - 1 - k : k];
-    if (fiber.state == State::kReady) {
-      launch.running = &fiber;
-      swapcontext(&launch.scheduler, &fiber.context);
-      launch.running = nullptr;
-    }
-  }
-}
-
-// Releases the barriers every participant has reached; false when none could be (a deadlock).
-inline bool release(Launch& launch) {
-  const int n = static_cast<int>(launch.fibers.size());
-  bool released = false;
-  const bool block_waits = std::all_of(launch.fibers.begin(), launch.fibers.end(),
-                                       [](const Fiber& f) { return f.state == State::kAtSync; });
-  if (block_waits) {
-    for (Fiber& f : launch.fibers) f.state = State::kReady;
-    return true;
-  }
-  for (int first = 0; first < n; first += kWarp) {
-    const int last = std::min(n, first + kWarp);
-    if (std::all_of(launch.fibers.begin() + first, launch.fibers.begin() + last,
-                    [](const Fiber& f) { return f.state == State::kAtShuffle; })) {
-      for (int t = first; t < last; ++t) launch.fibers[t].state = State::kReady;
-      released = true;
-    }
-  }
-  return released;
 }
 
 inline std::string census(const Launch& launch) {
@@ -133,12 +138,113 @@ inline std::string census(const Launch& launch) {
          std::to_string(launch.block_index.x) + ")";
 }
 
+// Runs one warp's lanes until each waits at __syncthreads or has ended, releasing its shuffles.
+inline void run_warp(Launch& launch, int first, int last, bool reverse) {
+  while (launch.failure.empty()) {
+    for (int k = 0; k < last - first; ++k) {
+      Fiber& fiber = launch.fibers[reverse ? last - 1 - k : first + k];
+      if (fiber.state == State::kReady) {
+        launch.running = &fiber;
+        swapcontext(&launch.scheduler, &fiber.context);
+        launch.running = nullptr;
+      }
+    }
+    const auto begin = launch.fibers.begin() + first, end = launch.fibers.begin() + last;
+    const bool at_shuffle = std::any_of(begin, end, [](const Fiber& f) { return f.state == State::kAtShuffle; });
+    if (!at_shuffle) {
+      return;
+    }
+    if (last - first != kWarp || !std::all_of(begin, end, [](const Fiber& f) { return f.state == State::kAtShuffle; })) {
+      launch.fail("a shuffle that not every lane of a full warp reaches: " + census(launch));
+      return;
+    }
+    for (auto f = begin; f != end; ++f) f->state = State::kReady;
+  }
+}
+
+inline void run_block(Launch& launch, bool reverse) {
+  const int n = static_cast<int>(launch.fibers.size());
+  const int warps = (n + kWarp - 1) / kWarp;
+  while (launch.failure.empty()) {
+    for (int k = 0; k < warps && launch.failure.empty(); ++k) {
+      const int w = reverse ? warps - 1 - k : k;
+      run_warp(launch, w * kWarp, std::min(n, (w + 1) * kWarp), reverse);
+    }
+    if (!launch.failure.empty()) {
+      return;
+    }
+    const Fiber& first = launch.fibers[0];
+    if (std::all_of(launch.fibers.begin(), launch.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; })) {
+      return;
+    }
+    if (!std::all_of(launch.fibers.begin(), launch.fibers.end(), [](const Fiber& f) { return f.state == State::kAtSync; })) {
+      launch.fail("a __syncthreads that not every thread reaches: " + census(launch));
+      return;
+    }
+    for (const Fiber& f : launch.fibers) {
+      if (f.sync_line != first.sync_line || std::strcmp(f.sync_file, first.sync_file) != 0) {
+        launch.fail("threads wait at different __syncthreads: " + std::string(first.sync_file) + ":" +
+                    std::to_string(first.sync_line) + " and " + f.sync_file + ":" + std::to_string(f.sync_line));
+        return;
+      }
+    }
+    for (Fiber& f : launch.fibers) f.state = State::kReady;
+  }
+}
+
 // The launch configuration: <<<grid, block, shared bytes, stream>>> with one-dimensional grid and block.
 struct Config {
-  int64_t grid, block;
+  int64_t grid, block, max_block = 1024;
   template <typename Stream = int>
   Config(int64_t grid_, int64_t block_, size_t = 0, Stream = {}) : grid(grid_), block(block_) {}
+  Config& bounded(int64_t launch_bounds) {  // the kernel's __launch_bounds__
+    max_block = launch_bounds;
+    return *this;
+  }
 };
+
+template <typename... Params, typename... Args>
+void launch(const char* name, Config config, void (*kernel)(Params...), Args&&... args) {
+  if (config.grid < 1 || config.grid > 2147483647 || config.block < 1 || config.block > 1024 ||
+      config.block > config.max_block) {
+    throw std::runtime_error(std::string(name) + ": invalid launch configuration, grid " +
+                             std::to_string(config.grid) + " x block " + std::to_string(config.block) +
+                             " (at most " + std::to_string(config.max_block) + " threads)");
+  }
+  if (current != nullptr) {
+    throw std::runtime_error(std::string(name) + ": launched from inside a kernel");
+  }
+  const std::tuple<Params...> params(std::forward<Args>(args)...);  // passed by value, as a launch does
+  Launch launch(config.block);
+  launch.name = name;
+  launch.block_dim = dim3(static_cast<unsigned int>(config.block));
+  launch.grid_dim = dim3(static_cast<unsigned int>(config.grid));
+  launch.body = [&] { std::apply(kernel, params); };
+  const bool reverse = launches[name]++ % 2 == 1;
+  current = &launch;
+  for (int64_t b = 0; b < config.grid && launch.failure.empty(); ++b) {
+    launch.block_index = uint3{static_cast<unsigned int>(b), 0, 0};
+    if (__start_emu_shared != nullptr) {
+      std::memset(__start_emu_shared, 0xFF, __stop_emu_shared - __start_emu_shared);
+    }
+    for (int64_t t = 0; t < config.block; ++t) {
+      Fiber& fiber = launch.fibers[t];
+      fiber.state = State::kReady;
+      fiber.index = uint3{static_cast<unsigned int>(t), 0, 0};
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = launch.stack_of(t);
+      fiber.context.uc_stack.ss_size = kStack;
+      fiber.context.uc_link = &launch.scheduler;
+      makecontext(&fiber.context, fiber_entry, 0);
+    }
+    run_block(launch, reverse);
+  }
+  current = nullptr;
+  if (!launch.failure.empty()) {
+    // Fibers left waiting are abandoned with their stacks (nothing they hold needs destroying).
+    throw std::runtime_error(std::string(name) + ": " + launch.failure);
+  }
+}
 
 // Called by the code -fsanitize=alignment adds, at a misaligned access (in place of the sanitizer's runtime,
 // which is not linked: the failure goes to the launch, which throws).
@@ -152,69 +258,20 @@ struct TypeMismatch {
   unsigned char log_alignment, check_kind;
 };
 
-template <typename... Params, typename... Args>
-void launch(const char* name, Config config, void (*kernel)(Params...), Args&&... args) {
-  if (config.grid < 1 || config.grid > 2147483647 || config.block < 1 || config.block > 1024) {
-    throw std::runtime_error(std::string(name) + ": invalid launch configuration, grid " +
-                             std::to_string(config.grid) + " x block " + std::to_string(config.block));
-  }
-  if (current != nullptr) {
-    throw std::runtime_error(std::string(name) + ": launched from inside a kernel");
-  }
-  const std::tuple<Params...> params(std::forward<Args>(args)...);  // passed by value, as a launch does
-  Launch launch;
-  launch.name = name;
-  launch.block_dim = dim3(static_cast<unsigned int>(config.block));
-  launch.grid_dim = dim3(static_cast<unsigned int>(config.grid));
-  launch.fibers.resize(config.block);
-  launch.body = [&] { std::apply(kernel, params); };
-  const bool reverse = launches[name]++ % 2 == 1;
-  current = &launch;
-  for (int64_t b = 0; b < config.grid && launch.failure.empty(); ++b) {
-    launch.block_index = uint3{static_cast<unsigned int>(b), 0, 0};
-    for (int64_t t = 0; t < config.block; ++t) {
-      Fiber& fiber = launch.fibers[t];
-      fiber.state = State::kReady;
-      fiber.index = uint3{static_cast<unsigned int>(t), 0, 0};
-      getcontext(&fiber.context);
-      fiber.context.uc_stack.ss_sp = fiber.stack.get();
-      fiber.context.uc_stack.ss_size = kStack;
-      fiber.context.uc_link = &launch.scheduler;
-      makecontext(&fiber.context, fiber_entry, 0);
-    }
-    while (launch.failure.empty()) {
-      run_ready(launch, reverse);
-      if (std::all_of(launch.fibers.begin(), launch.fibers.end(),
-                      [](const Fiber& f) { return f.state == State::kDone; })) {
-        break;
-      }
-      if (!release(launch)) {
-        launch.failure = "a barrier that not every thread reaches: " + census(launch);
-      }
-    }
-  }
-  current = nullptr;
-  if (!launch.failure.empty()) {
-    // Fibers left waiting are abandoned with their stacks (nothing they hold needs destroying).
-    throw std::runtime_error(std::string(name) + ": " + launch.failure);
-  }
-}
-
 }  // namespace emu
 
-// Weak: every source that includes this defines it, and the linker keeps one. The thread that made the
-// access stops there (its next instruction may fault on the address), and the launch throws.
-extern "C" __attribute__((weak, used)) void __ubsan_handle_type_mismatch_v1(emu::TypeMismatch* data,
-                                                                          uintptr_t address) {
+// Weak: every source that includes this defines it, and the linker keeps one; hidden: this library's calls
+// reach this one even where another library of the process defines it. The thread that made the access
+// stops there (its next instruction may fault on the address), and the launch throws.
+extern "C" __attribute__((weak, used, visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(
+    emu::TypeMismatch* data, uintptr_t address) {
   emu::Launch* launch = emu::current;
   if (launch == nullptr || launch->running == nullptr) {
     return;  // host code: not this model's to judge
   }
-  if (launch->failure.empty()) {
-    launch->failure = "misaligned access at " + std::string(data->where.file) + ":" +
-                      std::to_string(data->where.line) + ": address " + std::to_string(address) +
-                      " is not a multiple of " + std::to_string(1u << data->log_alignment) + " bytes";
-  }
+  launch->fail("misaligned access at " + std::string(data->where.file) + ":" + std::to_string(data->where.line) +
+               ": address " + std::to_string(address) + " is not a multiple of " +
+               std::to_string(1u << data->log_alignment) + " bytes");
   launch->yield(emu::State::kDone);  // never resumed
 }
 
@@ -223,7 +280,12 @@ extern "C" __attribute__((weak, used)) void __ubsan_handle_type_mismatch_v1(emu:
 #define blockDim (::emu::current->block_dim)
 #define gridDim (::emu::current->grid_dim)
 
-inline void __syncthreads() { emu::current->yield(emu::State::kAtSync); }
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu::Fiber& fiber = *emu::current->running;
+  fiber.sync_file = file;
+  fiber.sync_line = line;
+  emu::current->yield(emu::State::kAtSync);
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = emu::kWarp) {
@@ -231,21 +293,15 @@ T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = emu::kW
   emu::Launch& launch = *emu::current;
   const int t = static_cast<int>(threadIdx.x);
   const int lane = t % emu::kWarp;
-  const int source = t - lane + (lane ^ lane_mask);
-  const int lanes = std::min<int>(emu::kWarp, static_cast<int>(launch.fibers.size()) - (t - lane));
-  if (mask != 0xffffffffu || width != emu::kWarp || lane_mask < 0 || lane_mask >= emu::kWarp ||
-      source - (t - lane) >= lanes) {
-    if (launch.failure.empty()) {
-      launch.failure = "__shfl_xor_sync from lane " + std::to_string(lane ^ lane_mask) + " with mask " +
-                       std::to_string(mask) + " and width " + std::to_string(width) + " in a warp of " +
-                       std::to_string(lanes) + " lanes (only whole warps are modelled)";
-    }
-    return value;
+  if (mask != 0xffffffffu || width != emu::kWarp || lane_mask < 0 || lane_mask >= emu::kWarp) {
+    launch.fail("__shfl_xor_sync with mask " + std::to_string(mask) + ", lane mask " + std::to_string(lane_mask) +
+                " and width " + std::to_string(width) + " (only whole warps are modelled)");
+    launch.yield(emu::State::kDone);  // never resumed
   }
   std::memcpy(launch.slots[t], &value, sizeof(T));
   launch.yield(emu::State::kAtShuffle);  // every lane has offered its value
   T out;
-  std::memcpy(&out, launch.slots[source], sizeof(T));
+  std::memcpy(&out, launch.slots[t - lane + (lane ^ lane_mask)], sizeof(T));
   launch.yield(emu::State::kAtShuffle);  // every lane has read before any offers again
   return out;
 }
