@@ -28,8 +28,8 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
-from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
+from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
