@@ -2,9 +2,9 @@
 
 The sources are compiled as they are, with two mechanical rewrites: `kernel<<<grid, block, shared,
 stream>>>(args)` becomes a call of the model's launcher (which is told the kernel's `__launch_bounds__`),
-and the launchers' `is_cuda()` checks accept the CPU, which stands in for the device. `cuda_on_cpu/` holds the CUDA and c10/cuda headers the
-kernels include, in front of torch's on the include path. The module has the functions of
-`megatron_dapo._C`, taking CPU tensors.
+and the launchers' `is_cuda()` checks accept the CPU, which stands in for the device. `cuda_on_cpu/` holds
+the CUDA and c10/cuda headers the kernels include, in front of torch's on the include path. The module has
+the functions of `megatron_dapo._C`, taking CPU tensors.
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import torch.utils.cpp_extension
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 INCLUDE = Path(__file__).resolve().parent / "cuda_on_cpu"
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
-SOURCES = ("logprob.cu", "dapo_loss.cu")
-
-
 BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)\s+(\w+)\s*\(")
+SOURCES = ("logprob.cu", "dapo_loss.cu")
 
 
 def rewrite(text: str, name: str) -> str:
