@@ -294,14 +294,17 @@ def test_two_ranks_with_an_engine_each(toy_run, tmp_path):
 
 
 def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
-    """Both engines refuse their prompts (too long for rollout.embedded.max_seq_len with 16 new tokens, while the
-    16-token probe at the start fits): rank 0 raises with the engine named and rank 1 stops on rank 0's word,
-    instead of waiting for a collective that never comes."""
+    """Both engines' hosts fail in a rollout (each finds, scoring its share, that the reward function fails on
+    every response): rank 0 raises with the engine named and rank 1 stops on rank 0's word, instead of waiting
+    for a collective that never comes."""
+    (tmp_path / "broken.py").write_text(BROKEN_REWARD)
     run_dir = _linked_run_dir(toy_run, tmp_path)
-    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2", "rollout.embedded.max_seq_len=20"]
+    command = [*_torchrun(2), *_toy_command(run_dir)[1:], "rollout.engines=2",
+               "reward.functions.math_dapo=broken.py:score"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "RolloutError: rollout engine 0 (rank 0): RolloutError: bad input" in proc.stderr, proc.stderr[-4000:]
+    assert ("RolloutError: rollout engine 0 (rank 0): RuntimeError: the reward function of data_source 'math_dapo' "
+            "failed on every one") in proc.stderr, proc.stderr[-4000:]
     assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0)" in proc.stderr, proc.stderr[-4000:]
 
 
