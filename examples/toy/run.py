@@ -9,12 +9,13 @@ dynamic sampling has work to do. DAPO alone then has to settle on the right digi
 numbers it never trained on.
 
     python examples/toy/run.py [dotted.overrides ...]
-    python examples/toy/run.py --prepare-only [dotted.overrides ...]   # make the above, print the overrides
+    python examples/toy/run.py --prepare-only [dotted.overrides ...]   # make the above, print the overrides, shell-quoted
 """
 from __future__ import annotations
 
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,8 +64,10 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
         train = make_data(run_dir / "data", seed)
         warm_start(base, tokenizer, train, seed)
     data = run_dir / "data"
+    # Lists in JSON, which YAML reads as written: a path may hold ", " or " #".
     return [f"model.path={base}", f"model.tokenizer_path={tokenizer_dir}",
-            f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]"]
+            f"data.train_files={json.dumps([str(data / 'train.jsonl')])}",
+            f"data.val_files={json.dumps([str(data / 'val.jsonl')])}"]
 
 
 def main(argv: list[str]) -> int:
@@ -75,8 +78,8 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--prepare-only"]
     config = load_config(HERE / "config.yaml", argv)
     overrides = [*prepare(Path(config.trainer.run_dir), config.trainer.seed), *argv]
-    if prepare_only:
-        print(" ".join(overrides))
+    if prepare_only:  # quoted for a shell: a path may hold spaces
+        print(shlex.join(overrides))
         return 0
     return megatron_dapo(["train", str(HERE / "config.yaml"), *overrides])  # config errors named, no traceback
 

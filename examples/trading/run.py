@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trad
             print(f"episodes made again from {books or 'the generator'} (the folder's came from "
                   f"{made_from['books'] or 'the generator'}, seed {made_from['seed']})", flush=True)
             (run_dir / "base" / "model.safetensors").unlink(missing_ok=True)
-    overrides = [f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]"]
+    # Lists in JSON, which YAML reads as written: a path may hold ", " or " #".
+    overrides = [f"data.train_files={json.dumps([str(data / 'train.jsonl')])}",
+                 f"data.val_files={json.dumps([str(data / 'val.jsonl')])}"]
     if compact:
         # The tokenizer has its own folder: next to a Qwen2 config.json, AutoTokenizer would load it as
         # Qwen2's tokenizer class, whose pre-tokenizer drops the spaces and newlines of the answer format.
@@ -130,8 +133,8 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config, args.overrides)
     overrides = [*prepare(Path(args.config), Path(config.trainer.run_dir), config.trainer.seed, args.books,
                           args.trades), *args.overrides]
-    if args.prepare_only:
-        print(" ".join(overrides))
+    if args.prepare_only:  # quoted for a shell: a path may hold spaces
+        print(shlex.join(overrides))
         return 0
     return megatron_dapo(["train", str(args.config), *overrides])  # config errors named, no traceback
 

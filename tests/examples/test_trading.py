@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ def test_cpu_variant_trains_and_reports_shortfall_against_the_baselines(tmp_path
                                f"trainer.run_dir={run_dir}"], capture_output=True, text=True, timeout=900, env=env)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "validation (split by time)" in prepared.stdout
-    overrides = prepared.stdout.strip().splitlines()[-1].split()
+    overrides = shlex.split(prepared.stdout.strip().splitlines()[-1])
     train = subprocess.run([sys.executable, "-m", "megatron_dapo", "train", str(ROOT / "examples" / "trading" /
                             "config_cpu.yaml"), *overrides],
                            capture_output=True, text=True, timeout=900, env=env)

@@ -53,7 +53,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def first_run(cluster, tmp_path_factory):
-    work = tmp_path_factory.mktemp("toy-slurm")
+    work = tmp_path_factory.mktemp("toy slurm #1")  # the paths the script hands on hold a space and a "#"
     run_dir = work / "run"
     job = _submit(cluster, run_dir, work, "trainer.total_training_steps=4", "trainer.test_freq=4",
                   "checkpoint.save_freq=2")
