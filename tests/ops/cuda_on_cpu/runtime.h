@@ -6,20 +6,28 @@
 // (a shuffle, which every lane of the warp must reach, is the only other point where they wait), then the
 // next warp runs, and once every thread waits at the same __syncthreads they all go on. __shared__
 // memory is one static array per variable, filled with 0xFF bytes (NaN) before each block, so a read of
-// shared memory no thread has written is NaN. Warps run in ascending order, lanes too, on one launch of a
-// kernel and in descending order on its next: a result that depends on the order of unsynchronised threads
-// (in one warp or across warps) differs between two runs of the same call. These fail the launch, which
+// shared memory no thread has written is NaN. Blocks, warps and lanes run in ascending order on one launch
+// of a kernel and in descending order on its next: a result that depends on the order of unsynchronised
+// threads (in one warp, across warps or across blocks) differs between two runs of the same call. Float
+// arithmetic in a kernel flushes subnormal inputs and results to zero, as the extension's --use_fast_math
+// build does on the GPU (x86's MXCSR FTZ and DAZ, set for the launch). These fail the launch, which
 // throws naming the kernel: a __syncthreads that not every thread of the block reaches, threads waiting at
 // different __syncthreads, a shuffle that not every lane of a full warp reaches (CUDA leaves both
 // undefined), a block larger than the kernel's __launch_bounds__ or 1024 threads, an exception or a
 // misaligned load or store in a kernel (the sources are compiled with -fsanitize=alignment; the handler
-// below reports to the launch). What this does not model: the GPU's instructions (__expf is expf here),
-// memory coalescing, and warps running in lockstep between synchronisation points.
+// below reports to the launch). What this does not model: the GPU's instructions (__expf and fast-math expf
+// are glibc's expf here, and no multiply-add is fused), memory coalescing, warps running in lockstep between
+// synchronisation points, and a thread losing a read-modify-write of shared or global memory to another:
+// a thread runs on until it waits, so `x += v` from many threads adds every v here (the kernels use no
+// atomics and keep such sums in per-thread slots reduced behind barriers).
 #pragma once
 
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -192,6 +200,24 @@ inline void run_block(Launch& launch, bool reverse) {
   }
 }
 
+// Subnormal float inputs and results read as zero while it lives (nvcc's -ftz=true, part of --use_fast_math).
+// Fibers made while it lives take it with their contexts (glibc's getcontext saves MXCSR).
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtz | kDaz); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned int kFtz = 0x8000, kDaz = 0x0040;
+  unsigned int saved_;
+#else
+  FlushSubnormals() = default;  // elsewhere the CPU keeps subnormals: results may differ from a GPU's there
+#endif
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+};
+
 // The launch configuration: <<<grid, block, shared bytes, stream>>> with one-dimensional grid and block.
 struct Config {
   int64_t grid, block, max_block = 1024;
@@ -221,8 +247,10 @@ void launch(const char* name, Config config, void (*kernel)(Params...), Args&&..
   launch.grid_dim = dim3(static_cast<unsigned int>(config.grid));
   launch.body = [&] { std::apply(kernel, params); };
   const bool reverse = launches[name]++ % 2 == 1;
+  const FlushSubnormals flush;  // for the launch: the fibers' contexts are taken inside it
   current = &launch;
-  for (int64_t b = 0; b < config.grid && launch.failure.empty(); ++b) {
+  for (int64_t k = 0; k < config.grid && launch.failure.empty(); ++k) {
+    const int64_t b = reverse ? config.grid - 1 - k : k;
     launch.block_index = uint3{static_cast<unsigned int>(b), 0, 0};
     if (__start_emu_shared != nullptr) {
       std::memset(__start_emu_shared, 0xFF, __stop_emu_shared - __start_emu_shared);
