@@ -207,12 +207,12 @@ def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) ->
         report.problems.append(
             f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds the model's "
             f"max_position_embeddings ({arch.max_position_embeddings}): lower them")
-    engine_limit = config.rollout.embedded.max_seq_len
-    if config.rollout.name == "embedded" and engine_limit is not None and longest > engine_limit:
+    engine_limit = config.rollout.length_limit()
+    if engine_limit is not None and longest > engine_limit[1]:
+        key, limit = engine_limit
         report.problems.append(
-            f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds "
-            f"rollout.embedded.max_seq_len ({engine_limit}), and the engine refuses a prompt it cannot extend by a "
-            "full response: raise rollout.embedded.max_seq_len or lower them")
+            f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds {key} ({limit}), and "
+            f"the engine refuses a prompt it cannot extend by a full response: raise {key} or lower them")
     if longest > config.actor.ppo_max_token_len_per_gpu:
         report.notes.append(
             f"a full-length sequence ({longest} tokens) is longer than actor.ppo_max_token_len_per_gpu "

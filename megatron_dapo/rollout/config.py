@@ -87,6 +87,17 @@ class RolloutConfig:
         if problems:
             raise ConfigError(problems)
 
+    def length_limit(self) -> tuple[str, int] | None:
+        """(the key, its value) of the engine's own limit on prompt + response tokens where one is set, else None:
+        the model's max_position_embeddings is then the limit. SGLang refuses a request whose prompt plus
+        max_new_tokens exceeds its context_length (sglang 0.5.23, TokenizerManager._validate_one_request), and so
+        does the embedded engine with its max_seq_len."""
+        if self.name == "embedded" and self.embedded.max_seq_len is not None:
+            return "rollout.embedded.max_seq_len", self.embedded.max_seq_len
+        if self.name == "sglang" and self.sglang.server_args.get("context_length") is not None:
+            return "rollout.sglang.server_args.context_length", self.sglang.server_args["context_length"]
+        return None
+
     def parity_threshold_for(self, trainer_float32: bool) -> float:
         """rollout.parity_threshold, or its default for the trainer's and the engine's precision."""
         if self.parity_threshold is not None:

@@ -210,9 +210,9 @@ class Trainer:
         cfg = self.config
         arch = ModelArch.from_pretrained(cfg.model.path)
         limits = {"the model's max_position_embeddings": (arch.max_position_embeddings, "")}
-        if cfg.rollout.name == "embedded" and cfg.rollout.embedded.max_seq_len is not None:
-            limits["rollout.embedded.max_seq_len"] = (cfg.rollout.embedded.max_seq_len,
-                                                      ", or raise rollout.embedded.max_seq_len")
+        if (engine_limit := cfg.rollout.length_limit()) is not None:
+            key, limit = engine_limit
+            limits[key] = (limit, f", or raise {key}")
         problems = []
         for files, prompts in (("data.train_files", self.train_set), ("data.val_files", self.val_set)):
             longest = max((len(p.prompt_ids) for p in (prompts.prompts if prompts else ())), default=0)

@@ -109,6 +109,13 @@ def test_batches_and_sequence_lengths():
                                "rollout.embedded.max_seq_len (9000), and the engine refuses a prompt it cannot extend "
                                "by a full response: raise rollout.embedded.max_seq_len or lower them"], report.problems
     assert not _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_seq_len=9216").problems
+    # SGLang refuses a request past its context_length, when one is given.
+    report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=16384")
+    assert report.problems == ["data.max_prompt_length + data.max_response_length = 22528 tokens exceeds "
+                               "rollout.sglang.server_args.context_length (16384), and the engine refuses a prompt it "
+                               "cannot extend by a full response: raise rollout.sglang.server_args.context_length or "
+                               "lower them"], report.problems
+    assert not _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22528").problems
 
 
 def test_embedded_engine_kv_cache_counts_on_rank_0():

@@ -42,6 +42,10 @@ class SGLangEngineConfig:
                 problems.append(f"rollout.sglang.server_args.{key}={self.server_args[key]!r}: the trainer's weight "
                                 f"push needs an SGLang engine of one node, TP only; remove {key}, and for more "
                                 "engines set rollout.engines")
+        context = self.server_args.get("context_length")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+            problems.append(f"rollout.sglang.server_args.context_length must be a whole number of tokens >= 1 or "
+                            f"absent, got {context!r}")
         if self.server_args.get("load_format") == "dummy":
             problems.append("rollout.sglang.server_args.load_format=dummy: the engines generate from model.path's "
                             "weights before the first push, so they must load them; remove load_format")

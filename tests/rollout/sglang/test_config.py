@@ -44,6 +44,17 @@ def test_server_args_the_weight_push_cannot_serve_are_refused():
     assert load_config(None, ["rollout.sglang.server_args={load_format: safetensors}"])  # a real format is fine
 
 
+@pytest.mark.parametrize(("value", "shown"), [("0", "0"), ("32k", "'32k'"), ("true", "True"), ("2048.5", "2048.5")])
+def test_context_length_must_be_a_number_of_tokens(value, shown):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"rollout.sglang.server_args.context_length={value}"])
+    assert str(err.value) == ("rollout.sglang.server_args.context_length must be a whole number of tokens >= 1 or "
+                              f"absent, got {shown}")
+    config = load_config(None, ["rollout.name=sglang", "rollout.sglang.server_args.context_length=4096"])
+    assert config.rollout.length_limit() == ("rollout.sglang.server_args.context_length", 4096)
+    assert load_config(None, ["rollout.name=sglang"]).rollout.length_limit() is None
+
+
 def test_colocated_engine_starts_on_node_0s_first_gpu():
     config = SGLangEngineConfig(tp_size=2)
     assert config.gpus("colocated", local_world_size=8, visible_gpus=8) == range(0, 2)
