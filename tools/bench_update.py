@@ -7,7 +7,7 @@ CPU) and times, after one warm-up step, --repeats update steps of --batch sequen
 tokens (the second half of each is the response, advantages random): forward-backward over
 micro-batches of actor.ppo_max_token_len_per_gpu tokens and one optimizer step. Reports tokens/s
 and model FLOPs utilisation: 6 x parameters x tokens plus attention (12 x layers x hidden x S^2 per
-sequence, halved for causality), over the time and the device's peak (--peak-tflops; 989 for an H100
+sequence, halved for causality), over the time and the device's peak (--peak-tflops; 989 for an H100 or H200
 SXM in bf16 dense). Appends a row to benchmarks/results/update.csv.
 
 It then times actor.offload's round trip in the same run: the weights and optimizer state copied to
