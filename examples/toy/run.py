@@ -9,7 +9,8 @@ dynamic sampling has work to do. DAPO alone then has to settle on the right digi
 numbers it never trained on.
 
     python examples/toy/run.py [dotted.overrides ...]
-    python examples/toy/run.py --prepare-only [dotted.overrides ...]   # make the above, print the overrides, shell-quoted
+    python examples/toy/run.py --prepare-only [dotted.overrides ...]   # make the above, print the overrides
+                                                                       # as shell-quoted words
 """
 from __future__ import annotations
 

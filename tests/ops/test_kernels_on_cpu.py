@@ -7,9 +7,9 @@ tails, vocabulary padding, the block and warp reductions and their barriers, in-
 handling, the loss's grid-stride loop and two-stage reduction. The inputs, and the gradients the tests pass
 in to be written, lie inside NaN-filled memory (around each row, after the last one, around each loss
 vector, and in the padding columns the statistics must not read), so a read outside what a kernel may read
-shows as NaN, and a write outside what it may write changes the NaN. Every call runs twice, blocks, warps and lanes in opposite
-orders, and must give the same bits. The GPU itself (instructions, speed) is checked by test_kernels_cuda.py on a
-machine with one.
+shows as NaN, and a write outside what it may write changes the NaN. Every call runs twice, blocks, warps
+and lanes in opposite orders, and must give the same bits. The GPU itself (instructions, speed) is checked
+by test_kernels_cuda.py on a machine with one.
 """
 import pytest
 import torch
