@@ -50,9 +50,14 @@ def test_context_length_must_be_a_number_of_tokens(value, shown):
         load_config(None, [f"rollout.sglang.server_args.context_length={value}"])
     assert str(err.value) == ("rollout.sglang.server_args.context_length must be a whole number of tokens >= 1 or "
                               f"absent, got {shown}")
+
+
+def test_context_length_is_the_engines_length_limit():
     config = load_config(None, ["rollout.name=sglang", "rollout.sglang.server_args.context_length=4096"])
     assert config.rollout.length_limit() == ("rollout.sglang.server_args.context_length", 4096)
     assert load_config(None, ["rollout.name=sglang"]).rollout.length_limit() is None
+    # Only the engine in use has a say.
+    assert load_config(None, ["rollout.sglang.server_args.context_length=4096"]).rollout.length_limit() is None
 
 
 def test_colocated_engine_starts_on_node_0s_first_gpu():
