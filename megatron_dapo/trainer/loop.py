@@ -215,7 +215,7 @@ class Trainer:
             limits[key] = (limit, f", or raise {key}")
         problems = []
         for files, prompts in (("data.train_files", self.train_set), ("data.val_files", self.val_set)):
-            longest = max((len(p.prompt_ids) for p in (prompts.prompts if prompts else ())), default=0)
+            longest = max((len(p.prompt_ids) for p in prompts or ()), default=0)
             needed = longest + cfg.data.max_response_length
             problems += [f"{files}: the longest prompt kept has {longest} tokens; with data.max_response_length="
                          f"{cfg.data.max_response_length} that is {needed} > {limit}, {what}: lower "
