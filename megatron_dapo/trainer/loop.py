@@ -279,6 +279,10 @@ class Trainer:
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
                                      hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most
                                      wait_group=self.control.group)
+                if not last and not stopping and self.stop.requested():
+                    # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
+                    # stop's. Going on would train a whole step and save again in what time the warning left.
+                    stopping = True
             if last and self.rank0:
                 self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
                 step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"

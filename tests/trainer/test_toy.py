@@ -167,6 +167,26 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_path):
+    """A STOP file written while the step-1 checkpoint is being saved (its folder is still .partial, its Hugging
+    Face copy to come): the run stops on that checkpoint instead of training step 2 and saving again, which would
+    take more than the time a Slurm warning leaves."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    saving = run_dir / "checkpoints" / "step_000001.partial"
+    proc = subprocess.Popen([*_toy_command(run_dir), "trainer.val_before_train=false", "checkpoint.save_freq=1",
+                             "checkpoint.save_hf=true"], cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (run_dir / "STOP").touch()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], out[-2000:]
+    assert "stopping after step 1 (" in out and (run_dir / "checkpoints" / "step_000001" / "hf").is_dir(), out[-2000:]
+    assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
+
+
 def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     """The trained policy published as a Hugging Face folder and converted back to megatron-core
     (`convert mcore-to-hf`, then `hf-to-mcore`): a run started from it with model.megatron_checkpoint
