@@ -61,9 +61,11 @@ class MegatronActor:
 
     def __init__(self, config: ActorConfig, model_path: str | Path, layout: ParallelLayout, *, temperature: float,
                  norm_len: int | None = None, bf16: bool | None = None, weights: str | Path | None = None,
-                 last_step: int | None = None):
+                 last_step: int | None = None, load_weights: bool = True):
         """model_path: the Hugging Face folder whose config.json defines the model and whose safetensors
         it starts from, unless `weights` names a megatron-core checkpoint to take the weights from.
+        load_weights: False leaves the weights as built, for a caller that loads a whole checkpoint over them
+        next (load_actor: a resumed run, which would otherwise read a full set of weights for nothing).
         last_step: the index of the run's last optimizer step, where a learning-rate decay ends unless its config
         says otherwise."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -84,9 +86,9 @@ class MegatronActor:
         model = build_gpt_model(self.arch, layout, bf16=bf16, recompute=config.recompute_activations)
         if torch.cuda.is_available():
             model.cuda()
-        if weights is None:
+        if load_weights and weights is None:
             load_hf_weights(model, self.arch, model_path)
-        else:
+        elif load_weights:
             load_model_weights(model, weights, arch=self.arch)
         self.transformer_config = model.config
         self.model = DistributedDataParallel(

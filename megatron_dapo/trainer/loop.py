@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_dapo.actor.actor import MegatronActor
 from megatron_dapo.actor.batch import ActorBatch
+from megatron_dapo.actor.checkpoint import CheckpointError
 from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
@@ -145,9 +146,17 @@ class Trainer:
                                    seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         self.updates_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size * cfg.actor.ppo_epochs
         """Optimizer steps of a full batch: the learning-rate schedule moves by this much every training step."""
-        self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
-                                   norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
-                                   last_step=cfg.trainer.total_training_steps * self.updates_per_step - 1)
+        self.resume_from = self._resume_point()
+        """The run folder's checkpoint this attempt goes on from, or None."""
+        try:  # a resumed run reads its own checkpoint alone: its starting weights may be long gone
+            self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
+                                       norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
+                                       last_step=cfg.trainer.total_training_steps * self.updates_per_step - 1,
+                                       load_weights=self.resume_from is None)
+        except CheckpointError as err:  # raised on every rank alike
+            if self.resume_from is not None or not cfg.model.megatron_checkpoint:
+                raise
+            raise CheckpointError(f"model.megatron_checkpoint={cfg.model.megatron_checkpoint}: {err}") from err
         self.control = ControlChannel(cfg.trainer.rollout_timeout_s)
         """Rank 0's words to every rank during rollout (trainer/control.py)."""
         self.placement = place_engines(cfg.rollout.engines, timeout_s=cfg.trainer.rollout_timeout_s)
@@ -517,12 +526,17 @@ class Trainer:
     def _state(self) -> dict:
         return {"step": self.step, "data": self.stream.state_dict()}
 
+    def _resume_point(self) -> Path | None:
+        """The newest complete checkpoint of the run folder when checkpoint.resume, else None (collective: rank 0's
+        choice for all, as another node's listing of the folder may lag)."""
+        if not self.config.checkpoint.resume:
+            return None
+        chosen = [checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None]
+        dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
+
     def _resume(self) -> None:
-        latest = None
-        if self.config.checkpoint.resume:  # rank 0's choice for all: another node's listing of the folder may lag
-            chosen = [checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None]
-            dist.broadcast_object_list(chosen, src=0)
-            latest = chosen[0]
+        latest = self.resume_from
         if latest is not None or self.config.model.megatron_checkpoint:
             self._load_and_push(latest)
         else:  # each engine loaded model.path itself: checked all the same, before it generates from it

@@ -44,7 +44,7 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
 
 
 def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, grad_clip: float = 0.5,
-           **actor_kwargs):
+           load_weights: bool = True, **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -57,7 +57,8 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None
     init_model_parallel(layout, seed=1)
     optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=grad_clip, eps=ADAM_EPS)
     config = ActorConfig(optim=optim, **actor_kwargs)
-    return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights)
+    return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights,
+                         load_weights=load_weights)
 
 
 def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, workdir: Path) -> None:
@@ -200,8 +201,11 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
     after_two, _ = first.compute_logprobs(batch())
 
     # Resumed at TP1 x DP4 (distributed optimizer): the same weights, the same next step, and after it
-    # the same weights again (the optimizer state came along).
-    moved = _actor(folder, 1, 1, False, ppo_mini_batch_size=4)
+    # the same weights again (the optimizer state came along). Built without loading any weights first, as a
+    # resumed run builds it: the checkpoint alone gives every weight.
+    moved = _actor(folder, 1, 1, False, ppo_mini_batch_size=4, load_weights=False)
+    unloaded = (moved.compute_logprobs(batch())[0] - after_one).abs().max().item()
+    assert unloaded > 0.1, f"an actor built with load_weights=False holds the trained weights already ({unloaded})"
     marker = load_actor(moved, workdir / "ckpt_tp2pp2")
     assert marker["actor_steps"] == 1 and moved.steps == 1
     close(moved.compute_logprobs(batch())[0], after_one, "after loading the TP2 x PP2 checkpoint at TP1")
@@ -218,7 +222,7 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
         assert len(written) == 4 and min(written.values()) > 0.5 * max(written.values()), written
     third = moved.update(batch(), group_size=2)
     after_three, _ = moved.compute_logprobs(batch())
-    back = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
+    back = _actor(folder, 2, 2, False, ppo_mini_batch_size=4, load_weights=False)
     assert load_actor(back, workdir / "ckpt_tp1")["actor_steps"] == 2
     close(back.compute_logprobs(batch())[0], after_two, "after loading the TP1 checkpoint at TP2 x PP2")
     same_step(back.update(batch(), group_size=2), third, "first step after loading at TP2 x PP2")

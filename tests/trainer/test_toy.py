@@ -223,6 +223,21 @@ def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     assert (f"holds another model than model.path's config.json (vocab_size: checkpoint {vocab + 64}, model {vocab})"
             in proc.stderr), proc.stderr[-4000:]
 
+    # The run goes on from its own checkpoint once its starting one is gone (pruned by the run it came from, say):
+    # a resumed attempt reads nothing else. A fresh run folder names the key of the missing one.
+    (tmp_path / "policy-mcore").rename(tmp_path / "moved")
+    proc = subprocess.run([*command, "trainer.total_training_steps=2"], cwd=tmp_path,
+                          env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_000001'} at step 1" in proc.stdout, proc.stdout[-2000:]
+    assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1, 2]
+    fresh = _linked_run_dir(toy_run, tmp_path, "fresh-run")
+    proc = subprocess.run([*command, f"trainer.run_dir={fresh}"], cwd=tmp_path,
+                          env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert (f"model.megatron_checkpoint={tmp_path / 'policy-mcore'}: checkpoint {tmp_path / 'policy-mcore'} does not "
+            "exist") in proc.stderr, proc.stderr[-4000:]
+
 
 def test_val_only_scores_the_last_checkpoint_as_the_run_did(toy_run, tmp_path):
     """trainer.val_only on a copy of the finished run: it loads step 20, pushes, validates once and exits,
