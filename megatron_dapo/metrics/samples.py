@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_dapo.metrics.sinks import open_rows, read_history, start_marker
+from megatron_dapo.metrics.sinks import open_rows, read_history, start_marker, sync_rows
 
 
 class SampleLog:
@@ -36,6 +36,10 @@ class SampleLog:
             self.file.write(json.dumps({"step": step, "split": split, **response_row(group, 0, tokenizer)},
                                        ensure_ascii=False) + "\n")
         self.file.flush()
+
+    def sync(self) -> None:
+        """samples.jsonl's rows on disk (before a checkpoint; see sync_rows)."""
+        sync_rows(self.file)
 
     def close(self) -> None:
         if self.file is not None:

@@ -58,6 +58,19 @@ def open_rows(path: Path, repair: bool = True) -> tuple[TextIO, bool]:
     return file, size > len(tail) or bool(tail.strip())
 
 
+def sync_rows(file: TextIO | None) -> None:
+    """The rows written to `file` so far made durable (flushed, then fsynced): called before a checkpoint is saved,
+    since the attempt that resumes from it writes no row again up to its step. An error is only reported: rows
+    are not worth stopping a run for, and a file system that fails here fails the checkpoint's save next."""
+    if file is None or file.closed:
+        return
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+    except OSError as err:
+        print(f"warning: could not sync {file.name} to disk: {err}", file=sys.stderr, flush=True)
+
+
 def _cut_character(data: bytes) -> int:
     """How many bytes at the end of `data` begin a UTF-8 character without finishing it (0 when none do)."""
     for back in range(1, min(4, len(data)) + 1):
@@ -110,6 +123,10 @@ class MetricSinks:
             self.tensorboard.close()
             # From scratch (no checkpoint) step 0's validation is logged again too.
             self.tensorboard = SummaryWriter(log_dir, purge_step=step + 1 if checkpoint else 0)
+
+    def sync(self) -> None:
+        """metrics.jsonl's rows on disk (before a checkpoint; see sync_rows)."""
+        sync_rows(self.jsonl)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl:

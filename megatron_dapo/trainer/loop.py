@@ -284,6 +284,9 @@ class Trainer:
             self._started(lambda: self.lock and self.lock.check())  # taken over while suspended: stop, save nothing
             self._log(self.step, metrics)
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+                if self.rank0:  # a lost node's page cache must not take rows the resumed attempt will not write again
+                    self.sinks.sync()
+                    self.samples.sync()
                 with self.memory.actor_resident():
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
                                      hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most

@@ -122,3 +122,20 @@ def test_tensorboard_drops_what_an_attempt_logged_after_the_resumed_step(tmp_pat
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, round(e.value, 3)) for e in events.Scalars("val/acc")] == [(0, 0.3), (1, 0.4), (2, 0.6)]
+
+
+
+def test_a_sync_the_file_system_refuses_is_a_warning_not_a_failure(tmp_path, capsys):
+    """Rows are synced to disk before each checkpoint. A file that cannot be synced (here /dev/full, a device:
+    fsync refuses it) gets a warning naming it, and the run goes on to the save, which says more about such a
+    file system; a regular file syncs silently, a closed one or none is nothing to do."""
+    from megatron_dapo.metrics.sinks import sync_rows
+
+    with open("/dev/full", "a", encoding="utf-8") as device, open(tmp_path / "rows.jsonl", "a") as regular:
+        sync_rows(device)
+        regular.write("{}\n")
+        sync_rows(regular)
+    assert capsys.readouterr().err == "warning: could not sync /dev/full to disk: [Errno 22] Invalid argument\n"
+    assert (tmp_path / "rows.jsonl").read_text() == "{}\n"
+    sync_rows(regular)
+    sync_rows(None)
