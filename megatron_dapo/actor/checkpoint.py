@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,8 +78,12 @@ def is_complete(directory: str | Path) -> bool:
     return (Path(directory) / MARKER).is_file()
 
 
-def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
-    """Save model, optimizer and step count of every rank into `directory` (collective)."""
+def save_actor(actor, directory: str | Path, extra: dict | None = None,
+               before_commit: Callable[[], None] | None = None) -> Path:
+    """Save model, optimizer and step count of every rank into `directory` (collective).
+    before_commit: called on rank 0 once every rank has written its share, before the folder is named
+    `directory`; its error stops every rank with nothing renamed (the trainer checks there that the run
+    folder is still its own)."""
     from megatron.core import dist_checkpointing
 
     actor.check_resident()
@@ -110,6 +115,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
                   "distributed_optimizer": actor.layout.distributed_optimizer, **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         try:
+            if before_commit is not None:
+                before_commit()
             # An earlier attempt's, or the same step saved again: unmarked first, so that an rmtree cut short
             # (an NFS .nfs file held open) leaves no complete-looking folder with shards missing.
             (directory / MARKER).unlink(missing_ok=True)
@@ -125,6 +132,8 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None) -> Path:
             _sync_folder(directory.parent)
         except OSError as err:  # every rank stops on it, none waits for rank 0
             failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
+        except Exception as err:  # before_commit's
+            failure = err
     stop_together(failure, CheckpointError)
     return directory
 

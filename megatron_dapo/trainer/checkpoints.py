@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +38,23 @@ class HFCopy:
 
 
 def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None,
-         wait_group: dist.ProcessGroup | None = None) -> Path:
+         wait_group: dist.ProcessGroup | None = None, guard: Callable[[], None] | None = None) -> Path:
     """Save step_N, then on rank 0 write its Hugging Face copy (when asked), delete the complete checkpoints
     beyond the newest `keep_last` and what crashed saves left. An error on rank 0 stops every rank; the
     checkpoint itself is complete by then.
 
     wait_group: a CPU (gloo) group whose timeout covers the conversion, for the other ranks to wait on rank 0
     in: a 32B model takes rank 0 minutes to convert at 0.24 GB/s (docs/performance.md), and a large one
-    could outlast the default group's 30-minute timeout. None: the default group."""
-    path = save_actor(actor, run_dir / "checkpoints" / f"step_{step:06d}", extra={"trainer": trainer_state})
+    could outlast the default group's 30-minute timeout. None: the default group.
+    guard: called on rank 0 before the checkpoint is named step_N and again before the deletions; its error
+    stops every rank there (the trainer's: is the run folder still this run's?)."""
+    path = save_actor(actor, run_dir / "checkpoints" / f"step_{step:06d}", extra={"trainer": trainer_state},
+                      before_commit=guard)
     failure = None
     if dist.get_rank() == 0:
         try:
+            if guard is not None:
+                guard()
             if hf is not None:
                 _write_hf_copy(path, hf)
             complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")

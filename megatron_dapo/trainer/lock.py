@@ -12,7 +12,7 @@ A new run takes the folder over when the holder is gone:
   which NFS revalidates, so attribute caching cannot make a live holder look stale).
 A clean exit, a stop request and a Python error delete the file; SIGKILL and lost nodes leave it to
 the rules above. A holder whose file was taken over (its job was suspended past STALE_S, say) finds
-out at its next step and stops without saving.
+out at its next step, or before it names a checkpoint it was saving, and stops without saving.
 """
 from __future__ import annotations
 
@@ -206,10 +206,8 @@ class RunLock:
                     unreadable = now
                     continue
                 unreadable = None
-                mine = now is not None and (not _parses(now) or self._token_of(now) == self.owner["token"])
-                if not mine:
-                    other = json.loads(now) if now is not None else None
-                    self.lost = _describe(other) if isinstance(other, dict) else "its file was deleted"
+                if (other := self._other_holder(now)) is not None:
+                    self.lost = other
                     return
                 self._beats += 1
                 with open(self.path, "r+") as f:  # in place: a rename would be a new file that NFS caches miss
@@ -221,6 +219,14 @@ class RunLock:
                     print(f"warning: could not refresh {self.path}: {err}", flush=True)
                     warned = True
 
+    def _other_holder(self, now: bytes | None) -> str | None:
+        """Who holds the folder instead of this run, by the file's bytes `now` (None: the file is gone); None while
+        it is this run's, or half-written (a newcomer's, whole a moment later, or a beat of ours torn)."""
+        if now is not None and (not _parses(now) or self._token_of(now) == self.owner["token"]):
+            return None
+        other = json.loads(now) if now is not None else None
+        return _describe(other) if isinstance(other, dict) else "its file was deleted"
+
     @staticmethod
     def _token_of(raw: bytes) -> str | None:
         try:
@@ -229,8 +235,16 @@ class RunLock:
             return None  # a newcomer's file half-written: not ours either
         return owner.get("token") if isinstance(owner, dict) else None
 
-    def check(self) -> None:
-        """RunFolderInUse when another run has taken the folder over since this one took it."""
+    def check(self, look: bool = False) -> None:
+        """RunFolderInUse when another run has taken the folder over since this one took it. look: read the file
+        now rather than go by the last heartbeat (before a checkpoint is made the newest, and before stale saves
+        are swept: a job suspended during its save finds out before it changes anything there)."""
+        if look and self.lost is None:
+            now = _read(self.path)
+            if now is None:  # a newcomer may have moved it aside this instant to check it, and puts it back
+                time.sleep(0.5)
+                now = _read(self.path)
+            self.lost = self._other_holder(now)
         if self.lost is not None:
             raise RunFolderInUse(
                 f"{self.path} was taken over by another training ({self.lost}) while this one held it (was this job "

@@ -290,7 +290,8 @@ class Trainer:
                 with self.memory.actor_resident():
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
                                      hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most
-                                     wait_group=self.control.group)
+                                     wait_group=self.control.group,
+                                     guard=(lambda: self.lock.check(look=True)) if self.lock else None)
                 if not last and not stopping and self.stop.requested():
                     # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
                     # stop's. Going on would train a whole step and save again in what time the warning left.

@@ -152,3 +152,27 @@ def test_a_torn_beat_is_rewritten_and_a_newcomer_s_half_written_file_waited_for(
         assert json.loads(path.read_text())["host"] == "node-c"
     finally:
         lock.release()
+
+
+def test_a_look_finds_a_take_over_the_heartbeat_has_not_seen_yet(tmp_path):
+    """check(look=True), before a checkpoint is named and before stale saves are swept, reads the file itself: a
+    take-over during the save is found there, not at the next heartbeat (seconds later, after the damage)."""
+    lock = RunLock(tmp_path, heartbeat_s=3600)
+    lock.acquire()
+    try:
+        lock.check(look=True)  # still this run's
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-c", "pid": 7, "started": "then", "token": "x"}))
+        lock.check()  # by the last heartbeat, still this run's
+        with pytest.raises(RunFolderInUse, match=r"taken over by another training \(host node-c, pid 7"):
+            lock.check(look=True)
+        with pytest.raises(RunFolderInUse, match="host node-c"):
+            lock.check()  # and from then on
+    finally:
+        lock.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node-c"
+    gone = RunLock(tmp_path / "other", heartbeat_s=3600)
+    gone.acquire()
+    (tmp_path / "other" / LOCK_FILE).unlink()
+    with pytest.raises(RunFolderInUse, match="its file was deleted"):
+        gone.check(look=True)
+    gone.release()

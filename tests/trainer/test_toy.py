@@ -187,6 +187,27 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
     assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
 
 
+def test_a_folder_taken_over_during_a_save_gets_no_checkpoint(toy_run, tmp_path):
+    """Another training takes the folder over while the step-1 checkpoint is being saved (this job was suspended
+    past the lock's staleness, say): the save is not named step_000001, nothing is swept, and the run stops
+    naming the newcomer, whose lock file stays."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    saving = run_dir / "checkpoints" / "step_000001.partial"
+    proc = subprocess.Popen([*_toy_command(run_dir), "trainer.val_before_train=false", "checkpoint.save_freq=1"],
+                            cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    newcomer = {"host": "node-c", "pid": 7, "started": "now", "token": "newcomer"}
+    (run_dir / "RUNNING").write_text(json.dumps(newcomer))
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode != 0, out[-2000:]
+    assert "was taken over by another training (host node-c, pid 7" in err, err[-4000:]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [saving.name], out[-2000:]
+    assert json.loads((run_dir / "RUNNING").read_text()) == newcomer
+
+
 def test_run_starts_from_a_converted_checkpoint(toy_run, tmp_path):
     """The trained policy published as a Hugging Face folder and converted back to megatron-core
     (`convert mcore-to-hf`, then `hf-to-mcore`): a run started from it with model.megatron_checkpoint
