@@ -70,14 +70,19 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], root: type |
         node, section = out, root
         parts = dotted.split(".")
         for depth, part in enumerate(parts[:-1]):
+            prefix = ".".join(parts[: depth + 1])
+            kind = _field_type(section, part)
+            if root is not None and kind is not None and not _holds_keys(kind):
+                raise ConfigError(f"override {dotted}: {prefix} is a setting ({_type_name(kind)}), not a section")
             child = node.get(part)
             if child is None:  # absent, or a section whose keys are all commented out
                 child = node[part] = {}
+            if isinstance(child, _Override) and isinstance(child.value, dict):  # given whole by an earlier override
+                child = node[part] = _deep_copy(child.value)
             if not isinstance(child, dict):
-                prefix = ".".join(parts[: depth + 1])
                 shown = child.value if isinstance(child, _Override) else child
                 raise ConfigError(f"override {dotted}: {prefix} holds a {type(shown).__name__}, not a section")
-            node, section = child, _field_type(section, part)
+            node, section = child, kind
         last = parts[-1]
         given = value.value if isinstance(value, _Override) else value
         if (isinstance(given, dict) and isinstance(node.get(last), dict)
@@ -86,6 +91,13 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], root: type |
         else:
             node[last] = value
     return out
+
+
+def _holds_keys(tp: Any) -> bool:
+    """Whether a setting of type `tp` is a section or a mapping (`reward.functions`), which dotted keys go into."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_holds_keys(arg) for arg in typing.get_args(tp) if arg is not type(None))
+    return dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict or tp is Any
 
 
 def _field_type(section: type | None, name: str) -> Any:
@@ -217,7 +229,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
                 return converted, True
         if len(inner) == 1:
             return _convert(inner[0], value, key, problems)
-        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_plain(value)!r}")
         return None, False
     if origin is Literal:
         if value in args:
@@ -227,7 +239,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         return None, False
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {_plain(value)!r}")
             return None, False
         if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
             problems.append(f"{key}: expected {len(args)} values, got {len(value)}")
@@ -241,10 +253,18 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         return (tuple(out) if origin is tuple else out), ok
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {_plain(value)!r}")
             return None, False
         item_tp = args[1] if args else Any
         out, ok = {}, True
+        if args and args[0] is str:
+            for name in value:
+                if not isinstance(name, str):
+                    problems.append(f"{key}: key {name!r} ({type(name).__name__}) is not text (YAML reads 2024 as a "
+                                    "number, yes / no / on / off as true / false): quote it in the YAML file")
+                    ok = False
+            if not ok:
+                return None, False
         for name, item in value.items():
             out[name], good = _convert(item_tp, item, f"{key}.{name}", problems)
             ok &= good
@@ -274,7 +294,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
             return value, True
     else:
         raise TypeError(f"config loader does not handle type {tp!r} (key {key})")
-    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_plain(value)!r}")
     return None, False
 
 

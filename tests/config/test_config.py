@@ -88,7 +88,12 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
         (["actor.optim.weight_decay=-0.1"], "actor.optim.weight_decay must be >= 0, got -0.1"),
         (["actor.optim.eps=0"], "actor.optim.eps must be > 0, got 0"),
         (["actor.clip_ratio_c=-.inf"], "actor.clip_ratio_c: expected a finite number, got -inf"),
-        (["data.gen_batch_size.x=1"], "override data.gen_batch_size.x: data.gen_batch_size holds a int"),
+        (["data.gen_batch_size.x=1"], "override data.gen_batch_size.x: data.gen_batch_size is a setting (int), not a "
+                                      "section"),
+        (["trainer.seed.x=1"], "override trainer.seed.x: trainer.seed is a setting (int), not a section"),
+        (["data.train_files.0=a.jsonl"], "data.train_files is a setting (list[str]), not a section"),
+        (["actor.tis_imp_ratio_cap.x=1"], "actor.tis_imp_ratio_cap is a setting (float | None), not a section"),
+        (["reward.functions.a.b=m.x:f"], "reward.functions.a: expected str, got dict {'b': 'm.x:f'}"),
     ],
 )
 def test_each_problem_names_the_key(good, overrides, expected):
@@ -125,7 +130,7 @@ def test_text_settings_take_the_command_line_text(good):
         assert load_config(good, [f"logging.wandb_run_name={text}"]).logging.wandb_run_name == text
     assert "override trainer.seed: value '@x' is not valid YAML (found character '@' that cannot start any token)" \
         in _error(good, "trainer.seed=@x")
-    assert "trainer.seed holds a int, not a section" in _error(good, "trainer.seed=3", "trainer.seed.x=1")
+    assert "trainer.seed is a setting (int), not a section" in _error(good, "trainer.seed=3", "trainer.seed.x=1")
     assert "reward.functions.a: expected str, got int 3" in _error(good, "reward.functions={a: 3}")
     assert "reward.functions.a must be 'package.module:function'" in _error(good, "reward.functions.a=3")
 
@@ -141,6 +146,24 @@ def test_a_section_on_the_command_line_is_merged_into_the_files(good):
     assert functions.reward.functions == {"a": "m.z:f"}
     assert load_config(good, ["rollout.sglang.server_args={x: 1}", "rollout.sglang={server_args: {}}"]) \
         .rollout.sglang.server_args == {}
+    # A section given whole, then one of its keys (here sections the file leaves out): both apply.
+    config = load_config(good, ["logging={console: false}", "logging.samples_per_step=3",
+                                "checkpoint={keep_last: 5}", "checkpoint.save_freq=7"])
+    assert not config.logging.console and config.logging.samples_per_step == 3
+    assert (config.checkpoint.keep_last, config.checkpoint.save_freq) == (5, 7)
+    assert load_config(good, ["reward.functions={a: m.x:f}", "reward.functions.b=m.y:f"]).reward.functions == {
+        "a": "m.x:f", "b": "m.y:f"}
+
+
+def test_a_mapping_s_keys_must_be_text(tmp_path):
+    """YAML reads `2024:` as a number and `yes:` as true; a data_source is text, so such a key would never match
+    the rows it was meant for."""
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("reward:\n  functions:\n    2024: m.x:f\n    yes: m.y:f\n    '2025': m.z:f\n")
+    message = _error(numbers)
+    assert message.startswith("2 config problems"), message
+    assert "reward.functions: key 2024 (int) is not text" in message and "key True (bool) is not text" in message
+    assert "quote it in the YAML file" in message
 
 
 def test_a_key_given_twice_is_refused(good, tmp_path):
