@@ -383,6 +383,11 @@ class _Worker:
         self.conn.close()
 
 
+_TIMERS = ((signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_VIRTUAL, signal.SIGVTALRM),
+           (signal.ITIMER_PROF, signal.SIGPROF))
+"""The interval timers a reward function may arm (signal.alarm is the first), and the signal each sends."""
+
+
 def _worker_main(conn, functions: dict[str, str]) -> None:
     """Worker loop: load the config's reward functions, then receive (sample number, pickled (fn, response,
     ground_truth, extra_info)) and send ("ok", value, number) or ("error", why, number)."""
@@ -407,6 +412,7 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         return
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), None)))
     me, home = os.getpid(), os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for _, sig in _TIMERS}
     while True:
         try:
             payload = conn.recv_bytes()
@@ -433,7 +439,11 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
                 os.chdir(home)
         except OSError:  # the folder it moved to is gone
             os.chdir(home)
+        for timer, sig in _TIMERS:  # a verifier's own timeout left armed (it raised first) ends with its sample
+            signal.setitimer(timer, 0)
+            signal.signal(sig, handlers[sig])
         conn.send_bytes(reply)
+
 
 
 def _resident_bytes(pid: int) -> int | None:

@@ -342,3 +342,31 @@ def _resident(scorer, samples):
 
     scorer.score(samples)
     return _resident_bytes(scorer._workers[0].process.pid)
+
+
+@register_reward("test_timers")
+def timers(response, ground_truth, extra_info):
+    """Leaves a timer armed, as a verifier's own timeout does when it raises before disarming it; or sleeps."""
+    import signal
+
+    if response == "alarm":
+        signal.alarm(1)
+        raise ValueError("failed before alarm(0)")
+    if response == "handler":
+        def expire(signum, frame):
+            raise TimeoutError("the previous sample's timer")
+
+        signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        return 0.0
+    time.sleep(1.5)
+    return 1.0
+
+
+def test_a_timer_a_function_leaves_armed_ends_with_its_sample():
+    """Before, the next sample on that worker (of any data_source) was killed by the alarm, or failed in the
+    handler, and counted against its own function."""
+    with RewardScorer(timeout_s=10, num_workers=1) as one:
+        batch = one.score([RewardSample("test_timers", r, "", {}) for r in ("alarm", "slow", "handler", "slow")])
+    assert batch.scores == [FAILED_SCORE, 1.0, 0.0, 1.0], [r.reason for r in batch.results]
+    assert batch.results[0].reason.startswith("error: ValueError: failed before alarm(0)")
