@@ -162,10 +162,11 @@ def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
 def majority_vote(rewards: list[RewardResult]) -> float:
     """Whether the answer most responses gave is right: 1 or 0, or the share of right answers among those tied
     for the most votes (what a random pick among them scores on average). Responses without an answer (no
-    `pred`, or a failed reward) do not vote; none voting scores 0."""
+    `pred`, a blank one: `Answer: $ $` normalises to nothing, or a failed reward) do not vote; none voting
+    scores 0."""
     votes: dict[str, list[float]] = {}
     for r in rewards:
-        if r.pred is not None and not r.failed:
+        if r.pred is not None and r.pred.strip() and not r.failed:
             votes.setdefault(r.pred, []).append(r.acc)
     if not votes:
         return 0.0

@@ -6,6 +6,7 @@ import torch
 
 from megatron_dapo.advantage.grpo import group_advantages
 from megatron_dapo.data.dataset import Prompt
+from megatron_dapo.reward.math_dapo import compute_score
 from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
 from megatron_dapo.rollout.engine import Completion
 from megatron_dapo.sampling.config import FilterGroupsConfig
@@ -82,6 +83,9 @@ def test_majority_vote_by_hand():
     assert majority_vote([unanswered, _failed()]) == 0.0
     failed_vote = RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason="timeout: 10 s", pred="41")
     assert majority_vote([failed_vote, failed_vote, said("42", 1.0)]) == 1.0  # a failed reward does not vote
+    # An answer that normalises to nothing is no vote either: blanks would pool and outvote the right answer.
+    blank = compute_score("so the answer is\nAnswer: \\boxed{}", "42").pred
+    assert blank == "" and majority_vote([said(blank)] * 3 + [said("42", 1.0)] * 2) == 1.0
 
 
 def test_maj_at_k_is_reported_for_the_sources_whose_verifier_reads_an_answer():
