@@ -2,7 +2,8 @@
 
 File layout (CSV or Parquet, one table each):
     books:  timestamp, bid_px_1, bid_sz_1, ..., bid_px_L, bid_sz_L, ask_px_1, ask_sz_1, ..., ask_sz_L
-            (one row per snapshot, levels best first, timestamps increasing)
+            (one row per snapshot, levels best first, timestamps increasing; a thin book leaves its
+            deepest levels empty, or NaN)
     trades: timestamp, price, size, side        (side: the aggressor, "buy" or "sell")
 A trade belongs to the interval (previous snapshot, its snapshot]. Episodes are cut from
 consecutive snapshots: a window shown to the model, then the arrival book and the horizon the
@@ -54,9 +55,10 @@ def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
     timestamps, books = [], []
     for n, row in enumerate(rows, start=2 if books_path.suffix == ".csv" else 0):
         try:
-            t = float(row["timestamp"])
-            bids = tuple((float(row[f"bid_px_{i}"]), float(row[f"bid_sz_{i}"])) for i in range(1, levels + 1))
-            asks = tuple((float(row[f"ask_px_{i}"]), float(row[f"ask_sz_{i}"])) for i in range(1, levels + 1))
+            t = _finite(row["timestamp"], "timestamp")
+            bids, asks = _side(row, "bid", levels), _side(row, "ask", levels)
+        except _BadValue as err:
+            raise MarketDataError(f"{books_path} row {n}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise MarketDataError(f"{books_path} row {n}: {err.__class__.__name__}: {err}") from None
         if timestamps and t <= timestamps[-1]:
@@ -69,7 +71,12 @@ def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
     index, last = 0, float("-inf")
     for n, row in enumerate(_read_table(trades_path), start=2 if trades_path.suffix == ".csv" else 0):
         try:
-            t, trade = float(row["timestamp"]), Trade(float(row["price"]), float(row["size"]), str(row["side"]))
+            t, price, size = (_finite(row[key], key) for key in ("timestamp", "price", "size"))
+            if price <= 0 or size <= 0:
+                raise _BadValue(f"price {price} and size {size} must be > 0")
+            trade = Trade(price, size, str(row["side"]))
+        except _BadValue as err:
+            raise MarketDataError(f"{trades_path} row {n}: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise MarketDataError(f"{trades_path} row {n}: {err.__class__.__name__}: {err}") from None
         if trade.aggressor not in ("buy", "sell"):
@@ -85,15 +92,61 @@ def load_market(books_path: str | Path, trades_path: str | Path) -> MarketData:
     return MarketData(timestamps, books, [tuple(t) for t in per_interval])
 
 
+class _BadValue(ValueError):
+    """A value a market cannot hold (a NaN price, a negative size); the message names its column."""
+
+
+def _cell(value) -> float | None:
+    """A table cell as a number; None when empty ("" in a CSV, null in Parquet, NaN where pandas wrote a gap)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _finite(value, column: str) -> float:
+    number = _cell(value)
+    if number is None or not math.isfinite(number):
+        raise _BadValue(f"{column} is {'empty' if number is None else number}, not a finite number")
+    return number
+
+
+def _side(row: dict, side: str, levels: int) -> tuple[tuple[float, float], ...]:
+    """One side's levels, best first: prices > 0 and each worse than the one before, sizes >= 0, all finite. A
+    thin book leaves its deepest levels empty: the side ends at the first empty level, and none after it may
+    be filled; the first level must be."""
+    out: list[tuple[float, float]] = []
+    for i in range(1, levels + 1):
+        price, size = _cell(row[f"{side}_px_{i}"]), _cell(row[f"{side}_sz_{i}"])
+        if price is None and size is None and i > 1:
+            deeper = [f"{side}_{k}_{j}" for j in range(i + 1, levels + 1) for k in ("px", "sz")
+                      if _cell(row[f"{side}_{k}_{j}"]) is not None]
+            if deeper:
+                raise _BadValue(f"{side} level {i} is empty but {deeper[0]} is not")
+            break
+        price, size = _finite(price, f"{side}_px_{i}"), _finite(size, f"{side}_sz_{i}")
+        if price <= 0 or size < 0:
+            raise _BadValue(f"{side}_px_{i} {price} must be > 0 and {side}_sz_{i} {size} >= 0")
+        if out and not (price < out[-1][0] if side == "bid" else price > out[-1][0]):
+            raise _BadValue(f"{side}_px_{i} {price} is not {'below' if side == 'bid' else 'above'} "
+                            f"{side}_px_{i - 1} {out[-1][0]} (levels go best first)")
+        out.append((price, size))
+    return tuple(out)
+
+
 def write_market(market: MarketData, books_path: str | Path, trades_path: str | Path) -> None:
     """Write `market` in the CSV layout above."""
-    levels = len(market.books[0].bids)
+    levels = max(len(levels) for book in market.books for levels in (book.bids, book.asks))
     header = ["timestamp"] + [f"{s}_{k}_{i}" for s in ("bid", "ask") for i in range(1, levels + 1) for k in ("px", "sz")]
+
+    def cells(side: tuple[tuple[float, float], ...]) -> list:  # a thin side's missing levels left empty
+        return [x for level in side for x in level] + [""] * (2 * (levels - len(side)))
+
     with open(books_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for t, book in zip(market.timestamps, market.books):
-            writer.writerow([t] + [x for level in book.bids for x in level] + [x for level in book.asks for x in level])
+            writer.writerow([t] + cells(book.bids) + cells(book.asks))
     with open(trades_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["timestamp", "price", "size", "side"])

@@ -1,5 +1,7 @@
 """The execution task: answers parsed strictly, malformed ones penalised with a counted reason, the
 reward through the real scorer, and market data from files and from the generator, split by time."""
+import re
+
 import pytest
 
 from megatron_dapo.reward.registry import RewardSample, compute_rewards
@@ -94,6 +96,41 @@ def test_market_files_round_trip_and_bad_rows_are_named(tmp_path):
     (tmp_path / "books.csv").write_text("\n".join(lines))
     with pytest.raises(MarketDataError, match=r"books.csv row 4: ValueError"):
         load_market(tmp_path / "books.csv", tmp_path / "trades.csv")
+
+
+def test_values_a_market_cannot_hold_are_named_and_a_thin_book_is_read(tmp_path):
+    """Before, a NaN deeper level (what pandas writes for a thin book) or a negative trade size loaded, and every
+    answer on such an episode scored NaN, as if the reward function were broken."""
+    header = "timestamp,bid_px_1,bid_sz_1,bid_px_2,bid_sz_2,ask_px_1,ask_sz_1,ask_px_2,ask_sz_2\n"
+    trades = tmp_path / "trades.csv"
+    trades.write_text("timestamp,price,size,side\n1.5,99,1,sell\n")
+
+    def load(*rows, trade_rows=None):
+        (tmp_path / "books.csv").write_text(header + "".join(f"{t},{row}\n" for t, row in enumerate(rows, 1)))
+        if trade_rows is not None:
+            trades.write_text("timestamp,price,size,side\n" + "".join(r + "\n" for r in trade_rows))
+        return load_market(tmp_path / "books.csv", trades)
+
+    thin = load("99,1,98,2,101,1,102,2", "99,1,,,101,1,nan,nan")  # the second snapshot has one level a side
+    assert thin.books[1].bids == ((99.0, 1.0),) and thin.books[1].asks == ((101.0, 1.0),)
+    write_market(thin, tmp_path / "again.csv", tmp_path / "again_trades.csv")
+    assert load_market(tmp_path / "again.csv", tmp_path / "again_trades.csv").books == thin.books
+    for row, message in (("99,1,98,nan,101,1,102,2", "row 3: bid_sz_2 is empty, not a finite number"),
+                         ("99,1,98,2,101,1,inf,2", "row 3: ask_px_2 is inf, not a finite number"),
+                         ("99,1,98,-2,101,1,102,2", "row 3: bid_px_2 98.0 must be > 0 and bid_sz_2 -2.0 >= 0"),
+                         ("99,1,,,101,1,102,2", None), ("99,1,,,101,1,102,", "row 3: ask_sz_2 is empty"),
+                         (",,98,2,101,1,102,2", "row 3: bid_px_1 is empty"),
+                         ("99,1,100,2,101,1,102,2", "row 3: bid_px_2 100.0 is not below bid_px_1 99.0"),
+                         ("99,1,98,2,,,102,2", "row 3: ask_px_1 is empty")):
+        if message is None:
+            load("99,1,98,2,101,1,102,2", row)
+            continue
+        with pytest.raises(MarketDataError, match=re.escape(f"books.csv {message}")):
+            load("99,1,98,2,101,1,102,2", row)
+    with pytest.raises(MarketDataError, match=re.escape("trades.csv row 2: price 99.0 and size -3.0 must be > 0")):
+        load("99,1,98,2,101,1,102,2", trade_rows=["1.5,99,-3,sell"])
+    with pytest.raises(MarketDataError, match=re.escape("trades.csv row 2: price is empty, not a finite number")):
+        load("99,1,98,2,101,1,102,2", trade_rows=["1.5,nan,3,sell"])
 
 
 def test_synthetic_market_has_regimes_and_episodes_split_by_time():
