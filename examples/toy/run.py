@@ -73,11 +73,16 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     from megatron_dapo.cli import main as megatron_dapo
+    from megatron_dapo.config.loader import ConfigError
     from megatron_dapo.config.root import load_config
 
     prepare_only = "--prepare-only" in argv  # for launchers that start the training themselves (examples/slurm)
     argv = [a for a in argv if a != "--prepare-only"]
-    config = load_config(HERE / "config.yaml", argv)
+    try:
+        config = load_config(HERE / "config.yaml", argv)
+    except ConfigError as err:  # named, no traceback (as the trainer's own are)
+        print(f"megatron-dapo: config error: {err}", file=sys.stderr)
+        return 2
     overrides = [*prepare(Path(config.trainer.run_dir), config.trainer.seed), *argv]
     if prepare_only:  # quoted for a shell: a path may hold spaces
         print(shlex.join(overrides))

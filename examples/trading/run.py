@@ -119,6 +119,7 @@ def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trad
 
 def main(argv: list[str]) -> int:
     from megatron_dapo.cli import main as megatron_dapo
+    from megatron_dapo.config.loader import ConfigError
     from megatron_dapo.config.root import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -130,7 +131,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if (args.books is None) != (args.trades is None):
         parser.error("--books and --trades go together")
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:  # named, no traceback (as the trainer's own are)
+        print(f"megatron-dapo: config error: {err}", file=sys.stderr)
+        return 2
     overrides = [*prepare(Path(args.config), Path(config.trainer.run_dir), config.trainer.seed, args.books,
                           args.trades), *args.overrides]
     if args.prepare_only:  # quoted for a shell: a path may hold spaces

@@ -139,8 +139,13 @@ def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_mem
             "parallel.pipeline_model_parallel_size")
     _check_batches(config, layout.dp, report)
     _check_engines(config, layout, gpus_per_node - engine_gpus, report)
-    if arch is None:
+    for key, value in (("model.path", config.model.path), ("data.train_files", config.data.train_files)):
+        if not value:
+            report.problems.append(f"{key} is not set: the training refuses to start without it")
+    if arch is None and config.model.path:  # not ./config.json
         arch = _arch_from_config(config, report)
+    elif arch is None:
+        report.model_checked = False
     if arch is not None:
         _check_model(config, arch, layout, report)
         _check_memory(config, arch, layout, gpu_memory_gb, report, ranks_per_node=per_node)

@@ -92,12 +92,28 @@ def _check_model_folder(path: str) -> None:
         raise ConfigError(f"model.path={path}: no config.json there; it must be a local Hugging Face model folder")
 
 
+def _check_data_files(data) -> None:
+    """ConfigError naming the key of each data file that is missing or of a type not read, and of an empty
+    data.train_files (their contents are read later, by every rank)."""
+    problems = [] if data.train_files else ["data.train_files is empty: give the training prompts' .parquet or "
+                                            ".jsonl files, e.g. data.train_files=[/data/train.parquet]"]
+    for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):
+        for file in files:
+            if Path(file).suffix not in (".parquet", ".jsonl"):
+                problems.append(f"{key}: {file} is neither .parquet nor .jsonl")
+            elif not Path(file).is_file():
+                problems.append(f"{key}: {file} does not exist")
+    if problems:
+        raise ConfigError(problems)
+
+
 class Trainer:
     def __init__(self, config: DAPOConfig):
         from transformers import AutoTokenizer
 
         self.config = cfg = config
         _check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
+        _check_data_files(cfg.data)
         if cfg.rollout.name == "sglang":
             match_sglang_nccl_settings(cfg.rollout.sglang.server_args)
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
@@ -126,11 +142,8 @@ class Trainer:
                 self._earlier_config = saved.read_text() if saved.is_file() else None
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
-        self.train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, prompt_key=cfg.data.prompt_key,
-                                                  max_prompt_length=cfg.data.max_prompt_length)
-        self.val_set = (PromptDataset.from_files(cfg.data.val_files, tokenizer, prompt_key=cfg.data.prompt_key,
-                                                 max_prompt_length=cfg.data.max_prompt_length)
-                        if cfg.data.val_files else None)
+        self.train_set = self._read_prompts("data.train_files", cfg.data.train_files)
+        self.val_set = self._read_prompts("data.val_files", cfg.data.val_files) if cfg.data.val_files else None
         if self.rank0:  # what the files held and what was dropped (too long, duplicated, malformed)
             print(f"data.train_files: {self.train_set.report()}", flush=True)
             if self.val_set is not None:
@@ -198,6 +211,16 @@ class Trainer:
         """A fixed sequence whose log-probs the engine and the trainer must agree on after every push."""
         self.parity_threshold = cfg.rollout.parity_threshold_for(
             trainer_float32=not self.actor.transformer_config.bf16)
+
+    def _read_prompts(self, key: str, files: list[str]) -> PromptDataset:
+        """The prompts of `files`; a file that cannot be read, or none left, is a ConfigError naming `key` (every
+        rank reads the same files and raises alike)."""
+        data = self.config.data
+        try:
+            return PromptDataset.from_files(files, self.tokenizer, prompt_key=data.prompt_key,
+                                            max_prompt_length=data.max_prompt_length)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"{key}: {err}") from None
 
     def _check_fresh_start(self) -> None:
         """ConfigError when checkpoint.resume=false would train into a folder that holds an earlier run's

@@ -310,6 +310,29 @@ def test_prompts_without_room_for_a_full_response_are_refused_at_start(toy_run, 
     assert "Traceback" not in proc.stderr and not (run_dir / "checkpoints").exists(), proc.stderr[-4000:]
 
 
+def test_data_files_that_cannot_be_read_are_named_by_their_key(toy_run, tmp_path):
+    """A missing validation file is named before the ranks start; one without a prompt left once they read it. Both
+    as config errors (exit code 2, no traceback), as is a typo in the example's own overrides."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    env = {**os.environ, "MASTER_PORT": _free_port()}
+    missing = subprocess.run([*_toy_command(run_dir), f"data.val_files=[{tmp_path / 'gone.jsonl'}]"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert missing.returncode == 2, missing.stderr[-4000:]
+    assert f"config error: data.val_files: {tmp_path / 'gone.jsonl'} does not exist" in missing.stderr, missing.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = subprocess.run([*_toy_command(run_dir), f"data.val_files=[{tmp_path / 'empty.jsonl'}]"], cwd=tmp_path,
+                           env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert empty.returncode == 2, empty.stderr[-4000:]
+    assert "config error: data.val_files: no prompts left in" in empty.stderr, empty.stderr[-4000:]
+    typo = subprocess.run([*_toy_command(run_dir), "trainer.seeed=3"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert typo.returncode == 2 and "config error: unknown key trainer.seeed (did you mean trainer.seed?)" in \
+        typo.stderr, typo.stderr[-4000:]
+    for proc in (missing, empty, typo):
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_a_folder_another_training_holds_is_refused_untouched(toy_run, tmp_path):
     """The same command started twice: the second stops at once, naming the first, and changes nothing in the
     folder (not its config.yaml, not its STOP file)."""
