@@ -15,6 +15,7 @@ import argparse
 import csv
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,11 +69,17 @@ def peak_extra_mib(fn: Callable[[], object], setup: Callable[[], object] | None 
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+def copy_bandwidth_gbps(nbytes: int = 2 << 30, warm_s: float = 0.5) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now, after `warm_s` seconds
+    of copies: an idle GPU's clocks are low, and a copy measured on them would make every kernel's share of
+    it look higher than it is."""
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=5, iters=20)
+    deadline = time.perf_counter() + warm_s
+    while time.perf_counter() < deadline:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+    ms = time_ms(lambda: dst.copy_(src), warmup=5, iters=50)
     return 2 * nbytes / ms / 1e6  # the buffers go with the frame
 
 
@@ -281,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             new_rows = bench_loss(tokens, device)
             writer.writerows(new_rows)
             rows += new_rows
+        end_gbps = copy_bandwidth_gbps()  # the same again, the GPU warm: the % figures hold if it is no higher
+        print(f"copy bandwidth at the end {end_gbps:.0f} GB/s (at the start {copy_gbps:.0f})")
+        end = dict(rows[0], impl="torch copy_ (at the end)", gbps=round(end_gbps, 1),
+                   pct_copy_bw=round(100 * end_gbps / copy_gbps, 1))
+        writer.writerow(end)
+        rows.append(end)
     plot(rows, out / f"{name}.png")
     print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
     print_headline(rows)
