@@ -72,8 +72,11 @@ def _hf_config(mcore_dir: Path, marker: dict, template: Path | None) -> dict:
         if "hf_config" in marker:  # the rows of a vocabulary a size off would otherwise be cut or padded silently
             saved = ModelArch.from_hf_config(marker["hf_config"], source=f"{mcore_dir / MARKER}")
             given = ModelArch.from_hf_config(config, source=str(path))
+            # The shapes, and what the layers compute with them: a template's other RoPE or norm epsilon would
+            # publish another function of the same weights, which --verify (built from the written config) passes.
             differ = [f"{name}: checkpoint {getattr(saved, name)}, template {getattr(given, name)}"
-                      for name in SHAPE_FIELDS if getattr(saved, name) != getattr(given, name)]
+                      for name in (*SHAPE_FIELDS, "rms_norm_eps", "rope_theta", "rope_scaling")
+                      if getattr(saved, name) != getattr(given, name)]
             if differ:
                 raise ConversionError(f"--hf-template {template} is another model than the one {mcore_dir} was made "
                                       f"from ({'; '.join(differ)}): pass the folder the run started from")

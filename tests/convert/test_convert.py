@@ -249,6 +249,15 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
                                               r"checkpoint 211, template 200; intermediate_size: checkpoint 96, template "
                                               r"128\)"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    # Nor may a template change what the layers compute: the same weights under another RoPE base or norm epsilon
+    # are another model, which --verify, built from the written config, would pass.
+    rope = {**config["rope_parameters"], "rope_theta": 1e6, "rope_type": "default"}  # llama3 scaling dropped too
+    (template / "config.json").write_text(json.dumps({**config, "rope_parameters": rope, "rms_norm_eps": 1e-2}))
+    with pytest.raises(ConversionError, match=r"another model than the one .*mcore was made from \(rms_norm_eps: "
+                                              r"checkpoint 1e-06, template 0.01; rope_theta: checkpoint 50000.0, "
+                                              r"template 1000000.0; rope_scaling: checkpoint RopeScaling\("):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=template, progress=False)
+    (template / "config.json").write_text(json.dumps({**config, "intermediate_size": 128, "vocab_size": 200}))
     # A checkpoint whose marker records no config, for another config: the first mismatching key is named.
     marker = json.loads((tmp_path / "mcore" / "COMPLETE.json").read_text())
     (tmp_path / "mcore" / "COMPLETE.json").write_text(json.dumps({k: v for k, v in marker.items() if k != "hf_config"}))
