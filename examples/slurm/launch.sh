@@ -57,13 +57,32 @@ while kill -0 "$SRUN_PID" 2>/dev/null; do  # `wait` returns early when a trapped
 done
 wait "$SRUN_PID" && STATUS=0 || STATUS=$?  # srun's own exit status
 
-# The run clears the STOP file when it reaches its last step, so a signal that came too late to stop it
-# does not requeue a finished run. Only a run that stopped cleanly (exit 0: its checkpoint saved) while the
-# job still runs is requeued: a plain `scancel` (the job is CANCELLED) or the time limit (TIMEOUT) ends the
-# job, and a run that failed on its way out (a full disk at the save) is not started again to fail again.
+# Whether the run is done: its newest complete checkpoint is at the total_training_steps of the config.yaml
+# the last attempt started with.
+finished() {
+    local total latest=-1 marker n
+    total=$(sed -n 's/^  total_training_steps: *\([0-9][0-9]*\) *$/\1/p' "$RUN_DIR/config.yaml" 2>/dev/null | head -n 1)
+    for marker in "$RUN_DIR"/checkpoints/step_*/COMPLETE.json; do
+        [ -f "$marker" ] || continue
+        n=${marker%/COMPLETE.json}
+        n=${n##*/step_}
+        [[ $n =~ ^[0-9]+$ ]] && [ $((10#$n)) -gt "$latest" ] && latest=$((10#$n))
+    done
+    [ -n "$total" ] && [ "$latest" -ge "$total" ]
+}
+
+# The run clears the STOP file when it reaches its last step, and a run that has nothing left to train
+# is not requeued either (a signal in the seconds it takes to shut down writes STOP again). Only a run that
+# stopped cleanly (exit 0: its checkpoint saved) while the job still runs is requeued: a plain `scancel` (the
+# job is CANCELLED) or the time limit (TIMEOUT) ends the job, and a run that failed on its way out (a full
+# disk at the save) is not started again to fail again.
 if [ -n "$STOP_REASON" ] && [ -f "$RUN_DIR/STOP" ]; then
     JOB_STATE=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n 1 || true)
-    if [ "$STATUS" -ne 0 ]; then
+    if [ "$STATUS" -eq 0 ] && finished; then
+        echo "$(date -Is) the run has finished (its last checkpoint is its last step): job ${SLURM_JOB_ID} is" \
+             "not requeued" >&2
+        rm -f "$RUN_DIR/STOP"
+    elif [ "$STATUS" -ne 0 ]; then
         echo "$(date -Is) the run failed while stopping (exit ${STATUS}): job ${SLURM_JOB_ID} is not requeued;" \
              "submit it again to continue from the last complete checkpoint" >&2
     elif [ "${JOB_STATE:-RUNNING}" != RUNNING ]; then

@@ -138,3 +138,32 @@ def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
     log = _log(tmp_path, job)
     assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, log[-4000:])
     assert "requeueing job" not in log, log[-4000:]
+
+
+def test_a_run_with_nothing_left_to_train_is_not_requeued(cluster, first_run, tmp_path):
+    """A stop asked for once the run has nothing left to train (here: started again on a finished run folder; on a
+    cluster, a time-limit warning in the seconds a finished run takes to shut down) leaves the STOP file there:
+    the job must still end, not put itself back in the queue to start, find nothing to do, and end."""
+    import shutil
+
+    _, state, first_dir, _ = first_run
+    assert state == "COMPLETED"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for made_once in ("base", "tokenizer", "data"):
+        (run_dir / made_once).symlink_to(first_dir / made_once)
+    shutil.copytree(first_dir / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(first_dir / "config.yaml", run_dir / "config.yaml")
+    job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=4", "trainer.test_freq=4",
+                  "checkpoint.save_freq=2")
+    deadline = time.monotonic() + 600
+    # Once rank 0 has started (its first line names the layout): a STOP from before is taken for a stale one.
+    while ", layout TP" not in _log(tmp_path, job) and cluster.state(job) not in ENDED and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    assert cluster.wait_state(job, ENDED, timeout_s=600) == "COMPLETED", _log(tmp_path, job)[-4000:]
+    time.sleep(5)  # a requeue would come from the batch shell after the run ended
+    info, log = cluster.job(job), _log(tmp_path, job)
+    assert "got SIGUSR1" in log and f"resumed from {run_dir / 'checkpoints' / 'step_000004'} at step 4" in log, log
+    assert info.get("Restarts") == "0" and "requeueing job" not in log, (info, log[-4000:])
+    assert "the run has finished (its last checkpoint is its last step)" in log and not (run_dir / "STOP").exists()
