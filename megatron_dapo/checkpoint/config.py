@@ -13,9 +13,9 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept in the run folder; older ones are deleted after a new one is complete."""
     resume: bool = True
-    """Continue from the last complete checkpoint in the run folder when there is one (the only weights such a
-    run reads); false starts from the starting weights (model.path, or model.megatron_checkpoint), in a run
-    folder that holds no checkpoints."""
+    """Continue from the last complete checkpoint in the run folder when there is one (the only weights the
+    actor of such a run reads); false starts from the starting weights (model.path, or
+    model.megatron_checkpoint), in a run folder that holds no checkpoints."""
     save_hf: bool = False
     """Also write each checkpoint as a Hugging Face folder (safetensors, config, tokenizer) in its step_N/hf, for
     serving and evaluation; rank 0 converts it from the saved checkpoint while the other ranks wait. Not for a

@@ -27,6 +27,10 @@ MAX_EXAMPLES = 5
 """Malformed rows whose location and reason are kept for the report."""
 
 
+class TokenizerError(ValueError):
+    """The tokenizer cannot make the prompts (it has no chat template); the message names the setting."""
+
+
 @dataclass(frozen=True)
 class Prompt:
     prompt_ids: list[int]
@@ -93,7 +97,7 @@ class PromptDataset(Sequence[Prompt]):
             if not path.is_file():
                 raise FileNotFoundError(f"data file {path} does not exist")
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
+            raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
                              "prompts are chat messages and need one: point model.tokenizer_path at a tokenizer "
                              "folder whose tokenizer_config.json (or chat_template.jinja) has one, e.g. the "
                              "instruct model's")

@@ -240,11 +240,14 @@ class RunLock:
         now rather than go by the last heartbeat (before a checkpoint is made the newest, and before stale saves
         are swept: a job suspended during its save finds out before it changes anything there)."""
         if look and self.lost is None:
-            now = _read(self.path)
-            if now is None:  # a newcomer may have moved it aside this instant to check it, and puts it back
-                time.sleep(0.5)
+            try:
                 now = _read(self.path)
-            self.lost = self._other_holder(now)
+                if now is None:  # a newcomer may have moved it aside this instant to check it, and puts it back
+                    time.sleep(0.5)
+                    now = _read(self.path)
+                self.lost = self._other_holder(now)
+            except OSError as err:  # a file-system hiccup (NFS's ESTALE): the heartbeat's word stands
+                print(f"warning: could not read {self.path}: {err}; going by its last heartbeat", flush=True)
         if self.lost is not None:
             raise RunFolderInUse(
                 f"{self.path} was taken over by another training ({self.lost}) while this one held it (was this job "

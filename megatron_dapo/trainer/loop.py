@@ -27,7 +27,7 @@ from megatron_dapo.actor.checkpoint import CheckpointError
 from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
-from megatron_dapo.data.dataset import PromptDataset, PromptStream
+from megatron_dapo.data.dataset import PromptDataset, PromptStream, TokenizerError
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
 from megatron_dapo.models.arch import ModelArch
@@ -219,6 +219,8 @@ class Trainer:
         try:
             return PromptDataset.from_files(files, self.tokenizer, prompt_key=data.prompt_key,
                                             max_prompt_length=data.max_prompt_length)
+        except TokenizerError as err:  # the model's setting, not the data's
+            raise ConfigError(str(err)) from None
         except (ValueError, OSError) as err:
             raise ConfigError(f"{key}: {err}") from None
 

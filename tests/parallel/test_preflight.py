@@ -166,7 +166,7 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
                            capture_output=True, text=True)
     assert unset.returncode == 1, unset.stdout + unset.stderr
     assert "problem: model.path is not set: the training refuses to start without it" in unset.stdout, unset.stdout
-    assert "problem: data.train_files is not set" in unset.stdout and "model: " not in unset.stdout, unset.stdout
+    assert "note: data.train_files is not set" in unset.stdout and "model: " not in unset.stdout, unset.stdout
 
 
 def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():

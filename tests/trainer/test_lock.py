@@ -170,6 +170,16 @@ def test_a_look_finds_a_take_over_the_heartbeat_has_not_seen_yet(tmp_path):
     finally:
         lock.release()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node-c"
+    unreadable = RunLock(tmp_path / "third", heartbeat_s=3600)  # a file-system error is no take-over
+    unreadable.acquire()
+    path = tmp_path / "third" / LOCK_FILE
+    path.rename(path.with_name("aside"))
+    path.mkdir()  # reading it fails (IsADirectoryError), as NFS's ESTALE would
+    unreadable.check(look=True)
+    path.rmdir()
+    path.with_name("aside").rename(path)
+    unreadable.release()
+    assert not path.exists()
     gone = RunLock(tmp_path / "other", heartbeat_s=3600)
     gone.acquire()
     (tmp_path / "other" / LOCK_FILE).unlink()
