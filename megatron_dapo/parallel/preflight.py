@@ -209,16 +209,18 @@ def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) ->
     except ModelError as err:
         report.problems.append(f"{err}: choose TP and PP that divide them")
     longest = config.data.max_prompt_length + config.data.max_response_length
-    if longest > arch.max_position_embeddings:
+    held = config.rollout.held_back()
+    spare = f" less the {held} tokens SGLang keeps back" if held else ""
+    if longest > arch.max_position_embeddings - held:
         report.problems.append(
             f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds the model's "
-            f"max_position_embeddings ({arch.max_position_embeddings}): lower them")
+            f"max_position_embeddings ({arch.max_position_embeddings}){spare}: lower them")
     engine_limit = config.rollout.length_limit()
-    if engine_limit is not None and longest > engine_limit[1]:
+    if engine_limit is not None and longest > engine_limit[1] - held:
         key, limit = engine_limit
         report.problems.append(
-            f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds {key} ({limit}), and "
-            f"the engine refuses a prompt it cannot extend by a full response: raise {key} or lower them")
+            f"data.max_prompt_length + data.max_response_length = {longest} tokens exceeds {key} ({limit}){spare}, "
+            f"and the engine refuses a prompt it cannot extend by a full response: raise {key} or lower them")
     if longest > config.actor.ppo_max_token_len_per_gpu:
         report.notes.append(
             f"a full-length sequence ({longest} tokens) is longer than actor.ppo_max_token_len_per_gpu "

@@ -98,6 +98,12 @@ class RolloutConfig:
             return "rollout.sglang.server_args.context_length", self.sglang.server_args["context_length"]
         return None
 
+    def held_back(self) -> int:
+        """Tokens of its context length the engine gives no request: SGLang caps a request's max_new_tokens at
+        context_length - 2 - its prompt (sglang 0.5.23, Scheduler.init_req_max_new_tokens with max_req_len =
+        context_len - 1), and its context length is the model's max_position_embeddings unless set."""
+        return SGLANG_HELD_BACK if self.name == "sglang" else 0
+
     def parity_threshold_for(self, trainer_float32: bool) -> float:
         """rollout.parity_threshold, or its default for the trainer's and the engine's precision."""
         if self.parity_threshold is not None:
@@ -106,6 +112,9 @@ class RolloutConfig:
                           and self.embedded.torch_dtype(self.embedded.torch_device()) == torch.float32)
         return PARITY_FLOAT32 if trainer_float32 and engine_float32 else PARITY_HALF
 
+
+SGLANG_HELD_BACK = 2
+"""Tokens of SGLang's context length no request gets (RolloutConfig.held_back)."""
 
 PARITY_FLOAT32 = 1e-3
 """Default probe bound (mean |difference| of log-probs) where trainer and engine both run float32: their

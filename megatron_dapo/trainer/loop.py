@@ -243,10 +243,12 @@ class Trainer:
         in. Found at start instead, from the longest prompt kept."""
         cfg = self.config
         arch = ModelArch.from_pretrained(cfg.model.path)
-        limits = {"the model's max_position_embeddings": (arch.max_position_embeddings, "")}
+        held = cfg.rollout.held_back()
+        spare = f" less the {held} tokens SGLang keeps back" if held else ""
+        limits = {f"the model's max_position_embeddings{spare}": (arch.max_position_embeddings - held, "")}
         if (engine_limit := cfg.rollout.length_limit()) is not None:
             key, limit = engine_limit
-            limits[key] = (limit, f", or raise {key}")
+            limits[f"{key}{spare}"] = (limit - held, f", or raise {key}")
         problems = []
         for files, prompts in (("data.train_files", self.train_set), ("data.val_files", self.val_set)):
             longest = max((len(p.prompt_ids) for p in prompts or ()), default=0)

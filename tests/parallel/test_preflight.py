@@ -112,10 +112,14 @@ def test_batches_and_sequence_lengths():
     # SGLang refuses a request past its context_length, when one is given.
     report = _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=16384")
     assert report.problems == ["data.max_prompt_length + data.max_response_length = 22528 tokens exceeds "
-                               "rollout.sglang.server_args.context_length (16384), and the engine refuses a prompt it "
+                               "rollout.sglang.server_args.context_length (16384) less the 2 tokens SGLang keeps back, "
+                               "and the engine refuses a prompt it "
                                "cannot extend by a full response: raise rollout.sglang.server_args.context_length or "
                                "lower them"], report.problems
-    assert not _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22528").problems
+    # It gives a request 2 tokens less than its context length.
+    assert "exceeds rollout.sglang.server_args.context_length (22528) less the 2 tokens SGLang keeps back" in \
+        _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22528").problems[0]
+    assert not _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22530").problems
 
 
 def test_embedded_engine_kv_cache_counts_on_rank_0():

@@ -291,18 +291,21 @@ def test_sglang_rollout_without_a_gpu_is_refused_naming_the_fix(toy_run, tmp_pat
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize(("engine", "key"), [("embedded", "rollout.embedded.max_seq_len"),
-                                             ("sglang", "rollout.sglang.server_args.context_length")])
-def test_prompts_without_room_for_a_full_response_are_refused_at_start(toy_run, tmp_path, engine, key):
+@pytest.mark.parametrize(("engine", "key", "held"), [("embedded", "rollout.embedded.max_seq_len", 0),
+                                                     ("sglang", "rollout.sglang.server_args.context_length", 2)])
+def test_prompts_without_room_for_a_full_response_are_refused_at_start(toy_run, tmp_path, engine, key, held):
     """The toy's longest prompt is 8 tokens and its model has 64 positions: each limit is named, before any step
-    (for SGLang before it would start, so on any machine)."""
+    (for SGLang before it would start, so on any machine). SGLang gives a request 2 tokens less than its context
+    length."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
     command = [*_toy_command(run_dir), f"rollout.name={engine}", f"{key}=24", "data.max_response_length=60",
                "reward.overlong_buffer.len=8"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    for limit in ("64, the model's max_position_embeddings: lower", f"24, {key}: lower"):
+    spare = " less the 2 tokens SGLang keeps back" if held else ""
+    for limit in (f"{64 - held}, the model's max_position_embeddings{spare}: lower",
+                  f"{24 - held}, {key}{spare}: lower"):
         for files in ("data.train_files", "data.val_files"):
             assert (f"{files}: the longest prompt kept has 8 tokens; with data.max_response_length=60 that is 68 > "
                     f"{limit}") in proc.stderr, proc.stderr[-4000:]

@@ -138,7 +138,7 @@ class SGLangEngine(RolloutEngine):
         except ValueError as err:  # a request SGLang refuses (one past its context length) fails the whole call
             raise RolloutError(f"SGLang refused the generation batch ({len(prompts)} prompts x {params.n}): "
                                f"{err}") from err
-        completions = [_completion(out) for out in outputs]
+        completions = [_completion(out, params.max_new_tokens) for out in outputs]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
@@ -229,11 +229,13 @@ class SGLangEngine(RolloutEngine):
         self.engine.shutdown()
 
 
-def _completion(out: dict) -> Completion:
+def _completion(out: dict, max_new_tokens: int) -> Completion:
     """One SGLang output as a Completion; RolloutError for a request SGLang aborted (its reason given), which
     must not pass for a completion cut at max_new_tokens, and for one whose log-probs are not those of its
     tokens: SGLang ends a request that sampled NaN or an id outside the vocabulary as a "stop", with a stop id
-    written over the token and the sampled one's log-prob kept."""
+    written over the token and the sampled one's log-prob kept. Also for a "length" short of max_new_tokens:
+    SGLang lowers a request's max_new_tokens to what its context length (less 2 tokens) and its KV cache leave
+    (sglang 0.5.23, Scheduler.init_req_max_new_tokens), and the response would pass for a full-length one."""
     meta = out["meta_info"]
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
@@ -241,6 +243,12 @@ def _completion(out: dict) -> Completion:
         raise RolloutError(f"SGLang ended a request with finish reason {reason!r}, neither a stop token nor "
                            "max_new_tokens")
     token_ids = [int(t) for t in out["output_ids"]]
+    if kind == "length" and len(token_ids) < max_new_tokens:
+        raise RolloutError(
+            f"SGLang cut a response at {len(token_ids)} of its max_new_tokens={max_new_tokens} (prompt "
+            f"{meta.get('prompt_tokens', '?')} tokens): its KV cache holds fewer tokens than a prompt and a full "
+            "response (raise rollout.sglang.mem_fraction_static, or lower data.max_response_length), or its "
+            "context length does, less the 2 tokens it keeps back")
     scored = meta["output_token_logprobs"]
     logprobs = [float(lp) for lp, _, _ in scored]
     if [int(t) for _, t, _ in scored] != token_ids or not all(math.isfinite(lp) for lp in logprobs):

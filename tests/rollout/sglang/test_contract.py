@@ -243,6 +243,10 @@ def test_finish_reasons_map_and_an_aborted_request_is_an_error():
         assert SGLangEngine(_Finishing(finish), tp_size=1).generate([[1, 2]], params)[0][0].finish_reason == expected
     with pytest.raises(RolloutError, match="finish reason .*abort.*out of KV cache"):
         SGLangEngine(_Finishing(FINISH_ABORT(message="out of KV cache")), tp_size=1).generate([[1, 2]], params)
+    # A "length" short of max_new_tokens: SGLang lowered it to what its KV cache or context length left.
+    with pytest.raises(RolloutError, match=r"SGLang cut a response at 1 of its max_new_tokens=4 .*KV cache holds "
+                                           r"fewer tokens"):
+        SGLangEngine(_Finishing(FINISH_LENGTH(length=1)), tp_size=1).generate([[1, 2]], SamplingParams(max_new_tokens=4))
     assert SGLangEngine(_Finishing(None), tp_size=1).generate([], params) == []
     with pytest.raises(RolloutError, match=r"prompt 0 is a int, not a list of token ids \(a batch is a list of prompts\)"):
         SGLangEngine(_Finishing(None), tp_size=1).generate([1, 2], params)
