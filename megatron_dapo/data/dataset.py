@@ -27,6 +27,19 @@ MAX_EXAMPLES = 5
 """Malformed rows whose location and reason are kept for the report."""
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+def file_problem(path: str | Path) -> str | None:
+    """What keeps the data file `path` from being read (a type not read, no such file), or None."""
+    path = Path(path)
+    if path.suffix not in DATA_SUFFIXES:
+        return f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl"
+    if not path.is_file():
+        return f"data file {path} does not exist"
+    return None
+
+
 class TokenizerError(ValueError):
     """The tokenizer cannot make the prompts (it has no chat template); the message names the setting."""
 
@@ -92,10 +105,9 @@ class PromptDataset(Sequence[Prompt]):
         if not paths:
             raise ValueError("no data files given: set data.train_files")
         for path in paths:
-            if path.suffix not in (".parquet", ".jsonl"):
-                raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl")
-            if not path.is_file():
-                raise FileNotFoundError(f"data file {path} does not exist")
+            problem = file_problem(path)
+            if problem is not None:
+                raise (FileNotFoundError if path.suffix in DATA_SUFFIXES else ValueError)(problem)
         if getattr(tokenizer, "chat_template", None) is None:
             raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
                              "prompts are chat messages and need one: point model.tokenizer_path at a tokenizer "

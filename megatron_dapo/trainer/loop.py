@@ -27,7 +27,7 @@ from megatron_dapo.actor.checkpoint import CheckpointError
 from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
-from megatron_dapo.data.dataset import PromptDataset, PromptStream, TokenizerError
+from megatron_dapo.data.dataset import PromptDataset, PromptStream, TokenizerError, file_problem
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
 from megatron_dapo.models.arch import ModelArch
@@ -98,11 +98,7 @@ def _check_data_files(data) -> None:
     problems = [] if data.train_files else ["data.train_files is empty: give the training prompts' .parquet or "
                                             ".jsonl files, e.g. data.train_files=[/data/train.parquet]"]
     for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):
-        for file in files:
-            if Path(file).suffix not in (".parquet", ".jsonl"):
-                problems.append(f"{key}: {file} is neither .parquet nor .jsonl")
-            elif not Path(file).is_file():
-                problems.append(f"{key}: {file} does not exist")
+        problems += [f"{key}: {problem}" for problem in map(file_problem, files) if problem is not None]
     if problems:
         raise ConfigError(problems)
 

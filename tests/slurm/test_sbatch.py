@@ -61,6 +61,17 @@ def first_run(cluster, tmp_path_factory):
     return job, state, run_dir, work
 
 
+def _linked_run_dir(first_run, tmp_path: Path) -> Path:
+    """A fresh run folder sharing the first run's warm start, tokenizer and data (it must have completed)."""
+    _, state, first_dir, _ = first_run
+    assert state == "COMPLETED"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for made_once in ("base", "tokenizer", "data"):  # skip the warm start: the first run made it
+        (run_dir / made_once).symlink_to(first_dir / made_once)
+    return run_dir
+
+
 def test_toy_sbatch_trains_with_two_tasks(first_run):
     job, state, run_dir, work = first_run
     log = _log(work, job)
@@ -74,12 +85,7 @@ def test_toy_sbatch_trains_with_two_tasks(first_run):
 
 
 def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, first_run, tmp_path):
-    _, state, first_dir, _ = first_run
-    assert state == "COMPLETED"
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for made_once in ("base", "tokenizer", "data"):  # skip the warm start: the first run made it
-        (run_dir / made_once).symlink_to(first_dir / made_once)
+    run_dir = _linked_run_dir(first_run, tmp_path)
     # No periodic checkpoint: the only one before the end is the one the stop request makes. The run folder is
     # an argument, over the RUN_DIR variable: the stop request must still reach it.
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=10", "trainer.test_freq=0",
@@ -119,12 +125,7 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
 def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
     """`scancel JOB` sends SIGTERM to the batch shell too, which asks the run to stop: the job must end as
     cancelled, not put itself back in the queue."""
-    _, state, first_dir, _ = first_run
-    assert state == "COMPLETED"
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for made_once in ("base", "tokenizer", "data"):
-        (run_dir / made_once).symlink_to(first_dir / made_once)
+    run_dir = _linked_run_dir(first_run, tmp_path)
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=50", "trainer.test_freq=0",
                   "trainer.val_before_train=false", "checkpoint.save_freq=0")
     deadline = time.monotonic() + 600
@@ -146,12 +147,8 @@ def test_a_run_with_nothing_left_to_train_is_not_requeued(cluster, first_run, tm
     the job must still end, not put itself back in the queue to start, find nothing to do, and end."""
     import shutil
 
-    _, state, first_dir, _ = first_run
-    assert state == "COMPLETED"
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for made_once in ("base", "tokenizer", "data"):
-        (run_dir / made_once).symlink_to(first_dir / made_once)
+    run_dir = _linked_run_dir(first_run, tmp_path)
+    first_dir = first_run[2]
     shutil.copytree(first_dir / "checkpoints", run_dir / "checkpoints")
     shutil.copy(first_dir / "config.yaml", run_dir / "config.yaml")
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=4", "trainer.test_freq=4",

@@ -321,7 +321,7 @@ def test_data_files_that_cannot_be_read_are_named_by_their_key(toy_run, tmp_path
     missing = subprocess.run([*_toy_command(run_dir), f"data.val_files=[{tmp_path / 'gone.jsonl'}]"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=900)
     assert missing.returncode == 2, missing.stderr[-4000:]
-    assert f"config error: data.val_files: {tmp_path / 'gone.jsonl'} does not exist" in missing.stderr, missing.stderr
+    assert f"config error: data.val_files: data file {tmp_path / 'gone.jsonl'} does not exist" in missing.stderr, missing.stderr
     (tmp_path / "empty.jsonl").write_text("")
     empty = subprocess.run([*_toy_command(run_dir), f"data.val_files=[{tmp_path / 'empty.jsonl'}]"], cwd=tmp_path,
                            env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
