@@ -402,6 +402,7 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         pass
     else:  # out of the terminal's group, Ctrl-C no longer reaches it; what a function starts must not ignore it
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _watch_group()
     # The reward functions may start processes of their own (a process pool running code under test): the
     # worker is a daemon to the trainer, which multiprocessing would refuse to let have children.
     multiprocessing.current_process().daemon = False
@@ -444,6 +445,39 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
             signal.signal(sig, handlers[sig])
         conn.send_bytes(reply)
 
+
+
+_WATCHER = """
+import os, signal, sys, time
+group = int(sys.argv[1])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == group:
+    time.sleep(0.25)
+try:
+    os.killpg(group, signal.SIGKILL)
+except OSError:
+    pass
+"""
+"""The watcher's program: once its worker is gone (killed with the trainer, or by the pool), it ends the
+processes left in the worker's group."""
+
+
+def _watch_group() -> None:
+    """Start a watcher for this worker's process group. What a reward function started (a sandbox, a solver
+    kept in a module global) stays in the worker's group when the worker dies; the pool ends the group when
+    it kills or stops a worker, but a trainer killed by SIGKILL or the OOM killer takes the worker with it
+    (`_die_with_parent`) and leaves the rest running. The watcher is a process of its own group, so the
+    group's end does not take it along, and it holds none of the worker's files (the pipe's end stays the
+    worker's alone, so the trainer still sees the worker's death at once)."""
+    import subprocess
+    import sys
+
+    try:
+        subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid())], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except OSError as err:  # no process to spare: the worker still works, without this guard
+        print(f"reward worker {os.getpid()}: no watcher for its process group ({err}); what its functions "
+              f"start may outlive a killed trainer", file=sys.stderr, flush=True)
 
 
 def _resident_bytes(pid: int) -> int | None:

@@ -283,23 +283,28 @@ def test_closing_the_pool_ends_what_its_functions_left_running(tmp_path):
 
 def test_workers_die_with_a_killed_trainer(tmp_path):
     """SIGKILL to the process holding the pool (a trainer the OOM killer picks) ends its workers too, the one
-    busy in a reward function that never returns included (an idle one sees its pipe close)."""
+    busy in a reward function that never returns included (an idle one sees its pipe close), and what a
+    reward function left running (a helper process kept in a module global)."""
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
+    pid_file = tmp_path / "helper.pid"
     code = ("import os, sys, time\n"
             "import tests.reward.test_registry\n"
             "from megatron_dapo.reward.registry import RewardScorer\n"
             "scorer = RewardScorer(timeout_s=600.0, num_workers=2)\n"
             "scorer.score([('math_dapo', 'Answer: 1', '1', {})])\n"
+            f"scorer.score([('test_leaves_a_helper', {str(pid_file)!r}, '', {{}})])\n"
             "print(' '.join(str(w.process.pid) for w in scorer._workers), flush=True)\n"
             "scorer.score([('test_troublesome', 'hang', '', {})])\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2])
     workers = [int(pid) for pid in holder.stdout.readline().split()]
     assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    helper = int(pid_file.read_text())
+    assert _alive(helper)
     time.sleep(1.0)  # the hanging sample reaches its worker
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -307,6 +312,9 @@ def test_workers_die_with_a_killed_trainer(tmp_path):
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in workers), "reward workers outlived the killed trainer"
+    while _alive(helper) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    assert not _alive(helper), "a reward function's helper process outlived the killed trainer"
 
 
 _HOARD = []
