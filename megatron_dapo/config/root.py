@@ -128,6 +128,26 @@ class DAPOConfig:
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps of a training step (a full rollout batch): the learning-rate schedule moves by this much
+        every training step."""
+        return self.data.train_batch_size // self.actor.ppo_mini_batch_size * self.actor.ppo_epochs
+
+    def unreached_decay(self) -> str | None:
+        """Why the learning-rate decay the config asks for never starts, or None. A decay over the run
+        (actor.optim.lr_decay_steps=0) starts after the warm-up; a run whose optimizer steps all fall within the
+        warm-up (a short test of a recipe) trains at the warm-up's rates alone. Not an error: the run is still
+        what it says, and a later run with more steps decays."""
+        optim = self.actor.optim
+        steps = self.trainer.total_training_steps * self.updates_per_step
+        if optim.lr_decay_style == "constant" or optim.lr_decay_steps or steps > optim.lr_warmup_steps + 1:
+            return None
+        return (f"actor.optim.lr_decay_style={optim.lr_decay_style} decays over the run (lr_decay_steps=0), but the "
+                f"run's {steps} optimizer steps ({self.trainer.total_training_steps} x {self.updates_per_step}) "
+                f"end before the decay starts, after lr_warmup_steps ({optim.lr_warmup_steps}): the learning rate "
+                "never decays; set actor.optim.lr_decay_steps or shorten the warm-up")
+
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> DAPOConfig:
     """YAML file (or defaults when None) + dotted overrides -> validated DAPOConfig.

@@ -144,6 +144,8 @@ class Trainer:
             print(f"data.train_files: {self.train_set.report()}", flush=True)
             if self.val_set is not None:
                 print(f"data.val_files: {self.val_set.report()}", flush=True)
+            if cfg.unreached_decay():
+                print(f"warning: {cfg.unreached_decay()}", file=sys.stderr, flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
         self._check_room_to_respond()  # the same files on every rank: all refuse alike
@@ -153,7 +155,7 @@ class Trainer:
         self.stream = PromptStream(self.train_set, (cfg.data.gen_batch_size if cfg.algorithm.filter_groups.enable
                                                     else cfg.data.train_batch_size),
                                    seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
-        self.updates_per_step = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size * cfg.actor.ppo_epochs
+        self.updates_per_step = cfg.updates_per_step
         """Optimizer steps of a full batch: the learning-rate schedule moves by this much every training step."""
         self.resume_from = self._resume_point()
         """The run folder's checkpoint this attempt goes on from, or None."""

@@ -37,3 +37,27 @@ def test_linear_decay_ends_at_the_runs_last_step_by_default():
 def test_bad_schedules_name_the_key(optim, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)")):
         ActorConfig(optim=OptimConfig(**optim))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_a_decay_over_a_run_that_ends_within_its_warm_up_is_pointed_out(steps):
+    """toy config: 2 optimizer steps per training step, warm-up 2: a decay over the run needs > 3 of them."""
+    from pathlib import Path
+
+    from megatron_dapo.config.root import load_config
+
+    toy = Path(__file__).resolve().parents[2] / "examples" / "toy" / "config.yaml"
+    config = load_config(toy, [f"trainer.total_training_steps={steps}", "actor.optim.lr_decay_style=cosine",
+                               "actor.optim.min_lr=0"])
+    assert config.updates_per_step == 2
+    last = steps * config.updates_per_step - 1
+    rates = [learning_rate(config.actor.optim, s, last_step=last) for s in range(last + 1)]
+    decays = rates[-1] < config.actor.optim.lr
+    note = config.unreached_decay()
+    assert (note is None) == decays, (rates, note)
+    if note:
+        assert note.startswith("actor.optim.lr_decay_style=cosine decays over the run (lr_decay_steps=0), but the "
+                               f"run's {2 * steps} optimizer steps ({steps} x 2) end before the decay starts")
+    assert load_config(toy, [f"trainer.total_training_steps={steps}"]).unreached_decay() is None  # constant
+    assert load_config(toy, [f"trainer.total_training_steps={steps}", "actor.optim.lr_decay_style=cosine",
+                             "actor.optim.lr_decay_steps=5"]).unreached_decay() is None  # a decay of its own

@@ -120,6 +120,10 @@ def test_batches_and_sequence_lengths():
     assert "exceeds rollout.sglang.server_args.context_length (22528) less the 2 tokens SGLang keeps back" in \
         _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22528").problems[0]
     assert not _check("dapo-qwen2.5-32b", 16, 8, "rollout.sglang.server_args.context_length=22530").problems
+    # A short test of a recipe with a decay over the run: the run ends within the warm-up (80 steps).
+    notes = _check("dapo-qwen3-4b", 1, 8, "trainer.total_training_steps=20", "actor.optim.lr_decay_style=cosine").notes
+    assert any("run's 80 optimizer steps (20 x 4) end before the decay starts" in n for n in notes), notes
+    assert not any("decay" in n for n in _check("dapo-qwen3-4b", 1, 8, "actor.optim.lr_decay_style=cosine").notes)
 
 
 def test_embedded_engine_kv_cache_counts_on_rank_0():
