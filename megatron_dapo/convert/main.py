@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,8 @@ def build_parser(prog: str = "megatron-dapo convert") -> argparse.ArgumentParser
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (default bf16)")
     to_hf.add_argument("--hf-template", help="Hugging Face folder whose tokenizer, generation config and config.json "
                                              "to use (needed when the checkpoint does not record config.json)")
+    to_hf.add_argument("--tokenizer", help="folder whose tokenizer files to write over the template's (a run's "
+                                           "model.tokenizer_path or model.path)")
     to_hf.add_argument("--shard-size", type=parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
     common(to_hf)
     return parser
@@ -53,7 +56,8 @@ def build_parser(prog: str = "megatron-dapo convert") -> argparse.ArgumentParser
 
 def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> int:
     from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
-    from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
+    from megatron_dapo.convert.mcore_to_hf import TOKENIZER_FILES, mcore_to_hf
+    from megatron_dapo.convert.output import ConversionError
 
     args = build_parser(prog).parse_args(argv)
     tolerance = args.tolerance if args.verify else None
@@ -62,9 +66,13 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
             summary = hf_to_mcore(args.hf, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                                   verify_tolerance=tolerance, progress=not args.quiet)
         else:
+            if args.tokenizer is not None and not any((Path(args.tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+                raise ConversionError(f"--tokenizer {args.tokenizer}: "
+                                      + (f"holds none of {', '.join(TOKENIZER_FILES)}" if Path(args.tokenizer).is_dir()
+                                         else "no such folder"))
             summary = mcore_to_hf(args.mcore, args.out, dtype=DTYPES[args.dtype], hf_template=args.hf_template,
                                   shard_size_bytes=args.shard_size, overwrite=args.overwrite,
-                                  verify_tolerance=tolerance, progress=not args.quiet)
+                                  verify_tolerance=tolerance, progress=not args.quiet, tokenizer=args.tokenizer)
     except (ModelError, CheckpointFormatError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
@@ -74,6 +82,10 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
     if "logp_max_diff" in summary:
         line += f"; verified: max |log-prob difference| = {summary['logp_max_diff']:.3g} <= {args.tolerance:g}"
     print(line)
+    if summary.get("tokenizer") is False:
+        print(f"note: {args.out} has no tokenizer files, so transformers' AutoTokenizer, SGLang and a run's model.path "
+              "cannot use it as it is; convert again with --tokenizer DIR (the model folder the run started from) "
+              "or --hf-template DIR")
     source = summary.get("source_dtype")
     if source is not None and source.itemsize < DTYPES[args.dtype].itemsize:
         print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}, so the {args.dtype} copy "

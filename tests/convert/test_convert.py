@@ -113,6 +113,25 @@ def test_cli_converts_both_ways_verified_with_progress(tmp_path):
     assert _tensors(tmp_path / "back").keys() == _tensors(source).keys()
 
 
+def test_a_copy_without_tokenizer_files_says_so_and_tokenizer_gives_them(tmp_path, capsys):
+    from megatron_dapo.convert.main import main
+
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    (source / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    hf_to_mcore(source, tmp_path / "mcore", progress=False)
+    convert = ["mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--quiet"]
+    assert main(convert + ["--out", str(tmp_path / "bare")]) == 0
+    assert f"note: {tmp_path / 'bare'} has no tokenizer files" in capsys.readouterr().out
+    assert main(convert + ["--out", str(tmp_path / "whole"), "--tokenizer", str(source)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert (tmp_path / "whole" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    for folder, why in [(tmp_path / "nowhere", "no such folder"),
+                        (tmp_path / "mcore", "holds none of tokenizer.json, tokenizer_config.json")]:
+        assert main(convert + ["--out", str(tmp_path / "refused"), "--tokenizer", str(folder)]) == 1
+        assert f"--tokenizer {folder}: {why}" in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
+
+
 def test_verification_fails_when_the_weights_differ(tmp_path):
     from megatron_dapo.convert.verify import check_logprobs
 
