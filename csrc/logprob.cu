@@ -53,7 +53,7 @@ __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_t
   for (int k = 0; k < VEC; ++k) {
     const float e = __expf(z[k] - m);
     s += e;
-    w += e * z[k];
+    w += e == 0.f ? 0.f : e * z[k];  // a -inf logit (a token that cannot be drawn) adds 0, not 0 * -inf
   }
 }
 
@@ -118,7 +118,7 @@ __device__ __forceinline__ Pack<T, VEC> grad_pack(const Pack<T, VEC>& pack, int6
     if (j < valid) {
       const float z = static_cast<float>(pack.v[k]) * inv_temperature;
       const float p = __expf(z - row_lse);
-      g = p * (g_h * (row_ez - z) - g_lp) + (j == target ? g_lp : 0.f);
+      g = (p == 0.f ? 0.f : p * (g_h * (row_ez - z) - g_lp)) + (j == target ? g_lp : 0.f);  // -inf: 0, not 0 * inf
     }
     result.v[k] = static_cast<T>(g * inv_temperature);
   }

@@ -33,14 +33,16 @@ def local_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
     """
     z = logits[:, :valid_columns].to(_compute_dtype(logits)) / temperature
     m = z.max(dim=-1).values if valid_columns else z.new_full(z.shape[:1], float("-inf"))
-    e = torch.exp(z - m[:, None])
+    # A -inf logit is a token that cannot be drawn: it adds nothing (not 0 * -inf), and a slice of nothing else
+    # gives (-inf, 0, 0), which adds nothing when the ranks combine theirs (exp(-inf - -inf) would be NaN).
+    e = torch.exp(z - torch.where(m == float("-inf"), 0.0, m)[:, None])
     owned = targets >= 0
     if valid_columns:
         target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]
         target = torch.where(owned, target, torch.zeros_like(target))
     else:  # a slice of padding only (a tiny vocabulary over many ranks): it owns no target
         target = z.new_zeros(z.shape[:1])
-    return torch.stack([m, e.sum(-1), (e * z).sum(-1), target], dim=-1)
+    return torch.stack([m, e.sum(-1), torch.where(e == 0, 0.0, e * z).sum(-1), target], dim=-1)
 
 
 def combine_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +72,8 @@ def local_grad(
     """Gradient w.r.t. the local logits [T, Vl], in their dtype (padding columns get 0)."""
     z = logits.to(_compute_dtype(logits)) / temperature
     p = torch.exp(z - lse[:, None])
-    grad = grad_entropy[:, None] * p * (expected_z[:, None] - z) - grad_logp[:, None] * p
+    # A token that cannot be drawn (-inf) has no gradient: p = 0, and its entropy term is not 0 * inf.
+    grad = torch.where(p == 0, 0.0, grad_entropy[:, None] * p * (expected_z[:, None] - z)) - grad_logp[:, None] * p
     owned = targets >= 0
     rows = owned.nonzero()[:, 0]
     grad[rows, targets[rows]] += grad_logp[rows]

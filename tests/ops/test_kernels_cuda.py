@@ -168,6 +168,47 @@ def test_a_nan_logit_makes_its_row_nan_as_in_the_reference(vocab, width, vec):
     torch.testing.assert_close(logp[4:].cpu(), ref_lp[4:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("vocab", "width", "vec"), [(32002, 16001, 1), (32000, 16000, 8)])
+def test_tokens_that_cannot_be_drawn_add_nothing(vocab, width, vec):
+    """-inf logits (masked tokens): finite log-probs, entropies and gradients, those of the other tokens, also
+    when a whole TP slice of a row is -inf."""
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    tokens = 4
+    logits = (torch.randn(tokens, vocab, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    targets = torch.randint(width, vocab, (tokens,), device="cuda", generator=gen)  # on the second slice
+    logits[0, 0:8] = float("-inf")               # a whole 16-byte pack of bf16
+    logits[1, 3] = float("-inf")                 # sharing a pack with finite logits
+    logits[2, :width] = float("-inf")            # the first TP slice all -inf
+    logits[3, 1::3] = float("-inf")
+    targets[3] = targets[3] // 3 * 3             # a token that can be drawn
+    keep = ~logits.isinf()
+    slices = list(_vocab_slices(logits, targets, vocab, width))
+    assert all((shard.stride(0) % 8 == 0) == (vec == 8) for shard, _, _ in slices)  # the load path meant
+    stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid) for shard, local, valid in slices]
+    logp, lse, expected_z = lp_ops.combine_stats(torch.stack(stats))
+    g_lp = torch.randn(tokens, device="cuda", generator=gen)
+    g_h = torch.randn(tokens, device="cuda", generator=gen)
+    grads = []
+    for shard, local, valid in slices:
+        _poison(shard.numel() * 2)
+        grad = torch.empty_like(shard)
+        extension.EXTENSION.logprob_grad_into(shard, local, lse, expected_z, g_lp, g_h, 1.0, valid, grad)
+        grads.append(grad)
+    grad = torch.cat(grads, dim=1)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse - expected_z).all() and torch.isfinite(grad).all()
+    assert (grad[~keep] == 0).all()
+    for row in range(tokens):
+        columns = keep[row].nonzero()[:, 0]
+        target = (columns == targets[row]).nonzero()[:, 0]
+        ref_lp, ref_h = _fp64_reference(logits[row, columns][None], target, 1.0, len(columns))
+        ref_grad = _fp64_grad(logits[row, columns][None], target, 1.0, len(columns), g_lp[row:row + 1],
+                              g_h[row:row + 1])
+        torch.testing.assert_close(logp[row].double(), ref_lp[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close((lse - expected_z)[row].double(), ref_h[0], rtol=1e-4, atol=1e-4)
+        assert (grad[row, columns].double() - ref_grad[0]).abs().max() <= 1e-2 * ref_grad.abs().max()
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 4099, 1 << 20])
 @pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
 def test_loss_kernel_against_fp64_reference(tokens, mask_kind):

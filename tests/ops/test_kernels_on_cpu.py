@@ -185,6 +185,35 @@ def test_nan_and_infinite_logits(kernels, layout):
     assert stats[:2, 1].isnan().all() and stats[2, 1] == 0  # an all -inf slice adds nothing when combined
 
 
+@pytest.mark.parametrize("layout", ["packs", "one-element"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tokens_that_cannot_be_drawn_add_nothing(kernels, dtype, layout):
+    """-inf logits (masked tokens) among finite ones, in a pack of their own, sharing one, in the tail, a whole
+    row: finite statistics and gradients, the reference's (test_logprob.py checks it against fp64)."""
+    tokens, vocab = 4, 1003
+    _, logits, targets = _logits(tokens, vocab, vocab, dtype, LAYOUTS[layout][0], seed=5)
+    logits[0, 8:16] = float("-inf")  # one whole 16-byte pack of bf16 (half of two of fp32)
+    logits[1, 3] = float("-inf")  # shares its pack with finite logits
+    logits[1, vocab - 2] = float("-inf")  # in the row's tail
+    logits[2, 1::2] = float("-inf")
+    logits[3] = float("-inf")  # a slice of nothing else (another rank has the row's tokens)
+    targets[:] = torch.tensor([20, 40, 100, -1])
+    stats = _twice(kernels.logprob_stats, logits, targets, 0.9, vocab)
+    expected = lp_ops.local_stats(logits, targets, 0.9, vocab)
+    assert stats[:, 1:].isfinite().all() and stats[3].tolist() == [float("-inf"), 0.0, 0.0, 0.0]
+    torch.testing.assert_close(stats, expected, rtol=2e-5, atol=1e-6)
+
+    lse = expected[:3, 0] + expected[:3, 1].log()
+    expected_z = expected[:3, 2] / expected[:3, 1]
+    g_lp, g_h = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.5, 0.25, -1.0])
+    want = lp_ops.local_grad(logits[:3], targets[:3], lse, expected_z, g_lp, g_h, 0.9, vocab)
+    assert want.isfinite().all()
+    _, grad = _in_nan(3, vocab, dtype)
+    kernels.logprob_grad_into(logits[:3], targets[:3], lse, expected_z, g_lp, g_h, 0.9, vocab, grad)
+    torch.testing.assert_close(grad, want, **_grad_tolerance(dtype))
+    assert (grad[logits[:3].isinf()] == 0).all()
+
+
 def test_empty_slices_and_rows(kernels):
     logits = torch.randn(3, 16)
     targets = torch.tensor([0, -1, 5])

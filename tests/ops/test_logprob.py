@@ -66,6 +66,38 @@ def test_statistics_of_slices_combine_to_the_full_vocabulary(slices, vocab):
     torch.testing.assert_close((lse - expected_z).double(), ref_h, rtol=0, atol=2e-5)
 
 
+def test_tokens_that_cannot_be_drawn_add_nothing():
+    """-inf logits (a masked token): log-prob, entropy and gradient are those of the other tokens alone, in
+    value and gradient, also when a whole vocabulary slice is -inf (it adds nothing when the slices combine)."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 24, generator=gen, dtype=torch.float64) * 3
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    masked[0, 3] = masked[1, :12] = masked[2, 1::2] = True  # row 1: the first slice of two, whole
+    targets = torch.tensor([5, 20, 4, 7])
+    g_lp, g_h = torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+
+    x = logits.masked_fill(masked, float("-inf")).requires_grad_(True)
+    logp, entropy = vocab_parallel_logprob(x, targets, temperature=0.8)
+    (g_lp * logp + g_h * entropy).sum().backward()
+    # The same tokens without the masked ones, row by row.
+    for row in range(4):
+        keep = (~masked[row]).nonzero()[:, 0]
+        y = logits[row, keep][None].clone().requires_grad_(True)
+        ref_lp, ref_h = _naive(y, (keep == targets[row]).nonzero()[0], 0.8)
+        (g_lp[row] * ref_lp + g_h[row] * ref_h).sum().backward()
+        torch.testing.assert_close(logp[row], ref_lp[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(entropy[row], ref_h[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(x.grad[row, keep], y.grad[0], rtol=0, atol=1e-10)
+        assert (x.grad[row, masked[row]] == 0).all()
+
+    halves = [local_stats(x.detach()[:, :12], torch.where(targets < 12, targets, -1), 0.8, 12),
+              local_stats(x.detach()[:, 12:], torch.where(targets >= 12, targets - 12, -1), 0.8, 12)]
+    assert halves[0][1].tolist() == [float("-inf"), 0.0, 0.0, 0.0]
+    combined = combine_stats(torch.stack(halves))
+    torch.testing.assert_close(combined[0], logp.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(combined[1] - combined[2], entropy.detach(), rtol=0, atol=1e-10)
+
+
 def test_bf16_logits_error_no_worse_than_torch_bf16_path():
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(64, 1000, generator=gen) * 3).bfloat16()
