@@ -268,26 +268,29 @@ class MegatronActor:
         first = self.steps if schedule_step is None else schedule_step
         history: list[dict[str, float]] = []
         trained: list[dict[str, float]] = []  # the mini-batches with loss tokens: a skipped one has no loss figures
-        clipped_high = clipped_high_prob = 0.0  # the global batch's sums over every mini-batch
+        summed = dict.fromkeys(_SUMS, 0.0)  # the loss's sums over every mini-batch (and every rank)
         for _ in range(self.config.ppo_epochs):
             for start in range(0, batch.size, mini):
                 lr = learning_rate(self.config.optim, first + len(history), self.last_step)
                 rows = batch.rows(slice(start, start + mini))
                 step_metrics, totals = self._mini_batch_step(rows, lr, first_row=start)
                 history.append(step_metrics)
-                clipped_high += totals.get("clip_high", 0.0)
-                clipped_high_prob += totals.get("clip_high_prob", 0.0)
+                for key in _SUMS:
+                    summed[key] += totals.get(key, 0.0)
                 if bool(rows.loss_mask.any()):
                     trained.append(history[-1])
         counted = trained or history
-        metrics = {key: sum(h[key] for h in counted) / len(counted) for key in history[0]}
+        metrics = {key: sum(h[key] for h in counted) / len(counted) for key in history[0]}  # loss, grad norm
         for key in ("actor/lr", "actor/update_skipped"):  # over every mini-batch
             metrics[key] = sum(h[key] for h in history) / len(history)
+        # The token-level figures over every token of the update: a mean of the mini-batches' means would count
+        # a short last mini-batch (dynamic sampling that ran out) as much as a full one, and the first
+        # mini-batch, on-policy, clips none, so its 0 would halve the probability of the up-clipped tokens.
+        if trained:
+            metrics.update(loss_metrics(summed, dict.fromkeys(_MAXIMA, 0.0)))  # the maxima are taken below
+            metrics["actor/entropy"] = summed["entropy"] / max(summed["tokens"], 1.0)
         for key in ("actor/ratio_max", "actor/pg_clip_high_prob_max"):  # the largest, as their names say
             metrics[key] = max(h[key] for h in history)
-        # A mean over the up-clipped tokens of every mini-batch: the first mini-batch is on-policy and clips none,
-        # and a mean of the mini-batches' means would count its 0.
-        metrics["actor/pg_clip_high_prob_mean"] = clipped_high_prob / max(clipped_high, 1.0)
         return metrics
 
     def _mini_batch_step(self, batch: ActorBatch, lr: float,

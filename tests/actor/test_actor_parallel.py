@@ -145,6 +145,7 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
             assert ref_clipped > 0, "the batch must have tokens clipped high"
             ref_prob_mean = sum(h[3] for h in history) / ref_clipped
             ref_prob_max = max(h[4] for h in history)
+            ref_clipfrac = ref_clipped / float(mask.sum())  # over every token: the mini-batches hold unlike counts
             actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget,
                            entropy_coeff=coeff)
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
@@ -157,7 +158,7 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
             if not abs(metrics["actor/grad_norm"] - ref_norm) <= 1e-5 * ref_norm:
                 failures.append(f"{name}: grad norm {metrics['actor/grad_norm']} != {ref_norm}")
             for key, ref in (("actor/pg_clip_high_prob_mean", ref_prob_mean),
-                             ("actor/pg_clip_high_prob_max", ref_prob_max)):
+                             ("actor/pg_clip_high_prob_max", ref_prob_max), ("actor/pg_clipfrac_high", ref_clipfrac)):
                 if not abs(metrics[key] - ref) <= 1e-5 * ref:
                     failures.append(f"{name}: {key} {metrics[key]} != {ref}")
             for hf_name, tensor in stage_hf_tensors(actor.model, actor.arch):
