@@ -138,7 +138,7 @@ class SGLangEngine(RolloutEngine):
         except ValueError as err:  # a request SGLang refuses (one past its context length) fails the whole call
             raise RolloutError(f"SGLang refused the generation batch ({len(prompts)} prompts x {params.n}): "
                                f"{err}") from err
-        completions = [_completion(out, params.max_new_tokens) for out in outputs]
+        completions = [_completion(out, params.max_new_tokens, params.stop_token_ids) for out in outputs]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:
@@ -229,13 +229,16 @@ class SGLangEngine(RolloutEngine):
         self.engine.shutdown()
 
 
-def _completion(out: dict, max_new_tokens: int) -> Completion:
+def _completion(out: dict, max_new_tokens: int, stop_token_ids=()) -> Completion:
     """One SGLang output as a Completion; RolloutError for a request SGLang aborted (its reason given), which
     must not pass for a completion cut at max_new_tokens, and for one whose log-probs are not those of its
     tokens: SGLang ends a request that sampled NaN or an id outside the vocabulary as a "stop", with a stop id
     written over the token and the sampled one's log-prob kept. Also for a "length" short of max_new_tokens:
     SGLang lowers a request's max_new_tokens to what its context length (less 2 tokens) and its KV cache leave
-    (sglang 0.5.23, Scheduler.init_req_max_new_tokens), and the response would pass for a full-length one."""
+    (sglang 0.5.23, Scheduler.init_req_max_new_tokens), and the response would pass for a full-length one.
+    A response whose last token, at max_new_tokens, is a stop token ended by itself: it is a "stop", as the
+    embedded engine says, whichever check SGLang made first (releases before 0.5.23 looked at the length first),
+    so overlong filtering does not take it for a truncated one."""
     meta = out["meta_info"]
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
@@ -254,7 +257,8 @@ def _completion(out: dict, max_new_tokens: int) -> Completion:
     if [int(t) for _, t, _ in scored] != token_ids or not all(math.isfinite(lp) for lp in logprobs):
         raise RolloutError(f"SGLang returned a completion whose log-probs are not finite or not those of its tokens "
                            f"(finish reason {reason!r}): its model produced NaN or an id outside the vocabulary")
-    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if kind == "stop" else "length")
+    stopped = kind == "stop" or (token_ids and token_ids[-1] in stop_token_ids)
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if stopped else "length")
 
 
 def push_ledger(arch: ModelArch) -> PushLedger:

@@ -241,6 +241,11 @@ def test_finish_reasons_map_and_an_aborted_request_is_an_error():
     params = SamplingParams(max_new_tokens=1)
     for finish, expected in ((FINISH_MATCHED_TOKEN(matched=7), "stop"), (FINISH_LENGTH(length=1), "length")):
         assert SGLangEngine(_Finishing(finish), tp_size=1).generate([[1, 2]], params)[0][0].finish_reason == expected
+    # A stop token as the last token max_new_tokens allows ended the response: a "stop" whichever check SGLang
+    # made first (the embedded engine says "stop" too).
+    stopped = SamplingParams(max_new_tokens=1, stop_token_ids=(7,))
+    assert SGLangEngine(_Finishing(FINISH_LENGTH(length=1)), tp_size=1).generate([[1, 2]], stopped)[0][0] \
+        .finish_reason == "stop"
     with pytest.raises(RolloutError, match="finish reason .*abort.*out of KV cache"):
         SGLangEngine(_Finishing(FINISH_ABORT(message="out of KV cache")), tp_size=1).generate([[1, 2]], params)
     # A "length" short of max_new_tokens: SGLang lowered it to what its KV cache or context length left.
