@@ -79,6 +79,9 @@ class PushLedger:
                 problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             elif target is None:
                 problems.append(self._unknown(name))
+            elif tensor.is_meta or not tensor.is_floating_point():  # a copy would fail, or round to integers
+                what = "on the meta device (it holds no values)" if tensor.is_meta else f"of dtype {tensor.dtype}"
+                problems.append(f"tensor {name!r} is {what}; the engine takes floating-point values")
             elif tuple(tensor.shape) != self.shapes[target]:
                 problems.append(
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the engine's {target!r} has shape "
@@ -145,8 +148,13 @@ class WeightPush(PushLedger):
         named = pairs(named_tensors)
         batch = self.accept(named)
         with torch.no_grad():
-            for target, tensor in batch:
-                self.params[target].copy_(tensor)
+            for (name, _), (target, tensor) in zip(named, batch):
+                try:
+                    self.params[target].copy_(tensor)
+                except RuntimeError as err:  # out of memory on a conversion, a device gone: the push stays open
+                    raise RolloutError(f"tensor {name!r}: copying it into the engine's {target!r} failed: {err}; "
+                                       f"the engine stays stale (version {self.version}) until a complete push") \
+                        from err
         self.record(name for name, _ in named)
 
     def _holds(self, target: str, tensor: torch.Tensor) -> bool:

@@ -72,6 +72,23 @@ def test_shape_mismatch_names_tensor_and_both_shapes_and_nothing_copied(qwen2):
     assert_unchanged(engine, before)
 
 
+def test_tensors_without_float_values_are_named_and_nothing_copied(qwen2):
+    engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
+    before = snapshot(engine)
+    engine.begin_weight_update()
+    good = ("model.norm.weight", torch.full_like(before["model.norm.weight"], 3.0))
+    norm = "model.layers.0.input_layernorm.weight"
+    with pytest.raises(RolloutError) as err:
+        engine.update_weights([good, (Q_PROJ, torch.ones(before[Q_PROJ].shape, dtype=torch.int64)),
+                               (norm, torch.empty(before[norm].shape, device="meta"))])
+    message = str(err.value)
+    assert f"tensor '{Q_PROJ}' is of dtype torch.int64; the engine takes floating-point values" in message
+    assert f"tensor '{norm}' is on the meta device (it holds no values)" in message
+    assert_unchanged(engine, before)
+    with pytest.raises(StaleWeightsError):
+        engine.generate(PROBE, SamplingParams(max_new_tokens=1))
+
+
 def test_broken_off_push_leaves_the_engine_stale(qwen2):
     engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     state = qwen2.redrawn(seed=2).state_dict()
