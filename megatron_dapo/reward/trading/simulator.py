@@ -13,11 +13,15 @@ Fills, for a buy (a sell mirrors it):
   when p is below every displayed bid, where the book shows nothing); cancellations ahead are not credited;
 - in each interval: seller-initiated trades at exactly p first use up the queue ahead, then fill
   the order; the queue is the market's, so orders of ours at one price clear it once between them
-  (the first placed fills first, then the next, behind whatever of the queue is still ahead of it); trades below p (which would have hit the order first, by price priority) fill it, up
-  to their size; asks displayed below p in the new book (a book that moved through the order) fill
-  it up to their size (an ask at exactly p does not: the replayed book does not know which of its
-  asks the order itself took). Resting orders share these volumes, best price first, then in the
-  order they were placed, and marketable orders in one step share the displayed levels;
+  (the first placed fills first, then the next, behind whatever of the queue is still ahead of it);
+  trades below p (which would have hit the order first, by price priority) fill it, up to their size;
+  asks displayed below p in the new book (a book that moved through the order) fill it up to the size
+  they show beyond what the book before showed at their price. The replayed book does not know which
+  of its asks the order itself took: an ask the book before showed too may be one the order took when
+  it was placed, or in an earlier interval, and an ask at exactly p may be the rest of one it took
+  (neither fills it; an order that crosses the spread and rests gets no maker fills from the asks it
+  crossed). Resting orders share these volumes, best price first, then in the order they were
+  placed, and marketable orders in one step share the displayed levels;
 - fills of resting orders are at the order's price and pay the maker fee; marketable fills and the
   final market order pay the taker fee. A market order larger than the book's displayed depth fills
   the excess at the deepest level's price.
@@ -169,8 +173,9 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
             trades = [[t.price, t.size] for t in episode.trades[step - 1] if t.aggressor == hitting]
             priority = (lambda o: (-o["price"], o["seq"])) if side == "buy" else (lambda o: (o["price"], o["seq"]))
             cleared: list[list[float]] = []  # [price, queue volume traded away at it this interval]
+            fresh = _beyond(levels, episode.books[step - 1].opposite(side))
             for order in sorted(resting, key=priority):
-                _fill_resting(order, trades, levels, side, step, execution, cleared)
+                _fill_resting(order, trades, levels, fresh, side, step, execution, cleared)
             resting = [o for o in resting if o["left"] > EPS and o["expires"] > step]
         if step == horizon:
             break
@@ -203,10 +208,16 @@ def _consume(pool: list[list[float]], eligible, amount: float) -> float:
     return used
 
 
-def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[float]], side: str, step: int,
-                  execution: Execution, cleared: list[list[float]]) -> None:
+def _beyond(levels: list[list[float]], before: tuple[tuple[float, float], ...]) -> list[float]:
+    """Per level of `levels` ([price, depth]), the depth beyond what the book `before` showed at its price."""
+    return [max(depth - sum(d for p, d in before if abs(p - price) <= EPS), 0.0) for price, depth in levels]
+
+
+def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[float]], fresh: list[float], side: str,
+                  step: int, execution: Execution, cleared: list[list[float]]) -> None:
     """One interval for one resting order: trades at its price serve the queue ahead first; then it fills
-    from what is left of them, from trades through its price, and from crossing levels, up to their sizes.
+    from what is left of them, from trades through its price, and from crossing levels, up to what they show
+    beyond the book before (`fresh`, per level, used up in place alongside `levels`).
     cleared: the queue volume already traded away at each price this interval, by orders of ours placed before
     this one; the market's queue ahead of this order is cleared once, not again for each of our orders."""
     price = order["price"]
@@ -224,7 +235,15 @@ def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[floa
     done[1] += _consume(trades, at, max(order["queue"] - done[1], 0.0))
     order["queue"] = max(order["queue"] - done[1], 0.0)
     got = _consume(trades, lambda p: at(p) or through(p), order["left"])
-    got += _consume(levels, through, order["left"] - got)
+    for i, level in enumerate(levels):
+        if order["left"] - got <= EPS:
+            break
+        if through(level[0]):
+            taken = min(fresh[i], level[1], order["left"] - got)
+            if taken > EPS:
+                fresh[i] -= taken
+                level[1] -= taken
+                got += taken
     if got > EPS:
         execution.fills.append((step, price, got, False))
         order["left"] -= got

@@ -78,6 +78,18 @@ def test_book_moving_through_a_resting_order_fills_it():
                                                                                         (2, 100.0, 1.0, True)]
 
 
+def test_an_order_that_crossed_the_spread_gets_no_maker_fills_from_the_asks_it_crossed():
+    """A buy of 16 at 102 takes 101 x 4 and 102 x 10 and rests 2 lots at 102; the replayed book still shows the
+    4 at 101 (it cannot know the order took them): they fill nothing again, at the maker fee or otherwise."""
+    quiet = _episode("buy", 16, [(), ()])
+    assert simulate(quiet, [ChildOrder(step=0, price=102.0, size=16, tif=2)]).fills == [
+        (0, 101.0, 4.0, True), (0, 102.0, 10.0, True), (2, 101.0, 2.0, True)]
+    # Depth beyond what the book before showed is new: 6 at 101 where there were 4 fills the 2 resting lots.
+    deeper = Book(bids=BOOK.bids, asks=((101.0, 6.0), (102.0, 10.0)))
+    episode = _episode("buy", 16, [(), ()], books=(BOOK, deeper, deeper))
+    assert simulate(episode, [ChildOrder(step=0, price=102.0, size=16, tif=2)]).fills[2:] == [(1, 102.0, 2.0, False)]
+
+
 def test_fees_count_by_how_the_order_filled():
     quiet = _episode("buy", 4, [(), ()])
     taker = shortfall_bps(quiet, simulate(quiet, [ChildOrder(step=0, price=101.0, size=4, tif=1)]))
