@@ -252,9 +252,29 @@ def load_model_weights(model, directory: str | Path, arch=None) -> dict:
     marker = json.loads((directory / MARKER).read_text())
     if arch is not None:
         _check_same_model(directory, marker, arch)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=_metadata())}, str(directory))
-    model.load_state_dict(state["model"])
+    sharded = model.sharded_state_dict(metadata=_metadata())
+    absent = _absent_extra_states(sharded, directory)
+    state = dist_checkpointing.load({"model": {k: v for k, v in sharded.items() if k not in absent}}, str(directory))
+    loaded = model.load_state_dict(state["model"], strict=False)
+    unloaded = [k for k in loaded.missing_keys if k not in absent] + list(loaded.unexpected_keys)
+    if unloaded:  # megatron-core's load would have named a missing tensor already: this is a model of another make
+        raise CheckpointError(f"checkpoint {directory} did not load into the model: {', '.join(unloaded[:5])}"
+                              + (f" and {len(unloaded) - 5} more" if len(unloaded) > 5 else ""))
     return marker
+
+
+def _absent_extra_states(sharded: dict, directory: Path) -> set[str]:
+    """The keys of `sharded` that are a module's `_extra_state` (FP8 scaling metadata) the checkpoint does not hold.
+    Transformer Engine's modules have one, megatron-core's local ones do not all: a checkpoint converted from Hugging
+    Face or saved without Transformer Engine lacks some that a Transformer Engine model asks for (its norms'), and
+    the model keeps its own, fresh ones (no FP8 history, which a bf16 or fp32 run does not use)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_dapo.convert.dcp_io import CheckpointReader
+
+    held = CheckpointReader(directory).objects
+    return {key for key, value in sharded.items()
+            if key.endswith("._extra_state") and isinstance(value, ShardedObject) and value.unique_key not in held}
 
 
 def check_complete(directory: Path) -> None:
