@@ -77,7 +77,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",
-        "transformers>=4.51",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "safetensors>=0.4",
         "numpy>=1.24",
         "pyyaml>=6.0",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
-# inside a time budget (for a machine whose commands have a time limit, 10 minutes say).
+# inside a time budget (GPU_CHECKS_BUDGET_S below), so that a command with a time limit ends with its results.
 #
 #   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push embedded generate
 #
@@ -20,7 +20,7 @@
 # makes the exit status 1.
 # Wheels: a folder .whl in the repository (megatron-core, liger-kernel; `bash tools/gpu_wheels.sh` fetches
 # them on a machine with PyPI, for a GPU machine without network access) is installed into /tmp/site first.
-# .whl is git-ignored: a remote runner must be told to carry it. Without megatron-core the steps that need it
+# .whl is git-ignored: copy it along with the checkout to the GPU machine. Without megatron-core the steps that need it
 # (actor, update, push) are skipped at once, said in the summary, instead of failing one by one.
 # Results: every log, CSV and PNG go into OUT_DIR/gpu_checks.tgz, rewritten after each step (so a command
 # cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last.
@@ -31,6 +31,7 @@ steps=${*:-build kernel-tests kernels actor update push embedded generate}
 budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."  # the paths below are the repository's
 work=$(mktemp -d /tmp/gpu_checks.XXXXXX)
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -52,7 +53,7 @@ cat "$work/device.txt"
 megatron=yes
 if ! grep -q '^megatron-core [0-9]' "$work/device.txt"; then  # its import above failed
   megatron=no
-  echo "!! megatron-core does not import: actor, update and push are skipped (carry .whl, see tools/gpu_wheels.sh)"
+  echo "!! megatron-core does not import: actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)"
 fi
 python3 -c "import liger_kernel" >/dev/null 2>&1 || echo "!! liger-kernel does not import: the kernel benchmark has no Liger rows"
 
