@@ -74,7 +74,7 @@ def write_validation(run_dir: Path, step: int, groups: list, tokenizer) -> Path:
     folder.mkdir(exist_ok=True)
     path = folder / f"step_{step:06d}.jsonl"
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as f:
+    with open(partial, "w", encoding="utf-8") as f:  # not the node's locale: the responses may hold any character
         for group in groups:
             for index, reward in enumerate(group.rewards):
                 row = {"step": step, "data_source": group.prompt.data_source, "prompt_index": group.prompt.index,

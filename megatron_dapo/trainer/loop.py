@@ -124,18 +124,16 @@ class Trainer:
             # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
             # minutes of start-up is kept, and the run stops after its first step; so is one from the seconds of
             # imports before this line, which is newer than this process.
-            clear_stale_stop(self.run_dir / STOP_FILE, process_started())
-        self._earlier_config: str | None = None
+            self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started()))
+        else:
+            self._started(lambda: None)  # the call above is collective
+        self._earlier_config: str | None = self._started(self._read_earlier_config)
         """The config.yaml of the attempt this one may resume (rank 0), to say what changed."""
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             print(describe_spec(), flush=True)
             if torch.cuda.is_available():
                 print(extension.describe(), flush=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.trainer.val_only:  # a validation of the folder's checkpoint keeps the run's config
-                saved = self.run_dir / "config.yaml"
-                self._earlier_config = saved.read_text() if saved.is_file() else None
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
         self.train_set = self._read_prompts("data.train_files", cfg.data.train_files)
@@ -196,8 +194,13 @@ class Trainer:
             lambda: SampleLog(self.run_dir, cfg.logging.samples_per_step, training=not cfg.trainer.val_only)
             if self.rank0 else None)
         self.step = 0
+        self.val_skipped = False
+        """The validation due at self.step was skipped for a stop request: the attempt that resumes from its
+        checkpoint runs it first (saved in the trainer state)."""
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
+        self.generated_tokens = 0
+        """Response tokens generated in the current step, every generation batch's (rank 0's count)."""
         self.stop = StopRequest(self.run_dir, self.actor.device, catch_signals=not cfg.trainer.val_only)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
         dist.barrier()
@@ -258,6 +261,22 @@ class Trainer:
         if problems:
             raise ConfigError(problems)
 
+    def _read_earlier_config(self) -> str | None:
+        """Rank 0 of a training: the run folder's config.yaml (made first when missing), None elsewhere or when
+        there is none. A file system that refuses (permissions, a stale NFS handle) stops every rank with the
+        error, not rank 0 alone."""
+        if not self.rank0:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.run_dir / "config.yaml"
+        if self.config.trainer.val_only or not saved.is_file():  # a validation keeps the run's config as it is
+            return None
+        try:
+            return saved.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{saved} is not UTF-8 text ({err}): it is the config a run in this folder started "
+                              "with; restore it or move the run folder aside") from None
+
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
         a reward file that imports on one node and not on another, say)."""
@@ -295,6 +314,11 @@ class Trainer:
         self._resume()
         if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
             self._log(self.step, self.validate())
+        elif self.val_skipped:  # the attempt that saved this checkpoint stopped without the validation then due
+            if self.rank0:
+                print(f"validating step {self.step}, whose validation the stop after it skipped", flush=True)
+            self._log(self.step, self.validate())
+            self.val_skipped = False
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
             self.step += 1
@@ -302,7 +326,9 @@ class Trainer:
             # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
             # and goes straight to the checkpoint. The run's last step is validated too.
             asked = self.stop.requested()
-            if cfg.trainer.test_freq and (self.step % cfg.trainer.test_freq == 0 or last) and not asked:
+            due = bool(cfg.trainer.test_freq) and (self.step % cfg.trainer.test_freq == 0 or last)
+            self.val_skipped = due and asked  # the checkpoint below says so: the attempt resuming from it validates
+            if due and not asked:
                 metrics.update(self.validate())
                 asked = self.stop.requested()
             stopping = not last and asked
@@ -328,9 +354,9 @@ class Trainer:
                     print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
                           f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
                           f"--out {step_dir / 'hf'}`", flush=True)
-                if asked and cfg.trainer.test_freq and "val/" not in " ".join(metrics):
+                if self.val_skipped:
                     print(f"a stop was requested during the last step: its validation was skipped; the same command "
-                          f"with trainer.val_only=true validates {step_dir}", flush=True)
+                          f"again runs it, and with trainer.val_only=true it validates {step_dir} alone", flush=True)
             if stopping:
                 if self.rank0:
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
@@ -351,7 +377,7 @@ class Trainer:
         cfg = self.config
         announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
         timer = _Timer(announce, prefix=f"step {self.step + 1}: ")
-        self.reward_seconds = 0.0
+        self.reward_seconds = self.generated_tokens = 0
         self.memory.to_generation(timer)
         with timer("generate"):
             sampled = self._collect()
@@ -384,6 +410,8 @@ class Trainer:
                 metrics["actor/offloaded_gb"] = self.memory.offloaded_bytes / 1e9
             tokens = int(batch.lengths.sum())
             metrics["perf/tokens_per_s"] = tokens / max(timer.total(), 1e-9)
+        if self.rank0:  # every generation batch's responses, the groups dynamic sampling dropped too
+            metrics["perf/generated_tokens_per_s"] = self.generated_tokens / max(timer.times["generate"], 1e-9)
         metrics.update(timer.metrics())
         return metrics
 
@@ -413,6 +441,7 @@ class Trainer:
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
             groups = generate_batch()
+            self.generated_tokens += sum(len(c.token_ids) for g in groups for c in g.completions)
             if self._check_filter_metric:  # before the sampler drops every group for want of the figure
                 check.add(groups)
                 self._check_filter_metric = not check.check(self.step + 1)
@@ -553,7 +582,7 @@ class Trainer:
                                   tokenizer=Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None)
 
     def _state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict()}
+        return {"step": self.step, "data": self.stream.state_dict(), "val_skipped": self.val_skipped}
 
     def _resume_point(self) -> Path | None:
         """The newest complete checkpoint of the run folder when checkpoint.resume, else None (collective: rank 0's
@@ -600,6 +629,7 @@ class Trainer:
             self.step = version = int(state["step"])
             if not self.config.trainer.val_only:  # a validation draws no training prompts
                 self.stream.load_state_dict(state["data"])
+                self.val_skipped = bool(state.get("val_skipped", False)) and bool(self.config.trainer.test_freq)
         self.memory.to_push()
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
@@ -692,6 +722,12 @@ def stop_token_ids(tokenizer, model_path: str | Path) -> tuple[int, ...]:
     for name in ("config.json", "generation_config.json"):
         path = Path(model_path) / name
         if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            try:
+                settings = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+                raise ConfigError(f"model.path: {path} is not readable JSON ({err})") from None
+            if not isinstance(settings, dict):
+                raise ConfigError(f"model.path: {path} holds a {type(settings).__name__}, not a JSON object")
+            eos = settings.get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos])
     return tuple(sorted(t for t in ids if isinstance(t, int)))

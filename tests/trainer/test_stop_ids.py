@@ -22,3 +22,15 @@ def test_stop_ids_join_the_tokenizer_config_and_generation_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 9]}))
     assert stop_token_ids(_tokenizer(eos_token="</s>", pad_token="<pad>"), tmp_path) == (3, 7, 9, 128001, 128008)
+
+
+def test_a_model_file_that_is_not_a_json_object_is_named(tmp_path):
+    import pytest
+
+    from megatron_dapo.config.loader import ConfigError
+
+    path = tmp_path / "generation_config.json"
+    for text, why in [('{"eos_token_id": ', "is not readable JSON"), ("[1, 2]", "holds a list, not a JSON object")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"model.path: {path} {why}"):
+            stop_token_ids(_tokenizer(eos_token="</s>"), tmp_path)

@@ -72,6 +72,11 @@ def test_toy_example_learns(toy_run):
     assert all(row["rollout/trainer_logp_mean_diff"] <= row["rollout/trainer_logp_max_diff"] < 1e-4 for row in train)
     assert all(key in train[0] for key in ("actor/pg_clipfrac_high", "actor/entropy", "actor/grad_norm",
                                           "sampling/gen_batches", "timing/update", "timing/reward", "perf/tokens_per_s"))
+    # The engines' throughput counts every generated response, the groups dynamic sampling dropped too (rollout.n 8).
+    generated = [row["perf/generated_tokens_per_s"] * row["timing/generate"] for row in train]
+    kept_tokens = [row["response_length/mean"] * row["sampling/groups_kept"] * 8 for row in train]
+    assert all(g >= k * (1 - 1e-9) for g, k in zip(generated, kept_tokens)), (generated, kept_tokens)
+    assert any(g > k * 1.01 for g, k in zip(generated, kept_tokens)), "no step dropped a group"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000015", "step_000020"], checkpoints
     assert not (run_dir / "RUNNING").exists()  # the folder is free again
@@ -185,6 +190,28 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], out[-2000:]
     assert "stopping after step 1 (" in out and (run_dir / "checkpoints" / "step_000001" / "hf").is_dir(), out[-2000:]
     assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
+
+
+def test_a_validation_a_stop_skipped_runs_when_the_run_resumes(toy_run, tmp_path):
+    """A stop asked for during step 1 skips step 1's validation (test_freq=1) for the checkpoint; the attempt that
+    resumes from it validates step 1 first, then trains step 2 and validates it."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_toy_command(run_dir), "trainer.total_training_steps=2", "trainer.val_before_train=false",
+               "trainer.test_freq=1", "checkpoint.save_freq=2"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    (run_dir / "STOP").touch()  # newer than the process: kept at its start, seen after step 1
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and "stopping after step 1 (" in out, err[-4000:]
+    assert not any(key.startswith("val/") for row in _rows(run_dir) for key in row)
+    (run_dir / "STOP").unlink()
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "validating step 1, whose validation the stop after it skipped" in again.stdout, again.stdout[-2000:]
+    validated = [row["step"] for row in read_metrics(run_dir) if any(key.startswith("val/") for key in row)]
+    assert validated == [1, 2], validated
 
 
 def test_a_folder_taken_over_during_a_save_gets_no_checkpoint(toy_run, tmp_path):
