@@ -232,7 +232,8 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
         _copy_template(template, partial)
         _copy_template(Path(tokenizer) if tokenizer is not None else None, partial, tokenizer_only=True)
         # A config.json read by its model_type alone gets its class named: SGLang and vLLM pick the model by it.
-        config = {"architectures": [arch.architecture], **config, "dtype": str(dtype).replace("torch.", "")}
+        config = {"architectures": [arch.architecture], "model_type": arch.family, **config,
+                  "dtype": str(dtype).replace("torch.", "")}
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]
         (partial / "config.json").write_text(json.dumps(config, indent=2))

@@ -191,8 +191,16 @@ def _unsupported_features(config: Mapping[str, Any], family: str) -> list[str]:
 
 def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
+    older, newer = ({("rope_type" if k == "type" else k): v for k, v in (config.get(key) or {}).items()}
+                    for key in ("rope_scaling", "rope_parameters"))
+    clash = sorted(k for k in set(older) & set(newer) if older[k] != newer[k])
+    if clash:  # which one transformers reads depends on its version: the model is not one function
+        problems.append(f"rope_scaling and rope_parameters disagree on {', '.join(clash)} "
+                        f"({', '.join(f'{older[k]!r} / {newer[k]!r}' for k in clash)}): keep one of them")
+    params = {**older, **newer}
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        problems.append(f"partial_rotary_factor {partial!r} is not supported (RoPE turns every dimension of a head)")
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from megatron_dapo.convert.dcp_io import CheckpointFormatError, CheckpointReader
@@ -251,6 +252,13 @@ def test_the_output_config_names_the_architecture_and_no_stale_weight_index_is_c
     back = tmp_path / "back"
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
     assert (back / "tokenizer_config.json").is_file() and not (back / "pytorch_model.bin.index.json").exists()
+    # And a config.json with its architectures alone gets its model_type, which AutoConfig reads it by.
+    del config["model_type"]
+    config["architectures"] = ["Qwen3ForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "typed", hf_template=source, progress=False)
+    assert json.loads((tmp_path / "typed" / "config.json").read_text())["model_type"] == "qwen3"
+    assert type(transformers.AutoConfig.from_pretrained(tmp_path / "typed")).__name__ == "Qwen3Config"
 
 
 def test_bad_megatron_checkpoints_are_named(tmp_path):

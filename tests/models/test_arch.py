@@ -57,6 +57,13 @@ def test_unsupported_architecture_lists_the_supported_ones():
         ("llama", dict(num_key_value_heads=5),
          r"num_attention_heads \(32\) is not a multiple of num_key_value_heads \(5\)"),
         ("qwen3", dict(head_dim=25), r"head_dim \(25\) must be even"),
+        ("llama", dict(partial_rotary_factor=0.5), r"partial_rotary_factor 0.5 is not supported"),
+        ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, original_max_position_embeddings=8192,
+                                            partial_rotary_factor=0.5)), r"partial_rotary_factor 0.5"),
+        ("llama", dict(rope_scaling=dict(type="linear", factor=2.0),
+                       rope_parameters=dict(rope_type="default", rope_theta=5e5)),
+         r"rope_scaling and rope_parameters disagree on rope_type \('linear' / 'default'\): keep one of them"),
     ],
 )
 def test_unsupported_features_are_refused_naming_the_key(family, change, message):
