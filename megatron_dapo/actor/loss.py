@@ -199,7 +199,7 @@ def aggregate_loss(
         rows = global_rows if global_rows is not None else loss.shape[0]
         return masked.sum() / (rows * horizon)
     raise ValueError(
-        f"unknown loss_agg_mode {mode!r}; use token-mean, seq-mean-token-sum, seq-mean-token-mean "
+        f"unknown actor.loss_agg_mode {mode!r}; use token-mean, seq-mean-token-sum, seq-mean-token-mean "
         "or seq-mean-token-sum-norm"
     )
 
