@@ -58,6 +58,7 @@ def _extension():
     ext = CUDAExtension(
         name="megatron_dapo._C",
         sources=sources,
+        depends=[str(path) for path in sorted(Path("csrc").glob("*.cuh"))],  # a header change rebuilds too
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

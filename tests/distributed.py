@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +72,22 @@ def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: f
     seen: dict[str, set[int]] = {check.__name__: set() for check in checks}
     expected = world_size * len(checks)
     received = 0
-    deadline = timeout_s * (len(checks) + 1)
-    while received < expected:
+    deadline = time.monotonic() + timeout_s * (len(checks) + 1)
+    crashed_at = None
+    while received < expected and time.monotonic() < deadline:
         try:
-            name, rank, error = queue.get(timeout=deadline)
-        except Exception:
-            break
+            name, rank, error = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            # A rank that died outside a check (a segfault, a CUDA abort, NCCL failing to start) reports nothing
+            # more, and its peers would wait out a collective timeout in each check left: stop waiting soon after
+            # (its last reports may still be on their way), and say which ranks never reported.
+            if any(p.exitcode not in (None, 0) for p in procs):
+                crashed_at = crashed_at or time.monotonic()
+                if time.monotonic() - crashed_at > 10:
+                    break
+            elif all(p.exitcode is not None for p in procs):
+                break
+            continue
         received += 1
         seen[name].add(rank)
         if error:

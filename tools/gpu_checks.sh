@@ -2,7 +2,7 @@
 # The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
 # inside a time budget (GPU_CHECKS_BUDGET_S below), so that a command with a time limit ends with its results.
 #
-#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push embedded generate
+#   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push generate embedded
 #
 # build         the fused kernels, in place (python setup.py build_ext --inplace)
 # kernel-tests  tests/ops/test_kernels_cuda.py: the kernels against fp64 references, odd shapes, TP combine
@@ -27,7 +27,7 @@
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-build kernel-tests kernels actor update push embedded generate}
+steps=${*:-build kernel-tests kernels actor update push generate embedded}
 budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

@@ -49,6 +49,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10,
     for _ in range(iters):
         if setup:
             setup()
+            torch.cuda.synchronize()  # from an idle GPU, as the calls without a setup: its copy hides no launches
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     if broken:  # a CUDA error in our kernel fails every later row too: the run must not read as done
         print(f"our kernels failed on {len(broken)} of the rows, the first ({broken[0]['op']} {broken[0]['tokens']} x "
               f"{broken[0].get('vocab', '')}): {broken[0]['note']}", file=sys.stderr)
+        return 1
+    if not any(r["impl"] == "ours" and r["ms"] != "" for r in rows):  # the extension did not load: nothing of ours
+        print(f"our kernels were not measured: {extension.describe()}", file=sys.stderr)
         return 1
     short = [r for r in rows if r["impl"] == "ours" and r.get("note") == "out of memory"]
     if short:  # a shape too large for this GPU's memory: said, not a failure

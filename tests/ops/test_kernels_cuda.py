@@ -191,8 +191,7 @@ def test_tokens_that_cannot_be_drawn_add_nothing(vocab, width, vec):
     g_h = torch.randn(tokens, device="cuda", generator=gen)
     grads = []
     for shard, local, valid in slices:
-        _poison(shard.numel() * 2)
-        grad = torch.empty_like(shard)
+        grad = torch.full_like(shard, float("nan"))  # an element the kernel does not write stays NaN
         extension.EXTENSION.logprob_grad_into(shard, local, lse, expected_z, g_lp, g_h, 1.0, valid, grad)
         grads.append(grad)
     grad = torch.cat(grads, dim=1)
