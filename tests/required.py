@@ -1,7 +1,8 @@
 """A check that cannot run here skips, saying why, except where the environment names it as required.
 
 CI's kernel environment sets MEGATRON_DAPO_REQUIRE=sglang,extension: there the SGLang contract and the extension
-build must run, and an import or build that broke fails instead of skipping green.
+build must run, and an import or build that broke fails instead of skipping green. Its first environment sets
+MEGATRON_DAPO_REQUIRE=slurm: the sbatch tests run against the Slurm it installs.
 """
 import os
 

@@ -81,7 +81,10 @@ def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, wor
 
 
 def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg, entropy_coeff=0.0):
-    """The same DAPO update done on transformers' model with torch's AdamW (with an entropy bonus when asked)."""
+    """The same DAPO update done on transformers' model with torch's AdamW (with an entropy bonus when asked), with
+    the package's loss, log-prob op and schedule, which tests/actor/test_loss.py, tests/ops/test_logprob.py and
+    tests/actor/test_schedule.py check against hand formulas: what differs from the actor is everything else
+    (megatron-core's layers, schedules, parallel layouts, optimizer and gradient reductions)."""
     import transformers
 
     from megatron_dapo.actor.actor import learning_rate

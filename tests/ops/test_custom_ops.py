@@ -32,10 +32,16 @@ def test_loss_op_equals_policy_loss_in_value_metrics_and_gradient():
     ref = policy_loss(a, old, adv, mask, loss_agg_mode="token-mean", global_tokens=40.0, **CLIPS)
     ours = loss_ops.fused_token_mean_loss(b, old, adv, mask, global_tokens=40.0, **CLIPS)
     assert ours.clip_high + ours.clip_low > 0, "the inputs must exercise the clips"
-    assert ours.clip_high_prob > 0
-    for name in loss_ops.FIELDS + ("clip_high_prob", "clip_high_prob_max"):
+    for name in loss_ops.FIELDS:
         torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).double(), rtol=1e-6, atol=1e-7,
                                    msg=name)
+    # The up-clipped tokens' old probabilities (both paths compute them with one function): by hand here.
+    valid = mask.bool()
+    held = valid & (adv[:, None] > 0) & (torch.exp(torch.where(valid, logp - old, 0.0)) > 1 + CLIPS["clip_ratio_high"])
+    probs = torch.exp(old[held])
+    assert held.sum() == ours.clip_high > 0
+    torch.testing.assert_close(ours.clip_high_prob.double(), probs.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.clip_high_prob_max.double(), probs.max(), rtol=1e-6, atol=0)
     ref.loss.backward()
     ours.loss.backward()
     grad_ref = torch.nan_to_num(a.grad, nan=0.0)

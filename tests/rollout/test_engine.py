@@ -66,5 +66,5 @@ def test_all_problems_are_reported_together():
 def test_completion_and_interface_shape():
     c = Completion(token_ids=[5, 2], logprobs=[-0.1, -2.0], finish_reason="stop")
     assert c.finish_reason == "stop" and Completion().finish_reason == "length"
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="abstract"):
         RolloutEngine()  # abstract: engines must implement every method

@@ -28,7 +28,6 @@ def test_keeps_varied_groups_until_full_and_trims_in_order():
     s = out.stats
     assert (s.gen_batches, s.groups_generated, s.kept, s.trimmed) == (3, 8, 3, 2)
     assert (s.dropped_all_correct, s.dropped_all_wrong, s.exhausted) == (2, 1, False)
-    assert _collect(SCRIPT).groups == out.groups  # deterministic
 
 
 def test_exhausted_with_error_policy_names_counts_and_keys():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import unavailable
 from tests.slurm.cluster import LocalSlurm, missing_programs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,8 +27,8 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def cluster(tmp_path_factory):
     missing = missing_programs()
     if missing:
-        pytest.skip(f"Slurm is not installed here (no {', '.join(missing)}); CI installs Debian's "
-                    "slurmctld slurmd slurm-client munge (see .ci/run)")
+        unavailable("slurm", f"Slurm is not installed here (no {', '.join(missing)}); CI installs Debian's "
+                             "slurmctld slurmd slurm-client munge (see .ci/run)")
     with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
         yield slurm
 

@@ -2,9 +2,7 @@
 import math
 
 import pytest
-import torch
 
-from megatron_dapo.advantage.grpo import group_advantages
 from megatron_dapo.data.dataset import Prompt
 from megatron_dapo.reward.math_dapo import compute_score
 from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
@@ -46,10 +44,12 @@ def test_a_failed_reward_leaves_the_statistics_and_the_loss():
     groups = [_group([right, wrong, _failed(), wrong]), _group([right, wrong, right, wrong])]
     batch = build_actor_batch(groups, norm_by_std=True, overlong_filtering=False)
     assert batch.loss_mask[2].sum() == 0 and batch.loss_mask[[0, 1, 3, 4, 5, 6, 7]].sum(dim=1).tolist() == [3] * 7
-    expected = group_advantages(torch.tensor([[1.0, -1.0, -1.0]]))[0]
-    assert batch.advantages[[0, 1, 3]].tolist() == pytest.approx(expected.tolist())
+    # [1, -1, -1]: mean -1/3, sample std sqrt(4/3); [1, -1, 1, -1]: mean 0, sample std sqrt(4/3).
+    third = math.sqrt(4 / 3)
+    assert batch.advantages[[0, 1, 3]].tolist() == pytest.approx([4 / 3 / third, -2 / 3 / third, -2 / 3 / third],
+                                                                  rel=1e-5)
     assert batch.advantages[2] == 0
-    assert batch.advantages[4:].tolist() == pytest.approx(group_advantages(torch.tensor([[1.0, -1.0] * 2]))[0].tolist())
+    assert batch.advantages[4:].tolist() == pytest.approx([1 / third, -1 / third] * 2, rel=1e-5)
 
 
 def test_dynamic_sampling_judges_a_group_by_its_scored_responses():

@@ -79,11 +79,18 @@ def test_release_and_resume(qwen2):
     assert engine.cache.allocated_bytes == 0
     with pytest.raises(RolloutError, match="call resume_memory"):
         engine.generate([[3, 1, 4]], GREEDY)
-    engine.begin_weight_update()  # weights stay, and can be pushed while released
-    engine.update_weights(qwen2.hf.state_dict().items())
+    engine.resume_memory()  # the weights stayed
+    assert engine.generate([[3, 1, 4]], GREEDY)[0][0].token_ids == before[0][0].token_ids
+    scored = engine.score([[3, 1, 4, 1, 5]], 1.0)[0]
+    engine.release_memory()
+    new = qwen2.redrawn(seed=3)
+    engine.begin_weight_update()  # and can be pushed while released: the new ones serve after resume
+    engine.update_weights(new.state_dict().items())
     engine.end_weight_update(version=1)
     engine.resume_memory()
-    assert engine.generate([[3, 1, 4]], GREEDY)[0][0].token_ids == before[0][0].token_ids
+    after = engine.score([[3, 1, 4, 1, 5]], 1.0)[0]
+    assert not torch.allclose(after, scored)
+    torch.testing.assert_close(after, hf_score(new, [3, 1, 4, 1, 5], 1.0), rtol=0, atol=1e-5)
 
 
 def test_bf16_engine_is_as_accurate_as_transformers_in_bf16(tiny):

@@ -257,6 +257,31 @@ def test_finish_reasons_map_and_an_aborted_request_is_an_error():
         SGLangEngine(_Finishing(None), tp_size=1).generate([1, 2], params)
 
 
+class _Scoring:
+    """sglang.Engine.generate answering a scoring request (max_new_tokens 0, logprob_start_len 0) as SGLang does:
+    one (log-prob, token id, text) per prompt token, the first without a log-prob."""
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, logprob_start_len=None):
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
+              logprob_start_len=logprob_start_len)
+        assert sampling_params["max_new_tokens"] == 0 and return_logprob and logprob_start_len == 0
+        return [{"output_ids": [], "meta_info": {"input_token_logprobs": [(None, s[0], None)] + [
+            (-0.25 * i, t, None) for i, t in enumerate(s[1:], 1)]}} for s in input_ids]
+
+
+def test_score_gives_each_token_after_the_first_its_log_prob():
+    _sglang()
+    from megatron_dapo.rollout.engine import RolloutError
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    engine = SGLangEngine(_Scoring(), tp_size=1)
+    scored = engine.score([[5, 6, 7], [8, 9]], 1.0)
+    assert [s.tolist() for s in scored] == [[-0.25, -0.5], [-0.25]]
+    assert all(s.dtype == torch.float32 for s in scored)
+    with pytest.raises(RolloutError, match="temperature 1 only, got 0.7"):
+        engine.score([[5, 6]], 0.7)
+
+
 class _Refusing:
     """sglang.Engine.generate as it answers a batch holding a request it aborts up front (status 400)."""
 
