@@ -74,6 +74,7 @@ def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: f
     received = 0
     deadline = time.monotonic() + timeout_s * (len(checks) + 1)
     crashed_at = None
+    reported = [0] * world_size
     while received < expected and time.monotonic() < deadline:
         try:
             name, rank, error = queue.get(timeout=1.0)
@@ -81,14 +82,17 @@ def run_checks(world_size: int, checks: list[Check], workdir: Path, timeout_s: f
             # A rank that died outside a check (a segfault, a CUDA abort, NCCL failing to start) reports nothing
             # more, and its peers would wait out a collective timeout in each check left: stop waiting soon after
             # (its last reports may still be on their way), and say which ranks never reported.
-            if any(p.exitcode not in (None, 0) for p in procs):
+            if any(p.exitcode not in (None, 0) and reported[r] < len(checks) for r, p in enumerate(procs)):
                 crashed_at = crashed_at or time.monotonic()
                 if time.monotonic() - crashed_at > 10:
+                    for proc in procs:  # the others wait on it in a collective: no use waiting for them
+                        proc.kill()
                     break
             elif all(p.exitcode is not None for p in procs):
                 break
             continue
         received += 1
+        reported[rank] += 1
         seen[name].add(rank)
         if error:
             results[name].append(f"rank {rank}:\n{error}")

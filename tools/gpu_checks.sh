@@ -31,7 +31,7 @@ steps=${*:-build kernel-tests kernels actor update push generate embedded}
 budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."  # the paths below are the repository's
+cd "$(dirname "$0")/.." || exit 2  # the paths below are the repository's
 work=$(mktemp -d /tmp/gpu_checks.XXXXXX)
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS=${MAX_JOBS:-$(nproc)}

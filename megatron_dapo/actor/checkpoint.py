@@ -270,9 +270,12 @@ def _absent_extra_states(sharded: dict, directory: Path) -> set[str]:
     the model keeps its own, fresh ones (no FP8 history, which a bf16 or fp32 run does not use)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_dapo.convert.dcp_io import CheckpointReader
+    from megatron_dapo.convert.dcp_io import CheckpointFormatError, CheckpointReader
 
-    held = CheckpointReader(directory).objects
+    try:
+        held = CheckpointReader(directory).objects
+    except CheckpointFormatError as err:  # not a torch_dist checkpoint, a file it lists gone: named by the caller
+        raise CheckpointError(str(err)) from None
     return {key for key, value in sharded.items()
             if key.endswith("._extra_state") and isinstance(value, ShardedObject) and value.unique_key not in held}
 

@@ -199,7 +199,7 @@ def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeSc
                         f"({', '.join(f'{older[k]!r} / {newer[k]!r}' for k in clash)}): keep one of them")
     params = {**older, **newer}
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    if partial not in (None, 1, 1.0):
         problems.append(f"partial_rotary_factor {partial!r} is not supported (RoPE turns every dimension of a head)")
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -25,6 +25,7 @@ import numbers
 import os
 import pickle
 import signal
+import subprocess
 import time
 import traceback
 from collections import Counter, deque
@@ -346,6 +347,7 @@ class _Worker:
                                    name="reward-worker")
         self.process.start()
         child_conn.close()
+        self.watcher = _watch_group(self.process.pid)  # the worker makes its pid its process group's id
         self.ready = False
         self.index: int | None = None
         self.deadline = time.monotonic() + startup_timeout_s
@@ -366,6 +368,7 @@ class _Worker:
             self.process.kill()
         self.process.join(timeout=5)
         self.conn.close()
+        self._end_watcher()
 
     def stop(self) -> None:
         try:
@@ -381,6 +384,14 @@ class _Worker:
         except (ProcessLookupError, PermissionError):  # nothing of its group is left
             pass
         self.conn.close()
+        self._end_watcher()
+
+    def _end_watcher(self) -> None:
+        """The group is ended: its watcher is not needed, and is reaped (no zombie per replaced worker)."""
+        if self.watcher is not None:
+            self.watcher.kill()
+            self.watcher.wait()
+            self.watcher = None
 
 
 _TIMERS = ((signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_VIRTUAL, signal.SIGVTALRM),
@@ -402,7 +413,6 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
         pass
     else:  # out of the terminal's group, Ctrl-C no longer reaches it; what a function starts must not ignore it
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _watch_group()
     # The reward functions may start processes of their own (a process pool running code under test): the
     # worker is a daemon to the trainer, which multiprocessing would refuse to let have children.
     multiprocessing.current_process().daemon = False
@@ -449,35 +459,37 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
 
 _WATCHER = """
 import os, signal, sys, time
-group = int(sys.argv[1])
+owner, group = int(sys.argv[1]), int(sys.argv[2])
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-while os.getppid() == group:
+while os.getppid() == owner:
     time.sleep(0.25)
 try:
     os.killpg(group, signal.SIGKILL)
 except OSError:
     pass
 """
-"""The watcher's program: once its worker is gone (killed with the trainer, or by the pool), it ends the
-processes left in the worker's group."""
+"""The watcher's program: once the pool's owner (its parent) is gone, it ends the processes left in the worker's
+process group."""
 
 
-def _watch_group() -> None:
-    """Start a watcher for this worker's process group. What a reward function started (a sandbox, a solver
-    kept in a module global) stays in the worker's group when the worker dies; the pool ends the group when
-    it kills or stops a worker, but a trainer killed by SIGKILL or the OOM killer takes the worker with it
-    (`_die_with_parent`) and leaves the rest running. The watcher is a process of its own group, so the
-    group's end does not take it along, and it holds none of the worker's files (the pipe's end stays the
-    worker's alone, so the trainer still sees the worker's death at once)."""
-    import subprocess
+def _watch_group(group: int) -> subprocess.Popen | None:
+    """A watcher for worker `group`'s process group, started by the pool's owner (the trainer). What a reward
+    function started (a sandbox, a solver kept in a module global) stays in the worker's group when the worker
+    dies; the pool ends the group when it kills or stops a worker, but a trainer killed by SIGKILL or the OOM
+    killer takes only the worker with it (`_die_with_parent`) and leaves the rest running. The watcher sees its
+    parent go and ends the group. It runs in a session of its own (a signal to the trainer's group or the
+    worker's does not end it), holds none of their files, and the pool stops and reaps it with its worker.
+    None, with a warning, when no process can be started."""
     import sys
 
     try:
-        subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid())], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    except OSError as err:  # no process to spare: the worker still works, without this guard
-        print(f"reward worker {os.getpid()}: no watcher for its process group ({err}); what its functions "
-              f"start may outlive a killed trainer", file=sys.stderr, flush=True)
+        return subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid()), str(group)],
+                                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except OSError as err:
+        logger.warning("reward worker %d: no watcher for its process group (%s); what its functions start may "
+                       "outlive a killed trainer", group, err)
+        return None
 
 
 def _resident_bytes(pid: int) -> int | None:

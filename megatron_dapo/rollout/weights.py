@@ -62,7 +62,10 @@ class PushLedger:
         problems, seen, by_target = [], set(), {}
         for name, tensor in batch:
             target = self._target(name)
-            if name in seen:
+            valueless = (not isinstance(tensor, torch.Tensor) or tensor.is_meta or not tensor.is_floating_point())
+            if valueless:  # named below; not compared with another tensor's values, which it cannot give
+                pass
+            elif name in seen:
                 problems.append(f"tensor {name!r} appears twice in one update_weights() call")
             elif target is not None and target in by_target and not _same(by_target[target][1], tensor):
                 # A tied head and its embedding: the same value under both names is fine, two values are not.
@@ -74,7 +77,8 @@ class PushLedger:
                 problems.append(f"tensor {name!r} is parameter {target!r}, given as {earlier!r} earlier in this "
                                 "push with another value")
             seen.add(name)
-            by_target.setdefault(target, (name, tensor))
+            if not valueless:
+                by_target.setdefault(target, (name, tensor))
             if not isinstance(tensor, torch.Tensor):
                 problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             elif target is None:

@@ -29,7 +29,7 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
 from megatron_dapo.data.dataset import PromptDataset, PromptStream, TokenizerError, file_problem
 from megatron_dapo.metrics.samples import SampleLog, write_validation
-from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages
+from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages, read_metrics
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
@@ -314,11 +314,11 @@ class Trainer:
         self._resume()
         if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
             self._log(self.step, self.validate())
-        elif self.val_skipped:  # the attempt that saved this checkpoint stopped without the validation then due
-            if self.rank0:
+        elif self.val_skipped and self._not_yet_validated():  # the attempt that saved this checkpoint stopped
+            if self.rank0:                                       # without the validation then due
                 print(f"validating step {self.step}, whose validation the stop after it skipped", flush=True)
             self._log(self.step, self.validate())
-            self.val_skipped = False
+        self.val_skipped = False
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
             self.step += 1
@@ -326,7 +326,8 @@ class Trainer:
             # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
             # and goes straight to the checkpoint. The run's last step is validated too.
             asked = self.stop.requested()
-            due = bool(cfg.trainer.test_freq) and (self.step % cfg.trainer.test_freq == 0 or last)
+            due = (bool(cfg.trainer.test_freq) and self.val_set is not None
+                   and (self.step % cfg.trainer.test_freq == 0 or last))
             self.val_skipped = due and asked  # the checkpoint below says so: the attempt resuming from it validates
             if due and not asked:
                 metrics.update(self.validate())
@@ -581,6 +582,21 @@ class Trainer:
                                   template=Path(cfg.model.path),
                                   tokenizer=Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None)
 
+    def _not_yet_validated(self) -> bool:
+        """Whether the run's metrics hold no validation of self.step yet (collective: rank 0 reads them). An
+        attempt that validated the step a stop skipped and then ended (the run's last step, or a crash before
+        its next checkpoint) left that row, and the next attempt does not validate the step again."""
+        answer = [None]
+        if self.rank0:
+            try:
+                rows = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").is_file() else []
+            except (OSError, ValueError):  # unreadable: validate, a row twice rather than none
+                rows = []
+            answer[0] = not any(row.get("step") == self.step and any(key.startswith("val/") for key in row)
+                                for row in rows)
+        dist.broadcast_object_list(answer, src=0)
+        return bool(answer[0])
+
     def _state(self) -> dict:
         return {"step": self.step, "data": self.stream.state_dict(), "val_skipped": self.val_skipped}
 
@@ -629,7 +645,7 @@ class Trainer:
             self.step = version = int(state["step"])
             if not self.config.trainer.val_only:  # a validation draws no training prompts
                 self.stream.load_state_dict(state["data"])
-                self.val_skipped = bool(state.get("val_skipped", False)) and bool(self.config.trainer.test_freq)
+                self.val_skipped = bool(state.get("val_skipped", False)) and self.val_set is not None
         self.memory.to_push()
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)

@@ -272,7 +272,10 @@ def test_closing_the_pool_ends_what_its_functions_left_running(tmp_path):
     assert scorer.score([RewardSample("test_leaves_a_helper", str(pid_file), "", {})]).scores == [1.0]
     child = int(pid_file.read_text())
     assert _alive(child)
+    watchers = [w.watcher for w in scorer._workers]
+    assert all(w is not None and w.poll() is None for w in watchers)  # each worker's group has its watcher
     scorer.close()
+    assert all(w.returncode is not None for w in watchers)  # stopped and reaped with their workers
     deadline = time.monotonic() + 5
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)

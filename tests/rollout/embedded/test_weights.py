@@ -85,6 +85,12 @@ def test_tensors_without_float_values_are_named_and_nothing_copied(qwen2):
     assert f"tensor '{Q_PROJ}' is of dtype torch.int64; the engine takes floating-point values" in message
     assert f"tensor '{norm}' is on the meta device (it holds no values)" in message
     assert_unchanged(engine, before)
+    # Under a tied model's second name too (compared with the embedding's value, it could give none).
+    embedding = before["model.embed_tokens.weight"]
+    with pytest.raises(RolloutError, match="tensor 'lm_head.weight' is on the meta device"):
+        engine.update_weights([("model.embed_tokens.weight", embedding.clone()),
+                               ("lm_head.weight", torch.empty(embedding.shape, device="meta"))])
+    assert_unchanged(engine, before)
     with pytest.raises(StaleWeightsError):
         engine.generate(PROBE, SamplingParams(max_new_tokens=1))
 
