@@ -17,6 +17,7 @@ samples in 0.13-0.17 s with 2 workers, 0.29 s with 1, against 0.03-0.05 s in-pro
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import math
 import multiprocessing
@@ -162,7 +163,7 @@ class RewardScorer:
         self.functions = dict(functions or {})
         load_reward_functions(self.functions)
         self._ctx = multiprocessing.get_context("spawn")
-        self._workers = [_Worker(self._ctx, startup_timeout_s, self.functions) for _ in range(num_workers)]
+        self._workers = [self._new_worker() for _ in range(num_workers)]
         # A run that ends on an error ends the workers' process groups too: what a reward function started and
         # kept (a solver in a module global) would otherwise outlive the trainer.
         self._owner = os.getpid()
@@ -316,7 +317,14 @@ class RewardScorer:
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._ctx, self.startup_timeout_s, self.functions)
+        self._workers[slot] = self._new_worker()
+
+    def _new_worker(self) -> _Worker:
+        """A worker that imports, before it says it is ready, every module a registered reward function comes
+        from: a verifier's heavy imports (sympy, a sandbox) are paid at start, not by the first sample of each
+        fresh worker against its reward.timeout_s."""
+        modules = sorted({getattr(fn, "__module__", None) for fn in _REGISTRY.values()} - {None, "__main__"})
+        return _Worker(self._ctx, self.startup_timeout_s, self.functions, modules)
 
     def _replace_if_grown(self, slot: int) -> None:
         """Replace the idle worker in `slot` when it holds more than max_rss_gb (between samples: nothing is lost)."""
@@ -341,9 +349,9 @@ class _Worker:
     """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
     `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
 
-    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str]):
+    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], modules: list[str] = ()):
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, functions), daemon=True,
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, functions, list(modules)), daemon=True,
                                    name="reward-worker")
         self.process.start()
         child_conn.close()
@@ -399,9 +407,10 @@ _TIMERS = ((signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_VIRTUAL, signal.
 """The interval timers a reward function may arm (signal.alarm is the first), and the signal each sends."""
 
 
-def _worker_main(conn, functions: dict[str, str]) -> None:
-    """Worker loop: load the config's reward functions, then receive (sample number, pickled (fn, response,
-    ground_truth, extra_info)) and send ("ok", value, number) or ("error", why, number)."""
+def _worker_main(conn, functions: dict[str, str], modules: list[str] = ()) -> None:
+    """Worker loop: load the config's reward functions and import `modules` (those of the registered functions),
+    then receive (sample number, pickled (fn, response, ground_truth, extra_info)) and send ("ok", value, number)
+    or ("error", why, number)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
     parent = os.getppid()
     _die_with_parent()
@@ -421,6 +430,11 @@ def _worker_main(conn, functions: dict[str, str]) -> None:
     except Exception as err:
         conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}", None)))
         return
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # said by each of its samples, as the error of the function that cannot be loaded
+            pass
     conn.send_bytes(pickle.dumps(("ready", os.getpid(), None)))
     me, home = os.getpid(), os.getcwd()
     handlers = {sig: signal.getsignal(sig) for _, sig in _TIMERS}

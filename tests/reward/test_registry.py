@@ -5,6 +5,7 @@ import time
 import pytest
 
 from megatron_dapo.reward.registry import (
+    _REGISTRY,
     FAILED_SCORE,
     RewardResult,
     RewardSample,
@@ -381,3 +382,23 @@ def test_a_timer_a_function_leaves_armed_ends_with_its_sample():
         batch = one.score([RewardSample("test_timers", r, "", {}) for r in ("alarm", "slow", "handler", "slow")])
     assert batch.scores == [FAILED_SCORE, 1.0, 0.0, 1.0], [r.reason for r in batch.results]
     assert batch.results[0].reason.startswith("error: ValueError: failed before alarm(0)")
+
+
+def test_a_verifiers_slow_import_is_paid_at_start_not_by_a_sample(tmp_path, monkeypatch):
+    """A reward function whose module takes 2 s to import (sympy, a sandbox) and a 1 s timeout: a fresh worker
+    imports the module before it says it is ready, so its first sample is not timed out for the import."""
+    import importlib
+    import sys
+
+    (tmp_path / "slow_verifier_module.py").write_text(
+        "import time\ntime.sleep(2.0)\n\ndef verify(response, ground_truth, extra_info):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers start with the parent's sys.path
+    module = importlib.import_module("slow_verifier_module")
+    register_reward("test_slow_import", module.verify, replace=True)
+    try:
+        with RewardScorer(timeout_s=1.0, num_workers=1, startup_timeout_s=60) as scorer:
+            batch = scorer.score([RewardSample("test_slow_import", "x", "", {})])
+        assert batch.scores == [1.0], batch.results
+    finally:
+        sys.modules.pop("slow_verifier_module", None)
+        _REGISTRY.pop("test_slow_import")
