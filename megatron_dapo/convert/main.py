@@ -56,7 +56,7 @@ def build_parser(prog: str = "megatron-dapo convert") -> argparse.ArgumentParser
 
 def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> int:
     from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
-    from megatron_dapo.convert.mcore_to_hf import TOKENIZER_FILES, mcore_to_hf
+    from megatron_dapo.convert.mcore_to_hf import TOKENIZER_FILES, has_tokenizer, mcore_to_hf
     from megatron_dapo.convert.output import ConversionError
 
     args = build_parser(prog).parse_args(argv)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
             summary = hf_to_mcore(args.hf, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                                   verify_tolerance=tolerance, progress=not args.quiet)
         else:
-            if args.tokenizer is not None and not any((Path(args.tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+            if args.tokenizer is not None and not has_tokenizer(Path(args.tokenizer)):
                 raise ConversionError(f"--tokenizer {args.tokenizer}: "
                                       + (f"holds none of {', '.join(TOKENIZER_FILES)}" if Path(args.tokenizer).is_dir()
                                          else "no such folder"))

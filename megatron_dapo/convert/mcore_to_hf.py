@@ -184,6 +184,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 """What a folder holds when transformers' AutoTokenizer can load from it (any one of them)."""
 
 
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _generation_config(config: dict) -> dict:
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {"_from_model_config": True, **{k: config[k] for k in keys if config.get(k) is not None}}
@@ -241,7 +245,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             (partial / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))
         summary = {"tensors": len(plan), "bytes": total, "shards": shards, "gb_per_s": bar.close(),
                    "source_dtype": reader.dtype(families.checkpoint_key(families.EMBEDDING)),
-                   "tokenizer": any((partial / name).is_file() for name in TOKENIZER_FILES)}
+                   "tokenizer": has_tokenizer(partial)}
         if verify_tolerance is not None:
             summary["logp_max_diff"] = check_logprobs(partial, mcore_dir, verify_tolerance, round_to=dtype)
     return summary

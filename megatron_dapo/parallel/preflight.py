@@ -197,8 +197,8 @@ def _check_batches(config: DAPOConfig, dp: int, report: Report) -> None:
     elif per_step % dp:
         report.notes.append(f"{per_step} sequences per optimizer step do not split evenly over DP {dp}: "
                             "some ranks get one more sequence than others")
-    if config.unreached_decay():
-        report.notes.append(config.unreached_decay())
+    if decay_note := config.unreached_decay():
+        report.notes.append(decay_note)
 
 
 def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) -> None:

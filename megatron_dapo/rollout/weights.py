@@ -83,7 +83,7 @@ class PushLedger:
                 problems.append(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             elif target is None:
                 problems.append(self._unknown(name))
-            elif tensor.is_meta or not tensor.is_floating_point():  # a copy would fail, or round to integers
+            elif valueless:  # a copy would fail, or round to integers
                 what = "on the meta device (it holds no values)" if tensor.is_meta else f"of dtype {tensor.dtype}"
                 problems.append(f"tensor {name!r} is {what}; the engine takes floating-point values")
             elif tuple(tensor.shape) != self.shapes[target]:

@@ -142,8 +142,8 @@ class Trainer:
             print(f"data.train_files: {self.train_set.report()}", flush=True)
             if self.val_set is not None:
                 print(f"data.val_files: {self.val_set.report()}", flush=True)
-            if cfg.unreached_decay():
-                print(f"warning: {cfg.unreached_decay()}", file=sys.stderr, flush=True)
+            if decay_note := cfg.unreached_decay():
+                print(f"warning: {decay_note}", file=sys.stderr, flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
         self._check_room_to_respond()  # the same files on every rank: all refuse alike
