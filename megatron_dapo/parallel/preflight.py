@@ -7,10 +7,11 @@ of the busiest GPU:
 
 - weights bf16 (2 bytes per parameter), gradients fp32 (4: they are reduced in fp32), Adam state
   fp32 (12: master weights and two moments), divided by DP with the distributed optimizer;
-- activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage),
-  per layer about 34 x tokens x hidden bytes, with tensor parallelism splitting 24 of the 34 (all
-  of them with sequence parallelism), and only the layer inputs (2 x tokens x hidden) plus one
-  layer when activations are recomputed (Korthikanti et al., 2022, with flash attention);
+- activations of the micro-batches in flight (1F1B keeps up to PP of them on the first stage): per
+  layer and token, the bf16 tensors its backward reads (`layer_activation_bytes`, counted as in
+  Korthikanti et al., 2022, with fused attention and no dropout, for the SwiGLU MLP and grouped
+  query attention of the supported families), and only the layer inputs (2 x hidden bytes a token)
+  plus one layer when activations are recomputed;
 - the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
 - on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its
@@ -88,6 +89,21 @@ def parameter_counts(arch: ModelArch) -> tuple[int, int, int]:
     embedding = count(families.EMBEDDING)
     output = 0 if arch.tie_word_embeddings else count(families.OUTPUT)
     return layer, embedding, output
+
+
+def layer_activation_bytes(arch: ModelArch, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes a token's activations take in one decoder layer between its forward and its backward (bf16).
+
+    Replicated over tensor parallelism unless sequence parallel: the inputs of the two RMSNorms and of
+    the two column-parallel linears (QKV, gate/up), 2 x hidden bytes each. Split by it: queries, keys
+    and values as fused attention keeps them, its output (the output projection's input), the gate/up
+    output (SwiGLU's input) and SwiGLU's output (the down projection's input), and the q/k norms' inputs.
+    Llama 3 8B gives 34 x hidden, the GeLU transformer's figure; Qwen2.5's wider MLPs give about 45.
+    """
+    q, kv, f = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
+    replicated = 4 * 2 * arch.hidden_size
+    split = 2 * (q + 2 * kv) + 2 * q + 2 * (2 * f) + 2 * f + (2 * (q + kv) if arch.qk_norm else 0)
+    return (replicated + split) / tp if sequence_parallel else replicated + split / tp
 
 
 def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
@@ -312,7 +328,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
     dp_shard = layout.dp if layout.distributed_optimizer else 1
     tokens = max(config.actor.ppo_max_token_len_per_gpu, config.data.max_prompt_length + config.data.max_response_length)
     h, tp = arch.hidden_size, layout.tp
-    full_layer = tokens * h * (34 / tp if layout.sequence_parallel else 10 + 24 / tp)
+    full_layer = tokens * layer_activation_bytes(arch, tp, layout.sequence_parallel)
 
     def stage(params: float, in_flight: int, logits: float) -> dict[str, float]:
         """One GPU of a pipeline stage holding `params` parameters (before TP) and `in_flight` micro-batches'

@@ -12,7 +12,7 @@ import pytest
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import load_config
 from megatron_dapo.models.arch import ModelArch
-from megatron_dapo.parallel.preflight import check_allocation, parameter_counts
+from megatron_dapo.parallel.preflight import check_allocation, layer_activation_bytes, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 # Published config.json values of the recipes' models (no weights are needed to check a layout).
@@ -40,6 +40,25 @@ def test_parameter_counts_match_the_published_sizes():
         assert abs(total / 1e9 - billions) < 0.01, total
 
 
+def test_layer_activations_count_the_swiglu_mlp_and_grouped_query_attention():
+    """Bytes a token keeps per layer (bf16): norm and linear inputs 8 x hidden, queries twice (fused attention's
+    input and output), keys and values, the gate/up output and SwiGLU's output (6 x MLP width), Qwen3's q/k norm
+    inputs. Llama 3 8B's shape gives the GeLU transformer's 34 x hidden; the recipes' models keep more."""
+    llama3_8b = ModelArch.from_hf_config({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "hidden_act": "silu"})
+    assert layer_activation_bytes(llama3_8b) == 34 * 4096
+    qwen25_32b, qwen3_4b = ModelArch.from_hf_config(QWEN25_32B), ModelArch.from_hf_config(QWEN3_4B)
+    # 8 x 5120 + 4 x 5120 (queries) + 4 x 1024 (keys, values) + 6 x 27648
+    assert layer_activation_bytes(qwen25_32b) == 231424
+    # 8 x 2560 + 4 x 4096 + 4 x 1024 + 6 x 9728, + 2 x (4096 + 1024) for the q/k norms
+    assert layer_activation_bytes(qwen3_4b) == 109568
+    # Tensor parallelism splits all but the four replicated inputs; sequence parallelism splits those too.
+    assert layer_activation_bytes(qwen25_32b, tp=8) == 8 * 5120 + (231424 - 8 * 5120) / 8
+    assert layer_activation_bytes(qwen25_32b, tp=8, sequence_parallel=True) == 231424 / 8
+
+
 @pytest.mark.parametrize("script", ["dapo-qwen2.5-32b.sbatch", "dapo-qwen3-4b-1node.sbatch"])
 def test_each_gpu_sbatch_script_fits_the_allocation_it_asks_for(script):
     text = (ROOT / "examples" / "slurm" / script).read_text()
@@ -58,7 +77,7 @@ def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     assert report.fits and text.endswith("fits this allocation")
     assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
     assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
-    assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 35\.7 GB of 80 GB", text), text
+    assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 35\.9 GB of 80 GB", text), text
     # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam
     # moments), x 8 ranks a node
     assert "host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its " \
@@ -280,13 +299,13 @@ def test_actor_offload_gives_the_embedded_engine_the_gpu_while_it_generates():
 
 def test_pipeline_stages_are_estimated_each_for_itself():
     """The first stage holds PP micro-batches' activations and the embedding, the last one micro-batch, the output
-    layer and the logits: no GPU holds both peaks, so the busier stage decides (here the last, by 33.2 GB, where
-    their sum would say 34.0)."""
+    layer and the logits: no GPU holds both peaks, so the busier stage decides (here the last, 33.6 GB, where the
+    first stage's activations with the last stage's logits would say 36.1)."""
     report = _check("dapo-qwen3-4b", 1, 8, "parallel.tensor_model_parallel_size=1",
                     "parallel.pipeline_model_parallel_size=4", "rollout.engines=2", "rollout.name=sglang",
                     "rollout.sglang.tp_size=4", memory=34.0)
     text = report.render()
-    assert ("memory estimate for the busiest GPU (last pipeline stage; the first pipeline stage: 24.6 GB): weights "
-            "2.6 GB + gradients 5.2 + optimizer 7.8 (sharded over DP 2) + activations 2.5 (18432 tokens per "
-            "micro-batch, 1 in flight, recomputed) + logits 11.2 + overhead 4 = 33.2 GB of 34 GB") in text, text
+    assert ("memory estimate for the busiest GPU (last pipeline stage; the first pipeline stage: 25.0 GB): weights "
+            "2.6 GB + gradients 5.2 + optimizer 7.8 (sharded over DP 2) + activations 2.9 (18432 tokens per "
+            "micro-batch, 1 in flight, recomputed) + logits 11.2 + overhead 4 = 33.6 GB of 34 GB") in text, text
     assert not any("exceeds the GPU" in p for p in report.problems), report.problems
