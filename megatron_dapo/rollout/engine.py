@@ -23,8 +23,9 @@ from typing import Literal
 import torch
 
 MIN_TEMPERATURE = 1e-3
-"""The lowest sampling temperature: below it logits / temperature can overflow float32 (NaN log-probs). For greedy
-decoding use top_k=1."""
+"""The lowest sampling temperature. Near it the log-probs magnify the smallest difference between the trainer's and
+the engine's logits (0.01 becomes 10 nats at 1e-3), and far below it logits / temperature overflows float32 (NaN
+log-probs). For greedy decoding use top_k=1."""
 
 
 class RolloutError(ValueError):
@@ -52,7 +53,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a completion (finish_reason "stop"); the stop token is part of the completion."""
     seed: int | None = None
-    """Seed of this call's generator: same seed, prompts and engine settings -> same completions; None: fresh."""
+    """Seed of this call's generator: same seed, prompts and engine settings -> same completions (SGLang only with
+    its deterministic inference on: docs/rollout.md); None: fresh."""
 
     def __post_init__(self) -> None:
         problems = []

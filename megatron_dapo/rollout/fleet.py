@@ -98,7 +98,7 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
     hosts = placement.hosts
     index = hosts.index(dist.get_rank())
     share = shares(len(prompts), len(hosts))[index]
-    seed = None if params.seed is None else params.seed * len(hosts) + index
+    seed = None if params.seed is None else (params.seed * len(hosts) + index) % 2**63  # a valid seed stays one
     try:
         mine = engine.generate(prompts[share.start:share.stop], dataclasses.replace(params, seed=seed)) \
             if len(share) else []

@@ -135,7 +135,11 @@ class Trainer:
             if torch.cuda.is_available():
                 print(extension.describe(), flush=True)
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-        self.stop_ids = stop_token_ids(tokenizer, cfg.model.path)
+        self.stop_ids, outside = stop_token_ids(tokenizer, cfg.model.path,
+                                                vocab_size=ModelArch.from_pretrained(cfg.model.path).vocab_size)
+        if outside and self.rank0:  # a padding token added to the tokenizer past the embedding, say
+            print(f"warning: stop token ids {list(outside)} are outside the model's vocab, which it cannot draw: "
+                  "left out", file=sys.stderr, flush=True)
         self.train_set = self._read_prompts("data.train_files", cfg.data.train_files)
         self.val_set = self._read_prompts("data.val_files", cfg.data.val_files) if cfg.data.val_files else None
         if self.rank0:  # what the files held and what was dropped (too long, duplicated, malformed)
@@ -730,10 +734,11 @@ class _Timer:
         return {**{f"timing/{k}": v for k, v in self.times.items()}, "timing/step": self.total()}
 
 
-def stop_token_ids(tokenizer, model_path: str | Path) -> tuple[int, ...]:
+def stop_token_ids(tokenizer, model_path: str | Path, vocab_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Where a response ends: the tokenizer's end and padding tokens, and every eos_token_id of the model folder's
     config.json and generation_config.json (chat models list several there, Llama 3 Instruct's end of turn among
-    them; SGLang stops on those too, so both engines end responses alike)."""
+    them; SGLang stops on those too, so both engines end responses alike). Returns (the ids inside the model's
+    vocab, those outside it); a ConfigError when none is inside: no response could end."""
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     for name in ("config.json", "generation_config.json"):
         path = Path(model_path) / name
@@ -746,4 +751,11 @@ def stop_token_ids(tokenizer, model_path: str | Path) -> tuple[int, ...]:
                 raise ConfigError(f"model.path: {path} holds a {type(settings).__name__}, not a JSON object")
             eos = settings.get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos])
-    return tuple(sorted(t for t in ids if isinstance(t, int)))
+    ids = {t for t in ids if isinstance(t, int) and not isinstance(t, bool) and t >= 0}
+    inside, outside = tuple(sorted(t for t in ids if t < vocab_size)), tuple(sorted(t for t in ids if t >= vocab_size))
+    if not inside:
+        raise ConfigError(f"model.path: no stop token inside the model's vocab [0, {vocab_size}): the tokenizer's end "
+                          f"and padding tokens and the eos_token_id of {model_path}'s config.json and "
+                          f"generation_config.json give {list(outside) or 'none'}, so no response could end; check "
+                          "model.tokenizer_path and the model folder's files")
+    return inside, outside

@@ -8,8 +8,8 @@ model.py       the decoder, parameters under their Hugging Face names
 kv_cache.py    the preallocated per-sequence key/value cache
 sampling.py    temperature / top-k / top-p sampling and the reported log-probs
 decode.py      one batch: prefill, fan out n samples, decode, drop finished rows
-weights.py     weight pushes as a transaction (validate, copy, check completeness)
-engine.py      EmbeddedEngine, the RolloutEngine built from the above
+engine.py      EmbeddedEngine, the RolloutEngine built from the above, its weight pushes a transaction
+               of rollout/weights.py (validate, copy, check completeness)
 """
 from megatron_dapo.rollout.embedded.config import EmbeddedEngineConfig
 from megatron_dapo.rollout.embedded.engine import EmbeddedEngine

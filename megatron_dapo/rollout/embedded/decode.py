@@ -5,12 +5,14 @@ the KV cache move to the front and the next step computes only them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_dapo.rollout.embedded.kv_cache import KVCache
 from megatron_dapo.rollout.embedded.model import CausalLM
 from megatron_dapo.rollout.embedded.sampling import sample_next
-from megatron_dapo.rollout.engine import Completion, SamplingParams
+from megatron_dapo.rollout.engine import Completion, RolloutError, SamplingParams
 
 
 def right_padded(sequences: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -40,8 +42,10 @@ def generate_batch(
     copies: list[int],
     params: SamplingParams,
     generator: torch.Generator | None,
+    names: list[int] | None = None,
 ) -> list[Completion]:
-    """Sample copies[i] completions of prompts[i]; returns them row by row (prompt-major), sum(copies) in all."""
+    """Sample copies[i] completions of prompts[i]; returns them row by row (prompt-major), sum(copies) in all.
+    `names`: the caller's index of each prompt, for errors."""
     device = model.inv_freq.device
     rows = sum(copies)
     prompt_lengths = [len(p) for p in prompts]
@@ -58,10 +62,18 @@ def generate_batch(
     completions = [Completion() for _ in range(rows)]
     active = list(range(rows))  # completion index of each live row
     stop = set(params.stop_token_ids)
+    row_prompt = [(names or range(len(prompts)))[p] for p in src.tolist()]
     for step in range(params.max_new_tokens):
-        tokens, logprobs = sample_next(logits, params, generator)  # [A], [A]
+        try:
+            tokens, logprobs = sample_next(logits, params, generator)  # [A], [A]
+        except RuntimeError:  # torch.multinomial refuses probabilities that are NaN or infinite
+            _check_finite(logits, [row_prompt[row] for row in active], step)
+            raise
+        host_logprobs = logprobs.tolist()
+        if not all(map(math.isfinite, host_logprobs)):  # greedy takes argmax of NaN logits without a word
+            _check_finite(logits, [row_prompt[row] for row in active], step)
         keep = []
-        for i, (row, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
+        for i, (row, token, logprob) in enumerate(zip(active, tokens.tolist(), host_logprobs)):
             completion = completions[row]
             completion.token_ids.append(token)
             completion.logprobs.append(logprob)
@@ -85,3 +97,14 @@ def generate_batch(
         lengths = lengths + 1
         host_lengths = [n + 1 for n in host_lengths]
     return completions
+
+
+def _check_finite(logits: torch.Tensor, prompt_of_row: list[int], step: int) -> None:
+    """Raise RolloutError naming the prompts whose logits hold NaN or an infinity."""
+    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
+    if bad:
+        prompts = sorted({prompt_of_row[row] for row in bad})
+        raise RolloutError(
+            f"the model's logits hold NaN or an infinity at new token {step} of {len(bad)} sequence(s), from "
+            f"prompt(s) {prompts[:10]}: the weights are broken, or the engine's dtype overflows "
+            "(rollout.embedded.dtype=float16: use bfloat16 or float32)")

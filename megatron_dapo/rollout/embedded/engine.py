@@ -95,6 +95,10 @@ class EmbeddedEngine(RolloutEngine):
         """Sample params.n completions per prompt, max_batch_size sequences at a time."""
         self._check_ready()
         self._check_sequences(prompts, "prompt", extra=params.max_new_tokens)
+        outside = [t for t in params.stop_token_ids if t >= self.arch.vocab_size]
+        if outside:  # the model cannot draw them: every response would run to max_new_tokens
+            raise RolloutError(f"bad input: stop_token_ids {outside} are outside the model's vocab "
+                               f"[0, {self.arch.vocab_size}): no response could stop on them")
         generator = torch.Generator(device=self.device)
         if params.seed is None:
             generator.seed()
@@ -108,7 +112,8 @@ class EmbeddedEngine(RolloutEngine):
             counts = Counter(chunk_prompts)  # rows are prompt-major, so the chunk lists each prompt's rows together
             distinct = sorted(counts)
             copies = [counts[p] for p in distinct]
-            batch = generate_batch(self.model, self.cache, [prompts[p] for p in distinct], copies, params, generator)
+            batch = generate_batch(self.model, self.cache, [prompts[p] for p in distinct], copies, params, generator,
+                                   names=distinct)
             for p, completion in zip(chunk_prompts, batch):
                 results[p].append(completion)
         return results
@@ -188,6 +193,8 @@ class EmbeddedEngine(RolloutEngine):
                     else f"{what} {i} has {len(seq)} tokens > the engine's limit of {self.max_seq_len} tokens"
                 )
             try:
+                if any(isinstance(t, bool) for t in seq):
+                    raise TypeError("True and False are not token ids")
                 ids = [operator.index(t) for t in seq]
             except TypeError:
                 problems.append(f"{what} {i} holds something other than integer token ids")

@@ -8,7 +8,7 @@ import torch
 
 from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import RolloutError, SamplingParams
-from tests.tiny_models import hf_score
+from tests.tiny_models import hf_score, make_tiny_model
 
 CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
 
@@ -65,6 +65,34 @@ def test_token_ids_outside_the_vocab_are_refused(engine, qwen2):
     outside = rf"prompt 0 has token ids outside the vocab \[0, {vocab}\): \[{vocab}, -1\]"
     with pytest.raises(RolloutError, match=outside):
         engine.generate([[1, vocab, 2, -1]], GREEDY)
+
+
+def test_true_and_false_are_not_token_ids(engine):
+    with pytest.raises(RolloutError, match="prompt 1 holds something other than integer token ids"):
+        engine.generate([[1, 2], [True, False]], GREEDY)
+
+
+def test_stop_tokens_outside_the_vocab_are_refused(engine, qwen2):
+    vocab = qwen2.vocab_size
+    with pytest.raises(RolloutError, match=rf"stop_token_ids \[{vocab}\] are outside the model's vocab \[0, {vocab}\)"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=4, stop_token_ids=(2, vocab)))
+
+
+def test_logits_that_are_not_finite_name_their_prompt(tmp_path):
+    """A broken weight (here token 7's input embedding; Llama's output layer is its own) makes NaN logits: greedy
+    decoding's argmax would take token 0 with a NaN log-prob without a word, and sampling would fail inside
+    torch.multinomial. Either way the error names the caller's prompt, also when the batch is cut into chunks
+    (max_batch_size 2: prompt 2 is alone)."""
+    make_tiny_model("llama", tmp_path)
+    engine = EmbeddedEngine.from_pretrained(tmp_path, EmbeddedEngineConfig(device="cpu", max_batch_size=2))
+    with torch.inference_mode():
+        dict(engine.model.named_parameters())["model.embed_tokens.weight"][7] = float("nan")
+    prompts = [[3, 1], [4, 1, 5], [9, 7]]
+    for params in (GREEDY, SamplingParams(max_new_tokens=4, seed=3)):
+        with pytest.raises(RolloutError, match=r"NaN or an infinity at new token 0 of 1 sequence\(s\), from "
+                                               r"prompt\(s\) \[2\]"):
+            engine.generate(prompts, params)
+    assert len(engine.generate(prompts[:2], GREEDY)) == 2  # the other prompts never read token 7
 
 
 def test_no_prompts_no_completions(engine):
