@@ -151,6 +151,29 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Numbers as YAML 1.2 reads them, not PyYAML's YAML 1.1: `010` is ten (1.1: octal eight), `1:30` is text (1.1:
+# base 60, ninety), `1e-5` is a number (1.1: text, without a dot). Hex (0x1f) and octal (0o17) keep their prefixes.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+                                    list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _construct_int(loader: _StrictLoader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    base = {"0x": 16, "0o": 8}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_StrictLoader.add_constructor(_INT, _construct_int)
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """What is wrong with a command-line value: the whole message for a mapping's key, else its one-line reason."""
     if isinstance(err, yaml.constructor.ConstructorError):
@@ -281,8 +304,6 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
-        elif isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            number = float(value)  # YAML 1.1 (PyYAML) reads 1e-6, without a dot, as a string
         if number is not None:
             if math.isfinite(number):
                 return number, True
@@ -309,9 +330,6 @@ def _wants_text(tp: Any, override: _Override) -> bool:
     if optional_text and override.value is None:
         return False
     return not override.text.startswith(("'", '"'))
-
-
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _type_name(tp: Any) -> str:

@@ -55,7 +55,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.rollout_timeout_s < 1e9:  # NaN and infinity fail too
-            raise ConfigError(f"trainer.rollout_timeout_s must be a number of seconds > 0, got {self.rollout_timeout_s}")
+            raise ConfigError(f"trainer.rollout_timeout_s must be a number of seconds > 0 and below 1e9, got "
+                              f"{self.rollout_timeout_s}")
         if self.total_training_steps < 0:
             raise ConfigError(f"trainer.total_training_steps must be >= 0, got {self.total_training_steps}")
         if not 0 <= self.seed < 2**32:

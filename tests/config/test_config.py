@@ -56,6 +56,21 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
     assert "actor.optim.lr: expected float, got str '1e-6x'" in _error(good, "actor.optim.lr=1e-6x")
 
 
+def test_numbers_are_read_as_yaml_1_2_reads_them(good, tmp_path):
+    """PyYAML's YAML 1.1 reads 010 as octal 8 and 1:30 as base-60 90, silently: here 010 is ten, a colon makes
+    text (which a number setting refuses by name), and 1e-5 is a number in free-form settings too."""
+    config = load_config(good, ["trainer.total_training_steps=000500", "trainer.seed=010",
+                                "rollout.sglang.server_args={x: 1e-5, y: 0x10}"])
+    assert (config.trainer.total_training_steps, config.trainer.seed) == (500, 10)
+    assert config.rollout.sglang.server_args == {"x": 1e-5, "y": 16}
+    assert "trainer.test_freq: expected int, got str '1:00'" in _error(good, "trainer.test_freq=1:00")
+    assert "trainer.rollout_timeout_s: expected float, got str '1:30'" in _error(good, "trainer.rollout_timeout_s=1:30")
+    path = tmp_path / "seed.yaml"
+    path.write_text(GOOD + "trainer: {seed: 0042}\n")
+    assert load_config(path).trainer.seed == 42
+    assert "below 1e9, got 2000000000.0" in _error(good, "trainer.rollout_timeout_s=2e9")
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
