@@ -53,6 +53,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. actor.clip_ratio_high=0.28)")
+        parsed.pop(key, None)  # given again: the last one wins, in its place among the others
         try:
             parsed[key] = _Override(raw.strip(), yaml.load(raw, Loader=_StrictLoader) if raw.strip() else "")
         except yaml.YAMLError as err:  # reported where the setting is known not to be text
@@ -229,7 +230,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
     args = typing.get_args(tp)
     if isinstance(value, _Override):
         if _wants_text(tp, value):
+            if not value.text:  # `model.megatron_checkpoint=$CKPT` with CKPT unset: not the current folder
+                problems.append(f"override {key}: the value is empty; leave the setting out for its default")
+                return None, False
             value = value.text
+        elif value.text == "None" and value.value == "None":
+            value = None
         elif value.error is not None:
             problems.append(f"override {key}: value {value.text!r} is not valid YAML ({value.error})")
             return None, False
@@ -321,13 +327,13 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
 
 def _wants_text(tp: Any, override: _Override) -> bool:
     """Whether a text setting takes the command line's text as it is: yes, unless the text is quoted YAML
-    or, for an optional setting, null."""
+    or, for an optional setting, null (or None)."""
     optional_text = typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
     if tp is not str and not optional_text:
         return False
     if override.error is not None:
         return True
-    if optional_text and override.value is None:
+    if optional_text and (override.value is None or override.text == "None"):  # Python's spelling of null too
         return False
     return not override.text.startswith(("'", '"'))
 

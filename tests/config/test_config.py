@@ -56,6 +56,24 @@ def test_exponent_without_a_dot_is_a_float(good, tmp_path):
     assert "actor.optim.lr: expected float, got str '1e-6x'" in _error(good, "actor.optim.lr=1e-6x")
 
 
+def test_an_empty_text_is_refused_and_none_is_null(good):
+    """`model.megatron_checkpoint=$CKPT` with CKPT unset gave '' (the current folder, whose missing COMPLETE.json
+    the checkpoint error then asked to delete); `logging.wandb_project=None` gave a W&B project named "None"."""
+    for override in ("model.megatron_checkpoint=", "trainer.run_dir=", "data.prompt_key= "):
+        key = override.partition("=")[0]
+        assert f"override {key}: the value is empty; leave the setting out for its default" in _error(good, override)
+    config = load_config(good, ["logging.wandb_project=None", "model.megatron_checkpoint=null"])
+    assert config.logging.wandb_project is None and config.model.megatron_checkpoint is None
+    assert load_config(good, ["logging.wandb_project='None'"]).logging.wandb_project == "None"  # quoted: text
+
+
+def test_the_last_of_a_key_given_twice_on_the_command_line_wins(good):
+    """An sbatch script's own overrides come first and the user's "$@" after: the later ones win, also over a
+    section given whole between them."""
+    config = load_config(good, ["actor.optim.lr=1e-5", "actor.optim={lr: 3e-6, min_lr: 1e-7}", "actor.optim.lr=2e-6"])
+    assert (config.actor.optim.lr, config.actor.optim.min_lr) == (2e-6, 1e-7)
+
+
 def test_numbers_are_read_as_yaml_1_2_reads_them(good, tmp_path):
     """PyYAML's YAML 1.1 reads 010 as octal 8 and 1:30 as base-60 90, silently: here 010 is ten, a colon makes
     text (which a number setting refuses by name), and 1e-5 is a number in free-form settings too."""
