@@ -67,6 +67,13 @@ def test_an_empty_text_is_refused_and_none_is_null(good):
     assert load_config(good, ["logging.wandb_project='None'"]).logging.wandb_project == "None"  # quoted: text
 
 
+def test_validating_only_without_resuming_is_refused(good):
+    """It would score model.path's weights and log them as step 0 of a run folder that holds later checkpoints."""
+    assert "checkpoint.resume=false would have it validate model.path's weights" in _error(
+        good, "trainer.val_only=true", "data.val_files=[v.jsonl]", "checkpoint.resume=false")
+    assert load_config(good, ["trainer.val_only=true", "data.val_files=[v.jsonl]"]).trainer.val_only
+
+
 def test_the_last_of_a_key_given_twice_on_the_command_line_wins(good):
     """An sbatch script's own overrides come first and the user's "$@" after: the later ones win, also over a
     section given whole between them."""
