@@ -35,6 +35,8 @@ def file_problem(path: str | Path) -> str | None:
     path = Path(path)
     if path.suffix not in DATA_SUFFIXES:
         return f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl"
+    if path.is_dir():  # a dataset written in parts (Spark, datasets' to_parquet) is a folder of such files
+        return f"data file {path} is a folder: name the data files inside it"
     if not path.is_file():
         return f"data file {path} does not exist"
     return None
@@ -275,12 +277,19 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as err:
                     yield number, _Unreadable(f"invalid JSON ({err})")
     elif path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
         # A map column (reward_model or extra_info as map<string, string>, as Spark writes them) reads as a dict.
-        rows = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=4096)
-                for record in batch.to_pylist(maps_as_pydicts="lossy"))
-        yield from enumerate(rows)
+        number = 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for record in batch.to_pylist(maps_as_pydicts="lossy"):
+                    yield number, record
+                    number += 1
+        except pyarrow.ArrowException as err:  # cut short, not parquet at all: which of the files?
+            where = f" after row {number - 1}" if number else ""
+            raise ValueError(f"{path}: not a readable parquet file{where} ({err})") from None
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet or .jsonl")
 

@@ -190,7 +190,15 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer):
         PromptDataset.from_files(tmp_path / "train.csv", tokenizer, max_prompt_length=8)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
         PromptDataset.from_files(tmp_path / "missing.jsonl", tokenizer, max_prompt_length=8)
+    (tmp_path / "parts.parquet").mkdir()
+    with pytest.raises(FileNotFoundError, match="parts.parquet is a folder: name the data files inside it"):
+        PromptDataset.from_files(tmp_path / "parts.parquet", tokenizer, max_prompt_length=8)
     path = write_jsonl(tmp_path / "train.jsonl", [row(P1)])
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist([row(P1), row(P2)]), cut)
+    cut.write_bytes(cut.read_bytes()[:-20])  # a copy that stopped short
+    with pytest.raises(ValueError, match=f"{cut}: not a readable parquet file"):
+        PromptDataset.from_files([path, cut], tokenizer, max_prompt_length=8)
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]")
     with pytest.raises(ValueError, match="has no chat template"):
         PromptDataset.from_files(path, bare, max_prompt_length=8)
