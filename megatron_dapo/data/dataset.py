@@ -13,6 +13,7 @@ tokens are dropped and counted.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -207,6 +208,7 @@ class PromptStream:
         """The epoch of the next prompt to be drawn (position == len(dataset) means this one is used up)."""
         self.position = 0
         self._order = self._epoch_order(0)
+        self._fingerprint: str | None = None
 
     def __iter__(self) -> Iterator[list[Prompt]]:
         return self
@@ -222,20 +224,43 @@ class PromptStream:
             self.position += take
         return batch
 
-    def state_dict(self) -> dict[str, int | bool]:
+    def state_dict(self) -> dict[str, int | bool | str]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "dataset_size": len(self.dataset)}
+                "dataset_size": len(self.dataset), "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state: dict[str, int | bool]) -> None:
-        """Continue where the saved stream stopped; refuses a state from a different dataset, seed or shuffle."""
-        saved = (state["dataset_size"], state["seed"], state["shuffle"])
-        if saved != (len(self.dataset), self.seed, self.shuffle):
-            raise ValueError(
-                f"the saved prompt stream (dataset_size={saved[0]}, seed={saved[1]}, shuffle={saved[2]}) does not "
-                f"match this one (dataset_size={len(self.dataset)}, seed={self.seed}, shuffle={self.shuffle}): "
-                "the data order cannot be continued; use the same data files, data.max_prompt_length, "
-                "tokenizer, trainer.seed and data.shuffle as the saved run"
-            )
+    def fingerprint(self) -> str:
+        """A hash of the prompts in dataset order (token ids, ground truth, data source): the same files in
+        another order, another file of as many prompts, another tokenizer or chat template give another one."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for prompt in self.dataset:
+                digest.update(json.dumps([prompt.prompt_ids, prompt.ground_truth, prompt.data_source]).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def mismatch(self, state: dict[str, int | bool | str]) -> str | None:
+        """Why a saved state cannot be continued by this stream, or None (a state saved without a fingerprint is
+        checked by its size alone; the seed matters only to a shuffled order)."""
+        saved = {k: state.get(k) for k in ("dataset_size", "fingerprint", "shuffle", "seed")}
+        mine = {"dataset_size": len(self.dataset), "fingerprint": self.fingerprint(), "shuffle": self.shuffle,
+                "seed": self.seed}
+        if saved["fingerprint"] is None:
+            del saved["fingerprint"], mine["fingerprint"]
+        if not self.shuffle and saved["shuffle"] is False:
+            del saved["seed"], mine["seed"]
+        if saved == mine:
+            return None
+        shown = ", ".join(f"{k}={v}" for k, v in saved.items())
+        return (f"the saved prompt stream ({shown}) does not match this one "
+                f"({', '.join(f'{k}={v}' for k, v in mine.items())}): the data order cannot be continued; use the "
+                "same data files in the same order, data.max_prompt_length, tokenizer, trainer.seed and "
+                "data.shuffle as the saved run")
+
+    def load_state_dict(self, state: dict[str, int | bool | str]) -> None:
+        """Continue where the saved stream stopped; refuses a state from different prompts, seed or shuffle."""
+        problem = self.mismatch(state)
+        if problem is not None:
+            raise ValueError(problem)
         if not 0 <= state["position"] <= len(self.dataset) or state["epoch"] < 0:
             raise ValueError(f"bad prompt stream state: epoch {state['epoch']}, position {state['position']}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

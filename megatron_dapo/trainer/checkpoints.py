@@ -97,6 +97,12 @@ def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | Non
     stop_together(failure, group=wait_group)
 
 
+def saved_trainer_state(path: Path) -> dict | None:
+    """The trainer state a training saved with the complete checkpoint at `path` (None in one it did not save),
+    read without loading anything."""
+    return json.loads((path / MARKER).read_text()).get("trainer")
+
+
 def load(path: Path, actor) -> dict:
     """The trainer state saved with the checkpoint at `path`, its actor state loaded into `actor` (collective)."""
     check_complete(path)  # rank 0 chose it: a rank that cannot see it (a lagging file system) stops every rank

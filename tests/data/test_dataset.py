@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -240,7 +241,8 @@ def test_stream_resumes_with_the_same_order():
     for _ in range(3):                                     # 9 prompts: into epoch 1
         next(stream)
     state = stream.state_dict()
-    assert state == {"epoch": 1, "position": 2, "seed": 11, "shuffle": True, "dataset_size": 7}
+    assert state == {"epoch": 1, "position": 2, "seed": 11, "shuffle": True, "dataset_size": 7,
+                     "fingerprint": stream.fingerprint()}
     expected = [indices(next(stream)) for _ in range(5)]
     resumed = PromptStream(prompts(7), batch_size=3, seed=11)
     resumed.load_state_dict(state)
@@ -248,12 +250,25 @@ def test_stream_resumes_with_the_same_order():
 
 
 def test_stream_refuses_a_state_from_another_run():
-    state = PromptStream(prompts(7), batch_size=3, seed=11).state_dict()
-    with pytest.raises(ValueError, match="dataset_size=7, seed=11, shuffle=True\\) does not match this one "
-                                         "\\(dataset_size=6, seed=11"):
+    stream = PromptStream(prompts(7), batch_size=3, seed=11)
+    state, mark = stream.state_dict(), stream.fingerprint()
+    with pytest.raises(ValueError, match=f"dataset_size=7, fingerprint={mark}, shuffle=True, seed=11\\) does not "
+                                         "match this one \\(dataset_size=6, fingerprint="):
         PromptStream(prompts(6), batch_size=3, seed=11).load_state_dict(state)
     with pytest.raises(ValueError, match="seed=12"):
         PromptStream(prompts(7), batch_size=3, seed=12).load_state_dict(state)
+    # The same prompts in another order (data.train_files listed the other way round), or as many other prompts
+    # (another file, tokenizer or chat template), would continue another order: refused.
+    reordered = prompts(7)[::-1]
+    other = [dataclasses.replace(p, prompt_ids=[p.prompt_ids[0] + 1]) for p in prompts(7)]
+    for dataset in (reordered, other):
+        with pytest.raises(ValueError, match=f"fingerprint={mark}, .* does not match this one"):
+            PromptStream(dataset, batch_size=3, seed=11).load_state_dict(state)
+    # A state saved before fingerprints is checked by its size; without shuffle the seed orders nothing.
+    PromptStream(prompts(7), batch_size=3, seed=11).load_state_dict({k: v for k, v in state.items()
+                                                                     if k != "fingerprint"})
+    plain = PromptStream(prompts(7), batch_size=3, seed=11, shuffle=False).state_dict()
+    PromptStream(prompts(7), batch_size=3, seed=12, shuffle=False).load_state_dict(plain)
 
 
 def test_a_byte_order_mark_is_read_past_and_a_line_not_utf8_is_one_malformed_row(tmp_path, tokenizer):

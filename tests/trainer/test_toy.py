@@ -163,6 +163,15 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     # The folder's config.yaml is still that of the attempt that trained last, for the next attempt to be compared with.
     assert "total_training_steps: 11" in (run_dir / "config.yaml").read_text()
 
+    # Nor another data order (here another trainer.seed; other files, or the same in another order, alike): refused
+    # before the model is built, with the config's exit status.
+    reseeded = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=12", "trainer.seed=2"],
+                              cwd=tmp_path, env={**env, "MASTER_PORT": _free_port()}, capture_output=True, text=True,
+                              timeout=900)
+    assert reseeded.returncode == 2, reseeded.stderr[-4000:]
+    assert (f"resuming from {run_dir / 'checkpoints' / 'step_000011'}: the saved prompt stream" in reseeded.stderr
+            and "seed=1) does not match this one" in reseeded.stderr), reseeded.stderr[-4000:]
+
     # A fresh start (checkpoint.resume=false) into this folder is refused before it writes anything there.
     config, metrics = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
     fresh = subprocess.run([*_toy_command(run_dir), "checkpoint.resume=false", "trainer.seed=2"], cwd=tmp_path,
