@@ -33,6 +33,9 @@ class SamplingStats:
     dropped_unscored: int = 0
     """Groups with fewer than two responses that have the metric (their rewards failed, or gave no such field):
     nothing to compare."""
+    dropped_untrainable: int = 0
+    """Varied groups none of whose responses trains (each cut at the length limit under overlong filtering, or
+    its reward failed): their loss is all masked, so they would only take a place in the batch."""
     trimmed: int = 0
     """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
     exhausted: bool = False
@@ -45,7 +48,9 @@ class SamplingStats:
         """What an exhausted collection kept and why, for a message."""
         return (f"dynamic sampling kept {self.kept} of {target} groups after {self.gen_batches} generation batches "
                 f"({self.dropped_all_correct} groups dropped as all-correct, {self.dropped_all_wrong} as all-wrong "
-                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored)")
+                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored"
+                + (f", {self.dropped_untrainable} with no response to train on" if self.dropped_untrainable else "")
+                + ")")
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -55,6 +60,7 @@ class SamplingStats:
             "sampling/groups_dropped_all_correct": self.dropped_all_correct,
             "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,
             "sampling/groups_dropped_unscored": self.dropped_unscored,
+            "sampling/groups_dropped_untrainable": self.dropped_untrainable,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
             "sampling/metric_missing": self.metric_missing,
@@ -97,11 +103,13 @@ class DynamicSampler(Generic[G]):
     def collect(
         self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]],
         progress: Callable[[SamplingStats, int], None] | None = None,
+        trains: Callable[[G], bool] | None = None,
     ) -> SampledBatch[G]:
         """`generate()` returns one scored generation batch of groups; `metric_values(group)` gives
         the filter metric of each of its responses. Surplus groups are trimmed in generation order,
         so the same generations always give the same batch. `progress(stats, kept)` is called after
-        each generation batch with the figures so far and the number of groups kept."""
+        each generation batch with the figures so far and the number of groups kept. `trains(group)`:
+        whether any of its responses has a loss (a varied group with none is dropped too)."""
         stats = SamplingStats()
         kept: list[G] = []
         limit = self.config.max_num_gen_batches if self.config.enable else 1
@@ -116,8 +124,13 @@ class DynamicSampler(Generic[G]):
                 values = [float(v) for v in metric_values(group)]
                 present = [v for v in values if math.isfinite(v)]
                 stats.metric_missing += len(values) - len(present)
-                if not self.config.enable or group_varies(present):
+                if not self.config.enable:
                     kept.append(group)
+                elif group_varies(present):
+                    if trains is None or trains(group):
+                        kept.append(group)
+                    else:
+                        stats.dropped_untrainable += 1
                 elif len(present) < 2:
                     stats.dropped_unscored += 1
                 elif present[0] > 0:

@@ -49,6 +49,12 @@ class Group:
     def truncated(self) -> list[bool]:
         return [c.finish_reason == "length" for c in self.completions]
 
+    def trains(self, overlong_filtering: bool) -> bool:
+        """Whether any response has a loss, as build_actor_batch masks them: not one whose reward failed, nor
+        (overlong filtering) one cut at the length limit."""
+        cut = self.truncated() if overlong_filtering else [False] * len(self.completions)
+        return any(not (failed or truncated) for failed, truncated in zip(self.failed(), cut))
+
 
 class FilterMetricCheck:
     """Whether the rewards give dynamic sampling's metric (algorithm.filter_groups.metric) at all, over one step's

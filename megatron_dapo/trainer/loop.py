@@ -146,6 +146,9 @@ class Trainer:
             print(f"data.train_files: {self.train_set.report()}", flush=True)
             if self.val_set is not None:
                 print(f"data.val_files: {self.val_set.report()}", flush=True)
+            elif cfg.trainer.val_before_train or cfg.trainer.test_freq:
+                print("note: data.val_files is empty: no validation runs (trainer.val_before_train, trainer.test_freq)",
+                      file=sys.stderr, flush=True)
             if decay_note := cfg.unreached_decay():
                 print(f"warning: {decay_note}", file=sys.stderr, flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
@@ -161,6 +164,8 @@ class Trainer:
         """Optimizer steps of a full batch: the learning-rate schedule moves by this much every training step."""
         self.resume_from = self._resume_point()
         """The run folder's checkpoint this attempt goes on from, or None."""
+        if self.resume_from is not None and not cfg.trainer.val_only:  # before minutes of model and engine start-up
+            self._started(lambda: self.rank0 and self._check_data_order(self.resume_from))
         try:  # a resumed run reads its own checkpoint alone: its starting weights may be long gone
             self.actor = MegatronActor(cfg.actor, cfg.model.path, self.layout, temperature=cfg.rollout.temperature,
                                        norm_len=cfg.data.max_response_length, weights=cfg.model.megatron_checkpoint,
@@ -337,7 +342,9 @@ class Trainer:
                 metrics.update(self.validate())
                 asked = self.stop.requested()
             stopping = not last and asked
-            self._started(lambda: self.lock and self.lock.check())  # taken over while suspended: stop, save nothing
+            # Taken over while suspended: stop, log and save nothing. The file is read, not the last heartbeat: a job
+            # resumed from a suspension would log a row after the newcomer's start before its next beat noticed.
+            self._started(lambda: self.lock and self.lock.check(look=True))
             self._log(self.step, metrics)
             if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
                 if self.rank0:  # a lost node's page cache must not take rows the resumed attempt will not write again
@@ -454,7 +461,8 @@ class Trainer:
 
         with self._stops_everyone():
             return self.sampler.collect(next_batch, lambda g: g.metric(filtering.metric),
-                                        progress=self._progress_line())
+                                        progress=self._progress_line(),
+                                        trains=lambda g: g.trains(self.config.algorithm.overlong_filtering))
 
     def _progress_line(self):
         """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step
@@ -612,6 +620,15 @@ class Trainer:
         chosen = [checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None]
         dist.broadcast_object_list(chosen, src=0)
         return chosen[0]
+
+    def _check_data_order(self, checkpoint: Path) -> None:
+        """ConfigError when the prompt stream saved in `checkpoint` cannot be continued with this run's prompts
+        (other files, in another order, another tokenizer, seed or shuffle)."""
+        state = (checkpoints.saved_trainer_state(checkpoint) or {}).get("data")
+        problem = None if state is None else self.stream.mismatch(state)
+        if problem is not None:
+            raise ConfigError(f"resuming from {checkpoint}: {problem} (or set checkpoint.resume=false in a fresh "
+                              "trainer.run_dir)")
 
     def _resume(self) -> None:
         latest = self.resume_from

@@ -64,6 +64,26 @@ def test_dynamic_sampling_judges_a_group_by_its_scored_responses():
         assert (stats.metric_missing, stats.dropped_unscored, stats.dropped_all_correct) == (3, 1, 0), metric
 
 
+def test_a_varied_group_with_no_response_to_train_on_is_dropped():
+    """Every response cut at the length limit (one of them right in what it said before the cut): under overlong
+    filtering the group has no loss token, so dynamic sampling drops it rather than give it a place in the batch."""
+    right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
+    cut = _group([right, wrong, wrong])
+    for completion in cut.completions:
+        completion.finish_reason = "length"
+    partly = _group([right, wrong, wrong])
+    partly.completions[0].finish_reason = "length"
+    for filtering, expected in ((True, [partly]), (False, [cut, partly])):
+        masked = build_actor_batch([cut], norm_by_std=True, overlong_filtering=filtering).loss_mask
+        assert bool(masked.any()) is not filtering  # the batch's masking and the sampler's test agree
+        sampler = DynamicSampler(FilterGroupsConfig(metric="acc", max_num_gen_batches=1), train_batch_size=2)
+        sampled = sampler.collect(lambda: [cut, partly], lambda g: g.metric("acc"),
+                                  trains=lambda g: g.trains(filtering))
+        assert sampled.groups == expected and sampled.stats.dropped_untrainable == int(filtering)
+        assert sampled.stats.metrics()["sampling/groups_dropped_untrainable"] == int(filtering)
+        assert ("1 with no response to train on" in sampled.stats.shortfall(2, "acc")) is filtering
+
+
 def test_validation_counts_a_failed_reward_as_wrong():
     right = RewardResult(score=1.0, acc=1.0)
     metrics = validation_metrics([_group([right, _failed()]), _group([_failed(), _failed()])], k=2)
