@@ -53,11 +53,16 @@ class KVCache:
 
         Zeros, not whatever was there: a decode step multiplies masked slots by a 0 attention weight, and
         uninitialized memory, or an earlier batch's overflowed half-precision values, may hold NaN (0 * NaN = NaN).
-        Reused, the part this batch can use is cleared (one write over it, a small cost next to the batch)."""
-        if self.k is not None and self.v is not None and self.k.shape[1] >= rows and self.k.shape[3] >= capacity:
-            self.k[:, :rows, :, :capacity].zero_()
-            self.v[:, :rows, :, :capacity].zero_()
-            return
+        Reused, the part this batch can use is cleared (one write over it, a small cost next to the batch).
+        Outgrown in either dimension, the new buffers keep the larger of the old and new sizes in both: batches
+        of many short and of few long sequences (a generation batch's last chunk, validation) then share one
+        allocation instead of replacing it at every switch (the engine's limits bound both sizes)."""
+        if self.k is not None and self.v is not None:
+            if self.k.shape[1] >= rows and self.k.shape[3] >= capacity:
+                self.k[:, :rows, :, :capacity].zero_()
+                self.v[:, :rows, :, :capacity].zero_()
+                return
+            rows, capacity = max(rows, self.k.shape[1]), max(capacity, self.k.shape[3])
         self.release()
         a = self.arch
         shape = (a.num_layers, rows, a.num_kv_heads, capacity, a.head_dim)

@@ -193,3 +193,20 @@ def test_sampling_params_of_the_wrong_type_are_refused_by_name():
             SamplingParams(**{"max_new_tokens": 3, **bad})
     with pytest.raises(RolloutError, match=r"seed must be in \[0, 2\*\*63\)"):
         SamplingParams(max_new_tokens=3, seed=2**64)
+
+
+def test_the_kv_cache_grows_to_the_larger_of_its_batches_and_keeps_that(engine):
+    """Many short rows, then few long ones, then many short again: one allocation after the first growth, not a
+    new one at every switch; whatever it reuses is zeroed for the batch."""
+    cache = engine.cache
+    cache.release()
+    cache.reserve(8, 10)
+    cache.reserve(2, 20)
+    first = cache.k.data_ptr()
+    assert (cache.k.shape[1], cache.k.shape[3]) == (8, 20)
+    with torch.inference_mode():
+        cache.k.fill_(float("nan"))
+    cache.reserve(8, 10)
+    cache.reserve(2, 20)
+    assert cache.k.data_ptr() == first and not cache.k[:, :2, :, :20].isnan().any()
+    cache.release()
