@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -41,6 +42,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_dapo.models.arch import ModelError
 
 MEGATRON_METADATA = "metadata.json"
 COMMON = "common.pt"
@@ -135,6 +138,18 @@ class _StreamingSavePlanner(SavePlanner):
         return data
 
 
+def _unwrapped(err: BaseException, what: str) -> BaseException:
+    """The error to raise for `err` from a one-process DCP save or load: the project's own error it wrapped as it
+    was (it names the tensor or file), anything else as a CheckpointFormatError saying `what` and why."""
+    original = err
+    if isinstance(err, CheckpointException):
+        failures = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+        original = next((f for f in failures if isinstance(f, BaseException)), err)
+    if isinstance(original, (ModelError, CheckpointFormatError)):
+        return original
+    return CheckpointFormatError(f"{what}: {type(original).__name__}: {original}")
+
+
 def write_checkpoint(folder: Path, chunks: list[Chunk], objects: list[ExtraState], common: dict,
                      on_written: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
     """Write a megatron-core "torch_dist" checkpoint into `folder` (which must exist), one chunk at a time."""
@@ -142,8 +157,11 @@ def write_checkpoint(folder: Path, chunks: list[Chunk], objects: list[ExtraState
     if on_written is not None:
         planner.on_written = on_written
     writer = FileSystemWriter(folder, single_file_per_rank=True, thread_count=1)
-    with _single_process():
-        dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        with _single_process():
+            dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as err:  # torch wraps what a chunk's reading raised (a damaged shard, say)
+        raise _unwrapped(err, f"{folder}: writing the checkpoint failed") from None
     torch.save(common, folder / COMMON)
     (folder / MEGATRON_METADATA).write_text(json.dumps(_BACKENDS))
 
@@ -248,9 +266,9 @@ class CheckpointReader:
                 dcp_load({}, storage_reader=self._reader, planner=_SliceLoadPlanner(requests), no_dist=True)
         except CheckpointFormatError:
             raise
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # the latter a BaseException
             keys = ", ".join(sorted({key for key, _, _ in requests}))
-            raise CheckpointFormatError(f"{self.folder}: reading {keys} failed: {err}") from err
+            raise _unwrapped(err, f"{self.folder}: reading {keys} failed") from None
 
     def _stored(self, key: str) -> TensorStorageMetadata:
         stored = self.tensors.get(key)

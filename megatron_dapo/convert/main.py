@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
               "cannot use it as it is; convert again with --tokenizer DIR (the model folder the run started from) "
               "or --hf-template DIR")
     source = summary.get("source_dtype")
+    if source is not None and source.itemsize > DTYPES[args.dtype].itemsize:
+        print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}; the {args.dtype} copy "
+              "rounds them (pass --dtype fp32 to keep them exact)")
     if source is not None and source.itemsize < DTYPES[args.dtype].itemsize:
         print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}, so the {args.dtype} copy "
               "holds their values exactly, no more precise (a bf16 run keeps its fp32 master weights in the "

@@ -1,6 +1,7 @@
 """What every conversion shares: an output folder that only appears once complete, and a progress line."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -50,9 +51,37 @@ def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | 
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    _sync(partial)  # on disk before the rename makes it look complete: a power cut leaves no empty shards there
     if out.exists():
+        for marker in ("COMPLETE.json", "config.json"):  # first: a removal cut short leaves no complete-looking folder
+            (out / marker).unlink(missing_ok=True)
         shutil.rmtree(out)
     partial.rename(out)
+    _sync_entry(out.parent)
+
+
+def _sync(folder: Path) -> None:
+    """fsync every file under `folder`, then each folder (their entries), deepest first."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _sync_entry(path)
+    _sync_entry(folder)
+
+
+def _sync_entry(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a file system that does not open folders: the files themselves are synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Progress:

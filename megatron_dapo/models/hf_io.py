@@ -46,9 +46,16 @@ class HFCheckpointReader:
                 )
             self.weight_map = {}
             for shard in shards:
-                with safe_open(shard, framework="pt") as f:
-                    for name in f.keys():
-                        self.weight_map[name] = shard.name
+                try:
+                    with safe_open(shard, framework="pt") as f:
+                        names = list(f.keys())
+                except Exception as err:  # safetensors' own error names no file
+                    raise ModelError(f"{shard}: not a readable safetensors file ({err})") from None
+                for name in names:
+                    if name in self.weight_map:  # which copy is meant? (a leftover shard of another save)
+                        raise ModelError(f"{self.folder}: tensor {name!r} is in both {self.weight_map[name]} and "
+                                         f"{shard.name}, and no {INDEX} says which to read")
+                    self.weight_map[name] = shard.name
         self.weight_map = {k: v for k, v in self.weight_map.items() if not k.endswith(SKIPPED_SUFFIXES)}
 
     def names(self) -> list[str]:

@@ -112,6 +112,12 @@ def test_cli_converts_both_ways_verified_with_progress(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "--overwrite" in again.stderr and "config.json" in again.stderr
     assert _tensors(tmp_path / "back").keys() == _tensors(source).keys()
+    # The default bf16 copy of fp32 weights rounds them, and says so.
+    rounded = subprocess.run([sys.executable, "-m", "megatron_dapo", "convert", "mcore-to-hf", "--mcore",
+                              str(tmp_path / "mcore"), "--out", str(tmp_path / "bf16"), "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+    assert rounded.returncode == 0, rounded.stderr
+    assert "note: the checkpoint's model weights are float32; the bf16 copy rounds them" in rounded.stdout
 
 
 def test_a_copy_without_tokenizer_files_says_so_and_tokenizer_gives_them(tmp_path, capsys):
@@ -155,6 +161,36 @@ def test_missing_shard_is_named(tmp_path):
     with pytest.raises(ModelError, match=f"lists shard\\(s\\) that are missing: {shard.name}"):
         hf_to_mcore(source, tmp_path / "out", progress=False)
     assert _no_output(tmp_path)
+
+
+def test_an_unreadable_or_ambiguous_shard_is_named(tmp_path):
+    """Without an index every *.safetensors file is read: one that is not safetensors is named (safetensors' own
+    error names no file), and a tensor in two of them (a leftover of another save) is refused, not read from
+    whichever came last."""
+    source = _sharded_model("qwen2", tmp_path / "hf")
+    (source / "model.safetensors.index.json").unlink()
+    shards = sorted(source.glob("*.safetensors"))
+    save_file(load_file(shards[0]), source / "leftover.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"tensor '.*' is in both .*safetensors and .*safetensors, and no "
+                                         r"model.safetensors.index.json says which to read"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    (source / "leftover.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match=f"{source / 'leftover.safetensors'}: not a readable safetensors file"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_a_project_error_inside_torch_checkpoint_wrapper_comes_out_as_itself():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_dapo.convert.dcp_io import _unwrapped
+
+    named = ModelError("model-00002.safetensors: cannot read tensor 'lm_head.weight'")
+    assert _unwrapped(CheckpointException("save failed", {0: (named, None)}), "writing") is named
+    other = _unwrapped(CheckpointException("save failed", {0: (OSError(28, "No space left on device"), None)}),
+                       "out: writing the checkpoint failed")
+    assert isinstance(other, CheckpointFormatError)
+    assert str(other) == "out: writing the checkpoint failed: OSError: [Errno 28] No space left on device"
 
 
 @pytest.mark.parametrize("family, name, change, message", [
@@ -300,6 +336,11 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
     (tmp_path / "step_000007.partial").mkdir()  # a save that crashed before it wrote anything
     with pytest.raises(ConversionError, match=r"step_000007.partial: an unfinished save"):
         mcore_to_hf(tmp_path / "step_000007.partial", tmp_path / "out", progress=False)
+    # A data file cut short (a copy that stopped): torch's checkpoint reader wraps the error; it comes out named.
+    data = (tmp_path / "mcore" / "__0_0.distcp").read_bytes()
+    (tmp_path / "mcore" / "__0_0.distcp").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match=r"mcore: reading .* failed: "):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
     # A data file listed in the metadata but gone.
     (tmp_path / "mcore" / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointFormatError, match=r"listed in .metadata are missing: __0_0.distcp"):
