@@ -47,6 +47,11 @@ class RopeScaling:
     """Context length the model was pretrained with."""
 
 
+ABSENT_DEFAULTS = {"qwen2": {"num_key_value_heads": 32}, "qwen3": {"num_key_value_heads": 32, "head_dim": 128}}
+"""What transformers' config classes take for a key a config.json leaves out, where that is not what the other keys
+imply (a key given as null means the implied value there too): both then read one file alike."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelArch:
     family: str
@@ -87,6 +92,7 @@ class ModelArch:
         """Read a config.json dict (or `PretrainedConfig.to_dict()`); anything unsupported raises ModelError."""
         architecture, family = _architecture(config, source)
         problems = _unsupported_features(config, family)
+        config = {**ABSENT_DEFAULTS.get(family, {}), **config}
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
