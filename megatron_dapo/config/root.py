@@ -40,7 +40,7 @@ class TrainerConfig:
     """Rollout steps to train for."""
     test_freq: int = 10
     """Validate every this many steps and after the last one (a stop request skips a validation that is due);
-    0 disables periodic validation."""
+    0: no validation while training (trainer.val_before_train still validates before it)."""
     val_before_train: bool = True
     """Validate once before the first step."""
     val_only: bool = False

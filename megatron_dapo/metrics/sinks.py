@@ -11,9 +11,11 @@ from typing import TextIO
 
 from megatron_dapo.metrics.config import LoggingConfig
 
-CONSOLE_KEYS = ("critic/acc_mean", "critic/score_mean", "response_length/mean", "actor/entropy",
-                "actor/pg_clipfrac_high", "sampling/gen_batches", "sampling/groups_kept", "rollout/probe_logp_mean_diff",
-                "timing/step")
+CONSOLE_KEYS = {"critic/acc_mean": "acc", "critic/score_mean": "score", "response_length/mean": "response_len",
+                "actor/entropy": "entropy", "actor/pg_clipfrac_high": "clipfrac_high", "sampling/gen_batches": "gen_batches",
+                "sampling/groups_kept": "groups_kept", "rollout/probe_logp_mean_diff": "probe_diff",
+                "timing/step": "step_s", "timing/validate": "validate_s"}
+"""The figures of a step's console line, under their labels there."""
 
 
 OPTIONAL_SINKS = {"tensorboard": ("logging.tensorboard=true", "tensorboard"),
@@ -141,7 +143,7 @@ class MetricSinks:
         if self.config.console:
             done = step / max(self.total, 1)
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-            shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics)
+            shown = " ".join(f"{label}={metrics[k]:.4g}" for k, label in CONSOLE_KEYS.items() if k in metrics)
             val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                            if k.startswith("val/") and k.count("/") == 1)  # not the per-data_source ones
             print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)

@@ -322,7 +322,8 @@ class Trainer:
         cfg = self.config
         self._resume()
         if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
-            self._log(self.step, self.validate())
+            if result := self.validate():  # none without validation files: no row of a step and a time alone
+                self._log(self.step, result)
         elif self.val_skipped and self._not_yet_validated():  # the attempt that saved this checkpoint stopped
             if self.rank0:                                       # without the validation then due
                 print(f"validating step {self.step}, whose validation the stop after it skipped", flush=True)
@@ -350,17 +351,23 @@ class Trainer:
                 if self.rank0:  # a lost node's page cache must not take rows the resumed attempt will not write again
                     self.sinks.sync()
                     self.samples.sync()
+                started = time.perf_counter()
                 with self.memory.actor_resident():
                     checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
                                      hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most
                                      wait_group=self.control.group,
                                      guard=(lambda: self.lock.check(look=True)) if self.lock else None)
+                if self.rank0 and cfg.logging.console:  # what a stop's warning must leave time for, with the step
+                    print(f"step {self.step}: checkpoint saved in {time.perf_counter() - started:.0f} s", flush=True)
                 if not last and not stopping and self.stop.requested():
                     # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
                     # stop's. Going on would train a whole step and save again in what time the warning left.
                     stopping = True
             if last and self.rank0:
-                self.stop.clear()  # finished: a stop request that came during the last step has nothing to stop
+                try:  # finished: a stop request that came during the last step has nothing to stop
+                    self.stop.clear()
+                except OSError as err:  # the run is complete all the same: not a reason to skip closing it
+                    print(f"warning: could not remove the STOP file: {err}", file=sys.stderr, flush=True)
                 step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
                 if asked and self.hf_copy:
                     print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
@@ -501,6 +508,7 @@ class Trainer:
                 metrics.update(rollout_metrics(groups, cfg.data.max_response_length))
                 batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                           overlong_filtering=cfg.algorithm.overlong_filtering)
+            self._check_lock()  # a job suspended while it generated finds out before it writes into the folder
             self.samples.write(self.step + 1, "train", groups, self.tokenizer)
             packed = batch.pack() if batch is not None and dist.get_world_size() > 1 else None
         self.control.broadcast("done")
@@ -557,8 +565,10 @@ class Trainer:
         return groups
 
     def validate(self) -> dict[str, float]:
+        """The validation figures, with timing/validate (on every rank; {} without validation files)."""
         if self.val_set is None:
             return {}
+        started = time.perf_counter()
         self.memory.to_generation()
         params = self._sampling(seed=self.config.trainer.seed, validation=True)
         if not self.rank0:
@@ -568,10 +578,12 @@ class Trainer:
         self.control.broadcast("more")
         with self._stops_everyone():
             groups = self._rollout(list(self.val_set), params)
+            self._check_lock()  # before writing into the folder, which may have been taken over meanwhile
             self.samples.write(self.step, "val", groups, self.tokenizer)
             if self.config.logging.val_generations:
                 write_validation(self.run_dir, self.step, groups, self.tokenizer)
             result = validation_metrics(groups, params.n)
+            result["timing/validate"] = time.perf_counter() - started
         self.control.broadcast("done")
         return self.control.broadcast(result)
 
@@ -718,6 +730,11 @@ class Trainer:
                 f"by {diff.mean:.3g} on average, {diff.max:.3g} at most (> rollout.parity_threshold={threshold:g}): "
                 "the engine is not running the trainer's weights; stopping before it generates from them")
         return diff
+
+    def _check_lock(self) -> None:
+        """On rank 0: RunFolderInUse when another training has taken the folder over (the file read now)."""
+        if self.lock:
+            self.lock.check(look=True)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         """Rank 0 writes the row; a sink failing there (a full disk, W&B) stops every rank (collective)."""

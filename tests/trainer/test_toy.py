@@ -57,6 +57,7 @@ def toy_run(tmp_path_factory):
     proc = subprocess.run([*_toy_command(run_dir), "trainer.total_training_steps=20"], cwd=run_dir.parent, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
 
@@ -80,6 +81,11 @@ def test_toy_example_learns(toy_run):
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_000015", "step_000020"], checkpoints
     assert not (run_dir / "RUNNING").exists()  # the folder is free again
+    # What a stop's warning must leave time for: each validation's time in its row, each save's on the console.
+    assert all(row["timing/validate"] > 0 for row in rows if "val/acc_avg@4" in row)
+    console = (run_dir.parent / "console.txt").read_text()
+    assert all(f"step {step}: checkpoint saved in " in console for step in (5, 10, 15, 20)), console[-3000:]
+    assert re.search(r"step 10/20 .*step_s=\S+ validate_s=\S+ val/acc_avg@4=", console), console[-3000:]
 
     # Two responses as text each step and each validation, with how they scored.
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
