@@ -7,7 +7,7 @@
 // Sums: tokens, clip-high (A > 0, r > 1 + eps_high), clip-low (A < 0, r < 1 - eps_low),
 // dual-clip (A < 0, r > clip_c), KL k1 (-log r) and k3 (r - 1 - log r); and the largest ratio.
 // Gradients at ties (max / min of equal values) are split in half, as torch's autograd does, so the
-// kernel and the pure-torch reference agree everywhere. Reductions are two-stage with a fixed order:
+// kernel and the pure-torch reference agree everywhere. Reductions are two-stage, each in a fixed order:
 // the result does not depend on scheduling.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -75,6 +75,28 @@ __device__ __forceinline__ float max_keep_nan(float a, float b) { return isnan(a
 
 __device__ __forceinline__ float weight_at(const float* weight, int64_t i) { return weight ? weight[i] : 1.f; }
 
+// The block's threads' sums and largest ratios combined in a fixed tree (the same order whatever the scheduling);
+// the results in shared[k][0] and shared_max[0], for every thread to read after the last barrier.
+__device__ __forceinline__ void reduce_in_block(const double (&sums)[kSums], float ratio_max,
+                                                double (&shared)[kSums][kThreads], float (&shared_max)[kThreads]) {
+#pragma unroll
+  for (int k = 0; k < kSums; ++k) {
+    shared[k][threadIdx.x] = sums[k];
+  }
+  shared_max[threadIdx.x] = ratio_max;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) {
+#pragma unroll
+      for (int k = 0; k < kSums; ++k) {
+        shared[k][threadIdx.x] += shared[k][threadIdx.x + width];
+      }
+      shared_max[threadIdx.x] = max_keep_nan(shared_max[threadIdx.x], shared_max[threadIdx.x + width]);
+    }
+    __syncthreads();
+  }
+}
+
 // Stage 1: each block writes its partial sums (fp64) and its largest ratio.
 __global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const float* __restrict__ old_logp,
                                          const float* __restrict__ advantages, const float* __restrict__ mask,
@@ -98,22 +120,7 @@ __global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const f
   }
   __shared__ double shared[kSums][kThreads];
   __shared__ float shared_max[kThreads];
-#pragma unroll
-  for (int k = 0; k < kSums; ++k) {
-    shared[k][threadIdx.x] = sums[k];
-  }
-  shared_max[threadIdx.x] = ratio_max;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width >>= 1) {
-    if (threadIdx.x < width) {
-#pragma unroll
-      for (int k = 0; k < kSums; ++k) {
-        shared[k][threadIdx.x] += shared[k][threadIdx.x + width];
-      }
-      shared_max[threadIdx.x] = max_keep_nan(shared_max[threadIdx.x], shared_max[threadIdx.x + width]);
-    }
-    __syncthreads();
-  }
+  reduce_in_block(sums, ratio_max, shared, shared_max);
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int k = 0; k < kSums; ++k) {
@@ -123,27 +130,34 @@ __global__ void dapo_loss_partial_kernel(const float* __restrict__ logp, const f
   }
 }
 
-// Stage 2: one thread adds the blocks' partials in block order. out = [loss, tokens, clip_high,
-// clip_low, dual_clip, kl_k1, kl_k3, ratio_max], the loss already divided by max(global_tokens, 1).
-__global__ void dapo_loss_final_kernel(const double* __restrict__ partial, const float* __restrict__ partial_max,
-                                       int blocks, const float* __restrict__ global_tokens, float* __restrict__ out) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) {
-    return;
-  }
+// Stage 2: one block of kThreads adds the blocks' partials: thread t those of blocks t, t + kThreads, ... in
+// that order, then the threads' sums in the fixed tree of stage 1 (a single thread walking up to 1024 partials
+// one after another took longer than stage 1 over a million tokens). out = [loss, tokens, clip_high, clip_low,
+// dual_clip, kl_k1, kl_k3, ratio_max], the loss already divided by max(global_tokens, 1).
+__global__ void __launch_bounds__(kThreads) dapo_loss_final_kernel(const double* __restrict__ partial,
+                                                                   const float* __restrict__ partial_max, int blocks,
+                                                                   const float* __restrict__ global_tokens,
+                                                                   float* __restrict__ out) {
   double sums[kSums] = {0, 0, 0, 0, 0, 0, 0};
   float ratio_max = 0.f;
-  for (int b = 0; b < blocks; ++b) {
+  for (int b = threadIdx.x; b < blocks; b += kThreads) {
+#pragma unroll
     for (int k = 0; k < kSums; ++k) {
       sums[k] += partial[b * kSums + k];
     }
     ratio_max = max_keep_nan(ratio_max, partial_max[b]);
   }
-  const double denominator = fmax(static_cast<double>(global_tokens[0]), 1.0);
-  out[0] = static_cast<float>(sums[0] / denominator);
-  for (int k = 1; k < kSums; ++k) {
-    out[k] = static_cast<float>(sums[k]);
+  __shared__ double shared[kSums][kThreads];
+  __shared__ float shared_max[kThreads];
+  reduce_in_block(sums, ratio_max, shared, shared_max);
+  if (threadIdx.x == 0) {
+    const double denominator = fmax(static_cast<double>(global_tokens[0]), 1.0);
+    out[0] = static_cast<float>(shared[0][0] / denominator);
+    for (int k = 1; k < kSums; ++k) {
+      out[k] = static_cast<float>(shared[k][0]);
+    }
+    out[kSums] = shared_max[0];
   }
-  out[kSums] = ratio_max;
 }
 
 __global__ void dapo_loss_backward_kernel(const float* __restrict__ grad_out, const float* __restrict__ logp,
@@ -212,7 +226,7 @@ torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& 
       in.mask.data_ptr<float>(), in.weight_ptr(), n, params, partial.data_ptr<double>(),
       partial_max.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dapo_loss_final_kernel<<<1, 32, 0, stream>>>(partial.data_ptr<double>(), partial_max.data_ptr<float>(), blocks,
+  dapo_loss_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), partial_max.data_ptr<float>(), blocks,
                                                in.global_tokens.data_ptr<float>(), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
