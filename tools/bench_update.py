@@ -7,8 +7,9 @@ CPU) and times, after one warm-up step, --repeats update steps of --batch sequen
 tokens (the second half of each is the response, advantages random): forward-backward over
 micro-batches of actor.ppo_max_token_len_per_gpu tokens and one optimizer step. Reports tokens/s
 and model FLOPs utilisation: 6 x parameters x tokens plus attention (12 x layers x hidden x S^2 per
-sequence, halved for causality), over the time and the device's peak (--peak-tflops; 989 for an H100 or H200
-SXM in bf16 dense). Appends a row to benchmarks/results/update.csv.
+sequence, halved for causality), over the time and the device's peak: the datasheet's (--peak-tflops; 989
+for an H100 or H200 SXM in bf16 dense) and an 8192^3 bf16 matrix product's measured in the same run (mfu_of_matmul).
+Appends a row to benchmarks/results/update.csv.
 
 It then times actor.offload's round trip in the same run: the weights and optimizer state copied to
 host memory and their device memory freed (gradients dropped), then copied back; median of
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step()
     seconds = statistics.median(step() for _ in range(args.repeats))
+    matmul = _matmul_tflops() if gpu else 0.0  # this device's reachable bf16 rate, measured in the same run
     if rank == 0:  # written before the offload round trips, which a time limit or the host's memory may cut short
         layer, _, _ = parameter_counts(actor.arch)
         matmul_params = layer * hf.num_hidden_layers + hf.vocab_size * hf.hidden_size  # + the output projection
@@ -88,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                "batch": b, "seq_len": s, "micro_tokens": args.micro_tokens, "seconds_median": round(seconds, 3),
                "tokens_per_s": round(tokens / seconds, 1),
                "tflops_per_gpu": round(flops / seconds / world / 1e12, 2),
-               "mfu": round(flops / seconds / world / (args.peak_tflops * 1e12), 3) if gpu else ""}
+               "peak_tflops": args.peak_tflops if gpu else "",
+               "mfu": round(flops / seconds / world / (args.peak_tflops * 1e12), 3) if gpu else "",
+               "matmul_tflops": round(matmul, 1) if gpu else "",
+               "mfu_of_matmul": round(flops / seconds / world / (matmul * 1e12), 3) if gpu else ""}
         print(row, flush=True)
         append_rows(args.out, "update", [row])
     round_trips = [_offload_round_trip(actor, gpu) for _ in range(args.repeats)]
@@ -106,6 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """TFLOP/s of a large bf16 matrix product on this GPU (the median of `repeats`), a peak the device reaches:
+    the datasheet's (--peak-tflops) differs between the SXM and PCIe parts and is rarely reached."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _offload_round_trip(actor, gpu: bool) -> tuple[int, int, float, float]:

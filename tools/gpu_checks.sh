@@ -14,6 +14,11 @@
 # generate      tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
 # embedded      tests/rollout/embedded/test_engine.py -k cuda: the embedded engine on the GPU against the CPU (bf16)
 #
+# A session with 15 minutes of device time (the machine's start included) runs the kernels first, in one call:
+#   bash tools/gpu_checks.sh $OUT build kernel-tests kernels
+# and the rest in a second call while the machine is warm (it keeps the built extension):
+#   bash tools/gpu_checks.sh $OUT actor update push generate embedded
+# (each about 5 minutes on an H100; set GPU_CHECKS_BUDGET_S to what the session has left).
 # Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 560); each step is stopped at what is left of it
 # (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results
 # (a timeout may overrun by the 10 s a stopped step is given to exit). A failed, stopped or skipped step
@@ -43,20 +48,21 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$work/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "!! wheels did not install, see wheels.log"
 fi
+megatron=yes  # by the import's exit status: a warning printed after the version must not hide it
+python3 -c "import megatron.core" >"$work/megatron_import.log" 2>&1 || megatron=no
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>&1 | tail -n 1
-  python3 -c "import transformers as t; print('transformers', t.__version__)" 2>&1 | tail -n 1
+  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>/dev/null || echo "megatron-core: none"
+  python3 -c "import transformers as t; print('transformers', t.__version__)" 2>/dev/null || echo "transformers: none"
   echo "ninja: $(command -v ninja || echo 'not found: the kernels compile one source at a time')"
 } >"$work/device.txt" 2>&1
 cat "$work/device.txt"
-megatron=yes
-if ! grep -q '^megatron-core [0-9]' "$work/device.txt"; then  # its import above failed
-  megatron=no
-  echo "!! megatron-core does not import: actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)"
+if [ "$megatron" = no ]; then
+  echo "!! megatron-core does not import (megatron_import.log): actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)"
 fi
 python3 -c "import liger_kernel" >/dev/null 2>&1 || echo "!! liger-kernel does not import: the kernel benchmark has no Liger rows"
 
+built=yes  # until the build step says otherwise (without one in the list, an earlier call's build is used)
 summary=("step          result   time")
 pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
   printf '%s\n' "${summary[@]}" >"$out/summary.txt"
@@ -69,6 +75,11 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
   case $name in
     actor|update|push) if [ "$megatron" = no ]; then
         summary+=("$(printf '%-13s %-8s %5s s  (no megatron-core)' "$name" skipped -)")
+        pack
+        return
+      fi ;;
+    kernel-tests|kernels|kernels-full) if [ "$built" = no ]; then  # the time goes to the later steps instead
+        summary+=("$(printf '%-13s %-8s %5s s  (the build failed)' "$name" skipped -)")
         pack
         return
       fi ;;
@@ -95,10 +106,14 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
     [[ $tally =~ [0-9]+\ (passed|xpassed|xfailed) ]] || result=skipped
   fi
   tail -n 4 "$work/$name.log"
+  [ "$name" = build ] && [ $result != ok ] && built=no
   summary+=("$(printf '%-13s %-8s %5s s%s' "$name" "$result" $((SECONDS - t0)) "$note")")
   pack
 }
 
+# One rank without torchrun: its workers run in a session of their own, which the step's timeout would not reach.
+one_rank=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
+          MASTER_PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"))
 for name in $steps; do  # every name checked before any step runs
   case $name in
     build|kernel-tests|kernels|kernels-full|actor|update|push|generate|embedded) ;;
@@ -115,8 +130,8 @@ print(e.describe())"' ;;
     kernels) step kernels 240 python3 tools/bench_kernels.py --preset acceptance --out "$work" ;;
     kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;
     actor) step actor 180 python3 -m pytest -q -rs -s tests/actor/test_actor_gpu.py ;;  # -s: the errors it prints
-    update) step update 150 python3 -m torch.distributed.run --nproc-per-node 1 tools/bench_update.py --tp 1 --out "$work" ;;
-    push) step push 120 python3 -m torch.distributed.run --nproc-per-node 1 tools/bench_push.py --tp 1 --out "$work" ;;
+    update) step update 150 env "${one_rank[@]}" python3 tools/bench_update.py --tp 1 --out "$work" ;;
+    push) step push 120 env "${one_rank[@]}" python3 tools/bench_push.py --tp 1 --out "$work" ;;
     generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
     embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded/test_engine.py -k cuda ;;
     *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
