@@ -74,9 +74,10 @@ def local_grad(
     p = torch.exp(z - lse[:, None])
     # A token that cannot be drawn (-inf) has no gradient: p = 0, and its entropy term is not 0 * inf.
     grad = torch.where(p == 0, 0.0, grad_entropy[:, None] * p * (expected_z[:, None] - z)) - grad_logp[:, None] * p
+    # + grad_logp at each row's target, where this rank holds it: a scatter, which torch.compile keeps in one graph
+    # (a nonzero() over the rows would break it in two and round-trip the fp32 gradient through memory).
     owned = targets >= 0
-    rows = owned.nonzero()[:, 0]
-    grad[rows, targets[rows]] += grad_logp[rows]
+    grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.where(owned, grad_logp, 0.0)[:, None].to(grad.dtype))
     grad[:, valid_columns:] = 0
     return (grad / temperature).to(logits.dtype)
 

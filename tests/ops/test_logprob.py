@@ -98,6 +98,20 @@ def test_tokens_that_cannot_be_drawn_add_nothing():
     torch.testing.assert_close(combined[1] - combined[2], entropy.detach(), rtol=0, atol=1e-10)
 
 
+def test_the_reference_gradient_compiles_in_one_graph():
+    """torch.compile of the reference is a baseline of the kernel benchmark: a graph break (nonzero() over the rows
+    did) splits it in two and round-trips the fp32 gradient through memory, which would flatter the kernel."""
+    from megatron_dapo.ops.logprob import local_grad
+
+    t, v = 6, 50
+    logits, targets = torch.randn(t, v, dtype=torch.bfloat16), torch.tensor([3, -1, 7, 0, 49, -1])
+    lse, expected_z = torch.logsumexp(logits.float() / 0.7, dim=-1), torch.randn(t)  # only traced here
+    args = (logits, targets, lse, expected_z, torch.randn(t), torch.randn(t), 0.7, v)
+    explained = torch._dynamo.explain(local_grad)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+
+
 def test_bf16_logits_error_no_worse_than_torch_bf16_path():
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(64, 1000, generator=gen) * 3).bfloat16()
