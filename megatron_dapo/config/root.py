@@ -121,9 +121,9 @@ class DAPOConfig:
         if self.trainer.val_only and not self.data.val_files:
             problems.append("trainer.val_only validates, but data.val_files is empty: name the validation files")
         if self.trainer.val_only and not self.checkpoint.resume:  # it would score model.path and log it as step 0
-            problems.append("trainer.val_only validates the run folder's latest checkpoint, but checkpoint.resume=false "
-                            "would have it validate model.path's weights instead: set checkpoint.resume=true (a folder "
-                            "without checkpoints validates the starting weights)")
+            problems.append("trainer.val_only validates the run folder's latest checkpoint, but "
+                            "checkpoint.resume=false would have it validate model.path's weights instead: set "
+                            "checkpoint.resume=true (a folder without checkpoints validates the starting weights)")
         mini, train = self.actor.ppo_mini_batch_size, self.data.train_batch_size
         if train % mini:
             problems.append(

@@ -12,9 +12,9 @@ from typing import TextIO
 from megatron_dapo.metrics.config import LoggingConfig
 
 CONSOLE_KEYS = {"critic/acc_mean": "acc", "critic/score_mean": "score", "response_length/mean": "response_len",
-                "actor/entropy": "entropy", "actor/pg_clipfrac_high": "clipfrac_high", "sampling/gen_batches": "gen_batches",
-                "sampling/groups_kept": "groups_kept", "rollout/probe_logp_mean_diff": "probe_diff",
-                "timing/step": "step_s", "timing/validate": "validate_s"}
+                "actor/entropy": "entropy", "actor/pg_clipfrac_high": "clipfrac_high",
+                "sampling/gen_batches": "gen_batches", "sampling/groups_kept": "groups_kept",
+                "rollout/probe_logp_mean_diff": "probe_diff", "timing/step": "step_s", "timing/validate": "validate_s"}
 """The figures of a step's console line, under their labels there."""
 
 
