@@ -45,29 +45,30 @@ class _Override:
     error: str | None = None
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["actor.clip_ratio_high=0.28", ...]` -> `{"actor.clip_ratio_high": _Override("0.28", 0.28)}`."""
-    parsed: dict[str, Any] = {}
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["actor.clip_ratio_high=0.28", ...]` -> `[("actor.clip_ratio_high", _Override("0.28", 0.28)), ...]`, in
+    command-line order (applied in turn: of a key given twice the last wins, and sections given twice merge)."""
+    parsed: list[tuple[str, Any]] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. actor.clip_ratio_high=0.28)")
-        parsed.pop(key, None)  # given again: the last one wins, in its place among the others
         try:
-            parsed[key] = _Override(raw.strip(), yaml.load(raw, Loader=_StrictLoader) if raw.strip() else "")
+            parsed.append((key, _Override(raw.strip(), yaml.load(raw, Loader=_StrictLoader) if raw.strip() else "")))
         except yaml.YAMLError as err:  # reported where the setting is known not to be text
-            parsed[key] = _Override(raw.strip(), None, error=_yaml_problem(err))
+            parsed.append((key, _Override(raw.strip(), None, error=_yaml_problem(err))))
     return parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], root: type | None = None) -> dict[str, Any]:
-    """Set each dotted key in a nested dict (a copy); intermediate mappings are created as needed. A mapping
-    given for a section is merged into it, key by key, as a YAML file's section would be by dotted keys; a
-    mapping setting (`reward.functions`) is replaced. `root`: the config dataclass that tells sections from
-    mapping settings (without it every mapping is merged)."""
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[tuple[str, Any]],
+                    root: type | None = None) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (a copy), in turn; intermediate mappings are created as needed. A
+    mapping given for a section is merged into it, key by key, as a YAML file's section would be by dotted keys
+    (into what earlier overrides gave it too); a mapping setting (`reward.functions`) is replaced. `root`: the
+    config dataclass that tells sections from mapping settings (without it every mapping is merged)."""
     out = _deep_copy(raw)
-    for dotted, value in overrides.items():
+    for dotted, value in (overrides.items() if isinstance(overrides, dict) else overrides):
         node, section = out, root
         parts = dotted.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -86,9 +87,12 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], root: type |
             node, section = child, kind
         last = parts[-1]
         given = value.value if isinstance(value, _Override) else value
-        if (isinstance(given, dict) and isinstance(node.get(last), dict)
+        current = node.get(last)
+        if isinstance(current, _Override) and isinstance(current.value, dict):  # given whole by an earlier override
+            current = current.value
+        if (isinstance(given, dict) and isinstance(current, dict)
                 and (root is None or dataclasses.is_dataclass(_field_type(section, last)))):
-            node[last] = _merged(node[last], given, _field_type(section, last) if root is not None else None)
+            node[last] = _merged(current, given, _field_type(section, last) if root is not None else None)
         else:
             node[last] = value
     return out
@@ -152,24 +156,34 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """Writes config files the loader reads back as they were (a text that would read as a number is quoted)."""
+
+
 # Numbers as YAML 1.2 reads them, not PyYAML's YAML 1.1: `010` is ten (1.1: octal eight), `1:30` is text (1.1:
-# base 60, ninety), `1e-5` is a number (1.1: text, without a dot). Hex (0x1f) and octal (0o17) keep their prefixes.
+# base 60, ninety), `1e-5` is a number (1.1: text, without a dot). Hex (0x1f), octal (0o17) and binary (0b101)
+# keep their prefixes.
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_StrictLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
-                                    list("-+0123456789"))
-_StrictLoader.add_implicit_resolver(_FLOAT, re.compile(
-    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+for _cls in (_StrictLoader, ConfigDumper):
+    _cls.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$"),
+                               list("-+0123456789"))
+    _cls.add_implicit_resolver(_FLOAT, re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 def _construct_int(loader: _StrictLoader, node) -> int:
-    text = loader.construct_scalar(node).replace("_", "")
-    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
-    base = {"0x": 16, "0o": 8}.get(digits[:2], 10)
-    return sign * int(digits[2:] if base != 10 else digits, base)
+    text = loader.construct_scalar(node)
+    digits = text.replace("_", "")
+    sign, digits = (-1, digits[1:]) if digits[:1] == "-" else (1, digits.lstrip("+"))
+    base = {"0x": 16, "0o": 8, "0b": 2}.get(digits[:2], 10)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError:  # `!!int 1:30`: an explicit tag on what is no integer
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
 _StrictLoader.add_constructor(_INT, _construct_int)

@@ -9,7 +9,8 @@ import yaml
 
 from megatron_dapo.actor.config import ActorConfig
 from megatron_dapo.checkpoint.config import CheckpointConfig
-from megatron_dapo.config.loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides, to_dict
+from megatron_dapo.config.loader import (ConfigDumper, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides,
+                                         to_dict)
 from megatron_dapo.data.config import DataConfig
 from megatron_dapo.metrics.config import LoggingConfig
 from megatron_dapo.models.config import ModelConfig
@@ -168,7 +169,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
 
 
 def dump_config(config: DAPOConfig) -> str:
-    return yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+    return yaml.dump(_plain(to_dict(config)), Dumper=ConfigDumper, sort_keys=False)
 
 
 def config_changes(before: str, after: DAPOConfig) -> list[str]:

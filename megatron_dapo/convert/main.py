@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
     if source is not None and source.itemsize > DTYPES[args.dtype].itemsize:
         print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}; the {args.dtype} copy "
               "rounds them (pass --dtype fp32 to keep them exact)")
+    if source == torch.bfloat16 and DTYPES[args.dtype] == torch.float16:
+        print("note: the checkpoint's model weights are bfloat16; the fp16 copy rounds them and turns any beyond "
+              "fp16's range (65504) into inf (pass --dtype bf16 or fp32 to keep them exact)")
     if source is not None and source.itemsize < DTYPES[args.dtype].itemsize:
         print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}, so the {args.dtype} copy "
               "holds their values exactly, no more precise (a bf16 run keeps its fp32 master weights in the "

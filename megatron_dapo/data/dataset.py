@@ -229,12 +229,13 @@ class PromptStream:
                 "dataset_size": len(self.dataset), "fingerprint": self.fingerprint()}
 
     def fingerprint(self) -> str:
-        """A hash of the prompts in dataset order (token ids, ground truth, data source): the same files in
-        another order, another file of as many prompts, another tokenizer or chat template give another one."""
+        """A hash of the prompts' token ids in dataset order: the same files in another order, another file of as
+        many prompts, another tokenizer or chat template give another one; a corrected answer or a renamed data
+        source (which change no prompt's place) do not."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for prompt in self.dataset:
-                digest.update(json.dumps([prompt.prompt_ids, prompt.ground_truth, prompt.data_source]).encode())
+                digest.update(json.dumps(prompt.prompt_ids).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

@@ -100,7 +100,12 @@ def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | Non
 def saved_trainer_state(path: Path) -> dict | None:
     """The trainer state a training saved with the complete checkpoint at `path` (None in one it did not save),
     read without loading anything."""
-    return json.loads((path / MARKER).read_text()).get("trainer")
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / MARKER} cannot be read ({type(err).__name__}: {err}); delete {path} or point "
+                              "to an earlier checkpoint") from None
+    return marker.get("trainer") if isinstance(marker, dict) else None
 
 
 def load(path: Path, actor) -> dict:

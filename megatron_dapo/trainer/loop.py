@@ -485,6 +485,8 @@ class Trainer:
             if now - last >= interval:
                 last = now
                 unscored = f", {stats.dropped_unscored} unscored" if stats.dropped_unscored else ""
+                if stats.dropped_untrainable:  # every response cut at the length limit (overlong filtering)
+                    unscored += f", {stats.dropped_untrainable} with no response to train on"
                 print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
                       f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
                       f"dropped{unscored}, {now - started:.0f} s", file=sys.stderr, flush=True)

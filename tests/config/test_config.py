@@ -79,6 +79,9 @@ def test_the_last_of_a_key_given_twice_on_the_command_line_wins(good):
     section given whole between them."""
     config = load_config(good, ["actor.optim.lr=1e-5", "actor.optim={lr: 3e-6, min_lr: 1e-7}", "actor.optim.lr=2e-6"])
     assert (config.actor.optim.lr, config.actor.optim.min_lr) == (2e-6, 1e-7)
+    # A section given whole twice: the second merges into the first, as into the file's.
+    config = load_config(good, ["actor.optim={lr: 3e-6, weight_decay: 0.0}", "actor.optim={min_lr: 1e-7}"])
+    assert (config.actor.optim.lr, config.actor.optim.weight_decay, config.actor.optim.min_lr) == (3e-6, 0.0, 1e-7)
 
 
 def test_numbers_are_read_as_yaml_1_2_reads_them(good, tmp_path):
@@ -93,6 +96,14 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(good, tmp_path):
     path = tmp_path / "seed.yaml"
     path.write_text(GOOD + "trainer: {seed: 0042}\n")
     assert load_config(path).trainer.seed == 42
+    assert load_config(good, ["rollout.sglang.server_args={a: -0x10, b: 0b101, c: -.5}"]).rollout.sglang.server_args \
+        == {"a": -16, "b": 5, "c": -0.5}
+    assert "'1:30' is not an integer" in _error(good, "trainer.seed=!!int 1:30")
+    # A text that reads as a number here is quoted when a config is written, so it reads back as text.
+    config = load_config(good, ["trainer.run_dir=1e3", "logging.wandb_run_name=010"])
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config and config.trainer.run_dir == "1e3"
     assert "below 1e9, got 2000000000.0" in _error(good, "trainer.rollout_timeout_s=2e9")
 
 

@@ -88,6 +88,10 @@ def test_bf16_round_trip_and_the_stored_layout(tmp_path, capsys):
                  "--quiet"]) == 0
     assert "note: the checkpoint's model weights are bfloat16, so the fp32 copy holds their values exactly" in \
         capsys.readouterr().out
+    # An fp16 copy of them rounds them, and overflows beyond fp16's range.
+    assert main(["mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16",
+                 "--quiet"]) == 0
+    assert "the fp16 copy rounds them and turns any beyond fp16's range (65504) into inf" in capsys.readouterr().out
 
 
 def test_cli_converts_both_ways_verified_with_progress(tmp_path):

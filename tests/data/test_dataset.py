@@ -264,6 +264,9 @@ def test_stream_refuses_a_state_from_another_run():
     for dataset in (reordered, other):
         with pytest.raises(ValueError, match=f"fingerprint={mark}, .* does not match this one"):
             PromptStream(dataset, batch_size=3, seed=11).load_state_dict(state)
+    # A corrected answer, a renamed data source: no prompt moves, the run goes on.
+    fixed = [dataclasses.replace(p, ground_truth="42", data_source="other") for p in prompts(7)]
+    PromptStream(fixed, batch_size=3, seed=11).load_state_dict(state)
     # A state saved before fingerprints is checked by its size; without shuffle the seed orders nothing.
     PromptStream(prompts(7), batch_size=3, seed=11).load_state_dict({k: v for k, v in state.items()
                                                                      if k != "fingerprint"})

@@ -85,13 +85,13 @@ def test_keys_a_config_leaves_out_are_read_as_transformers_reads_them(family):
     width: Qwen2 and Qwen3 take 32 KV heads, Qwen3 a head width of 128. The weights are read by that, so the
     shapes this project expects must be too."""
     written = {"architectures": [CONFIGS[family].__name__.replace("Config", "ForCausalLM")], "hidden_size": 256,
-               "num_attention_heads": 32, "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 100,
+               "num_attention_heads": 64, "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 100,
                "max_position_embeddings": 64}
     hf = CONFIGS[family](**written)
     arch = ModelArch.from_hf_config(written)
     assert arch.num_kv_heads == hf.num_key_value_heads
     assert arch.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    assert (arch.num_kv_heads, arch.head_dim) == {"qwen2": (32, 8), "llama": (32, 8), "qwen3": (32, 128)}[family]
+    assert (arch.num_kv_heads, arch.head_dim) == {"qwen2": (32, 4), "llama": (64, 4), "qwen3": (32, 128)}[family]
 
 
 def test_all_problems_are_reported_together():

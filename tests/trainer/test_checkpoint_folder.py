@@ -15,3 +15,16 @@ def test_a_converted_checkpoint_in_the_run_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"step_000000 is a checkpoint without a training's state .* set "
                                               r"model.megatron_checkpoint to it in a fresh run folder"):
         checkpoints.load(step, actor=None)  # refused before the actor is touched
+
+
+def test_a_trainer_state_that_cannot_be_read_is_named(tmp_path):
+    """Read at start-up to check the data order before the model is built: a marker that is not JSON (a disk that
+    filled while it was written) names its file and what to do, not a bare JSONDecodeError."""
+    step = tmp_path / "checkpoints" / "step_000005"
+    step.mkdir(parents=True)
+    (step / "COMPLETE.json").write_text('{"trainer": {"step": 5')
+    with pytest.raises(CheckpointError, match=r"step_000005/COMPLETE.json cannot be read \(JSONDecodeError: .*\); "
+                                              r"delete .*step_000005 or point to an earlier checkpoint"):
+        checkpoints.saved_trainer_state(step)
+    (step / "COMPLETE.json").write_text(json.dumps({"trainer": {"step": 5, "data": {"epoch": 0}}}))
+    assert checkpoints.saved_trainer_state(step) == {"step": 5, "data": {"epoch": 0}}

@@ -82,7 +82,8 @@ def test_toy_example_learns(toy_run):
     assert checkpoints == ["step_000015", "step_000020"], checkpoints
     assert not (run_dir / "RUNNING").exists()  # the folder is free again
     # What a stop's warning must leave time for: each validation's time in its row, each save's on the console.
-    assert all(row["timing/validate"] > 0 for row in rows if "val/acc_avg@4" in row)
+    validated = [row for row in rows if "val/acc_avg@4" in row]
+    assert len(validated) == 3 and all(row["timing/validate"] > 0 for row in validated), validated
     console = (run_dir.parent / "console.txt").read_text()
     assert all(f"step {step}: checkpoint saved in " in console for step in (5, 10, 15, 20)), console[-3000:]
     assert re.search(r"step 10/20 .*step_s=\S+ validate_s=\S+ val/acc_avg@4=", console), console[-3000:]
