@@ -189,7 +189,7 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     assert "Traceback" not in broken.stderr, broken.stderr
     # Without model.path or training files the training would not start: said, and config.json here is not read.
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_32B))
-    unset = subprocess.run(command[:-2] + ["--nodes", "16", "model.path=", "data.train_files=[]"], cwd=tmp_path,
+    unset = subprocess.run(command[:-2] + ["--nodes", "16", "model.path=''", "data.train_files=[]"], cwd=tmp_path,
                            capture_output=True, text=True)
     assert unset.returncode == 1, unset.stdout + unset.stderr
     assert "problem: model.path is not set: the training refuses to start without it" in unset.stdout, unset.stdout
