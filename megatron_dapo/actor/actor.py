@@ -150,6 +150,7 @@ class MegatronActor:
         return chunks[ps.get_data_parallel_rank()].tolist()
 
     def _micro_batches(self, batch: ActorBatch) -> list[_MicroBatch]:
+        _check_not_empty(batch)
         check_sequence_length(self.arch, int(batch.lengths.max()))
         check_token_ids(self.arch, batch.tokens, batch.lengths)
         rows = self._local_rows(batch.size)
@@ -262,6 +263,7 @@ class MegatronActor:
         optimizer steps taken so far."""
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("update needs advantages and old_logp in the batch")
+        _check_not_empty(batch)
         self.check_resident()
         self.model.train()
         mini = self.config.ppo_mini_batch_size * group_size
@@ -382,3 +384,8 @@ def _finalize_grads(model, num_tokens=None, **kwargs):
     from megatron.core.distributed import finalize_model_grads
 
     return finalize_model_grads(model, num_tokens=None, **kwargs)
+
+
+def _check_not_empty(batch: ActorBatch) -> None:
+    if batch.size == 0:
+        raise ValueError("the actor was given an empty batch (0 sequences)")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch.distributed as dist
 
@@ -94,6 +97,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
         try:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)  # a leftover rmtree could not remove (an NFS .nfs file)
+            (partial / MARKER).unlink(missing_ok=True)  # never a leftover marker in the folder to be renamed
         except OSError as err:  # every rank stops on it, none waits for rank 0
             failure = CheckpointError(f"checkpoint {directory}: could not make {partial}: {err}")
     stop_together(failure, CheckpointError)
@@ -121,6 +125,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
             # (an NFS .nfs file held open) leaves no complete-looking folder with shards missing.
             (directory / MARKER).unlink(missing_ok=True)
             shutil.rmtree(directory, ignore_errors=True)
+            _sync_written(partial)
             partial.rename(directory)
             written = directory / (MARKER + ".partial")
             with open(written, "w") as f:  # on disk before it is named: a power cut leaves no empty marker
@@ -136,6 +141,18 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
             failure = err
     stop_together(failure, CheckpointError)
     return directory
+
+
+def _sync_written(folder: Path) -> None:
+    """Put what megatron-core wrote into `folder` without syncing it on disk before the marker names the folder
+    complete: its rank 0 writes common.pt (the step count, the optimizer's settings) and metadata.json without an
+    fsync, and a power cut after the marker could leave them empty in a checkpoint that looks whole. The data
+    files (*.distcp, .metadata) are synced by the ranks that wrote them."""
+    for path in folder.iterdir():
+        if path.suffix != ".distcp" and path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _sync_folder(folder)
 
 
 def _sync_folder(folder: Path) -> None:
@@ -245,59 +262,128 @@ def load_model_weights(model, directory: str | Path, arch=None) -> dict:
 
     Call it before the optimizer is built: the optimizer copies the weights it starts from.
     """
-    from megatron.core import dist_checkpointing
-
     directory = Path(directory)
-    check_complete(directory)
-    marker = json.loads((directory / MARKER).read_text())
+    marker, held = _check_complete(directory)
     if arch is not None:
         _check_same_model(directory, marker, arch)
     sharded = model.sharded_state_dict(metadata=_metadata())
-    absent = _absent_extra_states(sharded, directory)
-    state = dist_checkpointing.load({"model": {k: v for k, v in sharded.items() if k not in absent}}, str(directory))
-    loaded = model.load_state_dict(state["model"], strict=False)
+    absent = _absent_extra_states(sharded, held)
+    state = _load(directory, {"model": {k: v for k, v in sharded.items() if k not in absent}})
+    _into_module(model, state["model"], absent, directory)
+    return marker
+
+
+def _load(directory: Path, request: dict) -> dict:
+    """dist_checkpointing.load of `request` from `directory` (collective): what it raises on any rank (a shard that
+    cannot be read, a tensor the checkpoint lacks) as a CheckpointError naming the folder on every rank."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    failure, state = None, None
+    try:
+        state = dist_checkpointing.load(request, str(directory))
+    except (Exception, CheckpointException) as err:  # the latter a BaseException
+        cause = err
+        if isinstance(err, CheckpointException):  # torch's gathered failures: the first rank's own
+            cause = next((f[0] if isinstance(f, tuple) else f for f in err.failures.values()), err)
+        failure = CheckpointError(f"checkpoint {directory} could not be loaded: {type(cause).__name__}: {cause}")
+    stop_together(failure, CheckpointError)
+    return state
+
+
+def _into_module(module, state: dict, absent: set[str], directory: Path) -> None:
+    """Load `state` (a dist_checkpointing.load result) into `module`; only the `absent` extra states may be left."""
+    loaded = module.load_state_dict(state, strict=False)
     unloaded = [k for k in loaded.missing_keys if k not in absent] + list(loaded.unexpected_keys)
     if unloaded:  # megatron-core's load would have named a missing tensor already: this is a model of another make
         raise CheckpointError(f"checkpoint {directory} did not load into the model: {', '.join(unloaded[:5])}"
                               + (f" and {len(unloaded) - 5} more" if len(unloaded) > 5 else ""))
-    return marker
 
 
-def _absent_extra_states(sharded: dict, directory: Path) -> set[str]:
+def _absent_extra_states(sharded: dict, held: set[str]) -> set[str]:
     """The keys of `sharded` that are a module's `_extra_state` (FP8 scaling metadata) the checkpoint does not hold.
     Transformer Engine's modules have one, megatron-core's local ones do not all: a checkpoint converted from Hugging
     Face or saved without Transformer Engine lacks some that a Transformer Engine model asks for (its norms'), and
     the model keeps its own, fresh ones (no FP8 history, which a bf16 or fp32 run does not use)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_dapo.convert.dcp_io import CheckpointFormatError, CheckpointReader
-
-    try:
-        held = CheckpointReader(directory).objects
-    except CheckpointFormatError as err:  # not a torch_dist checkpoint, a file it lists gone: named by the caller
-        raise CheckpointError(str(err)) from None
     return {key for key, value in sharded.items()
             if key.endswith("._extra_state") and isinstance(value, ShardedObject) and value.unique_key not in held}
 
 
-def check_complete(directory: Path) -> None:
-    """CheckpointError on every rank when any rank cannot see the complete checkpoint (a node whose shared file
-    system has not caught up, a folder on one node's local disk), not on that rank alone (collective)."""
-    failure = None
-    if not directory.is_dir():
-        failure = CheckpointError(f"checkpoint {directory} does not exist")
-    elif not is_complete(directory):
-        failure = CheckpointError(
-            f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish); "
-            "delete it or point to an earlier checkpoint"
-        )
-    else:
-        try:
-            json.loads((directory / MARKER).read_text())
-        except (OSError, ValueError) as err:
-            failure = CheckpointError(f"{directory / MARKER} cannot be read ({type(err).__name__}: {err}); "
-                                      f"delete {directory} or point to an earlier checkpoint")
+class _Complete(NamedTuple):
+    marker: dict
+    """COMPLETE.json's contents."""
+    objects: set[str]
+    """The keys of the non-tensor entries the checkpoint holds (modules' `_extra_state`)."""
+
+
+def check_complete(directory: Path, whole: bool = True) -> dict:
+    """The marker's contents of the complete checkpoint at `directory` (collective). CheckpointError on every rank
+    when any rank cannot see it whole (a node whose shared file system has not caught up, a folder on one node's
+    local disk), not on that rank alone; the message names the folder or file at fault.
+    whole: False checks the folder and its marker only, not the files a load reads."""
+    return _check_complete(directory, whole).marker
+
+
+def _check_complete(directory: Path, whole: bool = True) -> _Complete:
+    failure, found = None, None
+    try:
+        found = _inspect(directory, whole)
+    except CheckpointError as err:
+        failure = err
     stop_together(failure, CheckpointError)
+    return found
+
+
+def _inspect(directory: Path, whole: bool) -> _Complete:
+    """What a load needs of the checkpoint at `directory`, each part checked before megatron-core reads it (whose
+    errors for a missing or cut-short file name none); CheckpointError naming what is missing or damaged."""
+    from megatron.core.dist_checkpointing.core import CONFIG_FNAME
+
+    from megatron_dapo.convert.dcp_io import COMMON, CheckpointFormatError, CheckpointReader
+
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint folder")
+    if not is_complete(directory):
+        if (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory} is a Hugging Face model folder, not a megatron-core checkpoint: give it "
+                                  "as model.path, or convert it with `megatron-dapo convert hf-to-mcore`")
+        raise CheckpointError(f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish, or no "
+                              f"megatron-dapo save made it); {_advice(directory)}")
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+        if not isinstance(marker, dict):
+            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / MARKER} cannot be read ({type(err).__name__}: {err}); "
+                              f"{_advice(directory)}") from None
+    if not whole:
+        return _Complete(marker, set())
+    common = directory / COMMON
+    if not zipfile.is_zipfile(common):  # torch.save's format; a file cut short loses the zip's closing directory
+        raise CheckpointError(f"{common} is {'missing' if not common.exists() else 'damaged (not a whole torch.save file)'}"
+                              f"; {_advice(directory)}")
+    try:
+        json.loads((directory / CONFIG_FNAME).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / CONFIG_FNAME} cannot be read ({type(err).__name__}: {err}); "
+                              f"{_advice(directory)}") from None
+    try:
+        objects = CheckpointReader(directory).objects
+    except (CheckpointFormatError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory} cannot be loaded: {err}; {_advice(directory)}") from None
+    return _Complete(marker, objects)
+
+
+def _advice(directory: Path) -> str:
+    """What to do about a checkpoint that cannot be loaded. Only a run's own step folder is the trainer's to
+    delete; any other may be someone's only copy of something."""
+    if re.fullmatch(r"step_\d+", directory.name):
+        return "delete it or point to an earlier checkpoint"
+    return "point to a checkpoint a training or `megatron-dapo convert hf-to-mcore` completed"
 
 
 SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -326,11 +412,8 @@ def _check_same_model(directory: Path, marker: dict, arch) -> None:
 
 def load_actor(actor, directory: str | Path) -> dict:
     """Load a complete checkpoint into the actor (any layout); returns the marker's contents."""
-    from megatron.core import dist_checkpointing
-
     directory = Path(directory)
-    check_complete(directory)
-    marker = json.loads((directory / MARKER).read_text())
+    marker, held = _check_complete(directory)
     _check_same_model(directory, marker, actor.arch)
     saved = marker.get("distributed_optimizer")
     if saved is not None and saved != actor.layout.distributed_optimizer:  # megatron-core: a KeyError deep inside
@@ -344,13 +427,15 @@ def load_actor(actor, directory: str | Path) -> dict:
     model_sd = actor.model.module.sharded_state_dict(metadata=metadata)
     with _optimizer_state_in_buffer_space(actor.optimizer):  # the same layout as the save's
         optimizer_sd = actor.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
-    request = {"model": model_sd, "optimizer": optimizer_sd, "actor_steps": 0}
-    state = dist_checkpointing.load(request, str(directory))
+    absent = _absent_extra_states(model_sd, held)  # saved without Transformer Engine, resumed with it
+    request = {"model": {k: v for k, v in model_sd.items() if k not in absent}, "optimizer": optimizer_sd,
+               "actor_steps": 0}
+    state = _load(directory, request)
     # The optimizer first: loading its state may rewrite model params from its main params; the model's
     # own checkpointed weights are then the last word.
     with _adam_steps_kept(actor.optimizer):
         actor.optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(actor.optimizer)
-    actor.model.module.load_state_dict(state["model"])
+    _into_module(actor.model.module, state["model"], absent, directory)
     actor.steps = int(state["actor_steps"])
     return marker

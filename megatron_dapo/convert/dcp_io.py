@@ -232,10 +232,16 @@ class CheckpointReader:
             raise CheckpointFormatError(f"{self.folder / DCP_METADATA}: cannot be read: {err}") from None
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self.objects = {k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
-        files = sorted({info.relative_path for info in self.metadata.storage_data.values()})
-        missing = [f for f in files if not (self.folder / f).is_file()]
+        needed: dict[str, int] = {}  # the bytes each data file must hold: where its last item ends
+        for info in self.metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        missing = [f for f in sorted(needed) if not (self.folder / f).is_file()]
         if missing:
             raise CheckpointFormatError(f"{self.folder}: file(s) listed in {DCP_METADATA} are missing: {', '.join(missing)}")
+        short = [f"{f} ({size} bytes of {needed[f]})" for f in sorted(needed)
+                 if (size := (self.folder / f).stat().st_size) < needed[f]]
+        if short:  # a copy or a write cut off: torch would fail on it deep inside a load, naming no file
+            raise CheckpointFormatError(f"{self.folder}: file(s) cut short: {', '.join(short)}")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._stored(key).size)

@@ -110,8 +110,9 @@ def saved_trainer_state(path: Path) -> dict | None:
 
 def load(path: Path, actor) -> dict:
     """The trainer state saved with the checkpoint at `path`, its actor state loaded into `actor` (collective)."""
-    check_complete(path)  # rank 0 chose it: a rank that cannot see it (a lagging file system) stops every rank
-    marker = json.loads((path / MARKER).read_text())  # every rank reads the same file, and raises alike
+    # Rank 0 chose it: a rank that cannot see it (a lagging file system) stops every rank. Its files are checked
+    # by load_actor, after the marker says whether a training saved it.
+    marker = check_complete(path, whole=False)
     if "trainer" not in marker:
         raise CheckpointError(f"{path} is a checkpoint without a training's state (step, data order): not one a "
                               "training saved. To start from its weights, set model.megatron_checkpoint to it in a "

@@ -216,8 +216,11 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
     same_step(moved.update(batch(), group_size=2), second, "first step after loading at TP1")
     close(moved.compute_logprobs(batch())[0], after_two, "after one step resumed at TP1")
 
-    # And the other way round: saved at TP1 x DP4, resumed at TP2 x PP2.
-    save_actor(moved, workdir / "ckpt_tp1")
+    # And the other way round: saved at TP1 x DP4, resumed at TP2 x PP2. What megatron-core writes unsynced
+    # (common.pt, metadata.json) is synced before the marker names the folder complete.
+    synced = _fsynced_files(lambda: save_actor(moved, workdir / "ckpt_tp1"))
+    if rank == 0:
+        assert {"common.pt", "metadata.json", "COMPLETE.json.partial"} <= synced, synced
     if rank == 0:  # each of the 4 data-parallel ranks wrote a share, not the first replica all of it
         written = {}
         for part in (workdir / "ckpt_tp1").glob("__*_*.distcp"):
@@ -242,6 +245,76 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
         assert "incomplete" in str(err)
     else:
         raise AssertionError("an incomplete checkpoint was loaded")
+
+
+def _fsynced_files(call) -> set[str]:
+    """The names of the files os.fsync was given while `call` ran (in this process)."""
+    import os
+    from unittest import mock
+
+    names, fsync = set(), os.fsync
+
+    def spy(fd):
+        names.add(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return fsync(fd)
+
+    with mock.patch("os.fsync", spy):
+        call()
+    return names
+
+
+def check_a_damaged_checkpoint_is_named(rank: int, world: int, workdir: Path) -> None:
+    """Copies of the TP1 checkpoint, each damaged in one way, are refused with the file at fault named (not
+    megatron-core's or torch's error from inside the load, on some ranks); a Hugging Face folder given as a
+    checkpoint is named as one, without the advice to delete it. And a checkpoint saved without the modules'
+    `_extra_state` (without Transformer Engine, resumed with it) resumes."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from megatron_dapo.actor.checkpoint import MARKER, CheckpointError, load_actor
+    from megatron_dapo.convert import dcp_io
+
+    source = workdir / "ckpt_tp1"
+    shard = sorted(source.glob("__*.distcp"))[-1].name
+
+    def cut(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+    damages = {
+        "no_common": (lambda d: (d / "common.pt").unlink(), r"common.pt is missing"),
+        "cut_common": (lambda d: cut(d / "common.pt"), r"common.pt is damaged"),
+        "bad_metadata": (lambda d: (d / "metadata.json").write_text("{"), r"metadata.json cannot be read"),
+        "no_shard": (lambda d: (d / shard).unlink(), rf"are missing: {shard}"),
+        "cut_shard": (lambda d: cut(d / shard), rf"cut short: {shard} \(\d+ bytes of \d+\)"),
+        "list_marker": (lambda d: (d / MARKER).write_text("[]"), r"COMPLETE.json cannot be read \(ValueError: a "
+                                                                  r"JSON list, not an object\)"),
+    }
+    if rank == 0:
+        for name, (damage, _) in damages.items():
+            shutil.copytree(source, workdir / f"damaged_{name}")
+            damage(workdir / f"damaged_{name}")
+        # Without any _extra_state: every tensor (weights and optimizer state) and common.pt kept.
+        reader = dcp_io.CheckpointReader(source)
+        chunks = [dcp_io.Chunk(key, tuple(meta.size), (0,) * len(meta.size), tuple(meta.size), meta.properties.dtype,
+                               lambda key=key: reader.read(key)) for key, meta in reader.tensors.items()]
+        (workdir / "ckpt_tp1_bare").mkdir()
+        dcp_io.write_checkpoint(workdir / "ckpt_tp1_bare", chunks, [], common=torch.load(source / "common.pt",
+                                                                                        weights_only=False))
+        shutil.copy(source / MARKER, workdir / "ckpt_tp1_bare" / MARKER)
+    dist.barrier()
+    actor = _actor(workdir / "qwen2", 2, 2, False, ppo_mini_batch_size=4, load_weights=False)
+    for name, (_, message) in damages.items():
+        with pytest.raises(CheckpointError, match=message):
+            load_actor(actor, workdir / f"damaged_{name}")
+    with pytest.raises(CheckpointError, match=r"qwen2 is a Hugging Face model folder, not a megatron-core checkpoint: "
+                                              r"give it as model.path") as refused:
+        load_actor(actor, workdir / "qwen2")
+    assert "delete" not in str(refused.value)
+    with pytest.raises(CheckpointError, match=r"ckpt_broken is incomplete \(no COMPLETE.json.*\); point to a "
+                                              r"checkpoint a training or `megatron-dapo convert hf-to-mcore` completed"):
+        load_actor(actor, workdir / "ckpt_broken")  # not a step_N folder of a run: no advice to delete it
+    assert load_actor(actor, workdir / "ckpt_tp1_bare")["actor_steps"] == 2
 
 
 def check_converted_checkpoint_loads_at_tp2_pp2(rank: int, world: int, workdir: Path) -> None:
@@ -339,6 +412,10 @@ def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir:
         if groups_per_step == 2:
             for name, tensor in stage_hf_tensors(actor.model, actor.arch):
                 assert torch.equal(tensor, before[name]), f"{name} changed in a refused update"
+    empty = batch.rows(slice(0, 0))  # every rank alike: a clear error, not lengths.max() of nothing
+    for call in (lambda: actor.compute_logprobs(empty), lambda: actor.update(empty, group_size=2)):
+        with pytest.raises(ValueError, match=r"the actor was given an empty batch \(0 sequences\)"):
+            call()
     with pytest.raises(ValueError, match="seq-mean-token-sum-norm needs norm_len"):  # no fixed length to divide by
         _actor(workdir / "qwen2", 1, 2, False, loss_agg_mode="seq-mean-token-sum-norm")
 
@@ -408,7 +485,8 @@ def check_local_spec_norms_follow_params_dtype_and_sequence_parallel(rank: int, 
 
 
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
-          check_checkpoint_saved_at_one_layout_loads_at_another, check_converted_checkpoint_loads_at_tp2_pp2,
+          check_checkpoint_saved_at_one_layout_loads_at_another, check_a_damaged_checkpoint_is_named,
+          check_converted_checkpoint_loads_at_tp2_pp2,
           check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank,
           check_gradient_norm_is_measured_without_clipping, check_a_mini_batch_without_loss_tokens_moves_no_weight,
           check_local_spec_norms_follow_params_dtype_and_sequence_parallel]
