@@ -133,11 +133,8 @@ class SGLangEngine(RolloutEngine):
             if params.seed is not None:
                 item["sampling_seed"] = (params.seed * 1_000_003 + i) % 2**63  # SGLang keeps it in an int64
             per_request.append(item)
-        try:
-            outputs = self.engine.generate(input_ids=requests, sampling_params=per_request, return_logprob=True)
-        except ValueError as err:  # a request SGLang refuses (one past its context length) fails the whole call
-            raise RolloutError(f"SGLang refused the generation batch ({len(prompts)} prompts x {params.n}): "
-                               f"{err}") from err
+        outputs = _generate(self.engine, f"the generation batch ({len(prompts)} prompts x {params.n})",
+                            input_ids=requests, sampling_params=per_request, return_logprob=True)
         completions = [_completion(out, params.max_new_tokens, params.stop_token_ids) for out in outputs]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
@@ -147,14 +144,19 @@ class SGLangEngine(RolloutEngine):
         self._check_usable()
         if temperature != 1.0:
             raise RolloutError(f"SGLang scores a sequence's tokens at temperature 1 only, got {temperature}")
-        outputs = self.engine.generate(
-            input_ids=[list(s) for s in sequences],
-            sampling_params={"max_new_tokens": 0, "temperature": temperature},
-            return_logprob=True, logprob_start_len=0,
-        )
-        # input_token_logprobs: (logprob, token id, text) per prompt token; the first has no logprob.
-        return [torch.tensor([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]], dtype=torch.float32)
-                for out in outputs]
+        outputs = _generate(self.engine, f"the scoring batch ({len(sequences)} sequences)",
+                            input_ids=[list(s) for s in sequences],
+                            sampling_params={"max_new_tokens": 0, "temperature": temperature},
+                            return_logprob=True, logprob_start_len=0)
+        scores = []
+        for i, out in enumerate(outputs):
+            reason = out["meta_info"].get("finish_reason") or {}
+            if isinstance(reason, dict) and reason.get("type") == "abort":  # then it has no log-probs
+                raise RolloutError(f"SGLang aborted scoring sequence {i}: {reason.get('message', reason)}")
+            # input_token_logprobs: (logprob, token id, text) per prompt token; the first has no logprob.
+            scores.append(torch.tensor([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]],
+                                       dtype=torch.float32))
+        return scores
 
     # ---- weights ----------------------------------------------------------------------------
 
@@ -227,6 +229,19 @@ class SGLangEngine(RolloutEngine):
     def close(self) -> None:
         """Stop SGLang's processes."""
         self.engine.shutdown()
+
+
+def _generate(engine, what: str, **kwargs) -> list[dict]:
+    """engine.generate(**kwargs), whatever it raises as a RolloutError naming `what`: a request SGLang refuses (one
+    past its context length) fails the whole call with a ValueError, one it aborts on its own (out of memory, an
+    internal error) with fastapi's HTTPException, whose str() may be empty."""
+    try:
+        return engine.generate(**kwargs)
+    except ValueError as err:
+        raise RolloutError(f"SGLang refused {what}: {err}") from err
+    except Exception as err:
+        detail = getattr(err, "detail", None) or str(err)
+        raise RolloutError(f"SGLang failed on {what}: {type(err).__name__}: {detail}") from err
 
 
 def _completion(out: dict, max_new_tokens: int, stop_token_ids=()) -> Completion:

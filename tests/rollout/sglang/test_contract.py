@@ -299,6 +299,41 @@ def test_a_batch_sglang_refuses_is_a_rollout_error_with_its_reason():
         SGLangEngine(_Refusing(), tp_size=1).generate([[1], [2]], SamplingParams(max_new_tokens=4000))
 
 
+class _Aborting:
+    """sglang.Engine.generate as it answers a batch holding a request its scheduler aborted with a server-side
+    status (TokenizerManager raises fastapi's HTTPException, whose str() is empty), or, for `abort_scoring`,
+    returns the aborted request (its finish reason of type "abort", no log-probs)."""
+
+    def __init__(self, abort_scoring: bool = False):
+        self.abort_scoring = abort_scoring
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, logprob_start_len=None):
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
+              logprob_start_len=logprob_start_len)
+        if self.abort_scoring:
+            from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+            return [{"output_ids": [], "meta_info": {"finish_reason": FINISH_ABORT("out of memory").to_json()}}
+                    for _ in input_ids]
+        import fastapi
+
+        raise fastapi.HTTPException(status_code=503, detail="The request was aborted: KV cache exhausted")
+
+
+def test_a_batch_sglang_aborts_is_a_rollout_error_with_its_reason():
+    _sglang()
+    from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    with pytest.raises(RolloutError, match=r"SGLang failed on the generation batch \(1 prompts x 2\): HTTPException: "
+                                           r"The request was aborted: KV cache exhausted"):
+        SGLangEngine(_Aborting(), tp_size=1).generate([[1]], SamplingParams(n=2, max_new_tokens=4))
+    with pytest.raises(RolloutError, match=r"SGLang failed on the scoring batch \(1 sequences\): HTTPException"):
+        SGLangEngine(_Aborting(), tp_size=1).score([[1, 2]], 1.0)
+    with pytest.raises(RolloutError, match=r"SGLang aborted scoring sequence 0: out of memory"):  # not a KeyError
+        SGLangEngine(_Aborting(abort_scoring=True), tp_size=1).score([[1, 2]], 1.0)
+
+
 def test_scores_only_at_temperature_1_and_refuses_original_logprobs(monkeypatch):
     """SGLang's prompt log-probs ignore the request's temperature, so score() takes only 1.0 (the parity probe's);
     SGLANG_RETURN_ORIGINAL_LOGPROB (temperature-1 sampled log-probs) stops the engine before it starts."""
