@@ -10,7 +10,9 @@ RewardResult | float` (reward/registry.py). An entry for a built-in source (math
 the built-in function. The trainer loads the entries on every rank before anything runs, so a typo
 stops the run at start-up with the key named, and every reward worker loads them again when it starts:
 the workers receive functions by name, and a function from a file lives in a module that only exists
-where the file was loaded.
+where the file was loaded. A file is read once, when the run loads it: a worker started later (one replacing a
+worker that timed out) runs the code the run started with, not what the file holds by then (an edit made while
+the run goes on, a file being rewritten).
 """
 from __future__ import annotations
 
@@ -40,11 +42,14 @@ def target_problem(data_source: str, target: object) -> str | None:
     return None
 
 
-def load_reward_functions(functions: dict[str, str]) -> None:
+def load_reward_functions(functions: dict[str, str], sources: dict[str, str] | None = None) -> dict[str, str]:
     """Import every `reward.functions` entry and register it for its data_source (replacing a built-in one).
-    Raises ConfigError naming the key of each entry that cannot be loaded."""
+    Raises ConfigError naming the key of each entry that cannot be loaded.
+    sources: the text of file entries (absolute path -> text) as this run first read them, used instead of the
+    files. Returns the text of this call's file entries, for the next process to load them from."""
     from megatron_dapo.reward.registry import register_reward
 
+    _SOURCES.update(sources or {})
     problems = []
     for data_source, target in functions.items():
         problem = target_problem(data_source, target)
@@ -61,6 +66,13 @@ def load_reward_functions(functions: dict[str, str]) -> None:
             problems.append(problem)
     if problems:
         raise ConfigError(problems)
+    files = {str(Path(where).resolve()) for where in (t.rsplit(":", 1)[0] for t in functions.values())
+             if where.endswith(".py")}
+    return {path: _SOURCES[path] for path in files if path in _SOURCES}
+
+
+_SOURCES: dict[str, str] = {}
+"""The text of each reward file as this process first read it (absolute path -> text)."""
 
 
 def check_reward_sources(datasets: dict[str, Iterable]) -> None:
@@ -104,11 +116,15 @@ def _load_file(path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"{path} cannot be imported as a Python module")
+    source = _SOURCES.get(str(path))
+    if source is None:
+        source = path.read_text(encoding="utf-8")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except BaseException:
         del sys.modules[name]
         raise
+    _SOURCES[str(path)] = source  # what loaded: the text every later load of this file runs
     return module

@@ -161,7 +161,7 @@ class RewardScorer:
         """Workers replaced so far because they outgrew max_rss_gb."""
         self.startup_timeout_s = startup_timeout_s
         self.functions = dict(functions or {})
-        load_reward_functions(self.functions)
+        self.sources = load_reward_functions(self.functions)  # the workers run the files' code as read here
         self._ctx = multiprocessing.get_context("spawn")
         self._workers = [self._new_worker() for _ in range(num_workers)]
         # A run that ends on an error ends the workers' process groups too: what a reward function started and
@@ -324,7 +324,7 @@ class RewardScorer:
         from: a verifier's heavy imports (sympy, a sandbox) are paid at start, not by the first sample of each
         fresh worker against its reward.timeout_s."""
         modules = sorted({getattr(fn, "__module__", None) for fn in _REGISTRY.values()} - {None, "__main__"})
-        return _Worker(self._ctx, self.startup_timeout_s, self.functions, modules)
+        return _Worker(self._ctx, self.startup_timeout_s, self.functions, self.sources, modules)
 
     def _replace_if_grown(self, slot: int) -> None:
         """Replace the idle worker in `slot` when it holds more than max_rss_gb (between samples: nothing is lost)."""
@@ -349,10 +349,11 @@ class _Worker:
     """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
     `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
 
-    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], modules: list[str] = ()):
+    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], sources: dict[str, str],
+                 modules: list[str] = ()):
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, functions, list(modules)), daemon=True,
-                                   name="reward-worker")
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, functions, sources, list(modules)),
+                                   daemon=True, name="reward-worker")
         self.process.start()
         child_conn.close()
         self.watcher = _watch_group(self.process.pid)  # the worker makes its pid its process group's id
@@ -407,8 +408,9 @@ _TIMERS = ((signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_VIRTUAL, signal.
 """The interval timers a reward function may arm (signal.alarm is the first), and the signal each sends."""
 
 
-def _worker_main(conn, functions: dict[str, str], modules: list[str] = ()) -> None:
-    """Worker loop: load the config's reward functions and import `modules` (those of the registered functions),
+def _worker_main(conn, functions: dict[str, str], sources: dict[str, str], modules: list[str] = ()) -> None:
+    """Worker loop: load the config's reward functions (those from files from `sources`, their text as the trainer
+    read it) and import `modules` (those of the registered functions),
     then receive (sample number, pickled (fn, response, ground_truth, extra_info)) and send ("ok", value, number)
     or ("error", why, number)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the trainer's to handle
@@ -426,7 +428,7 @@ def _worker_main(conn, functions: dict[str, str], modules: list[str] = ()) -> No
     # worker is a daemon to the trainer, which multiprocessing would refuse to let have children.
     multiprocessing.current_process().daemon = False
     try:
-        load_reward_functions(functions)
+        load_reward_functions(functions, sources)
     except Exception as err:
         conn.send_bytes(pickle.dumps(("failed", f"{type(err).__name__}: {err}", None)))
         return
