@@ -62,6 +62,19 @@ class RewardResult:
 FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")
 """not_scored: left unscored because its data_source's function had failed on all of it before (`give_up_after`)."""
 
+
+def failure_kind(result: RewardResult) -> str:
+    """Which of FAILURE_KINDS a failed result's is (its reason starts with it)."""
+    kind = (result.reason or "").split(":", 1)[0]
+    return kind if kind in FAILURE_KINDS else "error"
+
+
+def failure_metrics(counts: Counter[str]) -> dict[str, float]:
+    """reward/failed and reward/failed_KIND (every kind, 0 included) from failed responses counted per kind."""
+    return {"reward/failed": float(sum(counts.values())),
+            **{f"reward/failed_{kind}": float(counts[kind]) for kind in FAILURE_KINDS}}
+
+
 RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float"]
 
 

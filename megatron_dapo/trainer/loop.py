@@ -34,7 +34,7 @@ from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
-from megatron_dapo.reward.registry import RewardSample, RewardScorer
+from megatron_dapo.reward.registry import RewardSample, RewardScorer, failure_kind, failure_metrics
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import ProbeDiff, engine_probe_diff, push_weights, trainer_probe_logprobs
@@ -210,6 +210,9 @@ class Trainer:
         """Time spent scoring rewards in the current step (rank 0's share)."""
         self.generated_tokens = 0
         """Response tokens generated in the current step, every generation batch's (rank 0's count)."""
+        self.reward_failures: Counter[str] = Counter()
+        """Responses of the current step whose reward failed, per kind (FAILURE_KINDS), in every generation batch,
+        kept by dynamic sampling or not (rank 0's count)."""
         self.stop = StopRequest(self.run_dir, self.actor.device, catch_signals=not cfg.trainer.val_only)
         """SIGTERM, SIGUSR1 or a STOP file in the run folder: save after the current step and exit."""
         dist.barrier()
@@ -397,6 +400,7 @@ class Trainer:
         announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
         timer = _Timer(announce, prefix=f"step {self.step + 1}: ")
         self.reward_seconds = self.generated_tokens = 0
+        self.reward_failures = Counter()
         self.memory.to_generation(timer)
         with timer("generate"):
             sampled = self._collect()
@@ -461,6 +465,7 @@ class Trainer:
             self.control.broadcast("more")
             groups = generate_batch()
             self.generated_tokens += sum(len(c.token_ids) for g in groups for c in g.completions)
+            self.reward_failures.update(failure_kind(r) for g in groups for r in g.rewards if r.failed)
             if self._check_filter_metric:  # before the sampler drops every group for want of the figure
                 check.add(groups)
                 self._check_filter_metric = not check.check(self.step + 1)
@@ -499,7 +504,7 @@ class Trainer:
             return self.control.share_batch(None, self.actor.device), {}
         cfg, groups, batch = self.config, sampled.groups, None
         with self._stops_everyone():  # the other ranks still wait for rank 0's word
-            metrics = sampled.stats.metrics()
+            metrics = {**sampled.stats.metrics(), **failure_metrics(self.reward_failures)}
             if sampled.stats.exhausted and cfg.logging.console:
                 filtering = cfg.algorithm.filter_groups
                 consequence = "the step trains on those" if groups else "the step has nothing to train on: no update"

@@ -655,6 +655,9 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     assert row["step"] == 1 and row["sampling/metric_missing"] >= 8, row  # a failing prompt: 8 responses
     assert row["sampling/groups_dropped_unscored"] > 0 and row["sampling/groups_kept"] > 0, row  # the failing prompt
     assert "actor/pg_loss" in row, row
+    # Every failure of the step is counted by kind, those of the dropped groups too (critic/ counts the kept ones).
+    assert row["reward/failed"] == row["reward/failed_error"] >= row["sampling/metric_missing"], row
+    assert row["reward/failed"] > row["critic/reward_failed"] and row["reward/failed_timeout"] == 0, row
     # Without dynamic sampling a step draws train_batch_size (8) prompts, not gen_batch_size (24), and trains on
     # them all, the failed responses masked out.
     run_dir = _linked_run_dir(toy_run, tmp_path, "unfiltered")
