@@ -10,7 +10,7 @@ val/vs_market_bps_mean, val/vs_passive_bps_mean; negative is better than the bas
     python examples/trading/run.py [dotted.overrides ...]                  # CPU-sized variant, trains
     python examples/trading/run.py --prepare-only [dotted.overrides ...]   # data (+ tiny model), print overrides
     python examples/trading/run.py --config examples/trading/config.yaml --prepare-only \\
-        [--books B.csv --trades T.csv]     # the full-size episodes for config.yaml, from files or simulated
+        [--books B.csv --trades T.csv [--tick 0.01]]   # the full-size episodes for config.yaml, from files or simulated
 
 The market comes from --books / --trades files (CSV or Parquet, layout in
 megatron_dapo/reward/trading/market.py) or, by default, from the synthetic generator; train and
@@ -40,8 +40,10 @@ WHOLE_SIZE_SHARE = 0.5
 """How often the warm start's answer orders exactly the episode's size (the rest order more: malformed)."""
 
 
-def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, trades: str | None) -> dict:
-    """Episodes as JSONL rows (train / val split by time); returns counts."""
+def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, trades: str | None,
+                  tick: float | None = None) -> dict:
+    """Episodes as JSONL rows (train / val split by time); returns counts. tick: the market's price increment
+    (None: the narrowest spread in the data)."""
     from megatron_dapo.reward.trading.market import (cut_episodes, episode_to_dict, load_market, split_by_time,
                                                      synthetic_market, write_market)
     from megatron_dapo.reward.trading.task import DATA_SOURCE, render_prompt
@@ -51,7 +53,12 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
         books, trades = folder / "books.csv", folder / "trades.csv"
         write_market(synthetic_market(4000 if compact else 20000, seed=seed), books, trades)
     market = load_market(books, trades)
-    tick = min(b.asks[0][0] - b.bids[0][0] for b in market.books)
+    narrowest = min(b.asks[0][0] - b.bids[0][0] for b in market.books)
+    if tick is None:  # where the data never shows a one-tick spread, this is a multiple of the tick: --tick
+        tick = narrowest
+        print(f"tick: {round(tick, 10)} (the narrowest spread in {books}; --tick to give it)", flush=True)
+    elif tick > narrowest * (1 + 1e-9):
+        raise SystemExit(f"--tick {tick} is wider than the narrowest spread in {books} ({round(narrowest, 10)})")
     gaps = sorted(b - a for a, b in zip(market.timestamps, market.timestamps[1:]))
     interval_s = gaps[len(gaps) // 2] if gaps else 10.0  # the data's usual spacing of snapshots, said in the prompt
     rows = cut_episodes(market, window=WINDOW[compact][0], horizon=HORIZON[compact], stride=3 if compact else 5,
@@ -88,16 +95,17 @@ def warm_start(folder: Path, tokenizer, train_file: Path, seed: int, steps: int 
     fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=32, max_positions=256, lr=3e-3)
 
 
-def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trades: str | None) -> list[str]:
+def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trades: str | None,
+            tick: float | None = None) -> list[str]:
     """Data (and, for the CPU-sized variant, tokenizer and model) in run_dir, once; the overrides to use them."""
     compact = config_path.name == "config_cpu.yaml"
     data = run_dir / "data"
     # What the episodes were cut from: other market files (or a seed) than the folder's episodes' make them again.
     source = {"compact": compact, "seed": seed, "books": books and str(Path(books).resolve()),
-              "trades": trades and str(Path(trades).resolve())}
+              "trades": trades and str(Path(trades).resolve()), "tick": tick}
     made_from = json.loads((data / "source.json").read_text()) if (data / "source.json").is_file() else None
     if not (data / "val.jsonl").is_file() or made_from != source:
-        counts = make_episodes(data, compact=compact, seed=seed, books=books, trades=trades)
+        counts = make_episodes(data, compact=compact, seed=seed, books=books, trades=trades, tick=tick)
         (data / "source.json").write_text(json.dumps(source, indent=1))
         print(f"episodes: {counts['train']} train, {counts['val']} validation (split by time)", flush=True)
         if made_from is not None:  # the warm start was fitted on the earlier episodes
@@ -127,17 +135,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="make the data (and model), print the overrides")
     parser.add_argument("--books", help="order-book snapshots (CSV or Parquet) instead of the generator")
     parser.add_argument("--trades", help="the trades that go with --books")
+    parser.add_argument("--tick", type=float, help="the market's price increment (default: the narrowest spread "
+                        "in the data, too wide where it never shows a one-tick spread)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if (args.books is None) != (args.trades is None):
         parser.error("--books and --trades go together")
+    if args.tick is not None and not args.tick > 0:
+        parser.error(f"--tick must be > 0, got {args.tick}")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:  # named, no traceback (as the trainer's own are)
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
         return 2
     overrides = [*prepare(Path(args.config), Path(config.trainer.run_dir), config.trainer.seed, args.books,
-                          args.trades), *args.overrides]
+                          args.trades, args.tick), *args.overrides]
     if args.prepare_only:  # quoted for a shell: a path may hold spaces
         print(shlex.join(overrides))
         return 0

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -62,3 +63,14 @@ def test_episodes_are_made_again_from_other_market_files(tmp_path):
     assert f"episodes made again from {books} (the folder's came from the generator, seed 1)" in other.stdout
     assert json.loads((run_dir / "data" / "source.json").read_text())["books"] == str(books.resolve())
     assert not list((run_dir / "data").glob("*.partial"))
+    # The tick is the narrowest spread unless --tick gives it (data that never shows a one-tick spread); one wider
+    # than a spread the data shows is refused.
+    narrowest = float(re.search(r"tick: (\S+) \(the narrowest spread in ", other.stdout).group(1))
+    wide = subprocess.run([*command, "--books", str(books), "--trades", str(trades), "--tick", str(narrowest * 2)],
+                          capture_output=True, text=True, timeout=600)
+    assert wide.returncode != 0 and f"--tick {narrowest * 2} is wider than the narrowest spread" in wide.stderr
+    given = subprocess.run([*command, "--books", str(books), "--trades", str(trades), "--tick", str(narrowest / 2)],
+                           capture_output=True, text=True, timeout=600)
+    assert given.returncode == 0 and "episodes made again" in given.stdout, given.stderr[-3000:]
+    row = json.loads((run_dir / "data" / "val.jsonl").read_text().splitlines()[0])
+    assert row["extra_info"]["episode"]["tick"] == narrowest / 2

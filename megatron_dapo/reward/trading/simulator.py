@@ -34,6 +34,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 EPS = 1e-12
+"""Sizes this close to zero are zero."""
+PRICE_RTOL = 1e-9
+"""Prices this close, relative to their size, are one price: a price reached by arithmetic in ticks (the touch less
+three ticks) can be a float step away from the book's, which at a price of 1e6 is 1.2e-10 (any tick is far wider
+than 1e-9 of its price)."""
+
+
+def same_price(a: float, b: float) -> bool:
+    return abs(a - b) <= PRICE_RTOL * max(abs(a), abs(b))
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ class Execution:
 
 def _better_or_equal(side: str, price: float, than: float) -> bool:
     """A buy at `price` pays at least `than` (a sell receives at most it)."""
-    return price >= than - EPS if side == "buy" else price <= than + EPS
+    return price >= than or same_price(price, than) if side == "buy" else price <= than or same_price(price, than)
 
 
 def take(levels: list[list[float]], side: str, size: float, limit: float | None) -> list[tuple[float, float]]:
@@ -143,7 +152,7 @@ def take(levels: list[list[float]], side: str, size: float, limit: float | None)
 def _queue_ahead(book: Book, side: str, price: float) -> float:
     levels = book.same_side(side)
     for level, depth in levels:
-        if abs(level - price) <= EPS:
+        if same_price(level, price):
             return depth
     deepest = levels[-1] if levels else None
     if deepest is not None and (price < deepest[0] if side == "buy" else price > deepest[0]):
@@ -210,7 +219,7 @@ def _consume(pool: list[list[float]], eligible, amount: float) -> float:
 
 def _beyond(levels: list[list[float]], before: tuple[tuple[float, float], ...]) -> list[float]:
     """Per level of `levels` ([price, depth]), the depth beyond what the book `before` showed at its price."""
-    return [max(depth - sum(d for p, d in before if abs(p - price) <= EPS), 0.0) for price, depth in levels]
+    return [max(depth - sum(d for p, d in before if same_price(p, price)), 0.0) for price, depth in levels]
 
 
 def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[float]], fresh: list[float], side: str,
@@ -223,7 +232,7 @@ def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[floa
     price = order["price"]
 
     def at(p: float) -> bool:
-        return abs(p - price) <= EPS
+        return same_price(p, price)
 
     def through(p: float) -> bool:
         return _better_or_equal(side, price, p) and not at(p)

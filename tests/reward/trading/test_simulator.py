@@ -162,3 +162,16 @@ def test_a_bid_beyond_the_displayed_levels_waits_behind_the_deepest_level_s_size
     episode = _episode("sell", 10, [(Trade(104.0, 11.0, "buy"),), ()])
     execution = simulate(episode, [ChildOrder(step=0, price=104.0, size=10, tif=2)])
     assert execution.fills[0] == (1, 104.0, 1.0, False)
+
+
+def test_a_price_worked_out_in_ticks_meets_the_book_at_a_large_price():
+    # At a price of 1e6 a float step is 1.2e-10: the best bid less one tick of 0.01 comes out a step below the
+    # book's 1000000.06. It is that level all the same: it waits behind its 10 lots and gets 2 of the 12 sold there.
+    book = Book(bids=((1000000.07, 5.0), (1000000.06, 10.0)), asks=((1000000.08, 4.0), (1000000.09, 10.0)))
+    price = round(1000000.07 - 1 * 0.01, 10)
+    assert price != 1000000.06
+    episode = Episode(side="buy", quantity=10, tick=0.01, books=(book, book, book), taker_fee_bps=5.0,
+                      maker_fee_bps=1.0, trades=((Trade(1000000.06, 12.0, "sell"),), ()))
+    execution = simulate(episode, [ChildOrder(step=0, price=price, size=10, tif=2)])
+    assert execution.fills[0] == (1, price, 2.0, False)
+
