@@ -107,6 +107,8 @@ class RunLock:
         self.lost: str | None = None
         """Set by the heartbeat when another run has taken the file over: who did."""
         self._beats = 0
+        self._beat_at = time.monotonic()
+        """When the file was last written by this run (monotonic clock)."""
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -132,6 +134,7 @@ class RunLock:
                                    f"its {LOCK_FILE} file changed within {self.stale_s:g} s")
             self._take_over(seen)
         self.held = True
+        self._beat_at = time.monotonic()
         self._thread = threading.Thread(target=self._heartbeat, name="run-folder-lock", daemon=True)
         self._thread.start()
         atexit.register(self.release)
@@ -196,28 +199,46 @@ class RunLock:
         unreadable = None  # the file's bytes at the last beat, when they were not JSON
         while not self._done.wait(self.heartbeat_s):
             try:
-                now = _read(self.path)
-                if now is None:  # a newcomer may have moved it aside this instant to check it, and puts it back
-                    time.sleep(0.5)
-                    now = _read(self.path)
-                if now is not None and not _parses(now) and now != unreadable:
-                    # A newcomer's file half-written (it is whole a moment later), or our own beat torn by a file
-                    # system error (it stays as it is): the next beat tells, and rewrites only the latter.
-                    unreadable = now
-                    continue
-                unreadable = None
-                if (other := self._other_holder(now)) is not None:
-                    self.lost = other
+                unreadable = self._beat(unreadable)
+                if self.lost is not None:
                     return
-                self._beats += 1
-                with open(self.path, "r+") as f:  # in place: a rename would be a new file that NFS caches miss
-                    f.write(json.dumps(self._record()))
-                    f.truncate()
                 warned = False
             except OSError as err:  # a file-system hiccup: try again next beat
                 if not warned:
                     print(f"warning: could not refresh {self.path}: {err}", flush=True)
                     warned = True
+
+    def _beat(self, unreadable: bytes | None) -> bytes | None:
+        """Rewrite the file if it is still this run's (else set `lost`). The file is read and written through one
+        open: a newcomer that takes the folder over makes a new file, which a beat that stalled between its read
+        and its write (a hung file system, a suspended job) can then not write over, as one that opened the file
+        again by its name would. Returns the file's bytes when they were not JSON (`unreadable` the last beat's)."""
+        try:
+            f = open(self.path, "r+b")  # a fresh open: NFS's close-to-open rule revalidates the file
+        except FileNotFoundError:  # a newcomer may have moved it aside this instant to check it, and puts it back
+            time.sleep(0.5)
+            try:
+                f = open(self.path, "r+b")
+            except FileNotFoundError:
+                self.lost = self._other_holder(None)
+                return None
+        with f:
+            now = f.read()
+            if not _parses(now) and now != unreadable:
+                # A newcomer's file half-written (it is whole a moment later), or our own beat torn by a file
+                # system error (it stays as it is): the next beat tells, and rewrites only the latter.
+                return now
+            if (other := self._other_holder(now)) is not None:
+                self.lost = other
+                return None
+            if self._done.is_set():  # released meanwhile: the file may be a requeued job's by the time of a write
+                return None
+            self._beats += 1
+            f.seek(0)  # in place: a rename would be a new file that NFS caches miss
+            f.write(json.dumps(self._record()).encode())
+            f.truncate()
+        self._beat_at = time.monotonic()
+        return None
 
     def _other_holder(self, now: bytes | None) -> str | None:
         """Who holds the folder instead of this run, by the file's bytes `now` (None: the file is gone); None while
@@ -246,8 +267,15 @@ class RunLock:
                     time.sleep(0.5)
                     now = _read(self.path)
                 self.lost = self._other_holder(now)
-            except OSError as err:  # a file-system hiccup (NFS's ESTALE): the heartbeat's word stands
-                print(f"warning: could not read {self.path}: {err}; going by its last heartbeat", flush=True)
+            except OSError as err:  # a file-system hiccup (NFS's ESTALE): the heartbeat's word stands, if recent
+                silent = time.monotonic() - self._beat_at
+                if silent < self.stale_s / 2:  # no run can have taken it over yet, nor while this one finishes
+                    print(f"warning: could not read {self.path}: {err}; going by its last heartbeat", flush=True)
+                else:  # beats have not landed for long enough that a run on another host may have taken over
+                    raise RunFolderInUse(
+                        f"{self.path} cannot be read ({err}) and this run last refreshed it {silent:.0f} s ago: "
+                        f"after {self.stale_s:g} s another training may take the folder over, so this run stops "
+                        "without saving rather than write over its checkpoints") from None
         if self.lost is not None:
             raise RunFolderInUse(
                 f"{self.path} was taken over by another training ({self.lost}) while this one held it (was this job "
@@ -263,6 +291,9 @@ class RunLock:
         self._done.set()
         if self._thread is not None:
             self._thread.join(timeout=5)  # a beat stuck in a hung file system must not hold up the exit
-        now = _read(self.path)
-        if now is not None and self._token_of(now) == self.owner["token"]:
-            self.path.unlink(missing_ok=True)
+        try:
+            now = _read(self.path)
+            if now is not None and self._token_of(now) == self.owner["token"]:
+                self.path.unlink(missing_ok=True)
+        except OSError as err:  # the run itself ended well: the next one takes the file over as a stale holder's
+            print(f"warning: could not remove {self.path}: {err}", flush=True)

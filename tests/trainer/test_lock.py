@@ -186,3 +186,64 @@ def test_a_look_finds_a_take_over_the_heartbeat_has_not_seen_yet(tmp_path):
     with pytest.raises(RunFolderInUse, match="its file was deleted"):
         gone.check(look=True)
     gone.release()
+
+
+def test_a_beat_that_stalled_while_the_folder_was_taken_over_writes_nothing_over_the_newcomer(tmp_path, monkeypatch):
+    """A beat that stalls between reading the file and writing it (a hung file system, a suspended job) for longer
+    than stale_s lets a run on another host take the folder over meanwhile. The beat must not then write this
+    run's record into the newcomer's file (which would make the newcomer stop, and this run go on): the next beat
+    finds the newcomer's, and this run stops."""
+    from megatron_dapo.trainer import lock as lock_module
+
+    holder = RunLock(tmp_path, heartbeat_s=3600)  # beats only when the test says
+    holder.acquire()
+    newcomer = RunLock(tmp_path, stale_s=0.3, host="node-c")
+    real = json.dumps
+
+    class StallingJson:  # the holder's beat writes its record after this: the newcomer takes over first
+        loads, dump = staticmethod(json.loads), staticmethod(json.dump)
+
+        @staticmethod
+        def dumps(value):
+            if not newcomer.held:
+                newcomer.acquire(say=lambda line: None)
+            return real(value)
+
+    try:
+        monkeypatch.setattr(lock_module, "json", StallingJson)
+        holder._beat(None)
+        monkeypatch.undo()
+        assert newcomer.held
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == newcomer.owner["token"]
+        newcomer.check(look=True)
+        holder._beat(None)
+        with pytest.raises(RunFolderInUse, match="taken over by another training \\(host node-c"):
+            holder.check()
+    finally:
+        monkeypatch.undo()
+        holder.release()
+        newcomer.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_file_that_stays_unreadable_stops_the_run(tmp_path):
+    """A file that cannot be read (EIO on a soft mount, ESTALE) means beats that do not land either: once the
+    last one is older than half of stale_s a run on another host may be about to take the folder over, and
+    check(look=True) stops this one rather than let both write there."""
+    lock = RunLock(tmp_path, heartbeat_s=3600, stale_s=0.4)
+    lock.acquire()
+    path = tmp_path / LOCK_FILE
+    path.rename(path.with_name("aside"))
+    path.mkdir()  # reading it fails (IsADirectoryError), as NFS's ESTALE would
+    try:
+        lock.check(look=True)  # the last beat is recent
+        time.sleep(0.3)
+        with pytest.raises(RunFolderInUse, match=r"RUNNING cannot be read \(.*\) and this run last refreshed it 0 s "
+                                                 r"ago: after 0.4 s another training may take the folder over"):
+            lock.check(look=True)
+    finally:
+        path.rmdir()
+        path.with_name("aside").rename(path)
+        lock.release()
+    assert not path.exists()
+
