@@ -12,7 +12,20 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Merges the online-softmax state (m, s, w) = (max, sum exp(z - m), sum exp(z - m) * z) of two parts.
+// The online-softmax state of a part of a row: (m, s, w) = (max, sum exp(z - m), sum exp(z - m) * (z - m)).
+// w is taken about the max, so that the entropy log(s) - w / s keeps fp32's precision whatever the logits' size
+// (a sum of exp(z - m) * z would be of the logits' size, and lose it in the subtraction).
+
+// The state (m, s, w) about a new max `top` >= m. A part with nothing that can be drawn (s = 0, m = -inf) stays
+// (top, 0, 0), not 0 * -inf; a NaN in s stays.
+__device__ __forceinline__ void rebase_softmax(float& m, float& s, float& w, float top) {
+  const float scale = __expf(m - top);
+  w = s == 0.f ? 0.f : (w + (m - top) * s) * scale;
+  s *= scale;
+  m = top;
+}
+
+// Merges the state (m2, s2, w2) of another part into (m, s, w).
 __device__ __forceinline__ void merge_softmax(float& m, float& s, float& w, float m2, float s2, float w2) {
   const float top = fmaxf(m, m2);
   if (top == -CUDART_INF_F) {  // both parts hold only -inf (s and w are 0) or NaN (s and w are NaN): keep a NaN
@@ -20,11 +33,10 @@ __device__ __forceinline__ void merge_softmax(float& m, float& s, float& w, floa
     w += w2;
     return;
   }
-  const float a = __expf(m - top);
-  const float b = __expf(m2 - top);
-  s = s * a + s2 * b;
-  w = w * a + w2 * b;
-  m = top;
+  rebase_softmax(m, s, w, top);
+  rebase_softmax(m2, s2, w2, top);
+  s += s2;
+  w += w2;
 }
 
 // Warp-wide merge of (m, s, w) in a fixed butterfly order; every lane ends with the result.

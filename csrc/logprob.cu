@@ -23,7 +23,7 @@ constexpr int kUnroll = 4;  // packs loaded per thread before any is used: 64 by
 
 int threads_for(int64_t columns) { return columns >= 16384 ? kMaxThreads : (columns >= 2048 ? 256 : 128); }
 
-// Folds VEC values into this thread's online-softmax state (m, s, w).
+// Folds VEC values into this thread's online-softmax state (m, s, w) (common.cuh).
 template <typename T, int VEC>
 __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_temperature, float& m, float& s,
                                            float& w) {
@@ -37,10 +37,7 @@ __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_t
     nan |= isnan(z[k]);
   }
   if (top > m) {
-    const float scale = __expf(m - top);
-    s *= scale;
-    w *= scale;
-    m = top;
+    rebase_softmax(m, s, w, top);
   }
   if (nan) {  // a NaN logit makes the row's statistics NaN, as torch's max and sum do; NaN * 0 stays NaN after
     s = CUDART_NAN_F;
@@ -53,7 +50,7 @@ __device__ __forceinline__ void accumulate(const Pack<T, VEC>& pack, float inv_t
   for (int k = 0; k < VEC; ++k) {
     const float e = __expf(z[k] - m);
     s += e;
-    w += e == 0.f ? 0.f : e * z[k];  // a -inf logit (a token that cannot be drawn) adds 0, not 0 * -inf
+    w += e == 0.f ? 0.f : e * (z[k] - m);  // a -inf logit (a token that cannot be drawn) adds 0, not 0 * -inf
   }
 }
 

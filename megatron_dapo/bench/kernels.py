@@ -90,7 +90,7 @@ def _logprob_impls(logits, targets, temperature, valid):
     ext = extension.EXTENSION
     ones = torch.ones(logits.shape[0], device=logits.device)
     stats = local_stats(logits, targets, temperature, valid)
-    _, lse, ez = combine_stats(stats[None])
+    _, _, lse, ez = combine_stats(stats[None])
     grad = torch.empty_like(logits)
     impls = {}
     if ext is not None:

@@ -9,6 +9,9 @@ beyond the logits themselves.
 With z = logits / temperature, p = softmax(z) over the full vocabulary and y the target:
     logp = z_y - lse              entropy = lse - E_p[z]
     d/dz_j = g_logp * (1[j = y] - p_j) + g_entropy * p_j * (E_p[z] - z_j)
+The entropy is computed as log(sum exp(z - m)) - E_p[z - m] with m the row's max, both terms of the size of
+log V: taken as lse - E_p[z], two numbers of the size of the logits, it would lose fp32's precision times
+their size (logits of 60 whose entropy is 3e-4 would come out with a 10% error).
 
 `local_stats` and `local_grad` are the pure-torch references of the fused CUDA kernels. The ops
 `megatron_dapo::logprob_stats`, `::logprob_grad`, `::logprob_grad_` (in place) and `::logprob_entropy`
@@ -17,12 +20,14 @@ when the extension is built and the reference otherwise.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from megatron_dapo.ops.extension import EXTENSION, use_kernel
 
-STATS = 4  # per token: local max m, sum exp(z - m), sum exp(z - m) * z, target logit (0 off-rank)
+STATS = 4  # per token: local max m, sum exp(z - m), sum exp(z - m) * (z - m), target logit (0 off-rank)
 
 
 def local_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, valid_columns: int) -> torch.Tensor:
@@ -35,28 +40,43 @@ def local_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
     m = z.max(dim=-1).values if valid_columns else z.new_full(z.shape[:1], float("-inf"))
     # A -inf logit is a token that cannot be drawn: it adds nothing (not 0 * -inf), and a slice of nothing else
     # gives (-inf, 0, 0), which adds nothing when the ranks combine theirs (exp(-inf - -inf) would be NaN).
-    e = torch.exp(z - torch.where(m == float("-inf"), 0.0, m)[:, None])
-    owned = targets >= 0
-    if valid_columns:
-        target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-        target = torch.where(owned, target, torch.zeros_like(target))
-    else:  # a slice of padding only (a tiny vocabulary over many ranks): it owns no target
-        target = z.new_zeros(z.shape[:1])
-    return torch.stack([m, e.sum(-1), torch.where(e == 0, 0.0, e * z).sum(-1), target], dim=-1)
+    shifted = z - torch.where(m == float("-inf"), 0.0, m)[:, None]
+    e = torch.exp(shifted)
+    target = _target_logit(z, targets, valid_columns)
+    return torch.stack([m, e.sum(-1), torch.where(e == 0, 0.0, e * shifted).sum(-1), target], dim=-1)
 
 
-def combine_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """stats [R, T, 4] from the R vocabulary slices -> (logp, lse, expected_z), each [T].
+def _target_logit(z: torch.Tensor, targets: torch.Tensor, valid_columns: int) -> torch.Tensor:
+    """z [T, V] at each row's target [T], 0 where the target is not a column of this slice (negative: another
+    rank's; at or beyond valid_columns: padding, owned by nobody), as the kernel reads it."""
+    if not valid_columns:  # a slice of padding only (a tiny vocabulary over many ranks): it owns no target
+        return z.new_zeros(z.shape[:1])
+    target = z.gather(1, targets.clamp(0, valid_columns - 1)[:, None])[:, 0]
+    return torch.where((targets >= 0) & (targets < valid_columns), target, torch.zeros_like(target))
 
-    entropy = lse - expected_z.
-    """
+
+class Combined(NamedTuple):
+    """Per token [T], from every vocabulary slice's statistics."""
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    """log sum exp(z), for the backward."""
+    expected_z: torch.Tensor
+    """E_p[z], for the backward."""
+
+
+def combine_stats(stats: torch.Tensor) -> Combined:
+    """stats [R, T, 4] from the R vocabulary slices -> log-prob, entropy, and what the backward needs."""
     m, s, w, t = stats.unbind(-1)
     top = m.max(dim=0).values
     scale = torch.exp(m - top)
     total = (s * scale).sum(0)
-    lse = top + torch.log(total)
-    expected_z = (w * scale).sum(0) / total
-    return t.sum(0) - lse, lse, expected_z
+    # Each slice's sum of exp(z - m) * (z - m), moved to the common max; a slice with nothing that can be drawn
+    # (s = 0, m = -inf) adds nothing, not 0 * -inf.
+    shifted = (torch.where(s == 0, 0.0, w + (m - top) * s) * scale).sum(0) / total  # E_p[z - top]
+    log_total = torch.log(total)
+    lse = top + log_total
+    return Combined(logp=t.sum(0) - lse, entropy=log_total - shifted, lse=lse, expected_z=top + shifted)
 
 
 def local_grad(
@@ -149,8 +169,8 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
                     valid_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsplit vocabulary: logits [T, V] (columns >= valid_columns are padding), targets [T] in
     [0, valid_columns) -> (logp, entropy), [T] each. Differentiable in the logits."""
-    logp, lse, expected_z = combine_stats(logprob_stats(logits, targets, temperature, valid_columns)[None])
-    return logp, lse - expected_z
+    combined = combine_stats(logprob_stats(logits, targets, temperature, valid_columns)[None])
+    return combined.logp, combined.entropy
 
 
 @logprob_entropy.register_fake
@@ -163,7 +183,7 @@ def _logprob_entropy_setup(ctx, inputs, output):
     logits, targets, temperature, valid_columns = inputs
     logp, entropy = output
     # lse and E[z] from the outputs: logp = z_y - lse, entropy = lse - E[z] (T numbers, no logits pass).
-    target_z = logits.gather(1, targets[:, None])[:, 0].to(logp.dtype, copy=True) / temperature
+    target_z = _target_logit(logits[:, :valid_columns], targets, valid_columns).to(logp.dtype, copy=True) / temperature
     lse = target_z - logp
     ctx.save_for_backward(logits, targets, lse, lse - entropy)
     ctx.temperature, ctx.valid_columns = temperature, valid_columns
@@ -199,10 +219,10 @@ class _VocabParallelLogprob(torch.autograd.Function):
             gathered = torch.stack(parts)
         else:
             gathered = stats[None]
-        logp, lse, expected_z = combine_stats(gathered)
-        ctx.save_for_backward(logits, local_targets, lse, expected_z)
+        combined = combine_stats(gathered)
+        ctx.save_for_backward(logits, local_targets, combined.lse, combined.expected_z)
         ctx.temperature, ctx.valid, ctx.inplace = temperature, valid, inplace_backward
-        return logp, lse - expected_z
+        return combined.logp, combined.entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
@@ -234,8 +254,11 @@ def vocab_parallel_logprob(
     group: the tensor-parallel group (None for an unsplit vocabulary). Returns (logp, entropy), [...].
     inplace_backward: the backward writes the logits gradient over the logits (no second [T, V/tp]
     buffer); only for logits that nothing else reads afterwards, such as a linear layer's output
-    (autograd raises if something saved them).
+    (autograd raises if something saved them; refused for a leaf tensor, whose values would be lost).
     """
+    if inplace_backward and logits.requires_grad and (logits.is_leaf or getattr(logits._base, "is_leaf", False)):
+        raise ValueError("inplace_backward writes the gradient over the logits, which here are a leaf tensor (or a "
+                         "view of one): its values would be replaced by its gradient")
     lead = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
     vocab_size = vocab_size if vocab_size is not None else vocab_start + flat.shape[-1]

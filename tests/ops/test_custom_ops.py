@@ -170,7 +170,7 @@ def test_logprob_ops_registrations():
     logits, targets = _logits(tokens=6, vocab=20, dtype=torch.float32, seed=6)
     local = torch.where(targets < 10, targets, -1)  # half the targets live on another rank
     stats = lp_ops.logprob_stats(logits, local, 0.9, 17)
-    logp, lse, ez = lp_ops.combine_stats(stats[None])
+    logp, _, lse, ez = lp_ops.combine_stats(stats[None])
     g = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
     torch.library.opcheck(lp_ops.logprob_stats, (logits, local, 0.9, 17))
     torch.library.opcheck(lp_ops.logprob_grad, (logits, local, lse, ez, g[0], g[1], 0.9, 17))
