@@ -71,6 +71,14 @@ def test_each_gpu_sbatch_script_fits_the_allocation_it_asks_for(script):
     assert report.fits, report.render()
 
 
+def test_the_4b_recipe_s_advice_for_sglang_fits_its_node():
+    text = (ROOT / "examples" / "recipes" / "dapo-qwen3-4b.yaml").read_text()
+    advice = re.search(r"SGLang is installed: (rollout\.name=sglang rollout\.engines=\d+) ", text).group(1).split()
+    report = _check("dapo-qwen3-4b", 1, 8, *advice)
+    assert report.fits, report.render()
+    assert not _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang").fits  # four engines: three on no first rank
+
+
 def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     report = _check("dapo-qwen2.5-32b", 16, 8)
     text = report.render()
