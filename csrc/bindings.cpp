@@ -21,7 +21,10 @@ torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron-dapo fused CUDA kernels (log-prob + entropy, DAPO loss)";
-  m.def("logprob_stats", &mdapo::logprob_stats, "per-token (max, sum exp, sum exp * z, target z) of a vocab slice",
+  // What the Python side reads the statistics as: a build of other sources is refused by megatron_dapo.ops.extension.
+  m.attr("STATS_LAYOUT") = 2;
+  m.def("logprob_stats", &mdapo::logprob_stats,
+        "per-token (max, sum exp(z - m), sum exp(z - m) * (z - m), target z) of a vocab slice",
         pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("valid"));
   m.def("logprob_grad_into", &mdapo::logprob_grad_into, "logits gradient written into `grad` (may be the logits)",
         pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("expected_z"),

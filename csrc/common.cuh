@@ -20,8 +20,8 @@ struct alignas(sizeof(T) * N) Pack {
 // (top, 0, 0), not 0 * -inf; a NaN in s stays.
 __device__ __forceinline__ void rebase_softmax(float& m, float& s, float& w, float top) {
   const float scale = __expf(m - top);
-  w = s == 0.f ? 0.f : (w + (m - top) * s) * scale;
   s *= scale;
+  w = s == 0.f ? 0.f : w * scale + (m - top) * s;  // scaled first: (m - top) * s of finfo.min logits overflows
   m = top;
 }
 

@@ -2,7 +2,7 @@
 // the logits (forward), and the logits gradient in one read + one write (backward, in place allowed).
 //
 // With z = logits / temperature over the local columns [0, valid):
-//   forward  stats[t] = (m, sum exp(z - m), sum exp(z - m) * z, z[target] or 0 when another rank owns it)
+//   forward  stats[t] = (m, sum exp(z - m), sum exp(z - m) * (z - m), z[target] or 0 when another rank owns it)
 //   backward grad[t, j] = (g_logp * (1[j = target] - p_j) + g_entropy * p_j * (E[z] - z_j)) / temperature
 //            with p_j = exp(z_j - lse); columns >= valid (vocabulary padding) get 0.
 // One block per token row; the row is read in 16-byte packs when its address allows, several per thread

@@ -10,12 +10,22 @@ import os
 
 import torch
 
+STATS_LAYOUT = 2
+"""The log-prob statistics as megatron_dapo.ops.logprob reads them: (max, sum exp(z - m), sum exp(z - m) * (z - m),
+target z). 1: the third was sum exp(z - m) * z."""
+
 try:
     from megatron_dapo import _C as EXTENSION
     UNAVAILABLE_BECAUSE = None
 except ImportError as err:  # not built (CPU torch or no nvcc at install time), or built for another torch
     EXTENSION = None
     UNAVAILABLE_BECAUSE = str(err)
+else:
+    if getattr(EXTENSION, "STATS_LAYOUT", 1) != STATS_LAYOUT:  # an editable install's build of older sources
+        UNAVAILABLE_BECAUSE = (f"{EXTENSION.__file__} was built from older sources (statistics layout "
+                               f"{getattr(EXTENSION, 'STATS_LAYOUT', 1)}, these read {STATS_LAYOUT}): rebuild it "
+                               "with `pip install --no-build-isolation -e .`")
+        EXTENSION = None
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

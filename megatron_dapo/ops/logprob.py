@@ -73,7 +73,9 @@ def combine_stats(stats: torch.Tensor) -> Combined:
     total = (s * scale).sum(0)
     # Each slice's sum of exp(z - m) * (z - m), moved to the common max; a slice with nothing that can be drawn
     # (s = 0, m = -inf) adds nothing, not 0 * -inf.
-    shifted = (torch.where(s == 0, 0.0, w + (m - top) * s) * scale).sum(0) / total  # E_p[z - top]
+    # (w + (m - top) s) e^(m - top), each product scaled first: a slice of finfo.min logits (s = 2, say) would
+    # make (m - top) s overflow to -inf, times a scale of 0.
+    shifted = torch.where(s == 0, 0.0, w * scale + (m - top) * (s * scale)).sum(0) / total  # E_p[z - top]
     log_total = torch.log(total)
     lse = top + log_total
     return Combined(logp=t.sum(0) - lse, entropy=log_total - shifted, lse=lse, expected_z=top + shifted)
@@ -96,8 +98,9 @@ def local_grad(
     grad = torch.where(p == 0, 0.0, grad_entropy[:, None] * p * (expected_z[:, None] - z)) - grad_logp[:, None] * p
     # + grad_logp at each row's target, where this rank holds it: a scatter, which torch.compile keeps in one graph
     # (a nonzero() over the rows would break it in two and round-trip the fp32 gradient through memory).
-    owned = targets >= 0
-    grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.where(owned, grad_logp, 0.0)[:, None].to(grad.dtype))
+    owned = (targets >= 0) & (targets < valid_columns)  # another rank's, or padding: no column of ours
+    at = targets.clamp(0, max(grad.shape[1] - 1, 0))[:, None]
+    grad.scatter_add_(1, at, torch.where(owned, grad_logp, 0.0)[:, None].to(grad.dtype))
     grad[:, valid_columns:] = 0
     return (grad / temperature).to(logits.dtype)
 

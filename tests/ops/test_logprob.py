@@ -176,15 +176,29 @@ def test_inplace_backward_refuses_a_leaf_and_a_target_of_no_column_has_a_gradien
     finds lse from the forward's outputs) reads it the same way instead of failing to gather it."""
     from megatron_dapo.ops.logprob import logprob_entropy
 
-    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
     for logits in (x, x[:, :6]):
         with pytest.raises(ValueError, match="a leaf tensor \\(or a view of one\\)"):
             vocab_parallel_logprob(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
-    targets = torch.tensor([1, -100, 2, 9])  # 9: a padding column of the 8 real ones
+    targets = torch.tensor([1, -100, 2, 9, 12])  # 9: a padding column of the 8 real ones; 12: past every column
     logp, entropy = logprob_entropy(x, targets, 1.0, 8)
     lse = torch.logsumexp(x.detach()[:, :8], -1)
-    torch.testing.assert_close(logp.detach()[[1, 3]], -lse[[1, 3]])
+    torch.testing.assert_close(logp.detach()[[1, 3, 4]], -lse[[1, 3, 4]])
     (logp.sum() + entropy.sum()).backward()
     assert x.grad[:, 8:].eq(0).all() and x.grad.isfinite().all()
     torch.autograd.gradcheck(lambda y: logprob_entropy(y, targets, 1.0, 8), (x.detach().clone().requires_grad_(),))
+
+
+def test_a_slice_of_masked_logits_adds_nothing_when_the_slices_combine():
+    """Logits masked with float32's lowest value (not -inf) in one vocabulary slice: its statistics moved to the
+    other slice's max would overflow ((m - top) * s), and the entropy came out NaN split, right unsplit."""
+    low = torch.finfo(torch.float32).min
+    logits = torch.tensor([[low, low, 1.0, 2.0]])
+    targets = torch.tensor([3])
+    whole = combine_stats(local_stats(logits, targets, 1.0, 4)[None])
+    split = combine_stats(torch.stack([local_stats(logits[:, :2], torch.tensor([-1]), 1.0, 2),
+                                       local_stats(logits[:, 2:], torch.tensor([1]), 1.0, 2)]))
+    for got, want in zip(split, whole):
+        torch.testing.assert_close(got, want)
+    assert split.entropy.isfinite().all()
 
