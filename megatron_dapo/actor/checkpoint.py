@@ -123,9 +123,9 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
                 before_commit()
             # An earlier attempt's, or the same step saved again: unmarked first, so that an rmtree cut short
             # (an NFS .nfs file held open) leaves no complete-looking folder with shards missing.
+            _sync_written(partial)  # before the earlier copy goes: a file system that refuses it keeps that one
             (directory / MARKER).unlink(missing_ok=True)
             shutil.rmtree(directory, ignore_errors=True)
-            _sync_written(partial)
             partial.rename(directory)
             written = directory / (MARKER + ".partial")
             with open(written, "w") as f:  # on disk before it is named: a power cut leaves no empty marker
@@ -292,12 +292,15 @@ def _load(directory: Path, request: dict) -> dict:
 
 
 def _into_module(module, state: dict, absent: set[str], directory: Path) -> None:
-    """Load `state` (a dist_checkpointing.load result) into `module`; only the `absent` extra states may be left."""
+    """Load `state` (a dist_checkpointing.load result) into `module`; only the `absent` extra states may be left.
+    Collective: a pipeline stage whose tensors do not fit stops every rank."""
     loaded = module.load_state_dict(state, strict=False)
     unloaded = [k for k in loaded.missing_keys if k not in absent] + list(loaded.unexpected_keys)
+    failure = None
     if unloaded:  # megatron-core's load would have named a missing tensor already: this is a model of another make
-        raise CheckpointError(f"checkpoint {directory} did not load into the model: {', '.join(unloaded[:5])}"
-                              + (f" and {len(unloaded) - 5} more" if len(unloaded) > 5 else ""))
+        failure = CheckpointError(f"checkpoint {directory} did not load into the model: {', '.join(unloaded[:5])}"
+                                  + (f" and {len(unloaded) - 5} more" if len(unloaded) > 5 else ""))
+    stop_together(failure, CheckpointError)
 
 
 def _absent_extra_states(sharded: dict, held: set[str]) -> set[str]:
