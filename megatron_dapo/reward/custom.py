@@ -10,9 +10,9 @@ RewardResult | float` (reward/registry.py). An entry for a built-in source (math
 the built-in function. The trainer loads the entries on every rank before anything runs, so a typo
 stops the run at start-up with the key named, and every reward worker loads them again when it starts:
 the workers receive functions by name, and a function from a file lives in a module that only exists
-where the file was loaded. A file is read once, when the run loads it: a worker started later (one replacing a
-worker that timed out) runs the code the run started with, not what the file holds by then (an edit made while
-the run goes on, a file being rewritten).
+where the file was loaded. A file entry is read once, when the run loads it: a worker started later (one
+replacing a worker that timed out) runs the code the run started with, not what the file holds by then (an edit
+made while the run goes on, a file being rewritten); modules it imports are imported afresh.
 """
 from __future__ import annotations
 
@@ -37,16 +37,17 @@ def target_problem(data_source: str, target: object) -> str | None:
     where, name = target.rsplit(":", 1)
     if not where or not name.isidentifier():
         return f"{key} must be 'package.module:function' or 'path/to/file.py:function', got {target!r}"
-    if where.endswith(".py") and not Path(where).is_file():
+    if where.endswith(".py") and not Path(where).is_file() and str(Path(where).resolve()) not in _SOURCES:
         return f"{key}: no file {where} (from {Path.cwd()})"
     return None
 
 
-def load_reward_functions(functions: dict[str, str], sources: dict[str, str] | None = None) -> dict[str, str]:
+def load_reward_functions(functions: dict[str, str], sources: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """Import every `reward.functions` entry and register it for its data_source (replacing a built-in one).
     Raises ConfigError naming the key of each entry that cannot be loaded.
-    sources: the text of file entries (absolute path -> text) as this run first read them, used instead of the
-    files. Returns the text of this call's file entries, for the next process to load them from."""
+    sources: the contents of file entries (absolute path -> bytes) as this run first read them, used instead of
+    the files (which may have changed or gone since). Returns the contents of this call's file entries, for the
+    next process to load them from."""
     from megatron_dapo.reward.registry import register_reward
 
     _SOURCES.update(sources or {})
@@ -71,8 +72,8 @@ def load_reward_functions(functions: dict[str, str], sources: dict[str, str] | N
     return {path: _SOURCES[path] for path in files if path in _SOURCES}
 
 
-_SOURCES: dict[str, str] = {}
-"""The text of each reward file as this process first read it (absolute path -> text)."""
+_SOURCES: dict[str, bytes] = {}
+"""The contents of each reward file as this process first read it (absolute path -> bytes)."""
 
 
 def check_reward_sources(datasets: dict[str, Iterable]) -> None:
@@ -118,7 +119,7 @@ def _load_file(path: Path):
         raise ImportError(f"{path} cannot be imported as a Python module")
     source = _SOURCES.get(str(path))
     if source is None:
-        source = path.read_text(encoding="utf-8")
+        source = path.read_bytes()  # compiled as bytes: a coding cookie or a byte-order mark is honoured
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -362,7 +362,7 @@ class _Worker:
     """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
     `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
 
-    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], sources: dict[str, str],
+    def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], sources: dict[str, bytes],
                  modules: list[str] = ()):
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child_conn, functions, sources, list(modules)),
@@ -421,7 +421,7 @@ _TIMERS = ((signal.ITIMER_REAL, signal.SIGALRM), (signal.ITIMER_VIRTUAL, signal.
 """The interval timers a reward function may arm (signal.alarm is the first), and the signal each sends."""
 
 
-def _worker_main(conn, functions: dict[str, str], sources: dict[str, str], modules: list[str] = ()) -> None:
+def _worker_main(conn, functions: dict[str, str], sources: dict[str, bytes], modules: list[str] = ()) -> None:
     """Worker loop: load the config's reward functions (those from files from `sources`, their text as the trainer
     read it) and import `modules` (those of the registered functions),
     then receive (sample number, pickled (fn, response, ground_truth, extra_info)) and send ("ok", value, number)
