@@ -54,11 +54,13 @@ def make_episodes(folder: Path, *, compact: bool, seed: int, books: str | None, 
         write_market(synthetic_market(4000 if compact else 20000, seed=seed), books, trades)
     market = load_market(books, trades)
     narrowest = min(b.asks[0][0] - b.bids[0][0] for b in market.books)
+    # A spread is a difference of two prices: a float step of theirs off (1.2e-10 at 1e6), which 6 digits drop.
+    narrowest = float(f"{narrowest:.6g}")
     if tick is None:  # where the data never shows a one-tick spread, this is a multiple of the tick: --tick
         tick = narrowest
-        print(f"tick: {round(tick, 10)} (the narrowest spread in {books}; --tick to give it)", flush=True)
-    elif tick > narrowest * (1 + 1e-9):
-        raise SystemExit(f"--tick {tick} is wider than the narrowest spread in {books} ({round(narrowest, 10)})")
+        print(f"tick: {tick} (the narrowest spread in {books}; --tick to give it)", flush=True)
+    elif tick > narrowest * (1 + 1e-6):
+        raise SystemExit(f"--tick {tick} is wider than the narrowest spread in {books} ({narrowest})")
     gaps = sorted(b - a for a, b in zip(market.timestamps, market.timestamps[1:]))
     interval_s = gaps[len(gaps) // 2] if gaps else 10.0  # the data's usual spacing of snapshots, said in the prompt
     rows = cut_episodes(market, window=WINDOW[compact][0], horizon=HORIZON[compact], stride=3 if compact else 5,
