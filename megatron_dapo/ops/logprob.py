@@ -71,10 +71,9 @@ def combine_stats(stats: torch.Tensor) -> Combined:
     top = m.max(dim=0).values
     scale = torch.exp(m - top)
     total = (s * scale).sum(0)
-    # Each slice's sum of exp(z - m) * (z - m), moved to the common max; a slice with nothing that can be drawn
-    # (s = 0, m = -inf) adds nothing, not 0 * -inf.
-    # (w + (m - top) s) e^(m - top), each product scaled first: a slice of finfo.min logits (s = 2, say) would
-    # make (m - top) s overflow to -inf, times a scale of 0.
+    # Each slice's w moved to the common max, (w + (m - top) s) e^(m - top), each product scaled first (a slice of
+    # finfo.min logits would make (m - top) s overflow); a slice with nothing that can be drawn (s = 0, m = -inf)
+    # adds nothing, not 0 * -inf.
     shifted = torch.where(s == 0, 0.0, w * scale + (m - top) * (s * scale)).sum(0) / total  # E_p[z - top]
     log_total = torch.log(total)
     lse = top + log_total
