@@ -10,7 +10,6 @@ from the groups kept, and every rank gets that batch. The actor runs on every ra
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -27,80 +26,27 @@ from megatron_dapo.actor.checkpoint import CheckpointError
 from megatron_dapo.actor.model import describe_spec
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
-from megatron_dapo.data.dataset import PromptDataset, PromptStream, TokenizerError, file_problem
+from megatron_dapo.data.dataset import PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
 from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages, read_metrics
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
-from megatron_dapo.reward.registry import RewardSample, RewardScorer, failure_kind, failure_metrics
+from megatron_dapo.reward.registry import RewardScorer, failure_kind, failure_metrics
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import ProbeDiff, engine_probe_diff, push_weights, trainer_probe_logprobs
 from megatron_dapo.sampling.dynamic import DynamicSampler, SampledBatch, SamplingStats
-from megatron_dapo.trainer import checkpoints
+from megatron_dapo.trainer import checkpoints, startup
 from megatron_dapo.trainer.control import ControlChannel
 from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Group, build_actor_batch, rollout_metrics,
-                                          shaped_scores, validation_metrics)
+                                          validation_metrics)
 from megatron_dapo.trainer.lock import RunLock
 from megatron_dapo.trainer.memory import ColocatedMemory
+from megatron_dapo.trainer.scoring import score_groups
 from megatron_dapo.trainer.stop import STOP_FILE, StopRequest, clear_stale_stop, process_started
-
-
-ALL_FAILED_STOP = 16
-"""Responses of a data_source scored at once, every one failing (and at least two prompts' worth), that stop the run
-as a broken reward function."""
-
-
-def broken_reward_threshold(n: int) -> int:
-    """Responses of one data_source, every one failing, that make its reward function broken: ALL_FAILED_STOP, and
-    at least two prompts' worth of `n` responses each, since one bad prompt (a ground truth its verifier cannot
-    read) fails all of its own responses."""
-    return max(ALL_FAILED_STOP, 2 * n)
-
-
-def check_reward_functions(samples: list[RewardSample], results: list, broken_after: int) -> None:
-    """RuntimeError naming the data_source whose function failed on every one of its responses here, when there are
-    `broken_after` or more of them: a broken function (a missing file, a wrong signature), not bad answers, and
-    training on would train on nothing of that source, step after step."""
-    for source in dict.fromkeys(s.data_source for s in samples):
-        mine = [r for s, r in zip(samples, results) if s.data_source == source]
-        if len(mine) >= broken_after and all(r.failed for r in mine):
-            kinds = Counter(r.reason.split(":", 1)[0] for r in mine)
-            raise RuntimeError(
-                f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
-                f"scored here ({', '.join(f'{kind} {count}' for kind, count in kinds.items())}); the first: "
-                f"{mine[0].reason}. Fix the reward function (reward.functions) or raise reward.timeout_s")
-
-
-def match_sglang_nccl_settings(server_args: dict) -> None:
-    """NCCL_CUMEM_ENABLE, unless set, as SGLang's Engine sets it for its worker processes (sglang 0.5.23,
-    entrypoints/engine.py _set_envs_and_config): 1 with enable_symm_mem, which it forces, 0 otherwise (its choice
-    when unset; with the variable set it keeps the value, so both sides agree). NCCL reads it once per process, so
-    it must hold before this process's first communicator: the weight broadcast (disaggregated mode) joins a
-    trainer rank and those workers in one NCCL group, and peers that disagree on cuMem can hang or fail in it."""
-    os.environ.setdefault("NCCL_CUMEM_ENABLE", "1" if server_args.get("enable_symm_mem") else "0")
-
-
-def _check_model_folder(path: str) -> None:
-    """ConfigError naming model.path unless it is a folder with a config.json."""
-    if not path:
-        raise ConfigError("model.path is not set: give the Hugging Face model folder (config.json, safetensors, "
-                          "tokenizer) the actor starts from, e.g. model.path=/models/Qwen2.5-7B")
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model.path={path}: no config.json there; it must be a local Hugging Face model folder")
-
-
-def _check_data_files(data) -> None:
-    """ConfigError naming the key of each data file that is missing or of a type not read, and of an empty
-    data.train_files (their contents are read later, by every rank)."""
-    problems = [] if data.train_files else ["data.train_files is empty: give the training prompts' .parquet or "
-                                            ".jsonl files, e.g. data.train_files=[/data/train.parquet]"]
-    for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):
-        problems += [f"{key}: {problem}" for problem in map(file_problem, files) if problem is not None]
-    if problems:
-        raise ConfigError(problems)
+from megatron_dapo.trainer.timer import StepTimer
 
 
 class Trainer:
@@ -108,17 +54,17 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.config = cfg = config
-        _check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
-        _check_data_files(cfg.data)
+        startup.check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
+        startup.check_data_files(cfg.data)
         if cfg.rollout.name == "sglang":
-            match_sglang_nccl_settings(cfg.rollout.sglang.server_args)
+            startup.match_sglang_nccl_settings(cfg.rollout.sglang.server_args)
         self.layout = init_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.trainer.run_dir)
         self.lock = RunLock(self.run_dir) if self.rank0 and not cfg.trainer.val_only else None
         """The run folder's RUNNING file, held by rank 0 of a training (a validation only reads the folder)."""
         self._started(lambda: self.lock and self.lock.acquire())  # before anything else looks into the folder
-        self._started(self._check_fresh_start)  # before this run writes anything into the folder
+        self._started(lambda: startup.check_fresh_start(cfg))  # before this run writes anything into the folder
         self._started(lambda: check_sink_packages(cfg.logging))  # not minutes later, on rank 0 alone
         if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
             # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
@@ -127,21 +73,23 @@ class Trainer:
             self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started()))
         else:
             self._started(lambda: None)  # the call above is collective
-        self._earlier_config: str | None = self._started(self._read_earlier_config)
-        """The config.yaml of the attempt this one may resume (rank 0), to say what changed."""
+        self._earlier_config: str | None = self._started(lambda: startup.read_earlier_config(cfg) if self.rank0 else None)
+        """The config.yaml of the attempt this one may resume (rank 0 of a training), to say what changed. A file system
+        that refuses (permissions, a stale NFS handle) stops every rank with the error, not rank 0 alone."""
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             print(describe_spec(), flush=True)
             if torch.cuda.is_available():
                 print(extension.describe(), flush=True)
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-        self.stop_ids, outside = stop_token_ids(tokenizer, cfg.model.path,
+        self.stop_ids, outside = startup.stop_token_ids(tokenizer, cfg.model.path,
                                                 vocab_size=ModelArch.from_pretrained(cfg.model.path).vocab_size)
         if outside and self.rank0:  # a padding token added to the tokenizer past the embedding, say
             print(f"warning: stop token ids {list(outside)} are outside the model's vocab, which it cannot draw: "
                   "left out", file=sys.stderr, flush=True)
-        self.train_set = self._read_prompts("data.train_files", cfg.data.train_files)
-        self.val_set = self._read_prompts("data.val_files", cfg.data.val_files) if cfg.data.val_files else None
+        self.train_set = startup.read_prompts(cfg, "data.train_files", cfg.data.train_files, tokenizer)
+        self.val_set = (startup.read_prompts(cfg, "data.val_files", cfg.data.val_files, tokenizer)
+                        if cfg.data.val_files else None)
         if self.rank0:  # what the files held and what was dropped (too long, duplicated, malformed)
             print(f"data.train_files: {self.train_set.report()}", flush=True)
             if self.val_set is not None:
@@ -153,8 +101,8 @@ class Trainer:
                 print(f"warning: {decay_note}", file=sys.stderr, flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
-        self._check_room_to_respond()  # the same files on every rank: all refuse alike
-        self.hf_copy = self._started(self._hf_copy)
+        startup.check_room_to_respond(cfg, self.train_set, self.val_set)  # the same files on every rank: all refuse alike
+        self.hf_copy = self._started(lambda: startup.hf_copy_settings(cfg))
         """What checkpoint.save_hf writes next to each checkpoint, or None."""
         # Without dynamic sampling every group generated is trained on: a step draws train_batch_size prompts.
         self.stream = PromptStream(self.train_set, (cfg.data.gen_batch_size if cfg.algorithm.filter_groups.enable
@@ -225,70 +173,6 @@ class Trainer:
         self.parity_threshold = cfg.rollout.parity_threshold_for(
             trainer_float32=not self.actor.transformer_config.bf16)
 
-    def _read_prompts(self, key: str, files: list[str]) -> PromptDataset:
-        """The prompts of `files`; a file that cannot be read, or none left, is a ConfigError naming `key` (every
-        rank reads the same files and raises alike)."""
-        data = self.config.data
-        try:
-            return PromptDataset.from_files(files, self.tokenizer, prompt_key=data.prompt_key,
-                                            max_prompt_length=data.max_prompt_length)
-        except TokenizerError as err:  # the model's setting, not the data's
-            raise ConfigError(str(err)) from None
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{key}: {err}") from None
-
-    def _check_fresh_start(self) -> None:
-        """ConfigError when checkpoint.resume=false would train into a folder that holds an earlier run's
-        checkpoints: its config and metrics would be mixed with the new run's, and keep_last, ordering the
-        checkpoints by step, would delete the new run's as soon as they are saved."""
-        cfg = self.config
-        if cfg.checkpoint.resume or cfg.trainer.val_only:
-            return
-        latest = checkpoints.latest_checkpoint(self.run_dir)
-        if latest is not None:
-            raise ConfigError(f"checkpoint.resume=false, but trainer.run_dir={self.run_dir} holds an earlier run's "
-                              f"checkpoints (the newest is {latest.name}): choose a new trainer.run_dir, move "
-                              f"{self.run_dir / 'checkpoints'} away, or set checkpoint.resume=true to continue it")
-
-    def _check_room_to_respond(self) -> None:
-        """Each engine refuses a prompt it could not extend by data.max_response_length tokens (and the actor a
-        sequence past the model's positions): a run would stop when such a prompt is first drawn, maybe hours
-        in. Found at start instead, from the longest prompt kept."""
-        cfg = self.config
-        arch = ModelArch.from_pretrained(cfg.model.path)
-        held = cfg.rollout.held_back()
-        spare = f" less the {held} tokens SGLang keeps back" if held else ""
-        limits = {f"the model's max_position_embeddings{spare}": (arch.max_position_embeddings - held, "")}
-        if (engine_limit := cfg.rollout.length_limit()) is not None:
-            key, limit = engine_limit
-            limits[f"{key}{spare}"] = (limit - held, f", or raise {key}")
-        problems = []
-        for files, prompts in (("data.train_files", self.train_set), ("data.val_files", self.val_set)):
-            longest = max((len(p.prompt_ids) for p in prompts or ()), default=0)
-            needed = longest + cfg.data.max_response_length
-            problems += [f"{files}: the longest prompt kept has {longest} tokens; with data.max_response_length="
-                         f"{cfg.data.max_response_length} that is {needed} > {limit}, {what}: lower "
-                         f"data.max_prompt_length (longer prompts are dropped) or data.max_response_length{fix}"
-                         for what, (limit, fix) in limits.items() if needed > limit]
-        if problems:
-            raise ConfigError(problems)
-
-    def _read_earlier_config(self) -> str | None:
-        """Rank 0 of a training: the run folder's config.yaml (made first when missing), None elsewhere or when
-        there is none. A file system that refuses (permissions, a stale NFS handle) stops every rank with the
-        error, not rank 0 alone."""
-        if not self.rank0:
-            return None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        saved = self.run_dir / "config.yaml"
-        if self.config.trainer.val_only or not saved.is_file():  # a validation keeps the run's config as it is
-            return None
-        try:
-            return saved.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{saved} is not UTF-8 text ({err}): it is the config a run in this folder started "
-                              "with; restore it or move the run folder aside") from None
-
     def _started(self, make):
         """`make()` on every rank; when it fails on any rank, every rank stops (the failing one with its error;
         a reward file that imports on one node and not on another, say)."""
@@ -324,6 +208,37 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         self._resume()
+        self._validate_first()
+        while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
+            metrics = self.train_step()
+            self.step += 1
+            last = self.step == cfg.trainer.total_training_steps
+            # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
+            # and goes straight to the checkpoint. The run's last step is validated too.
+            asked = self._validate_if_due(metrics, last)
+            stopping = not last and asked
+            # Taken over while suspended: stop, log and save nothing. The file is read, not the last heartbeat: a job
+            # resumed from a suspension would log a row after the newcomer's start before its next beat noticed.
+            self._started(lambda: self.lock and self.lock.check(look=True))
+            self._log(self.step, metrics)
+            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+                self._save(hf=None if asked else self.hf_copy)  # a stop request leaves minutes at most
+                # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
+                # stop's. Going on would train a whole step and save again in what time the warning left.
+                stopping = stopping or (not last and self.stop.requested())
+            if last and self.rank0:
+                self._finished(asked)
+            if stopping:
+                if self.rank0:
+                    print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
+                          f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
+                break
+        self._close()
+
+    def _validate_first(self) -> None:
+        """The validation before training (trainer.val_before_train) or instead of it (trainer.val_only), or the
+        one the stop that saved the resumed checkpoint skipped."""
+        cfg = self.config
         if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
             if result := self.validate():  # none without validation files: no row of a step and a time alone
                 self._log(self.step, result)
@@ -332,73 +247,61 @@ class Trainer:
                 print(f"validating step {self.step}, whose validation the stop after it skipped", flush=True)
             self._log(self.step, self.validate())
         self.val_skipped = False
-        while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
-            metrics = self.train_step()
-            self.step += 1
-            last = self.step == cfg.trainer.total_training_steps
-            # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
-            # and goes straight to the checkpoint. The run's last step is validated too.
+
+    def _validate_if_due(self, metrics: dict[str, float], last: bool) -> bool:
+        """The validation due after this step (trainer.test_freq, and the last step) into `metrics`, unless a stop
+        is asked for; then it is skipped and the checkpoint says so (self.val_skipped), for the attempt resuming
+        from it to run. Returns whether a stop is asked for."""
+        cfg = self.config
+        asked = self.stop.requested()
+        due = (bool(cfg.trainer.test_freq) and self.val_set is not None
+               and (self.step % cfg.trainer.test_freq == 0 or last))
+        self.val_skipped = due and asked
+        if due and not asked:
+            metrics.update(self.validate())
             asked = self.stop.requested()
-            due = (bool(cfg.trainer.test_freq) and self.val_set is not None
-                   and (self.step % cfg.trainer.test_freq == 0 or last))
-            self.val_skipped = due and asked  # the checkpoint below says so: the attempt resuming from it validates
-            if due and not asked:
-                metrics.update(self.validate())
-                asked = self.stop.requested()
-            stopping = not last and asked
-            # Taken over while suspended: stop, log and save nothing. The file is read, not the last heartbeat: a job
-            # resumed from a suspension would log a row after the newcomer's start before its next beat noticed.
-            self._started(lambda: self.lock and self.lock.check(look=True))
-            self._log(self.step, metrics)
-            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
-                if self.rank0:  # a lost node's page cache must not take rows the resumed attempt will not write again
-                    self.sinks.sync()
-                    self.samples.sync()
-                started = time.perf_counter()
-                with self.memory.actor_resident():
-                    checkpoints.save(self.run_dir, self.step, self.actor, self._state(), cfg.checkpoint.keep_last,
-                                     hf=None if asked else self.hf_copy,  # a stop request leaves minutes at most
-                                     wait_group=self.control.group,
-                                     guard=(lambda: self.lock.check(look=True)) if self.lock else None)
-                if self.rank0 and cfg.logging.console:  # what a stop's warning must leave time for, with the step
-                    print(f"step {self.step}: checkpoint saved in {time.perf_counter() - started:.0f} s", flush=True)
-                if not last and not stopping and self.stop.requested():
-                    # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
-                    # stop's. Going on would train a whole step and save again in what time the warning left.
-                    stopping = True
-            if last and self.rank0:
-                try:  # finished: a stop request that came during the last step has nothing to stop
-                    self.stop.clear()
-                except OSError as err:  # the run is complete all the same: not a reason to skip closing it
-                    print(f"warning: could not remove the STOP file: {err}", file=sys.stderr, flush=True)
-                step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-                if asked and self.hf_copy:
-                    print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
-                          f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
-                          f"--out {step_dir / 'hf'}`", flush=True)
-                if self.val_skipped:
-                    print(f"a stop was requested during the last step: its validation was skipped; the same command "
-                          f"again runs it, and with trainer.val_only=true it validates {step_dir} alone", flush=True)
-            if stopping:
-                if self.rank0:
-                    print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
-                          f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
-                break
-        if self.sinks:
-            self.sinks.close()
-        if self.samples:
-            self.samples.close()
-        if self.scorer:
-            self.scorer.close()
-        if self.engine is not None:
-            self.engine.close()
+        return asked
+
+    def _save(self, hf: checkpoints.HFCopy | None) -> None:
+        """The checkpoint of self.step (with its Hugging Face copy `hf`), the metrics files synced first."""
+        if self.rank0:  # a lost node's page cache must not take rows the resumed attempt will not write again
+            self.sinks.sync()
+            self.samples.sync()
+        started = time.perf_counter()
+        with self.memory.actor_resident():
+            checkpoints.save(self.run_dir, self.step, self.actor, self._state(), self.config.checkpoint.keep_last,
+                             hf=hf, wait_group=self.control.group,
+                             guard=(lambda: self.lock.check(look=True)) if self.lock else None)
+        if self.rank0 and self.config.logging.console:  # what a stop's warning must leave time for, with the step
+            print(f"step {self.step}: checkpoint saved in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def _finished(self, asked: bool) -> None:
+        """Rank 0, after the run's last step: a stop request that came during it has nothing to stop; what it
+        skipped (the Hugging Face copy, the validation) is said, with how to make it."""
+        try:
+            self.stop.clear()
+        except OSError as err:  # the run is complete all the same: not a reason to skip closing it
+            print(f"warning: could not remove the STOP file: {err}", file=sys.stderr, flush=True)
+        step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        if asked and self.hf_copy:
+            print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
+                  f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
+                  f"--out {step_dir / 'hf'}`", flush=True)
+        if self.val_skipped:
+            print(f"a stop was requested during the last step: its validation was skipped; the same command "
+                  f"again runs it, and with trainer.val_only=true it validates {step_dir} alone", flush=True)
+
+    def _close(self) -> None:
+        for part in (self.sinks, self.samples, self.scorer, self.engine):
+            if part is not None:
+                part.close()
         if self.lock:
             self.lock.release()
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
-        timer = _Timer(announce, prefix=f"step {self.step + 1}: ")
+        timer = StepTimer(announce, prefix=f"step {self.step + 1}: ")
         self.reward_seconds = self.generated_tokens = 0
         self.reward_failures = Counter()
         self.memory.to_generation(timer)
@@ -547,29 +450,12 @@ class Trainer:
     def _rollout(self, prompts, params: SamplingParams) -> list[Group] | None:
         """Every engine generates its share and its host scores it: the groups on rank 0, None elsewhere."""
         def score(share: range, outputs) -> list[Group]:
-            return self._score(prompts[share.start:share.stop], outputs, params.n)
+            groups, seconds = score_groups(self.config, self.scorer, self.tokenizer, prompts[share.start:share.stop],
+                                           outputs, params.n)
+            self.reward_seconds += seconds
+            return groups
 
         return generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params, finish=score)
-
-    def _score(self, prompts, outputs, n: int) -> list[Group]:
-        """Decode and score the completions of `prompts` (this host's share); the overlong punishment added."""
-        start = time.perf_counter()
-        samples = [RewardSample(p.data_source, self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                                p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
-        broken_after = broken_reward_threshold(n)
-        batch = self.scorer.score(samples, give_up_after=broken_after, group_size=n)
-        results = batch.results
-        self.reward_seconds += time.perf_counter() - start
-        check_reward_functions(samples, results, broken_after)
-        buffer = self.config.reward.overlong_buffer
-        groups = []
-        for i, (prompt, completions) in enumerate(zip(prompts, outputs)):
-            rewards = results[i * n:(i + 1) * n]
-            scores = shaped_scores(rewards, completions, enable=buffer.enable,
-                                   max_response_length=self.config.data.max_response_length,
-                                   buffer_len=buffer.len, penalty_factor=buffer.penalty_factor)
-            groups.append(Group(prompt=prompt, completions=completions, rewards=rewards, scores=scores))
-        return groups
 
     def validate(self) -> dict[str, float]:
         """The validation figures, with timing/validate (on every rank; {} without validation files)."""
@@ -595,23 +481,6 @@ class Trainer:
         return self.control.broadcast(result)
 
     # ---- state ------------------------------------------------------------------------------
-
-    def _hf_copy(self) -> checkpoints.HFCopy | None:
-        """checkpoint.save_hf's settings, its folders checked now rather than at the first checkpoint."""
-        cfg = self.config
-        if not cfg.checkpoint.save_hf:
-            return None
-        needed = {"model.path": Path(cfg.model.path) / "config.json"}  # a local model folder
-        if cfg.model.tokenizer_path:
-            needed["model.tokenizer_path"] = Path(cfg.model.tokenizer_path)  # a local folder
-        for key, path in needed.items():
-            if not path.exists():
-                raise ConfigError(f"checkpoint.save_hf copies the config, generation config and tokenizer files of "
-                                  f"local folders, but {path} does not exist: point {key} at a local folder or set "
-                                  "checkpoint.save_hf=false")
-        return checkpoints.HFCopy(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.checkpoint.hf_dtype],
-                                  template=Path(cfg.model.path),
-                                  tokenizer=Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None)
 
     def _not_yet_validated(self) -> bool:
         """Whether the run's metrics hold no validation of self.step yet (collective: rank 0 reads them). An
@@ -746,57 +615,3 @@ class Trainer:
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         """Rank 0 writes the row; a sink failing there (a full disk, W&B) stops every rank (collective)."""
         self._started(lambda: self.sinks and self.sinks.log(step, metrics))
-
-
-class _Timer:
-    def __init__(self, announce_after_s: float | None = None, prefix: str = ""):
-        """announce_after_s: a phase that took at least this long gets a console line as it ends (None: never)."""
-        self.times: dict[str, float] = {}
-        self.announce_after_s, self.prefix = announce_after_s, prefix
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - start
-        self.times[name] = self.times.get(name, 0.0) + seconds
-        if self.announce_after_s is not None and seconds >= self.announce_after_s:
-            print(f"{self.prefix}{name} took {seconds:.0f} s", file=sys.stderr, flush=True)
-
-    def split(self, name: str, part: str, seconds: float) -> None:
-        """Report `seconds` of `name`'s time as `part` instead."""
-        self.times[name] -= seconds
-        self.times[part] = self.times.get(part, 0.0) + seconds
-
-    def total(self) -> float:
-        return sum(self.times.values())
-
-    def metrics(self) -> dict[str, float]:
-        return {**{f"timing/{k}": v for k, v in self.times.items()}, "timing/step": self.total()}
-
-
-def stop_token_ids(tokenizer, model_path: str | Path, vocab_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Where a response ends: the tokenizer's end and padding tokens, and every eos_token_id of the model folder's
-    config.json and generation_config.json (chat models list several there, Llama 3 Instruct's end of turn among
-    them; SGLang stops on those too, so both engines end responses alike). Returns (the ids inside the model's
-    vocab, those outside it); a ConfigError when none is inside: no response could end."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for name in ("config.json", "generation_config.json"):
-        path = Path(model_path) / name
-        if path.is_file():
-            try:
-                settings = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
-                raise ConfigError(f"model.path: {path} is not readable JSON ({err})") from None
-            if not isinstance(settings, dict):
-                raise ConfigError(f"model.path: {path} holds a {type(settings).__name__}, not a JSON object")
-            eos = settings.get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos])
-    ids = {t for t in ids if isinstance(t, int) and not isinstance(t, bool) and t >= 0}
-    inside, outside = tuple(sorted(t for t in ids if t < vocab_size)), tuple(sorted(t for t in ids if t >= vocab_size))
-    if not inside:
-        raise ConfigError(f"model.path: no stop token inside the model's vocab [0, {vocab_size}): the tokenizer's end "
-                          f"and padding tokens and the eos_token_id of {model_path}'s config.json and "
-                          f"generation_config.json give {list(outside) or 'none'}, so no response could end; check "
-                          "model.tokenizer_path and the model folder's files")
-    return inside, outside

@@ -2,7 +2,7 @@
 import pytest
 
 from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult, RewardSample
-from megatron_dapo.trainer.loop import broken_reward_threshold, check_reward_functions
+from megatron_dapo.trainer.scoring import broken_reward_threshold, check_reward_functions
 
 
 def _results(sources_failed):

@@ -24,7 +24,7 @@ def test_an_unset_or_wrong_model_path_is_named(tmp_path):
 def test_an_sglang_rollout_takes_sglang_s_nccl_setting_unless_one_is_set(tmp_path, monkeypatch):
     import os
 
-    from megatron_dapo.trainer.loop import match_sglang_nccl_settings
+    from megatron_dapo.trainer.startup import match_sglang_nccl_settings
 
     monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
     match_sglang_nccl_settings({})

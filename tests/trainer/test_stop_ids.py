@@ -4,7 +4,7 @@ import json
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from megatron_dapo.trainer.loop import stop_token_ids
+from megatron_dapo.trainer.startup import stop_token_ids
 
 
 def _tokenizer(**special) -> PreTrainedTokenizerFast:
