@@ -11,6 +11,6 @@ import pytest
 
 def unavailable(what: str, reason: str) -> None:
     """Skip with `reason`, or fail with it where MEGATRON_DAPO_REQUIRE lists `what`."""
-    if what in os.environ.get("MEGATRON_DAPO_REQUIRE", "").split(","):
+    if what in {word.strip() for word in os.environ.get("MEGATRON_DAPO_REQUIRE", "").split(",")}:
         pytest.fail(f"{reason} (MEGATRON_DAPO_REQUIRE lists {what!r})")
     pytest.skip(reason)

@@ -62,14 +62,21 @@ def hf_logprobs(model, tokens: torch.Tensor, temperature: float = 1.0) -> torch.
 
     model: a transformers model, or the folder to load one from (in fp32).
     """
+    return hf_logprobs_and_entropy(model, tokens, temperature)[0]
+
+
+def hf_logprobs_and_entropy(model, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hf_logprobs`, and the entropy of the distribution each token t was drawn from, [B, S] aligned alike."""
     import transformers
 
     if not isinstance(model, transformers.PreTrainedModel):
         model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     with torch.no_grad():
         logits = model(tokens).logits.float() / temperature
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return torch.nn.functional.pad(logp, (1, 0))
+    logprobs = torch.log_softmax(logits[:, :-1], -1)
+    logp = logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
 
 
 def hf_score(model, sequence: list[int], temperature: float = 1.0) -> torch.Tensor:

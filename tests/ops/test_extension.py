@@ -34,7 +34,7 @@ def test_describe_says_which_implementation_runs():
 
 def test_bindings_refuse_cpu_tensors_by_name():
     if extension.EXTENSION is None:
-        pytest.skip("the extension is not built here")
+        unavailable("extension", f"the extension is not built here: {extension.UNAVAILABLE_BECAUSE}")
     ext = extension.EXTENSION
     logits, targets = torch.zeros(2, 8), torch.zeros(2, dtype=torch.long)
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor"):
