@@ -72,9 +72,11 @@ class DatasetStats:
     malformed_examples: list[str] = field(default_factory=list)
     """The first MAX_EXAMPLES of them: "<file> <row or line>: <what is wrong>"."""
     duplicates: int = 0
-    """Rows whose prompt (all messages) and data_source equal an earlier row's."""
+    """Rows whose prompt (all messages), data_source and extra_info (but for its "index") equal an earlier row's."""
     conflicting_duplicates: int = 0
     """Of those, rows whose ground truth differs from the kept row's (the first one is kept)."""
+    conflicting_examples: list[str] = field(default_factory=list)
+    """The first MAX_EXAMPLES of them: "<file> <row or line>: ground truth ..., not ... as at <file> <row or line>"."""
     too_long: int = 0
     """Prompts with more than max_prompt_length tokens after the chat template."""
     longest_prompt: int = 0
@@ -89,6 +91,10 @@ class DatasetStats:
         lines += [f"  malformed: {example}" for example in self.malformed_examples]
         if self.malformed > len(self.malformed_examples):
             lines.append(f"  ... and {self.malformed - len(self.malformed_examples)} more malformed rows")
+        lines += [f"  another ground truth: {example}" for example in self.conflicting_examples]
+        if self.conflicting_duplicates > len(self.conflicting_examples):
+            lines.append(f"  ... and {self.conflicting_duplicates - len(self.conflicting_examples)} more duplicates "
+                         "with another ground truth")
         return "\n".join(lines)
 
 
@@ -119,8 +125,8 @@ class PromptDataset(Sequence[Prompt]):
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         stats = DatasetStats(files=[str(p) for p in paths])
-        first_copy: dict[tuple, tuple[str, str | None]] = {}
-        """Each prompt's first row: its ground truth, and why it was dropped (None: kept)."""
+        first_copy: dict[tuple, tuple[str, str | None, str]] = {}
+        """Each prompt's first row: its ground truth, why it was dropped (None: kept), and where it is."""
         prompts: list[Prompt] = []
 
         def malformed(where: str, why: str) -> None:
@@ -140,30 +146,38 @@ class PromptDataset(Sequence[Prompt]):
                 except _Malformed as err:
                     malformed(f"{path.name} {unit} {number}", str(err))
                     continue
-                # The same messages under two data_sources are two tasks (two verifiers), not a duplicate.
-                key = (data_source, tuple((m["role"], m["content"]) for m in messages))
+                # The same messages under two data_sources are two tasks (two verifiers), not a duplicate; nor
+                # with other task data in extra_info (an episode a fixed prompt refers to), but for its "index",
+                # which a row's number fills (DAPO-Math-17k repeats each prompt with a new one).
+                where = f"{path.name} {unit} {number}"
+                key = (data_source, tuple((m["role"], m["content"]) for m in messages), _task_data(extra_info))
                 if key in first_copy:  # counted as what became of its first copy (tokenized once)
-                    first_ground_truth, dropped = first_copy[key]
+                    first_ground_truth, dropped, first_where = first_copy[key]
                     if dropped == "too long":
                         stats.too_long += 1
                     elif dropped is not None:
-                        malformed(f"{path.name} {unit} {number}", dropped)
+                        malformed(where, dropped)
                     else:
                         stats.duplicates += 1
-                        stats.conflicting_duplicates += first_ground_truth != ground_truth
+                        if first_ground_truth != ground_truth:
+                            stats.conflicting_duplicates += 1
+                            if len(stats.conflicting_examples) < MAX_EXAMPLES:
+                                stats.conflicting_examples.append(
+                                    f"{where}: ground truth {ground_truth!r}, not {first_ground_truth!r} as at "
+                                    f"{first_where} (kept)")
                     continue
-                first_copy[key] = (ground_truth, None)
+                first_copy[key] = (ground_truth, None, where)
                 try:
                     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                         return_dict=False)
                     ids = [int(t) for t in ids]
                 except Exception as err:                    # a template may reject a role or a message order
-                    first_copy[key] = (ground_truth, f"chat template failed: {type(err).__name__}: {err}")
-                    malformed(f"{path.name} {unit} {number}", first_copy[key][1])
+                    first_copy[key] = (ground_truth, f"chat template failed: {type(err).__name__}: {err}", where)
+                    malformed(where, first_copy[key][1])
                     continue
                 stats.longest_prompt = max(stats.longest_prompt, len(ids))
                 if len(ids) > max_prompt_length:
-                    first_copy[key] = (ground_truth, "too long")
+                    first_copy[key] = (ground_truth, "too long", where)
                     stats.too_long += 1
                     continue
                 prompts.append(Prompt(prompt_ids=ids, ground_truth=ground_truth, data_source=data_source,
@@ -358,3 +372,12 @@ def _parse_row(row: Any, prompt_key: str) -> tuple[list[dict[str, str]], str, st
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _task_data(extra_info: dict[str, Any]) -> str:
+    """extra_info as a key, but for its "index" (a row's number, not the task's data)."""
+    rest = {k: v for k, v in extra_info.items() if k != "index"}
+    try:
+        return json.dumps(rest, sort_keys=True, default=repr)
+    except TypeError:  # keys of unlike types cannot be sorted
+        return repr(rest)

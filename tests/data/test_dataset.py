@@ -110,7 +110,8 @@ def test_jsonl_rows_are_checked_deduplicated_and_filtered(tmp_path, tokenizer):
     report = dataset.report()
     assert report.startswith("15 rows read from 1 file(s): 4 prompts kept, 3 duplicates removed (1 with another "
                              "ground truth), 1 too long (longest prompt 22 tokens), 7 malformed")
-    assert report.endswith("... and 2 more malformed rows")
+    assert report.endswith("... and 2 more malformed rows\n  another ground truth: train.jsonl line 4: ground truth "
+                           "'5', not '4' as at train.jsonl line 3 (kept)")
 
 
 def test_parquet_in_the_public_layout(tmp_path, tokenizer):
@@ -156,6 +157,16 @@ def test_the_same_messages_under_another_data_source_are_kept(tmp_path, tokenize
     dataset = PromptDataset.from_files([rows], tokenizer, max_prompt_length=8)
     assert [p.data_source for p in dataset] == ["math_dapo", "other_task"]
     assert (dataset.stats.duplicates, dataset.stats.conflicting_duplicates) == (1, 0)
+
+
+def test_rows_of_one_prompt_with_other_task_data_are_kept(tmp_path, tokenizer):
+    """A fixed prompt whose task data is in extra_info (an episode for the reward function) is one prompt per
+    episode; rows differing only in extra_info's "index" (a row number) are duplicates."""
+    rows = [row(P1, "see extra_info", source="episodes", extra_info={"episode": i, "index": i}) for i in range(3)]
+    rows += [row(P1, "see extra_info", source="episodes", extra_info={"index": 9, "episode": 1})]
+    dataset = PromptDataset.from_files([write_jsonl(tmp_path / "a.jsonl", rows)], tokenizer, max_prompt_length=8)
+    assert [p.extra_info["episode"] for p in dataset] == [0, 1, 2]
+    assert dataset.stats.duplicates == 1
 
 
 def test_max_prompt_length_is_inclusive(tmp_path, tokenizer):
