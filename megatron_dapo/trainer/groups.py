@@ -1,6 +1,7 @@
 """Rollout data: groups of responses to one prompt, their rewards, and the actor batch built from them."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -57,33 +58,64 @@ class Group:
 
 
 class FilterMetricCheck:
-    """Whether the rewards give dynamic sampling's metric (algorithm.filter_groups.metric) at all, over one step's
-    generation batches. A task's own figure that no scored reward gives makes every group look alike: every one
-    is dropped, and the step trains on nothing, fails as exhausted or, without a batch limit, never ends. That
-    is a misspelt key, or a task that gives the figure to no answer yet: a ConfigError naming the key and the
-    figures the rewards do give, once `patience` generation batches of a step have passed without it."""
+    """Whether the rewards of each data_source give dynamic sampling's metric (algorithm.filter_groups.metric). A
+    task's own figure that no scored reward gives makes every group look alike: every one is dropped, and the step
+    trains on nothing, fails as exhausted or, without a batch limit, never ends. That is a misspelt key, or a task
+    that gives the figure to no answer yet. A figure one data_source's rewards give and another's do not (one
+    task's figure, with prompts of several) drops every group of the other: the run trains on one task alone,
+    silently. Either is a ConfigError naming the key, the data_sources and the figures their rewards do give, once
+    a data_source's scored rewards have come in `patience` generation batches of a step without it.
 
-    def __init__(self, name: str, patience: int):
+    Kept for the run: a data_source whose rewards gave the figure once is not checked again (`done` once all have)."""
+
+    def __init__(self, name: str, patience: int, sources):
         self.name, self.patience = name, patience
-        self.batches, self.scored, self.given = 0, 0, set()
+        self.waiting = set(sources)
+        """The data_sources whose rewards have not given the figure yet."""
+        self.confirmed: set[str] = set()
+        self.start_step()
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting
+
+    def start_step(self) -> None:
+        self.batches: Counter[str] = Counter()
+        """Per data_source: the generation batches of this step with scored rewards of it."""
+        self.scored: Counter[str] = Counter()
+        self.given: dict[str, set[str]] = {}
 
     def add(self, groups: list[Group]) -> None:
-        self.batches += 1
-        for reward in (r for g in groups for r in g.rewards if not r.failed):
-            self.scored += 1
-            self.given.update(reward.extra)
+        seen = set()
+        for group in groups:
+            source = group.prompt.data_source
+            for reward in group.rewards:
+                if not reward.failed:
+                    seen.add(source)
+                    self.scored[source] += 1
+                    self.given.setdefault(source, set()).update(reward.extra)
+        self.batches.update(seen)
 
-    def check(self, step: int) -> bool:
-        """True once a reward gave the figure (nothing left to check); False while it cannot tell yet."""
-        if self.name in self.given:
-            return True
-        if self.batches < self.patience or not self.scored:
-            return False
+    def check(self, step: int) -> None:
+        """Raises the ConfigError described above for the data_sources overdue."""
+        self.confirmed |= {s for s, figures in self.given.items() if self.name in figures}
+        self.waiting -= self.confirmed
+        overdue = sorted(s for s in self.waiting if self.batches[s] >= self.patience)
+        if not overdue:
+            return
+        scored, batches = sum(self.scored[s] for s in overdue), max(self.batches[s] for s in overdue)
+        figures = ", ".join(sorted(set(BUILTIN_METRICS).union(*(self.given[s] for s in overdue))))
+        key = f"algorithm.filter_groups.metric={self.name!r}"
+        if not self.confirmed:
+            raise ConfigError(
+                f"{key}: none of the {scored} rewards scored in the {batches} generation batches of step {step} gives "
+                f"such a figure (they give {figures}), so every group was dropped: a misspelt key, or a task that "
+                "gives the figure to no answer yet (filter on score or acc)")
         raise ConfigError(
-            f"algorithm.filter_groups.metric={self.name!r}: none of the {self.scored} rewards scored in the "
-            f"{self.batches} generation batches of step {step} gives such a figure (they give "
-            f"{', '.join(sorted(set(BUILTIN_METRICS) | self.given))}), so every group was dropped: a misspelt key, or a "
-            "task that gives the figure to no answer yet (filter on score or acc)")
+            f"{key}: the rewards of data_source {', '.join(map(repr, overdue))} give no such figure ({scored} scored "
+            f"in {batches} generation batches of step {step}; they give {figures}), only those of "
+            f"{', '.join(map(repr, sorted(self.confirmed)))} do, so every group of the first was dropped: filter on a "
+            "figure every data_source's reward gives (score or acc), or give it in each reward function")
 
 
 def shaped_scores(rewards: list[RewardResult], completions: list[Completion], *, enable: bool,

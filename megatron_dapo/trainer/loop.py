@@ -142,8 +142,10 @@ class Trainer:
         """Scores the completions of this rank's engine."""
         self.sampler = DynamicSampler(cfg.algorithm.filter_groups, cfg.data.train_batch_size)
         filtering = cfg.algorithm.filter_groups
-        self._check_filter_metric = filtering.enable and filtering.metric not in BUILTIN_METRICS
-        """Whether no reward has given the filter metric yet (checked on rank 0 each step until one does)."""
+        self.filter_metric_check = (FilterMetricCheck(filtering.metric, patience=filtering.max_num_gen_batches or 10,
+                                                      sources={p.data_source for p in self.train_set})
+                                    if filtering.enable and filtering.metric not in BUILTIN_METRICS else None)
+        """Whether each data_source's rewards give the filter metric (on rank 0, each step until all have)."""
         self.sinks = self._started(lambda: MetricSinks(
             cfg.logging, self.run_dir, cfg.trainer.total_training_steps, training=not cfg.trainer.val_only)
             if self.rank0 else None)  # W&B's login or network failing stops every rank, not rank 0 alone
@@ -361,17 +363,18 @@ class Trainer:
                 generate_batch()
             return None
 
-        filtering = self.config.algorithm.filter_groups
-        check = FilterMetricCheck(filtering.metric, patience=filtering.max_num_gen_batches or 10)
+        filtering, check = self.config.algorithm.filter_groups, self.filter_metric_check
+        if check is not None:
+            check.start_step()
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")
             groups = generate_batch()
             self.generated_tokens += sum(len(c.token_ids) for g in groups for c in g.completions)
             self.reward_failures.update(failure_kind(r) for g in groups for r in g.rewards if r.failed)
-            if self._check_filter_metric:  # before the sampler drops every group for want of the figure
+            if check is not None and not check.done:  # before the sampler drops every group for want of the figure
                 check.add(groups)
-                self._check_filter_metric = not check.check(self.step + 1)
+                check.check(self.step + 1)
             return groups
 
         with self._stops_everyone():

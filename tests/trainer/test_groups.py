@@ -3,18 +3,20 @@ import math
 
 import pytest
 
+from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.data.dataset import Prompt
 from megatron_dapo.reward.math_dapo import compute_score
 from megatron_dapo.reward.registry import FAILED_SCORE, RewardResult
 from megatron_dapo.rollout.engine import Completion
 from megatron_dapo.sampling.config import FilterGroupsConfig
 from megatron_dapo.sampling.dynamic import DynamicSampler
-from megatron_dapo.trainer.groups import (Group, build_actor_batch, majority_vote, rollout_metrics,
-                                          validation_metrics)
+from megatron_dapo.trainer.groups import (FilterMetricCheck, Group, build_actor_batch, majority_vote,
+                                          rollout_metrics, validation_metrics)
 
 
-def _group(rewards: list[RewardResult], penalties: list[float] | None = None, length: int = 3) -> Group:
-    prompt = Prompt(prompt_ids=[1, 2], ground_truth="7", data_source="math_dapo", extra_info={}, index=0)
+def _group(rewards: list[RewardResult], penalties: list[float] | None = None, length: int = 3,
+           source: str = "math_dapo") -> Group:
+    prompt = Prompt(prompt_ids=[1, 2], ground_truth="7", data_source=source, extra_info={}, index=0)
     completions = [Completion(token_ids=[3 + i] * length, logprobs=[-0.5] * length, finish_reason="stop")
                    for i in range(len(rewards))]
     penalties = penalties or [0.0] * len(rewards)
@@ -35,6 +37,35 @@ def test_filter_figures_are_named_as_in_verl():
     assert group.metric("seq_reward")[:2] == group.metric("seq_final_reward")[:2] == [0.5, -1.0]  # after it
     assert math.isnan(group.metric("seq_reward")[2]) and math.isnan(group.metric("score")[2])
     assert group.metric("pnl")[0] == 2.0 and all(math.isnan(v) for v in group.metric("pnl")[1:])
+
+
+def test_a_filter_figure_one_data_source_does_not_give_is_named():
+    """Filtering on one task's figure with prompts of two tasks would drop every group of the other: refused once
+    that task's rewards have come in `patience` batches of a step without it, naming both. A task whose rewards
+    give the figure once is not checked again; one that gives no figure at all in a step is the misspelt case."""
+    pnl = [RewardResult(score=1.0, acc=1.0, extra={"pnl": 1.0}), RewardResult(score=0.0, acc=0.0, extra={"pnl": 0.0})]
+    plain = [RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)]
+    check = FilterMetricCheck("pnl", patience=2, sources={"trading", "math_dapo"})
+    check.add([_group(pnl, source="trading"), _group(plain), _group([_failed(), _failed()], source="trading")])
+    check.check(step=1)
+    assert check.waiting == {"math_dapo"} and not check.done
+    check.add([_group(plain)])
+    with pytest.raises(ConfigError, match=r"algorithm.filter_groups.metric='pnl': the rewards of data_source "
+                                          r"'math_dapo' give no such figure \(4 scored in 2 generation batches of step "
+                                          r"1; they give acc, score, seq_final_reward, seq_reward\), only those of "
+                                          r"'trading' do"):
+        check.check(step=1)
+    check.start_step()  # a new step: the trading rewards need not give it again
+    check.add([_group(pnl, source="math_dapo")])
+    check.check(step=2)
+    assert check.done
+    misspelt = FilterMetricCheck("pnl", patience=1, sources={"math_dapo"})
+    misspelt.add([_group([_failed(), _failed()])])  # nothing scored: nothing to tell yet
+    misspelt.check(step=1)
+    misspelt.add([_group(plain)])
+    with pytest.raises(ConfigError, match=r"none of the 2 rewards scored in the 1 generation batches of step 1 gives "
+                                          r"such a figure"):
+        misspelt.check(step=1)
 
 
 def test_a_failed_reward_leaves_the_statistics_and_the_loss():
