@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU acceptance checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
+# The GPU checks and benchmarks in one command, for a machine with one CUDA GPU, sized to end
 # inside a time budget (GPU_CHECKS_BUDGET_S below), so that a command with a time limit ends with its results.
 #
 #   bash tools/gpu_checks.sh OUT_DIR [STEP ...]     default: build kernel-tests kernels actor update push generate embedded
 #
 # build         the fused kernels, in place (python setup.py build_ext --inplace)
 # kernel-tests  tests/ops/test_kernels_cuda.py: the kernels against fp64 references, odd shapes, TP combine
-# kernels       tools/bench_kernels.py --preset acceptance: ours / pure torch / torch.compile / Liger (CSV + PNG)
+# kernels       tools/bench_kernels.py --preset headline: ours / pure torch / torch.compile / Liger (CSV + PNG)
 # kernels-full  tools/bench_kernels.py over the whole grid (tokens 1k-32k, 3 vocabularies, TP 1/2/8, bf16 and fp32)
 # actor         tests/actor/test_actor_gpu.py: bf16 log-prob parity with transformers, actor.offload on a GPU
 # update        tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
@@ -14,11 +14,11 @@
 # generate      tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
 # embedded      tests/rollout/embedded/test_engine.py -k cuda: the embedded engine on the GPU against the CPU (bf16)
 #
-# A session with 15 minutes of device time (the machine's start included) runs the kernels first, in one call:
+# Where GPU time is short, run the kernels first, in one command:
 #   bash tools/gpu_checks.sh $OUT build kernel-tests kernels
-# and the rest in a second call while the machine is warm (it keeps the built extension):
+# and the rest in a second one on the same machine (it keeps the built extension):
 #   bash tools/gpu_checks.sh $OUT actor update push generate embedded
-# (each about 5 minutes on an H100; set GPU_CHECKS_BUDGET_S to what the session has left).
+# (each about 5 minutes on an H100; set GPU_CHECKS_BUDGET_S to the time there is).
 # Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 560); each step is stopped at what is left of it
 # (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results
 # (a timeout may overrun by the 10 s a stopped step is given to exit). A failed, stopped or skipped step
@@ -127,7 +127,7 @@ from megatron_dapo.ops import extension as e
 assert e.EXTENSION is not None, e.UNAVAILABLE_BECAUSE  # else every kernel test would skip, and pass
 print(e.describe())"' ;;
     kernel-tests) step kernel-tests 120 python3 -m pytest -q -rs tests/ops/test_kernels_cuda.py ;;
-    kernels) step kernels 240 python3 tools/bench_kernels.py --preset acceptance --out "$work" ;;
+    kernels) step kernels 240 python3 tools/bench_kernels.py --preset headline --out "$work" ;;
     kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;
     actor) step actor 180 python3 -m pytest -q -rs -s tests/actor/test_actor_gpu.py ;;  # -s: the errors it prints
     update) step update 150 env "${one_rank[@]}" python3 tools/bench_update.py --tp 1 --out "$work" ;;

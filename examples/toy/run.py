@@ -76,6 +76,9 @@ def main(argv: list[str]) -> int:
     from megatron_dapo.config.loader import ConfigError
     from megatron_dapo.config.root import load_config
 
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     prepare_only = "--prepare-only" in argv  # for launchers that start the training themselves (examples/slurm)
     argv = [a for a in argv if a != "--prepare-only"]
     try:

@@ -27,7 +27,7 @@ from megatron_dapo.ops.logprob import combine_stats, local_grad, local_stats
 VOCABS = (32000, 128256, 151936)
 TOKENS = (1024, 4096, 16384, 32768)
 TPS = (1, 2, 8)
-ACCEPTANCE = (  # (tokens, vocab, tp, dtype): the headline shape first, then a few others, in about a minute
+HEADLINE = (  # (tokens, vocab, tp, dtype): the headline shape first, then a few others, in about a minute
     (16384, 151936, 1, "bfloat16"),
     (16384, 151936, 8, "bfloat16"),
     (4096, 128256, 2, "bfloat16"),
@@ -273,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="*", default=list(TPS))
     parser.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
     parser.add_argument("--loss-tokens", type=int, nargs="*", default=[1 << 20])
-    parser.add_argument("--preset", choices=["grid", "acceptance"], default="grid",
-                        help="grid: every combination of the lists above; acceptance: a few shapes, the 16384 x "
+    parser.add_argument("--preset", choices=["grid", "headline"], default="grid",
+                        help="grid: every combination of the lists above; headline: a few shapes, the 16384 x "
                              "151936 bf16 one first")
-    parser.add_argument("--name", default=None, help="file name stem (default: kernels, or kernels_acceptance)")
+    parser.add_argument("--name", default=None, help="file name stem (default: kernels, or kernels_headline)")
     args = parser.parse_args(argv)
     name = args.name or ("kernels" if args.preset == "grid" else f"kernels_{args.preset}")
-    shapes = list(ACCEPTANCE) if args.preset == "acceptance" else [
+    shapes = list(HEADLINE) if args.preset == "headline" else [
         (tokens, vocab, tp, dtype) for dtype in args.dtype for vocab in args.vocab for tp in args.tp
         for tokens in args.tokens]
     if not torch.cuda.is_available():
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_headline(rows: list[dict]) -> None:
-    """The acceptance figures of the 16384 x 151936 bf16 TP1 shape and of the loss, as ratios of one run."""
+    """The headline figures of the 16384 x 151936 bf16 TP1 shape and of the loss, as ratios of one run."""
     head = {r["impl"]: r for r in rows if r["op"] == "logprob_entropy" and r["pass"] == "both" and r["tokens"] == 16384
             and r["vocab"] == 151936 and r["tp"] == 1 and r["dtype"] == "bfloat16" and r["ms"] != ""}
     if "ours" in head:
