@@ -25,8 +25,25 @@ def _sglang():
 
 def _bind(method: str, **kwargs) -> None:
     """TypeError unless the real sglang.Engine's `method` takes these keyword arguments (the fakes below stand in
-    for an Engine that cannot run here, and must not drift from its API)."""
+    for an Engine that cannot run here, and must not drift from its API); for generate, each request's sampling
+    parameters as SGLang's own SamplingParams reads and verifies them."""
     inspect.signature(getattr(_sglang(), method)).bind(None, **kwargs)
+    if method == "generate":
+        _check_sampling(kwargs["sampling_params"])
+
+
+VOCAB = 100
+"""The vocabulary the fakes' requests are verified against (their token ids are below it)."""
+
+
+def _check_sampling(sampling_params) -> None:
+    """The sampling parameters of a generate call (one dict, or one per request), each through SGLang's own
+    SamplingParams and its verify(), as its tokenizer manager takes them: a key SGLang does not know is a
+    TypeError, a value it refuses a ValueError."""
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    for params in sampling_params if isinstance(sampling_params, list) else [sampling_params]:
+        SamplingParams(**params).verify(vocab_size=VOCAB)
 
 
 CALLS = {  # Engine method -> keyword arguments megatron_dapo.rollout.sglang passes
@@ -53,18 +70,54 @@ def test_engine_methods_and_keywords_exist(method):
     assert not missing, f"sglang.Engine.{method} takes no {sorted(missing)}"
 
 
-def test_engine_start_arguments_are_server_arguments():
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_engine_start_arguments_are_server_arguments(mode, tmp_path, monkeypatch):
+    """What SGLangEngine.launch starts sglang.Engine with (a recorder in its place: it cannot start here) is
+    taken by SGLang's own ServerArgs, on the GPUs the mode gives it."""
     _sglang()
-    from sglang.srt.sampling.sampling_params import SamplingParams
+    import sglang
     from sglang.srt.server_args import ServerArgs
 
-    ServerArgs(model_path="/nonexistent", tp_size=2, skip_tokenizer_init=True, mem_fraction_static=0.6,
-               base_gpu_id=0, enable_memory_saver=True)
-    SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=[2],
-                   skip_special_tokens=False, sampling_seed=3).verify(vocab_size=100)
-    SamplingParams(max_new_tokens=0, temperature=0.7).verify(vocab_size=100)  # score(): prompt log-probs only
+    from megatron_dapo.rollout.sglang import SGLangEngine
+    from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
+    from tests.tiny_models import make_tiny_model
+
+    started = []
+
+    def record(**kwargs):
+        started.append(ServerArgs(**kwargs))
+        return object()
+
+    monkeypatch.setattr(sglang, "Engine", record)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    folder = make_tiny_model("qwen2", tmp_path / "qwen2", vocab_size=VOCAB)
+    config = SGLangEngineConfig(tp_size=2, server_args={"attention_backend": "fa3"})
+    SGLangEngine.launch(str(folder), config, mode, local_world_size=4 if mode == "disaggregated" else 8)
+    (args,) = started
+    assert (args.model_path, args.tp_size, args.skip_tokenizer_init, args.attention_backend) == (str(folder), 2, True,
+                                                                                                 "fa3")
+    assert args.enable_memory_saver == (mode == "colocated")
+    assert args.base_gpu_id == (0 if mode == "colocated" else 4)  # after the trainer's 4 GPUs
     with pytest.raises(TypeError):  # the check can fail: an unknown argument is refused
         ServerArgs(model_path="/nonexistent", no_such_argument=1)
+
+
+def test_sampling_arguments_are_sglangs():
+    """The sampling parameters generate and score send, seeded and not, pass SGLang's SamplingParams.verify;
+    the check refuses what SGLang refuses."""
+    _sglang()
+    from megatron_dapo.rollout.engine import SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    engine = SGLangEngine(_Finishing(None), tp_size=1)
+    for params in (SamplingParams(n=2, max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=(2, 3),
+                                  seed=2**62), SamplingParams(max_new_tokens=1)):
+        engine.generate([[1, 2], [3]], params)
+    SGLangEngine(_Scoring(), tp_size=1).score([[5, 6, 7]], 1.0)
+    with pytest.raises(TypeError):
+        _check_sampling({"max_new_tokens": 1, "seed": 3})  # not SGLang's name for it
+    with pytest.raises(ValueError):
+        _check_sampling([{"max_new_tokens": 1, "top_p": 1.5}])
 
 
 def test_buckets_round_trip_through_sglang_deserializer():
@@ -163,6 +216,7 @@ class _MemoryFrontEnd:
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
         self._bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
+        _check_sampling(sampling_params)
         assert not self.paused, f"generating with {sorted(self.paused)} paused"
         finish = {"type": "length"}
         return [{"output_ids": [7], "meta_info": {"finish_reason": finish, "output_token_logprobs": [(-0.5, 7, None)]}}
@@ -227,7 +281,8 @@ class _Finishing:
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
         _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
-        return [{"output_ids": [7], "meta_info": {"finish_reason": self.finish.to_json(),
+        finish = self.finish.to_json() if self.finish is not None else {"type": "stop", "matched": 7}
+        return [{"output_ids": [7], "meta_info": {"finish_reason": finish,
                                                   "output_token_logprobs": [(-0.5, 7, None)]}} for _ in input_ids]
 
 
