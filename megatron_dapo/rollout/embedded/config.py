@@ -20,7 +20,8 @@ class EmbeddedEngineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations; "auto" is float32 on CPU, bfloat16 on CUDA. Log-probs are always fp32."""
     max_batch_size: int = 64
-    """Sequences decoded together (prompts x n); the KV cache holds this many x (prompt + max_new_tokens) tokens."""
+    """Sequences decoded together (prompts x n; a waiting prompt takes the rows of finished ones); the KV cache
+    holds this many x (prompt + max_new_tokens) tokens."""
     max_seq_len: int | None = None
     """Longest prompt + completion accepted; None uses the model's max_position_embeddings."""
 

@@ -1,11 +1,13 @@
-"""One batch of generation: prefill the distinct prompts, fan out n rows each, decode until done.
+"""Generation: prefill the distinct prompts, fan out n rows each, decode until done.
 
 Rows that finish (a stop token, or max_new_tokens) leave the batch at once: the live rows of
-the KV cache move to the front and the next step computes only them.
+the KV cache move to the front and the next step computes only them, and prompts still waiting
+are prefilled into the rows freed.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 
@@ -21,17 +23,44 @@ def right_padded(sequences: list[list[int]], device: torch.device) -> torch.Tens
     return torch.tensor([list(s) + [0] * (width - len(s)) for s in sequences], dtype=torch.long).to(device)
 
 
-def prefill_last_logits(model: CausalLM, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the prompts (right-padded) into cache rows 0..P-1 -> fp32 logits of each prompt's last token [P, V]."""
+def prefill_last_logits(model: CausalLM, cache: KVCache, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+    """Run the prompts (right-padded) into cache rows start..start+P-1 -> fp32 logits of each prompt's last token
+    [P, V]."""
     device = model.inv_freq.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     tokens = right_padded(prompts, device)  # [P, width]
     width = tokens.shape[1]
     positions = torch.arange(width, device=device).expand(len(prompts), width)
-    views = [cache.prefill_view(layer, len(prompts)) for layer in range(model.arch.num_layers)]
+    views = [cache.prefill_view(layer, len(prompts), start) for layer in range(model.arch.num_layers)]
     hidden = model(tokens, positions, views)  # [P, width, hidden]
     last = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # [P, hidden]
     return model.logits(last)
+
+
+class _Batch:
+    """The rows being decoded: row r of the KV cache is completion `rows[r]`, with `cached[r]` tokens cached."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.rows: list[int] = []
+        self.cached: list[int] = []
+        """Tokens cached per row, on the host (no sync for the spans)."""
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [A], the same on the device
+        self.logits: torch.Tensor | None = None  # [A, V] fp32: each row's next-token logits
+
+    def add(self, rows: list[int], cached: list[int], logits: torch.Tensor) -> None:
+        self.rows += rows
+        self.cached += cached
+        self.lengths = torch.cat([self.lengths, torch.tensor(cached, device=self.lengths.device)])
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    def keep(self, cache: KVCache, keep: list[int]) -> None:
+        """Only rows `keep` (indices into the batch) go on, moved to the front of the cache."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.lengths.device)
+        if keep:
+            cache.select_rows(index, max(self.cached))
+        self.rows = [self.rows[i] for i in keep]
+        self.cached = [self.cached[i] for i in keep]
+        self.lengths = self.lengths[index]
 
 
 @torch.inference_mode()
@@ -43,68 +72,111 @@ def generate_batch(
     params: SamplingParams,
     generator: torch.Generator | None,
     names: list[int] | None = None,
+    max_rows: int | None = None,
 ) -> list[Completion]:
     """Sample copies[i] completions of prompts[i]; returns them row by row (prompt-major), sum(copies) in all.
-    `names`: the caller's index of each prompt, for errors."""
+
+    At most `max_rows` rows are decoded at once (None: all). A row that finishes leaves the batch at once, and
+    waiting prompts take the free rows as soon as there are enough for all of a prompt's copies (one prefill
+    for them all; a prompt with more copies than `max_rows` takes what an empty batch holds), so the batch
+    stays full while responses of unlike lengths end. `names`: the caller's index of each prompt, for errors."""
     device = model.inv_freq.device
-    rows = sum(copies)
-    prompt_lengths = [len(p) for p in prompts]
-    cache.reserve(rows, max(prompt_lengths) + params.max_new_tokens)
-
-    logits = prefill_last_logits(model, cache, prompts)  # [P, V]
-    src = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(copies, device=device))
-    if rows > len(prompts):  # row r <- its prompt's prefill
-        cache.select_rows(src, max(prompt_lengths))
-        logits = logits[src]  # [R, V]
-    host_lengths = [n for n, c in zip(prompt_lengths, copies) for _ in range(c)]  # tokens cached per row
-    lengths = torch.tensor(host_lengths, device=device)  # [R]
-
-    completions = [Completion() for _ in range(rows)]
-    active = list(range(rows))  # completion index of each live row
+    names = list(names) if names is not None else list(range(len(prompts)))
+    total = sum(copies)
+    max_rows = total if max_rows is None else max_rows
+    first = [0]
+    for c in copies:
+        first.append(first[-1] + c)  # prompt i's completions are first[i]..first[i+1]-1
+    waiting = deque((i, c) for i, c in enumerate(copies) if c)
+    if not waiting:
+        return []
+    cache.reserve(min(max_rows, total), max(len(p) for p in prompts) + params.max_new_tokens)
+    completions = [Completion() for _ in range(total)]
+    prompt_of = [i for i, c in enumerate(copies) for _ in range(c)]  # completion -> prompt
     stop = set(params.stop_token_ids)
-    row_prompt = [(names or range(len(prompts)))[p] for p in src.tolist()]
-    for step in range(params.max_new_tokens):
+    batch = _Batch(device)
+    while True:
+        _admit(model, cache, prompts, waiting, first, batch, max_rows)
+        if not batch.rows:
+            return completions
         try:
-            tokens, logprobs = sample_next(logits, params, generator)  # [A], [A]
+            tokens, logprobs = sample_next(batch.logits, params, generator)  # [A], [A]
         except RuntimeError:  # torch.multinomial refuses probabilities that are NaN or infinite
-            _check_finite(logits, [row_prompt[row] for row in active], step)
+            _check_finite(batch, completions, [names[prompt_of[row]] for row in batch.rows])
             raise
         host_logprobs = logprobs.tolist()
         if not all(map(math.isfinite, host_logprobs)):  # greedy takes argmax of NaN logits without a word
-            _check_finite(logits, [row_prompt[row] for row in active], step)
+            _check_finite(batch, completions, [names[prompt_of[row]] for row in batch.rows])
         keep = []
-        for i, (row, token, logprob) in enumerate(zip(active, tokens.tolist(), host_logprobs)):
+        for i, (row, token, logprob) in enumerate(zip(batch.rows, tokens.tolist(), host_logprobs)):
             completion = completions[row]
             completion.token_ids.append(token)
             completion.logprobs.append(logprob)
             if token in stop:
                 completion.finish_reason = "stop"
-            elif step + 1 == params.max_new_tokens:
+            elif len(completion.token_ids) == params.max_new_tokens:
                 completion.finish_reason = "length"
             else:
                 keep.append(i)
+        if len(keep) < len(batch.rows):  # drop finished rows from the batch
+            batch.keep(cache, keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=device)]
         if not keep:
+            batch.logits = None
+            continue
+        views = cache.decode_views(batch.lengths, span=max(batch.cached) + 1)
+        hidden = model(tokens[:, None], batch.lengths[:, None], views)  # the new token sits at position == lengths
+        batch.logits = model.logits(hidden[:, 0])
+        batch.lengths = batch.lengths + 1
+        batch.cached = [n + 1 for n in batch.cached]
+
+
+def _admit(model: CausalLM, cache: KVCache, prompts: list[list[int]], waiting: deque, first: list[int],
+           batch: _Batch, max_rows: int) -> None:
+    """Waiting prompts into the free rows after the batch's, all copies of each (or what an empty batch holds of
+    one with more than max_rows), prefilled once per prompt; their logits join the batch's."""
+    taken, copies = [], []
+    free = max_rows - len(batch.rows)
+    while waiting:
+        prompt, left = waiting[0]
+        take = left if left <= free else (min(left, max_rows) if not batch.rows and not taken else 0)
+        if not take:
             break
-        if len(keep) < len(active):  # drop finished rows from the batch
-            index = torch.tensor(keep, device=device)
-            cache.select_rows(index, max(host_lengths))
-            active = [active[i] for i in keep]
-            host_lengths = [host_lengths[i] for i in keep]
-            lengths, tokens = lengths[index], tokens[index]
-        views = cache.decode_views(lengths, span=max(host_lengths) + 1)
-        hidden = model(tokens[:, None], lengths[:, None], views)  # the new token sits at position == lengths
-        logits = model.logits(hidden[:, 0])
-        lengths = lengths + 1
-        host_lengths = [n + 1 for n in host_lengths]
-    return completions
+        taken.append(prompt)
+        copies.append(take)
+        free -= take
+        if take == left:
+            waiting.popleft()
+        else:
+            waiting[0] = (prompt, left - take)
+    if not taken:
+        return
+    start, device = len(batch.rows), batch.lengths.device
+    logits = prefill_last_logits(model, cache, [prompts[p] for p in taken], start)  # [P, V]
+    if sum(copies) > len(taken):  # row start + r <- its prompt's prefill
+        src = torch.repeat_interleave(torch.arange(len(taken), device=device), torch.tensor(copies, device=device))
+        cache.select_rows(src + start, max(len(prompts[p]) for p in taken), dst=start)
+        logits = logits[src]
+    rows, cached = [], []
+    for prompt, take in zip(taken, copies):
+        done = first[prompt + 1] - first[prompt] - _left(waiting, prompt) - take  # copies admitted before
+        rows += range(first[prompt] + done, first[prompt] + done + take)
+        cached += [len(prompts[prompt])] * take
+    batch.add(rows, cached, logits)
 
 
-def _check_finite(logits: torch.Tensor, prompt_of_row: list[int], step: int) -> None:
+def _left(waiting: deque, prompt: int) -> int:
+    """Copies of `prompt` still waiting (only the head of the queue can be partly admitted)."""
+    return waiting[0][1] if waiting and waiting[0][0] == prompt else 0
+
+
+def _check_finite(batch: _Batch, completions: list[Completion], prompt_of_row: list[int]) -> None:
     """Raise RolloutError naming the prompts whose logits hold NaN or an infinity."""
-    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
+    bad = (~torch.isfinite(batch.logits)).any(dim=-1).nonzero().flatten().tolist()
     if bad:
         prompts = sorted({prompt_of_row[row] for row in bad})
+        steps = ", ".join(map(str, sorted({len(completions[batch.rows[row]].token_ids) for row in bad})))
         raise RolloutError(
-            f"the model's logits hold NaN or an infinity at new token {step} of {len(bad)} sequence(s), from "
+            f"the model's logits hold NaN or an infinity at new token {steps} of {len(bad)} sequence(s), from "
             f"prompt(s) {prompts[:10]}: the weights are broken, or the engine's dtype overflows "
             "(rollout.embedded.dtype=float16: use bfloat16 or float32)")

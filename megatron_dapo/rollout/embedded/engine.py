@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,8 @@ class EmbeddedEngine(RolloutEngine):
     # --- generation and scoring -------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Sample params.n completions per prompt, max_batch_size sequences at a time."""
+        """Sample params.n completions per prompt, decoding up to max_batch_size sequences at a time (a prompt
+        waiting takes the rows of finished ones)."""
         self._check_ready()
         self._check_sequences(prompts, "prompt", extra=params.max_new_tokens)
         outside = [t for t in params.stop_token_ids if t >= self.arch.vocab_size]
@@ -104,19 +104,9 @@ class EmbeddedEngine(RolloutEngine):
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        rows = [(p, j) for p in range(len(prompts)) for j in range(params.n)]
-        results: list[list[Completion]] = [[] for _ in prompts]
-        step = self.config.max_batch_size
-        for start in range(0, len(rows), step):
-            chunk_prompts = [p for p, _ in rows[start : start + step]]
-            counts = Counter(chunk_prompts)  # rows are prompt-major, so the chunk lists each prompt's rows together
-            distinct = sorted(counts)
-            copies = [counts[p] for p in distinct]
-            batch = generate_batch(self.model, self.cache, [prompts[p] for p in distinct], copies, params, generator,
-                                   names=distinct)
-            for p, completion in zip(chunk_prompts, batch):
-                results[p].append(completion)
-        return results
+        completions = generate_batch(self.model, self.cache, prompts, [params.n] * len(prompts), params, generator,
+                                     max_rows=self.config.max_batch_size)
+        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], temperature: float) -> list[torch.Tensor]:

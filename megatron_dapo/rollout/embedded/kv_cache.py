@@ -33,7 +33,9 @@ class KVCache:
     """Keys and values of every layer: k, v: [layers, rows, kv_heads, capacity, head_dim].
 
     Allocated once for a batch (and kept for the next one when it is large enough); finished
-    sequences are dropped by moving the live rows to the front (`select_rows`).
+    sequences are dropped by moving the live rows to the front (`select_rows`), and new ones are
+    prefilled into the rows after them (a row's slots past its own length, left by an earlier
+    sequence, are masked until overwritten).
     """
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> None:
@@ -74,18 +76,19 @@ class KVCache:
         """Drop the buffers."""
         self.k = self.v = None
 
-    def select_rows(self, src: torch.Tensor, span: int) -> None:
-        """Row i <- row src[i] for i < len(src), for the first `span` positions (expand n samples, drop finished)."""
+    def select_rows(self, src: torch.Tensor, span: int, dst: int = 0) -> None:
+        """Row dst + i <- row src[i] for i < len(src), for the first `span` positions (expand n samples, drop
+        finished)."""
         k, v = self._buffers()
         n = src.numel()
         for layer in range(k.shape[0]):  # one layer at a time: the gather's temporary is one layer's rows
-            k[layer, :n, :, :span] = k[layer, src, :, :span]
-            v[layer, :n, :, :span] = v[layer, src, :, :span]
+            k[layer, dst:dst + n, :, :span] = k[layer, src, :, :span]
+            v[layer, dst:dst + n, :, :span] = v[layer, src, :, :span]
 
-    def prefill_view(self, layer: int, rows: int) -> LayerCache:
-        """Layer `layer`'s cache for prefilling rows 0..rows-1."""
+    def prefill_view(self, layer: int, rows: int, start: int = 0) -> LayerCache:
+        """Layer `layer`'s cache for prefilling rows start..start+rows-1."""
         k, v = self._buffers()
-        return LayerCache(k=k[layer, :rows], v=v[layer, :rows])
+        return LayerCache(k=k[layer, start:start + rows], v=v[layer, start:start + rows])
 
     def decode_views(self, lengths: torch.Tensor, span: int) -> list[LayerCache]:
         """Every layer's cache for one decode step of rows 0..B-1.

@@ -70,8 +70,34 @@ def test_sampled_logprobs_are_untruncated_and_match_transformers(tiny):
 
 
 def test_batch_size_does_not_change_greedy_output(qwen2):
-    params = SamplingParams(max_new_tokens=8, top_k=1, n=2)
-    wide = EmbeddedEngine.from_pretrained(qwen2.folder, CPU).generate(PROMPTS, params)
+    wide_engine = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
     narrow_engine = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cpu", max_batch_size=3))
-    narrow = narrow_engine.generate(PROMPTS, params)  # 8 rows in chunks of 3: prompt 1's samples are split
-    assert [[c.token_ids for c in cs] for cs in wide] == [[c.token_ids for c in cs] for cs in narrow]
+    for n in (2, 5):  # 3 rows at a time: a prompt's 2 samples wait for 2 free rows; 5 are decoded 3, then 2
+        params = SamplingParams(max_new_tokens=8, top_k=1, n=n)
+        wide, narrow = wide_engine.generate(PROMPTS, params), narrow_engine.generate(PROMPTS, params)
+        assert [[c.token_ids for c in cs] for cs in wide] == [[c.token_ids for c in cs] for cs in narrow]
+
+
+def test_finished_rows_are_refilled_from_the_waiting_prompts(qwen2):
+    """Two rows at a time, prompt 1's response long and the others' short: prompts 2 and 3 take the row prompt 0
+    left, one after the other, while prompt 1 goes on, instead of waiting for the pair to end. The responses are
+    those of one wide batch; the engine decodes in prompt 1's steps alone, one step fewer than pairs decoded one
+    after the other, and never more than two rows at once."""
+    wide = EmbeddedEngine.from_pretrained(qwen2.folder, CPU)
+    greedy = [cs[0].token_ids for cs in wide.generate(PROMPTS, SamplingParams(max_new_tokens=8, top_k=1))]
+    stops = tuple({greedy[p][1] for p in (0, 2, 3)} - set(greedy[1]))  # every prompt but 1 stops at 2 tokens
+    params = SamplingParams(max_new_tokens=8, top_k=1, stop_token_ids=stops)
+    expected = [[c.token_ids for c in cs] for cs in wide.generate(PROMPTS, params)]
+    assert [len(cs[0]) for cs in expected] == [2, 8, 2, 2], expected  # else the check below shows nothing
+
+    narrow = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cpu", max_batch_size=2))
+    rows, forward = [], narrow.model.forward
+
+    def counting(tokens, positions, caches):
+        rows.append((tokens.shape[0], caches[0].lengths is not None))  # (rows, a decode step)
+        return forward(tokens, positions, caches)
+
+    narrow.model.forward = counting
+    assert [[c.token_ids for c in cs] for cs in narrow.generate(PROMPTS, params)] == expected
+    assert sum(decode for _, decode in rows) == 7  # pairs one after the other: 7 + 1
+    assert max(n for n, _ in rows) <= 2
