@@ -49,7 +49,7 @@ def transformer_config(arch: ModelArch, layout: ParallelLayout, *, bf16: bool, r
         variable_seq_lengths=True,  # micro-batches have their own widths; the pipeline sends shapes
         moe_token_dispatcher_type="alltoall",  # dense model; the default "allgather" refuses variable lengths
         # Our loss is already divided by the global batch's token count: gradients are summed over
-        # micro-batches and data-parallel ranks, never averaged again (see actor/update.py).
+        # micro-batches and data-parallel ranks, never averaged again (see MegatronActor._mini_batch_step).
         calculate_per_token_loss=True,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,

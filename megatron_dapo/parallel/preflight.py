@@ -12,7 +12,7 @@ of the busiest GPU:
   Korthikanti et al., 2022, with fused attention and no dropout, for the SwiGLU MLP and grouped
   query attention of the supported families), and only the layer inputs (2 x hidden bytes a token)
   plus one layer when activations are recomputed;
-- the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP);
+- the logits of one micro-batch, bf16 with their gradient (4 x tokens x vocab / TP, with the fused kernels);
 - a fixed 4 GB for the CUDA context, communication buffers and fragmentation;
 - on each engine's host (rank 0 first), the embedded rollout engine when it runs on the GPU: its
   weights and a KV cache for rollout.embedded.max_batch_size full-length sequences (colocated, the
@@ -96,14 +96,23 @@ def layer_activation_bytes(arch: ModelArch, tp: int = 1, sequence_parallel: bool
 
     Replicated over tensor parallelism unless sequence parallel: the inputs of the two RMSNorms and of
     the two column-parallel linears (QKV, gate/up), 2 x hidden bytes each. Split by it: queries, keys
-    and values as fused attention keeps them, its output (the output projection's input), the gate/up
-    output (SwiGLU's input) and SwiGLU's output (the down projection's input), and the q/k norms' inputs.
-    Llama 3 8B gives 34 x hidden, the GeLU transformer's figure; Qwen2.5's wider MLPs give about 45.
+    and values as fused attention keeps them, its output (the output projection's input), the SwiGLU
+    MLP's tensors (`mlp_activation_bytes`), and the q/k norms' inputs. Llama 3 8B gives 48 x hidden;
+    Qwen2.5's wider MLPs give about 67.
     """
-    q, kv, f = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     replicated = 4 * 2 * arch.hidden_size
-    split = 2 * (q + 2 * kv) + 2 * q + 2 * (2 * f) + 2 * f + (2 * (q + kv) if arch.qk_norm else 0)
+    split = 2 * (q + 2 * kv) + 2 * q + mlp_activation_bytes(arch) + (2 * (q + kv) if arch.qk_norm else 0)
     return (replicated + split) / tp if sequence_parallel else replicated + split / tp
+
+
+def mlp_activation_bytes(arch: ModelArch) -> int:
+    """Bytes a token's SwiGLU MLP keeps for its backward past its input (bf16, before tensor parallelism), as
+    megatron-core's unfused SwiGLU (bias_activation_fusion off, as the actor builds it) computes
+    silu(gate) * (up + 0): the gate/up output (2 x MLP width values), silu(gate), the sum and the product (the
+    down projection's input), 10 x the MLP width in all (tests/parallel/test_preflight.py measures it)."""
+    f = arch.intermediate_size
+    return 2 * (2 * f) + 3 * (2 * f)
 
 
 def check_allocation(config: DAPOConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
@@ -205,11 +214,11 @@ def _check_batches(config: DAPOConfig, dp: int, report: Report) -> None:
     per_step = config.actor.ppo_mini_batch_size * config.rollout.n
     report.lines.append(f"batches: {config.data.train_batch_size} prompt groups x {config.rollout.n} responses per "
                         f"step, {per_step} sequences per optimizer step over DP {dp}")
-    if per_step < dp:
-        report.problems.append(
+    if per_step < dp:  # the actor runs it (a rank without a sequence computes a masked one), at a loss
+        report.notes.append(
             f"actor.ppo_mini_batch_size x rollout.n = {per_step} sequences per optimizer step is less than the "
-            f"{dp} data-parallel ranks: {dp - per_step} rank(s) would idle; raise actor.ppo_mini_batch_size or "
-            "use more TP / PP and fewer DP ranks")
+            f"{dp} data-parallel ranks: {dp - per_step} rank(s) idle at every optimizer step; raise "
+            "actor.ppo_mini_batch_size or use more TP / PP and fewer DP ranks")
     elif per_step % dp:
         report.notes.append(f"{per_step} sequences per optimizer step do not split evenly over DP {dp}: "
                             "some ranks get one more sequence than others")
@@ -226,6 +235,8 @@ def _check_model(config: DAPOConfig, arch: ModelArch, layout, report: Report) ->
         families.check_layout(arch, layout.tp, layout.pp)
     except ModelError as err:
         report.problems.append(f"{err}: choose TP and PP that divide them")
+    if config.rollout.name == "sglang":
+        report.problems += config.rollout.sglang.model_problems(arch)
     longest = config.data.max_prompt_length + config.data.max_response_length
     held = config.rollout.held_back()
     spare = f" less the {held} tokens SGLang keeps back" if held else ""
@@ -370,6 +381,10 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         f"local attention also keeps each layer's attention scores, {scores / GB:.1f} GB per layer for one "
         f"{length}-token sequence" + (" (one layer at a time, recomputed)" if config.actor.recompute_activations
                                       else f" (x {per_stage} layers)"))
+    report.notes.append(
+        f"the logits' figure assumes the fused kernels (megatron_dapo._C, built where nvcc and a CUDA torch are); "
+        f"without them the pure-torch log-prob's backward holds about five float32 copies of a micro-batch's "
+        f"logits, {20 * tokens * vocab / tp / GB:.1f} GB more")
     if layout.distributed_optimizer and layout.dp > 1:
         # megatron-core's "fully_reshardable" save (what lets a checkpoint load at another layout) gathers the
         # DP-sharded optimizer state of each rank's TP x PP shard in host memory, on every rank.

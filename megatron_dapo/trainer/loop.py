@@ -194,6 +194,8 @@ class Trainer:
 
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's --nproc-per-node
             SGLangEngine.check_startable(rollout.sglang, rollout.mode, local_world_size=ranks_per_node)
+            if problems := rollout.sglang.model_problems(ModelArch.from_pretrained(path)):
+                raise ConfigError(problems)
             elsewhere = [host for host, local in zip(self.placement.hosts, self.placement.local_ranks) if local]
             if elsewhere:
                 raise ConfigError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import load_config
 from megatron_dapo.models.arch import ModelArch
-from megatron_dapo.parallel.preflight import check_allocation, layer_activation_bytes, parameter_counts
+from megatron_dapo.parallel.preflight import (check_allocation, layer_activation_bytes, mlp_activation_bytes,
+                                              parameter_counts)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Published config.json values of the recipes' models (no weights are needed to check a layout).
@@ -42,21 +44,61 @@ def test_parameter_counts_match_the_published_sizes():
 
 def test_layer_activations_count_the_swiglu_mlp_and_grouped_query_attention():
     """Bytes a token keeps per layer (bf16): norm and linear inputs 8 x hidden, queries twice (fused attention's
-    input and output), keys and values, the gate/up output and SwiGLU's output (6 x MLP width), Qwen3's q/k norm
-    inputs. Llama 3 8B's shape gives the GeLU transformer's 34 x hidden; the recipes' models keep more."""
+    input and output), keys and values, the SwiGLU MLP's tensors (10 x MLP width, measured below), Qwen3's q/k
+    norm inputs. Llama 3 8B's shape gives 48 x hidden."""
     llama3_8b = ModelArch.from_hf_config({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
         "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "hidden_act": "silu"})
-    assert layer_activation_bytes(llama3_8b) == 34 * 4096
+    assert layer_activation_bytes(llama3_8b) == 48 * 4096
     qwen25_32b, qwen3_4b = ModelArch.from_hf_config(QWEN25_32B), ModelArch.from_hf_config(QWEN3_4B)
-    # 8 x 5120 + 4 x 5120 (queries) + 4 x 1024 (keys, values) + 6 x 27648
-    assert layer_activation_bytes(qwen25_32b) == 231424
-    # 8 x 2560 + 4 x 4096 + 4 x 1024 + 6 x 9728, + 2 x (4096 + 1024) for the q/k norms
-    assert layer_activation_bytes(qwen3_4b) == 109568
+    # 8 x 5120 + 4 x 5120 (queries) + 4 x 1024 (keys, values) + 10 x 27648
+    assert layer_activation_bytes(qwen25_32b) == 342016
+    # 8 x 2560 + 4 x 4096 + 4 x 1024 + 10 x 9728, + 2 x (4096 + 1024) for the q/k norms
+    assert layer_activation_bytes(qwen3_4b) == 148480
     # Tensor parallelism splits all but the four replicated inputs; sequence parallelism splits those too.
-    assert layer_activation_bytes(qwen25_32b, tp=8) == 8 * 5120 + (231424 - 8 * 5120) / 8
-    assert layer_activation_bytes(qwen25_32b, tp=8, sequence_parallel=True) == 231424 / 8
+    assert layer_activation_bytes(qwen25_32b, tp=8) == 8 * 5120 + (342016 - 8 * 5120) / 8
+    assert layer_activation_bytes(qwen25_32b, tp=8, sequence_parallel=True) == 342016 / 8
+
+
+MLP_SAVED = """
+import json, sys
+import torch
+from megatron.core.transformer.spec_utils import build_module
+from megatron_dapo.actor.model import layer_spec, transformer_config
+from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.parallel.config import ParallelConfig
+from megatron_dapo.parallel.init import init_distributed
+
+arch = ModelArch.from_hf_config(json.loads(sys.argv[1]))
+mlp = build_module(layer_spec(arch).submodules.mlp,
+                   config=transformer_config(arch, init_distributed(ParallelConfig(), seed=0), bf16=True))
+weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+kept = {}
+
+def pack(t):
+    if t.untyped_storage().data_ptr() not in weights:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+
+x = torch.randn(32, 1, arch.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    mlp.to(torch.bfloat16)(x)
+print(sum(kept.values()) // 32)
+"""
+
+
+def test_the_mlp_keeps_what_the_estimate_counts():
+    """megatron-core's MLP as the actor builds it (bf16, 32 tokens): the tensors its autograd keeps for the backward,
+    past the weights, are its input (2 x hidden bytes a token, counted with the replicated inputs) and
+    `mlp_activation_bytes` (a world of one in a process of its own)."""
+    config = {**QWEN25_32B, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 1}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
+    run = subprocess.run([sys.executable, "-c", MLP_SAVED, json.dumps(config)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout.split()[-1]) == 2 * 64 + mlp_activation_bytes(ModelArch.from_hf_config(config)) == 1088
 
 
 @pytest.mark.parametrize("script", ["dapo-qwen2.5-32b.sbatch", "dapo-qwen3-4b-1node.sbatch"])
@@ -85,7 +127,7 @@ def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     assert report.fits and text.endswith("fits this allocation")
     assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
     assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
-    assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 35\.9 GB of 80 GB", text), text
+    assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 36\.2 GB of 80 GB", text), text
     # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam
     # moments), x 8 ranks a node
     assert "host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its " \
@@ -127,8 +169,8 @@ def test_layouts_that_cannot_split_the_model_or_the_allocation():
 
 def test_batches_and_sequence_lengths():
     report = _check("dapo-qwen3-4b", 8, 8, "actor.ppo_mini_batch_size=2", "data.train_batch_size=64")
-    assert any("= 16 sequences per optimizer step is less than the 32 data-parallel ranks" in p
-               for p in report.problems), report.problems
+    assert any("= 16 sequences per optimizer step is less than the 32 data-parallel ranks: 16 rank(s) idle" in n
+               for n in report.notes), report.notes  # wasteful, not refused: the actor runs it
     report = _check("dapo-qwen3-4b", 1, 8, "data.max_response_length=40000", "reward.overlong_buffer.len=2048")
     assert any("41024 tokens exceeds the model's max_position_embeddings (32768)" in p for p in report.problems)
     report = _check("dapo-qwen3-4b", 1, 8, "rollout.embedded.max_seq_len=9000")
@@ -307,13 +349,32 @@ def test_actor_offload_gives_the_embedded_engine_the_gpu_while_it_generates():
 
 def test_pipeline_stages_are_estimated_each_for_itself():
     """The first stage holds PP micro-batches' activations and the embedding, the last one micro-batch, the output
-    layer and the logits: no GPU holds both peaks, so the busier stage decides (here the last, 33.6 GB, where the
-    first stage's activations with the last stage's logits would say 36.1)."""
+    layer and the logits: no GPU holds both peaks, so the busier stage decides (here the last, 34.4 GB, where the
+    first stage's activations with the last stage's logits would say 36.9)."""
     report = _check("dapo-qwen3-4b", 1, 8, "parallel.tensor_model_parallel_size=1",
                     "parallel.pipeline_model_parallel_size=4", "rollout.engines=2", "rollout.name=sglang",
-                    "rollout.sglang.tp_size=4", memory=34.0)
+                    "rollout.sglang.tp_size=4", memory=35.0)
     text = report.render()
-    assert ("memory estimate for the busiest GPU (last pipeline stage; the first pipeline stage: 25.0 GB): weights "
-            "2.6 GB + gradients 5.2 + optimizer 7.8 (sharded over DP 2) + activations 2.9 (18432 tokens per "
-            "micro-batch, 1 in flight, recomputed) + logits 11.2 + overhead 4 = 33.6 GB of 34 GB") in text, text
+    assert ("memory estimate for the busiest GPU (last pipeline stage; the first pipeline stage: 25.7 GB): weights "
+            "2.6 GB + gradients 5.2 + optimizer 7.8 (sharded over DP 2) + activations 3.6 (18432 tokens per "
+            "micro-batch, 1 in flight, recomputed) + logits 11.2 + overhead 4 = 34.4 GB of 35 GB") in text, text
     assert not any("exceeds the GPU" in p for p in report.problems), report.problems
+
+
+def test_an_sglang_tp_size_the_model_does_not_split_into_is_named():
+    """SGLang splits attention heads, KV heads (or replicates them evenly) and the MLP width over its TP ranks;
+    a tp_size that does not would fail inside SGLang once the actor is built. Refused here, and by `train`
+    before its start-up (Trainer._make_engine)."""
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang", "rollout.engines=1", "rollout.sglang.tp_size=3")
+    assert ("rollout.sglang.tp_size=3 does not divide the model's 32 attention heads or its 8 KV heads (nor is "
+            "tp_size a multiple of them) or its MLP width 9728: choose a tp_size that does") in report.problems
+    report = _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang", "rollout.engines=1", "rollout.sglang.tp_size=8")
+    assert not any("rollout.sglang.tp_size=8" in p for p in report.problems), report.problems
+
+
+def test_the_logits_without_the_fused_kernels_are_noted():
+    """The estimate counts the logits as the fused kernels hold them; the pure-torch path's float32 copies are a
+    note with their size: 20 bytes x 22528 tokens x 152576 / 8 vocabulary columns."""
+    notes = _check("dapo-qwen2.5-32b", 16, 8).notes
+    assert any("without them the pure-torch log-prob's backward holds about five float32 copies of a micro-batch's "
+               "logits, 8.6 GB more" in n for n in notes), notes
