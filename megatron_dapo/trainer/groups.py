@@ -64,26 +64,24 @@ class FilterMetricCheck:
     that gives the figure to no answer yet. A figure one data_source's rewards give and another's do not (one
     task's figure, with prompts of several) drops every group of the other: the run trains on one task alone,
     silently. Either is a ConfigError naming the key, the data_sources and the figures their rewards do give, once
-    a data_source's scored rewards have come in `patience` generation batches of a step without it.
+    a data_source's scored rewards have come in `patience` generation batches without it. The batches are
+    counted over the run, not per step: the other task's groups fill each step in a batch or two.
 
-    Kept for the run: a data_source whose rewards gave the figure once is not checked again (`done` once all have)."""
+    A data_source whose rewards gave the figure once is not checked again (`done` once all have)."""
 
     def __init__(self, name: str, patience: int, sources):
         self.name, self.patience = name, patience
         self.waiting = set(sources)
         """The data_sources whose rewards have not given the figure yet."""
         self.confirmed: set[str] = set()
-        self.start_step()
+        self.batches: Counter[str] = Counter()
+        """Per data_source: the generation batches with scored rewards of it."""
+        self.scored: Counter[str] = Counter()
+        self.given: dict[str, set[str]] = {}
 
     @property
     def done(self) -> bool:
         return not self.waiting
-
-    def start_step(self) -> None:
-        self.batches: Counter[str] = Counter()
-        """Per data_source: the generation batches of this step with scored rewards of it."""
-        self.scored: Counter[str] = Counter()
-        self.given: dict[str, set[str]] = {}
 
     def add(self, groups: list[Group]) -> None:
         seen = set()
@@ -108,12 +106,12 @@ class FilterMetricCheck:
         key = f"algorithm.filter_groups.metric={self.name!r}"
         if not self.confirmed:
             raise ConfigError(
-                f"{key}: none of the {scored} rewards scored in the {batches} generation batches of step {step} gives "
+                f"{key}: none of the {scored} rewards scored in {batches} generation batches (by step {step}) gives "
                 f"such a figure (they give {figures}), so every group was dropped: a misspelt key, or a task that "
                 "gives the figure to no answer yet (filter on score or acc)")
         raise ConfigError(
             f"{key}: the rewards of data_source {', '.join(map(repr, overdue))} give no such figure ({scored} scored "
-            f"in {batches} generation batches of step {step}; they give {figures}), only those of "
+            f"in {batches} generation batches by step {step}; they give {figures}), only those of "
             f"{', '.join(map(repr, sorted(self.confirmed)))} do, so every group of the first was dropped: filter on a "
             "figure every data_source's reward gives (score or acc), or give it in each reward function")
 

@@ -366,8 +366,6 @@ class Trainer:
             return None
 
         filtering, check = self.config.algorithm.filter_groups, self.filter_metric_check
-        if check is not None:
-            check.start_step()
 
         def next_batch() -> list[Group]:
             self.control.broadcast("more")

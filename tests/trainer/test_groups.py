@@ -41,29 +41,29 @@ def test_filter_figures_are_named_as_in_verl():
 
 def test_a_filter_figure_one_data_source_does_not_give_is_named():
     """Filtering on one task's figure with prompts of two tasks would drop every group of the other: refused once
-    that task's rewards have come in `patience` batches of a step without it, naming both. A task whose rewards
-    give the figure once is not checked again; one that gives no figure at all in a step is the misspelt case."""
+    that task's rewards have come in `patience` batches without it, naming both, counted over the steps (the other
+    task's groups fill each step in a batch or two). A task whose rewards give the figure once is not checked
+    again; one that gives no figure at all is the misspelt case."""
     pnl = [RewardResult(score=1.0, acc=1.0, extra={"pnl": 1.0}), RewardResult(score=0.0, acc=0.0, extra={"pnl": 0.0})]
     plain = [RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)]
     check = FilterMetricCheck("pnl", patience=2, sources={"trading", "math_dapo"})
     check.add([_group(pnl, source="trading"), _group(plain), _group([_failed(), _failed()], source="trading")])
     check.check(step=1)
     assert check.waiting == {"math_dapo"} and not check.done
-    check.add([_group(plain)])
+    check.add([_group(plain)])  # the next step's first batch
     with pytest.raises(ConfigError, match=r"algorithm.filter_groups.metric='pnl': the rewards of data_source "
-                                          r"'math_dapo' give no such figure \(4 scored in 2 generation batches of step "
-                                          r"1; they give acc, score, seq_final_reward, seq_reward\), only those of "
+                                          r"'math_dapo' give no such figure \(4 scored in 2 generation batches by step "
+                                          r"2; they give acc, score, seq_final_reward, seq_reward\), only those of "
                                           r"'trading' do"):
-        check.check(step=1)
-    check.start_step()  # a new step: the trading rewards need not give it again
-    check.add([_group(pnl, source="math_dapo")])
-    check.check(step=2)
+        check.check(step=2)
+    check.add([_group(pnl, source="math_dapo")])  # the trading rewards need not give it again
+    check.check(step=3)
     assert check.done
     misspelt = FilterMetricCheck("pnl", patience=1, sources={"math_dapo"})
     misspelt.add([_group([_failed(), _failed()])])  # nothing scored: nothing to tell yet
     misspelt.check(step=1)
     misspelt.add([_group(plain)])
-    with pytest.raises(ConfigError, match=r"none of the 2 rewards scored in the 1 generation batches of step 1 gives "
+    with pytest.raises(ConfigError, match=r"none of the 2 rewards scored in 1 generation batches \(by step 1\) gives "
                                           r"such a figure"):
         misspelt.check(step=1)
 

@@ -644,8 +644,8 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=rigth"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in the 4 generation "
-                     r"batches of step 1 gives such a figure \(they give acc, right, score, seq_final_reward, "
+    assert re.search(r"algorithm.filter_groups.metric='rigth': none of the \d+ rewards scored in 4 generation "
+                     r"batches \(by step 1\) gives such a figure \(they give acc, right, score, seq_final_reward, "
                      r"seq_reward\)", proc.stderr), \
         proc.stderr[-4000:]
     proc = subprocess.run([*command, "algorithm.filter_groups.metric=right"], cwd=tmp_path, env=env,
