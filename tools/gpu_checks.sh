@@ -12,6 +12,7 @@
 # update        tools/bench_update.py at TP1: one DAPO update step, tokens/s and MFU; the actor.offload round trip
 # push          tools/bench_push.py at TP1: actor -> embedded engine on the GPU, bf16
 # generate      tools/bench_generate.py: embedded engine against transformers' generate (batch 64, 256 tokens)
+# refill        tools/bench_refill.py: the embedded engine's refilled rows against chunked decoding (not in the default)
 # embedded      tests/rollout/embedded/test_engine.py -k cuda: the embedded engine on the GPU against the CPU (bf16)
 #
 # Where GPU time is short, run the kernels first, in one command:
@@ -117,7 +118,7 @@ one_rank=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.
 for name in $steps; do  # every name checked before any step runs
   case $name in
     build|kernel-tests|kernels|kernels-full|actor|update|push|generate|embedded) ;;
-    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
+    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate refill embedded)"; exit 2 ;;
   esac
 done
 for name in $steps; do
@@ -133,8 +134,10 @@ print(e.describe())"' ;;
     update) step update 150 env "${one_rank[@]}" python3 tools/bench_update.py --tp 1 --out "$work" ;;
     push) step push 120 env "${one_rank[@]}" python3 tools/bench_push.py --tp 1 --out "$work" ;;
     generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
+    refill) step refill 120 python3 tools/bench_refill.py --prompts 64 --n 4 --max-batch-size 64 --new-tokens 512 \
+      --stop-ids 600 --out "$work" ;;
     embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded/test_engine.py -k cuda ;;
-    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate embedded)"; exit 2 ;;
+    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate refill embedded)"; exit 2 ;;
   esac
 done
 pack
