@@ -73,17 +73,18 @@ class Trainer:
             self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started()))
         else:
             self._started(lambda: None)  # the call above is collective
-        self._earlier_config: str | None = self._started(lambda: startup.read_earlier_config(cfg) if self.rank0 else None)
-        """The config.yaml of the attempt this one may resume (rank 0 of a training), to say what changed. A file system
-        that refuses (permissions, a stale NFS handle) stops every rank with the error, not rank 0 alone."""
+        self._earlier_config: str | None = self._started(
+            lambda: startup.read_earlier_config(cfg) if self.rank0 else None)
+        """The config.yaml of the attempt this one may resume (rank 0 of a training), to say what changed. A file
+        system that refuses (permissions, a stale NFS handle) stops every rank with the error, not rank 0 alone."""
         if self.rank0:
             print(f"run folder {self.run_dir}, layout {self.layout.describe()}", flush=True)
             print(describe_spec(), flush=True)
             if torch.cuda.is_available():
                 print(extension.describe(), flush=True)
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-        self.stop_ids, outside = startup.stop_token_ids(tokenizer, cfg.model.path,
-                                                vocab_size=ModelArch.from_pretrained(cfg.model.path).vocab_size)
+        self.stop_ids, outside = startup.stop_token_ids(
+            tokenizer, cfg.model.path, vocab_size=ModelArch.from_pretrained(cfg.model.path).vocab_size)
         if outside and self.rank0:  # a padding token added to the tokenizer past the embedding, say
             print(f"warning: stop token ids {list(outside)} are outside the model's vocab, which it cannot draw: "
                   "left out", file=sys.stderr, flush=True)
@@ -101,7 +102,7 @@ class Trainer:
                 print(f"warning: {decay_note}", file=sys.stderr, flush=True)
         self._started(lambda: (load_reward_functions(cfg.reward.functions), check_reward_sources(
             {"data.train_files": self.train_set, "data.val_files": self.val_set or []})))
-        startup.check_room_to_respond(cfg, self.train_set, self.val_set)  # the same files on every rank: all refuse alike
+        startup.check_room_to_respond(cfg, self.train_set, self.val_set)  # the same files on every rank: all refuse
         self.hf_copy = self._started(lambda: startup.hf_copy_settings(cfg))
         """What checkpoint.save_hf writes next to each checkpoint, or None."""
         # Without dynamic sampling every group generated is trained on: a step draws train_batch_size prompts.

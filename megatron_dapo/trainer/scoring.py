@@ -37,7 +37,8 @@ def check_reward_functions(samples: list[RewardSample], results: list, broken_af
                 f"{mine[0].reason}. Fix the reward function (reward.functions) or raise reward.timeout_s")
 
 
-def score_groups(cfg: DAPOConfig, scorer: RewardScorer, tokenizer, prompts, outputs, n: int) -> tuple[list[Group], float]:
+def score_groups(cfg: DAPOConfig, scorer: RewardScorer, tokenizer, prompts, outputs,
+                 n: int) -> tuple[list[Group], float]:
     """The groups of `prompts` (one engine's share) and their `outputs` (n completions each), scored and shaped;
     with the seconds the scoring took."""
     start = time.perf_counter()
