@@ -33,7 +33,8 @@ from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
-from megatron_dapo.reward.registry import RewardScorer, failure_kind, failure_metrics
+from megatron_dapo.reward.registry import failure_kind, failure_metrics
+from megatron_dapo.reward.scorer import RewardScorer
 from megatron_dapo.rollout.engine import SamplingParams
 from megatron_dapo.rollout.fleet import generate_shared, place_engines
 from megatron_dapo.rollout.reshard import ProbeDiff, engine_probe_diff, push_weights, trainer_probe_logprobs

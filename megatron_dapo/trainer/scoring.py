@@ -7,7 +7,8 @@ import time
 from collections import Counter
 
 from megatron_dapo.config.root import DAPOConfig
-from megatron_dapo.reward.registry import RewardSample, RewardScorer
+from megatron_dapo.reward.registry import RewardSample
+from megatron_dapo.reward.scorer import RewardScorer
 from megatron_dapo.trainer.groups import Group, shaped_scores
 
 

@@ -11,7 +11,8 @@ from megatron_dapo.data.dataset import Prompt
 from megatron_dapo.reward import registry
 from megatron_dapo.reward.config import RewardConfig
 from megatron_dapo.reward.custom import check_reward_sources, load_reward_functions
-from megatron_dapo.reward.registry import RewardScorer, get_reward_fn
+from megatron_dapo.reward.registry import get_reward_fn
+from megatron_dapo.reward.scorer import RewardScorer
 
 REWARD_FILE = '''
 from megatron_dapo.reward.registry import RewardResult
@@ -184,7 +185,7 @@ def keeps(response, ground_truth, extra_info):
 
 CRASHING_RUN = '''
 import sys
-from megatron_dapo.reward.registry import RewardScorer
+from megatron_dapo.reward.scorer import RewardScorer
 
 if __name__ == "__main__":
     scorer = RewardScorer(timeout_s=30, num_workers=1, functions={"keeps": sys.argv[1] + ":keeps"})

@@ -9,12 +9,11 @@ from megatron_dapo.reward.registry import (
     FAILED_SCORE,
     RewardResult,
     RewardSample,
-    RewardScorer,
-    compute_rewards,
     get_reward_fn,
     register_reward,
     registered_sources,
 )
+from megatron_dapo.reward.scorer import RewardScorer, compute_rewards
 
 
 @register_reward("test_troublesome")
@@ -297,7 +296,7 @@ def test_workers_die_with_a_killed_trainer(tmp_path):
     pid_file = tmp_path / "helper.pid"
     code = ("import os, sys, time\n"
             "import tests.reward.test_registry\n"
-            "from megatron_dapo.reward.registry import RewardScorer\n"
+            "from megatron_dapo.reward.scorer import RewardScorer\n"
             "scorer = RewardScorer(timeout_s=600.0, num_workers=2)\n"
             "scorer.score([('math_dapo', 'Answer: 1', '1', {})])\n"
             f"scorer.score([('test_leaves_a_helper', {str(pid_file)!r}, '', {{}})])\n"
@@ -350,7 +349,7 @@ def test_a_worker_that_outgrows_its_memory_limit_is_replaced_between_samples():
 
 
 def _resident(scorer, samples):
-    from megatron_dapo.reward.registry import _resident_bytes
+    from megatron_dapo.reward.scorer import _resident_bytes
 
     scorer.score(samples)
     return _resident_bytes(scorer._workers[0].process.pid)

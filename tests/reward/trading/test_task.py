@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from megatron_dapo.reward.registry import RewardSample, compute_rewards
+from megatron_dapo.reward.registry import RewardSample
+from megatron_dapo.reward.scorer import compute_rewards
 from megatron_dapo.reward.trading.market import (
     MarketDataError,
     cut_episodes,

@@ -81,8 +81,8 @@ def test_stop_tokens_outside_the_vocab_are_refused(engine, qwen2):
 def test_logits_that_are_not_finite_name_their_prompt(tmp_path):
     """A broken weight (here token 7's input embedding; Llama's output layer is its own) makes NaN logits: greedy
     decoding's argmax would take token 0 with a NaN log-prob without a word, and sampling would fail inside
-    torch.multinomial. Either way the error names the caller's prompt, also when the batch is cut into chunks
-    (max_batch_size 2: prompt 2 is alone)."""
+    torch.multinomial. Either way the error names the caller's prompt and its new token, also when the prompt
+    joins a batch under way (max_batch_size 2: prompt 2 takes the row of one that ended)."""
     make_tiny_model("llama", tmp_path)
     engine = EmbeddedEngine.from_pretrained(tmp_path, EmbeddedEngineConfig(device="cpu", max_batch_size=2))
     with torch.inference_mode():
