@@ -134,8 +134,8 @@ print(e.describe())"' ;;
     update) step update 150 env "${one_rank[@]}" python3 tools/bench_update.py --tp 1 --out "$work" ;;
     push) step push 120 env "${one_rank[@]}" python3 tools/bench_push.py --tp 1 --out "$work" ;;
     generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
-    refill) step refill 120 python3 tools/bench_refill.py --prompts 64 --n 4 --max-batch-size 64 --new-tokens 512 \
-      --stop-ids 600 --out "$work" ;;
+    refill) step refill 120 python3 tools/bench_refill.py --prompts 64 --n 4 --max-batch-size 64 --new-tokens 256 \
+      --stop-ids 1200 --repeats 1 --out "$work" ;;
     embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded/test_engine.py -k cuda ;;
     *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate refill embedded)"; exit 2 ;;
   esac
