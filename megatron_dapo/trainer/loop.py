@@ -46,7 +46,7 @@ from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Gr
 from megatron_dapo.trainer.lock import RunLock
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.scoring import score_groups
-from megatron_dapo.trainer.stop import STOP_FILE, StopRequest, clear_stale_stop, process_started
+from megatron_dapo.trainer.stop import STOP_FILE, StopRequest, clear_stale_stop, process_started, slurm_attempt
 from megatron_dapo.trainer.timer import StepTimer
 
 
@@ -71,7 +71,7 @@ class Trainer:
             # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
             # minutes of start-up is kept, and the run stops after its first step; so is one from the seconds of
             # imports before this line, which is newer than this process.
-            self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started()))
+            self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started(), slurm_attempt()))
         else:
             self._started(lambda: None)  # the call above is collective
         self._earlier_config: str | None = self._started(

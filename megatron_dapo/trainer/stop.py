@@ -35,11 +35,22 @@ def process_started() -> float:
         return now
 
 
-def clear_stale_stop(path: Path, started: float) -> bool:
+def slurm_attempt() -> str | None:
+    """This Slurm job attempt as "JOB_ID.RESTART_COUNT" (what the sbatch scripts write into a STOP file), from the
+    variables Slurm sets; None outside a Slurm job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}" if job else None
+
+
+def clear_stale_stop(path: Path, started: float, attempt: str | None = None) -> bool:
     """Delete a STOP file written before `started` (left by the attempt this one resumes); one written since, a
-    stop asked for while this process starts, stays. Whether it was deleted."""
+    stop asked for while this process starts, stays, and so does one that names `attempt` (`slurm_attempt()`):
+    this job attempt's batch script wrote it, maybe while srun and torchrun were starting the ranks. Whether it
+    was deleted."""
     try:
         if path.stat().st_mtime >= started:
+            return False
+        if attempt is not None and path.read_text(encoding="utf-8", errors="replace").strip() == attempt:
             return False
         path.unlink()
     except FileNotFoundError:

@@ -57,6 +57,25 @@ def test_a_stop_file_older_than_the_process_is_cleared_a_newer_one_kept(tmp_path
     assert not clear_stale_stop(tmp_path / "none", started)
 
 
+def test_an_older_stop_file_of_this_slurm_attempt_is_kept(tmp_path, monkeypatch):
+    """The sbatch scripts write the job attempt into STOP: one written by this attempt's batch script before the
+    ranks started (Slurm's warning, an early scancel --batch) is kept, one of the attempt before is cleared."""
+    from megatron_dapo.trainer.stop import clear_stale_stop, process_started, slurm_attempt
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm_attempt() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert slurm_attempt() == "4242.0"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert slurm_attempt() == "4242.3"
+    started, stop = process_started(), tmp_path / "STOP"
+    for written, kept in (("4242.3\n", True), ("4242.2\n", False), ("", False)):
+        stop.write_text(written)
+        os.utime(stop, (started - 60, started - 60))
+        assert clear_stale_stop(stop, started, slurm_attempt()) != kept and stop.exists() == kept, written
+
+
 def test_a_process_start_is_when_it_began():
     """A process started now says it began now (the boot time has a 1 s grain), whatever its uptime clock says."""
     import subprocess
