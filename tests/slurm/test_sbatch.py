@@ -33,9 +33,10 @@ def cluster(tmp_path_factory):
         yield slurm
 
 
-def _submit(cluster: LocalSlurm, run_dir: Path, log_dir: Path, *overrides: str, env_run_dir: Path | None = None) -> int:
+def _submit(cluster: LocalSlurm, run_dir: Path, log_dir: Path, *overrides: str, env_run_dir: Path | None = None,
+            options: tuple[str, ...] = ()) -> int:
     env = {"RUN_DIR": str(env_run_dir or run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return cluster.sbatch(SCRIPT, *overrides, options=(f"--output={log_dir}/%x-%j.out",), env=env, cwd=ROOT)
+    return cluster.sbatch(SCRIPT, *overrides, options=(f"--output={log_dir}/%x-%j.out", *options), env=env, cwd=ROOT)
 
 
 def _log(log_dir: Path, job: int) -> str:
@@ -165,3 +166,23 @@ def test_a_run_with_nothing_left_to_train_is_not_requeued(cluster, first_run, tm
     assert "got SIGUSR1" in log and f"resumed from {run_dir / 'checkpoints' / 'step_000004'} at step 4" in log, log
     assert info.get("Restarts") == "0" and "requeueing job" not in log, (info, log[-4000:])
     assert "the run has finished (its last checkpoint is its last step)" in log and not (run_dir / "STOP").exists()
+
+
+def test_a_stop_this_attempt_asked_for_before_its_ranks_started_is_kept(cluster, first_run, tmp_path):
+    """A STOP file naming this job attempt ("JOB_ID.RESTART_COUNT", as the batch script writes it when signalled)
+    but older than the ranks (asked for while srun and torchrun started them) stops the run after its first
+    step; one naming the attempt before would be cleared (tests/trainer/test_stop.py). Written here while the
+    job is held, so that it is older than the ranks whatever the timing."""
+    run_dir = _linked_run_dir(first_run, tmp_path)
+    job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=4", "trainer.test_freq=0",
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0", options=("--hold",))
+    (run_dir / "STOP").write_text(f"{job}.0\n")
+    time.sleep(1.1)  # file times in whole seconds on some file systems
+    cluster.run("scontrol", "release", str(job))
+    state = cluster.wait_state(job, ENDED, timeout_s=900)
+    log = _log(tmp_path, job)
+    assert state == "COMPLETED", log[-4000:]
+    stopped = [line for line in log.splitlines() if line.startswith("stopping after step")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopping after step 1 ") and "STOP exists" in stopped[0], \
+        log[-4000:]
+    assert _steps(run_dir) == [1], log[-4000:]
