@@ -10,26 +10,10 @@ Prints and appends a row to benchmarks/results/generate.csv with both throughput
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def _timed(fn, repeats: int, cuda: bool) -> float:
-    fn()  # warm-up: allocations, kernels picked
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_dapo.bench.models import save_random_qwen25_05b
     from megatron_dapo.bench.results import append_rows, machine
+    from megatron_dapo.bench.timing import timed
     from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
     from megatron_dapo.rollout.engine import SamplingParams
 
@@ -74,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         assert out.shape[1] == args.prompt_len + args.new_tokens
 
     tokens = args.batch * args.new_tokens
-    ours_s = _timed(ours, args.repeats, cuda)
+    ours_s, _ = timed(ours, args.repeats, cuda)
     print(f"embedded engine: {ours_s:.3f} s, {tokens / ours_s:.1f} tokens/s (transformers next)", flush=True)
-    theirs_s = _timed(theirs, args.repeats, cuda)
+    theirs_s, _ = timed(theirs, args.repeats, cuda)
     row = {"machine": machine(), "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "embedded_s": round(ours_s, 3), "embedded_tok_per_s": round(tokens / ours_s, 1),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_dapo.bench.models import save_random_qwen25_05b
     from megatron_dapo.bench.results import append_rows, machine
+    from megatron_dapo.bench.timing import timed
     from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
     from megatron_dapo.rollout.engine import SamplingParams
 
@@ -65,24 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return sum(len(c.token_ids) for i in range(0, len(prompts), per_chunk)
                    for cs in engine.generate(prompts[i:i + per_chunk], params(1 + i)) for c in cs)
 
-    def timed(fn) -> tuple[float, int]:
-        fn()  # warm-up
-        runs = []
-        for _ in range(args.repeats):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            tokens = fn()
-            if cuda:
-                torch.cuda.synchronize()
-            runs.append((time.perf_counter() - start, tokens))
-        seconds = statistics.median(s for s, _ in runs)
-        return seconds, round(statistics.mean(t for _, t in runs))
-
-    ours_s, ours_tokens = timed(refilled)
+    ours_s, ours_runs = timed(refilled, args.repeats, cuda)
+    ours_tokens = round(statistics.mean(ours_runs))
     print(f"refilled: {ours_s:.2f} s, {ours_tokens} tokens, {ours_tokens / ours_s:.1f} tokens/s (chunked next)",
           flush=True)
-    chunked_s, chunked_tokens = timed(chunked)
+    chunked_s, chunked_runs = timed(chunked, args.repeats, cuda)
+    chunked_tokens = round(statistics.mean(chunked_runs))
     row = {"machine": machine(), "torch": torch.__version__, "prompts": args.prompts, "n": args.n,
            "max_batch_size": args.max_batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
            "stop_ids": args.stop_ids, "refilled_s": round(ours_s, 2), "refilled_tokens": ours_tokens,

@@ -53,14 +53,16 @@ class _Batch:
         self.lengths = torch.cat([self.lengths, torch.tensor(cached, device=self.lengths.device)])
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
-    def keep(self, cache: KVCache, keep: list[int]) -> None:
-        """Only rows `keep` (indices into the batch) go on, moved to the front of the cache."""
+    def keep(self, cache: KVCache, keep: list[int]) -> torch.Tensor:
+        """Only rows `keep` (indices into the batch) go on, moved to the front of the cache; returns their index
+        on the device, for what the caller holds per row."""
         index = torch.tensor(keep, dtype=torch.long, device=self.lengths.device)
         if keep:
             cache.select_rows(index, max(self.cached))
         self.rows = [self.rows[i] for i in keep]
         self.cached = [self.cached[i] for i in keep]
         self.lengths = self.lengths[index]
+        return index
 
 
 @torch.inference_mode()
@@ -84,10 +86,11 @@ def generate_batch(
     names = list(names) if names is not None else list(range(len(prompts)))
     total = sum(copies)
     max_rows = total if max_rows is None else max_rows
-    first = [0]
-    for c in copies:
-        first.append(first[-1] + c)  # prompt i's completions are first[i]..first[i+1]-1
-    waiting = deque((i, c) for i, c in enumerate(copies) if c)
+    waiting, row = deque(), 0  # (prompt, its first completion not yet decoding, how many are left)
+    for i, c in enumerate(copies):
+        if c:
+            waiting.append((i, row, c))
+        row += c
     if not waiting:
         return []
     cache.reserve(min(max_rows, total), max(len(p) for p in prompts) + params.max_new_tokens)
@@ -96,7 +99,7 @@ def generate_batch(
     stop = set(params.stop_token_ids)
     batch = _Batch(device)
     while True:
-        _admit(model, cache, prompts, waiting, first, batch, max_rows)
+        _admit(model, cache, prompts, waiting, batch, max_rows)
         if not batch.rows:
             return completions
         try:
@@ -119,8 +122,7 @@ def generate_batch(
             else:
                 keep.append(i)
         if len(keep) < len(batch.rows):  # drop finished rows from the batch
-            batch.keep(cache, keep)
-            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=device)]
+            tokens = tokens[batch.keep(cache, keep)]
         if not keep:
             batch.logits = None
             continue
@@ -131,24 +133,26 @@ def generate_batch(
         batch.cached = [n + 1 for n in batch.cached]
 
 
-def _admit(model: CausalLM, cache: KVCache, prompts: list[list[int]], waiting: deque, first: list[int],
-           batch: _Batch, max_rows: int) -> None:
+def _admit(model: CausalLM, cache: KVCache, prompts: list[list[int]], waiting: deque, batch: _Batch,
+           max_rows: int) -> None:
     """Waiting prompts into the free rows after the batch's, all copies of each (or what an empty batch holds of
     one with more than max_rows), prefilled once per prompt; their logits join the batch's."""
-    taken, copies = [], []
+    taken, copies, rows, cached = [], [], [], []
     free = max_rows - len(batch.rows)
     while waiting:
-        prompt, left = waiting[0]
+        prompt, row, left = waiting[0]
         take = left if left <= free else (min(left, max_rows) if not batch.rows and not taken else 0)
         if not take:
             break
         taken.append(prompt)
         copies.append(take)
+        rows += range(row, row + take)
+        cached += [len(prompts[prompt])] * take
         free -= take
         if take == left:
             waiting.popleft()
         else:
-            waiting[0] = (prompt, left - take)
+            waiting[0] = (prompt, row + take, left - take)
     if not taken:
         return
     start, device = len(batch.rows), batch.lengths.device
@@ -157,17 +161,7 @@ def _admit(model: CausalLM, cache: KVCache, prompts: list[list[int]], waiting: d
         src = torch.repeat_interleave(torch.arange(len(taken), device=device), torch.tensor(copies, device=device))
         cache.select_rows(src + start, max(len(prompts[p]) for p in taken), dst=start)
         logits = logits[src]
-    rows, cached = [], []
-    for prompt, take in zip(taken, copies):
-        done = first[prompt + 1] - first[prompt] - _left(waiting, prompt) - take  # copies admitted before
-        rows += range(first[prompt] + done, first[prompt] + done + take)
-        cached += [len(prompts[prompt])] * take
     batch.add(rows, cached, logits)
-
-
-def _left(waiting: deque, prompt: int) -> int:
-    """Copies of `prompt` still waiting (only the head of the queue can be partly admitted)."""
-    return waiting[0][1] if waiting and waiting[0][0] == prompt else 0
 
 
 def _check_finite(batch: _Batch, completions: list[Completion], prompt_of_row: list[int]) -> None:
