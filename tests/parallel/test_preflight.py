@@ -367,7 +367,8 @@ def test_an_sglang_tp_size_the_model_does_not_split_into_is_named():
     before its start-up (Trainer._make_engine)."""
     report = _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang", "rollout.engines=1", "rollout.sglang.tp_size=3")
     assert ("rollout.sglang.tp_size=3 does not divide the model's 32 attention heads or its 8 KV heads (nor is "
-            "tp_size a multiple of them) or its MLP width 9728: choose a tp_size that does") in report.problems
+            "tp_size a multiple of them) or its MLP width 9728: choose a tp_size that does (up to 16: 1, 2, 4, 8, 16)") \
+        in report.problems, report.problems
     report = _check("dapo-qwen3-4b", 1, 8, "rollout.name=sglang", "rollout.engines=1", "rollout.sglang.tp_size=8")
     assert not any("rollout.sglang.tp_size=8" in p for p in report.problems), report.problems
 

@@ -56,16 +56,22 @@ class SGLangEngineConfig:
         """What SGLang's tensor parallelism refuses of the model (`arch`: a ModelArch) at this tp_size, when it
         loads it: its attention heads split evenly, its KV heads split or replicated evenly, its MLP width split
         evenly (sglang 0.5.23, layers/linear.py and models/qwen2.py). Found before the trainer's start-up."""
-        tp, problems = self.tp_size, []
-        if arch.num_heads % tp:
-            problems.append(f"the model's {arch.num_heads} attention heads")
-        if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
-            problems.append(f"its {arch.num_kv_heads} KV heads (nor is tp_size a multiple of them)")
-        if arch.intermediate_size % tp:
-            problems.append(f"its MLP width {arch.intermediate_size}")
+        def misfits(tp: int) -> list[str]:
+            problems = []
+            if arch.num_heads % tp:
+                problems.append(f"the model's {arch.num_heads} attention heads")
+            if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
+                problems.append(f"its {arch.num_kv_heads} KV heads (nor is tp_size a multiple of them)")
+            if arch.intermediate_size % tp:
+                problems.append(f"its MLP width {arch.intermediate_size}")
+            return problems
+
+        problems = misfits(self.tp_size)
         if not problems:
             return []
-        return [f"rollout.sglang.tp_size={tp} does not divide {' or '.join(problems)}: choose a tp_size that does"]
+        fitting = ", ".join(str(tp) for tp in range(1, 17) if not misfits(tp))
+        return [f"rollout.sglang.tp_size={self.tp_size} does not divide {' or '.join(problems)}: choose a tp_size "
+                f"that does (up to 16: {fitting})"]
 
     def gpus(self, mode: Literal["colocated", "disaggregated"], *, local_world_size: int, visible_gpus: int) -> range:
         """An engine's GPU ids on its host's node (the host is a node's first rank); ConfigError (naming the keys)
