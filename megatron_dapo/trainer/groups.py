@@ -71,13 +71,18 @@ class FilterMetricCheck:
 
     def __init__(self, name: str, patience: int, sources):
         self.name, self.patience = name, patience
-        self.waiting = set(sources)
-        """The data_sources whose rewards have not given the figure yet."""
+        self.sources = set(sources)
         self.confirmed: set[str] = set()
+        """The data_sources whose rewards have given the figure."""
         self.batches: Counter[str] = Counter()
         """Per data_source: the generation batches with scored rewards of it."""
         self.scored: Counter[str] = Counter()
         self.given: dict[str, set[str]] = {}
+
+    @property
+    def waiting(self) -> set[str]:
+        """The data_sources whose rewards have not given the figure yet."""
+        return self.sources - self.confirmed
 
     @property
     def done(self) -> bool:
@@ -97,7 +102,6 @@ class FilterMetricCheck:
     def check(self, step: int) -> None:
         """Raises the ConfigError described above for the data_sources overdue."""
         self.confirmed |= {s for s, figures in self.given.items() if self.name in figures}
-        self.waiting -= self.confirmed
         overdue = sorted(s for s in self.waiting if self.batches[s] >= self.patience)
         if not overdue:
             return
