@@ -15,8 +15,8 @@ their size (logits of 60 whose entropy is 3e-4 would come out with a 10% error).
 
 `local_stats` and `local_grad` are the pure-torch references of the fused CUDA kernels. The ops
 `megatron_dapo::logprob_stats`, `::logprob_grad`, `::logprob_grad_` (in place) and `::logprob_entropy`
-(unsplit vocabulary, with autograd) are `torch.library` custom ops that run the kernel for CUDA tensors
-when the extension is built and the reference otherwise.
+(unsplit vocabulary, with autograd; `logprob_entropy()` calls it) are `torch.library` custom ops that run the
+kernel for CUDA tensors when the extension is built and the reference otherwise.
 """
 from __future__ import annotations
 
@@ -167,31 +167,30 @@ def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, va
 
 
 @torch.library.custom_op("megatron_dapo::logprob_entropy", mutates_args=())
-def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    valid_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unsplit vocabulary: logits [T, V] (columns >= valid_columns are padding), targets [T] in
-    [0, valid_columns) -> (logp, entropy), [T] each. Differentiable in the logits."""
+def logprob_entropy_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       valid_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`logprob_entropy` as an op: (logp, entropy, lse, E[z]), [T] each; the last two are what its backward
+    keeps (not differentiable). Taking lse back out of the outputs (z_y - logp) would not do: it is NaN for a
+    target that cannot be drawn (-inf - -inf)."""
     combined = combine_stats(logprob_stats(logits, targets, temperature, valid_columns)[None])
-    return combined.logp, combined.entropy
+    return combined.logp, combined.entropy, combined.lse, combined.expected_z
 
 
-@logprob_entropy.register_fake
+@logprob_entropy_op.register_fake
 def _(logits, targets, temperature, valid_columns):
     shape, dtype = logits.shape[:1], _compute_dtype(logits)
-    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+    return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(4))
 
 
 def _logprob_entropy_setup(ctx, inputs, output):
     logits, targets, temperature, valid_columns = inputs
-    logp, entropy = output
-    # lse and E[z] from the outputs: logp = z_y - lse, entropy = lse - E[z] (T numbers, no logits pass).
-    target_z = _target_logit(logits[:, :valid_columns], targets, valid_columns).to(logp.dtype, copy=True) / temperature
-    lse = target_z - logp
-    ctx.save_for_backward(logits, targets, lse, lse - entropy)
+    _, _, lse, expected_z = output
+    ctx.mark_non_differentiable(lse, expected_z)
+    ctx.save_for_backward(logits, targets, lse, expected_z)
     ctx.temperature, ctx.valid_columns = temperature, valid_columns
 
 
-def _logprob_entropy_backward(ctx, grad_logp, grad_entropy):
+def _logprob_entropy_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_expected_z):
     logits, targets, lse, expected_z = ctx.saved_tensors
     grad = logprob_grad(logits, targets, lse, expected_z, _or_zeros(grad_logp, lse), _or_zeros(grad_entropy, lse),
                         ctx.temperature, ctx.valid_columns)
@@ -202,7 +201,15 @@ def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return grad.contiguous() if grad is not None else torch.zeros_like(like)
 
 
-logprob_entropy.register_autograd(_logprob_entropy_backward, setup_context=_logprob_entropy_setup)
+logprob_entropy_op.register_autograd(_logprob_entropy_backward, setup_context=_logprob_entropy_setup)
+
+
+def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    valid_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsplit vocabulary: logits [T, V] (columns >= valid_columns are padding), targets [T] in
+    [0, valid_columns) -> (logp, entropy), [T] each. Differentiable in the logits."""
+    logp, entropy, _, _ = logprob_entropy_op(logits, targets, temperature, valid_columns)
+    return logp, entropy
 
 
 class _VocabParallelLogprob(torch.autograd.Function):

@@ -175,7 +175,7 @@ def test_logprob_ops_registrations():
     torch.library.opcheck(lp_ops.logprob_stats, (logits, local, 0.9, 17))
     torch.library.opcheck(lp_ops.logprob_grad, (logits, local, lse, ez, g[0], g[1], 0.9, 17))
     torch.library.opcheck(lp_ops.logprob_grad_, (logits.clone(), local, lse, ez, g[0], g[1], 0.9, 17))
-    torch.library.opcheck(lp_ops.logprob_entropy, (logits.clone().requires_grad_(True), targets.clamp(max=16), 0.9,
-                                                   17))
+    torch.library.opcheck(lp_ops.logprob_entropy_op, (logits.clone().requires_grad_(True), targets.clamp(max=16), 0.9,
+                                                      17))
     transposed = logits.t().contiguous().t()  # column-major: the fake must give the real op's strides
     torch.library.opcheck(lp_ops.logprob_grad, (transposed, local, lse, ez, g[0], g[1], 0.9, 17))

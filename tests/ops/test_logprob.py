@@ -170,6 +170,26 @@ def test_entropy_keeps_its_precision_when_the_logits_are_large():
         assert (entropy.double() - want).abs().max() < 1e-6, len(slices)
 
 
+def test_a_target_that_cannot_be_drawn_has_log_prob_minus_inf_and_a_finite_gradient_on_both_ops():
+    """A target whose logit is -inf (a token masked out): log-prob -inf, and a finite gradient on the unsplit op
+    as on the split one (it took lse back from its outputs, z_y - logp = -inf - -inf, which made the row NaN)."""
+    from megatron_dapo.ops.logprob import logprob_entropy
+
+    logits = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    logits[0, 3] = float("-inf")
+    targets = torch.tensor([3, 1, 6])
+    grads = []
+    for op in (lambda x: logprob_entropy(x, targets, 0.9, 7),
+               lambda x: vocab_parallel_logprob(x * 1.0, targets, temperature=0.9)):
+        x = logits.clone().requires_grad_(True)
+        logp, entropy = op(x)
+        assert logp[0] == float("-inf") and logp[1:].isfinite().all() and entropy.isfinite().all()
+        (entropy.sum() + logp[1:].sum()).backward()
+        assert x.grad.isfinite().all() and x.grad[0, 3] == 0
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
 def test_inplace_backward_refuses_a_leaf_and_a_target_of_no_column_has_a_gradient():
     """The in-place backward would write a leaf's gradient over its values: refused. A target outside the real
     vocabulary (an ignore index, a padding column) reads as a logit of 0 in the forward, and the backward (which
