@@ -32,7 +32,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax, (title, prefixes) in zip(axes.flat, PANELS):
         keys = sorted({k for row in rows for k in row if any(k.startswith(p) for p in prefixes)})
         for key in keys:
-            points = [(row["step"], row[key]) for row in rows if key in row]
+            points = curve(rows, key)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
                     label=key)
         ax.set_title(title)
@@ -45,3 +45,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in step order: a trainer.val_only row for step N follows the training's later rows
+    in the file."""
+    return sorted(((row["step"], row[key]) for row in rows if key in row), key=lambda point: point[0])

@@ -429,6 +429,10 @@ def _die_with_parent() -> None:
             pass
 
 
+RESERVED_EXTRA = ("score",)
+"""Extra figures' names that validation's own figures take (val/NAME_mean: val/score_mean)."""
+
+
 def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
     """A reward function's return value -> (result, None) or (None, (kind, detail)). Numbers may be any real
     number, numpy's and bools included (True is 1.0); the result holds Python floats and `pred` as text."""
@@ -438,6 +442,10 @@ def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
                 return None, ("error", value.reason or "the reward function marked the sample failed")
             if not isinstance(value.extra, dict):
                 return None, ("bad_return", f"extra is {type(value.extra).__name__}, expected a dict of numbers")
+            if clash := [str(k) for k in value.extra if str(k) in RESERVED_EXTRA or "/" in str(k)]:
+                return None, ("bad_return", f"extra figure(s) {clash}: 'score' would be logged as val/score_mean, "
+                                            f"the mean score itself, and a '/' under another data_source's "
+                                            f"figures (val/SOURCE/...): name them otherwise")
             named = [("score", value.score), ("acc", value.acc), *((f"extra[{k!r}]", v) for k, v in value.extra.items())]
         elif _real(value) is None:
             return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")

@@ -81,7 +81,10 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
     Collective over every rank. Returns the push's figures where an engine is, None elsewhere. An engine that
     refuses a call (a bucket's names or shapes, an incomplete push, SGLang's answer) is left stale and called no
     more; its host keeps taking part in the gathers and sends of the rest of the push, and then every rank
-    raises RolloutError with the engine's message, none is left waiting in a collective.
+    raises RolloutError with the engine's message, none is left waiting in a collective. So does a copy into a
+    bucket that fails (out of memory). A rank that cannot take part in a tensor's own gather or send (out of memory
+    for the gathered or received tensor) raises its error alone: its partners wait in that collective until
+    torchrun, seeing the rank exit, ends them.
     """
     actor.check_resident()  # the same answer on every rank: all refuse, none waits
     start = time.perf_counter()
@@ -198,6 +201,8 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> Pro
             failure.__cause__ = err
         diff[~torch.isfinite(diff)] = float("inf")  # NaN compares false with any threshold
     stop_together(failure, RolloutError)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if dist.get_world_size() > 1:  # both figures of one engine, the one whose mean is largest
+        rows = [torch.empty_like(diff) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, diff)
+        diff = max(rows, key=lambda row: (float(row[1]), float(row[0])))
     return ProbeDiff(max=float(diff[0]), mean=float(diff[1]))

@@ -19,9 +19,11 @@ class FilterGroupsConfig:
     """After max_num_gen_batches: stop with an error, or train on the groups kept so far."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.max_num_gen_batches < 0:
-            raise ConfigError(
-                f"algorithm.filter_groups.max_num_gen_batches must be >= 0 (0 = no limit), got {self.max_num_gen_batches}"
-            )
+            problems.append(f"algorithm.filter_groups.max_num_gen_batches must be >= 0 (0 = no limit), got "
+                            f"{self.max_num_gen_batches}")
         if not self.metric:
-            raise ConfigError("algorithm.filter_groups.metric must name a reward field, e.g. acc or score")
+            problems.append("algorithm.filter_groups.metric must name a reward field, e.g. acc or score")
+        if problems:
+            raise ConfigError(problems)

@@ -70,7 +70,8 @@ class StopRequest:
                 signal.signal(sig, self._on_signal)
 
     def clear(self) -> None:
-        """Forget a STOP file left by the run this one resumes (rank 0, at start)."""
+        """Delete the STOP file (rank 0, after the run's last step: a request that came during it has nothing left
+        to stop)."""
         self.file.unlink(missing_ok=True)
 
     def _on_signal(self, signum, frame) -> None:

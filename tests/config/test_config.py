@@ -155,6 +155,8 @@ def test_all_problems_are_reported_together(good):
     message = _error(good, "actor.clip_ratio_hgh=0.3", "data.gen_batch_size=abc")
     assert message.startswith("2 config problems")
     assert "actor.clip_ratio_hgh" in message and "data.gen_batch_size" in message
+    message = _error(good, "algorithm.filter_groups.max_num_gen_batches=-1", "algorithm.filter_groups.metric=''")
+    assert message.startswith("2 config problems") and "max_num_gen_batches" in message and "metric" in message
 
 
 def test_layout_must_divide_the_world_size(good):

@@ -189,6 +189,8 @@ def unusual(response, ground_truth, extra_info):
         return RewardResult(score=np.float32(1.0), acc=np.bool_(True), extra={"n": np.int64(3)}, pred=np.int64(7))
     if response == "extra_none":
         return RewardResult(score=1.0, acc=1.0, extra=None)
+    if response == "extra_clash":  # would overwrite val/score_mean, and land among another source's figures
+        return RewardResult(score=1.0, acc=1.0, extra={"score": 5.0, "math/acc": 1.0, "n": 1.0})
     if response == "fork":  # the child raises a little later, in the worker's loop, as a library's helper might
         if os.fork() == 0:
             time.sleep(0.2)
@@ -198,12 +200,15 @@ def unusual(response, ground_truth, extra_info):
 
 
 def test_numbers_of_any_real_kind_are_taken_and_a_bad_extra_costs_its_sample(scorer):
-    batch = scorer.score([RewardSample("test_unusual", r, "", {}) for r in ("np32", "bool", "np_result", "extra_none")])
+    batch = scorer.score([RewardSample("test_unusual", r, "", {})
+                          for r in ("np32", "bool", "np_result", "extra_none", "extra_clash")])
     assert batch.scores[:3] == [0.25, 1.0, 1.0] and batch.accs[:3] == [0.25, 1.0, 1.0]
     result = batch.results[2]
     assert result.extra == {"n": 3.0} and type(result.extra["n"]) is float and result.pred == "7"
     assert type(result.score) is float and type(result.acc) is float
     assert batch.results[3].failed and batch.results[3].reason == "bad_return: extra is NoneType, expected a dict of numbers"
+    assert batch.results[4].failed and batch.results[4].reason.startswith(
+        "bad_return: extra figure(s) ['score', 'math/acc']: 'score' would be logged as val/score_mean")
 
 
 def test_a_forked_child_never_answers_for_a_sample(scorer):

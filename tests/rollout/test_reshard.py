@@ -96,7 +96,8 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             return outputs
 
         if rank == 0:
-            with pytest.raises(RolloutError, match=rf"rollout engine 1 \(rank {placement.hosts[1]}\): ValueError: "
+            with pytest.raises(RolloutError, match=rf"rollout engine 1 \(rank {placement.hosts[1]}, the batch's prompts "
+                                                   r"3 to 4, numbered from 0 in what follows\): ValueError: "
                                                    "no reward for this"):
                 generate_shared(engine, placement, prompts, params, finish=fails_on_engine_1)
         else:
@@ -115,6 +116,17 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             assert (stats is not None) == placement.hosts_engine
             if engine is not None:
                 assert engine.weight_version == step + 1
+        # Both figures are the worst engine's (by its mean): engine 0 is off at one token by 1, engine 1 at every
+        # token by 0.1; the max of each figure apart would give (1, 0.1), of no engine.
+        from megatron_dapo.rollout.reshard import engine_probe_diff, trainer_probe_logprobs
+
+        trainer = trainer_probe_logprobs(actor, probe).clone()
+        if rank == placement.hosts[0]:
+            trainer[0, 5] += 1.0
+        elif rank == placement.hosts[1]:
+            trainer[:, 1:] += 0.1
+        worst = engine_probe_diff(engine, probe, trainer)
+        assert abs(worst.max - 0.1) < 1e-4 and abs(worst.mean - 0.1) < 1e-4, worst
         dist.barrier()
 
 

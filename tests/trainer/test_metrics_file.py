@@ -139,3 +139,19 @@ def test_a_sync_the_file_system_refuses_is_a_warning_not_a_failure(tmp_path, cap
     assert (tmp_path / "rows.jsonl").read_text() == "{}\n"
     sync_rows(regular)
     sync_rows(None)
+
+
+def test_the_plot_draws_a_validation_only_row_at_its_step_among_the_training_s(tmp_path):
+    from megatron_dapo.metrics.plot import curve, plot_run
+
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=3)
+    for step in (0, 1, 2, 3):
+        sinks.log(step, {"critic/acc_mean": step / 10, **({"val/acc_avg@4": step / 10} if step != 2 else {})})
+    sinks.close()
+    sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=3, training=False)
+    sinks.log(2, {"val/acc_avg@4": 0.2})  # trainer.val_only on step 2's checkpoint, after the training's step 3
+    sinks.close()
+    rows = read_metrics(tmp_path)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 2]
+    assert curve(rows, "val/acc_avg@4") == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3)]
+    assert plot_run(tmp_path).is_file()
