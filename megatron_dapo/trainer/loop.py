@@ -46,7 +46,8 @@ from megatron_dapo.trainer.groups import (BUILTIN_METRICS, FilterMetricCheck, Gr
 from megatron_dapo.trainer.lock import RunLock
 from megatron_dapo.trainer.memory import ColocatedMemory
 from megatron_dapo.trainer.scoring import score_groups
-from megatron_dapo.trainer.stop import STOP_FILE, StopRequest, clear_stale_stop, process_started, slurm_attempt
+from megatron_dapo.trainer.stop import (STOP_FILE, StopRequest, clear_stale_stop, mark_honoured, process_started,
+                                        slurm_attempt)
 from megatron_dapo.trainer.timer import StepTimer
 
 
@@ -68,9 +69,9 @@ class Trainer:
         self._started(lambda: startup.check_fresh_start(cfg))  # before this run writes anything into the folder
         self._started(lambda: check_sink_packages(cfg.logging))  # not minutes later, on rank 0 alone
         if self.rank0 and not cfg.trainer.val_only:  # a STOP file may be meant for a training in this folder
-            # Left by the run this one resumes. Cleared now, not once the model is up: a stop asked for during the
-            # minutes of start-up is kept, and the run stops after its first step; so is one from the seconds of
-            # imports before this line, which is newer than this process.
+            # One the run this one resumes stopped on (clear_stale_stop says which are stale). Cleared now, not once
+            # the model is up: a stop asked for during the minutes of start-up is kept, and the run stops after its
+            # first step; so is one from the seconds of imports before this line, which is newer than this process.
             self._started(lambda: clear_stale_stop(self.run_dir / STOP_FILE, process_started(), slurm_attempt()))
         else:
             self._started(lambda: None)  # the call above is collective
@@ -236,6 +237,7 @@ class Trainer:
                 self._finished(asked)
             if stopping:
                 if self.rank0:
+                    self._mark_stop_honoured()
                     print(f"stopping after step {self.step} ({self.stop.reason() or 'another rank asked'}); "
                           f"saved {self.run_dir / 'checkpoints'}; start the same command again to continue", flush=True)
                 break
@@ -280,6 +282,15 @@ class Trainer:
                              guard=(lambda: self.lock.check(look=True)) if self.lock else None)
         if self.rank0 and self.config.logging.console:  # what a stop's warning must leave time for, with the step
             print(f"step {self.step}: checkpoint saved in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def _mark_stop_honoured(self) -> None:
+        """Rank 0, stopping: a STOP file says it was stopped on, so that the attempt that resumes deletes it (one
+        no run has stopped on, written by hand before that attempt's ranks start, stops it after its first step)."""
+        try:
+            mark_honoured(self.run_dir / STOP_FILE, self.step)
+        except OSError as err:  # the checkpoint is saved: the run stops all the same
+            print(f"warning: could not mark {self.run_dir / STOP_FILE} as stopped on ({err}): delete it before "
+                  f"starting the run again, or it stops after its first step", file=sys.stderr, flush=True)
 
     def _finished(self, asked: bool) -> None:
         """Rank 0, after the run's last step: a stop request that came during it has nothing to stop; what it

@@ -10,6 +10,7 @@ request stops all of them.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -42,20 +43,41 @@ def slurm_attempt() -> str | None:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}" if job else None
 
 
+HONOURED = "honoured:"
+"""How a STOP file a run has stopped on begins (`mark_honoured`): the next attempt deletes it."""
+
+_ATTEMPT = re.compile(r"\d+\.\d+")
+"""A job attempt as the sbatch scripts write it into STOP ("JOB_ID.RESTART_COUNT")."""
+
+
 def clear_stale_stop(path: Path, started: float, attempt: str | None = None) -> bool:
-    """Delete a STOP file written before `started` (left by the attempt this one resumes); one written since, a
-    stop asked for while this process starts, stays, and so does one that names `attempt` (`slurm_attempt()`):
-    this job attempt's batch script wrote it, maybe while srun and torchrun were starting the ranks. Whether it
-    was deleted."""
+    """Delete a STOP file that asks nothing of this run: one a run has stopped on (`mark_honoured`), or one an
+    earlier Slurm job attempt's batch script wrote (a run that crashed before it could stop on it). Kept: one
+    written since `started` (a stop asked for while this process starts), one that names `attempt`
+    (`slurm_attempt()`: this attempt's batch script wrote it, maybe while srun and torchrun were starting the
+    ranks), and one written by hand that no run has stopped on yet. Whether it was deleted."""
     try:
         if path.stat().st_mtime >= started:
             return False
-        if attempt is not None and path.read_text(encoding="utf-8", errors="replace").strip() == attempt:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not (text.startswith(HONOURED) or (_ATTEMPT.fullmatch(text) and text != attempt)):
             return False
         path.unlink()
     except FileNotFoundError:
         return False
     return True
+
+
+def mark_honoured(path: Path, step: int) -> None:
+    """Rank 0 of a run stopping on the STOP file `path`: its text says so, for the next attempt to delete it. The
+    file stays (the batch script requeues the job only while it is there); replaced whole, never read half
+    written. Nothing when there is no STOP file (a stop asked for by a signal to a rank)."""
+    if not path.is_file():
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(f"{HONOURED} the run stopped on this file after step {step}"
+                       f"{f' (Slurm job attempt {slurm_attempt()})' if slurm_attempt() else ''}\n")
+    partial.replace(path)
 
 
 class StopRequest:

@@ -41,39 +41,57 @@ def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers)
     assert stop.reason() is None and not (tmp_path / "STOP").exists()
 
 
-def test_a_stop_file_older_than_the_process_is_cleared_a_newer_one_kept(tmp_path):
+def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(tmp_path):
+    """At start: a STOP file an earlier attempt stopped on is deleted; one written since this process started (a
+    stop asked for during start-up) is kept, and so is an older one written by hand that no run has stopped on
+    (a stop asked for before the ranks started): the run stops after its first step."""
     import time
 
-    from megatron_dapo.trainer.stop import clear_stale_stop, process_started
+    from megatron_dapo.trainer.stop import clear_stale_stop, mark_honoured, process_started
 
     started = process_started()
     assert started <= time.time() and time.time() - started < 24 * 3600  # this test process, from /proc
     stop = tmp_path / "STOP"
     stop.touch()
-    os.utime(stop, (started - 60, started - 60))  # left by the attempt this one resumes
+    mark_honoured(stop, 7)  # the attempt this one resumes stopped on it
+    assert stop.read_text() == "honoured: the run stopped on this file after step 7\n"
+    os.utime(stop, (started - 60, started - 60))
     assert clear_stale_stop(stop, started) and not stop.exists()
-    stop.touch()  # asked for while this process was starting
+    mark_honoured(stop, 8)  # a stop asked for by a signal: no file to mark, none made
+    assert not stop.exists()
+    for text in ("", "please stop\n"):  # by hand, before this process started
+        stop.write_text(text)
+        os.utime(stop, (started - 60, started - 60))
+        assert not clear_stale_stop(stop, started) and stop.exists()
+    stop.write_text("honoured: the run stopped on this file after step 7\n")  # marked while this process started
     assert not clear_stale_stop(stop, started) and stop.exists()
     assert not clear_stale_stop(tmp_path / "none", started)
 
 
 def test_an_older_stop_file_of_this_slurm_attempt_is_kept(tmp_path, monkeypatch):
     """The sbatch scripts write the job attempt into STOP: one written by this attempt's batch script before the
-    ranks started (Slurm's warning, an early scancel --batch) is kept, one of the attempt before is cleared."""
-    from megatron_dapo.trainer.stop import clear_stale_stop, process_started, slurm_attempt
+    ranks started (Slurm's warning, an early scancel --batch) is kept, one of an earlier attempt (whose run
+    crashed before stopping on it) is cleared; outside Slurm, any attempt's is an earlier one."""
+    from megatron_dapo.trainer.stop import clear_stale_stop, mark_honoured, process_started, slurm_attempt
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert slurm_attempt() is None
+    started, stop = process_started(), tmp_path / "STOP"
+    stop.write_text("4242.3\n")
+    os.utime(stop, (started - 60, started - 60))
+    assert clear_stale_stop(stop, started, slurm_attempt()) and not stop.exists()
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert slurm_attempt() == "4242.0"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     assert slurm_attempt() == "4242.3"
-    started, stop = process_started(), tmp_path / "STOP"
-    for written, kept in (("4242.3\n", True), ("4242.2\n", False), ("", False)):
+    for written, kept in (("4242.3\n", True), ("4242.2\n", False), ("17.0\n", False), ("", True)):
         stop.write_text(written)
         os.utime(stop, (started - 60, started - 60))
         assert clear_stale_stop(stop, started, slurm_attempt()) != kept and stop.exists() == kept, written
+    stop.write_text("4242.3\n")
+    mark_honoured(stop, 5)
+    assert stop.read_text() == "honoured: the run stopped on this file after step 5 (Slurm job attempt 4242.3)\n"
 
 
 def test_a_process_start_is_when_it_began():
