@@ -76,6 +76,46 @@ def test_sampled_tokens_stay_in_the_top_k_top_p_support(engine, qwen2, top_k, to
     assert max(sizes) > 1  # and sampling had a choice to make
 
 
+def _chi_square(counts: dict[int, int], probs: torch.Tensor) -> tuple[float, float]:
+    """Pearson's statistic of token counts against `probs` [V] (tokens expected fewer than 5 times pooled), and
+    the value it stays below but once in about 30,000 draws of the true distribution (Wilson-Hilferty, z = 4)."""
+    draws = sum(counts.values())
+    observed = torch.tensor([counts.get(t, 0) for t in range(len(probs))], dtype=torch.float64)
+    expected = probs.double() * draws
+    big = expected >= 5
+    observed = torch.cat([observed[big], observed[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    seen = expected > 0
+    statistic = float(((observed - expected) ** 2 / expected.clamp(min=1e-300))[seen].sum())
+    if (observed[~seen] > 0).any():  # a token drawn that may not be: no distribution of this support fits
+        return math.inf, 0.0
+    dof = int(seen.sum()) - 1
+    return statistic, dof * (1 - 2 / (9 * dof) + 4 * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.6, -1, 1.0), (1.4, 8, 1.0), (1.0, -1, 0.7)])
+def test_tokens_are_drawn_as_often_as_the_temperature_scaled_truncated_distribution_says(engine, qwen2, temperature,
+                                                                                        top_k, top_p):
+    """20,000 first tokens of one prompt, counted: they follow softmax(logits / T) of transformers' logits, cut to
+    the top-k / top-p set and renormalised (a sampler that drew at temperature 1, or from the untruncated set,
+    passed the support test above); the same counts are far from the temperature-1 untruncated distribution."""
+    prompt, draws = PROMPTS[2], 20000
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=1, n=draws, temperature=temperature, top_k=top_k,
+                                                   top_p=top_p, seed=5))
+    counts: dict[int, int] = {}
+    for completion in out[0]:
+        counts[completion.token_ids[0]] = counts.get(completion.token_ids[0], 0) + 1
+    with torch.no_grad():
+        logits = qwen2.hf(torch.tensor([prompt])).logits[0, -1].double()
+    support = torch.zeros_like(logits, dtype=torch.bool)
+    support[sorted(reference_support(logits, temperature, top_k, top_p))] = True
+    probs = torch.softmax(logits / temperature, -1) * support
+    statistic, bound = _chi_square(counts, probs / probs.sum())
+    assert statistic < bound, (statistic, bound)
+    plain, plain_bound = _chi_square(counts, torch.softmax(logits, -1))
+    assert plain > 5 * plain_bound, (plain, plain_bound)
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
     def sample(seed):
         out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, n=3, seed=seed))
