@@ -2,7 +2,8 @@
 
 CI's kernel environment sets MEGATRON_DAPO_REQUIRE=sglang,extension: there the SGLang contract and the extension
 build must run, and an import or build that broke fails instead of skipping green. Its first environment sets
-MEGATRON_DAPO_REQUIRE=slurm: the sbatch tests run against the Slurm it installs.
+MEGATRON_DAPO_REQUIRE=slurm: the sbatch tests run against the Slurm it installs. tools/gpu_checks.sh sets gpu (and
+extension for the kernel tests): a GPU check that finds no GPU fails there.
 """
 import os
 

@@ -34,6 +34,10 @@ set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STEP ...]}
 shift
 steps=${*:-build kernel-tests kernels actor update push generate embedded}
+known="build kernel-tests kernels kernels-full actor update push generate refill embedded"
+for name in $steps; do  # every name checked before anything runs: a misspelt step costs no GPU time
+  [[ " $known " == *" $name "* ]] || { echo "unknown step $name ($known)"; exit 2; }
+done
 budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -115,29 +119,25 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
 # One rank without torchrun: its workers run in a session of their own, which the step's timeout would not reach.
 one_rank=(RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
           MASTER_PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"))
-for name in $steps; do  # every name checked before any step runs
-  case $name in
-    build|kernel-tests|kernels|kernels-full|actor|update|push|generate|embedded) ;;
-    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate refill embedded)"; exit 2 ;;
-  esac
-done
 for name in $steps; do
   case $name in
     build) step build 300 bash -c 'python3 setup.py build_ext --inplace && python3 -c "
 from megatron_dapo.ops import extension as e
 assert e.EXTENSION is not None, e.UNAVAILABLE_BECAUSE  # else every kernel test would skip, and pass
 print(e.describe())"' ;;
-    kernel-tests) step kernel-tests 120 python3 -m pytest -q -rs tests/ops/test_kernels_cuda.py ;;
+    kernel-tests) step kernel-tests 120 env MEGATRON_DAPO_REQUIRE=gpu,extension python3 -m pytest -q -rs \
+      tests/ops/test_kernels_cuda.py ;;
     kernels) step kernels 240 python3 tools/bench_kernels.py --preset headline --out "$work" ;;
     kernels-full) step kernels-full 600 python3 tools/bench_kernels.py --out "$work" --name kernels_full ;;
-    actor) step actor 180 python3 -m pytest -q -rs -s tests/actor/test_actor_gpu.py ;;  # -s: the errors it prints
+    actor) step actor 180 env MEGATRON_DAPO_REQUIRE=gpu python3 -m pytest -q -rs -s tests/actor/test_actor_gpu.py ;;  # -s: the errors it prints
     update) step update 150 env "${one_rank[@]}" python3 tools/bench_update.py --tp 1 --out "$work" ;;
     push) step push 120 env "${one_rank[@]}" python3 tools/bench_push.py --tp 1 --out "$work" ;;
     generate) step generate 120 python3 tools/bench_generate.py --out "$work" ;;
     refill) step refill 120 python3 tools/bench_refill.py --prompts 64 --n 4 --max-batch-size 64 --new-tokens 256 \
       --stop-ids 1200 --repeats 1 --out "$work" ;;
-    embedded) step embedded 120 python3 -m pytest -q -rs tests/rollout/embedded/test_engine.py -k cuda ;;
-    *) echo "unknown step $name (build kernel-tests kernels kernels-full actor update push generate refill embedded)"; exit 2 ;;
+    embedded) step embedded 120 env MEGATRON_DAPO_REQUIRE=gpu python3 -m pytest -q -rs \
+      tests/rollout/embedded/test_engine.py -k cuda ;;
+    *) echo "unknown step $name ($known)"; exit 2 ;;
   esac
 done
 pack

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.distributed import run_checks
+from tests.required import unavailable
 from tests.tiny_models import FAMILIES, hf_logprobs, make_tiny_model
 
 TEMPERATURE = 0.9
@@ -100,7 +101,7 @@ GPU_CHECKS = [check_bf16_logprobs_track_transformers, check_bf16_offload_frees_t
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        unavailable("gpu", "needs a CUDA GPU")
     workdir = tmp_path_factory.mktemp("actor_gpu")
     for family in FAMILIES:
         make_tiny_model(family, workdir / family)

@@ -10,13 +10,14 @@ import torch
 from megatron_dapo.ops import dapo_loss as loss_ops
 from megatron_dapo.ops import extension
 from megatron_dapo.ops import logprob as lp_ops
+from tests.required import unavailable
 
 
 def _need_gpu():
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here: the kernels are checked on a GPU machine")
+        unavailable("gpu", "no CUDA device here: the kernels are checked on a GPU machine")
     if extension.EXTENSION is None:
-        pytest.skip(f"megatron_dapo._C is not built: {extension.UNAVAILABLE_BECAUSE}")
+        unavailable("extension", f"megatron_dapo._C is not built: {extension.UNAVAILABLE_BECAUSE}")
 
 
 def _poison(nbytes: int) -> None:

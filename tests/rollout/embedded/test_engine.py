@@ -8,6 +8,7 @@ import torch
 
 from megatron_dapo.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_dapo.rollout.engine import RolloutError, SamplingParams
+from tests.required import unavailable
 from tests.tiny_models import hf_score, make_tiny_model
 
 CPU = EmbeddedEngineConfig(device="cpu")  # float32: these compare with transformers in float32
@@ -140,8 +141,9 @@ def test_bf16_engine_is_as_accurate_as_transformers_in_bf16(tiny):
     assert all(len(c.token_ids) == 5 for cs in out for c in cs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_is_bf16_and_matches_the_cpu_engine(qwen2):
+    if not torch.cuda.is_available():
+        unavailable("gpu", "needs CUDA")
     gpu = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cuda"))
     assert gpu.dtype == torch.bfloat16 and gpu.model.lm_head.weight.is_cuda
     cpu = EmbeddedEngine.from_pretrained(qwen2.folder, EmbeddedEngineConfig(device="cpu", dtype="bfloat16"))

@@ -120,6 +120,55 @@ def test_sampling_arguments_are_sglangs():
         _check_sampling([{"max_new_tokens": 1, "top_p": 1.5}])
 
 
+class _Echoing:
+    """sglang.Engine.generate recording each request as SGLang's own SamplingParams reads it (normalised), and
+    answering request i with token 10 + i at log-prob -(i + 1) / 100: which answer reaches which prompt shows."""
+
+    def __init__(self):
+        self.requests: list[tuple[list[int], object, dict]] = []
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        _bind("generate", input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)
+        assert return_logprob and len(sampling_params) == len(input_ids)
+        for ids, params in zip(input_ids, sampling_params):
+            read = SamplingParams(**params)
+            read.normalize(None)
+            self.requests.append((ids, read, params))
+        return [{"output_ids": [10 + i], "meta_info": {"finish_reason": {"type": "length", "length": 1},
+                                                       "output_token_logprobs": [(-(i + 1) / 100, 10 + i, None)]}}
+                for i in range(len(input_ids))]
+
+
+def test_each_request_asks_for_what_was_requested_and_its_answer_comes_back_under_its_prompt():
+    """What SGLang reads from each request is the requested sampling (temperature, top-p, top-k, stop ids, max
+    tokens, a seed of its own per request), n requests per prompt in prompt order; the answers come back grouped
+    under their prompts in that order."""
+    _sglang()
+    from sglang.srt.sampling.sampling_params import TOP_K_ALL
+
+    from megatron_dapo.rollout.engine import SamplingParams
+    from megatron_dapo.rollout.sglang import SGLangEngine
+
+    front = _Echoing()
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    params = SamplingParams(n=2, max_new_tokens=1, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=(2, 3), seed=11)
+    out = SGLangEngine(front, tp_size=1).generate(prompts, params)
+    assert [ids for ids, _, _ in front.requests] == [[1, 2], [1, 2], [3], [3], [4, 5, 6], [4, 5, 6]]
+    for _, read, _ in front.requests:
+        assert (read.temperature, read.top_p, read.top_k, read.max_new_tokens) == (0.7, 0.9, 5, 1)
+        assert read.stop_token_ids == {2, 3}
+    assert len({read.sampling_seed for _, read, _ in front.requests}) == 6  # each request draws its own
+    assert [[(c.token_ids, c.logprobs, c.finish_reason) for c in cs] for cs in out] == [
+        [([10 + i], [pytest.approx(-(i + 1) / 100)], "length") for i in (2 * p, 2 * p + 1)] for p in range(3)]
+
+    front = _Echoing()
+    SGLangEngine(front, tp_size=1).generate([[7]], SamplingParams(max_new_tokens=1, temperature=1.3))
+    ((_, read, sent),) = front.requests
+    assert (read.temperature, read.top_p, read.top_k) == (1.3, 1.0, TOP_K_ALL) and "sampling_seed" not in sent
+
+
 def test_buckets_round_trip_through_sglang_deserializer():
     _sglang()
     from sglang.srt.utils import MultiprocessingSerializer
