@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,16 @@ from megatron_dapo.trainer.lock import RunFolderInUse
 def _config(args: argparse.Namespace) -> int:
     world_size = args.world_size if args.world_size is not None else _env_world_size()
     config = load_config(args.config, args.overrides, world_size=world_size)
+    if args.get:  # one setting's resolved value, for a script (the sbatch scripts' run folder)
+        value = config
+        for part in args.get.split("."):
+            if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
+                raise ConfigError(f"--get {args.get}: no such setting")
+            value = getattr(value, part)
+        if dataclasses.is_dataclass(value):
+            raise ConfigError(f"--get {args.get}: a section; name one of its settings ({args.get}.KEY)")
+        print("null" if value is None else value)
+        return 0
     print(dump_config(config), end="")
     if world_size is not None:
         print(f"# layout: {config.parallel.layout(world_size).describe()}")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", help="YAML config file")
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.clip_ratio_high=0.28")
     config.add_argument("--world-size", type=int, help="check the parallel layout for this many ranks")
+    config.add_argument("--get", metavar="KEY", help="print only this setting's value, e.g. trainer.run_dir")
     config.set_defaults(run=_config)
 
     check = commands.add_parser("check-config", help="will this config fit an allocation? (no GPU needed)")

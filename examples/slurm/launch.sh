@@ -21,11 +21,11 @@ if [ -n "${VENV:-}" ]; then
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
 fi
-# A trainer.run_dir among the overrides or the script's arguments wins over RUN_DIR, as it does in the run
-# (the later override wins): the STOP file below must go where the run looks for it.
-for arg in ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"; do
-    case "$arg" in trainer.run_dir=*) RUN_DIR=${arg#trainer.run_dir=} ;; esac
-done
+# The run folder as the run reads it: a trainer.run_dir among the overrides or the script's arguments wins over
+# RUN_DIR (the later override wins), read as YAML, a trainer={run_dir: ...} mapping included. The STOP file below
+# must go where the run looks for it. A config that does not load stops the job here, before any node starts.
+RUN_DIR=$(python -m megatron_dapo config --get trainer.run_dir "$CONFIG" "trainer.run_dir=$RUN_DIR" \
+          ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@")
 mkdir -p "$RUN_DIR"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

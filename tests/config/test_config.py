@@ -260,6 +260,22 @@ def test_cli_prints_the_resolved_config(good):
     assert "clip_ratio_high: 0.3" in out and "# layout: TP2 x PP2 x DP2 = 8 ranks" in out
 
 
+def test_cli_gives_one_setting_as_the_run_reads_it(good):
+    """`config --get KEY`, what the sbatch scripts take the run folder from: the last override wins, read as YAML
+    (quotes and a section's mapping included); a key that is no setting, or a section, is named."""
+    def get(*args):
+        return subprocess.run([sys.executable, "-m", "megatron_dapo", "config", "--get", *args], capture_output=True,
+                              text=True)
+
+    quoted = get("trainer.run_dir", str(good), "trainer.run_dir=runs/a", 'trainer.run_dir="runs/b c"')
+    assert quoted.stdout == "runs/b c\n", quoted.stderr
+    assert get("trainer.run_dir", str(good), "trainer.run_dir=runs/a", "trainer={run_dir: runs/d}").stdout == "runs/d\n"
+    assert get("model.megatron_checkpoint", str(good)).stdout == "null\n"
+    for key, said in (("trainer.rundir", "no such setting"), ("trainer", "a section; name one of its settings")):
+        proc = get(key, str(good))
+        assert proc.returncode == 2 and f"config error: --get {key}: {said}" in proc.stderr, proc.stderr
+
+
 def test_cli_reports_config_errors_without_a_traceback(good):
     cmd = [sys.executable, "-m", "megatron_dapo", "config", str(good), "actor.clip_ratio_hgh=0.3"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
