@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.responses < GROUP_SIZE or min(args.response_len, args.prompt_len) < 1:
+        parser.error(f"--responses must be at least one group of {GROUP_SIZE}, and the lengths at least 1")
     torch.set_num_threads(2)
 
     groups = make_groups(args.responses, args.response_len, args.prompt_len)

@@ -213,7 +213,13 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     if not (mcore_dir / MARKER).is_file():
         raise ConversionError(f"{mcore_dir}: no {MARKER}, so the save that wrote it did not finish; "
                               "convert an earlier, complete checkpoint")
-    marker = json.loads((mcore_dir / MARKER).read_text())
+    try:
+        marker = json.loads((mcore_dir / MARKER).read_text())
+        if not isinstance(marker, dict):
+            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{mcore_dir / MARKER} cannot be read ({type(err).__name__}: {err}): a damaged "
+                              "checkpoint; convert an earlier, complete one") from None
     config = _hf_config(mcore_dir, marker, template)
     arch = ModelArch.from_hf_config(config, source=f"the model config of {mcore_dir}")
     _check_keys(reader, arch)

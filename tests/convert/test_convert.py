@@ -280,6 +280,21 @@ def test_a_tied_config_over_an_untied_checkpoint_is_refused(tmp_path):
     assert _no_output(tmp_path)
 
 
+def test_a_damaged_marker_is_named_through_the_command(tmp_path):
+    """COMPLETE.json cut short (a disk that filled up as it was written): the command names the file, exit 1 as for
+    any conversion error, no traceback and no output."""
+    import subprocess
+    import sys
+
+    hf_to_mcore(make_tiny_model("qwen2", tmp_path / "hf"), tmp_path / "mcore", progress=False)
+    (tmp_path / "mcore" / "COMPLETE.json").write_text('{"step": 3, "hf_con')
+    proc = subprocess.run([sys.executable, "-m", "megatron_dapo", "convert", "mcore-to-hf", "--mcore",
+                           str(tmp_path / "mcore"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{tmp_path / 'mcore' / 'COMPLETE.json'} cannot be read (JSONDecodeError" in proc.stderr, proc.stderr
+    assert _no_output(tmp_path)
+
+
 def test_the_output_config_names_the_architecture_and_no_stale_weight_index_is_copied(tmp_path):
     source = make_tiny_model("qwen3", tmp_path / "hf")
     config = json.loads((source / "config.json").read_text())
