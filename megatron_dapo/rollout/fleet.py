@@ -108,8 +108,8 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
         if len(hosts) == 1:
             raise
         # The engine numbers the prompts of its share from 0: the message says where the share starts.
-        mine = RolloutError(f"rollout engine {index} (rank {dist.get_rank()}, the batch's prompts {share.start} to "
-                            f"{share.stop - 1}, numbered from 0 in what follows): {type(err).__name__}: {err}")
+        mine = RolloutError(f"rollout engine {index} (rank {dist.get_rank()}; its share: the batch's prompts "
+                            f"{share.start} to {share.stop - 1}): {type(err).__name__}: {err}")
     if len(hosts) == 1:
         return mine if index == 0 else None
     gathered: list | None = [None] * len(hosts) if index == 0 else None

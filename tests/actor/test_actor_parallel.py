@@ -83,11 +83,14 @@ def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, wor
     assert not failures, "; ".join(failures)
 
 
-def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg, entropy_coeff=0.0):
+def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg, entropy_coeff=0.0,
+                      mode="token-mean", rollout_logp=None, tis_cap=None, epochs=1):
     """The same DAPO update done on transformers' model with torch's AdamW (with an entropy bonus when asked), with
     the package's loss, log-prob op and schedule, which tests/actor/test_loss.py, tests/ops/test_logprob.py and
     tests/actor/test_schedule.py check against hand formulas: what differs from the actor is everything else
-    (megatron-core's layers, schedules, parallel layouts, optimizer and gradient reductions)."""
+    (megatron-core's layers, schedules, parallel layouts, optimizer and gradient reductions, and the counts each
+    micro-batch's loss is normalised by, which here come from the whole mini-batch at once). `epochs` passes over
+    the batch; `rollout_logp` and `tis_cap`: the truncated importance weight."""
     import transformers
 
     from megatron_dapo.actor.actor import learning_rate
@@ -103,7 +106,8 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
                               lr=1e-3, betas=(0.9, 0.999), eps=ADAM_EPS)
     mini, steps = steps_cfg
     history = []
-    for step, start in enumerate(range(0, tokens.shape[0], mini)):
+    starts = [start for _ in range(epochs) for start in range(0, tokens.shape[0], mini)]
+    for step, start in enumerate(starts):
         rows = slice(start, start + mini)
         for group in optim.param_groups:
             group["lr"] = learning_rate(OptimConfig(lr=1e-3, lr_warmup_steps=2), step)
@@ -113,9 +117,10 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
         logp, entropy = vocab_parallel_logprob(logits[:, :-1], t[:, 1:], temperature=TEMPERATURE)
         logp, entropy = torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
         out = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
-                          clip_ratio_high=0.28, clip_ratio_c=10.0)
+                          clip_ratio_high=0.28, clip_ratio_c=10.0, loss_agg_mode=mode,
+                          rollout_logp=None if rollout_logp is None else rollout_logp[rows], tis_cap=tis_cap)
         loss = out.loss
-        (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], "token-mean")).backward()
+        (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], mode)).backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
         optim.step()
         history.append((loss.item(), norm.item(), out.clip_high.item(), out.clip_high_prob.item(),
@@ -135,29 +140,42 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
         # Stale enough that some tokens are clipped high (ratio past 1.28), so their figures are compared too.
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.2 * torch.randn(tokens.shape,
                                                                                   generator=torch.Generator().manual_seed(3))
-        references = {coeff: _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2), coeff)
-                      for coeff in (0.0, ENTROPY_COEFF)}
-        assert references[0.0][0][0][1] != references[ENTROPY_COEFF][0][0][1]  # the bonus changes the gradient
-        cases = [(tp, pp, sp, budget, 0.0) for tp, pp, sp in LAYOUTS for budget in (16384,)]
-        cases += [(1, 1, False, 20, 0.0), (2, 2, True, 40, 0.0)]  # the same batch cut into other micro-batches
-        cases += [(1, 1, False, 16384, ENTROPY_COEFF), (2, 2, True, 40, ENTROPY_COEFF)]  # with an entropy bonus
+        # The rollout engine's log-probs, for the truncated importance weight min(exp(old - rollout), 1.1).
+        rollout_logp = old_logp + 0.1 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(4))
+        plain = (0.0, "token-mean", False, 1)
+        variants = [plain, (ENTROPY_COEFF, "token-mean", False, 1)]
+        # Per-sequence means (global sequence counts across micro-batches and ranks); the truncated importance
+        # weight with two passes over the batch.
+        variants += [(ENTROPY_COEFF, "seq-mean-token-mean", False, 1), (0.0, "seq-mean-token-sum", True, 2)]
+        references = {v: _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2), v[0],
+                                           mode=v[1], rollout_logp=rollout_logp if v[2] else None,
+                                           tis_cap=1.1 if v[2] else None, epochs=v[3]) for v in variants}
+        assert references[plain][0][0][1] != references[variants[1]][0][0][1]  # the bonus changes the gradient
+        cases = [(tp, pp, sp, budget, plain) for tp, pp, sp in LAYOUTS for budget in (16384,)]
+        cases += [(1, 1, False, 20, plain), (2, 2, True, 40, plain)]  # the same batch cut into other micro-batches
+        cases += [(1, 1, False, 16384, variants[1]), (2, 2, True, 40, variants[1])]  # with an entropy bonus
+        cases += [(1, 1, False, 20, variants[2]), (2, 2, True, 40, variants[2]), (2, 1, False, 30, variants[3])]
         if family == "qwen3":  # its q/k norms' gradients are summed over the TP ranks by name; and split into stages
-            cases = [(2, 1, True, 16384, 0.0), (1, 2, False, 16384, 0.0), (2, 2, False, 16384, 0.0)]
-        for tp, pp, sp, budget, coeff in cases:
-            history, state = references[coeff]
+            cases = [(2, 1, True, 16384, plain), (1, 2, False, 16384, plain), (2, 2, False, 16384, plain)]
+        for tp, pp, sp, budget, variant in cases:
+            coeff, mode, tis, epochs = variant
+            history, state = references[variant]
             ref_loss = sum(h[0] for h in history) / len(history)
             ref_norm = sum(h[1] for h in history) / len(history)
             ref_clipped = sum(h[2] for h in history)
             assert ref_clipped > 0, "the batch must have tokens clipped high"
             ref_prob_mean = sum(h[3] for h in history) / ref_clipped
             ref_prob_max = max(h[4] for h in history)
-            ref_clipfrac = ref_clipped / float(mask.sum())  # over every token: the mini-batches hold unlike counts
+            # over every token of every pass: the mini-batches hold unlike counts
+            ref_clipfrac = ref_clipped / float(mask.sum() * epochs)
             actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget,
-                           entropy_coeff=coeff)
+                           entropy_coeff=coeff, loss_agg_mode=mode, tis_imp_ratio_cap=1.1 if tis else None,
+                           ppo_epochs=epochs)
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
-                               old_logp=old_logp)
+                               old_logp=old_logp, rollout_logp=rollout_logp if tis else None)
             metrics = actor.update(batch, group_size=2)
-            name = f"{family} TP{tp} PP{pp} SP={sp} budget={budget} entropy_coeff={coeff}"
+            name = (f"{family} TP{tp} PP{pp} SP={sp} budget={budget} entropy_coeff={coeff} {mode} "
+                    f"tis={tis} epochs={epochs}")
             # Written as "not within" so that a NaN fails too.
             if not abs(metrics["actor/pg_loss"] - ref_loss) <= 1e-5 * abs(ref_loss):
                 failures.append(f"{name}: loss {metrics['actor/pg_loss']} != {ref_loss}")

@@ -96,8 +96,8 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             return outputs
 
         if rank == 0:
-            with pytest.raises(RolloutError, match=rf"rollout engine 1 \(rank {placement.hosts[1]}, the batch's prompts "
-                                                   r"3 to 4, numbered from 0 in what follows\): ValueError: "
+            with pytest.raises(RolloutError, match=rf"rollout engine 1 \(rank {placement.hosts[1]}; its share: the "
+                                                   r"batch's prompts 3 to 4\): ValueError: "
                                                    "no reward for this"):
                 generate_shared(engine, placement, prompts, params, finish=fails_on_engine_1)
         else:

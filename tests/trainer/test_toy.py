@@ -437,9 +437,10 @@ def test_an_engine_error_on_any_rank_stops_every_rank(toy_run, tmp_path):
                "reward.functions.math_dapo=broken.py:score"]
     proc = subprocess.run(command, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert ("RolloutError: rollout engine 0 (rank 0): RuntimeError: the reward function of data_source 'math_dapo' "
-            "failed on every one") in proc.stderr, proc.stderr[-4000:]
-    assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0)" in proc.stderr, proc.stderr[-4000:]
+    assert re.search(r"RolloutError: rollout engine 0 \(rank 0; its share: the batch's prompts 0 to \d+\): RuntimeError: "
+                     "the reward function of data_source 'math_dapo' failed on every one", proc.stderr), \
+        proc.stderr[-4000:]
+    assert "rank 0 failed during rollout: RolloutError: rollout engine 0 (rank 0;" in proc.stderr, proc.stderr[-4000:]
 
 
 def test_a_reward_file_failing_on_one_rank_stops_every_rank_at_start(toy_run, tmp_path):
