@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,6 +35,8 @@ def test_cpu_variant_trains_and_reports_shortfall_against_the_baselines(tmp_path
     for row in val.values():
         for name in ("shortfall_bps", "vs_twap_bps", "vs_market_bps", "vs_passive_bps", "profit_loss"):
             assert isinstance(row[f"val/{name}_mean"], float) and math.isfinite(row[f"val/{name}_mean"]), row
+        # profit_loss is the shortfall's opposite (dynamic sampling's figure), over the same responses
+        assert row["val/profit_loss_mean"] == pytest.approx(-row["val/shortfall_bps_mean"]), row
     # The warm start answers in the format, ordering more than the episode's size about half the time, and
     # DAPO alone makes the answers valid more often (seed 1: 61% malformed at step 0, 57% oversize; 16% at step
     # 10, 2% oversize).

@@ -78,7 +78,13 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
         else:
             assert shared is None
         wrapped = generate_shared(engine, placement, prompts, SamplingParams(max_new_tokens=2, seed=2**63 - 1))
-        assert (wrapped is not None) == (rank == 0)  # engine i's seed (2**63 - 1) x 2 + i is taken modulo 2**63
+        if rank == 0:  # engine i's seed (2**63 - 1) x 2 + i, taken modulo 2**63: 2**63 - 2 and 2**63 - 1
+            alone = [engine.generate(prompts[share.start:share.stop], SamplingParams(max_new_tokens=2, seed=seed))
+                     for share, seed in zip(shares(len(prompts), 2), (2**63 - 2, 2**63 - 1))]
+            assert [[x.token_ids for x in cs] for cs in wrapped] == [[x.token_ids for x in cs] for part in alone
+                                                                     for cs in part]
+        else:
+            assert wrapped is None
 
         # Each host finishes its own share (the trainer scores rewards there); rank 0 gets the results in
         # prompt order, and an error in one host's finish is raised on rank 0 with that host named.

@@ -208,7 +208,9 @@ def test_the_kv_cache_grows_to_the_larger_of_its_batches_and_keeps_that(engine):
     assert (cache.k.shape[1], cache.k.shape[3]) == (8, 20)
     with torch.inference_mode():
         cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
     cache.reserve(8, 10)
     cache.reserve(2, 20)
-    assert cache.k.data_ptr() == first and not cache.k[:, :2, :, :20].isnan().any()
+    assert cache.k.data_ptr() == first
+    assert not cache.k[:, :2, :, :20].isnan().any() and not cache.v[:, :2, :, :20].isnan().any()
     cache.release()
