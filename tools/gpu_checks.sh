@@ -21,7 +21,8 @@
 #   bash tools/gpu_checks.sh $OUT actor update push generate embedded
 # (each about 5 minutes on an H100; set GPU_CHECKS_BUDGET_S to the time there is).
 # Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 560); each step is stopped at what is left of it
-# (or at its own cap), and a step with under 20 s left is skipped, so the command ends with its results
+# (or at its own cap), and a step with less left than it needs to measure anything (20 s; 60-90 s for the builds,
+# benchmarks and model steps) is skipped, so the command ends with its results
 # (a timeout may overrun by the 10 s a stopped step is given to exit). A failed, stopped or skipped step
 # makes the exit status 1.
 # Wheels: a folder .whl in the repository (megatron-core, liger-kernel; `bash tools/gpu_wheels.sh` fetches
@@ -66,6 +67,9 @@ if [ "$megatron" = no ]; then
   echo "!! megatron-core does not import (megatron_import.log): actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)"
 fi
 python3 -c "import liger_kernel" >/dev/null 2>&1 || echo "!! liger-kernel does not import: the kernel benchmark has no Liger rows"
+for module in pytest yaml matplotlib; do  # the tests, the package's config, the benchmarks' charts
+  python3 -c "import $module" >/dev/null 2>&1 || echo "!! $module does not import: the steps that need it fail"
+done
 
 built=yes  # until the build step says otherwise (without one in the list, an earlier call's build is used)
 summary=("step          result   time")
@@ -90,8 +94,11 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
       fi ;;
   esac
   local left=$((budget - (SECONDS - started)))
-  local limit=$((cap < left ? cap : left))
-  if [ "$limit" -lt 20 ]; then
+  local limit=$((cap < left ? cap : left)) least=20
+  # What a step takes before it measures anything (a model saved and loaded, NCCL started, an extension built):
+  # started with less, it could only time out.
+  case $name in build|actor|update|push|generate) least=90 ;; kernels|kernels-full|refill) least=60 ;; esac
+  if [ "$limit" -lt "$least" ]; then
     summary+=("$(printf '%-13s %-8s %5s s  (budget spent)' "$name" skipped -)")
     pack
     return

@@ -109,7 +109,9 @@ def _logprob_impls(logits, targets, temperature, valid):
     kernel that does both in one call, (None, None, both, setup) with `setup` run before each call untimed."""
     ext = extension.EXTENSION
     ones = torch.ones(logits.shape[0], device=logits.device)
-    stats = local_stats(logits, targets, temperature, valid)
+    # The backward's saved statistics from our kernel when it loaded (a few numbers per token): the reference's
+    # float32 copies of the logits would not fit beside the largest shapes.
+    stats = (ext.logprob_stats if ext is not None else local_stats)(logits, targets, temperature, valid)
     _, _, lse, ez = combine_stats(stats[None])
     grad = torch.empty_like(logits)
     impls = {}
@@ -175,7 +177,17 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
     elt = logits.element_size()
     floor = {"forward": tokens * local * elt, "backward": 2 * tokens * local * elt, "both": 3 * tokens * local * elt}
     rows = []
-    for name, fns in _logprob_impls(logits, targets, 1.0, local).items():
+    try:
+        impls = _logprob_impls(logits, targets, 1.0, local)
+    except torch.OutOfMemoryError:  # the shape's inputs alone: a row that says so, and the next shape
+        del logits, targets
+        torch.cuda.empty_cache()
+        row = dict(device=device, op="logprob_entropy", impl="ours", tokens=tokens, vocab=vocab, tp=tp,
+                   dtype=str(dtype).replace("torch.", ""), **{"pass": "both"}, grad_written="", ms="", gbps="",
+                   pct_copy_bw="", peak_extra_mib="", note="out of memory")
+        print(f"{tokens} x {vocab} TP{tp} {dtype}: out of memory for the inputs", flush=True)
+        return [row]
+    for name, fns in impls.items():
         setup = None
         if len(fns) == 4:
             passes, setup = {"both": fns[2]}, fns[3]
@@ -317,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                        pct_copy_bw=round(100 * end_gbps / copy_gbps, 1))
             writer.writerow(end)
             rows.append(end)
-    plot(rows, out / f"{name}.png")
-    print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
-    print_headline(rows)
+    print_headline(rows)  # before the chart: a plotting failure must not lose the figures
+    try:
+        plot(rows, out / f"{name}.png")
+    except Exception as err:  # no matplotlib, say: the CSV holds every row
+        print(f"wrote {out / (name + '.csv')}; no chart ({type(err).__name__}: {err})", file=sys.stderr)
+    else:
+        print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
     broken = [r for r in rows if str(r["impl"]).startswith("ours") and str(r.get("note", "")).startswith("failed")]
     if broken:  # a CUDA error in our kernel fails every later row too: the run must not read as done
         print(f"our kernels failed on {len(broken)} of the rows, the first ({broken[0]['op']} {broken[0]['tokens']} x "
