@@ -102,8 +102,36 @@ def check_a_checkpoint_one_rank_cannot_see_stops_every_rank(rank: int, world: in
         load(path, actor=None)
 
 
+class _EngineOutOfMemory:
+    """A colocated engine whose memory hand-offs fail (the device is full): what every rank must hear of."""
+
+    def release_memory(self):
+        raise RuntimeError("release_memory: the engine's memory could not be freed")
+
+    def resume_memory(self):
+        raise RuntimeError("resume_memory: out of device memory for the KV cache")
+
+
+def check_a_memory_hand_off_that_fails_on_one_rank_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
+    """Colocated mode: the engine on rank 0 fails to free, then to take back, its memory; rank 1, which hosts none,
+    raises the same message instead of waiting for rank 0 in its next collective; the phase stays where it was."""
+    from megatron_dapo.trainer.memory import ColocatedMemory
+
+    memory = ColocatedMemory(None, colocated=True, offload=False)
+    memory.engine = _EngineOutOfMemory() if rank == 0 else None
+    said = "" if rank == 0 else r" \[found on rank 0; every rank stops\]"
+    with pytest.raises(RuntimeError, match=f"^release_memory: the engine's memory could not be freed{said}$"):
+        memory.to_training()
+    assert memory.phase == "generation"
+    memory.phase = "training"
+    with pytest.raises(RuntimeError, match=f"^resume_memory: out of device memory for the KV cache{said}$"):
+        memory.to_push()
+    assert memory.phase == "training"
+
+
 CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_actor_batch_reaches_every_rank,
           check_a_checkpoint_one_rank_cannot_see_stops_every_rank,
+          check_a_memory_hand_off_that_fails_on_one_rank_stops_every_rank,
           check_a_shorter_timeout_gives_up]  # the last leaves the default group timed out
 
 
