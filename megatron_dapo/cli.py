@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,15 +17,15 @@ from megatron_dapo.trainer.lock import RunFolderInUse
 def _config(args: argparse.Namespace) -> int:
     world_size = args.world_size if args.world_size is not None else _env_world_size()
     config = load_config(args.config, args.overrides, world_size=world_size)
-    if args.get:  # one setting's resolved value, for a script (the sbatch scripts' run folder)
+    if args.get is not None:  # one setting's resolved value, for a script (the sbatch scripts' run folder)
         value = config
         for part in args.get.split("."):
             if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
-                raise ConfigError(f"--get {args.get}: no such setting")
+                raise ConfigError(f"--get {args.get!r}: no such setting")
             value = getattr(value, part)
         if dataclasses.is_dataclass(value):
             raise ConfigError(f"--get {args.get}: a section; name one of its settings ({args.get}.KEY)")
-        print("null" if value is None else value)
+        print(value if isinstance(value, str) else json.dumps(value))  # text as it is; the rest as JSON (null, true)
         return 0
     print(dump_config(config), end="")
     if world_size is not None:
@@ -33,8 +34,6 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    import json
-
     from megatron_dapo.models.arch import ModelArch
     from megatron_dapo.parallel.preflight import check_allocation
 

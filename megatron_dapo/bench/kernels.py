@@ -171,22 +171,25 @@ def _logprob_impls(logits, targets, temperature, valid):
 
 def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbps: float, device: str):
     local = vocab // tp
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    logits = (torch.randn(tokens, local, device="cuda", generator=gen) * 3).to(dtype)
-    targets = torch.randint(0, local, (tokens,), device="cuda", generator=gen)
+    shape = dict(device=device, op="logprob_entropy", tokens=tokens, vocab=vocab, tp=tp,
+                 dtype=str(dtype).replace("torch.", ""))
+    unmeasured = dict(ms="", gbps="", pct_copy_bw="", peak_extra_mib="")
+    try:  # the logits, their gradient's buffer and the backward's statistics, made once for every implementation
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        logits = (torch.randn(tokens, local, device="cuda", generator=gen) * 3).to(dtype)
+        targets = torch.randint(0, local, (tokens,), device="cuda", generator=gen)
+        impls = _logprob_impls(logits, targets, 1.0, local)
+    except torch.OutOfMemoryError:  # a row that says so (no implementation's), and the next shape
+        impls = None
+    if impls is None:  # outside the except: its traceback no longer holds the tensors made so far
+        logits = targets = None
+        torch.cuda.empty_cache()
+        print(f"{tokens} x {vocab} TP{tp} {dtype}: out of memory for the inputs", flush=True)
+        return [dict(shape, impl="(inputs)", **{"pass": "both"}, grad_written="", **unmeasured,
+                     note="out of memory for the inputs")]
     elt = logits.element_size()
     floor = {"forward": tokens * local * elt, "backward": 2 * tokens * local * elt, "both": 3 * tokens * local * elt}
     rows = []
-    try:
-        impls = _logprob_impls(logits, targets, 1.0, local)
-    except torch.OutOfMemoryError:  # the shape's inputs alone: a row that says so, and the next shape
-        del logits, targets
-        torch.cuda.empty_cache()
-        row = dict(device=device, op="logprob_entropy", impl="ours", tokens=tokens, vocab=vocab, tp=tp,
-                   dtype=str(dtype).replace("torch.", ""), **{"pass": "both"}, grad_written="", ms="", gbps="",
-                   pct_copy_bw="", peak_extra_mib="", note="out of memory")
-        print(f"{tokens} x {vocab} TP{tp} {dtype}: out of memory for the inputs", flush=True)
-        return [row]
     for name, fns in impls.items():
         setup = None
         if len(fns) == 4:
@@ -196,8 +199,7 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
             passes = {"forward": fwd, "backward": bwd, "both": lambda f=fwd, b=bwd: (f(), b())}
         for which, fn in passes.items():
             # peak_extra_mib counts what a call allocates, the gradient too where it is new (grad_written)
-            row = dict(device=device, op="logprob_entropy", impl=name, tokens=tokens, vocab=vocab, tp=tp,
-                       dtype=str(dtype).replace("torch.", ""), **{"pass": which},
+            row = dict(shape, impl=name, **{"pass": which},
                        grad_written="" if which == "forward" else GRAD_WRITTEN.get(name, ""), note="")
             try:
                 ms = time_ms(fn, setup=setup)
@@ -205,10 +207,10 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
                 row.update(ms=round(ms, 4), gbps=round(gbps, 1), pct_copy_bw=round(100 * gbps / copy_gbps, 1),
                            peak_extra_mib=round(peak_extra_mib(fn, setup), 1))
             except torch.OutOfMemoryError:
-                row.update(ms="", gbps="", pct_copy_bw="", peak_extra_mib="", note="out of memory")
+                row.update(unmeasured, note="out of memory")
                 torch.cuda.empty_cache()
             except Exception as err:  # an implementation that does not take this shape or this API version
-                row.update(ms="", gbps="", pct_copy_bw="", peak_extra_mib="", note=f"failed: {err}"[:120])
+                row.update(unmeasured, note=f"failed: {err}"[:120])
             rows.append(row)
             print(" ".join(f"{k}={row[k]}" for k in ("impl", "tokens", "vocab", "tp", "dtype", "pass", "ms", "gbps",
                                                       "pct_copy_bw", "peak_extra_mib", "note")), flush=True)
@@ -342,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{broken[0].get('vocab', '')}): {broken[0]['note']}", file=sys.stderr)
         return 1
     if not any(r["impl"] == "ours" and (r["ms"] != "" or r.get("note") == "out of memory") for r in rows):
-        # the extension did not load: nothing of ours ran
-        print(f"our kernels were not measured: {extension.describe()}", file=sys.stderr)
+        # the extension did not load, or no shape's inputs fit: nothing of ours ran
+        why = extension.describe() if extension.EXTENSION is None else "no shape's inputs fit in memory"
+        print(f"our kernels were not measured: {why}", file=sys.stderr)
         return 1
-    short = [r for r in rows if r["impl"] == "ours" and r.get("note") == "out of memory"]
+    short = [r for r in rows if (r["impl"] == "ours" and r.get("note") == "out of memory") or r["impl"] == "(inputs)"]
     if short:  # a shape too large for this GPU's memory: said, not a failure
         print(f"our kernels ran out of memory on {len(short)} shape(s), the first {short[0]['tokens']} x "
               f"{short[0].get('vocab', '')}", file=sys.stderr)

@@ -150,7 +150,8 @@ def push_weights(actor, engine, version: int, bucket_mb: int, replicas: tuple[in
 
 
 class ProbeDiff(NamedTuple):
-    """|engine log-prob - trainer log-prob| over the probe's scored tokens, for the engine that differs most."""
+    """|engine log-prob - trainer log-prob| over the probe's scored tokens, both for the engine that differs most
+    (by its mean)."""
 
     max: float
     """The largest difference at one token."""

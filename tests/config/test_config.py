@@ -270,10 +270,14 @@ def test_cli_gives_one_setting_as_the_run_reads_it(good):
     quoted = get("trainer.run_dir", str(good), "trainer.run_dir=runs/a", 'trainer.run_dir="runs/b c"')
     assert quoted.stdout == "runs/b c\n", quoted.stderr
     assert get("trainer.run_dir", str(good), "trainer.run_dir=runs/a", "trainer={run_dir: runs/d}").stdout == "runs/d\n"
+    # Anything but text as JSON: null, true, a list.
     assert get("model.megatron_checkpoint", str(good)).stdout == "null\n"
-    for key, said in (("trainer.rundir", "no such setting"), ("trainer", "a section; name one of its settings")):
+    assert get("trainer.val_before_train", str(good), "trainer.val_before_train=true").stdout == "true\n"
+    assert get("data.val_files", str(good), "data.val_files=[a.jsonl, b c.jsonl]").stdout == '["a.jsonl", "b c.jsonl"]\n'
+    for key, said in (("trainer.rundir", "'trainer.rundir': no such setting"), ("", "'': no such setting"),
+                      ("trainer", "trainer: a section; name one of its settings")):
         proc = get(key, str(good))
-        assert proc.returncode == 2 and f"config error: --get {key}: {said}" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and f"config error: --get {said}" in proc.stderr, proc.stderr
 
 
 def test_cli_reports_config_errors_without_a_traceback(good):

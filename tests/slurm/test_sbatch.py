@@ -89,9 +89,10 @@ def test_toy_sbatch_trains_with_two_tasks(first_run):
 def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, first_run, tmp_path):
     run_dir = _linked_run_dir(first_run, tmp_path)
     # No periodic checkpoint: the only one before the end is the one the stop request makes. The run folder is
-    # an argument, over the RUN_DIR variable: the stop request must still reach it.
+    # an argument, over the RUN_DIR variable, as a trainer mapping with the folder quoted (YAML, as the run reads
+    # it): the stop request must still reach it.
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=10", "trainer.test_freq=0",
-                  "trainer.val_before_train=false", "checkpoint.save_freq=0", f"trainer.run_dir={run_dir}",
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0", f'trainer={{run_dir: "{run_dir}"}}',
                   env_run_dir=tmp_path / "not-the-run")
     deadline = time.monotonic() + 600
     while len(_steps(run_dir)) < 2 and cluster.state(job) not in ENDED and time.monotonic() < deadline:

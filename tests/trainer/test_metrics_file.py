@@ -141,7 +141,7 @@ def test_a_sync_the_file_system_refuses_is_a_warning_not_a_failure(tmp_path, cap
     sync_rows(None)
 
 
-def test_the_plot_draws_a_validation_only_row_at_its_step_among_the_training_s(tmp_path):
+def test_the_plot_draws_a_validation_only_row_at_its_own_step(tmp_path):
     from megatron_dapo.metrics.plot import curve, plot_run
 
     sinks = MetricSinks(LoggingConfig(console=False), tmp_path, total_steps=3)

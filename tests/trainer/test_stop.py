@@ -41,7 +41,7 @@ def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers)
     assert stop.reason() is None and not (tmp_path / "STOP").exists()
 
 
-def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(tmp_path):
+def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(tmp_path, monkeypatch):
     """At start: a STOP file an earlier attempt stopped on is deleted; one written since this process started (a
     stop asked for during start-up) is kept, and so is an older one written by hand that no run has stopped on
     (a stop asked for before the ranks started): the run stops after its first step."""
@@ -49,6 +49,7 @@ def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(
 
     from megatron_dapo.trainer.stop import clear_stale_stop, mark_honoured, process_started
 
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # the mark names no job attempt
     started = process_started()
     assert started <= time.time() and time.time() - started < 24 * 3600  # this test process, from /proc
     stop = tmp_path / "STOP"
