@@ -356,13 +356,7 @@ def _inspect(directory: Path, whole: bool) -> _Complete:
                                   "as model.path, or convert it with `megatron-dapo convert hf-to-mcore`")
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {MARKER}: the save did not finish, or no "
                               f"megatron-dapo save made it); {_advice(directory)}")
-    try:
-        marker = json.loads((directory / MARKER).read_text())
-        if not isinstance(marker, dict):
-            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{directory / MARKER} cannot be read ({type(err).__name__}: {err}); "
-                              f"{_advice(directory)}") from None
+    marker = read_marker(directory)
     if not whole:
         return _Complete(marker, set())
     common = directory / COMMON
@@ -381,11 +375,24 @@ def _inspect(directory: Path, whole: bool) -> _Complete:
     return _Complete(marker, objects)
 
 
+def read_marker(directory: Path) -> dict:
+    """The COMPLETE.json of the checkpoint at `directory`; CheckpointError naming it, and what to do, when it does
+    not read as a JSON object (cut short by a full disk, say)."""
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+        if not isinstance(marker, dict):
+            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / MARKER} cannot be read ({type(err).__name__}: {err}); "
+                              f"{_advice(directory)}") from None
+    return marker
+
+
 def _advice(directory: Path) -> str:
     """What to do about a checkpoint that cannot be loaded. Only a run's own step folder is the trainer's to
     delete; any other may be someone's only copy of something."""
     if re.fullmatch(r"step_\d+", directory.name):
-        return "delete it or point to an earlier checkpoint"
+        return f"delete {directory} or point to an earlier checkpoint"
     return "point to a checkpoint a training or `megatron-dapo convert hf-to-mcore` completed"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_dapo.actor.checkpoint import CheckpointError
 from megatron_dapo.convert.dcp_io import CheckpointFormatError
 from megatron_dapo.models.arch import ModelError
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
             summary = mcore_to_hf(args.mcore, args.out, dtype=DTYPES[args.dtype], hf_template=args.hf_template,
                                   shard_size_bytes=args.shard_size, overwrite=args.overwrite,
                                   verify_tolerance=tolerance, progress=not args.quiet, tokenizer=args.tokenizer)
-    except (ModelError, CheckpointFormatError) as err:
+    except (ModelError, CheckpointFormatError, CheckpointError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
     line = f"wrote {args.out}: {summary['tensors']} tensors, {summary['bytes'] / 1e9:.3f} GB"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron_dapo.actor.checkpoint import MARKER, SHAPE_FIELDS
+from megatron_dapo.actor.checkpoint import MARKER, SHAPE_FIELDS, read_marker
 from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
 from megatron_dapo.convert.output import ConversionError, Progress, output_folder
@@ -213,13 +213,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     if not (mcore_dir / MARKER).is_file():
         raise ConversionError(f"{mcore_dir}: no {MARKER}, so the save that wrote it did not finish; "
                               "convert an earlier, complete checkpoint")
-    try:
-        marker = json.loads((mcore_dir / MARKER).read_text())
-        if not isinstance(marker, dict):
-            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"{mcore_dir / MARKER} cannot be read ({type(err).__name__}: {err}): a damaged "
-                              "checkpoint; convert an earlier, complete one") from None
+    marker = read_marker(mcore_dir)
     config = _hf_config(mcore_dir, marker, template)
     arch = ModelArch.from_hf_config(config, source=f"the model config of {mcore_dir}")
     _check_keys(reader, arch)

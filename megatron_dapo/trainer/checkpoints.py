@@ -1,7 +1,6 @@
 """Run-folder checkpoints: step_NNNNNN folders (actor + trainer state), the latest complete one wins."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dapo.actor.checkpoint import (MARKER, CheckpointError, check_complete, is_complete, load_actor,
-                                           save_actor)
+                                           read_marker, save_actor)
 from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -100,12 +99,7 @@ def complete_hf_copy(path: Path, hf: HFCopy, wait_group: dist.ProcessGroup | Non
 def saved_trainer_state(path: Path) -> dict | None:
     """The trainer state a training saved with the complete checkpoint at `path` (None in one it did not save),
     read without loading anything."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path / MARKER} cannot be read ({type(err).__name__}: {err}); delete {path} or point "
-                              "to an earlier checkpoint") from None
-    return marker.get("trainer") if isinstance(marker, dict) else None
+    return read_marker(path).get("trainer")
 
 
 def load(path: Path, actor) -> dict:

@@ -74,9 +74,9 @@ def mark_honoured(path: Path, step: int) -> None:
     written. Nothing when there is no STOP file (a stop asked for by a signal to a rank)."""
     if not path.is_file():
         return
-    partial = path.with_name(path.name + ".partial")
+    partial, attempt = path.with_name(path.name + ".partial"), slurm_attempt()
     partial.write_text(f"{HONOURED} the run stopped on this file after step {step}"
-                       f"{f' (Slurm job attempt {slurm_attempt()})' if slurm_attempt() else ''}\n")
+                       f"{f' (Slurm job attempt {attempt})' if attempt else ''}\n")
     partial.replace(path)
 
 
