@@ -210,6 +210,9 @@ def cut_episodes(market: MarketData, *, window: int, horizon: int, stride: int, 
                  maker_fee_bps: float = 1.0) -> list[EpisodeRow]:
     """Episodes from consecutive snapshots: `window` shown (ending at arrival), `horizon` steps replayed.
     quantity: the bounds of each episode's order size, whole lots (drawn uniformly, both included)."""
+    if window < 1 or horizon < 1 or stride < 1:
+        raise ValueError(f"window, horizon and stride must each be at least 1, got window={window}, "
+                         f"horizon={horizon}, stride={stride}")
     low, high = quantity
     if not (float(low).is_integer() and float(high).is_integer() and 1 <= low <= high):
         raise ValueError(f"quantity bounds must be whole lots with 1 <= low <= high, got {quantity}")

@@ -175,12 +175,18 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
     by_step: dict[int, list[ChildOrder]] = {}
     for order in orders:
         by_step.setdefault(order.step, []).append(order)
+    best_first = -1 if side == "buy" else 1
+
+    def priority(order: dict) -> tuple[int, int]:
+        """Best price first, in whole ticks (a price reached by arithmetic can be a float step below the same
+        price in the book, and would lose its place to a later order there), then the order placed first."""
+        return best_first * round(order["price"] / episode.tick), order["seq"]
+
     for step in range(horizon + 1):
         book = episode.books[step]
         levels = [[price, depth] for price, depth in book.opposite(side)]
         if step > 0:  # the interval's trades and the new book, against what rests
             trades = [[t.price, t.size] for t in episode.trades[step - 1] if t.aggressor == hitting]
-            priority = (lambda o: (-o["price"], o["seq"])) if side == "buy" else (lambda o: (o["price"], o["seq"]))
             cleared: list[list[float]] = []  # [price, queue volume traded away at it this interval]
             fresh = _beyond(levels, episode.books[step - 1].opposite(side))
             for order in sorted(resting, key=priority):

@@ -175,3 +175,37 @@ def test_a_price_worked_out_in_ticks_meets_the_book_at_a_large_price():
     execution = simulate(episode, [ChildOrder(step=0, price=price, size=10, tif=2)])
     assert execution.fills[0] == (1, price, 2.0, False)
 
+
+
+def test_orders_at_one_price_keep_their_places_at_a_large_price():
+    """The first bid's price, worked out in ticks, is a float step below the second's, the book's 1000000.06: it is
+    the same price, and the first bid placed keeps the place ahead of the second (the raw floats put it behind)."""
+    book = Book(bids=((1000000.07, 5.0), (1000000.06, 10.0)), asks=((1000000.08, 4.0), (1000000.09, 10.0)))
+    worked_out = round(1000000.07 - 1 * 0.01, 10)
+    assert worked_out < 1000000.06
+    episode = Episode(side="buy", quantity=2, tick=0.01, books=(book, book, book), taker_fee_bps=5.0,
+                      maker_fee_bps=1.0, trades=((Trade(1000000.06, 11.0, "sell"),), ()))
+    execution = simulate(episode, [ChildOrder(step=0, price=worked_out, size=1, tif=1),
+                                   ChildOrder(step=0, price=1000000.06, size=1, tif=1)])
+    assert execution.fills == [(1, worked_out, 1.0, False), (2, 1000000.08, 1.0, True)]
+
+
+def test_a_better_price_is_served_before_an_earlier_order():
+    # Bids at 99 (placed first) and 100: the one lot sold at 98 would have hit the 100 bid first.
+    episode = _episode("buy", 2, [(Trade(98.0, 1.0, "sell"),), ()])
+    execution = simulate(episode, [ChildOrder(step=0, price=99.0, size=1, tif=1),
+                                   ChildOrder(step=0, price=100.0, size=1, tif=1)])
+    assert execution.fills == [(1, 100.0, 1.0, False), (2, 101.0, 1.0, True)]
+
+
+def test_an_order_rests_for_tif_intervals_after_it_is_placed():
+    # Placed at step 0, tif=1 rests through interval 1 only: the sale in interval 2 comes after it is cancelled.
+    episode = _episode("buy", 1, [(), (Trade(99.0, 3.0, "sell"),), ()], books=(BOOK,) * 4)
+    assert simulate(episode, [ChildOrder(step=0, price=100.0, size=1, tif=1)]).fills == [(3, 101.0, 1, True)]
+    assert simulate(episode, [ChildOrder(step=0, price=100.0, size=1, tif=2)]).fills == [(2, 100.0, 1.0, False)]
+
+
+def test_the_queue_ahead_shrinks_across_intervals():
+    # Behind 5 lots at 100: 3 sold there in interval 1 leave 2 ahead; of the 3 in interval 2, the third is ours.
+    episode = _episode("buy", 1, [(Trade(100.0, 3.0, "sell"),), (Trade(100.0, 3.0, "sell"),)])
+    assert simulate(episode, [ChildOrder(step=0, price=100.0, size=1, tif=2)]).fills == [(2, 100.0, 1.0, False)]

@@ -24,7 +24,7 @@ from megatron_dapo.reward.trading.task import (
     parse_orders,
     render_prompt,
 )
-from tests.reward.trading.test_simulator import _episode
+from tests.reward.trading.test_simulator import BOOK, _episode
 
 EPISODE = _episode("buy", 10, [(Trade(100.0, 7.0, "sell"),), ()])
 
@@ -35,6 +35,26 @@ def test_orders_are_read_after_the_last_orders_line():
     assert parse_orders(text, EPISODE) == [ChildOrder(step=0, price=100.0, size=6.0, tif=2),
                                            ChildOrder(step=1, price=101.0, size=4.0, tif=1)]
     assert parse_orders("Orders:\nnone", EPISODE) == []
+    # The limit is per step: 4 at step 0 and 2 at step 1 are legal; offsets up to 20 either way.
+    legal = "Orders:\n" + "step=0 offset=0 size=1 tif=1\n" * 3 + "step=0 offset=20 size=1 tif=1\n" + \
+        "step=1 offset=-20 size=1 tif=1\n" * 2
+    assert [order.price for order in parse_orders(legal, EPISODE)] == [100.0] * 3 + [80.0, 120.0, 120.0]
+
+
+def test_a_sell_is_priced_from_the_ask_at_its_own_step():
+    sell = _episode("sell", 10, [(), ()])
+    orders = parse_orders("Orders:\nstep=0 offset=0 size=1 tif=1\nstep=1 offset=-1 size=1 tif=1\n"
+                          "step=1 offset=2 size=1 tif=1", sell)
+    assert [order.price for order in orders] == [101.0, 100.0, 103.0]  # 0 joins the ask, -1 crosses to the bid
+    # The touch is the book's at the order's step: the bids are 98 at step 1.
+    lower = Book(bids=((98.0, 5.0), (97.0, 10.0)), asks=((99.0, 4.0), (100.0, 10.0)))
+    falling = _episode("buy", 4, [(), ()], books=(BOOK, lower, lower))
+    orders = parse_orders("Orders:\nstep=1 offset=0 size=1 tif=1\nstep=0 offset=0 size=1 tif=1", falling)
+    assert [order.price for order in orders] == [98.0, 100.0]
+    # Doing nothing beats TWAP in a falling market for a buy: a malformed answer, executed as doing nothing, is
+    # still no success.
+    assert evaluate("Orders:\nnone", falling)["acc"] == 1.0
+    assert evaluate("buy it all", falling)["acc"] == 0.0
 
 
 @pytest.mark.parametrize("answer, reason", [
@@ -45,6 +65,7 @@ def test_orders_are_read_after_the_last_orders_line():
     ("Orders:\nstep=0 offset=0 size=5 tif=0", "bad_tif"),
     ("Orders:\n" + "step=0 offset=0 size=1 tif=1\n" * 5, "too_many_orders"),  # the limit is per step
     ("Orders:\nstep=0 offset=500 size=5 tif=1", "price_outside_book"),
+    ("Orders:\nstep=0 offset=-21 size=5 tif=1", "price_outside_book"),  # the bound holds both ways
     ("Orders:\nstep=0 offset=0 size=6 tif=1\nstep=1 offset=0 size=6 tif=1", "oversize"),
     ("Orders:\nstep=0 offset=0 size=1 tif=" + "1" * 5000, "unparseable"),  # int() refuses 4,300+ digits
     ("Orders:\nstep=\u0660 offset=0 size=5 tif=1", "unparseable"),  # an Arabic-Indic zero is no ASCII digit
@@ -168,3 +189,35 @@ def test_quantity_bounds_are_whole_lots():
     for bad in ((0.5, 2.0), (0, 3), (4, 2), (1.5, 3)):  # a zero-size order would divide its shortfall by zero
         with pytest.raises(ValueError, match="whole lots with 1 <= low <= high"):
             cut_episodes(market, window=4, horizon=4, stride=10, seed=0, tick=0.1, quantity=bad)
+
+
+def test_episodes_replay_the_trades_after_arrival_and_show_those_before():
+    """market.trades[i] are the trades between snapshots i - 1 and i: an episode arriving at snapshot a shows
+    those up to a and replays from a + 1 (one interval later would leak into the prompt what it replays)."""
+    market = synthetic_market(60, seed=3)
+    rows = cut_episodes(market, window=4, horizon=3, stride=7, seed=0, tick=0.1)
+    assert len({market.trades[i] for i in range(1, 60)}) > 50  # the intervals differ, so a shift would show
+    for row in rows:
+        arrival = market.books.index(row.episode.books[0])
+        assert row.history[-1] == market.books[arrival] and len(row.history) == 4
+        assert row.history_trades[-1] == market.trades[arrival]
+        assert row.episode.trades == tuple(market.trades[arrival + 1:arrival + 4])
+        assert row.episode.books == tuple(market.books[arrival:arrival + 4])
+
+
+def test_a_trade_at_a_snapshot_s_time_is_in_the_interval_that_snapshot_ends(tmp_path):
+    (tmp_path / "books.csv").write_text("timestamp,bid_px_1,bid_sz_1,ask_px_1,ask_sz_1\n"
+                                       "1,99,1,101,1\n2,99,1,101,1\n3,99,1,101,1\n")
+    (tmp_path / "trades.csv").write_text("timestamp,price,size,side\n0.5,99,9,sell\n1.5,99,1,sell\n"
+                                         "2,100,2,buy\n2.5,101,3,buy\n3.5,99,9,sell\n")
+    market = load_market(tmp_path / "books.csv", tmp_path / "trades.csv")
+    # Before the first snapshot and after the last: in no interval.
+    assert market.trades == [(), (Trade(99.0, 1.0, "sell"), Trade(100.0, 2.0, "buy")), (Trade(101.0, 3.0, "buy"),)]
+
+
+def test_episodes_need_a_window_and_a_horizon():
+    market = synthetic_market(40, seed=1)
+    for bad in ({"window": 0}, {"horizon": 0}, {"stride": 0}):
+        settings = {"window": 4, "horizon": 4, "stride": 5, **bad}
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}={0}"):
+            cut_episodes(market, seed=0, tick=0.1, **settings)
