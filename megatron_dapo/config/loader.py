@@ -116,6 +116,8 @@ def _merged(base: dict[str, Any], update: dict[str, Any], section: type | None) 
     out = _deep_copy(base)
     for key, value in update.items():
         inner = _field_type(section, key)
+        if isinstance(out.get(key), _Override) and isinstance(out[key].value, dict):  # a section an earlier
+            out[key] = _deep_copy(out[key].value)  # override gave whole (`actor.optim={...}` before `actor={...}`)
         if isinstance(value, dict) and isinstance(out.get(key), dict) and (
                 section is None or dataclasses.is_dataclass(inner)):
             out[key] = _merged(out[key], value, inner)
@@ -227,7 +229,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     for name in fields:
         if name in data:
             full = f"{prefix}.{name}" if prefix else name
-            kwargs[name], _ = _convert(hints[name], data[name], full, problems)
+            # model.path's default "" is its "not set": given so (a dumped config writes it), it is not refused.
+            kwargs[name], _ = _convert(hints[name], data[name], full, problems,
+                                       empty_ok=fields[name].default == "")
     if len(problems) > start:
         return None
     try:
@@ -239,7 +243,10 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return None
 
 
-def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, bool]:
+def _convert(tp: Any, value: Any, key: str, problems: list[str], empty_ok: bool = False) -> tuple[Any, bool]:
+    """`value` as type `tp`, and whether it converted (else problems says why). empty_ok: accept an empty text
+    (a setting whose default is the empty text); else an empty text is refused, as the current folder it means
+    for a path is never what was meant."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if isinstance(value, _Override):
@@ -323,7 +330,10 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
     elif tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int past float's range
+                number = math.inf
         if number is not None:
             if math.isfinite(number):
                 return number, True
@@ -332,7 +342,11 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> tuple[Any, b
             return None, False
     elif tp is str:
         if isinstance(value, str):
-            return value, True
+            if value or empty_ok:
+                return value, True
+            problems.append(f"{key}: the value is empty; leave the setting out for its default (null unsets an "
+                            "optional one)")
+            return None, False
     else:
         raise TypeError(f"config loader does not handle type {tp!r} (key {key})")
     problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_plain(value)!r}")

@@ -365,6 +365,10 @@ def _parse_row(row: Any, prompt_key: str) -> tuple[list[dict[str, str]], str, st
     extra_info = {} if extra_info is None else extra_info
     if not isinstance(extra_info, dict):
         raise _Malformed(f"'extra_info' must be an object, got {_describe(extra_info)}")
+    # A key set to null is absent: Parquet gives a struct column the keys of every row, null where a row has none,
+    # and the same row read from JSONL would otherwise be another prompt (and its reward function see None for
+    # a key it has a default for).
+    extra_info = {key: value for key, value in extra_info.items() if value is not None}
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     return messages, ground_truth, data_source, extra_info
 
