@@ -6,11 +6,12 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import dump_config, load_config
-from megatron_dapo.models.arch import ModelError
+from megatron_dapo.models.arch import ModelError, read_json_object
 from megatron_dapo.trainer.lock import RunFolderInUse
 
 
@@ -43,11 +44,7 @@ def _check_config(args: argparse.Namespace) -> int:
         path = Path(args.model_config)
         if not path.is_file():
             raise ModelError(f"--model-config {path}: no such file")
-        try:
-            hf_config = json.loads(path.read_text())
-        except (ValueError, OSError) as err:
-            raise ModelError(f"--model-config {path}: not a readable JSON file: {err}") from None
-        arch = ModelArch.from_hf_config(hf_config, source=str(path))
+        arch = ModelArch.from_hf_config(read_json_object(path, " (--model-config)"), source=str(path))
     report = check_allocation(config, args.nodes, args.gpus_per_node, args.gpu_memory_gb, arch=arch)
     print(report.render())
     return 0 if report.fits else 1
@@ -91,7 +88,11 @@ def _train(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from megatron_dapo.metrics.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except FileNotFoundError as err:  # not a run folder: the message says which file is missing
+        print(f"megatron-dapo: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -176,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunFolderInUse as err:  # another training holds trainer.run_dir: the message names it
         print(f"megatron-dapo: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        if args.run is not _check_config:
+            raise
+        # Exit 1 is check-config's "does not fit": a failure of the check itself must not read as a verdict.
+        traceback.print_exc()
+        print("megatron-dapo check-config: the check itself failed (above); this is no verdict on the config",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

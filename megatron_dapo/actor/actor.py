@@ -1,7 +1,6 @@
 """The Megatron actor: old log-probs (forward only) and DAPO updates through megatron-core's schedules."""
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from megatron_dapo.actor.config import ActorConfig, OptimConfig
 from megatron_dapo.actor.loss import PolicyLossOutput, aggregate_loss, loss_metrics, policy_loss
 from megatron_dapo.actor.model import build_gpt_model, check_sequence_length, check_token_ids, load_hf_weights
 from megatron_dapo.actor.offload import HostOffload, OffloadStats
-from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.ops.logprob import vocab_parallel_logprob
 from megatron_dapo.parallel.config import ParallelLayout
 from megatron_dapo.parallel.init import default_device, stop_together
@@ -81,7 +80,7 @@ class MegatronActor:
             )
         self.config, self.layout, self.temperature, self.norm_len = config, layout, temperature, norm_len
         self.arch = ModelArch.from_pretrained(model_path)
-        self.hf_config = json.loads((Path(model_path) / "config.json").read_text())
+        self.hf_config = read_json_object(Path(model_path) / "config.json")
         bf16 = torch.cuda.is_available() if bf16 is None else bf16
         model = build_gpt_model(self.arch, layout, bf16=bf16, recompute=config.recompute_activations)
         if torch.cuda.is_available():

@@ -17,7 +17,7 @@ from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
 from megatron_dapo.convert.output import ConversionError, Progress, output_folder
 from megatron_dapo.models import families
-from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.models.hf_io import HFCheckpointReader
 
 
@@ -80,7 +80,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
     """
     hf_dir = Path(hf_dir)
     arch = ModelArch.from_pretrained(hf_dir)
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+    hf_config = read_json_object(hf_dir / "config.json")
     reader = HFCheckpointReader(hf_dir)
     _check_tensors(reader, arch)
     chunks = plan_chunks(reader, arch, dtype)

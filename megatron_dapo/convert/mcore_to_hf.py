@@ -19,7 +19,7 @@ from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
 from megatron_dapo.convert.output import ConversionError, Progress, output_folder
 from megatron_dapo.models import families
-from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.models.hf_io import INDEX, SAFETENSORS_DTYPES, SINGLE_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -68,7 +68,7 @@ def _hf_config(mcore_dir: Path, marker: dict, template: Path | None) -> dict:
         path = template / "config.json"
         if not path.is_file():
             raise ConversionError(f"--hf-template {template}: no config.json")
-        config = json.loads(path.read_text())
+        config = read_json_object(path, " (--hf-template's config.json)")
         if "hf_config" in marker:  # the rows of a vocabulary a size off would otherwise be cut or padded silently
             saved = ModelArch.from_hf_config(marker["hf_config"], source=f"{mcore_dir / MARKER}")
             given = ModelArch.from_hf_config(config, source=str(path))

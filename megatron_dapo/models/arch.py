@@ -33,6 +33,19 @@ class ModelError(ValueError):
     """A model folder or architecture this project cannot use; the message says why."""
 
 
+def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
+    """The object a JSON file holds (config.json, an index), or ModelError naming the file: a download cut short
+    or an edit gone wrong is told apart from a bug. what: how the message names the file's role (" (--hf-template's
+    config.json)")."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{path}{what}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}{what}: holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 @dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """Llama 3 frequency-dependent RoPE scaling (rope_type "llama3")."""
@@ -90,6 +103,8 @@ class ModelArch:
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], source: str = "config") -> ModelArch:
         """Read a config.json dict (or `PretrainedConfig.to_dict()`); anything unsupported raises ModelError."""
+        if not isinstance(config, Mapping):
+            raise ModelError(f"{source}: holds a {type(config).__name__}, not a config.json object")
         architecture, family = _architecture(config, source)
         problems = _unsupported_features(config, family)
         config = {**ABSENT_DEFAULTS.get(family, {}), **config}
@@ -132,7 +147,7 @@ class ModelArch:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ModelError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-        return cls.from_hf_config(json.loads(path.read_text()), source=str(path))
+        return cls.from_hf_config(read_json_object(path), source=str(path))
 
     def rope_inv_freq(self):
         """Rotary inverse frequencies [head_dim / 2], float32, with Llama 3 scaling applied.
@@ -192,6 +207,11 @@ def _unsupported_features(config: Mapping[str, Any], family: str) -> list[str]:
         )
     if config.get("mlp_bias"):
         problems.append("mlp_bias: true is not supported (the SwiGLU projections have no bias)")
+    quantization = config.get("quantization_config")
+    if quantization:  # fp8 / int weights and their scales: read as plain numbers they would be garbage
+        method = quantization.get("quant_method", "?") if isinstance(quantization, Mapping) else quantization
+        problems.append(f"quantization_config (quant_method {method!r}) is not supported: start from the "
+                        "unquantized model (bf16 / fp32 weights)")
     return problems
 
 

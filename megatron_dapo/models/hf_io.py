@@ -1,14 +1,13 @@
 """Read Hugging Face safetensors checkpoints: one tensor by name, or every tensor shard by shard."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from megatron_dapo.models.arch import ModelError
+from megatron_dapo.models.arch import ModelError, read_json_object
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -30,7 +29,7 @@ class HFCheckpointReader:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelError(f"{index}: no weight_map")
             missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
@@ -95,7 +94,7 @@ class HFCheckpointReader:
             raise ModelError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
         # A handle per read: safetensors maps the whole shard, and the pages a read touches stay resident
         # for as long as the mapping is open; closing it keeps a converter's memory to the tensors in hand.
-        with safe_open(self.folder / shard, framework="pt") as handle:
+        with self._open(shard) as handle:
             return self._read(handle, shard, name)
 
     def iter_shards(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -104,11 +103,21 @@ class HFCheckpointReader:
         for name, shard in self.weight_map.items():
             by_shard.setdefault(shard, []).append(name)
         for shard in sorted(by_shard):
-            with safe_open(self.folder / shard, framework="pt") as f:
+            with self._open(shard) as f:
                 yield [(name, self._read(f, shard, name)) for name in by_shard[shard]]
+
+    def _open(self, shard: str):
+        try:
+            return safe_open(self.folder / shard, framework="pt")
+        except Exception as err:  # safetensors' own error names no file (a download cut short)
+            raise ModelError(f"{self.folder / shard}: not a readable safetensors file ({err})") from None
 
     def _read(self, handle, shard: str, name: str) -> torch.Tensor:
         try:
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
         except Exception as err:  # a shard whose contents disagree with the index
             raise ModelError(f"{self.folder / shard}: cannot read tensor {name!r}: {err}") from None
+        if tensor.dtype not in SAFETENSORS_DTYPES.values():  # fp8 or int weights: a quantized checkpoint
+            raise ModelError(f"{self.folder / shard}: tensor {name!r} has dtype {tensor.dtype}, expected one of "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        return tensor

@@ -33,7 +33,6 @@ it is certain to run.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig
 from megatron_dapo.models import families
-from megatron_dapo.models.arch import ModelArch, ModelError
+from megatron_dapo.models.arch import ModelArch, ModelError, read_json_object
 
 GB = 1e9
 OVERHEAD_GB = 4.0
@@ -203,11 +202,7 @@ def _arch_from_config(config: DAPOConfig, report: Report) -> ModelArch | None:
                             "sequence length, memory) were skipped; pass --model-config to run them")
         report.model_checked = False
         return None
-    try:
-        hf_config = json.loads(path.read_text())
-    except (ValueError, OSError) as err:
-        raise ModelError(f"{path} (model.path's config.json): not a readable JSON file: {err}") from None
-    return ModelArch.from_hf_config(hf_config, source=str(path))
+    return ModelArch.from_hf_config(read_json_object(path, " (model.path's config.json)"), source=str(path))
 
 
 def _check_batches(config: DAPOConfig, dp: int, report: Report) -> None:

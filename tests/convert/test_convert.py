@@ -167,6 +167,41 @@ def test_missing_shard_is_named(tmp_path):
     assert _no_output(tmp_path)
 
 
+def test_a_shard_or_index_that_does_not_read_is_named_wherever_it_is_read(tmp_path):
+    """A shard cut short after the index was written (an interrupted download): the reader that loads the actor
+    and the engine (get, iter_shards) names it as the converter's header check does; so with a damaged index."""
+    from megatron_dapo.models.hf_io import HFCheckpointReader
+
+    source = _sharded_model("qwen2", tmp_path / "hf")
+    reader = HFCheckpointReader(source)
+    shard = sorted(source.glob("*.safetensors"))[1]
+    name = next(n for n, s in reader.weight_map.items() if s == shard.name)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=f"{shard}: not a readable safetensors file"):
+        reader.get(name)
+    with pytest.raises(ModelError, match=f"{shard}: not a readable safetensors file"):
+        list(reader.iter_shards())
+    index = source / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(ModelError, match=f"{index}: not a readable JSON file"):
+        HFCheckpointReader(source)
+    (source / "config.json").write_text("[1]")
+    with pytest.raises(ModelError, match="config.json: holds a JSON list, not an object"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_quantized_weights_are_refused_by_the_reader(tmp_path):
+    """fp8 weights read as plain numbers are their codes, not the model's weights (no scale applied)."""
+    from megatron_dapo.models.hf_io import HFCheckpointReader
+
+    save_file({"w": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
+    reader = HFCheckpointReader(tmp_path)
+    for read in (lambda: reader.get("w"), lambda: list(reader.iter_shards())):
+        with pytest.raises(ModelError, match="tensor 'w' has dtype torch.float8_e4m3fn, expected one of F32"):
+            read()
+
+
 def test_an_unreadable_or_ambiguous_shard_is_named(tmp_path):
     """Without an index every *.safetensors file is read: one that is not safetensors is named (safetensors' own
     error names no file), and a tensor in two of them (a leftover of another save) is refused, not read from

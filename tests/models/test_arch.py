@@ -54,6 +54,8 @@ def test_unsupported_architecture_lists_the_supported_ones():
         ("llama", dict(attention_bias=True), "attention_bias: true .* is not supported for llama"),
         ("qwen3", dict(attention_bias=True), "attention_bias: true .* is not supported for qwen3"),
         ("llama", dict(mlp_bias=True), "mlp_bias: true is not supported"),
+        ("qwen3", dict(quantization_config=dict(quant_method="fp8", weight_block_size=[128, 128])),
+         r"quantization_config \(quant_method 'fp8'\) is not supported: start from the unquantized model"),
         ("llama", dict(num_key_value_heads=5),
          r"num_attention_heads \(32\) is not a multiple of num_key_value_heads \(5\)"),
         ("qwen3", dict(head_dim=25), r"head_dim \(25\) must be even"),
@@ -70,6 +72,18 @@ def test_unsupported_features_are_refused_naming_the_key(family, change, message
     config = {**CONFIGS[family]().to_dict(), **change}
     with pytest.raises(ModelError, match=message):
         ModelArch.from_hf_config(config)
+
+
+def test_a_config_json_that_does_not_read_is_named(tmp_path):
+    """A download cut short, an edit gone wrong: the file is named, not a JSONDecodeError from nowhere."""
+    path = tmp_path / "config.json"
+    for text, message in (('{"architectures": ["Qwen2', "not a readable JSON file"),
+                          ("[]", "holds a JSON list, not an object"), (b"\xff\xfe", "not a readable JSON file")):
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+        with pytest.raises(ModelError, match=f"{path}: {message}"):
+            ModelArch.from_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="x.json: holds a list, not a config.json object"):
+        ModelArch.from_hf_config([], source="x.json")
 
 
 def test_missing_key_is_named():

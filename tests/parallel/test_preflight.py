@@ -235,7 +235,11 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     assert later.returncode == 1 and "lower rollout.sglang.mem_fraction_static to 0.95" in later.stdout, later.stderr
     model_config.write_text("{not json")
     broken = subprocess.run(command + ["--nodes", "16"], capture_output=True, text=True)
-    assert broken.returncode == 2 and f"--model-config {model_config}: not a readable JSON file" in broken.stderr
+    assert broken.returncode == 2 and f"{model_config} (--model-config): not a readable JSON file" in broken.stderr
+    assert "Traceback" not in broken.stderr, broken.stderr
+    model_config.write_text("[]")  # JSON, but no config.json
+    broken = subprocess.run(command + ["--nodes", "16"], capture_output=True, text=True)
+    assert broken.returncode == 2 and f"{model_config} (--model-config): holds a JSON list" in broken.stderr
     assert "Traceback" not in broken.stderr, broken.stderr
     # Without model.path or training files the training would not start: said, and config.json here is not read.
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_32B))

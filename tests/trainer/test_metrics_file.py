@@ -155,3 +155,13 @@ def test_the_plot_draws_a_validation_only_row_at_its_own_step(tmp_path):
     assert [row["step"] for row in rows] == [0, 1, 2, 3, 2]
     assert curve(rows, "val/acc_avg@4") == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3)]
     assert plot_run(tmp_path).is_file()
+
+
+def test_the_plot_command_names_a_folder_that_is_no_run(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_dapo", "plot", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"megatron-dapo: {tmp_path / 'nowhere' / 'metrics.jsonl'} does not exist: is" in proc.stderr
