@@ -93,7 +93,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
         marker = {"actor_steps": 0, "weights_only": True, "converted_from": str(hf_dir.resolve()),
                   "dtype": str(dtype or "as in the source").replace("torch.", ""), "hf_config": hf_config}
         (partial / MARKER).write_text(json.dumps(marker, indent=1))
-        summary = {"tensors": len(chunks), "bytes": total, "gb_per_s": rate}
+        summary = {"tensors": len(chunks), "bytes": total, "gb_per_s": rate,
+                   "source_dtype": reader.info(families.EMBEDDING.hf[0])[1]}
         if verify_tolerance is not None:
             summary["logp_max_diff"] = check_logprobs(hf_dir, partial, verify_tolerance, round_to=dtype)
     return summary

@@ -87,15 +87,24 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo convert") -> 
         print(f"note: {args.out} has no tokenizer files, so transformers' AutoTokenizer, SGLang and a run's model.path "
               "cannot use it as it is; convert again with --tokenizer DIR (the model folder the run started from) "
               "or --hf-template DIR")
-    source = summary.get("source_dtype")
-    if source is not None and source.itemsize > DTYPES[args.dtype].itemsize:
-        print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}; the {args.dtype} copy "
-              "rounds them (pass --dtype fp32 to keep them exact)")
-    if source == torch.bfloat16 and DTYPES[args.dtype] == torch.float16:
-        print("note: the checkpoint's model weights are bfloat16; the fp16 copy rounds them and turns any beyond "
-              "fp16's range (65504) into inf (pass --dtype bf16 or fp32 to keep them exact)")
-    if source is not None and source.itemsize < DTYPES[args.dtype].itemsize:
-        print(f"note: the checkpoint's model weights are {str(source).replace('torch.', '')}, so the {args.dtype} copy "
-              "holds their values exactly, no more precise (a bf16 run keeps its fp32 master weights in the "
-              "optimizer state, which is not converted)")
+    for note in dtype_notes(summary.get("source_dtype"), DTYPES.get(args.dtype), args.direction):
+        print(f"note: {note}")
     return 0
+
+
+def dtype_notes(source: torch.dtype | None, target: torch.dtype | None, direction: str) -> list[str]:
+    """What writing weights stored as `source` as `target` does to them (None: written as stored)."""
+    if source is None or target is None or source == target:
+        return []
+    name = str(source).replace("torch.", "")
+    given = next(key for key, dtype in DTYPES.items() if dtype == target)
+    if target == torch.float32:  # every fp16 and bf16 value is an fp32 value
+        if direction != "mcore-to-hf":
+            return []
+        return [f"the checkpoint's model weights are {name}, so the {given} copy holds their values exactly, no "
+                "more precise (a bf16 run keeps its fp32 master weights in the optimizer state, which is not "
+                "converted)"]
+    keep = next((key for key, dtype in DTYPES.items() if dtype == source), "fp32")
+    overflow = " and turns any beyond fp16's range (65504) into inf" if target == torch.float16 else ""
+    return [f"the checkpoint's model weights are {name}; the {given} copy rounds them{overflow} (pass --dtype {keep} "
+            "to keep them exact)"]

@@ -170,7 +170,7 @@ def _check_tied_head(reader: dcp_io.CheckpointReader, arch: ModelArch, rows_per_
 
 def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = False) -> None:
     """Tokenizer files, chat template, generation config: everything of the template but its weights and
-    config (tokenizer_only: its generation config too, which comes from the model's folder)."""
+    config (tokenizer_only: not its generation config either, which the model's template gives)."""
     if template is None:
         return
     skipped = (INDEX, "config.json", "generation_config.json") if tokenizer_only else (INDEX, "config.json")
@@ -234,7 +234,10 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
             index = {"metadata": {"total_size": total}, "weight_map": {t.name: files[t.shard] for t in plan}}
             (partial / INDEX).write_text(json.dumps(index, indent=2))
         _copy_template(template, partial)
-        _copy_template(Path(tokenizer) if tokenizer is not None else None, partial, tokenizer_only=True)
+        # Without a template, --tokenizer is the model's folder (the command's own advice): its generation config
+        # holds the stop ids and sampling defaults, which a config.json-made one would lose.
+        _copy_template(Path(tokenizer) if tokenizer is not None else None, partial,
+                       tokenizer_only=template is not None)
         # A config.json read by its model_type alone gets its class named: SGLang and vLLM pick the model by it.
         config = {"architectures": [arch.architecture], "model_type": arch.family, **config,
                   "dtype": str(dtype).replace("torch.", "")}

@@ -108,30 +108,45 @@ class ModelArch:
         architecture, family = _architecture(config, source)
         problems = _unsupported_features(config, family)
         config = {**ABSENT_DEFAULTS.get(family, {}), **config}
-        try:
-            heads = int(config["num_attention_heads"])
-            hidden = int(config["hidden_size"])
-            theta, scaling = _rope(config, problems)
-            arch = cls(
-                family=family,
-                architecture=architecture,
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_position_embeddings=int(config["max_position_embeddings"]),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2",
-                qk_norm=family == "qwen3",
-            )
-        except KeyError as err:
-            raise ModelError(f"{source}: missing key {err.args[0]!r}") from None
+        def number(key: str, kind: type = int, default: Any = None) -> Any:
+            """config[key] as `kind`; absent or null: `default` (None: the key is required)."""
+            value = config.get(key)
+            if value is None:
+                if default is None:
+                    raise ModelError(f"{source}: missing key {key!r}")
+                return default
+            try:
+                if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                got = kind(value)
+            except (TypeError, ValueError):
+                raise ModelError(f"{source}: {key} is {value!r}, not {'an integer' if kind is int else 'a number'}") \
+                    from None
+            if kind is int and got < 1:  # a size or a count: 0 heads would divide by zero further on
+                raise ModelError(f"{source}: {key} is {value!r}; it must be at least 1")
+            return got
+
+        heads = number("num_attention_heads")
+        hidden = number("hidden_size")
+        theta, scaling = _rope(config, problems, source)
+        arch = cls(
+            family=family,
+            architecture=architecture,
+            vocab_size=number("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=number("intermediate_size"),
+            num_layers=number("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=number("num_key_value_heads", default=heads),
+            head_dim=number("head_dim", default=hidden // heads if heads else 0),
+            rms_norm_eps=number("rms_norm_eps", float, 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=number("max_position_embeddings"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+        )
         if arch.num_heads % arch.num_kv_heads:
             problems.append(
                 f"num_attention_heads ({arch.num_heads}) is not a multiple of num_key_value_heads ({arch.num_kv_heads})"
@@ -215,7 +230,7 @@ def _unsupported_features(config: Mapping[str, Any], family: str) -> list[str]:
     return problems
 
 
-def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeScaling | None]:
+def _rope(config: Mapping[str, Any], problems: list[str], source: str) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
     older, newer = ({("rope_type" if k == "type" else k): v for k, v in (config.get(key) or {}).items()}
                     for key in ("rope_scaling", "rope_parameters"))
@@ -227,7 +242,11 @@ def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeSc
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         problems.append(f"partial_rotary_factor {partial!r} is not supported (RoPE turns every dimension of a head)")
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    theta = next((v for v in (params.get("rope_theta"), config.get("rope_theta")) if v is not None), 10000.0)
+    try:
+        theta = float(theta)
+    except (TypeError, ValueError):
+        raise ModelError(f"{source}: rope_theta is {theta!r}, not a number") from None
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
@@ -235,10 +254,16 @@ def _rope(config: Mapping[str, Any], problems: list[str]) -> tuple[float, RopeSc
         problems.append(f"rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; "
                         "supported: 'default' and 'llama3'")
         return theta, None
-    scaling = RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-    )
+    # transformers takes max_position_embeddings for a missing original_max_position_embeddings (and warns)
+    params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [key for key in keys if params.get(key) is None]
+    if missing:
+        raise ModelError(f"{source}: rope type 'llama3' needs {', '.join(missing)} in rope_scaling / rope_parameters")
+    try:
+        scaling = RopeScaling(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                              high_freq_factor=float(params["high_freq_factor"]),
+                              original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{source}: a value of rope_scaling / rope_parameters is not a number ({err})") from None
     return theta, scaling

@@ -91,7 +91,15 @@ def test_bf16_round_trip_and_the_stored_layout(tmp_path, capsys):
     # An fp16 copy of them rounds them, and overflows beyond fp16's range.
     assert main(["mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16",
                  "--quiet"]) == 0
-    assert "the fp16 copy rounds them and turns any beyond fp16's range (65504) into inf" in capsys.readouterr().out
+    assert "the fp16 copy rounds them and turns any beyond fp16's range (65504) into inf (pass --dtype bf16 to " \
+        "keep them exact)" in capsys.readouterr().out
+    # hf-to-mcore says so too: fp32 source weights written as fp16 (before: no word, unless --verify caught it).
+    assert main(["hf-to-mcore", "--hf", str(source), "--out", str(tmp_path / "half"), "--dtype", "fp16",
+                 "--quiet"]) == 0
+    assert "note: the checkpoint's model weights are float32; the fp16 copy rounds them and turns any beyond " \
+        "fp16's range (65504) into inf (pass --dtype fp32 to keep them exact)" in capsys.readouterr().out
+    assert main(["hf-to-mcore", "--hf", str(source), "--out", str(tmp_path / "same"), "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().out  # as stored
 
 
 def test_cli_converts_both_ways_verified_with_progress(tmp_path):
@@ -136,6 +144,20 @@ def test_a_copy_without_tokenizer_files_says_so_and_tokenizer_gives_them(tmp_pat
     assert main(convert + ["--out", str(tmp_path / "whole"), "--tokenizer", str(source)]) == 0
     assert "has no tokenizer files" not in capsys.readouterr().out
     assert (tmp_path / "whole" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    # --tokenizer without a template is the model's folder: its generation config (stop ids, sampling defaults) is
+    # kept, not made again from config.json; with a template, the template's is.
+    generation = '{"eos_token_id": [1, 2], "temperature": 0.6}'
+    (source / "generation_config.json").write_text(generation)
+    assert main(convert + ["--out", str(tmp_path / "kept"), "--tokenizer", str(source)]) == 0
+    assert (tmp_path / "kept" / "generation_config.json").read_text() == generation
+    template = tmp_path / "template"
+    template.mkdir()
+    (template / "config.json").write_text((source / "config.json").read_text())
+    (template / "generation_config.json").write_text('{"temperature": 0.9}')
+    assert main(convert + ["--out", str(tmp_path / "templated"), "--tokenizer", str(source), "--hf-template",
+                           str(template)]) == 0
+    assert (tmp_path / "templated" / "generation_config.json").read_text() == '{"temperature": 0.9}'
+    capsys.readouterr()
     for folder, why in [(tmp_path / "nowhere", "no such folder"),
                         (tmp_path / "mcore", "holds none of tokenizer.json, tokenizer_config.json")]:
         assert main(convert + ["--out", str(tmp_path / "refused"), "--tokenizer", str(folder)]) == 1

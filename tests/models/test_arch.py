@@ -93,6 +93,37 @@ def test_missing_key_is_named():
         ModelArch.from_hf_config(config, source="qwen/config.json")
 
 
+def test_values_that_are_no_numbers_are_named():
+    config = transformers.Qwen2Config().to_dict()
+    for key, value, message in (("hidden_size", None, "missing key 'hidden_size'"),
+                                ("hidden_size", "896", None),  # a number written as text reads as that number
+                                ("hidden_size", "wide", "hidden_size is 'wide', not an integer"),
+                                ("num_hidden_layers", 2.5, "num_hidden_layers is 2.5, not an integer"),
+                                ("num_key_value_heads", 0, "num_key_value_heads is 0; it must be at least 1"),
+                                ("rms_norm_eps", "tiny", "rms_norm_eps is 'tiny', not a number"),
+                                ("rope_parameters", {"rope_type": "default", "rope_theta": "x"},
+                                 "rope_theta is 'x', not a number")):
+        if message is None:
+            assert ModelArch.from_hf_config({**config, key: value}).hidden_size == 896
+            continue
+        with pytest.raises(ModelError, match=f"q/config.json: {message}"):
+            ModelArch.from_hf_config({**config, key: value}, source="q/config.json")
+    # A null rope_theta is an absent one, as transformers reads it: 10000.
+    assert ModelArch.from_hf_config({**config, "rope_parameters": None, "rope_theta": None}).rope_theta == 10000.0
+
+
+def test_a_llama3_scaling_without_its_original_context_takes_the_model_s_as_transformers_does():
+    rope = {k: v for k, v in LLAMA31_ROPE.items() if k != "original_max_position_embeddings"}
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=16384,
+                                      rope_theta=500000.0, rope_scaling=rope)
+    written = {**config.to_dict(), "rope_parameters": None, "rope_scaling": rope, "rope_theta": 500000.0}
+    arch = ModelArch.from_hf_config(written)
+    assert arch.rope_scaling.original_max_position_embeddings == 16384
+    assert torch.equal(arch.rope_inv_freq(), ROPE_INIT_FUNCTIONS["llama3"](config)[0])
+    with pytest.raises(ModelError, match="l/config.json: rope type 'llama3' needs low_freq_factor in rope_scaling"):
+        ModelArch.from_hf_config({**written, "rope_scaling": {**rope, "low_freq_factor": None}}, source="l/config.json")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keys_a_config_leaves_out_are_read_as_transformers_reads_them(family):
     """Without num_key_value_heads (and, for Qwen3, head_dim) transformers does not derive them from the heads and
