@@ -27,6 +27,7 @@ import subprocess
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 from megatron_dapo.reward.custom import load_reward_functions
@@ -437,6 +438,13 @@ def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
     """A reward function's return value -> (result, None) or (None, (kind, detail)). Numbers may be any real
     number, numpy's and bools included (True is 1.0); the result holds Python floats and `pred` as text."""
     try:
+        if isinstance(value, Mapping):  # verl's layout: {"score", "acc", "pred", other figures}
+            if "score" not in value:
+                return None, ("bad_return", f"returned a mapping without 'score' (keys: "
+                                            f"{', '.join(sorted(map(str, value))[:8])})")
+            extra = {k: v for k, v in value.items() if k not in ("score", "acc", "pred")}
+            value = RewardResult(score=value["score"], acc=value.get("acc", value["score"]), extra=extra,
+                                 pred=value.get("pred"))
         if isinstance(value, RewardResult):
             if value.failed:                               # the function reported its own failure
                 return None, ("error", value.reason or "the reward function marked the sample failed")
@@ -448,7 +456,8 @@ def _check(value: Any) -> tuple[RewardResult | None, tuple[str, str] | None]:
                                             f"figures (val/SOURCE/...): name them otherwise")
             named = [("score", value.score), ("acc", value.acc), *((f"extra[{k!r}]", v) for k, v in value.extra.items())]
         elif _real(value) is None:
-            return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult or a float")
+            return None, ("bad_return", f"returned {type(value).__name__}, expected RewardResult, a mapping with "
+                                        "'score' or a float")
         else:
             named = [("score", value)]
         checked = []

@@ -76,7 +76,7 @@ def test_each_failure_costs_only_its_sample(scorer):
     assert reasons[1].startswith("error: ZeroDivisionError: division by zero (at test_registry.py:")
     assert reasons[2] == "non_finite: score is nan"
     assert reasons[4] == "non_finite: extra['profit_loss'] is inf"
-    assert reasons[5] == "bad_return: returned str, expected RewardResult or a float"
+    assert reasons[5] == "bad_return: returned str, expected RewardResult, a mapping with 'score' or a float"
     assert reasons[7] == "error: no price data"
     assert batch.results[2].extra == {}
 
@@ -191,6 +191,14 @@ def unusual(response, ground_truth, extra_info):
         return RewardResult(score=1.0, acc=1.0, extra=None)
     if response == "extra_clash":  # would overwrite val/score_mean, and land among another source's figures
         return RewardResult(score=1.0, acc=1.0, extra={"score": 5.0, "math/acc": 1.0, "n": 1.0})
+    if response == "verl_dict":  # verl's layout, as its math_dapo.compute_score returns it
+        return {"score": -1.0, "acc": False, "pred": "34", "steps": np.int64(2)}
+    if response == "verl_score_only":
+        return {"score": 0.5}
+    if response == "dict_no_score":
+        return {"reward": 1.0}
+    if response == "dict_text_figure":
+        return {"score": 1.0, "note": "fine"}
     if response == "fork":  # the child raises a little later, in the worker's loop, as a library's helper might
         if os.fork() == 0:
             time.sleep(0.2)
@@ -209,6 +217,18 @@ def test_numbers_of_any_real_kind_are_taken_and_a_bad_extra_costs_its_sample(sco
     assert batch.results[3].failed and batch.results[3].reason == "bad_return: extra is NoneType, expected a dict of numbers"
     assert batch.results[4].failed and batch.results[4].reason.startswith(
         "bad_return: extra figure(s) ['score', 'math/acc']: 'score' would be logged as val/score_mean")
+
+
+def test_a_mapping_in_verl_s_layout_is_read(scorer):
+    """verl's reward functions return {"score", "acc", "pred", other figures}: taken as a RewardResult, through
+    the same checks; acc defaults to the score, as for a float."""
+    batch = scorer.score([RewardSample("test_unusual", r, "", {})
+                          for r in ("verl_dict", "verl_score_only", "dict_no_score", "dict_text_figure")])
+    verl, only = batch.results[:2]
+    assert (verl.score, verl.acc, verl.pred, verl.extra, verl.failed) == (-1.0, 0.0, "34", {"steps": 2.0}, False)
+    assert (only.score, only.acc, only.extra) == (0.5, 0.5, {})
+    assert batch.results[2].reason == "bad_return: returned a mapping without 'score' (keys: reward)"
+    assert batch.results[3].reason == "bad_return: extra['note'] is str, expected a number"
 
 
 def test_a_forked_child_never_answers_for_a_sample(scorer):
