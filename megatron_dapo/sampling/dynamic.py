@@ -27,30 +27,25 @@ class SamplingStats:
     kept: int = 0
     """Groups in the training batch."""
     dropped_all_correct: int = 0
-    """Groups whose metric was equal and > 0 for every response."""
+    """Groups whose metric was equal for every response, all of them right (by `all_correct`, else metric > 0)."""
     dropped_all_wrong: int = 0
-    """Groups whose metric was equal and <= 0 for every response."""
+    """Groups whose metric was equal for every response, not all of them right."""
     dropped_unscored: int = 0
-    """Groups with fewer than two responses that have the metric (their rewards failed, or gave no such field):
-    nothing to compare."""
-    dropped_untrainable: int = 0
-    """Varied groups none of whose responses trains (each cut at the length limit under overlong filtering, or
-    its reward failed): their loss is all masked, so they would only take a place in the batch."""
+    """Groups with fewer than two responses that have the metric (their rewards failed or gave no such field, or,
+    under overlong filtering, they were cut at the length limit): nothing to compare."""
     trimmed: int = 0
     """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
     exhausted: bool = False
     """max_num_gen_batches was reached before the batch was full."""
     metric_missing: int = 0
-    """Responses without a finite filter metric (their reward failed, or gave no such field), left out of the
-    variance test."""
+    """Responses without a finite filter metric (their reward failed or gave no such field, or, under overlong
+    filtering, they were cut at the length limit), left out of the variance test."""
 
     def shortfall(self, target: int, metric: str) -> str:
         """What an exhausted collection kept and why, for a message."""
         return (f"dynamic sampling kept {self.kept} of {target} groups after {self.gen_batches} generation batches "
                 f"({self.dropped_all_correct} groups dropped as all-correct, {self.dropped_all_wrong} as all-wrong "
-                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored"
-                + (f", {self.dropped_untrainable} with no response to train on" if self.dropped_untrainable else "")
-                + ")")
+                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored)")
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -60,7 +55,6 @@ class SamplingStats:
             "sampling/groups_dropped_all_correct": self.dropped_all_correct,
             "sampling/groups_dropped_all_wrong": self.dropped_all_wrong,
             "sampling/groups_dropped_unscored": self.dropped_unscored,
-            "sampling/groups_dropped_untrainable": self.dropped_untrainable,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
             "sampling/metric_missing": self.metric_missing,
@@ -103,13 +97,14 @@ class DynamicSampler(Generic[G]):
     def collect(
         self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]],
         progress: Callable[[SamplingStats, int], None] | None = None,
-        trains: Callable[[G], bool] | None = None,
+        all_correct: Callable[[G], bool] | None = None,
     ) -> SampledBatch[G]:
         """`generate()` returns one scored generation batch of groups; `metric_values(group)` gives
-        the filter metric of each of its responses. Surplus groups are trimmed in generation order,
-        so the same generations always give the same batch. `progress(stats, kept)` is called after
-        each generation batch with the figures so far and the number of groups kept. `trains(group)`:
-        whether any of its responses has a loss (a varied group with none is dropped too)."""
+        the filter metric of each of its responses (NaN for one that does not count). Surplus groups are
+        trimmed in generation order, so the same generations always give the same batch. `progress(stats,
+        kept)` is called after each generation batch with the figures so far and the number of groups kept.
+        `all_correct(group)`: whether a group dropped as alike is counted all-correct or all-wrong (without
+        it, by the sign of the shared metric)."""
         stats = SamplingStats()
         kept: list[G] = []
         limit = self.config.max_num_gen_batches if self.config.enable else 1
@@ -127,13 +122,10 @@ class DynamicSampler(Generic[G]):
                 if not self.config.enable:
                     kept.append(group)
                 elif group_varies(present):
-                    if trains is None or trains(group):
-                        kept.append(group)
-                    else:
-                        stats.dropped_untrainable += 1
+                    kept.append(group)
                 elif len(present) < 2:
                     stats.dropped_unscored += 1
-                elif present[0] > 0:
+                elif all_correct(group) if all_correct is not None else present[0] > 0:
                     stats.dropped_all_correct += 1
                 else:
                     stats.dropped_all_wrong += 1

@@ -32,17 +32,19 @@ class Group:
     scores: list[float]
     """Final rewards: task score + overlong punishment."""
 
-    def metric(self, name: str) -> list[float]:
+    def metric(self, name: str, overlong_filtering: bool = False) -> list[float]:
         """Dynamic sampling's figure (algorithm.filter_groups.metric) per response, named as in verl: acc; score,
         the task's score before overlong shaping; seq_reward or seq_final_reward, the reward after it; or a task's
-        own figure such as profit_loss. NaN where the response's reward failed (it neither counts nor trains) or
-        did not give the figure."""
+        own figure such as profit_loss. NaN where the response does not count (`counted`) or its reward did not
+        give the figure."""
         nan = float("nan")
         if name in FINAL_REWARD_METRICS:
-            return [nan if r.failed else s for r, s in zip(self.rewards, self.scores)]
-        if name in ("acc", "score"):
-            return [nan if r.failed else getattr(r, name) for r in self.rewards]
-        return [r.extra.get(name, nan) for r in self.rewards]
+            values = list(self.scores)
+        elif name in ("acc", "score"):
+            values = [getattr(r, name) for r in self.rewards]
+        else:
+            values = [r.extra.get(name, nan) for r in self.rewards]
+        return [v if counts else nan for v, counts in zip(values, self.counted(overlong_filtering))]
 
     def failed(self) -> list[bool]:
         return [r.failed for r in self.rewards]
@@ -50,11 +52,18 @@ class Group:
     def truncated(self) -> list[bool]:
         return [c.finish_reason == "length" for c in self.completions]
 
-    def trains(self, overlong_filtering: bool) -> bool:
-        """Whether any response has a loss, as build_actor_batch masks them: not one whose reward failed, nor
-        (overlong filtering) one cut at the length limit."""
+    def counted(self, overlong_filtering: bool) -> list[bool]:
+        """The responses that count in the group's advantages, dynamic sampling's test and the loss: not one whose
+        reward failed (it was never scored), nor, under overlong filtering, one cut at the length limit: its reward
+        says where it was cut, not how good it was, and as the others' baseline it would shift their advantages
+        (wrong answers beside many cut ones came out at 0) as surely as it would train on itself."""
         cut = self.truncated() if overlong_filtering else [False] * len(self.completions)
-        return any(not (failed or truncated) for failed, truncated in zip(self.failed(), cut))
+        return [not (failed or truncated) for failed, truncated in zip(self.failed(), cut)]
+
+    def all_correct(self, overlong_filtering: bool) -> bool:
+        """Whether every counted response is right (acc > 0): how a group dynamic sampling drops for being alike
+        is reported, whatever figure it filters on (an all-right group cut short scores 0 after shaping)."""
+        return all(r.acc > 0 for r, counts in zip(self.rewards, self.counted(overlong_filtering)) if counts)
 
 
 class FilterMetricCheck:
@@ -150,11 +159,13 @@ def build_actor_batch(groups: list[Group], *, norm_by_std: bool, overlong_filter
     if overlong_filtering:
         truncated = torch.tensor([t for g in groups for t in g.truncated()])
         mask = overlong_filter_mask(mask, truncated)
-    # A response whose reward failed was never scored: it leaves its group's statistics and the loss.
+    # A response whose reward failed was never scored: it leaves its group's statistics and the loss, and so
+    # does one cut at the length limit under overlong filtering (Group.counted).
     failed = torch.tensor([g.failed() for g in groups], dtype=torch.bool).reshape(b, 1)
     mask = mask.masked_fill(failed, 0)
     scores = torch.tensor([g.scores for g in groups], dtype=torch.float64)  # a finite float64 reward stays finite
-    advantages = group_advantages(scores, norm_by_std=norm_by_std, valid=~failed.reshape(scores.shape)).reshape(-1)
+    counted = torch.tensor([g.counted(overlong_filtering) for g in groups], dtype=torch.bool)
+    advantages = group_advantages(scores, norm_by_std=norm_by_std, valid=counted).reshape(-1)
     return ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                       rollout_logp=rollout_logp)
 

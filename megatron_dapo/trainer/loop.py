@@ -391,9 +391,9 @@ class Trainer:
             return groups
 
         with self._stops_everyone():
-            return self.sampler.collect(next_batch, lambda g: g.metric(filtering.metric),
-                                        progress=self._progress_line(),
-                                        trains=lambda g: g.trains(self.config.algorithm.overlong_filtering))
+            cut = self.config.algorithm.overlong_filtering
+            return self.sampler.collect(next_batch, lambda g: g.metric(filtering.metric, cut),
+                                        progress=self._progress_line(), all_correct=lambda g: g.all_correct(cut))
 
     def _progress_line(self):
         """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step
@@ -409,8 +409,6 @@ class Trainer:
             if now - last >= interval:
                 last = now
                 unscored = f", {stats.dropped_unscored} unscored" if stats.dropped_unscored else ""
-                if stats.dropped_untrainable:  # every response cut at the length limit (overlong filtering)
-                    unscored += f", {stats.dropped_untrainable} with no response to train on"
                 print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
                       f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
                       f"dropped{unscored}, {now - started:.0f} s", file=sys.stderr, flush=True)

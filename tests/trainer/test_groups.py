@@ -95,24 +95,57 @@ def test_dynamic_sampling_judges_a_group_by_its_scored_responses():
         assert (stats.metric_missing, stats.dropped_unscored, stats.dropped_all_correct) == (3, 1, 0), metric
 
 
-def test_a_varied_group_with_no_response_to_train_on_is_dropped():
-    """Every response cut at the length limit (one of them right in what it said before the cut): under overlong
-    filtering the group has no loss token, so dynamic sampling drops it rather than give it a place in the batch."""
+def _cut(group: Group, *rows: int) -> Group:
+    for row in rows:
+        group.completions[row].finish_reason = "length"
+    return group
+
+
+def test_overlong_filtering_leaves_a_cut_response_out_of_its_group_s_baseline():
+    """Scores after shaping: 4 cut at the limit (wrong, -1 - 1), 2 right, 2 wrong. Kept in the mean (-1) and std,
+    the cut ones lifted the two wrong answers to advantage 0: they were not pushed down at all. Left out, the
+    group is 2 right against 2 wrong, and a cut response has no advantage and no loss."""
     right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
-    cut = _group([right, wrong, wrong])
-    for completion in cut.completions:
-        completion.finish_reason = "length"
-    partly = _group([right, wrong, wrong])
-    partly.completions[0].finish_reason = "length"
-    for filtering, expected in ((True, [partly]), (False, [cut, partly])):
-        masked = build_actor_batch([cut], norm_by_std=True, overlong_filtering=filtering).loss_mask
-        assert bool(masked.any()) is not filtering  # the batch's masking and the sampler's test agree
-        sampler = DynamicSampler(FilterGroupsConfig(metric="acc", max_num_gen_batches=1), train_batch_size=2)
-        sampled = sampler.collect(lambda: [cut, partly], lambda g: g.metric("acc"),
-                                  trains=lambda g: g.trains(filtering))
-        assert sampled.groups == expected and sampled.stats.dropped_untrainable == int(filtering)
-        assert sampled.stats.metrics()["sampling/groups_dropped_untrainable"] == int(filtering)
-        assert ("1 with no response to train on" in sampled.stats.shortfall(2, "acc")) is filtering
+    group = _cut(_group([wrong] * 4 + [right, right, wrong, wrong], penalties=[-1.0] * 4 + [0.0] * 4), 0, 1, 2, 3)
+    batch = build_actor_batch([group], norm_by_std=True, overlong_filtering=True)
+    assert batch.loss_mask.sum(dim=1).tolist() == [0] * 4 + [3] * 4
+    std = math.sqrt(4 / 3)  # of [1, 1, -1, -1], Bessel's
+    assert batch.advantages.tolist() == pytest.approx([0.0] * 4 + [1 / std] * 2 + [-1 / std] * 2, rel=1e-5)
+    unfiltered = build_actor_batch([group], norm_by_std=True, overlong_filtering=False)
+    assert unfiltered.advantages[6].item() == pytest.approx(0.0, abs=1e-6)  # what the baseline did before
+    assert unfiltered.loss_mask.sum().item() == 24
+
+
+def test_dynamic_sampling_judges_a_group_by_the_responses_that_count():
+    """Under overlong filtering, a cut response is in no variance test: 2 cut (wrong) and 2 right is an all-right
+    group (dropped as all-correct, as it is when filtered on the shaped reward, which the cut makes 0 for an answer
+    right before it); all cut is unscored; 1 cut, 1 right and 1 wrong is kept. Without filtering, each varies."""
+    right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
+    all_right = _cut(_group([wrong, wrong, right, right]), 0, 1)
+    all_cut = _cut(_group([right, wrong, wrong]), 0, 1, 2)
+    varied = _cut(_group([wrong, right, wrong]), 0)
+    shaped_right = _cut(_group([right, right, right], penalties=[-1.0, 0.0, 0.0]), 0)  # 0 after shaping, then 1, 1
+    for metric in ("acc", "seq_reward"):
+        for filtering in (True, False):
+            sampler = DynamicSampler(FilterGroupsConfig(metric=metric, max_num_gen_batches=1), train_batch_size=5)
+            sampled = sampler.collect(lambda: [all_right, all_cut, varied, shaped_right],
+                                      lambda g: g.metric(metric, filtering), all_correct=lambda g: g.all_correct(
+                                          filtering))
+            stats = sampled.stats
+            if filtering:
+                assert sampled.groups == [varied], metric
+                assert (stats.dropped_all_correct, stats.dropped_unscored, stats.metric_missing) == (2, 1, 7), metric
+            else:
+                assert sampled.groups == [all_right, all_cut, varied] + ([shaped_right] if metric != "acc" else [])
+                assert stats.dropped_all_correct == int(metric == "acc") and stats.dropped_all_wrong == 0
+            for group in sampled.groups:  # what the sampler keeps has a loss, as the batch masks it
+                assert build_actor_batch([group], norm_by_std=True, overlong_filtering=filtering).loss_mask.any()
+    # A group alike in its shaped reward, all right but each cut short (1 - 1 = 0), is counted all-correct.
+    cut_right = _cut(_group([right, right], penalties=[-1.0, -1.0]), 0, 1)
+    sampler = DynamicSampler(FilterGroupsConfig(metric="seq_reward", max_num_gen_batches=1), train_batch_size=1)
+    stats = sampler.collect(lambda: [cut_right], lambda g: g.metric("seq_reward"),
+                            all_correct=lambda g: g.all_correct(False)).stats
+    assert (stats.dropped_all_correct, stats.dropped_all_wrong) == (1, 0)
 
 
 def test_validation_counts_a_failed_reward_as_wrong():
