@@ -27,6 +27,25 @@ def test_qkv_interleaves_whole_query_groups():
     assert torch.equal(shards[1], expected[len(expected) // 2:]) and torch.equal(F.unshard(rule, shards), fused)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_qkv_interleave_at_one_group_and_at_one_head_a_group(kv_heads):
+    """Multi-query (every q head shares one k/v) and plain multi-head (a group per head) attention: each group is
+    its q heads, then its k, then its v; TP shards hold whole groups (at one KV head, TP cannot split it)."""
+    arch = ModelArch.from_hf_config({**CONFIG, "num_key_value_heads": kv_heads})
+    rule, hd, per_group = F.LAYER_RULES["qwen2"][1], arch.head_dim, 4 // kv_heads
+    q = torch.arange(4 * hd)[:, None].float()
+    k = 100 + torch.arange(kv_heads * hd)[:, None].float()
+    v = 200 + torch.arange(kv_heads * hd)[:, None].float()
+    fused = F.fuse(rule, [q, k, v], arch)
+    expected = torch.cat([torch.cat([q[g * per_group * hd:(g + 1) * per_group * hd], k[g * hd:(g + 1) * hd],
+                                     v[g * hd:(g + 1) * hd]]) for g in range(kv_heads)])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(F.unfuse(rule, fused, arch), [q, k, v]))
+    if kv_heads > 1:
+        shards = [F.shard(rule, fused, r, 2) for r in range(2)]
+        assert torch.equal(shards[0], expected[:len(expected) // 2]) and torch.equal(F.unshard(rule, shards), fused)
+
+
 def test_gate_up_shards_hold_their_slice_of_each():
     arch = ModelArch.from_hf_config(CONFIG)
     rule = F.LAYER_RULES["qwen2"][4]
