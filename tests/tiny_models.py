@@ -9,14 +9,15 @@ FAMILIES = ("qwen2", "llama", "qwen3")
 
 
 def tiny_hf_model(family: str, *, seed: int = 0, vocab_size: int = 211, max_positions: int = 128,
-                  init_std: float = 0.08):
+                  init_std: float = 0.08, tie: bool | None = None):
     """A 2-layer fp32 transformers model in eval mode, with GQA (4 heads, 2 KV heads). qwen2 ties its
     embeddings, llama uses llama3 rope scaling, qwen3 has q/k norms and a head_dim unlike hidden / heads.
 
     Every parameter is redrawn from `seed` (biases and norm weights too, which transformers sets to 0
     and 1), weights with std `init_std`: larger than the default init so that log-probs vary and
     biases/norms matter; 0.25 makes next-token distributions peaked enough for greedy decoding to be
-    unambiguous and for top-k / top-p to cut the vocabulary.
+    unambiguous and for top-k / top-p to cut the vocabulary. tie: tie_word_embeddings other than the
+    family's here (an untied qwen2 is Qwen2.5-32B's shape: q/k/v biases and an output layer of its own).
     """
     import transformers
 
@@ -38,6 +39,8 @@ def tiny_hf_model(family: str, *, seed: int = 0, vocab_size: int = 211, max_posi
         cls = transformers.Qwen3ForCausalLM
     else:
         raise ValueError(family)
+    if tie is not None:
+        config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():

@@ -63,6 +63,19 @@ def test_round_trip_is_bit_exact(tmp_path, family):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_an_untied_qwen2_with_biases_converts_and_verifies(tmp_path):
+    """Qwen2.5-32B's shape (q/k/v biases, an output layer of its own), which the tiny qwen2 (tied) is not: --verify
+    builds the Megatron actor from the checkpoint and compares its log-probs with transformers' both ways."""
+    tiny_hf_model("qwen2", seed=3, tie=False).save_pretrained(tmp_path / "hf")
+    assert "lm_head.weight" in _tensors(tmp_path / "hf")
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", verify_tolerance=1e-4, progress=False)
+    assert CheckpointReader(tmp_path / "mcore").shape("output_layer.weight") == (211, 64)
+    mcore_to_hf(tmp_path / "mcore", tmp_path / "back", dtype=torch.float32, hf_template=tmp_path / "hf",
+                verify_tolerance=1e-4, progress=False)
+    before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert sorted(after) == sorted(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
 def test_bf16_round_trip_and_the_stored_layout(tmp_path, capsys):
     source = make_tiny_model("qwen3", tmp_path / "hf")
     hf_to_mcore(source, tmp_path / "mcore", dtype=torch.bfloat16, progress=False)
