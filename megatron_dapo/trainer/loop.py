@@ -51,6 +51,17 @@ from megatron_dapo.trainer.stop import (STOP_FILE, StopRequest, clear_stale_stop
 from megatron_dapo.trainer.timer import StepTimer
 
 
+def check_update(update: dict[str, float], step: int, run_dir: Path) -> None:
+    """Stop every rank alike (the figures are reduced over all of them) when the update's loss or gradient norm is
+    not finite, before a checkpoint keeps its weights."""
+    bad = {k: update[k] for k in ("actor/pg_loss", "actor/grad_norm") if not math.isfinite(update[k])}
+    if bad:
+        raise RuntimeError(
+            f"step {step}: the actor's update gave {', '.join(f'{k}={v}' for k, v in bad.items())}: training "
+            f"diverged, so its weights are not saved; the last complete checkpoint in {run_dir / 'checkpoints'} is "
+            "intact (lower actor.optim.lr, or check the rewards and advantages of this step's samples.jsonl)")
+
+
 class Trainer:
     def __init__(self, config: DAPOConfig):
         from transformers import AutoTokenizer
@@ -334,7 +345,7 @@ class Trainer:
             with timer("update"):
                 update = self.actor.update(batch, group_size=cfg.rollout.n,
                                            schedule_step=self.step * self.updates_per_step)
-            self._check_update(update)
+            check_update(update, self.step + 1, self.run_dir)
             metrics.update(update)
             gaps = (batch.old_logp - batch.rollout_logp).abs() * batch.loss_mask
             metrics["rollout/trainer_logp_max_diff"] = float(gaps.max())
@@ -586,17 +597,6 @@ class Trainer:
         """The actor's weights into every engine, each from its own replica; the figures on rank 0."""
         return push_weights(self.actor, self.engine, version=version, bucket_mb=self.config.rollout.weight_bucket_mb,
                             replicas=self.placement.replicas)
-
-    def _check_update(self, update: dict[str, float]) -> None:
-        """Stop every rank alike (the figures are reduced over all of them) when the update's loss or gradient
-        norm is not finite, before a checkpoint keeps its weights."""
-        bad = {k: update[k] for k in ("actor/pg_loss", "actor/grad_norm") if not math.isfinite(update[k])}
-        if bad:
-            raise RuntimeError(
-                f"step {self.step + 1}: the actor's update gave {', '.join(f'{k}={v}' for k, v in bad.items())}: "
-                f"training diverged, so its weights are not saved; the last complete checkpoint in "
-                f"{self.run_dir / 'checkpoints'} is intact (lower actor.optim.lr, or check the rewards and advantages "
-                "of this step's samples.jsonl)")
 
     def _probe(self, trainer_probe: torch.Tensor, when: str, trained: bool = True) -> ProbeDiff:
         """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after

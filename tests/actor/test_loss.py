@@ -45,6 +45,9 @@ def test_clipped_loss_gradient_and_metrics_by_hand():
     assert metrics["actor/pg_clipfrac_low"] == pytest.approx(1 / 6)
     assert metrics["actor/pg_clipfrac_dual"] == pytest.approx(1 / 6)
     assert metrics["actor/ratio_max"] == pytest.approx(5.0)
+    assert metrics["actor/ppo_kl"] == pytest.approx(-sum(logr) / 6)  # k1 and k3 per token, not swapped
+    assert metrics["actor/ppo_kl_k3"] == pytest.approx(sum(r - 1 - lr for r, lr in zip(RATIO[0].tolist(), logr)) / 6)
+    assert metrics["actor/ppo_kl"] != pytest.approx(metrics["actor/ppo_kl_k3"])
     # The one token clipped high was sampled at probability e^-2 by the old policy.
     assert metrics["actor/pg_clip_high_prob_mean"] == metrics["actor/pg_clip_high_prob_max"] == pytest.approx(
         math.exp(-2.0))
@@ -135,6 +138,12 @@ def test_truncated_importance_weight():
     out = policy_loss(logp, logp.clone(), torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2), **CLIP,
                       rollout_logp=rollout, tis_cap=1.5)
     assert out.loss.item() == pytest.approx((-1.5 - 0.5) / 2)
+    # Drifts of ln 1.2 and -ln 2: weights 1.2 and 0.5; the other way round (rollout - old) they would be 0.83 and
+    # 2 capped at 1.5, which the symmetric case above cannot tell apart.
+    rollout = torch.tensor([[-1.0 - math.log(1.2), -1.0 + math.log(2.0)]], dtype=torch.float64)
+    out = policy_loss(logp, logp.clone(), torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2), **CLIP,
+                      rollout_logp=rollout, tis_cap=1.5)
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5) / 2)
 
 
 def test_padding_may_hold_nan_without_touching_loss_or_gradient():

@@ -144,3 +144,17 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_control(results, check):
     assert not results[check.__name__], "\n".join(results[check.__name__])
+
+
+def test_an_update_whose_loss_or_grad_norm_is_not_finite_stops_the_run(tmp_path):
+    from megatron_dapo.trainer.loop import check_update
+
+    check_update({"actor/pg_loss": 0.3, "actor/grad_norm": 1.2, "actor/entropy": float("nan")}, 4, tmp_path)
+    for bad in ({"actor/grad_norm": float("nan")}, {"actor/pg_loss": float("inf")}):
+        update = {"actor/pg_loss": 0.3, "actor/grad_norm": 1.2, **bad}
+        with pytest.raises(RuntimeError) as err:
+            check_update(update, 4, tmp_path)
+        key, value = next(iter(bad.items()))
+        assert str(err.value).startswith(f"step 4: the actor's update gave {key}={value}: training diverged, so its "
+                                         "weights are not saved; the last complete checkpoint in "
+                                         f"{tmp_path / 'checkpoints'} is intact")
