@@ -29,7 +29,8 @@ class AlgorithmConfig:
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
     """Dynamic sampling."""
     overlong_filtering: bool = True
-    """Mask the loss of truncated responses (the paper's overlong filtering)."""
+    """Mask the loss of truncated responses (the paper's overlong filtering), and leave them out of their group's
+    mean and std and of dynamic sampling's test (trainer/groups.py, Group.counted)."""
 
 
 @dataclass(kw_only=True)

@@ -138,7 +138,7 @@ class ModelArch:
             num_layers=number("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=number("num_key_value_heads", default=heads),
-            head_dim=number("head_dim", default=hidden // heads if heads else 0),
+            head_dim=number("head_dim", default=hidden // heads),
             rms_norm_eps=number("rms_norm_eps", float, 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -151,7 +151,10 @@ class ModelArch:
             problems.append(
                 f"num_attention_heads ({arch.num_heads}) is not a multiple of num_key_value_heads ({arch.num_kv_heads})"
             )
-        if arch.head_dim % 2:
+        if arch.head_dim < 1:
+            problems.append(f"hidden_size ({hidden}) over num_attention_heads ({heads}) leaves no head_dim: give "
+                            "head_dim")
+        elif arch.head_dim % 2:
             problems.append(f"head_dim ({arch.head_dim}) must be even for RoPE")
         if problems:
             raise ModelError(f"{source}: " + "; ".join(problems))

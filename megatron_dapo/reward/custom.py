@@ -6,13 +6,13 @@
         geometry: examples/geometry/reward.py:score  # or a Python file
 
 Each entry maps a `data_source` to a module-level function `fn(response, ground_truth, extra_info) ->
-RewardResult | float` (reward/registry.py). An entry for a built-in source (math_dapo, ...) replaces
-the built-in function. The trainer loads the entries on every rank before anything runs, so a typo
-stops the run at start-up with the key named, and every reward worker loads them again when it starts:
-the workers receive functions by name, and a function from a file lives in a module that only exists
+RewardResult | float` or a mapping in verl's layout (reward/registry.py). An entry for a built-in source
+(math_dapo, ...) replaces the built-in function. The trainer loads the entries on every rank before anything
+runs, so a typo stops the run at start-up with the key named, and every reward worker loads them again when it
+starts: the workers receive functions by name, and a function from a file lives in a module that only exists
 where the file was loaded. A file entry is read once, when the run loads it: a worker started later (one
-replacing a worker that timed out) runs the code the run started with, not what the file holds by then (an edit
-made while the run goes on, a file being rewritten); modules it imports are imported afresh.
+replacing a worker that timed out) runs the code the run started with, not what the file holds by then (an
+edit made while the run goes on, a file being rewritten); modules it imports are imported afresh.
 """
 from __future__ import annotations
 

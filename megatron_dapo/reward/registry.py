@@ -1,6 +1,7 @@
 """Reward functions keyed by `data_source`, and what they give back.
 
 A reward function is a module-level function `fn(response, ground_truth, extra_info) -> RewardResult | float`
+(or a mapping in verl's layout, below)
 registered with `@register_reward("name")`, or named in the config's reward.functions (reward/custom.py).
 A float return means score = acc = that float (as verl does); a mapping in verl's layout ({"score", "acc",
 "pred", other figures}) is read as the RewardResult it describes, its acc the score when it has none. The functions run in worker processes
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 from megatron_dapo.reward import math_dapo
@@ -52,7 +54,7 @@ def failure_metrics(counts: Counter[str]) -> dict[str, float]:
             **{f"reward/failed_{kind}": float(counts[kind]) for kind in FAILURE_KINDS}}
 
 
-RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float"]
+RewardFn = Callable[[str, str, dict[str, Any]], "RewardResult | float | Mapping[str, Any]"]
 
 
 class RewardSample(NamedTuple):

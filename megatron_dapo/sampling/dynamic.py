@@ -45,7 +45,9 @@ class SamplingStats:
         """What an exhausted collection kept and why, for a message."""
         return (f"dynamic sampling kept {self.kept} of {target} groups after {self.gen_batches} generation batches "
                 f"({self.dropped_all_correct} groups dropped as all-correct, {self.dropped_all_wrong} as all-wrong "
-                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses scored)")
+                f"by metric {metric!r}, {self.dropped_unscored} with fewer than two responses that count: a reward "
+                "that failed or gave no such figure, or a response cut at the length limit under overlong "
+                "filtering)")
 
     def metrics(self) -> dict[str, float]:
         return {

@@ -419,7 +419,8 @@ class Trainer:
             now = time.perf_counter()
             if now - last >= interval:
                 last = now
-                unscored = f", {stats.dropped_unscored} unscored" if stats.dropped_unscored else ""
+                unscored = (f", {stats.dropped_unscored} with fewer than two responses that count (reward failed or "
+                            "cut at the length limit)" if stats.dropped_unscored else "")
                 print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
                       f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
                       f"dropped{unscored}, {now - started:.0f} s", file=sys.stderr, flush=True)

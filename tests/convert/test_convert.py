@@ -451,3 +451,20 @@ def test_convert_help_lists_both_directions(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["convert", "--help"])  # what `megatron-dapo --help` tells to run
     assert stopped.value.code == 0 and "{hf-to-mcore,mcore-to-hf}" in capsys.readouterr().out
+
+
+def test_dtype_notes_say_what_the_copy_does_to_the_weights():
+    from megatron_dapo.convert.main import dtype_notes
+
+    assert dtype_notes(torch.float32, torch.float32, "hf-to-mcore") == []
+    assert dtype_notes(torch.float32, None, "hf-to-mcore") == []  # written as stored
+    assert dtype_notes(torch.bfloat16, torch.float32, "hf-to-mcore") == []
+    assert "holds their values exactly" in dtype_notes(torch.bfloat16, torch.float32, "mcore-to-hf")[0]
+    assert dtype_notes(torch.float16, torch.bfloat16, "mcore-to-hf") == [
+        "the checkpoint's model weights are float16; the bf16 copy rounds them (pass --dtype fp16 to keep them exact)"]
+    # float64 weights round whatever is written, and no --dtype keeps them.
+    for target, given in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for direction in ("hf-to-mcore", "mcore-to-hf"):
+            assert dtype_notes(torch.float64, target, direction) == [
+                f"the checkpoint's model weights are float64; the {given} copy rounds them"]
+    assert "fp16's range (65504)" in dtype_notes(torch.float64, torch.float16, "hf-to-mcore")[0]

@@ -12,6 +12,27 @@ from tests.distributed import run_checks
 from tests.tiny_models import hf_logprobs, make_tiny_model
 
 FAMILIES = ("qwen2", "qwen3")  # tied embeddings across pipeline stages; q/k norms
+SMALL_BUCKET_MB = 0.05
+"""52 KB: a tiny model (325-450 KB) goes in several buckets, and the embedding (77 KB) outgrows one alone."""
+
+
+def _recording(engine) -> list[tuple[int, int, bool]]:
+    """Each update_weights call the engine gets: (tensors, bytes, whether it raised)."""
+    calls: list[tuple[int, int, bool]] = []
+    update = engine.update_weights
+
+    def recording(named_tensors):
+        named_tensors = list(named_tensors)
+        nbytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
+        try:
+            update(named_tensors)
+        except Exception:
+            calls.append((len(named_tensors), nbytes, True))
+            raise
+        calls.append((len(named_tensors), nbytes, False))
+
+    engine.update_weights = recording
+    return calls
 
 
 def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, workdir: Path) -> None:
@@ -27,6 +48,7 @@ def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, wor
         folder = workdir / family
         actor = _actor(folder, 2, 2, False, ppo_mini_batch_size=4)
         engine = EmbeddedEngine.from_pretrained(folder) if rank == 0 else None
+        calls = _recording(engine) if engine is not None else []
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
         before = probe_parity(actor, engine, probe).max
         assert before <= 1e-5, f"{family}: engine and trainer disagree before training ({before})"
@@ -35,12 +57,19 @@ def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, wor
                                old_logp=old_logp)
             actor.update(batch, group_size=2)
             stale = probe_parity(actor, engine, probe).max
-            stats = push_weights(actor, engine, version=step + 1, bucket_mb=1)
+            calls.clear()
+            stats = push_weights(actor, engine, version=step + 1, bucket_mb=SMALL_BUCKET_MB)
             diff = probe_parity(actor, engine, probe).max
             assert stale > 1e-4, f"{family} step {step}: the update did not move the probe ({stale})"
             assert diff <= 1e-5, f"{family} step {step}: engine differs from trainer by {diff} after the push"
             if rank == 0:
-                assert engine.weight_version == step + 1 and stats.tensors > 0 and stats.buckets >= 1
+                assert engine.weight_version == step + 1 and stats.tensors > 0
+                # Buckets of at most the limit, but for one tensor larger than it alone; every byte counted.
+                limit = SMALL_BUCKET_MB * 2**20
+                assert stats.buckets == len(calls) > 2 and not any(raised for *_, raised in calls), calls
+                assert all(nbytes <= limit or tensors == 1 for tensors, nbytes, _ in calls), calls
+                assert any(nbytes > limit for _, nbytes, _ in calls), calls  # the embedding
+                assert stats.tensors == sum(t for t, _, _ in calls) and stats.bytes == sum(b for _, b, _ in calls)
             else:
                 assert stats is None
         dist.barrier()
@@ -138,20 +167,25 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
 
 def check_a_push_the_engine_refuses_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
     """Qwen2's weights (q/k/v biases) pushed into an engine built for Qwen3 (no biases, q/k norms): the engine
-    refuses the first bucket on rank 0 while ranks 1-3 are still gathering and sending the rest. Every rank
-    raises the engine's message, and the engine stays stale."""
+    refuses the bucket with the first q/k/v bias on rank 0 while ranks 1-3 are still gathering and sending the rest
+    (small buckets: more follow it). The engine is given no bucket after it, every rank raises the engine's
+    message, and the engine stays stale."""
     from megatron_dapo.rollout.embedded import EmbeddedEngine
     from megatron_dapo.rollout.engine import RolloutError, SamplingParams, StaleWeightsError
     from megatron_dapo.rollout.reshard import push_weights
 
     actor = _actor(workdir / "qwen2", 2, 2, False)
     engine = EmbeddedEngine.from_pretrained(workdir / "qwen3") if rank == 0 else None
+    calls = _recording(engine) if engine is not None else []
     refused = (r"(?s)failed \(update_weights\): RolloutError: update_weights\(\) rejected .*"
                r"unknown tensor 'model.layers.0.self_attn.q_proj.bias'"
                + ("" if rank == 0 else r".*\[found on rank 0; every rank stops\]"))  # rank 0 raises its own
     with pytest.raises(RolloutError, match=refused):
-        push_weights(actor, engine, version=1, bucket_mb=1)
+        push_weights(actor, engine, version=1, bucket_mb=SMALL_BUCKET_MB)
     if engine is not None:
+        # The refused bucket is the engine's last; the model had more (a whole push takes more than this many).
+        assert calls and calls[-1][2] and not any(raised for *_, raised in calls[:-1]), calls
+        assert sum(t for t, _, _ in calls) < len(engine.model.state_dict()), calls
         with pytest.raises(StaleWeightsError):
             engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
 

@@ -177,10 +177,13 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
         by_step.setdefault(order.step, []).append(order)
     best_first = -1 if side == "buy" else 1
 
-    def priority(order: dict) -> tuple[int, int]:
-        """Best price first, in whole ticks (a price reached by arithmetic can be a float step below the same
-        price in the book, and would lose its place to a later order there), then the order placed first."""
-        return best_first * round(order["price"] / episode.tick), order["seq"]
+    def priority(order: dict) -> tuple[float, int]:
+        """Best price first, then the order placed first. A price on the tick grid is taken as its grid point (one
+        reached by arithmetic can be a float step below the same price in the book, and would lose its place to a
+        later order there); one off the grid (market data whose tick is a multiple of the real one) as it is."""
+        price = order["price"]
+        on_grid = round(price / episode.tick) * episode.tick
+        return best_first * (on_grid if same_price(on_grid, price) else price), order["seq"]
 
     for step in range(horizon + 1):
         book = episode.books[step]

@@ -190,6 +190,17 @@ def test_orders_at_one_price_keep_their_places_at_a_large_price():
     assert execution.fills == [(1, worked_out, 1.0, False), (2, 1000000.08, 1.0, True)]
 
 
+def test_prices_off_the_tick_grid_keep_their_order():
+    """A tick of 0.02 where the data also shows 100.01 (its tick a multiple of the real one): 100.01 is a better bid
+    than 100.00, not the same grid point."""
+    book = Book(bids=((100.0, 5.0), (99.98, 10.0)), asks=((100.04, 4.0), (100.06, 10.0)))
+    episode = Episode(side="buy", quantity=2, tick=0.02, books=(book,) * 3, taker_fee_bps=5.0, maker_fee_bps=1.0,
+                      trades=((Trade(99.99, 1.0, "sell"),), ()))
+    execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=1, tif=1),
+                                   ChildOrder(step=0, price=100.01, size=1, tif=1)])
+    assert execution.fills == [(1, 100.01, 1.0, False), (2, 100.04, 1.0, True)]
+
+
 def test_a_better_price_is_served_before_an_earlier_order():
     # Bids at 99 (placed first) and 100: the one lot sold at 98 would have hit the 100 bid first.
     episode = _episode("buy", 2, [(Trade(98.0, 1.0, "sell"),), ()])
