@@ -3,6 +3,7 @@ With two engines (one per data-parallel replica), each one does, and a batch sha
 what the engines would sample alone."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def _recording(engine) -> list[tuple[int, int, bool]]:
     calls: list[tuple[int, int, bool]] = []
     update = engine.update_weights
 
+    @functools.wraps(update)  # the push names the engine's method in its errors
     def recording(named_tensors):
         named_tensors = list(named_tensors)
         nbytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
