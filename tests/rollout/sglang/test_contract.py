@@ -7,6 +7,7 @@ run here). CI installs sglang into its CUDA-torch environment, where these check
 - its weight buckets deserialize through SGLang's own MultiprocessingSerializer and
   FlattenedTensorBucket into exactly the names and tensors that were sent.
 """
+import dataclasses
 import inspect
 
 import pytest
@@ -160,6 +161,13 @@ def test_each_request_asks_for_what_was_requested_and_its_answer_comes_back_unde
         assert (read.temperature, read.top_p, read.top_k, read.max_new_tokens) == (0.7, 0.9, 5, 1)
         assert read.stop_token_ids == {2, 3}
     assert len({read.sampling_seed for _, read, _ in front.requests}) == 6  # each request draws its own
+    seeds = {}
+    for seed in (11, 12):  # the seeds follow the batch's: the same again, and none shared with another batch's
+        again = _Echoing()
+        SGLangEngine(again, tp_size=1).generate(prompts, dataclasses.replace(params, seed=seed))
+        seeds[seed] = [read.sampling_seed for _, read, _ in again.requests]
+    assert seeds[11] == [read.sampling_seed for _, read, _ in front.requests]
+    assert not set(seeds[11]) & set(seeds[12])
     assert [[(c.token_ids, c.logprobs, c.finish_reason) for c in cs] for cs in out] == [
         [([10 + i], [pytest.approx(-(i + 1) / 100)], "length") for i in (2 * p, 2 * p + 1)] for p in range(3)]
 
