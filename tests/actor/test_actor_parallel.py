@@ -192,6 +192,24 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
                 rel = ((tensor - expected).norm() / expected.norm()).item()
                 if not rel <= 1e-5:
                     failures.append(f"{name}: {hf_name} relative difference {rel:.3g}")
+    # DP4 with mini-batches of one group (2 rows): two data-parallel ranks have no row in each optimizer step. They
+    # still take part in the step (their gradients are zero), and must not add a row of their own to it.
+    folder = workdir / "qwen2"
+    old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.2 * torch.randn(tokens.shape,
+                                                                              generator=torch.Generator().manual_seed(3))
+    history, state = _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (2, 4))
+    actor = _actor(folder, 1, 1, False, ppo_mini_batch_size=1)
+    assert actor.layout.dp == 4
+    metrics = actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
+                                      old_logp=old_logp), group_size=2)
+    for key, ref in (("actor/pg_loss", sum(h[0] for h in history) / 4),
+                     ("actor/grad_norm", sum(h[1] for h in history) / 4)):
+        if not abs(metrics[key] - ref) <= 1e-5 * abs(ref):
+            failures.append(f"qwen2 DP4 with idle ranks: {key} {metrics[key]} != {ref}")
+    for hf_name, tensor in stage_hf_tensors(actor.model, actor.arch):
+        rel = ((tensor - state[hf_name]).norm() / state[hf_name].norm()).item()
+        if not rel <= 1e-5:
+            failures.append(f"qwen2 DP4 with idle ranks: {hf_name} relative difference {rel:.3g}")
     assert not failures, "\n".join(failures[:20])
 
 
