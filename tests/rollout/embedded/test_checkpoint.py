@@ -27,6 +27,20 @@ def test_sharded_checkpoint_loads(qwen2, tmp_path):
         torch.testing.assert_close(got, hf_score(qwen2.hf, seq, 1.0), rtol=0, atol=1e-5)
 
 
+def test_scoring_more_sequences_than_a_batch_holds_goes_in_chunks(qwen2):
+    """Five sequences of unlike lengths at max_batch_size 2: three chunks, each sequence scored as transformers does,
+    in order."""
+    import dataclasses
+
+    engine = EmbeddedEngine.from_state_dict(qwen2.hf.config, qwen2.hf.state_dict(),
+                                            dataclasses.replace(CPU, max_batch_size=2))
+    sequences = PROBE + [[5, 6], [7, 8, 9, 10, 11, 12, 13], [99, 1, 2, 3]]
+    scored = engine.score(sequences, 0.7)
+    assert [len(s) for s in scored] == [len(seq) - 1 for seq in sequences]
+    for seq, got in zip(sequences, scored):
+        torch.testing.assert_close(got, hf_score(qwen2.hf, seq, 0.7), rtol=0, atol=1e-5)
+
+
 def test_state_dict_and_folder_give_the_same_engine(tiny):
     from_folder = EmbeddedEngine.from_pretrained(tiny.folder, CPU)
     from_state = EmbeddedEngine.from_state_dict(tiny.hf.config, tiny.hf.state_dict(), CPU)
