@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,9 +130,66 @@ def check_a_memory_hand_off_that_fails_on_one_rank_stops_every_rank(rank: int, w
     assert memory.phase == "training"
 
 
+class _Recording:
+    """An engine's or actor's memory methods, each call written to `log` as (who, method, keyword arguments)."""
+
+    def __init__(self, who: str, log: list):
+        self.who, self.log = who, log
+
+    def __getattr__(self, method: str):
+        def call(**kwargs):
+            self.log.append((self.who, method, kwargs))
+            if method == "offload":
+                return SimpleNamespace(copied_bytes=7)
+
+        return call
+
+
+def check_the_memory_hand_offs_come_in_the_order_they_need(rank: int, world: int, workdir: Path) -> None:
+    """With actor.offload the engine takes back its weights for the push while the actor is still on the device,
+    and its KV cache only once the actor has left; a checkpoint in the generation phase frees the KV cache only
+    (SGLang would need a push after freeing its weights). Without offload the engine takes everything back for
+    the push. Rank 1 hosts no engine: its actor moves at the same points."""
+    from megatron_dapo.trainer.memory import ColocatedMemory
+
+    for offload in (True, False):
+        log: list = []
+        memory = ColocatedMemory(_Recording("actor", log), colocated=True, offload=offload)
+        memory.before_engine_start()
+        memory.engine = _Recording("engine", log) if rank == 0 else None
+        memory.to_push()
+        memory.to_generation()
+        with memory.actor_resident():
+            log.append(("checkpoint", "save", {}))
+        memory.to_training()
+        engine = [
+            ("engine", "release_memory", {}),
+            ("engine", "resume_weights" if offload else "resume_memory", {}),
+            ("engine", "resume_memory", {}),
+            ("engine", "release_memory", {"weights": False}),
+            ("engine", "resume_memory", {}),
+            ("engine", "release_memory", {}),
+        ]
+        if offload:
+            expected = [("actor", "offload", {}),  # before any engine starts: SGLang sizes its cache then
+                        engine[0], ("actor", "reload", {}), engine[1],  # to_push, through training
+                        ("actor", "offload", {}), engine[2],  # to_generation: the KV cache once the actor is gone
+                        engine[3], ("actor", "reload", {}), ("checkpoint", "save", {}), ("actor", "offload", {}),
+                        engine[4],
+                        engine[5], ("actor", "reload", {})]
+            assert memory.offloaded_bytes == 7
+        else:  # the actor stays; the checkpoint needs no hand-off (a second resume is the engine's no-op)
+            expected = [engine[0], engine[1], engine[2], ("checkpoint", "save", {}), engine[5]]
+        if rank != 0:
+            expected = [call for call in expected if call[0] != "engine"]
+        assert log == expected, (offload, log)
+        assert memory.phase == "training"
+
+
 CHECKS = [check_the_control_channel_waits_out_a_long_generation, check_the_actor_batch_reaches_every_rank,
           check_a_checkpoint_one_rank_cannot_see_stops_every_rank,
           check_a_memory_hand_off_that_fails_on_one_rank_stops_every_rank,
+          check_the_memory_hand_offs_come_in_the_order_they_need,
           check_a_shorter_timeout_gives_up]  # the last leaves the default group timed out
 
 
