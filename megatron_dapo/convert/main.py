@@ -98,9 +98,10 @@ def dtype_notes(source: torch.dtype | None, target: torch.dtype | None, directio
         return []
     name = str(source).replace("torch.", "")
     given = next(key for key, dtype in DTYPES.items() if dtype == target)
-    if source == torch.float64:  # wider than every dtype written: each rounds, and none keeps them
+    if source == torch.float64:  # wider than every --dtype: each rounds; hf-to-mcore without one writes them as stored
         overflow = " and turns any beyond fp16's range (65504) into inf" if target == torch.float16 else ""
-        return [f"the checkpoint's model weights are float64; the {given} copy rounds them{overflow}"]
+        keep = " (leave out --dtype to keep them exact)" if direction == "hf-to-mcore" else ""
+        return [f"the checkpoint's model weights are float64; the {given} copy rounds them{overflow}{keep}"]
     if target == torch.float32:  # every fp16 and bf16 value is an fp32 value
         if direction != "mcore-to-hf":
             return []

@@ -1,12 +1,12 @@
 """Reward functions keyed by `data_source`, and what they give back.
 
 A reward function is a module-level function `fn(response, ground_truth, extra_info) -> RewardResult | float`
-(or a mapping in verl's layout, below)
-registered with `@register_reward("name")`, or named in the config's reward.functions (reward/custom.py).
-A float return means score = acc = that float (as verl does); a mapping in verl's layout ({"score", "acc",
-"pred", other figures}) is read as the RewardResult it describes, its acc the score when it has none. The functions run in worker processes
-(reward/scorer.py), so that one bad sample costs one sample; a `data_source` with no registered function
-is a data or config error and raises before anything is scored.
+(or a mapping in verl's layout, below) registered with `@register_reward("name")`, or named in the config's
+reward.functions (reward/custom.py). A float return means score = acc = that float (as verl does); a mapping in
+verl's layout ({"score", "acc", "pred", other figures}) is read as the RewardResult it describes, its acc the
+score when it has none. The functions run in worker processes (reward/scorer.py), so that one bad sample costs
+one sample; a `data_source` with no registered function is a data or config error and raises before anything
+is scored.
 """
 from __future__ import annotations
 

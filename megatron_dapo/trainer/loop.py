@@ -420,7 +420,7 @@ class Trainer:
             if now - last >= interval:
                 last = now
                 unscored = (f", {stats.dropped_unscored} with fewer than two responses that count (reward failed or "
-                            "cut at the length limit)" if stats.dropped_unscored else "")
+                            "gave no such figure, or cut at the length limit)" if stats.dropped_unscored else "")
                 print(f"step {self.step + 1}: generation batch {stats.gen_batches}: {min(kept, target)}/{target} "
                       f"groups kept, {stats.dropped_all_correct} all-correct and {stats.dropped_all_wrong} all-wrong "
                       f"dropped{unscored}, {now - started:.0f} s", file=sys.stderr, flush=True)

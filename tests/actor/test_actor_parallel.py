@@ -195,9 +195,10 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
     # DP4 with mini-batches of one group (2 rows): two data-parallel ranks have no row in each optimizer step. They
     # still take part in the step (their gradients are zero), and must not add a row of their own to it.
     folder = workdir / "qwen2"
-    old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.2 * torch.randn(tokens.shape,
-                                                                              generator=torch.Generator().manual_seed(3))
+    drift = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3))
+    old_logp = hf_logprobs(folder, tokens, TEMPERATURE) - 0.2 * drift
     history, state = _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (2, 4))
+    assert len(history) == 4  # optimizer steps of one group (2 rows) each
     actor = _actor(folder, 1, 1, False, ppo_mini_batch_size=1)
     assert actor.layout.dp == 4
     metrics = actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,

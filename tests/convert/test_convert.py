@@ -464,7 +464,9 @@ def test_dtype_notes_say_what_the_copy_does_to_the_weights():
         "the checkpoint's model weights are float16; the bf16 copy rounds them (pass --dtype fp16 to keep them exact)"]
     # float64 weights round whatever is written, and no --dtype keeps them.
     for target, given in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        for direction in ("hf-to-mcore", "mcore-to-hf"):
-            assert dtype_notes(torch.float64, target, direction) == [
-                f"the checkpoint's model weights are float64; the {given} copy rounds them"]
+        assert dtype_notes(torch.float64, target, "mcore-to-hf") == [
+            f"the checkpoint's model weights are float64; the {given} copy rounds them"]
+        assert dtype_notes(torch.float64, target, "hf-to-mcore") == [
+            f"the checkpoint's model weights are float64; the {given} copy rounds them (leave out --dtype to keep "
+            "them exact)"]
     assert "fp16's range (65504)" in dtype_notes(torch.float64, torch.float16, "hf-to-mcore")[0]

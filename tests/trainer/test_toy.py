@@ -659,8 +659,8 @@ def test_dynamic_sampling_on_a_task_figure_with_failing_rewards(toy_run, tmp_pat
     assert row["sampling/groups_dropped_unscored"] > 0 and row["sampling/groups_kept"] > 0, row  # the failing prompt
     assert "actor/pg_loss" in row, row
     # Every failure of the step is counted by kind, those of the dropped groups too (critic/ counts the kept ones).
-    # (metric_missing also counts the responses cut at the length limit, out of the test under overlong filtering)
-    assert row["reward/failed"] == row["reward/failed_error"], row
+    # A failed response has no metric; metric_missing also counts those cut at the length limit (overlong filtering).
+    assert row["sampling/metric_missing"] >= row["reward/failed"] == row["reward/failed_error"], row
     assert row["reward/failed"] > row["critic/reward_failed"] and row["reward/failed_timeout"] == 0, row
     # Without dynamic sampling a step draws train_batch_size (8) prompts, not gen_batch_size (24), and trains on
     # them all, the failed responses masked out.

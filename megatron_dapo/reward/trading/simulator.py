@@ -177,13 +177,21 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
         by_step.setdefault(order.step, []).append(order)
     best_first = -1 if side == "buy" else 1
 
-    def priority(order: dict) -> tuple[float, int]:
-        """Best price first, then the order placed first. A price on the tick grid is taken as its grid point (one
-        reached by arithmetic can be a float step below the same price in the book, and would lose its place to a
-        later order there); one off the grid (market data whose tick is a multiple of the real one) as it is."""
-        price = order["price"]
-        on_grid = round(price / episode.tick) * episode.tick
-        return best_first * (on_grid if same_price(on_grid, price) else price), order["seq"]
+    def priority(orders: list[dict]) -> list[dict]:
+        """Best price first, then the order placed first. Prices that are one price (`same_price`: one reached by
+        arithmetic in ticks can be a float step below the same price in the book or in another order) rank as
+        the first placed of them, so that a later order at that price cannot jump ahead by a float step."""
+        anchors: list[float] = []
+
+        def anchor(price: float) -> float:
+            found = next((a for a in anchors if same_price(a, price)), None)
+            if found is None:
+                anchors.append(price)
+            return price if found is None else found
+
+        by_seq = sorted(orders, key=lambda o: o["seq"])
+        ranked = [(best_first * anchor(o["price"]), o["seq"], i) for i, o in enumerate(by_seq)]
+        return [by_seq[i] for *_, i in sorted(ranked)]
 
     for step in range(horizon + 1):
         book = episode.books[step]
@@ -192,7 +200,7 @@ def simulate(episode: Episode, orders: list[ChildOrder]) -> Execution:
             trades = [[t.price, t.size] for t in episode.trades[step - 1] if t.aggressor == hitting]
             cleared: list[list[float]] = []  # [price, queue volume traded away at it this interval]
             fresh = _beyond(levels, episode.books[step - 1].opposite(side))
-            for order in sorted(resting, key=priority):
+            for order in priority(resting):
                 _fill_resting(order, trades, levels, fresh, side, step, execution, cleared)
             resting = [o for o in resting if o["left"] > EPS and o["expires"] > step]
         if step == horizon:

@@ -201,6 +201,19 @@ def test_prices_off_the_tick_grid_keep_their_order():
     assert execution.fills == [(1, 100.01, 1.0, False), (2, 100.04, 1.0, True)]
 
 
+def test_off_grid_prices_a_float_step_apart_are_one_price_too():
+    """Off the grid (tick 0.02, prices in cents) at 1e6, a price worked out in ticks is a float step below the
+    same price given otherwise: the first placed keeps its place."""
+    worked_out = round(1000000.07 - 3 * 0.02, 10)
+    assert worked_out != 1000000.01
+    book = Book(bids=((1000000.07, 5.0), (1000000.01, 10.0)), asks=((1000000.09, 4.0), (1000000.11, 10.0)))
+    episode = Episode(side="buy", quantity=2, tick=0.02, books=(book,) * 3, taker_fee_bps=5.0, maker_fee_bps=1.0,
+                      trades=((Trade(1000000.01, 11.0, "sell"),), ()))
+    execution = simulate(episode, [ChildOrder(step=0, price=worked_out, size=1, tif=1),
+                                   ChildOrder(step=0, price=1000000.01, size=1, tif=1)])
+    assert execution.fills == [(1, worked_out, 1.0, False), (2, 1000000.09, 1.0, True)]
+
+
 def test_a_better_price_is_served_before_an_earlier_order():
     # Bids at 99 (placed first) and 100: the one lot sold at 98 would have hit the 100 bid first.
     episode = _episode("buy", 2, [(Trade(98.0, 1.0, "sell"),), ()])

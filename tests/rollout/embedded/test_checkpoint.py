@@ -35,7 +35,10 @@ def test_scoring_more_sequences_than_a_batch_holds_goes_in_chunks(qwen2):
     engine = EmbeddedEngine.from_state_dict(qwen2.hf.config, qwen2.hf.state_dict(),
                                             dataclasses.replace(CPU, max_batch_size=2))
     sequences = PROBE + [[5, 6], [7, 8, 9, 10, 11, 12, 13], [99, 1, 2, 3]]
+    batches = []
+    engine.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     scored = engine.score(sequences, 0.7)
+    assert batches == [2, 2, 1]
     assert [len(s) for s in scored] == [len(seq) - 1 for seq in sequences]
     for seq, got in zip(sequences, scored):
         torch.testing.assert_close(got, hf_score(qwen2.hf, seq, 0.7), rtol=0, atol=1e-5)
