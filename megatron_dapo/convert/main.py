@@ -98,8 +98,8 @@ def dtype_notes(source: torch.dtype | None, target: torch.dtype | None, directio
         return []
     name = str(source).replace("torch.", "")
     given = next(key for key, dtype in DTYPES.items() if dtype == target)
+    overflow = " and turns any beyond fp16's range (65504) into inf" if target == torch.float16 else ""
     if source == torch.float64:  # wider than every --dtype: each rounds; hf-to-mcore without one writes them as stored
-        overflow = " and turns any beyond fp16's range (65504) into inf" if target == torch.float16 else ""
         keep = " (leave out --dtype to keep them exact)" if direction == "hf-to-mcore" else ""
         return [f"the checkpoint's model weights are float64; the {given} copy rounds them{overflow}{keep}"]
     if target == torch.float32:  # every fp16 and bf16 value is an fp32 value
@@ -109,6 +109,5 @@ def dtype_notes(source: torch.dtype | None, target: torch.dtype | None, directio
                 "more precise (a bf16 run keeps its fp32 master weights in the optimizer state, which is not "
                 "converted)"]
     keep = next((key for key, dtype in DTYPES.items() if dtype == source), "fp32")
-    overflow = " and turns any beyond fp16's range (65504) into inf" if target == torch.float16 else ""
     return [f"the checkpoint's model weights are {name}; the {given} copy rounds them{overflow} (pass --dtype {keep} "
             "to keep them exact)"]

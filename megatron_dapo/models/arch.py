@@ -108,6 +108,7 @@ class ModelArch:
         architecture, family = _architecture(config, source)
         problems = _unsupported_features(config, family)
         config = {**ABSENT_DEFAULTS.get(family, {}), **config}
+
         def number(key: str, kind: type = int, default: Any = None) -> Any:
             """config[key] as `kind`; absent or null: `default` (None: the key is required)."""
             value = config.get(key)

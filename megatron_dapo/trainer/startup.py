@@ -3,7 +3,6 @@ stop tokens. Plain functions of the config, each raising a ConfigError that name
 calls them so that every rank refuses alike (trainer/loop.py)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig
 from megatron_dapo.data.dataset import PromptDataset, TokenizerError, file_problem
-from megatron_dapo.models.arch import ModelArch
+from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.trainer import checkpoints
 
 
@@ -136,13 +135,7 @@ def stop_token_ids(tokenizer, model_path: str | Path, vocab_size: int) -> tuple[
     for name in ("config.json", "generation_config.json"):
         path = Path(model_path) / name
         if path.is_file():
-            try:
-                settings = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
-                raise ConfigError(f"model.path: {path} is not readable JSON ({err})") from None
-            if not isinstance(settings, dict):
-                raise ConfigError(f"model.path: {path} holds a {type(settings).__name__}, not a JSON object")
-            eos = settings.get("eos_token_id")
+            eos = read_json_object(path, " (model.path)").get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos])
     ids = {t for t in ids if isinstance(t, int) and not isinstance(t, bool) and t >= 0}
     inside, outside = tuple(sorted(t for t in ids if t < vocab_size)), tuple(sorted(t for t in ids if t >= vocab_size))

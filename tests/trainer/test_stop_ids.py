@@ -43,10 +43,10 @@ def test_stop_ids_the_model_cannot_draw_are_left_out_and_none_at_all_is_refused(
 def test_a_model_file_that_is_not_a_json_object_is_named(tmp_path):
     import pytest
 
-    from megatron_dapo.config.loader import ConfigError
+    from megatron_dapo.models.arch import ModelError
 
     path = tmp_path / "generation_config.json"
-    for text, why in [('{"eos_token_id": ', "is not readable JSON"), ("[1, 2]", "holds a list, not a JSON object")]:
+    for text, why in [('{"eos_token_id": ', "not a readable JSON file"), ("[1, 2]", "holds a JSON list, not an object")]:
         path.write_text(text)
-        with pytest.raises(ConfigError, match=f"model.path: {path} {why}"):
+        with pytest.raises(ModelError, match=f"{path} \\(model.path\\): {why}"):
             stop_token_ids(_tokenizer(eos_token="</s>"), tmp_path, vocab_size=10)
