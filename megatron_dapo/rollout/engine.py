@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,13 +104,25 @@ class SamplingParams:
 
 
 def not_token_ids(seq) -> str | None:
-    """What `seq` is when it cannot be one prompt's token ids (a str, a number, a tensor that is not 1-D),
-    else None: a flat list of ids passed as the batch makes each id a "prompt"."""
+    """What `seq` is when it cannot be one prompt's token ids (a str, a number, a tensor that is not 1-D, a set or
+    mapping, whose order is not the prompt's), else None: a flat list of ids passed as the batch makes each id a
+    "prompt"."""
     if isinstance(seq, (str, bytes)) or not (hasattr(seq, "__len__") and hasattr(seq, "__iter__")):
         return f"a {type(seq).__name__}"
+    if isinstance(seq, (Set, Mapping)):
+        return f"a {type(seq).__name__} (unordered)"
     if getattr(seq, "ndim", 1) != 1:
         return f"a {type(seq).__name__} of {seq.ndim} dimensions"
     return None
+
+
+def as_batch(batch, what: str) -> list:
+    """The batch given to generate or score as a list (a generator is read once, here), or a RolloutError naming
+    what it is when it is no batch (a str, a set, a mapping)."""
+    if isinstance(batch, (str, bytes, Set, Mapping)) or not isinstance(batch, Iterable):
+        raise RolloutError(f"bad input: the batch is a {type(batch).__name__}, not a list of {what}s "
+                           "(each a list of token ids)")
+    return list(batch)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from megatron_dapo.rollout.embedded.kv_cache import KVCache
 from megatron_dapo.rollout.embedded.model import CausalLM
 from megatron_dapo.rollout.weights import WeightPush
 from megatron_dapo.rollout.engine import (MIN_TEMPERATURE, Completion, RolloutEngine, RolloutError, SamplingParams,
-                                          not_token_ids)
+                                          as_batch, not_token_ids)
 
 TIED_HEAD = "lm_head.weight"
 
@@ -94,6 +94,7 @@ class EmbeddedEngine(RolloutEngine):
         """Sample params.n completions per prompt, decoding up to max_batch_size sequences at a time (a prompt
         waiting takes the rows of finished ones)."""
         self._check_ready()
+        prompts = as_batch(prompts, "prompt")
         self._check_sequences(prompts, "prompt", extra=params.max_new_tokens)
         outside = [t for t in params.stop_token_ids if t >= self.arch.vocab_size]
         if outside:  # the model cannot draw them: every response would run to max_new_tokens
@@ -114,6 +115,7 @@ class EmbeddedEngine(RolloutEngine):
         self._check_ready()
         if not MIN_TEMPERATURE <= temperature < math.inf:
             raise RolloutError(f"temperature must be >= {MIN_TEMPERATURE:g} and finite, got {temperature}")
+        sequences = as_batch(sequences, "sequence")
         self._check_sequences(sequences, "sequence", extra=0)
         out = []
         for start in range(0, len(sequences), self.config.max_batch_size):

@@ -32,7 +32,7 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.models import families
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.rollout.engine import (Completion, RolloutEngine, RolloutError, SamplingParams, StaleWeightsError,
-                                          not_token_ids)
+                                          as_batch, not_token_ids)
 from megatron_dapo.rollout.sglang.broadcast import BroadcastSender
 from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
 from megatron_dapo.rollout.sglang.wire import bucket_payloads, expect_success, flatten
@@ -115,6 +115,7 @@ class SGLangEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         self._check_usable()
+        prompts = as_batch(prompts, "prompt")
         for i, prompt in enumerate(prompts):
             kind = not_token_ids(prompt)
             if kind is not None:
@@ -144,6 +145,11 @@ class SGLangEngine(RolloutEngine):
         self._check_usable()
         if temperature != 1.0:
             raise RolloutError(f"SGLang scores a sequence's tokens at temperature 1 only, got {temperature}")
+        sequences = as_batch(sequences, "sequence")
+        for i, seq in enumerate(sequences):
+            kind = not_token_ids(seq)
+            if kind is not None:
+                raise RolloutError(f"sequence {i} is {kind}, not a list of token ids (a batch is a list of sequences)")
         outputs = _generate(self.engine, f"the scoring batch ({len(sequences)} sequences)",
                             input_ids=[list(s) for s in sequences],
                             sampling_params={"max_new_tokens": 0, "temperature": temperature},

@@ -35,6 +35,22 @@ def test_a_flat_prompt_is_refused_by_what_it_is(engine):
         engine.score(["12"], 1.0)
     with pytest.raises(RolloutError, match="prompt 0 is a Tensor of 0 dimensions, not a list of token ids"):
         engine.generate(torch.tensor([1, 2, 3]), GREEDY)
+    # A set's or a dict's order is not the prompt's: sampling would continue tokens in another order.
+    with pytest.raises(RolloutError, match=r"prompt 0 is a set \(unordered\), not a list of token ids"):
+        engine.generate([{5, 1, 200}], GREEDY)
+    with pytest.raises(RolloutError, match=r"sequence 0 is a dict \(unordered\)"):
+        engine.score([{3: 0, 1: 0}], 1.0)
+    with pytest.raises(RolloutError, match="the batch is a set, not a list of prompts"):
+        engine.generate({(1, 2), (3, 4)}, GREEDY)
+    with pytest.raises(RolloutError, match="the batch is a str, not a list of sequences"):
+        engine.score("1234", 1.0)
+
+
+def test_a_batch_read_once_is_the_batch_given_as_a_list(engine):
+    prompts = [[1, 2, 3], [4, 5]]
+    assert engine.generate((p for p in prompts), GREEDY) == engine.generate(prompts, GREEDY)
+    for got, want in zip(engine.score((p for p in prompts), 1.0), engine.score(prompts, 1.0), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_a_temperature_that_would_overflow_the_logits_is_refused(engine):
