@@ -110,13 +110,14 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
         # The engine numbers the prompts of its share from 0: the message says where the share starts.
         mine = RolloutError(f"rollout engine {index} (rank {dist.get_rank()}; its share: the batch's prompts "
                             f"{share.start} to {share.stop - 1}): {type(err).__name__}: {err}")
+        mine.__cause__ = err  # rank 0 raises its own failure with the traceback (a gathered copy has none)
     if len(hosts) == 1:
         return mine if index == 0 else None
     gathered: list | None = [None] * len(hosts) if index == 0 else None
     dist.gather_object(mine, gathered, dst=0, group=placement.group)
     if gathered is None:
         return None
-    for part in gathered:
+    for i, part in enumerate(gathered):
         if isinstance(part, RolloutError):
-            raise part
+            raise mine if i == index else part
     return [result for part in gathered for result in part]

@@ -140,6 +140,18 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
         else:
             assert generate_shared(engine, placement, prompts, params, finish=fails_on_engine_1) is None
 
+        def fails_on_engine_0(share, outputs):
+            if dist.get_rank() == placement.hosts[0]:
+                raise ValueError("no reward here")
+            return outputs
+
+        if rank == 0:  # its own failure keeps its traceback (the gathered copy has none)
+            with pytest.raises(RolloutError, match=r"rollout engine 0 .*ValueError: no reward here") as failed:
+                generate_shared(engine, placement, prompts, params, finish=fails_on_engine_0)
+            assert isinstance(failed.value.__cause__, ValueError) and failed.value.__cause__.__traceback__ is not None
+        else:
+            assert generate_shared(engine, placement, prompts, params, finish=fails_on_engine_0) is None
+
         old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
         for step in range(2):
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
