@@ -18,6 +18,10 @@ CONSOLE_KEYS = {"critic/acc_mean": "acc", "critic/score_mean": "score", "respons
 """The figures of a step's console line, under their labels there."""
 
 
+WANDB_STEP = "trainer/step"
+"""The W&B field that holds the training step, every figure's x axis there."""
+
+
 OPTIONAL_SINKS = {"tensorboard": ("logging.tensorboard=true", "tensorboard"),
                   "wandb": ("logging.wandb_project", "wandb")}
 """Sink -> (the setting that asks for it, the package it needs: pip install megatron-dapo[SINK])."""
@@ -111,6 +115,11 @@ class MetricSinks:
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name or run_dir.name,
                                     dir=str(run_dir), id=id_file.read_text().strip() if training else None,
                                     resume="allow" if training else None)
+            # Every figure is charted against the training step, a field of the row: W&B's own step only counts
+            # rows and must rise, so rows of a step logged again (trained again after a resume, or a validation
+            # a stop skipped) would be dropped if it were given the training step.
+            self.wandb.define_metric(WANDB_STEP)
+            self.wandb.define_metric("*", step_metric=WANDB_STEP)
 
     def training_starts(self, step: int, checkpoint: Path | None) -> None:
         """Training starts after `step`, from `checkpoint` (None: from the starting weights). Rows an earlier attempt
@@ -139,7 +148,7 @@ class MetricSinks:
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
         if self.wandb:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({**metrics, WANDB_STEP: step})
         if self.config.console:
             done = step / max(self.total, 1)
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))

@@ -165,3 +165,52 @@ def test_the_plot_command_names_a_folder_that_is_no_run(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"megatron-dapo: {tmp_path / 'nowhere' / 'metrics.jsonl'} does not exist: is" in proc.stderr
+
+
+class _WandbRun:
+    """A W&B run as its SDK treats rows (wandb 0.31): a row whose explicit `step` is not above the run's last one is
+    dropped with a warning; rows without one are numbered on. define_metric names the x axis of the figures."""
+
+    def __init__(self, history):
+        self.history, self.last_step, self.axes = history, -1, {}
+
+    def define_metric(self, name, step_metric=None):
+        self.axes[name] = step_metric
+
+    def log(self, row, step=None):
+        if step is not None and step <= self.last_step:
+            return  # "Tried to log to step N that is less than the current step": ignored
+        self.last_step = self.last_step + 1 if step is None else step
+        self.history.append(dict(row))
+
+    def finish(self):
+        pass
+
+
+def test_w_and_b_gets_the_rows_of_steps_trained_again_after_a_resume(tmp_path, monkeypatch):
+    """A resumed attempt logs steps the W&B run was already sent (trained again from an older checkpoint, and the
+    validation a stop skipped at the checkpoint's step): each reaches W&B with its training step as its x axis."""
+    import sys
+    import types
+
+    history, inits = [], []
+    stand_in = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return run
+
+    run = _WandbRun(history)
+    stand_in.init = init
+    monkeypatch.setitem(sys.modules, "wandb", stand_in)
+    config = LoggingConfig(console=False, jsonl=False, wandb_project="p")
+    for start, rows in ((0, [(0, 0.1), (1, 0.2), (2, 0.3)]), (1, [(1, 0.4), (2, 0.5)])):
+        sinks = MetricSinks(config, tmp_path, total_steps=3)
+        sinks.training_starts(start, None if start == 0 else tmp_path / "checkpoints" / "step_000001")
+        for step, value in rows:
+            sinks.log(step, {"val/acc": value})
+        sinks.close()
+    assert run.axes == {"trainer/step": None, "*": "trainer/step"}
+    assert [(row["trainer/step"], row["val/acc"]) for row in history] == [(0, 0.1), (1, 0.2), (2, 0.3), (1, 0.4),
+                                                                          (2, 0.5)]
+    assert inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"  # one W&B run for the run folder
