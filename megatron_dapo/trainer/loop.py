@@ -238,8 +238,14 @@ class Trainer:
             # Taken over while suspended: stop, log and save nothing. The file is read, not the last heartbeat: a job
             # resumed from a suspension would log a row after the newcomer's start before its next beat noticed.
             self._started(lambda: self.lock and self.lock.check(look=True))
-            self._log(self.step, metrics)
-            if last or stopping or (cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0):
+            saving = last or stopping or bool(cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0)
+            try:
+                self._log(self.step, metrics)
+            except Exception:
+                if saving:  # a sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept
+                    self._save(hf=None)
+                raise
+            if saving:
                 self._save(hf=None if asked else self.hf_copy)  # a stop request leaves minutes at most
                 # Asked for during the save (Slurm's warning, a STOP file): the checkpoint just written is the
                 # stop's. Going on would train a whole step and save again in what time the warning left.

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_dapo.metrics.samples import read_samples
+from megatron_dapo.trainer import checkpoints
 from megatron_dapo.metrics.sinks import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +127,8 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     stale = [run_dir / "checkpoints" / "step_000007.partial", run_dir / "checkpoints" / "step_000008"]  # crashed saves
     for folder in stale:
         (folder / "model").mkdir(parents=True)
+    converted = run_dir / "checkpoints" / "step_000005_hf"  # a user's conversion beside the checkpoints: not a save's
+    (converted / "model").mkdir(parents=True)
 
     again = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**env, "MASTER_PORT": _free_port()},
                            capture_output=True, text=True, timeout=900)
@@ -133,6 +136,7 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     assert "resumed from" in again.stdout and "step_000005" in again.stdout, again.stdout[-2000:]
     assert "the config differs" not in again.stdout, again.stdout[-2000:]
     assert not any(folder.exists() for folder in stale)  # swept at the next save
+    assert (converted / "model").is_dir()
 
     def by_step(rows):  # the last row of each training step (a step may have been logged before the kill)
         return {row["step"]: row for row in rows if "critic/acc_mean" in row}
@@ -208,6 +212,19 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
     # Still there for the batch script to requeue on, marked as stopped on: the attempt that resumes deletes it.
     assert (run_dir / "STOP").read_text().startswith("honoured: the run stopped on this file after step 1")
     assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
+
+
+def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_run, tmp_path):
+    """metrics.jsonl on a full disk (/dev/full): the row of step 1, a save step, cannot be written. The run stops
+    with the error, and step 1's checkpoint is saved first, not lost with the row."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.val_before_train=false", "checkpoint.save_freq=1"],
+                          cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode != 0 and "No space left on device" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], proc.stdout[-2000:]
+    assert checkpoints.is_complete(run_dir / "checkpoints" / "step_000001")
 
 
 def test_a_validation_a_stop_skipped_runs_when_the_run_resumes(toy_run, tmp_path):
