@@ -16,6 +16,8 @@ from megatron_dapo.actor.checkpoint import (MARKER, CheckpointError, check_compl
 from megatron_dapo.parallel.init import stop_together
 
 _STEP = re.compile(r"^step_(\d+)$")
+_SAVED = re.compile(r"^step_\d+(\.partial)?$")
+"""What a save writes: the sweep of crashed saves' folders touches nothing else (a conversion put beside them)."""
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -64,7 +66,7 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
             # What crashed saves left (a .partial folder, a folder never marked complete): never loadable, and
             # keep_last, counting complete checkpoints only, would leave them there for good.
             for stale in (run_dir / "checkpoints").glob("step_*"):
-                if stale.is_dir() and not is_complete(stale):
+                if _SAVED.match(stale.name) and stale.is_dir() and not is_complete(stale):
                     shutil.rmtree(stale, ignore_errors=True)
         except Exception as err:
             failure = err
