@@ -446,6 +446,10 @@ def load_actor(actor, directory: str | Path) -> dict:
     with _adam_steps_kept(actor.optimizer):
         actor.optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(actor.optimizer)
+    # The loaded param groups hold the saved run's settings: the config's betas and eps are this run's (lr and
+    # weight decay are set before every step).
+    for group in actor.optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(actor.config.optim.betas), actor.config.optim.eps
     _into_module(actor.model.module, state["model"], absent, directory)
     actor.steps = int(state["actor_steps"])
     return marker

@@ -44,7 +44,7 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
 
 
 def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, grad_clip: float = 0.5,
-           load_weights: bool = True, **actor_kwargs):
+           load_weights: bool = True, optim_kwargs: dict | None = None, **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -55,7 +55,8 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None
     layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                             sequence_parallel=sp).layout(dist.get_world_size())
     init_model_parallel(layout, seed=1)
-    optim = OptimConfig(lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, grad_clip=grad_clip, eps=ADAM_EPS)
+    optim = OptimConfig(**{"lr": 1e-3, "lr_warmup_steps": 2, "weight_decay": 0.1, "grad_clip": grad_clip,
+                           "eps": ADAM_EPS, **(optim_kwargs or {})})
     config = ActorConfig(optim=optim, **actor_kwargs)
     return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights,
                          load_weights=load_weights)
@@ -276,6 +277,13 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
     close(back.compute_logprobs(batch())[0], after_two, "after loading the TP1 checkpoint at TP2 x PP2")
     same_step(back.update(batch(), group_size=2), third, "first step after loading at TP2 x PP2")
     close(back.compute_logprobs(batch())[0], after_three, "after one step resumed at TP2 x PP2")
+
+    # Resumed with other Adam betas and eps (a fix for loss spikes): the config's, not the checkpoint's, are used.
+    tuned = _actor(folder, 1, 1, False, optim_kwargs={"betas": (0.9, 0.95), "eps": 1e-6}, ppo_mini_batch_size=4,
+                   load_weights=False)
+    load_actor(tuned, workdir / "ckpt_tp1")
+    settings = {(tuple(g["betas"]), g["eps"]) for g in tuned.optimizer.param_groups}
+    assert settings == {((0.9, 0.95), 1e-6)}, settings
 
     # A save that never finished is refused with a clear message.
     if rank == 0:
