@@ -5,10 +5,13 @@ build of torch and nvcc are both present (no GPU is needed to compile). Otherwis
 one line and the package uses its pure-torch reference ops, with the same results. Build with
 `pip install --no-build-isolation -e .` so that the build sees the installed torch.
 Environment: MEGATRON_DAPO_NO_EXTENSION=1 skips the extension; TORCH_CUDA_ARCH_LIST picks the
-GPU architectures (default: the visible GPU's, or 9.0 (H100) when there is none).
+GPU architectures (default: the visible GPUs', or DEFAULT_ARCHS when there is none). The module records
+the architectures it holds code for: on another GPU the package uses the reference ops and says so.
 """
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +32,39 @@ def _set_cuda_home():
                                                      for lib in ("lib64", "lib")):
             os.environ["CUDA_HOME"] = str(home)
             return
+
+
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+"""Where no GPU is visible at build time: A100 and H100 machine code, and H100's PTX, which a newer GPU's driver
+compiles for it when the module loads."""
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release of `nvcc` ("13.0"), or None when its --version does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found[1]}.{found[2]}" if found else None
+
+
+def _archs_token() -> str:
+    """The architectures the build compiles for as one C token (sm80_sm90_ptx90: machine code for 8.0 and 9.0,
+    PTX of 9.0), from the flags torch's build passes to nvcc; "unknown" when those cannot be read."""
+    from torch.utils import cpp_extension
+
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # a private function of torch's: the module then says it does not know
+        return "unknown"
+    codes = [code for flag in flags for code in re.findall(r"code=\[?([\w,]+)", flag)]
+    names = []
+    for code in ",".join(codes).split(","):
+        found = re.fullmatch(r"(sm|compute)_(\d+[af]?)", code)
+        if found:
+            names.append(("sm" if found[1] == "sm" else "ptx") + found[2])
+    return "_".join(dict.fromkeys(names)) or "unknown"
 
 
 def _extension():
@@ -52,14 +88,25 @@ def _extension():
     if CUDA_HOME is None or shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin") + os.pathsep
                                          + os.environ.get("PATH", "")) is None:
         return skip("nvcc not found (set CUDA_HOME)")
+    nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
+    release = _nvcc_release(nvcc if Path(nvcc).exists() else shutil.which("nvcc"))
+    if release is not None and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's build refuses to go on and the whole install would fail
+        return skip(f"nvcc of CUDA {release} ({CUDA_HOME}) and torch {torch.__version__}'s CUDA "
+                    f"{torch.version.cuda} differ in major version: set CUDA_HOME to a CUDA "
+                    f"{torch.version.cuda.split('.')[0]} toolkit")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    archs = f"-DMDAPO_CUDA_ARCHS={_archs_token()}"
     sources = [str(Path("csrc") / name) for name in ("bindings.cpp", "logprob.cu", "dapo_loss.cu")]
     ext = CUDAExtension(
         name="megatron_dapo._C",
         sources=sources,
         depends=[str(path) for path in sorted(Path("csrc").glob("*.cuh"))],  # a header change rebuilds too
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        # Fast math's flush-to-zero and approximate division, not its approximate expf: __expf is written out where
+        # it is meant, and the loss's ratio exp(logp - old_logp) stays as the reference computes it.
+        extra_compile_args={"cxx": ["-O3", archs],
+                            "nvcc": ["-O3", "-ftz=true", "-prec-div=false", "-prec-sqrt=false", "-lineinfo", archs]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -19,10 +19,19 @@ torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Te
                                  const torch::Tensor& global_tokens);
 }  // namespace mdapo
 
+// The GPU architectures the build compiled for, as setup.py names them (sm80_sm90_ptx90).
+#ifndef MDAPO_CUDA_ARCHS
+#define MDAPO_CUDA_ARCHS unknown
+#endif
+#define MDAPO_TEXT(x) #x
+#define MDAPO_TEXT_OF(x) MDAPO_TEXT(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron-dapo fused CUDA kernels (log-prob + entropy, DAPO loss)";
   // What the Python side reads the statistics as: a build of other sources is refused by megatron_dapo.ops.extension.
   m.attr("STATS_LAYOUT") = 2;
+  // What megatron_dapo.ops.extension checks a GPU against: on one the build holds no code for, the references run.
+  m.attr("CUDA_ARCHS") = MDAPO_TEXT_OF(MDAPO_CUDA_ARCHS);
   m.def("logprob_stats", &mdapo::logprob_stats,
         "per-token (max, sum exp(z - m), sum exp(z - m) * (z - m), target z) of a vocab slice",
         pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("valid"));

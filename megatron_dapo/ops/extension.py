@@ -7,6 +7,8 @@ extension imports; everywhere else they run their pure-torch reference, with the
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import torch
 
@@ -30,10 +32,54 @@ else:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def runs_on(archs: str, capability: tuple[int, int]) -> bool | None:
+    """Whether a build holding code for `archs` (the module's CUDA_ARCHS: "sm80_ptx90_sm90", machine code for 8.0
+    and 9.0 and PTX of 9.0) runs on a GPU of compute `capability` (8, 6); None when the build did not record them.
+    Machine code runs on its own major version from its minor on (8.0's on 8.6 and 8.9); PTX on its version and
+    any later (the driver compiles it); an "a" (arch-specific) build on its version alone."""
+    cc = capability[0] * 10 + capability[1]
+    names = archs.split("_")
+    if not names or any(not re.fullmatch(r"(sm|ptx)\d+[af]?", name) for name in names):
+        return None
+    for name in names:
+        kind, version, variant = re.fullmatch(r"(sm|ptx)(\d+)([af]?)", name).groups()
+        version = int(version)
+        if variant == "a":
+            ran = cc == version
+        elif kind == "sm" or variant == "f":
+            ran = cc // 10 == version // 10 and cc >= version
+        else:
+            ran = cc >= version
+        if ran:
+            return True
+    return False
+
+
+_RUNS_ON_DEVICE: dict[int, bool] = {}
+"""Device index -> whether the built module holds code for it (asked once per device)."""
+
+
+def _runs_on_device(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _RUNS_ON_DEVICE:
+        capability = torch.cuda.get_device_capability(index)
+        ran = runs_on(getattr(EXTENSION, "CUDA_ARCHS", "unknown"), capability)
+        _RUNS_ON_DEVICE[index] = ran is not False  # not recorded: the build is trusted, as before the record
+        if ran is False:
+            warnings.warn(_not_for_this_gpu(capability), stacklevel=3)
+    return _RUNS_ON_DEVICE[index]
+
+
+def _not_for_this_gpu(capability: tuple[int, int]) -> str:
+    return (f"the fused kernels in {EXTENSION.__file__} were built for {EXTENSION.CUDA_ARCHS}, not for this GPU "
+            f"(compute capability {capability[0]}.{capability[1]}): the pure-torch references run instead; rebuild "
+            f"with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]} pip install --no-build-isolation -e .")
+
+
 def use_kernel(tensor: torch.Tensor) -> bool:
     """Whether the fused kernel serves this tensor (else the reference does)."""
     return (EXTENSION is not None and tensor.is_cuda and tensor.dtype in KERNEL_DTYPES
-            and os.environ.get("MEGATRON_DAPO_KERNELS", "1") != "0")
+            and os.environ.get("MEGATRON_DAPO_KERNELS", "1") != "0" and _runs_on_device(tensor.device))
 
 
 def describe() -> str:
@@ -44,4 +90,8 @@ def describe() -> str:
             line += ("; on a GPU the reference's log-prob backward holds about five float32 [tokens, vocab / TP] "
                      "arrays besides the logits (the kernels none): reinstall with nvcc present to build them")
         return line
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if runs_on(getattr(EXTENSION, "CUDA_ARCHS", "unknown"), capability) is False:
+            return "fused kernels: not in use: " + _not_for_this_gpu(capability)
     return "fused kernels: megatron_dapo._C (CUDA tensors); pure-torch references elsewhere"

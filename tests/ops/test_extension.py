@@ -1,6 +1,7 @@
 """The CUDA extension is built wherever it can be (a CUDA build of torch and nvcc), and its bindings
 refuse bad input with a clear message. CI installs the CUDA build of torch, so a compile error there
 fails this test even on a machine with no GPU."""
+import os
 import shutil
 from pathlib import Path
 
@@ -44,3 +45,51 @@ def test_bindings_refuse_cpu_tensors_by_name():
                               torch.ones(1))
     # Without CUDA tensors the ops take the reference path instead of the kernel.
     assert not extension.use_kernel(logits)
+
+
+def test_a_build_runs_on_the_gpus_it_holds_code_for():
+    """Machine code runs on its major version from its minor on, PTX on its version and later, an arch-specific
+    ("a") build on its own version only; a build that recorded nothing is not judged."""
+    runs_on = extension.runs_on
+    default = "sm80_ptx90_sm90"  # setup.py's DEFAULT_ARCHS, 8.0;9.0+PTX
+    assert [runs_on(default, cc) for cc in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))] == [True] * 6
+    assert [runs_on(default, cc) for cc in ((7, 0), (7, 5))] == [False, False]
+    assert runs_on("sm90", (10, 0)) is False and runs_on("sm90", (8, 0)) is False and runs_on("sm86", (8, 0)) is False
+    assert runs_on("sm90a", (9, 0)) is True and runs_on("ptx90a", (10, 0)) is False
+    assert runs_on("sm100f", (10, 3)) is True and runs_on("sm100f", (12, 0)) is False
+    assert runs_on("unknown", (9, 0)) is None and runs_on("", (9, 0)) is None
+
+
+def test_the_build_records_the_architectures_it_holds_code_for():
+    """setup.py passes the architectures nvcc compiled for to the module: with no GPU at build time (CI) the
+    default list, on a GPU machine at least that GPU's."""
+    if extension.EXTENSION is None:
+        unavailable("extension", f"the extension is not built here: {extension.UNAVAILABLE_BECAUSE}")
+    archs = extension.EXTENSION.CUDA_ARCHS
+    if torch.cuda.is_available():
+        assert extension.runs_on(archs, torch.cuda.get_device_capability()) is True, archs
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        assert set(archs.split("_")) == {"sm80", "sm90", "ptx90"}, archs
+    else:  # a list of one's own (a build at test time would have used it too)
+        assert extension.runs_on(archs, (9, 0)) is not None, archs
+
+
+def test_an_nvcc_of_another_major_cuda_version_skips_the_build_naming_both(tmp_path):
+    """torch's build stops on a toolkit of another major CUDA version than torch's (a `module load cuda/12.8` beside
+    a CUDA 13 torch): setup.py skips the extension with a line naming both, and the install goes on."""
+    import subprocess
+    import sys
+
+    if torch.version.cuda is None:
+        unavailable("extension", f"torch {torch.__version__} is a CPU build: setup.py skips the extension anyway")
+    other = int(torch.version.cuda.split(".")[0]) - 1
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.8, V{other}.8.93'\n")
+    nvcc.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_HOME": str(tmp_path / "cuda")}, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("megatron-dapo"), proc.stderr[-2000:]
+    assert (f"CUDA extension not built (nvcc of CUDA {other}.8 ({tmp_path / 'cuda'}) and torch {torch.__version__}'s "
+            f"CUDA {torch.version.cuda} differ in major version") in proc.stderr, proc.stderr[-2000:]

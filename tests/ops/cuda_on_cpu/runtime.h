@@ -9,14 +9,14 @@
 // shared memory no thread has written is NaN. Blocks, warps and lanes run in ascending order on one launch
 // of a kernel and in descending order on its next: a result that depends on the order of unsynchronised
 // threads (in one warp, across warps or across blocks) differs between two runs of the same call. Float
-// arithmetic in a kernel flushes subnormal inputs and results to zero, as the extension's --use_fast_math
+// arithmetic in a kernel flushes subnormal inputs and results to zero, as the extension's -ftz=true
 // build does on the GPU (x86's MXCSR FTZ and DAZ, set for the launch). These fail the launch, which
 // throws naming the kernel: a __syncthreads that not every thread of the block reaches, threads waiting at
 // different __syncthreads, a shuffle that not every lane of a full warp reaches (CUDA leaves both
 // undefined), a block larger than the kernel's __launch_bounds__ or 1024 threads, an exception or a
 // misaligned load or store in a kernel (the sources are compiled with -fsanitize=alignment; the handler
-// below reports to the launch). What this does not model: the GPU's instructions (__expf and fast-math expf
-// are glibc's expf here, and no multiply-add is fused), memory coalescing, warps running in lockstep between
+// below reports to the launch). What this does not model: the GPU's instructions (__expf is glibc's expf
+// here, and no multiply-add is fused), memory coalescing, warps running in lockstep between
 // synchronisation points, and a thread losing a read-modify-write of shared or global memory to another:
 // a thread runs on until it waits, so `x += v` from many threads adds every v here (the kernels use no
 // atomics and keep such sums in per-thread slots reduced behind barriers).
@@ -200,7 +200,7 @@ inline void run_block(Launch& launch, bool reverse) {
   }
 }
 
-// Subnormal float inputs and results read as zero while it lives (nvcc's -ftz=true, part of --use_fast_math).
+// Subnormal float inputs and results read as zero while it lives (nvcc's -ftz=true, which setup.py passes).
 // Fibers made while it lives take it with their contexts (glibc's getcontext saves MXCSR).
 class FlushSubnormals {
  public:
