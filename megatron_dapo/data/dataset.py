@@ -365,12 +365,22 @@ def _parse_row(row: Any, prompt_key: str) -> tuple[list[dict[str, str]], str, st
     extra_info = {} if extra_info is None else extra_info
     if not isinstance(extra_info, dict):
         raise _Malformed(f"'extra_info' must be an object, got {_describe(extra_info)}")
-    # A key set to null is absent: Parquet gives a struct column the keys of every row, null where a row has none,
-    # and the same row read from JSONL would otherwise be another prompt (and its reward function see None for
-    # a key it has a default for).
-    extra_info = {key: value for key, value in extra_info.items() if value is not None}
+    # A key set to null is absent, at any depth: Parquet gives a struct column (and a struct nested in one, or in
+    # a list) the keys of every row, null where a row has none, and the same row read from JSONL would otherwise
+    # be another prompt (and its reward function see None for a key it has a default for).
+    extra_info = _without_null_keys(extra_info)
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     return messages, ground_truth, data_source, extra_info
+
+
+def _without_null_keys(value):
+    """`value` with every mapping's null-valued keys left out, in nested mappings and lists too (a list's own null
+    items stay: Parquet fills in no list items)."""
+    if isinstance(value, dict):
+        return {key: _without_null_keys(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_null_keys(item) for item in value]
+    return value
 
 
 def _describe(value: Any) -> str:

@@ -155,11 +155,12 @@ def test_duplicates_across_files(tmp_path, tokenizer):
 def test_a_parquet_struct_s_null_keys_are_absent(tmp_path, tokenizer):
     """A struct column has every row's keys: row 0 reads back {"index": 0, "split": None}. Null keys are absent,
     so the JSONL copy of the same rows is the same prompts, and a reward function's default for a key holds."""
-    rows = [row(P1, "3", extra_info={"index": 0}), row(P2, "4", extra_info={"index": 1, "split": "train"})]
+    rows = [row(P1, "3", extra_info={"index": 0, "task": {"a": 1}, "steps": [{"x": 1}]}),
+            row(P2, "4", extra_info={"index": 1, "split": "train", "task": {"b": 2}, "steps": [{"y": 2}, {"x": 3}]})]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     files = [tmp_path / "a.parquet", write_jsonl(tmp_path / "b.jsonl", rows)]
     dataset = PromptDataset.from_files(files, tokenizer, max_prompt_length=8)
-    assert [p.extra_info for p in dataset] == [{"index": 0}, {"index": 1, "split": "train"}]
+    assert [p.extra_info for p in dataset] == [r["extra_info"] for r in rows]  # nested structs' nulls too
     assert dataset.stats.duplicates == 2
 
 
