@@ -53,18 +53,26 @@ def warm_start(folder: Path, tokenizer, train: list[str], seed: int, steps: int 
     fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=64, max_positions=64)
 
 
+class AnotherSeedsFolder(Exception):
+    """The run folder's data and warm start were made with another trainer.seed."""
+
+
 def prepare(run_dir: Path, seed: int) -> list[str]:
     """Make the tokenizer, data and warm start in run_dir (once); the overrides that point the config at them.
 
     The tokenizer has its own folder: next to the model's Qwen2 config.json, AutoTokenizer would load it as
     Qwen2's tokenizer class, whose pre-tokenizer drops the prompt's newline and the answer's space, so the
     trainer would see other token ids than the warm start was fitted on."""
-    base, tokenizer_dir = run_dir / "base", run_dir / "tokenizer"
+    base, tokenizer_dir, data = run_dir / "base", run_dir / "tokenizer", run_dir / "data"
+    made_with = data / "made_with.json"  # the seed the data and warm start were made with
     if not ((base / "model.safetensors").is_file() and (tokenizer_dir / "tokenizer.json").is_file()):
         tokenizer = make_char_tokenizer(tokenizer_dir, CHARS, TEMPLATE)
-        train = make_data(run_dir / "data", seed)
+        train = make_data(data, seed)
         warm_start(base, tokenizer, train, seed)
-    data = run_dir / "data"
+        made_with.write_text(json.dumps({"seed": seed}))
+    elif made_with.is_file() and (made := json.loads(made_with.read_text())["seed"]) != seed:
+        raise AnotherSeedsFolder(f"{run_dir} holds the data and warm start of trainer.seed={made}, not {seed} (and its "
+                         "run's checkpoints): give another seed its own trainer.run_dir")
     # Lists in JSON, which YAML reads as written: a path may hold ", " or " #".
     return [f"model.path={base}", f"model.tokenizer_path={tokenizer_dir}",
             f"data.train_files={json.dumps([str(data / 'train.jsonl')])}",
@@ -86,7 +94,11 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:  # named, no traceback (as the trainer's own are)
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
         return 2
-    overrides = [*prepare(Path(config.trainer.run_dir), config.trainer.seed), *argv]
+    try:
+        overrides = [*prepare(Path(config.trainer.run_dir), config.trainer.seed), *argv]
+    except AnotherSeedsFolder as err:
+        print(f"megatron-dapo: {err}", file=sys.stderr)
+        return 2
     if prepare_only:  # quoted for a shell: a path may hold spaces
         print(shlex.join(overrides))
         return 0
