@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 from collections.abc import Iterable
 from typing import Literal
 
@@ -41,6 +42,26 @@ from megatron_dapo.rollout.weights import PushLedger
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 """What `release_memory` frees while the trainer runs (colocated mode): SGLang's three kinds of GPU memory. The
 decode CUDA graphs' pool (1-4 GB per GPU) goes too; SGLang keeps a host copy of it and restores it on resume."""
+
+
+def leave_sigterm_to_the_trainer(engine) -> None:
+    """SGLang's engine takes SIGTERM over at its first call (an asyncio handler whose watchdog shuts SGLang down and
+    exits the process with status 0, mid-step, with no checkpoint): its event loop is set up now, before the
+    trainer's stop request installs its own handler, and its SIGTERM handler taken out again (the process's handler
+    from before is put back). SGLang keeps SIGQUIT, its crash handler."""
+    manager = engine.tokenizer_manager
+    before = signal.getsignal(signal.SIGTERM)
+    manager.auto_create_handle_loop()
+    loop = manager.event_loop
+    if loop is None:
+        return
+
+    async def remove() -> None:  # uvloop (SGLang's) removes a handler only while the loop runs
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    loop.run_until_complete(remove())
+    # The loop left the default (exit) in its place; None: a handler set outside Python, which stays lost.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 class SGLangEngine(RolloutEngine):
@@ -96,6 +117,7 @@ class SGLangEngine(RolloutEngine):
         finally:
             if kept is not None:
                 os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = kept
+        leave_sigterm_to_the_trainer(engine)
         if not config.server_args.get("enable_deterministic_inference"):
             print("SGLang samples without the requested seeds unless rollout.sglang.server_args."
                   "enable_deterministic_inference is true: rollouts will not repeat exactly", flush=True)

@@ -9,6 +9,8 @@ run here). CI installs sglang into its CUDA-torch environment, where these check
 """
 import dataclasses
 import inspect
+import signal
+import types
 
 import pytest
 import torch
@@ -83,17 +85,24 @@ def test_engine_start_arguments_are_server_arguments(mode, tmp_path, monkeypatch
     from megatron_dapo.rollout.sglang.config import SGLangEngineConfig
     from tests.tiny_models import make_tiny_model
 
-    started = []
+    started, manager = [], _tokenizer_manager()
 
     def record(**kwargs):
         started.append(ServerArgs(**kwargs))
-        return object()
+        return types.SimpleNamespace(tokenizer_manager=manager)
 
     monkeypatch.setattr(sglang, "Engine", record)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     folder = make_tiny_model("qwen2", tmp_path / "qwen2", vocab_size=VOCAB)
     config = SGLangEngineConfig(tp_size=2, server_args={"attention_backend": "fa3"})
-    SGLangEngine.launch(str(folder), config, mode, local_world_size=4 if mode == "disaggregated" else 8)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        SGLangEngine.launch(str(folder), config, mode, local_world_size=4 if mode == "disaggregated" else 8)
+        assert manager.event_loop is not None  # SGLang's loop is set up, and SIGTERM left as it was
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        manager.close()
+        signal.signal(signal.SIGTERM, before)
     (args,) = started
     assert (args.model_path, args.tp_size, args.skip_tokenizer_init, args.attention_backend) == (str(folder), 2, True,
                                                                                                  "fa3")
@@ -598,3 +607,68 @@ def test_a_push_that_broke_off_can_be_made_again(tmp_path):
     engine.end_weight_update(version=3)
     assert engine.weight_version == 3 and not front.open
     assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))[0][0].token_ids == [7]
+
+
+def _tokenizer_manager():
+    """An object with the state SGLang's TokenizerManager.auto_create_handle_loop reads and sets (the real method),
+    whose loops do nothing."""
+    from sglang.srt.managers.tokenizer_manager import SignalHandler, TokenizerManager
+
+    class Manager:
+        auto_create_handle_loop = TokenizerManager.auto_create_handle_loop
+
+        def __init__(self):
+            self.event_loop, self.asyncio_tasks, self.signal_handler_class = None, set(), SignalHandler
+
+        async def handle_loop(self):
+            pass
+
+        async def sigterm_watchdog(self):
+            pass
+
+        def close(self):
+            """The loop's handlers out and its tasks ended (the test's process goes on)."""
+            import asyncio
+            import signal
+
+            if self.event_loop is not None:
+                self.event_loop.remove_signal_handler(signal.SIGQUIT)
+                self.event_loop.remove_signal_handler(signal.SIGTERM)
+                for task in self.asyncio_tasks:
+                    task.cancel()
+                self.event_loop.run_until_complete(asyncio.gather(*self.asyncio_tasks, return_exceptions=True))
+
+    return Manager()
+
+
+def test_sigterm_stays_with_the_trainer_after_sglang_sets_up_its_event_loop():
+    """SGLang's tokenizer manager adds an asyncio SIGTERM handler when it sets up its event loop (at the engine's
+    first call): its watchdog then shuts SGLang down and exits the process with status 0, mid-step. The adapter
+    sets the loop up at launch, through SGLang's own code, and takes that handler out: the handler from before
+    (the trainer's stop request installs its own) gets SIGTERM, and SGLang keeps its SIGQUIT handler."""
+    import asyncio
+    import os
+
+    _sglang()
+    from megatron_dapo.rollout.sglang.engine import leave_sigterm_to_the_trainer
+
+    received = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    manager = _tokenizer_manager()
+    try:
+        leave_sigterm_to_the_trainer(types.SimpleNamespace(tokenizer_manager=manager))
+        loop = manager.event_loop
+        assert loop is not None and signal.getsignal(signal.SIGQUIT) not in (signal.SIG_DFL, None)  # SGLang's
+
+        async def engine_call():  # SIGTERM while SGLang's loop runs (an engine call), as well as outside one
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)
+
+        manager.auto_create_handle_loop()  # the engine's first call: the loop is there, nothing is added again
+        os.kill(os.getpid(), signal.SIGTERM)
+        loop.run_until_complete(engine_call())
+        assert received == [signal.SIGTERM, signal.SIGTERM]
+        assert not getattr(manager, "gracefully_exit", False)  # SGLang's handler, which sets it, never ran
+    finally:
+        manager.close()
+        signal.signal(signal.SIGTERM, before)
