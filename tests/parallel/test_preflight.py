@@ -26,12 +26,17 @@ QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560, "interme
             "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
             "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
             "tie_word_embeddings": True, "hidden_act": "silu"}
-RECIPES = {"dapo-qwen2.5-32b": QWEN25_32B, "dapo-qwen3-4b": QWEN3_4B}
+CONFIGS = {"recipes/dapo-qwen2.5-32b": QWEN25_32B, "recipes/dapo-qwen3-4b": QWEN3_4B, "trading/config": QWEN3_4B}
+"""The GPU configs under examples/ and their models."""
 
 
 def _check(recipe: str, nodes: int, gpus: int, *overrides: str, memory: float = 80.0):
-    config = load_config(ROOT / "examples" / "recipes" / f"{recipe}.yaml", list(overrides))
-    return check_allocation(config, nodes, gpus, memory, arch=ModelArch.from_hf_config(RECIPES[recipe]))
+    return _check_config(f"recipes/{recipe}", nodes, gpus, *overrides, memory=memory)
+
+
+def _check_config(name: str, nodes: int, gpus: int, *overrides: str, memory: float = 80.0):
+    config = load_config(ROOT / "examples" / f"{name}.yaml", list(overrides))
+    return check_allocation(config, nodes, gpus, memory, arch=ModelArch.from_hf_config(CONFIGS[name]))
 
 
 def test_parameter_counts_match_the_published_sizes():
@@ -101,15 +106,15 @@ def test_the_mlp_keeps_what_the_estimate_counts():
     assert int(run.stdout.split()[-1]) == 2 * 64 + mlp_activation_bytes(ModelArch.from_hf_config(config)) == 1088
 
 
-@pytest.mark.parametrize("script", ["dapo-qwen2.5-32b.sbatch", "dapo-qwen3-4b-1node.sbatch"])
+@pytest.mark.parametrize("script", ["dapo-qwen2.5-32b.sbatch", "dapo-qwen3-4b-1node.sbatch", "trading.sbatch"])
 def test_each_gpu_sbatch_script_fits_the_allocation_it_asks_for(script):
     text = (ROOT / "examples" / "slurm" / script).read_text()
     nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
     gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
-    procs = int(re.search(r"^PROCS_PER_TASK=(\d+)", text, re.M).group(1))
-    recipe = re.search(r"^CONFIG=examples/recipes/(.+)\.yaml", text, re.M).group(1)
-    assert procs == gpus, "one rank per GPU"
-    report = _check(recipe, nodes, gpus)
+    # One rank per GPU: the node's GPUs as Slurm gives them (--gpus-per-node, which sbatch's own option overrides)
+    assert re.search(r"^PROCS_PER_TASK=\$\{PROCS_PER_TASK:-\$\{SLURM_GPUS_ON_NODE:-(\d+)\}\}", text, re.M)[1] == str(gpus)
+    name = re.search(r"^CONFIG=examples/(.+)\.yaml", text, re.M).group(1)
+    report = _check_config(name, nodes, gpus)
     assert report.fits, report.render()
 
 
