@@ -44,7 +44,7 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
 
 
 def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, grad_clip: float = 0.5,
-           load_weights: bool = True, optim_kwargs: dict | None = None, **actor_kwargs):
+           load_weights: bool = True, optim_kwargs: dict | None = None, norm_len: int | None = None, **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -59,7 +59,7 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None
                            "eps": ADAM_EPS, **(optim_kwargs or {})})
     config = ActorConfig(optim=optim, **actor_kwargs)
     return MegatronActor(config, folder, layout, temperature=TEMPERATURE, bf16=False, weights=weights,
-                         load_weights=load_weights)
+                         load_weights=load_weights, norm_len=norm_len)
 
 
 def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, workdir: Path) -> None:
@@ -85,13 +85,14 @@ def check_logprobs_equal_transformers_at_every_layout(rank: int, world: int, wor
 
 
 def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp, steps_cfg, entropy_coeff=0.0,
-                      mode="token-mean", rollout_logp=None, tis_cap=None, epochs=1):
+                      mode="token-mean", rollout_logp=None, tis_cap=None, epochs=1, norm_len=None):
     """The same DAPO update done on transformers' model with torch's AdamW (with an entropy bonus when asked), with
     the package's loss, log-prob op and schedule, which tests/actor/test_loss.py, tests/ops/test_logprob.py and
     tests/actor/test_schedule.py check against hand formulas: what differs from the actor is everything else
     (megatron-core's layers, schedules, parallel layouts, optimizer and gradient reductions, and the counts each
     micro-batch's loss is normalised by, which here come from the whole mini-batch at once). `epochs` passes over
-    the batch; `rollout_logp` and `tis_cap`: the truncated importance weight."""
+    the batch; `rollout_logp` and `tis_cap`: the truncated importance weight; `norm_len`: seq-mean-token-sum-norm's
+    length."""
     import transformers
 
     from megatron_dapo.actor.actor import learning_rate
@@ -119,9 +120,10 @@ def _reference_update(folder: Path, tokens, lengths, mask, advantages, old_logp,
         logp, entropy = torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
         out = policy_loss(logp, old_logp[rows], advantages[rows], mask[rows], clip_ratio_low=0.2,
                           clip_ratio_high=0.28, clip_ratio_c=10.0, loss_agg_mode=mode,
-                          rollout_logp=None if rollout_logp is None else rollout_logp[rows], tis_cap=tis_cap)
+                          rollout_logp=None if rollout_logp is None else rollout_logp[rows], tis_cap=tis_cap,
+                          norm_len=norm_len)
         loss = out.loss
-        (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], mode)).backward()
+        (loss - entropy_coeff * aggregate_loss(entropy, mask[rows], mode, norm_len=norm_len)).backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 0.5)
         optim.step()
         history.append((loss.item(), norm.item(), out.clip_high.item(), out.clip_high_prob.item(),
@@ -143,25 +145,27 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
                                                                                   generator=torch.Generator().manual_seed(3))
         # The rollout engine's log-probs, for the truncated importance weight min(exp(old - rollout), 1.1).
         rollout_logp = old_logp + 0.1 * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(4))
-        plain = (0.0, "token-mean", False, 1)
-        variants = [plain, (ENTROPY_COEFF, "token-mean", False, 1)]
+        plain = (0.0, "token-mean", False, 1, None)
+        variants = [plain, (ENTROPY_COEFF, "token-mean", False, 1, None)]
         # Per-sequence means (global sequence counts across micro-batches and ranks); the truncated importance
-        # weight with two passes over the batch.
-        variants += [(ENTROPY_COEFF, "seq-mean-token-mean", False, 1), (0.0, "seq-mean-token-sum", True, 2)]
+        # weight with two passes over the batch; sums over a fixed length (Dr. GRPO's), the entropy bonus's too.
+        variants += [(ENTROPY_COEFF, "seq-mean-token-mean", False, 1, None), (0.0, "seq-mean-token-sum", True, 2, None),
+                     (ENTROPY_COEFF, "seq-mean-token-sum-norm", False, 1, 24)]
         cases = [(tp, pp, sp, budget, plain) for tp, pp, sp in LAYOUTS for budget in (16384,)]
         cases += [(1, 1, False, 20, plain), (2, 2, True, 40, plain)]  # the same batch cut into other micro-batches
         cases += [(1, 1, False, 16384, variants[1]), (2, 2, True, 40, variants[1])]  # with an entropy bonus
         cases += [(1, 1, False, 20, variants[2]), (2, 2, True, 40, variants[2]), (2, 1, False, 30, variants[3])]
+        cases += [(2, 2, True, 30, variants[4])]
         if family == "qwen3":  # its q/k norms' gradients are summed over the TP ranks by name; and split into stages
             cases = [(2, 1, True, 16384, plain), (1, 2, False, 16384, plain), (2, 2, False, 16384, plain)]
         references = {v: _reference_update(folder, tokens, lengths, mask, advantages, old_logp, (4, 2), v[0],
                                            mode=v[1], rollout_logp=rollout_logp if v[2] else None,
-                                           tis_cap=1.1 if v[2] else None, epochs=v[3])
+                                           tis_cap=1.1 if v[2] else None, epochs=v[3], norm_len=v[4])
                       for v in variants if any(case[4] == v for case in cases)}
         if variants[1] in references:
             assert references[plain][0][0][1] != references[variants[1]][0][0][1]  # the bonus changes the gradient
         for tp, pp, sp, budget, variant in cases:
-            coeff, mode, tis, epochs = variant
+            coeff, mode, tis, epochs, norm_len = variant
             history, state = references[variant]
             ref_loss = sum(h[0] for h in history) / len(history)
             ref_norm = sum(h[1] for h in history) / len(history)
@@ -173,12 +177,12 @@ def check_one_update_is_the_same_at_every_layout(rank: int, world: int, workdir:
             ref_clipfrac = ref_clipped / float(mask.sum() * epochs)
             actor = _actor(folder, tp, pp, sp, ppo_mini_batch_size=2, ppo_max_token_len_per_gpu=budget,
                            entropy_coeff=coeff, loss_agg_mode=mode, tis_imp_ratio_cap=1.1 if tis else None,
-                           ppo_epochs=epochs)
+                           ppo_epochs=epochs, norm_len=norm_len)
             batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                                old_logp=old_logp, rollout_logp=rollout_logp if tis else None)
             metrics = actor.update(batch, group_size=2)
             name = (f"{family} TP{tp} PP{pp} SP={sp} budget={budget} entropy_coeff={coeff} {mode} "
-                    f"tis={tis} epochs={epochs}")
+                    f"tis={tis} epochs={epochs} norm_len={norm_len}")
             # Written as "not within" so that a NaN fails too.
             if not abs(metrics["actor/pg_loss"] - ref_loss) <= 1e-5 * abs(ref_loss):
                 failures.append(f"{name}: loss {metrics['actor/pg_loss']} != {ref_loss}")
