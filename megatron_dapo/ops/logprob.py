@@ -76,8 +76,10 @@ def combine_stats(stats: torch.Tensor) -> Combined:
     # adds nothing, not 0 * -inf.
     shifted = torch.where(s == 0, 0.0, w * scale + (m - top) * (s * scale)).sum(0) / total  # E_p[z - top]
     log_total = torch.log(total)
-    lse = top + log_total
-    return Combined(logp=t.sum(0) - lse, entropy=log_total - shifted, lse=lse, expected_z=top + shifted)
+    # The log-prob as (z_target - top) - log_total, both terms small for a likely token: z_target - lse would round
+    # to lse's magnitude first (top 60 in float32: steps of 4e-6, which a log-prob of -5e-4 is off by).
+    return Combined(logp=(t.sum(0) - top) - log_total, entropy=log_total - shifted, lse=top + log_total,
+                    expected_z=top + shifted)
 
 
 def local_grad(
