@@ -70,9 +70,10 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
         train = make_data(data, seed)
         warm_start(base, tokenizer, train, seed)
         made_with.write_text(json.dumps({"seed": seed}))
-    elif made_with.is_file() and (made := json.loads(made_with.read_text())["seed"]) != seed:
-        raise AnotherSeedsFolder(f"{run_dir} holds the data and warm start of trainer.seed={made}, not {seed} (and its "
-                         "run's checkpoints): give another seed its own trainer.run_dir")
+    elif (made_with.is_file() and (made := json.loads(made_with.read_text())["seed"]) != seed
+          and not (run_dir / "checkpoints").is_dir()):  # with checkpoints, the trainer refuses the other data order
+        raise AnotherSeedsFolder(f"{run_dir} holds the data and warm start of trainer.seed={made}, not {seed}: give "
+                                 "another seed its own trainer.run_dir")
     # Lists in JSON, which YAML reads as written: a path may hold ", " or " #".
     return [f"model.path={base}", f"model.tokenizer_path={tokenizer_dir}",
             f"data.train_files={json.dumps([str(data / 'train.jsonl')])}",

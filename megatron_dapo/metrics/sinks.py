@@ -89,8 +89,8 @@ def _cut_character(data: bytes) -> int:
 
 class MetricSinks:
     def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int, training: bool = True):
-        """training: False for trainer.val_only, whose row at an earlier step gets a W&B run of its own (the
-        training's run would ignore a step it has passed)."""
+        """training: False for trainer.val_only, whose row gets a W&B run of its own (a standalone evaluation's
+        row is not charted among the training's)."""
         self.config, self.total = config, total_steps
         self.jsonl = None
         self.earlier_rows = False

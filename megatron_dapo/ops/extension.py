@@ -64,7 +64,7 @@ def _runs_on_device(device: torch.device) -> bool:
     if index not in _RUNS_ON_DEVICE:
         capability = torch.cuda.get_device_capability(index)
         ran = runs_on(getattr(EXTENSION, "CUDA_ARCHS", "unknown"), capability)
-        _RUNS_ON_DEVICE[index] = ran is not False  # not recorded: the build is trusted, as before the record
+        _RUNS_ON_DEVICE[index] = ran is not False  # a build that recorded no architectures is trusted
         if ran is False:
             warnings.warn(_not_for_this_gpu(capability), stacklevel=3)
     return _RUNS_ON_DEVICE[index]

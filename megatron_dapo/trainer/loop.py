@@ -244,6 +244,8 @@ class Trainer:
             except Exception:
                 if saving:  # a sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept
                     self._save(hf=None)
+                    if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
+                        self._mark_stop_honoured()
                 raise
             if saving:
                 self._save(hf=None if asked else self.hf_copy)  # a stop request leaves minutes at most

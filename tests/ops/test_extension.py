@@ -93,3 +93,23 @@ def test_an_nvcc_of_another_major_cuda_version_skips_the_build_naming_both(tmp_p
     assert proc.returncode == 0 and proc.stdout.strip().endswith("megatron-dapo"), proc.stderr[-2000:]
     assert (f"CUDA extension not built (nvcc of CUDA {other}.8 ({tmp_path / 'cuda'}) and torch {torch.__version__}'s "
             f"CUDA {torch.version.cuda} differ in major version") in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_gpu_the_build_holds_no_code_for_runs_the_references_and_says_so(monkeypatch):
+    """A build for sm_90 only (as one on an H100 node) on an A100: the ops take the references, with one warning
+    naming the GPU and the rebuild, and the start-up line says the kernels are not in use."""
+    import types
+
+    built = types.SimpleNamespace(CUDA_ARCHS="sm90", __file__="/site/megatron_dapo/_C.so")
+    monkeypatch.setattr(extension, "EXTENSION", built)
+    monkeypatch.setattr(extension, "_RUNS_ON_DEVICE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(UserWarning, match=r"built for sm90, not for this GPU \(compute capability 8.0\).*"
+                                         r"TORCH_CUDA_ARCH_LIST=8.0"):
+        assert extension._runs_on_device(torch.device("cuda", 0)) is False
+    assert extension._runs_on_device(torch.device("cuda", 0)) is False  # asked once: no second warning
+    assert extension.describe().startswith("fused kernels: not in use: the fused kernels in /site/megatron_dapo/_C.so")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert extension._runs_on_device(torch.device("cuda", 1)) is True
+    assert extension.describe().startswith("fused kernels: megatron_dapo._C")

@@ -192,6 +192,16 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_folder_made_with_another_seed_is_refused_before_training(toy_run, tmp_path):
+    """A run folder whose data and warm start trainer.seed=1 made (and no checkpoint yet) is not used for seed 2:
+    its prompts and model are seed 1's."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    proc = subprocess.run([*_toy_command(run_dir), "--prepare-only", "trainer.seed=2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-4000:]
+    assert f"{run_dir} holds the data and warm start of trainer.seed=1, not 2" in proc.stderr, proc.stderr[-4000:]
+
+
 def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_path):
     """A STOP file written while the step-1 checkpoint is being saved (its folder is still .partial, its Hugging
     Face copy to come): the run stops on that checkpoint instead of training step 2 and saving again, which would

@@ -24,6 +24,7 @@ import importlib.util
 import math
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from typing import Literal
 
@@ -49,6 +50,8 @@ def leave_sigterm_to_the_trainer(engine) -> None:
     exits the process with status 0, mid-step, with no checkpoint): its event loop is set up now, before the
     trainer's stop request installs its own handler, and its SIGTERM handler taken out again (the process's handler
     from before is put back). SGLang keeps SIGQUIT, its crash handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # SGLang adds no signal handler there, and none can be set or taken out
     manager = engine.tokenizer_manager
     before = signal.getsignal(signal.SIGTERM)
     manager.auto_create_handle_loop()

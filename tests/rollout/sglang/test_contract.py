@@ -672,3 +672,26 @@ def test_sigterm_stays_with_the_trainer_after_sglang_sets_up_its_event_loop():
     finally:
         manager.close()
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_engine_launched_outside_the_main_thread_leaves_signals_alone():
+    """Outside the main thread SGLang adds no signal handler and none can be set: the launch goes on."""
+    import threading
+
+    _sglang()
+    from megatron_dapo.rollout.sglang.engine import leave_sigterm_to_the_trainer
+
+    before, failures = signal.getsignal(signal.SIGTERM), []
+
+    def launch():
+        try:
+            leave_sigterm_to_the_trainer(types.SimpleNamespace(tokenizer_manager=manager))
+        except Exception as err:  # raised in the thread: reported to the test
+            failures.append(err)
+
+    manager = _tokenizer_manager()
+    thread = threading.Thread(target=launch)
+    thread.start()
+    thread.join()
+    manager.close()
+    assert not failures and signal.getsignal(signal.SIGTERM) is before
