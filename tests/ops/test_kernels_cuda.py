@@ -234,6 +234,7 @@ def test_loss_kernel_against_fp64_reference(tokens, mask_kind):
     ref = loss_ops.reference_forward(logp.double(), old.double(), adv.double(), mask.double(), weight.double(), *args)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1:5].double(), ref[1:5]), (out[1:5], ref[1:5])  # the counts exactly (none near a bound)
     grad = extension.EXTENSION.dapo_loss_backward(torch.ones((), device="cuda"), logp, old, adv, mask, weight, *args)
     ref_grad = loss_ops.reference_backward(torch.ones((), dtype=torch.float64, device="cuda"), logp.double(),
                                            old.double(), adv.double(), mask.double(), weight.double(), *args)

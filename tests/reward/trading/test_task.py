@@ -1,5 +1,6 @@
 """The execution task: answers parsed strictly, malformed ones penalised with a counted reason, the
 reward through the real scorer, and market data from files and from the generator, split by time."""
+import math
 import re
 
 import pytest
@@ -85,6 +86,16 @@ def test_reward_compares_with_twap_on_the_same_episode():
     assert market["vs_market_bps"] == pytest.approx(0.0, abs=1e-9)
     assert (passive["reward"] > 0) == (passive["vs_twap_bps"] < 0) == bool(passive["acc"])
     assert -1 < market["reward"] < 1 and market["profit_loss"] == -market["shortfall_bps"]
+    # By hand, against the arrival mid 100.5 on 10 x 100.5 = 1005 of notional (taker fee 5 bps, maker 1 bp):
+    # TWAP buys 5 at each of the two steps at market, 4 at 101 and 1 at 102: 2 x (4 x 0.5 + 1.5) + 1012 x 5e-4
+    # = 7.506, 74.687 bps. Passive rests 10 at 100 behind 5: the sell of 7 fills 2 (-1, fee 200 x 1e-4), the
+    # horizon's market order 4 at 101 and 4 at 102 (2 + 6, fee 812 x 5e-4): 7.426, 73.891 bps. Market crosses to
+    # 102: 4 at 101 and 6 at 102, 2 + 9 + 1016 x 5e-4 = 11.508, 114.507 bps.
+    twap, passive_bps, market_bps = 7.506 / 1005 * 1e4, 7.426 / 1005 * 1e4, 11.508 / 1005 * 1e4
+    assert passive["shortfall_bps"] == pytest.approx(passive_bps) and market["shortfall_bps"] == pytest.approx(market_bps)
+    assert passive["vs_twap_bps"] == pytest.approx(passive_bps - twap)
+    assert passive["reward"] == pytest.approx(math.tanh((twap - passive_bps) / 10))  # REWARD_SCALE_BPS
+    assert market["reward"] == pytest.approx(math.tanh((twap - market_bps) / 10))
 
 
 def test_reward_function_runs_in_the_scorer_workers():
@@ -105,7 +116,7 @@ def test_market_files_round_trip_and_bad_rows_are_named(tmp_path):
     write_market(market, tmp_path / "books.csv", tmp_path / "trades.csv")
     loaded = load_market(tmp_path / "books.csv", tmp_path / "trades.csv")
     assert loaded.books == market.books and loaded.timestamps == market.timestamps
-    assert [len(t) for t in loaded.trades] == [len(t) for t in market.trades]
+    assert loaded.trades == market.trades
     import pyarrow.csv
     import pyarrow.parquet
 
@@ -185,7 +196,7 @@ def test_prices_are_shown_to_the_tick():
 def test_quantity_bounds_are_whole_lots():
     market = synthetic_market(60, seed=3)
     rows = cut_episodes(market, window=4, horizon=4, stride=10, seed=0, tick=0.1, quantity=(2, 3))
-    assert {row.episode.quantity for row in rows} <= {2.0, 3.0}
+    assert len(rows) == 6 and {row.episode.quantity for row in rows} == {2.0, 3.0}
     for bad in ((0.5, 2.0), (0, 3), (4, 2), (1.5, 3)):  # a zero-size order would divide its shortfall by zero
         with pytest.raises(ValueError, match="whole lots with 1 <= low <= high"):
             cut_episodes(market, window=4, horizon=4, stride=10, seed=0, tick=0.1, quantity=bad)

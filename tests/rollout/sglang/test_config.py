@@ -83,3 +83,27 @@ def test_disaggregated_engine_takes_the_gpus_after_the_trainers():
 def test_no_gpu_says_to_use_the_embedded_engine():
     with pytest.raises(ConfigError, match="needs CUDA GPUs.*set rollout.name=embedded"):
         SGLangEngineConfig().gpus("colocated", local_world_size=1, visible_gpus=0)
+
+
+def test_tp_sizes_sglang_cannot_split_the_model_by_are_named_with_those_it_can():
+    """Qwen3-4B's shape: 32 heads, 8 KV heads, MLP 9728 (= 2^9 x 19). SGLang splits each evenly or refuses the model
+    when it loads it; KV heads may also be replicated (tp a multiple of them)."""
+    from megatron_dapo.models.arch import ModelArch
+
+    arch = ModelArch.from_hf_config({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560,
+                                     "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+                                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                                     "max_position_embeddings": 32768, "tie_word_embeddings": True})
+    for tp in (1, 2, 4, 8, 16):
+        assert SGLangEngineConfig(tp_size=tp).model_problems(arch) == [], tp
+    assert SGLangEngineConfig(tp_size=3).model_problems(arch) == [
+        "rollout.sglang.tp_size=3 does not divide the model's 32 attention heads or its 8 KV heads (nor is tp_size "
+        "a multiple of them) or its MLP width 9728: choose a tp_size that does (up to 16: 1, 2, 4, 8, 16)"]
+    # 24 heads, 6 KV heads at tp 4: the heads split, the KV heads neither split nor replicate
+    narrow = ModelArch.from_hf_config({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536,
+                                       "intermediate_size": 9216, "num_hidden_layers": 2, "num_attention_heads": 24,
+                                       "num_key_value_heads": 6, "vocab_size": 1000,
+                                       "max_position_embeddings": 4096})
+    assert SGLangEngineConfig(tp_size=4).model_problems(narrow) == [
+        "rollout.sglang.tp_size=4 does not divide its 6 KV heads (nor is tp_size a multiple of them): choose a "
+        "tp_size that does (up to 16: 1, 2, 3, 6, 12)"]

@@ -9,6 +9,7 @@ run here). CI installs sglang into its CUDA-torch environment, where these check
 """
 import dataclasses
 import inspect
+import os
 import signal
 import types
 
@@ -89,15 +90,22 @@ def test_engine_start_arguments_are_server_arguments(mode, tmp_path, monkeypatch
 
     def record(**kwargs):
         started.append(ServerArgs(**kwargs))
+        # SGLang's processes start without the trainer's setting (it would serialise their streams' kernels)
+        assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
         return types.SimpleNamespace(tokenizer_manager=manager)
 
     monkeypatch.setattr(sglang, "Engine", record)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     folder = make_tiny_model("qwen2", tmp_path / "qwen2", vocab_size=VOCAB)
     config = SGLangEngineConfig(tp_size=2, server_args={"attention_backend": "fa3"})
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     before = signal.getsignal(signal.SIGTERM)
     try:
-        SGLangEngine.launch(str(folder), config, mode, local_world_size=4 if mode == "disaggregated" else 8)
+        engine = SGLangEngine.launch(str(folder), config, mode, local_world_size=4 if mode == "disaggregated" else 8)
+        assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # the trainer's again
+        # Weights go by CUDA IPC where the engine shares the trainer's GPUs, by broadcast where it has its own; the
+        # push is checked against the model's tensors either way.
+        assert (engine._sender is None) == (mode == "colocated") and engine._ledger is not None
         assert manager.event_loop is not None  # SGLang's loop is set up, and SIGTERM left as it was
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
