@@ -72,6 +72,9 @@ def check_engine_follows_the_trainer_after_every_push(rank: int, world: int, wor
                 assert all(nbytes <= limit or tensors == 1 for tensors, nbytes, _ in calls), calls
                 assert any(nbytes > limit for _, nbytes, _ in calls), calls  # the embedding
                 assert stats.tensors == sum(t for t, _, _ in calls) and stats.bytes == sum(b for _, b, _ in calls)
+                logged = stats.metrics()  # what the step's row says of the push
+                assert logged["reshard/buckets"] == stats.buckets and logged["reshard/seconds"] == stats.seconds > 0
+                assert logged["reshard/gb_per_s"] == stats.bytes / stats.seconds / 1e9
             else:
                 assert stats is None
         dist.barrier()
@@ -189,6 +192,14 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
         with pytest.raises(RolloutError, match="the rollout engine could not score the weight-parity probe"):
             engine_probe_diff(engine, bad, trainer_probe_logprobs(actor, probe))
         dist.barrier()
+    # Fewer engines than replicas (DP4, 2 engines): every second replica's first rank hosts one.
+    from megatron_dapo.parallel.config import ParallelConfig
+    from megatron_dapo.parallel.init import init_model_parallel
+
+    init_model_parallel(ParallelConfig().layout(world), seed=1)
+    placement = place_engines(2)
+    assert (placement.hosts, placement.replicas) == ((0, 2), (0, 2)), placement
+    assert placement.hosts_engine == (rank in (0, 2))
 
 
 def check_a_push_the_engine_refuses_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
