@@ -185,6 +185,9 @@ def test_verification_fails_when_the_weights_differ(tmp_path):
     other = make_tiny_model("qwen2", tmp_path / "b", seed=1)
     with pytest.raises(ConversionError, match=r"verification failed: .* differ by up to"):
         check_logprobs(other, tmp_path / "mcore", tolerance=1e-3)
+    # Rounded to bf16 on both sides (the bf16 copy's check), other weights still fail it.
+    with pytest.raises(ConversionError, match=r"verification failed: .* differ by up to"):
+        check_logprobs(other, tmp_path / "mcore", tolerance=1e-3, round_to=torch.bfloat16)
 
 
 # ---- bad input: an error naming the file or tensor, and no output that looks complete -----------
@@ -273,11 +276,14 @@ def test_a_project_error_inside_torch_checkpoint_wrapper_comes_out_as_itself():
      r"from config.json"),
     ("qwen3", "model.layers.0.self_attn.o_proj.bias", lambda t: torch.zeros(64),
      r"tensor 'model.layers.0.self_attn.o_proj.bias' \(in model.safetensors\) is not in the qwen3 table"),
-], ids=["wrong_shape", "unknown_name"])
+    ("qwen2", "model.norm.weight", lambda t: None, r"tensor\(s\) 'model.norm.weight' are missing"),
+], ids=["wrong_shape", "unknown_name", "missing"])
 def test_bad_tensor_is_named(tmp_path, family, name, change, message):
     source = make_tiny_model(family, tmp_path / "hf")
     tensors = load_file(source / "model.safetensors")
     tensors[name] = change(tensors.get(name))
+    if tensors[name] is None:
+        del tensors[name]
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=message):
         hf_to_mcore(source, tmp_path / "out", progress=False)
