@@ -265,3 +265,36 @@ def test_loss_kernel_keeps_a_nan_as_the_reference_does(poisoned):
     ref_grad = loss_ops.reference_backward(torch.ones((), dtype=torch.float64, device="cuda"), logp.double(),
                                            old.double(), adv.double(), mask.double(), None, *args)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_ops_through_the_kernels_equal_the_ops_through_the_references(dtype, monkeypatch):
+    """What the actor runs, through the custom ops and their autograd (contiguity, the in-place backward on a
+    non-leaf, the loss op's float32 kernel): with the kernels and with the references (MEGATRON_DAPO_KERNELS=0),
+    the same log-probs, entropies, loss and logits gradient."""
+    _need_gpu()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    tokens, vocab = 512, 5000
+    base = (torch.randn(tokens, vocab, device="cuda", generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    with torch.no_grad():
+        start, _ = lp_ops.vocab_parallel_logprob(base.float(), targets, temperature=0.9)
+    old = (start + 0.3 * torch.randn(tokens, device="cuda", generator=gen))[None]
+    adv = torch.randn(1, tokens, device="cuda", generator=gen)
+    mask = (torch.rand(1, tokens, device="cuda", generator=gen) > 0.2).float()
+
+    def run(kernels: bool):
+        monkeypatch.setenv("MEGATRON_DAPO_KERNELS", "1" if kernels else "0")
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1.0  # not a leaf: the in-place backward writes the gradient over it, as over a layer's output
+        logp, entropy = lp_ops.vocab_parallel_logprob(logits, targets, temperature=0.9, inplace_backward=True)
+        out = loss_ops.fused_token_mean_loss(logp.float()[None], old, adv, mask, clip_ratio_low=0.2,
+                                             clip_ratio_high=0.28, clip_ratio_c=3.0, global_tokens=mask.sum())
+        (out.loss - 0.01 * (entropy.float() * mask[0]).sum() / mask.sum()).backward()
+        return logp.detach().float(), entropy.detach().float(), out.loss.detach(), leaf.grad.float()
+
+    got, want = run(kernels=True), run(kernels=False)
+    close = 1e-5 if dtype == torch.float32 else 1e-3  # the bf16 gradient: its rounding of slightly unlike sums
+    for name, a, b in zip(("logp", "entropy", "loss", "logits gradient"), got, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert (a - b).abs().max() <= close * b.abs().max().clamp(min=1e-6), (name, (a - b).abs().max().item())
