@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from megatron_dapo.data.tiny import fit_tiny_model, make_char_tokenizer
+from megatron_dapo.trainer.checkpoints import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
 CHARS = list("0123456789+-=: ?QAnswer\n")
@@ -71,7 +72,7 @@ def prepare(run_dir: Path, seed: int) -> list[str]:
         warm_start(base, tokenizer, train, seed)
         made_with.write_text(json.dumps({"seed": seed}))
     elif (made_with.is_file() and (made := json.loads(made_with.read_text())["seed"]) != seed
-          and not (run_dir / "checkpoints").is_dir()):  # with checkpoints, the trainer refuses the other data order
+          and latest_checkpoint(run_dir) is None):  # with a checkpoint, the trainer refuses the other data order
         raise AnotherSeedsFolder(f"{run_dir} holds the data and warm start of trainer.seed={made}, not {seed}: give "
                                  "another seed its own trainer.run_dir")
     # Lists in JSON, which YAML reads as written: a path may hold ", " or " #".

@@ -107,7 +107,7 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30, warm_s: float = 0.5) -> float:
 def _logprob_impls(logits, targets, temperature, valid):
     """name -> (forward, backward) callables over the same inputs, backward writing one gradient; or, for a
     kernel that does both in one call, (None, None, both, setup) with `setup` run before each call untimed."""
-    ext = extension.EXTENSION
+    ext = extension.EXTENSION if extension.use_kernel(logits) else None  # none for a GPU the build has no code for
     ones = torch.ones(logits.shape[0], device=logits.device)
     # The backward's saved statistics from our kernel when it loaded (a few numbers per token): the reference's
     # float32 copies of the logits would not fit beside the largest shapes.
@@ -235,7 +235,7 @@ def bench_loss(tokens: int, device: str):
         aggregate_loss(per_token.loss, mask, "token-mean", global_tokens=count).backward()
 
     impls = {"reference": reference}
-    if extension.EXTENSION is not None:
+    if extension.use_kernel(logp):  # the op runs the kernel (else it would time the reference as "ours")
         from megatron_dapo.ops.dapo_loss import dapo_loss
 
         def ours():  # the op alone (its metric sums made in the kernel) against the reference, like for like

@@ -277,6 +277,7 @@ def test_the_ops_through_the_kernels_equal_the_ops_through_the_references(dtype,
     tokens, vocab = 512, 5000
     base = (torch.randn(tokens, vocab, device="cuda", generator=gen) * 3).to(dtype)
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    assert extension.use_kernel(base), "the build holds no code for this GPU: the kernels would not run"
     with torch.no_grad():
         start, _ = lp_ops.vocab_parallel_logprob(base.float(), targets, temperature=0.9)
     old = (start + 0.3 * torch.randn(tokens, device="cuda", generator=gen))[None]
@@ -294,7 +295,11 @@ def test_the_ops_through_the_kernels_equal_the_ops_through_the_references(dtype,
         return logp.detach().float(), entropy.detach().float(), out.loss.detach(), leaf.grad.float()
 
     got, want = run(kernels=True), run(kernels=False)
-    close = 1e-5 if dtype == torch.float32 else 1e-3  # the bf16 gradient: its rounding of slightly unlike sums
-    for name, a, b in zip(("logp", "entropy", "loss", "logits gradient"), got, want, strict=True):
+    # bf16: the gradient is rounded to bf16 from float32 sums that differ in their last bits (a step of 2^-8 where
+    # they straddle a rounding point); the loss, a mean of terms that cancel, gets an absolute floor.
+    close = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b, floor in zip(("logp", "entropy", "loss", "logits gradient"), got, want, (0, 0, 1e-6, 0),
+                                 strict=True):
         assert torch.isfinite(a).all(), name
-        assert (a - b).abs().max() <= close * b.abs().max().clamp(min=1e-6), (name, (a - b).abs().max().item())
+        limit = max(close * b.abs().max().item(), floor)
+        assert (a - b).abs().max().item() <= limit, (name, (a - b).abs().max().item(), limit)

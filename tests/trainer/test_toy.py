@@ -193,9 +193,10 @@ def test_run_killed_after_a_checkpoint_resumes_where_it_stopped(toy_run, tmp_pat
 
 
 def test_a_folder_made_with_another_seed_is_refused_before_training(toy_run, tmp_path):
-    """A run folder whose data and warm start trainer.seed=1 made (and no checkpoint yet) is not used for seed 2:
-    its prompts and model are seed 1's."""
+    """A run folder whose data and warm start trainer.seed=1 made (and no complete checkpoint: the first save was
+    cut short) is not used for seed 2: its prompts and model are seed 1's."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
+    (run_dir / "checkpoints" / "step_000001.partial").mkdir(parents=True)
     proc = subprocess.run([*_toy_command(run_dir), "--prepare-only", "trainer.seed=2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-4000:]
