@@ -148,10 +148,11 @@ class MegatronActor:
         chunks = torch.arange(size).tensor_split(ps.get_data_parallel_world_size())
         return chunks[ps.get_data_parallel_rank()].tolist()
 
-    def _micro_batches(self, batch: ActorBatch) -> list[_MicroBatch]:
+    def _micro_batches(self, batch: ActorBatch, first_row: int = 0) -> list[_MicroBatch]:
+        """`batch`: rows first_row.. of the batch the caller was given (for naming a bad sample)."""
         _check_not_empty(batch)
         check_sequence_length(self.arch, int(batch.lengths.max()))
-        check_token_ids(self.arch, batch.tokens, batch.lengths)
+        check_token_ids(self.arch, batch.tokens, batch.lengths, first_row)
         rows = self._local_rows(batch.size)
         if not rows:  # more data-parallel ranks than rows: run one row with no loss so the schedule runs
             rows, empty = [0], True
@@ -305,7 +306,7 @@ class MegatronActor:
             return self._reduce_metrics([], None, lr, success=False)
         global_tokens = batch.loss_mask.sum().clamp(min=1).to(torch.float32)
         global_seqs = (batch.loss_mask.sum(-1) > 0).sum().clamp(min=1).to(torch.float32)  # rows with loss tokens
-        micro_batches = self._micro_batches(batch)
+        micro_batches = self._micro_batches(batch, first_row)
         for group in self.optimizer.param_groups:  # megatron-core leaves lr and wd to a scheduler; we are it
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)

@@ -178,15 +178,16 @@ def check_sequence_length(arch: ModelArch, length: int) -> None:
         )
 
 
-def check_token_ids(arch: ModelArch, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+def check_token_ids(arch: ModelArch, tokens: torch.Tensor, lengths: torch.Tensor, first_row: int = 0) -> None:
     """Every token in use must be one of the model's ids. One past them (a tokenizer with added tokens the
-    model's config.json lacks) would embed as a padding row and score a log-prob of nothing, silently."""
+    model's config.json lacks) would embed as a padding row and score a log-prob of nothing, silently.
+    `tokens` are rows first_row.. of a larger batch (the error names the row in that)."""
     valid = torch.arange(tokens.shape[1]) < lengths.cpu()[:, None]
     bad = valid & ((tokens.cpu() < 0) | (tokens.cpu() >= arch.vocab_size))
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ModelError(
-            f"token id {int(tokens[row, col])} (sequence {row}, position {col}) is not one of the model's "
+            f"token id {int(tokens[row, col])} (sequence {first_row + row}, position {col}) is not one of the model's "
             f"{arch.vocab_size} ids (config.json vocab_size): the tokenizer (model.tokenizer_path) does not match "
             "the model"
         )

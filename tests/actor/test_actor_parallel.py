@@ -464,9 +464,10 @@ def check_offload_between_updates_changes_nothing(rank: int, world: int, workdir
 def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir: Path) -> None:
     """A non-finite advantage in one row reaches the loss of one data-parallel rank's last pipeline stage only:
     every rank raises its message, which names the row in the whole batch (none is left waiting inside the
-    schedule), and no weight moves."""
+    schedule), and no weight moves. A token id past the vocabulary is named by its row in the whole batch too."""
     from megatron_dapo.actor.batch import ActorBatch
     from megatron_dapo.actor.export import stage_hf_tensors
+    from megatron_dapo.actor.model import ModelError
 
     tokens, lengths, mask, advantages = _batch(groups=2, n=2)
     advantages[3] = float("nan")  # the second data-parallel rank's rows at PP2 x DP2: 2, 3 (or 3 alone)
@@ -481,6 +482,12 @@ def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir:
         if groups_per_step == 2:
             for name, tensor in stage_hf_tensors(actor.model, actor.arch):
                 assert torch.equal(tensor, before[name]), f"{name} changed in a refused update"
+    # A token past the vocabulary in the second mini-batch's second row: named as row 3 of the whole batch.
+    bad_token = ActorBatch(tokens=tokens.clone(), lengths=lengths, loss_mask=mask,
+                           advantages=advantages.nan_to_num(1.0), old_logp=torch.zeros(tokens.shape))
+    bad_token.tokens[3, 1] = actor.arch.vocab_size
+    with pytest.raises(ModelError, match=rf"token id {actor.arch.vocab_size} \(sequence 3, position 1\)"):
+        actor.update(bad_token, group_size=2)
     empty = batch.rows(slice(0, 0))  # every rank alike: a clear error, not lengths.max() of nothing
     for call in (lambda: actor.compute_logprobs(empty), lambda: actor.update(empty, group_size=2)):
         with pytest.raises(ValueError, match=r"the actor was given an empty batch \(0 sequences\)"):
