@@ -43,8 +43,10 @@ STOP_REASON=
 request_stop() {
     STOP_REASON=$1
     echo "$(date -Is) got SIG$1: asking the run to save a checkpoint and stop" >&2
-    # Named for this attempt: a run whose ranks are still starting keeps it rather than take it for the last one's.
-    echo "${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}" > "$RUN_DIR/STOP"
+    # Named for this attempt: a run whose ranks are still starting keeps it rather than take it for the last one's,
+    # and another job's run in the folder (this job's ranks refuse to start there) leaves it alone. Written whole.
+    echo "${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}" > "$RUN_DIR/.STOP.${SLURM_JOB_ID}"
+    mv -f "$RUN_DIR/.STOP.${SLURM_JOB_ID}" "$RUN_DIR/STOP"
 }
 trap 'request_stop USR1' USR1
 trap 'request_stop TERM' TERM

@@ -50,6 +50,12 @@ _ATTEMPT = re.compile(r"\d+\.\d+")
 """A job attempt as the sbatch scripts write it into STOP ("JOB_ID.RESTART_COUNT")."""
 
 
+def _other_jobs_attempt(text: str) -> bool:
+    """Whether a STOP file's text names an attempt of another Slurm job than the one this process runs in."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return bool(job and _ATTEMPT.fullmatch(text) and text.split(".")[0] != job)
+
+
 def clear_stale_stop(path: Path, started: float, attempt: str | None = None) -> bool:
     """Delete a STOP file that asks nothing of this run: one a run has stopped on (`mark_honoured`), or one an
     earlier Slurm job attempt's batch script wrote (a run that crashed before it could stop on it). Kept: one
@@ -87,6 +93,7 @@ class StopRequest:
         self.file = run_dir / STOP_FILE
         self.device = device
         self.signal: str | None = None
+        self._ignored_shown = False
         if catch_signals and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 signal.signal(sig, self._on_signal)
@@ -100,12 +107,23 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def reason(self) -> str | None:
-        """Why this rank wants to stop, if it does."""
+        """Why this rank wants to stop, if it does. A STOP file another Slurm job's batch script wrote asks nothing
+        of this run: a second job submitted into the run folder (which its ranks refuse) wrote it when it was
+        cancelled or timed out while starting."""
         if self.signal:
             return f"received {self.signal}"
-        if self.file.exists():
-            return f"{self.file} exists"
-        return None
+        try:
+            text = self.file.read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        if _other_jobs_attempt(text):
+            if not self._ignored_shown and (not dist.is_initialized() or dist.get_rank() == 0):
+                print(f"{self.file} names Slurm job attempt {text}, not this job's ({slurm_attempt()}): another "
+                      "job's batch script wrote it (a second job started into this run folder); not stopping on it",
+                      flush=True)
+            self._ignored_shown = True
+            return None
+        return f"{self.file} exists"
 
     def requested(self) -> bool:
         """True on every rank when any rank has a request (collective)."""

@@ -41,6 +41,25 @@ def test_stop_file_asks_to_stop_and_clear_forgets_it(tmp_path, restore_handlers)
     assert stop.reason() is None and not (tmp_path / "STOP").exists()
 
 
+def test_a_stop_file_another_slurm_jobs_script_wrote_asks_nothing(tmp_path, restore_handlers, monkeypatch, capsys):
+    """A second job submitted into the run folder, cancelled while its ranks start, has its batch script write
+    STOP naming its own attempt: the run in the folder (another job) goes on, and says why once. Its own job's
+    attempts, text written by hand, and any attempt outside Slurm still stop it."""
+    stop, path = StopRequest(tmp_path, torch.device("cpu")), tmp_path / "STOP"
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    path.write_text("200.0\n")
+    assert stop.reason() is None and not stop.requested() and stop.reason() is None
+    shown = capsys.readouterr().out
+    assert shown.count("names Slurm job attempt 200.0, not this job's (100.1)") == 1, shown
+    for text in ("100.1\n", "100.0\n", "", "stop please\n", "200\n"):
+        path.write_text(text)
+        assert stop.reason() == f"{path} exists" and stop.requested(), text
+    monkeypatch.delenv("SLURM_JOB_ID")
+    path.write_text("200.0\n")
+    assert stop.requested()
+
+
 def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(tmp_path, monkeypatch):
     """At start: a STOP file an earlier attempt stopped on is deleted; one written since this process started (a
     stop asked for during start-up) is kept, and so is an older one written by hand that no run has stopped on
