@@ -35,7 +35,8 @@ class RewardResult:
     reason: str | None = None
     """Why it failed: "<kind>: <detail>", kind one of FAILURE_KINDS."""
     pred: str | None = None
-    """The answer the verifier read from the response: logged with the sample, and the vote in val/maj@K."""
+    """The answer the verifier read from the response: logged with the sample, and the vote in val/maj@K. None
+    where the verifier reads no answers; "" where it read none in this response (no vote)."""
 
 
 FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")
@@ -131,7 +132,9 @@ def get_reward_fn(data_source: str) -> RewardFn:
 def math_dapo_reward(response: str, ground_truth: str, extra_info: dict[str, Any]) -> RewardResult:
     """DAPO-Math-17k: +1 / -1 on the last `Answer:` line (see reward/math_dapo.py)."""
     verdict = math_dapo.compute_score(response, ground_truth)
-    return RewardResult(score=verdict.score, acc=verdict.acc, pred=verdict.pred)
+    # No Answer line: "" (read none, no vote), not None (a verifier that reads no answers): a validation where no
+    # response gives one yet still reports val/maj@K, as 0.
+    return RewardResult(score=verdict.score, acc=verdict.acc, pred="" if verdict.pred is None else verdict.pred)
 
 
 register_reward(trading_task.DATA_SOURCE, trading_task.reward)

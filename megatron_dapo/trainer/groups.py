@@ -191,7 +191,8 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
 def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
     """avg@k, pass@k and mean score over every prompt, the same per data_source (val/SOURCE/...), and the
     mean of each extra reward figure over the responses that report it. maj@k (majority vote) over the prompts
-    of the data_sources whose verifier reports the answer it read (RewardResult.pred), when every prompt's does."""
+    of the data_sources whose verifier reports the answer it read (RewardResult.pred, "" for none read), when every
+    prompt's does."""
     voting = {g.prompt.data_source for g in groups if any(r.pred is not None for r in g.rewards)}
 
     def summary(prefix: str, part: list[Group]) -> dict[str, float]:

@@ -186,6 +186,17 @@ def test_maj_at_k_is_reported_for_the_sources_whose_verifier_reads_an_answer():
     assert "val/my_task/maj@3" not in metrics and "val/maj@3" not in metrics
 
 
+def test_maj_at_k_reads_0_where_no_response_gives_an_answer_yet():
+    """A model that does not write `Answer:` lines yet (a base model's first validation): math_dapo's verifier
+    still reads answers, so val/maj@K is there, and 0, not left out until some response gives one."""
+    from megatron_dapo.reward.registry import math_dapo_reward
+
+    unanswered = [math_dapo_reward("I think it is 42", "42", {}) for _ in range(2)]
+    assert [r.pred for r in unanswered] == ["", ""] and math_dapo_reward("Answer: 42", "42", {}).pred == "42"
+    metrics = validation_metrics([_group(unanswered), _group(unanswered)], k=2)
+    assert metrics["val/maj@2"] == metrics["val/math_dapo/maj@2"] == 0.0
+
+
 def test_the_mean_score_is_that_of_the_responses_scored():
     """A reward function that fails often must not look like a falling reward: critic/reward_failed says it."""
     right, wrong = RewardResult(score=1.0, acc=1.0), RewardResult(score=-1.0, acc=0.0)
