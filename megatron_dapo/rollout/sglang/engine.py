@@ -49,20 +49,26 @@ def leave_sigterm_to_the_trainer(engine) -> None:
     """SGLang's engine takes SIGTERM over at its first call (an asyncio handler whose watchdog shuts SGLang down and
     exits the process with status 0, mid-step, with no checkpoint): its event loop is set up now, before the
     trainer's stop request installs its own handler, and its SIGTERM handler taken out again (the process's handler
-    from before is put back). SGLang keeps SIGQUIT, its crash handler."""
+    from before is put back). SGLang keeps SIGQUIT, its crash handler.
+
+    The setup runs inside the engine's own loop (`Engine.loop`, which every engine call runs), as the first call
+    would run it: outside a running loop SGLang makes a loop of its own for its reply handler (sglang 0.5.23,
+    TokenizerManager.auto_create_handle_loop through get_or_create_event_loop), which nothing runs, and every
+    engine call would then wait for its reply forever."""
     if threading.current_thread() is not threading.main_thread():
         return  # SGLang adds no signal handler there, and none can be set or taken out
-    manager = engine.tokenizer_manager
+    manager, loop = engine.tokenizer_manager, engine.loop
     before = signal.getsignal(signal.SIGTERM)
-    manager.auto_create_handle_loop()
-    loop = manager.event_loop
-    if loop is None:
-        return
 
-    async def remove() -> None:  # uvloop (SGLang's) removes a handler only while the loop runs
-        loop.remove_signal_handler(signal.SIGTERM)
+    async def set_up() -> None:  # uvloop (SGLang's) removes a handler only while the loop runs
+        manager.auto_create_handle_loop()
+        if manager.event_loop is loop:
+            loop.remove_signal_handler(signal.SIGTERM)
 
-    loop.run_until_complete(remove())
+    loop.run_until_complete(set_up())
+    if manager.event_loop is not loop:
+        raise RolloutError("SGLang's tokenizer manager runs its reply handler on another event loop than its engine's "
+                           "calls: every call would wait forever (a sglang version this adapter does not know?)")
     # The loop left the default (exit) in its place; None: a handler set outside Python, which stays lost.
     signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 

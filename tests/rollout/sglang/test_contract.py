@@ -92,7 +92,7 @@ def test_engine_start_arguments_are_server_arguments(mode, tmp_path, monkeypatch
         started.append(ServerArgs(**kwargs))
         # SGLang's processes start without the trainer's setting (it would serialise their streams' kernels)
         assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
-        return types.SimpleNamespace(tokenizer_manager=manager)
+        return _engine_front(manager)
 
     monkeypatch.setattr(sglang, "Engine", record)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -106,7 +106,8 @@ def test_engine_start_arguments_are_server_arguments(mode, tmp_path, monkeypatch
         # Weights go by CUDA IPC where the engine shares the trainer's GPUs, by broadcast where it has its own; the
         # push is checked against the model's tensors either way.
         assert (engine._sender is None) == (mode == "colocated") and engine._ledger is not None
-        assert manager.event_loop is not None  # SGLang's loop is set up, and SIGTERM left as it was
+        # SGLang's loop is set up, the engine's own (its calls run it), and SIGTERM left as it was
+        assert manager.event_loop is not None and manager.event_loop is engine.engine.loop
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         manager.close()
@@ -619,7 +620,7 @@ def test_a_push_that_broke_off_can_be_made_again(tmp_path):
 
 def _tokenizer_manager():
     """An object with the state SGLang's TokenizerManager.auto_create_handle_loop reads and sets (the real method),
-    whose loops do nothing."""
+    whose reply handler only counts that it ran."""
     from sglang.srt.managers.tokenizer_manager import SignalHandler, TokenizerManager
 
     class Manager:
@@ -627,9 +628,10 @@ def _tokenizer_manager():
 
         def __init__(self):
             self.event_loop, self.asyncio_tasks, self.signal_handler_class = None, set(), SignalHandler
+            self.handled = 0
 
-        async def handle_loop(self):
-            pass
+        async def handle_loop(self):  # SGLang's reads the replies every engine call waits for
+            self.handled += 1
 
         async def sigterm_watchdog(self):
             pass
@@ -649,11 +651,21 @@ def _tokenizer_manager():
     return Manager()
 
 
+def _engine_front(manager):
+    """What sglang.Engine holds once started: its tokenizer manager, and the event loop every call of it runs
+    (SGLang's own Engine._ensure_event_loop, as Engine.__init__ sets it)."""
+    from sglang.srt.entrypoints.engine import Engine
+
+    return types.SimpleNamespace(tokenizer_manager=manager, loop=Engine._ensure_event_loop())
+
+
 def test_sigterm_stays_with_the_trainer_after_sglang_sets_up_its_event_loop():
     """SGLang's tokenizer manager adds an asyncio SIGTERM handler when it sets up its event loop (at the engine's
     first call): its watchdog then shuts SGLang down and exits the process with status 0, mid-step. The adapter
     sets the loop up at launch, through SGLang's own code, and takes that handler out: the handler from before
-    (the trainer's stop request installs its own) gets SIGTERM, and SGLang keeps its SIGQUIT handler."""
+    (the trainer's stop request installs its own) gets SIGTERM, and SGLang keeps its SIGQUIT handler. The loop set
+    up is the one the engine's calls run, so that SGLang's reply handler runs during them (on a loop of its own it
+    never would, and every call would wait for its reply forever)."""
     import asyncio
     import os
 
@@ -664,9 +676,10 @@ def test_sigterm_stays_with_the_trainer_after_sglang_sets_up_its_event_loop():
     before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     manager = _tokenizer_manager()
     try:
-        leave_sigterm_to_the_trainer(types.SimpleNamespace(tokenizer_manager=manager))
+        engine = _engine_front(manager)
+        leave_sigterm_to_the_trainer(engine)
         loop = manager.event_loop
-        assert loop is not None and signal.getsignal(signal.SIGQUIT) not in (signal.SIG_DFL, None)  # SGLang's
+        assert loop is engine.loop and signal.getsignal(signal.SIGQUIT) not in (signal.SIG_DFL, None)  # SGLang's
 
         async def engine_call():  # SIGTERM while SGLang's loop runs (an engine call), as well as outside one
             os.kill(os.getpid(), signal.SIGTERM)
@@ -676,6 +689,7 @@ def test_sigterm_stays_with_the_trainer_after_sglang_sets_up_its_event_loop():
         os.kill(os.getpid(), signal.SIGTERM)
         loop.run_until_complete(engine_call())
         assert received == [signal.SIGTERM, signal.SIGTERM]
+        assert manager.handled == 1  # SGLang's reply handler ran in the engine's call
         assert not getattr(manager, "gracefully_exit", False)  # SGLang's handler, which sets it, never ran
     finally:
         manager.close()
@@ -693,7 +707,7 @@ def test_an_engine_launched_outside_the_main_thread_leaves_signals_alone():
 
     def launch():
         try:
-            leave_sigterm_to_the_trainer(types.SimpleNamespace(tokenizer_manager=manager))
+            leave_sigterm_to_the_trainer(_engine_front(manager))
         except Exception as err:  # raised in the thread: reported to the test
             failures.append(err)
 
