@@ -9,8 +9,11 @@ SGLang's calls block until its workers have taken part in the collective, so eac
 on a daemon thread while the calling thread talks to the engine. When the engine refuses a bucket
 (it answers (False, message) before joining the broadcast), the error is printed and raised at once
 and the run stops; the broadcast left waiting ends with the group's timeout (`timeout_s`): gloo
-raises in its thread, NCCL's watchdog aborts the process. A CUDA bucket is broadcast on a stream of
-its own, which the device's current stream waits for only once the engine has loaded the bucket:
+raises in its thread, NCCL's watchdog aborts the process. When the trainer's side fails first (its end
+of the group or of a broadcast), its error is printed at once, and the engine's call returns only once
+SGLang's side gives up (its group's own timeout); its error then names the trainer's as its cause. A
+CUDA bucket is broadcast on a stream of its own, which the device's current stream waits for only once
+the engine has loaded the bucket:
 a broadcast the engine never joined holds up nothing else (the rest of the push's collectives, the
 all-ranks stop), as NCCL's wait on the current stream would.
 """
@@ -38,15 +41,19 @@ def _free_port() -> int:
 
 
 class _InBackground:
-    """`fn(*args, **kwargs)` on a daemon thread; `result()` waits for it and re-raises its error."""
+    """`fn(*args, **kwargs)` on a daemon thread; `result()` waits for it and re-raises its error, which is also
+    printed when it happens (`what` failed): the calling thread may be held in an engine call until SGLang's side
+    gives up, minutes later."""
 
-    def __init__(self, fn: Callable, *args, **kwargs):
+    def __init__(self, what: str, fn: Callable, *args, **kwargs):
         self._box: dict = {}
 
         def run():
             try:
                 self._box["value"] = fn(*args, **kwargs)
-            except BaseException as err:  # handed to the caller of result()
+            except BaseException as err:  # said now, and handed to the caller of result()
+                print(f"weight broadcast to SGLang: the trainer's side of {what} failed ({type(err).__name__}: "
+                      f"{err}); SGLang's side waits for it until its own timeout", file=sys.stderr, flush=True)
                 self._box["error"] = err
 
         self._thread = threading.Thread(target=run, name="weight-broadcast", daemon=True)
@@ -59,6 +66,10 @@ class _InBackground:
         if "error" in self._box:
             raise self._box["error"]
         return self._box.get("value")
+
+    def error(self) -> BaseException | None:
+        """Its error, if it has failed by now."""
+        return self._box.get("error")
 
 
 def _broadcast(tensor: torch.Tensor, group, stream) -> None:
@@ -82,12 +93,17 @@ class BroadcastSender:
         from sglang.srt.utils import init_custom_process_group
 
         port, world = _free_port(), 1 + self.tp_size
-        joining = _InBackground(init_custom_process_group, backend=backend, init_method=f"tcp://127.0.0.1:{port}",
-                                world_size=world, rank=0, group_name=GROUP_NAME,
-                                timeout=timedelta(seconds=self.timeout_s))
-        expect_success(self.engine.init_weights_update_group(
-            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=world,
-            group_name=GROUP_NAME, backend=backend), "init_weights_update_group")
+        joining = _InBackground("forming the group", init_custom_process_group, backend=backend,
+                                init_method=f"tcp://127.0.0.1:{port}", world_size=world, rank=0,
+                                group_name=GROUP_NAME, timeout=timedelta(seconds=self.timeout_s))
+        try:
+            expect_success(self.engine.init_weights_update_group(
+                master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=world,
+                group_name=GROUP_NAME, backend=backend), "init_weights_update_group")
+        except RolloutError as err:
+            if (cause := joining.error()) is not None:  # the trainer's side, where it failed first
+                raise err from cause
+            raise
         self.group = joining.result(timeout=self.timeout_s)
 
     def send(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -101,7 +117,7 @@ class BroadcastSender:
             side = torch.cuda.Stream(device=tensor.device)
             side.wait_stream(torch.cuda.current_stream(tensor.device))  # the bucket is written
             tensor.record_stream(side)
-        sending = _InBackground(_broadcast, tensor, self.group, side)
+        sending = _InBackground("a bucket's broadcast", _broadcast, tensor, self.group, side)
         try:
             expect_success(self.engine.update_weights_from_distributed(
                 names=[m.name for m in metadata], dtypes=[dtype_name(m.dtype) for m in metadata],
@@ -109,6 +125,8 @@ class BroadcastSender:
                 load_format="flattened_bucket"), "update_weights_from_distributed")
         except RolloutError as err:  # said now: the broadcast left waiting may end the process before a raise
             print(f"weight broadcast to SGLang: {err}", file=sys.stderr, flush=True)
+            if (cause := sending.error()) is not None:
+                raise err from cause
             raise
         sending.result(timeout=self.timeout_s)  # the bucket's memory stays referenced until here
         if side is not None:

@@ -156,3 +156,26 @@ def test_broadcast_push_arrives_in_every_sglang_worker():
             for name, tensor in want:
                 assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
                 assert torch.equal(got[name], tensor), name
+
+
+def test_the_trainers_side_failing_is_said_when_it_fails_and_raised_when_asked(capfd):
+    """The trainer's side of the group or of a broadcast runs on a thread while the engine's call holds the
+    calling thread (until SGLang's side gives up, minutes later): its failure is printed when it happens, and
+    raised by result()."""
+    import time
+
+    from megatron_dapo.rollout.sglang.broadcast import _InBackground
+
+    def fail():
+        raise RuntimeError("the port was taken")
+
+    failing = _InBackground("forming the group", fail)
+    deadline = time.monotonic() + 30
+    while failing.error() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(failing.error(), RuntimeError)  # recorded once it is printed
+    assert ("weight broadcast to SGLang: the trainer's side of forming the group failed (RuntimeError: the port was "
+            "taken); SGLang's side waits for it until its own timeout") in capfd.readouterr().err
+    with pytest.raises(RuntimeError, match="the port was taken"):
+        failing.result(timeout=5)
+    assert _InBackground("a bucket's broadcast", lambda: 7).result(timeout=5) == 7
