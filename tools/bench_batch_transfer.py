@@ -1,7 +1,8 @@
 """What rank 0 sends every rank once per step: the kept groups pickled (as before) against the packed
 actor batch (`ActorBatch.pack`, what the trainer sends). Bytes on the wire, and seconds from what
 rank 0 holds to the padded batch on a receiving rank, measured on one process (the network time scales
-with the bytes), and how much the receiver's peak memory grows unpickling the groups.
+with the bytes), and how much of the receiver's memory the unpickled groups hold (the padded batch, which
+both ways build, not counted).
 
     python tools/bench_batch_transfer.py [--responses 1024] [--response-len 7000] [--prompt-len 200]
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import pickle
-import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,8 +44,9 @@ def make_groups(responses: int, response_len: int, prompt_len: int, vocab: int =
     return groups
 
 
-def max_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def resident_gib() -> float:
+    """This process's resident memory now (Linux /proc/self/statm), GiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def main() -> None:
@@ -64,11 +67,11 @@ def main() -> None:
     start = time.perf_counter()
     payload = pickle.dumps(groups, protocol=pickle.HIGHEST_PROTOCOL)
     middle = time.perf_counter()
-    before = max_rss_gb()
+    before = resident_gib()
     received = pickle.loads(payload)
+    held_gib = resident_gib() - before  # the groups alone, while they live (the batch below is built either way)
     build_actor_batch(received, norm_by_std=True, overlong_filtering=True)
     pickled = (len(payload), middle - start, time.perf_counter() - middle)
-    pickled_rss = max_rss_gb() - before
     del payload, received
     gc.collect()
 
@@ -90,8 +93,8 @@ def main() -> None:
         print(f"{row['form']:>15}: {row['bytes_sent_gb']:.3f} GB sent ({row['bytes_per_token']} B/token); "
               f"rank 0 {row['sender_s']:.2f} s, each other rank {row['receiver_s']:.2f} s to its padded batch")
     print(f"{tokens / 1e6:.1f} M tokens on {machine()}: the packed batch sends {pickled[0] / packed[0]:.1f}x fewer "
-          f"bytes, and a receiving rank is ready {pickled[2] / packed[2]:.0f}x sooner; unpickling the groups "
-          f"grew its peak memory by {pickled_rss:.2f} GB")
+          f"bytes, and a receiving rank is ready {pickled[2] / packed[2]:.0f}x sooner; the unpickled groups hold "
+          f"{held_gib:.2f} GiB of its memory ({held_gib * 2**30 / tokens:.0f} bytes a token)")
     append_rows(args.out, "batch_transfer", rows)
 
 

@@ -9,8 +9,8 @@ a rank that is really stuck there is still found in 30 minutes.
 
 The actor batch built from the kept groups is sent once every rank has had the word "done", as
 unpadded tensors (`ActorBatch.pack`, 9 bytes a token: 0.5 GB for 8192 responses of 7k tokens). The
-kept groups pickled took 12.8 bytes a token and about 125 once unpickled, 7 GB of Python objects on each
-rank, and a receiving rank was ready 1.5x later, after 6x the work of its own (tools/bench_batch_transfer.py).
+kept groups pickled took 12.8 bytes a token and about 79 once unpickled, 4.5 GB of Python objects on each
+rank, and a receiving rank was ready 1.3x later, after 4x the work of its own (tools/bench_batch_transfer.py).
 It goes over the default group (NCCL on GPUs), because gloo's broadcast sends the whole payload from rank 0 to each rank in turn.
 """
 from __future__ import annotations
