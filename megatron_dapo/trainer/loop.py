@@ -243,6 +243,8 @@ class Trainer:
                 self._log(self.step, metrics)
             except Exception:
                 if saving:  # a sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept
+                    # The row's validation is lost with it: the attempt resuming runs it, unless a sink kept it.
+                    self.val_skipped = self.val_skipped or any(key.startswith("val/") for key in metrics)
                     self._save(hf=None)
                     if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
                         self._mark_stop_honoured()
@@ -270,8 +272,9 @@ class Trainer:
             if result := self.validate():  # none without validation files: no row of a step and a time alone
                 self._log(self.step, result)
         elif self.val_skipped and self._not_yet_validated():  # the attempt that saved this checkpoint stopped
-            if self.rank0:                                       # without the validation then due
-                print(f"validating step {self.step}, whose validation the stop after it skipped", flush=True)
+            if self.rank0:                                       # without the validation then due, or lost its row
+                print(f"validating step {self.step}, whose validation the attempt that saved it did not log",
+                      flush=True)
             self._log(self.step, self.validate())
         self.val_skipped = False
 
