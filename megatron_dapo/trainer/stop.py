@@ -116,6 +116,8 @@ class StopRequest:
             text = self.file.read_text(encoding="utf-8", errors="replace").strip()
         except FileNotFoundError:
             return None
+        except OSError:  # there but unreadable (a folder, no permission): a request all the same
+            return f"{self.file} exists"
         if _other_jobs_attempt(text):
             if not self._ignored_shown and (not dist.is_initialized() or dist.get_rank() == 0):
                 print(f"{self.file} names Slurm job attempt {text}, not this job's ({slurm_attempt()}): another "

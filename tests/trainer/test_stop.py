@@ -58,6 +58,9 @@ def test_a_stop_file_another_slurm_jobs_script_wrote_asks_nothing(tmp_path, rest
     monkeypatch.delenv("SLURM_JOB_ID")
     path.write_text("200.0\n")
     assert stop.requested()
+    path.unlink()
+    path.mkdir()  # there, but no text to read: a request
+    assert stop.reason() == f"{path} exists"
 
 
 def test_a_stop_file_a_run_stopped_on_is_cleared_one_no_run_has_stopped_on_kept(tmp_path, monkeypatch):
