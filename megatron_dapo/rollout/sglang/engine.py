@@ -68,7 +68,8 @@ def leave_sigterm_to_the_trainer(engine) -> None:
     loop.run_until_complete(set_up())
     if manager.event_loop is not loop:
         raise RolloutError("SGLang's tokenizer manager runs its reply handler on another event loop than its engine's "
-                           "calls: every call would wait forever (a sglang version this adapter does not know?)")
+                           "calls: every call would wait forever; install the sglang version the adapter is checked "
+                           "against (sglang==0.5.23, .ci/sglang-contract.txt)")
     # The loop left the default (exit) in its place; None: a handler set outside Python, which stays lost.
     signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
