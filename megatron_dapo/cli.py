@@ -113,6 +113,28 @@ def _env_world_size() -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+def _at_least_one(text: str) -> int:
+    """An allocation's count (--nodes, --gpus-per-node): a whole number >= 1, else argparse's usage error (exit 2),
+    which is not check-config's "does not fit" (exit 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of GB")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-dapo", description="DAPO reinforcement learning on megatron-core")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="will this config fit an allocation? (no GPU needed)")
     check.add_argument("config", help="YAML config file")
     check.add_argument("overrides", nargs="*", help="dotted overrides")
-    check.add_argument("--nodes", type=int, required=True, help="nodes in the allocation")
-    check.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
-    check.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU (default 80, an H100)")
+    check.add_argument("--nodes", type=_at_least_one, required=True, help="nodes in the allocation")
+    check.add_argument("--gpus-per-node", type=_at_least_one, required=True, help="GPUs (ranks) per node")
+    check.add_argument("--gpu-memory-gb", type=_gigabytes, default=80.0, help="memory of one GPU (default 80, an H100)")
     check.add_argument("--model-config", help="the model's config.json, when model.path is not readable here")
     check.set_defaults(run=_check_config)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_dapo.cli import main as cli_main
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import load_config
 from megatron_dapo.models.arch import ModelArch
@@ -253,6 +254,23 @@ def test_cli_exit_codes_and_model_config_flag(tmp_path):
     assert unset.returncode == 1, unset.stdout + unset.stderr
     assert "problem: model.path is not set: the training refuses to start without it" in unset.stdout, unset.stdout
     assert "note: data.train_files is not set" in unset.stdout and "model: " not in unset.stdout, unset.stdout
+
+
+def test_an_allocation_that_cannot_exist_is_a_usage_error_not_a_verdict(capsys):
+    """Exit 1 is "does not fit" (a script may then ask for more nodes); a count below 1 or a GPU memory that is not
+    a positive number is the command line's fault: argparse's exit 2, naming the flag."""
+    recipe = str(ROOT / "examples" / "recipes" / "dapo-qwen3-4b.yaml")
+    for flags, message in ((["--nodes", "0", "--gpus-per-node", "8"], "argument --nodes: 0 must be at least 1"),
+                           (["--nodes", "1", "--gpus-per-node", "eight"], "argument --gpus-per-node: 'eight' is not a "
+                                                                          "whole number"),
+                           (["--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "0"],
+                            "argument --gpu-memory-gb: 0 must be a positive number of GB"),
+                           (["--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "nan"],
+                            "argument --gpu-memory-gb: nan must be a positive number of GB")):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["check-config", recipe, *flags])
+        assert exited.value.code == 2, flags
+        assert message in capsys.readouterr().err, flags
 
 
 def test_colocated_sglang_shares_its_gpus_with_the_resident_actor():
