@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TextIO
+from typing import Collection, TextIO
 
 from megatron_dapo.metrics.config import LoggingConfig
 
@@ -16,6 +16,19 @@ CONSOLE_KEYS = {"critic/acc_mean": "acc", "critic/score_mean": "score", "respons
                 "sampling/gen_batches": "gen_batches", "sampling/groups_kept": "groups_kept",
                 "rollout/probe_logp_mean_diff": "probe_diff", "timing/step": "step_s", "timing/validate": "validate_s"}
 """The figures of a step's console line, under their labels there."""
+
+
+JSONL = "metrics.jsonl"
+"""The JSON-rows file in the run folder, and the name of its sink."""
+
+
+class SinkError(RuntimeError):
+    """The row of a step that some sinks could not write: `failed` maps each of them to its error."""
+
+    def __init__(self, step: int, failed: dict[str, Exception]):
+        self.step, self.failed = step, failed
+        super().__init__(f"step {step}'s metrics row could not be written to "
+                         + "; ".join(f"{name} ({type(err).__name__}: {err})" for name, err in failed.items()))
 
 
 WANDB_STEP = "trainer/step"
@@ -91,12 +104,12 @@ class MetricSinks:
     def __init__(self, config: LoggingConfig, run_dir: Path, total_steps: int, training: bool = True):
         """training: False for trainer.val_only, whose row gets a W&B run of its own (a standalone evaluation's
         row is not charted among the training's)."""
-        self.config, self.total = config, total_steps
+        self.config, self.total, self.run_dir = config, total_steps, run_dir
         self.jsonl = None
         self.earlier_rows = False
         """metrics.jsonl held rows of an earlier attempt when this one opened it."""
         if config.jsonl:
-            self.jsonl, self.earlier_rows = open_rows(run_dir / "metrics.jsonl", repair=training)
+            self.jsonl, self.earlier_rows = open_rows(run_dir / JSONL, repair=training)
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -139,16 +152,37 @@ class MetricSinks:
         """metrics.jsonl's rows on disk (before a checkpoint; see sync_rows)."""
         sync_rows(self.jsonl)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], only: Collection[str] | None = None) -> None:
+        """The row of `step` into every sink (into those named in `only`: the ones an earlier attempt could not
+        write it to). A sink that fails does not keep the others from the row: SinkError names each that failed."""
+        writers = {JSONL: self._jsonl_row, "tensorboard": self._tensorboard_row, "wandb": self._wandb_row,
+                   "console": self._console_row}
+        failed: dict[str, Exception] = {}
+        for name, write in writers.items():
+            if only is None or name in only:
+                try:
+                    write(step, metrics)
+                except Exception as err:
+                    failed[name] = err
+        if failed:
+            raise SinkError(step, failed) from next(iter(failed.values()))
+
+    def _jsonl_row(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
             self.jsonl.flush()
+
+    def _tensorboard_row(self, step: int, metrics: dict[str, float]) -> None:
         if self.tensorboard:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
+
+    def _wandb_row(self, step: int, metrics: dict[str, float]) -> None:
         if self.wandb:
             self.wandb.log({**metrics, WANDB_STEP: step})
+
+    def _console_row(self, step: int, metrics: dict[str, float]) -> None:
         if self.config.console:
             done = step / max(self.total, 1)
             bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
@@ -156,6 +190,14 @@ class MetricSinks:
             val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                            if k.startswith("val/") and k.count("/") == 1)  # not the per-data_source ones
             print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)
+
+    def has_row(self, step: int, metrics: dict[str, float]) -> bool:
+        """Whether metrics.jsonl holds the row of `step` with these figures' keys already (an attempt wrote it)."""
+        path = self.run_dir / JSONL
+        if not self.jsonl or not path.is_file():
+            return False
+        self.jsonl.flush()
+        return any(row["step"] == step and set(metrics) <= set(row) for row in read_history(path))
 
     def close(self) -> None:
         if self.jsonl:
@@ -170,7 +212,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of RUN_DIR/metrics.jsonl as the run's history. Where an attempt started again (after a crash or a
     stop), the rows an earlier attempt logged for the steps it trains again are left out, and so are the start
     markers themselves and a row a crash cut short."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / JSONL
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
     return read_history(path)

@@ -28,7 +28,7 @@ from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig, config_changes, dump_config
 from megatron_dapo.data.dataset import PromptStream
 from megatron_dapo.metrics.samples import SampleLog, write_validation
-from megatron_dapo.metrics.sinks import MetricSinks, check_sink_packages, read_metrics
+from megatron_dapo.metrics.sinks import JSONL, MetricSinks, SinkError, check_sink_packages, read_metrics
 from megatron_dapo.models.arch import ModelArch
 from megatron_dapo.ops import extension
 from megatron_dapo.parallel.init import init_distributed, stop_together
@@ -170,6 +170,9 @@ class Trainer:
         self.val_skipped = False
         """The validation due at self.step was skipped for a stop request: the attempt that resumes from its
         checkpoint runs it first (saved in the trainer state)."""
+        self.unlogged: dict | None = None
+        """The row of the step being saved that a sink could not write, and the sinks that failed (None: all of
+        them): saved in the trainer state, for the attempt that resumes from the checkpoint to write."""
         self.reward_seconds = 0.0
         """Time spent scoring rewards in the current step (rank 0's share)."""
         self.generated_tokens = 0
@@ -241,10 +244,11 @@ class Trainer:
             saving = last or stopping or bool(cfg.checkpoint.save_freq and self.step % cfg.checkpoint.save_freq == 0)
             try:
                 self._log(self.step, metrics)
-            except Exception:
+            except Exception as err:
                 if saving:  # a sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept
-                    # The row's validation is lost with it: the attempt resuming runs it, unless a sink kept it.
-                    self.val_skipped = self.val_skipped or any(key.startswith("val/") for key in metrics)
+                    # With the row, for the attempt resuming to write into the sinks that failed (rank 0 knows which).
+                    self.unlogged = {"step": self.step, "metrics": metrics,
+                                     "sinks": list(err.failed) if isinstance(err, SinkError) else None}
                     self._save(hf=None)
                     if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
                         self._mark_stop_honoured()
@@ -535,7 +539,10 @@ class Trainer:
         return bool(answer[0])
 
     def _state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict(), "val_skipped": self.val_skipped}
+        state = {"step": self.step, "data": self.stream.state_dict(), "val_skipped": self.val_skipped}
+        if self.unlogged:
+            state["unlogged_row"] = self.unlogged
+        return state
 
     def _resume_point(self) -> Path | None:
         """The newest complete checkpoint of the run folder when checkpoint.resume, else None (collective: rank 0's
@@ -568,6 +575,8 @@ class Trainer:
             checkpoints.complete_hf_copy(latest, self.hf_copy, wait_group=self.control.group)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
             self._started(lambda: self.rank0 and self._training_starts(latest))
+            self._started(lambda: self.rank0 and self._log_unlogged())
+        self.unlogged = None
 
     def _training_starts(self, latest: Path | None) -> None:
         """Rank 0, once the run has resumed (or started): the metrics and samples files are told, and config.yaml
@@ -579,6 +588,21 @@ class Trainer:
         partial = saved.with_name(saved.name + ".partial")
         partial.write_text(dump_config(self.config))
         partial.replace(saved)  # whole or not at all
+
+    def _log_unlogged(self) -> None:
+        """Rank 0, resuming: the row of the checkpoint's step that a sink failed to write (the failure stopped the
+        attempt that saved it), into the sinks that failed; metrics.jsonl's only when no attempt has written it
+        since."""
+        row = self.unlogged
+        if not row or row["step"] != self.step:
+            return
+        sinks = row["sinks"] if row["sinks"] is not None else [JSONL, "tensorboard", "wandb", "console"]
+        if JSONL in sinks and self.sinks.has_row(self.step, row["metrics"]):
+            sinks = [name for name in sinks if name != JSONL]
+        if sinks:
+            print(f"step {self.step}: writing its metrics row, which the attempt that saved this checkpoint could "
+                  f"not write, into {', '.join(sinks)}", flush=True)
+            self.sinks.log(self.step, row["metrics"], only=sinks)
 
     def _load_and_push(self, latest: Path | None) -> None:
         """The run's latest checkpoint (or model.megatron_checkpoint's weights, already in the actor) into the
@@ -592,6 +616,7 @@ class Trainer:
             if not self.config.trainer.val_only:  # a validation draws no training prompts
                 self.stream.load_state_dict(state["data"])
                 self.val_skipped = bool(state.get("val_skipped", False)) and self.val_set is not None
+                self.unlogged = state.get("unlogged_row")
         self.memory.to_push()
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)

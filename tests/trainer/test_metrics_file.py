@@ -1,8 +1,10 @@
 """metrics.jsonl across a resume: the file keeps every row, read_metrics gives the run's history."""
 import json
 
+import pytest
+
 from megatron_dapo.metrics.config import LoggingConfig
-from megatron_dapo.metrics.sinks import MetricSinks, read_metrics
+from megatron_dapo.metrics.sinks import MetricSinks, SinkError, read_metrics
 
 
 def test_rows_logged_after_the_resumed_checkpoint_are_superseded(tmp_path):
@@ -214,3 +216,25 @@ def test_w_and_b_gets_the_rows_of_steps_trained_again_after_a_resume(tmp_path, m
     assert [(row["trainer/step"], row["val/acc"]) for row in history] == [(0, 0.1), (1, 0.2), (2, 0.3), (1, 0.4),
                                                                           (2, 0.5)]
     assert inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"  # one W&B run for the run folder
+
+
+def test_a_failing_sink_keeps_no_other_from_the_row_and_is_named(tmp_path, capsys):
+    """metrics.jsonl on a full disk: the console still shows the row, and SinkError names the sink that failed, for
+    the trainer to write the row there when the run resumes; a row already in the file is found, not written twice."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    sinks = MetricSinks(LoggingConfig(console=True), tmp_path, total_steps=2)
+    with pytest.raises(SinkError) as failed:
+        sinks.log(1, {"critic/acc_mean": 0.25})
+    assert list(failed.value.failed) == ["metrics.jsonl"] and failed.value.step == 1
+    assert "step 1's metrics row could not be written to metrics.jsonl (OSError: [Errno 28]" in str(failed.value)
+    assert "step 1/2 acc=0.25" in capsys.readouterr().err
+    sinks.jsonl = None  # the full disk's file is not closed (its buffer would fail again)
+    sinks.close()
+    (tmp_path / "metrics.jsonl").unlink()
+    sinks = MetricSinks(LoggingConfig(console=True), tmp_path, total_steps=2)
+    assert not sinks.has_row(1, {"critic/acc_mean": 0.25})
+    sinks.log(1, {"critic/acc_mean": 0.25}, only=["metrics.jsonl"])
+    assert capsys.readouterr().err == ""  # the console had it
+    assert sinks.has_row(1, {"critic/acc_mean": 0.25}) and not sinks.has_row(1, {"val/acc": 0.5})
+    sinks.close()
+    assert [row["critic/acc_mean"] for row in read_metrics(tmp_path)] == [0.25]

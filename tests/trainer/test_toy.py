@@ -227,25 +227,32 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
 
 def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_run, tmp_path):
     """metrics.jsonl on a full disk (/dev/full): the row of step 1, a save step with a validation, cannot be
-    written. The run stops with the error, and step 1's checkpoint is saved first, not lost with the row; the
-    validation lost with the row runs when the run resumes (the disk has room again)."""
+    written. The run stops with the error, and step 1's checkpoint is saved first, with the row: the attempt that
+    resumes (the disk has room again) writes it, validation included, and validates nothing again."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
     (run_dir / "metrics.jsonl").symlink_to("/dev/full")
     command = [*_toy_command(run_dir), "trainer.val_before_train=false", "checkpoint.save_freq=1",
                "trainer.total_training_steps=2", "trainer.test_freq=1"]
     proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
                           text=True, timeout=900)
-    assert proc.returncode != 0 and "No space left on device" in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert "step 1's metrics row could not be written to metrics.jsonl (OSError: [Errno 28] No space left on " \
+           "device)" in proc.stderr, proc.stderr[-4000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], proc.stdout[-2000:]
     assert checkpoints.is_complete(run_dir / "checkpoints" / "step_000001")
+    kept = checkpoints.saved_trainer_state(run_dir / "checkpoints" / "step_000001")["unlogged_row"]
+    assert kept["step"] == 1 and kept["sinks"] == ["metrics.jsonl"], kept
     (run_dir / "metrics.jsonl").unlink()
     again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "validating step 1, whose validation the attempt that saved it did not log" in again.stdout, \
-        again.stdout[-2000:]
-    validated = [row["step"] for row in read_metrics(run_dir) if any(key.startswith("val/") for key in row)]
-    assert validated == [1, 2], again.stdout[-2000:]
+    assert ("step 1: writing its metrics row, which the attempt that saved this checkpoint could not write, into "
+            "metrics.jsonl") in again.stdout, again.stdout[-2000:]
+    assert "validating step 1" not in again.stdout, again.stdout[-2000:]
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2], rows
+    assert rows[0] == {"step": 1, "time": rows[0]["time"], **kept["metrics"]}, rows[0]
+    assert any(key.startswith("val/") for key in rows[0]) and "timing/step" in rows[0], rows[0]
 
 
 def test_a_validation_a_stop_skipped_runs_when_the_run_resumes(toy_run, tmp_path):
