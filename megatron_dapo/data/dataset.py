@@ -134,22 +134,24 @@ class PromptDataset(Sequence[Prompt]):
             if len(stats.malformed_examples) < MAX_EXAMPLES:
                 stats.malformed_examples.append(f"{where}: {why}")
 
+        names = [path.name for path in paths]  # a file is named by its path where another has its name
+        label = {path: path.name if names.count(path.name) == 1 else str(path) for path in paths}
         for path in paths:
             unit = "line" if path.suffix == ".jsonl" else "row"
             for number, row in _read_rows(path):
                 stats.rows_read += 1
                 if isinstance(row, _Unreadable):
-                    malformed(f"{path.name} {unit} {number}", row.reason)
+                    malformed(f"{label[path]} {unit} {number}", row.reason)
                     continue
                 try:
                     messages, ground_truth, data_source, extra_info = _parse_row(row, prompt_key)
                 except _Malformed as err:
-                    malformed(f"{path.name} {unit} {number}", str(err))
+                    malformed(f"{label[path]} {unit} {number}", str(err))
                     continue
                 # The same messages under two data_sources are two tasks (two verifiers), not a duplicate; nor
                 # with other task data in extra_info (an episode a fixed prompt refers to), but for its "index",
                 # which a row's number fills (DAPO-Math-17k repeats each prompt with a new one).
-                where = f"{path.name} {unit} {number}"
+                where = f"{label[path]} {unit} {number}"
                 key = (data_source, tuple((m["role"], m["content"]) for m in messages), _task_data(extra_info))
                 if key in first_copy:  # counted as what became of its first copy (tokenized once)
                     first_ground_truth, dropped, first_where = first_copy[key]
@@ -203,11 +205,17 @@ class PromptDataset(Sequence[Prompt]):
 class PromptStream:
     """An endless stream of prompt batches, epoch after epoch, each epoch in its own seeded order.
 
-    Epoch e visits every prompt once, in the order of `random.Random(seed + e).shuffle` (dataset order
-    without shuffle); a batch that reaches the end of an epoch continues with the next one, so every
-    prompt is drawn equally often and a dataset smaller than a batch still works. `state_dict()` is
-    (epoch, position in the epoch): a stream loaded from it yields the same batches as the original.
+    Epoch e visits every prompt once, in a shuffled order seeded by (seed, e) (dataset order without shuffle);
+    a batch that reaches the end of an epoch continues with the next one, so every prompt is drawn equally
+    often and a dataset smaller than a batch still works. Such a batch holds no prompt twice when the dataset
+    has a batch of prompts: the new epoch's prompts it would repeat come right after its share instead. The
+    state is the epoch, the position in it and that batch's last-epoch share: a stream loaded from
+    `state_dict()` yields the same batches as the original.
     """
+
+    ORDER = 2
+    """How epochs are shuffled: 2 seeds by (seed, epoch) (not seed + epoch, which gave seed s's epoch 1 the order of
+    seed s + 1's epoch 0). A state saved without "order" goes on with 1, the order its run began."""
 
     def __init__(self, dataset: Sequence[Prompt], batch_size: int, *, seed: int, shuffle: bool = True):
         if len(dataset) == 0:
@@ -218,9 +226,13 @@ class PromptStream:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.order = self.ORDER
         self.epoch = 0
         """The epoch of the next prompt to be drawn (position == len(dataset) means this one is used up)."""
         self.position = 0
+        self.carried: list[int] = []
+        """The last epoch's prompts in the batch that began this epoch: its first `fill` prompts leave them out."""
+        self.fill = 0
         self._order = self._epoch_order(0)
         self._fingerprint: str | None = None
 
@@ -228,19 +240,25 @@ class PromptStream:
         return self
 
     def __next__(self) -> list[Prompt]:
-        batch: list[Prompt] = []
+        batch: list[int] = []
         while len(batch) < self.batch_size:
             if self.position == len(self.dataset):
                 self.epoch, self.position = self.epoch + 1, 0
+                # A dataset smaller than the batch repeats prompts in it whatever the order.
+                fits = self.batch_size <= len(self.dataset)
+                self.carried, self.fill = (batch[:], self.batch_size - len(batch)) if batch and fits and self.shuffle else ([], 0)
                 self._order = self._epoch_order(self.epoch)
             take = min(self.batch_size - len(batch), len(self.dataset) - self.position)
-            batch += [self.dataset[i] for i in self._order[self.position:self.position + take]]
+            batch += self._order[self.position:self.position + take]
             self.position += take
-        return batch
+        return [self.dataset[i] for i in batch]
 
-    def state_dict(self) -> dict[str, int | bool | str]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "dataset_size": len(self.dataset), "fingerprint": self.fingerprint()}
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                 "dataset_size": len(self.dataset), "fingerprint": self.fingerprint(), "order": self.order}
+        if self.carried:
+            state.update(carried=list(self.carried), fill=self.fill)
+        return state
 
     def fingerprint(self) -> str:
         """A hash of the prompts' token ids in dataset order: the same files in another order, another file of as
@@ -253,7 +271,7 @@ class PromptStream:
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
-    def mismatch(self, state: dict[str, int | bool | str]) -> str | None:
+    def mismatch(self, state: dict) -> str | None:
         """Why a saved state cannot be continued by this stream, or None (a state saved without a fingerprint is
         checked by its size alone; the seed matters only to a shuffled order)."""
         saved = {k: state.get(k) for k in ("dataset_size", "fingerprint", "shuffle", "seed")}
@@ -271,21 +289,33 @@ class PromptStream:
                 "same data files in the same order, data.max_prompt_length, tokenizer, trainer.seed and "
                 "data.shuffle as the saved run")
 
-    def load_state_dict(self, state: dict[str, int | bool | str]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Continue where the saved stream stopped; refuses a state from different prompts, seed or shuffle."""
         problem = self.mismatch(state)
         if problem is not None:
             raise ValueError(problem)
-        if not 0 <= state["position"] <= len(self.dataset) or state["epoch"] < 0:
-            raise ValueError(f"bad prompt stream state: epoch {state['epoch']}, position {state['position']}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        size = len(self.dataset)
+        carried, fill, order = state.get("carried", []), state.get("fill", 0), state.get("order", 1)
+        if (not 0 <= state["position"] <= size or state["epoch"] < 0 or order not in (1, 2)
+                or not all(isinstance(i, int) and 0 <= i < size for i in carried)
+                or not (0 <= fill <= size and len(carried) + fill <= size)):
+            raise ValueError(f"bad prompt stream state: epoch {state['epoch']}, position {state['position']}, "
+                             f"order {order}, {len(carried)} prompt(s) carried over, fill {fill}")
+        self.epoch, self.position, self.order = int(state["epoch"]), int(state["position"]), int(order)
+        self.carried, self.fill = [int(i) for i in carried], int(fill)
         self._order = self._epoch_order(self.epoch)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.dataset)))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
+        if not self.shuffle:
+            return order  # a batch that began the epoch took the dataset's last prompts: it repeats none
+        random.Random(f"{self.seed}:{epoch}" if self.order == 2 else self.seed + epoch).shuffle(order)
+        if not self.carried:
+            return order
+        carried = set(self.carried)
+        head = [i for i in order if i not in carried][:self.fill]
+        moved = [i for i in order[:order.index(head[-1]) + 1] if i in carried] if head else []
+        return head + moved + order[len(head) + len(moved):]
 
 
 class _Malformed(ValueError):

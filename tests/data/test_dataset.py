@@ -152,6 +152,16 @@ def test_duplicates_across_files(tmp_path, tokenizer):
     assert (dataset.stats.rows_read, dataset.stats.duplicates) == (3, 1)
 
 
+def test_files_of_one_name_in_two_folders_are_named_by_their_paths(tmp_path, tokenizer):
+    first, second = tmp_path / "d1" / "train.jsonl", tmp_path / "d2" / "train.jsonl"
+    first.parent.mkdir(), second.parent.mkdir()
+    write_jsonl(first, [row(P1, "3")])
+    write_jsonl(second, [row(P1, "4")])
+    dataset = PromptDataset.from_files([first, second], tokenizer, max_prompt_length=8)
+    assert dataset.stats.conflicting_examples == [f"{second} line 1: ground truth '4', not '3' as at {first} line 1 "
+                                                  "(kept)"]
+
+
 def test_a_parquet_struct_s_null_keys_are_absent(tmp_path, tokenizer):
     """A struct column has every row's keys: row 0 reads back {"index": 0, "split": None}. Null keys are absent,
     so the JSONL copy of the same rows is the same prompts, and a reward function's default for a key holds."""
@@ -245,13 +255,13 @@ def test_stream_without_shuffle_runs_across_epochs():
     assert indices(next(PromptStream(prompts(2), batch_size=5, seed=0, shuffle=False))) == [0, 1, 0, 1, 0]
 
 
-def test_stream_shuffles_each_epoch_with_seed_plus_epoch():
+def test_stream_shuffles_each_epoch_seeded_by_seed_and_epoch():
     stream = PromptStream(prompts(10), batch_size=5, seed=3)
     drawn = [i for _ in range(6) for i in indices(next(stream))]
     epochs = [drawn[0:10], drawn[10:20], drawn[20:30]]
     for epoch, order in enumerate(epochs):
         expected = list(range(10))
-        random.Random(3 + epoch).shuffle(expected)
+        random.Random(f"3:{epoch}").shuffle(expected)
         assert order == expected
     assert sorted(epochs[0]) == list(range(10))
     assert len({tuple(order) for order in epochs}) == 3    # a new order every epoch
@@ -265,11 +275,50 @@ def test_stream_resumes_with_the_same_order():
         next(stream)
     state = stream.state_dict()
     assert state == {"epoch": 1, "position": 2, "seed": 11, "shuffle": True, "dataset_size": 7,
-                     "fingerprint": stream.fingerprint()}
+                     "fingerprint": stream.fingerprint(), "order": 2, "carried": state["carried"], "fill": 2}
+    assert len(state["carried"]) == 1  # epoch 0's last prompt began the batch that crossed into epoch 1
     expected = [indices(next(stream)) for _ in range(5)]
     resumed = PromptStream(prompts(7), batch_size=3, seed=11)
     resumed.load_state_dict(state)
     assert [indices(next(resumed)) for _ in range(5)] == expected
+
+
+def test_a_batch_across_two_epochs_repeats_no_prompt_and_every_epoch_draws_each_once():
+    """Batches of 300 from 1000 prompts cross an epoch's end mid-batch: the new epoch's prompts the batch would
+    repeat come right after its share; every prompt is still drawn once an epoch. Resumed after any batch, the
+    stream goes on with the same batches."""
+    stream = PromptStream(prompts(1000), batch_size=300, seed=5)
+    batches, states = [], []
+    for _ in range(40):  # 12 epochs
+        states.append(stream.state_dict())
+        batches.append(indices(next(stream)))
+    assert all(len(set(batch)) == 300 for batch in batches)
+    drawn = [i for batch in batches for i in batch]
+    for epoch in range(12):
+        assert sorted(drawn[epoch * 1000:(epoch + 1) * 1000]) == list(range(1000)), epoch
+    for start in (3, 4, 10, 27):  # 3 and 10 begin with a crossing batch, 4 and 27 inside an epoch
+        resumed = PromptStream(prompts(1000), batch_size=300, seed=5)
+        resumed.load_state_dict(states[start])
+        assert [indices(next(resumed)) for _ in range(40 - start)] == batches[start:], start
+    # A dataset smaller than the batch repeats prompts in it whatever the order.
+    small = next(PromptStream(prompts(3), batch_size=5, seed=5))
+    assert sorted(indices(small)).count(0) >= 1 and len(small) == 5
+
+
+def test_a_state_saved_before_order_2_goes_on_in_its_order():
+    """A run that saved its stream before epochs were seeded by (seed, epoch) continues the order it began: seed +
+    epoch; its next epoch leaves out the crossing batch's repeats as new runs do."""
+    stream = PromptStream(prompts(10), batch_size=4, seed=3)
+    old = {"epoch": 1, "position": 4, "seed": 3, "shuffle": True, "dataset_size": 10,
+           "fingerprint": stream.fingerprint()}
+    stream.load_state_dict(old)
+    expected = list(range(10))
+    random.Random(3 + 1).shuffle(expected)
+    assert indices(next(stream)) == expected[4:8]
+    assert stream.state_dict()["order"] == 1
+    with pytest.raises(ValueError, match=r"bad prompt stream state: epoch 1, position 4, order 1, 1 prompt\(s\) "
+                                         "carried over, fill 10"):
+        PromptStream(prompts(10), batch_size=4, seed=3).load_state_dict({**old, "carried": [2], "fill": 10})
 
 
 def test_stream_refuses_a_state_from_another_run():
