@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     bench = commands.add_parser("bench", help="benchmarks: `bench kernels [--out DIR ...]` (needs a GPU)")
-    bench.add_argument("what", choices=["kernels"])
+    bench.add_argument("what", choices=["kernels"], help="kernels: the fused kernels against the pure-torch ops")
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of tools/bench_kernels.py")
     bench.set_defaults(run=_bench)
     return parser

@@ -4,4 +4,4 @@ import sys
 from megatron_dapo.bench.kernels import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python tools/bench_kernels.py"))

@@ -225,6 +225,8 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             suggestion = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
             problems.append(f"unknown key {full}{suggestion}")
+    unknown = len(problems) > start
+    start = len(problems)
     kwargs: dict[str, Any] = {}
     for name in fields:
         if name in data:
@@ -232,14 +234,16 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             # model.path's default "" is its "not set": given so (a dumped config writes it), it is not refused.
             kwargs[name], _ = _convert(hints[name], data[name], full, problems,
                                        empty_ok=fields[name].default == "")
-    if len(problems) > start:
+    if len(problems) > start:  # a value of the wrong type: the section's own checks would trip on it
         return None
     try:
-        return cls(**kwargs)
+        made = cls(**kwargs)  # its own checks run beside an unknown key: every problem is said at once
     except ConfigError as err:
         problems.extend(err.problems)
     except TypeError as err:  # a required field without a value
         problems.append(f"{where}: {err}")
+    else:
+        return None if unknown else made
     return None
 
 

@@ -35,7 +35,7 @@ class RewardResult:
     reason: str | None = None
     """Why it failed: "<kind>: <detail>", kind one of FAILURE_KINDS."""
     pred: str | None = None
-    """The answer the verifier read from the response: logged with the sample, and the vote in val/maj@K. None
+    """The answer the verifier read from the response: in its val_generations row, and the vote in val/maj@K. None
     where the verifier reads no answers; "" where it read none in this response (no vote)."""
 
 

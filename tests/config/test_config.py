@@ -159,6 +159,16 @@ def test_each_problem_names_the_key(good, overrides, expected):
     assert expected in _error(good, *overrides)
 
 
+def test_an_unknown_key_keeps_no_other_problem_of_its_section_from_being_said(good):
+    """Every problem at once: a section with an unknown key still checks its known values' ranges; a value of
+    the wrong type is said alone for its section (its checks would trip on it)."""
+    message = _error(good, "actor.clip_ratio_low=2", "actor.bogus=1", "data.gen_batch_size=0", "trainer.seed=abc")
+    for problem in ("unknown key actor.bogus", "actor.clip_ratio_low must be in [0, 1), got 2.0",
+                    "data.gen_batch_size must be >= 1, got 0", "trainer.seed: expected int, got str 'abc'"):
+        assert problem in message, message
+    assert _error(good, "actor.bogus=1") == "unknown key actor.bogus"  # and nothing more of a valid section
+
+
 def test_all_problems_are_reported_together(good):
     message = _error(good, "actor.clip_ratio_hgh=0.3", "data.gen_batch_size=abc")
     assert message.startswith("2 config problems")
