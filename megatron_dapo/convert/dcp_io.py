@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_dapo.models.arch import ModelError
+from megatron_dapo.models.arch import ModelError, read_json_object
 
 MEGATRON_METADATA = "metadata.json"
 COMMON = "common.pt"
@@ -222,7 +222,10 @@ class CheckpointReader:
             )
         backend = self.folder / MEGATRON_METADATA
         if backend.is_file():
-            found = json.loads(backend.read_text()).get("sharded_backend")
+            try:
+                found = read_json_object(backend).get("sharded_backend")
+            except ModelError as err:  # cut short by a crash, edited: named, not a JSONDecodeError
+                raise CheckpointFormatError(str(err)) from None
             if found != "torch_dist":
                 raise CheckpointFormatError(f"{backend}: sharded_backend {found!r} is not supported (only 'torch_dist')")
         self._reader = FileSystemReader(self.folder)

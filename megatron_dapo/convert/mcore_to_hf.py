@@ -239,8 +239,10 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
         _copy_template(Path(tokenizer) if tokenizer is not None else None, partial,
                        tokenizer_only=template is not None)
         # A config.json read by its model_type alone gets its class named: SGLang and vLLM pick the model by it.
-        config = {"architectures": [arch.architecture], "model_type": arch.family, **config,
-                  "dtype": str(dtype).replace("torch.", "")}
+        config = {**config, "dtype": str(dtype).replace("torch.", "")}
+        if not config.get("architectures"):  # absent, null or []: ModelArch read the family from model_type
+            config["architectures"] = [arch.architecture]
+        config.setdefault("model_type", arch.family)
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]
         (partial / "config.json").write_text(json.dumps(config, indent=2))

@@ -32,6 +32,9 @@ class HFCheckpointReader:
             weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelError(f"{index}: no weight_map")
+            bad = next(((name, f) for name, f in weight_map.items() if not isinstance(f, str) or not f), None)
+            if bad is not None:
+                raise ModelError(f"{index}: weight_map gives tensor {bad[0]!r} the file {bad[1]!r}, not a file name")
             missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
             if missing:
                 raise ModelError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")

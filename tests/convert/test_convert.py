@@ -6,6 +6,7 @@ converted back) is in tests/actor/test_actor_parallel.py, which has the process 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,10 @@ def test_a_shard_or_index_that_does_not_read_is_named_wherever_it_is_read(tmp_pa
     with pytest.raises(ModelError, match=f"{shard}: not a readable safetensors file"):
         list(reader.iter_shards())
     index = source / "model.safetensors.index.json"
+    entries = json.loads(index.read_text())
+    index.write_text(json.dumps({**entries, "weight_map": {**entries["weight_map"], name: None}}))
+    with pytest.raises(ModelError, match=f"{index}: weight_map gives tensor '{name}' the file None, not a file name"):
+        HFCheckpointReader(source)
     index.write_text(index.read_text()[:40])
     with pytest.raises(ModelError, match=f"{index}: not a readable JSON file"):
         HFCheckpointReader(source)
@@ -382,6 +387,12 @@ def test_the_output_config_names_the_architecture_and_no_stale_weight_index_is_c
     mcore_to_hf(tmp_path / "mcore", tmp_path / "back", hf_template=source, progress=False)
     back = tmp_path / "back"
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    for empty in (None, []):  # as good as absent: named too
+        (source / "config.json").write_text(json.dumps({**config, "architectures": empty}))
+        mcore_to_hf(tmp_path / "mcore", tmp_path / f"empty{empty}", hf_template=source, progress=False)
+        assert json.loads((tmp_path / f"empty{empty}" / "config.json").read_text())["architectures"] == \
+            ["Qwen3ForCausalLM"]
+    (source / "config.json").write_text(json.dumps(config))
     assert (back / "tokenizer_config.json").is_file() and not (back / "pytorch_model.bin.index.json").exists()
     # And a config.json with its architectures alone gets its model_type, which AutoConfig reads it by.
     del config["model_type"]
@@ -428,6 +439,14 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
     with pytest.raises(ConversionError, match="no COMPLETE.json, so the save that wrote it did not finish"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
     (tmp_path / "marker").rename(tmp_path / "mcore" / "COMPLETE.json")
+    # megatron-core's metadata.json cut short, or not an object: named, not a JSONDecodeError.
+    backend = tmp_path / "mcore" / "metadata.json"
+    kept = backend.read_text()
+    for damaged, said in (("", "not a readable JSON file"), ("[]", "holds a JSON list, not an object")):
+        backend.write_text(damaged)
+        with pytest.raises(CheckpointFormatError, match=f"{backend}: {re.escape(said)}"):
+            mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
+    backend.write_text(kept)
     (tmp_path / "step_000007.partial").mkdir()  # a save that crashed before it wrote anything
     with pytest.raises(ConversionError, match=r"step_000007.partial: an unfinished save"):
         mcore_to_hf(tmp_path / "step_000007.partial", tmp_path / "out", progress=False)
