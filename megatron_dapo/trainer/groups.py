@@ -178,7 +178,7 @@ def rollout_metrics(groups: list[Group], max_response_length: int) -> dict[str, 
     n = max(len(rewards), 1)
     return {
         **extra_means("reward/", rewards),
-        "critic/score_mean": sum(scored) / max(len(scored), 1),
+        **({"critic/score_mean": _mean(scored)} if scored else {}),  # no score read as a mean of 0
         "critic/acc_mean": sum(r.acc for r in rewards) / n,
         "critic/reward_failed": float(sum(r.failed for r in rewards)),
         "response_length/mean": sum(lengths) / n,
@@ -198,8 +198,9 @@ def validation_metrics(groups: list[Group], k: int) -> dict[str, float]:
     def summary(prefix: str, part: list[Group]) -> dict[str, float]:
         accs = [[r.acc for r in g.rewards] for g in part]  # a failed reward counts as wrong
         result = {f"{prefix}acc_avg@{k}": sum(sum(a) for a in accs) / (len(accs) * k),
-                  f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs),
-                  f"{prefix}score_mean": sum(scored := _scored(part)) / max(len(scored), 1)}
+                  f"{prefix}pass@{k}": sum(max(a) > 0 for a in accs) / len(accs)}
+        if scored := _scored(part):  # every reward failed: no score, not a mean of 0
+            result[f"{prefix}score_mean"] = _mean(scored)
         if all(g.prompt.data_source in voting for g in part):
             result[f"{prefix}maj@{k}"] = sum(majority_vote(g.rewards) for g in part) / len(part)
         return result

@@ -1,4 +1,5 @@
 """Groups of responses: the figures dynamic sampling filters on, and what a failed reward does to the batch."""
+import dataclasses
 import math
 
 import pytest
@@ -153,6 +154,13 @@ def test_validation_counts_a_failed_reward_as_wrong():
     metrics = validation_metrics([_group([right, _failed()]), _group([_failed(), _failed()])], k=2)
     assert metrics["val/acc_avg@2"] == 0.25 and metrics["val/pass@2"] == 0.5
     assert metrics["val/score_mean"] == 1.0  # the one scored response: a failed one's placeholder is no score
+    # A data_source whose every reward failed has no score: none is logged, not a mean of 0.
+    other = _group([_failed(), _failed()])
+    other.prompt = dataclasses.replace(other.prompt, data_source="broken")
+    metrics = validation_metrics([_group([right, _failed()]), other], k=2)
+    assert "val/broken/score_mean" not in metrics and metrics["val/broken/acc_avg@2"] == 0.0
+    assert metrics["val/score_mean"] == 1.0
+    assert "critic/score_mean" not in rollout_metrics([other], max_response_length=8)
 
 
 def test_majority_vote_by_hand():
