@@ -21,12 +21,25 @@ from setuptools import find_packages, setup
 def _set_cuda_home():
     """torch takes CUDA_HOME from the directory above the first `nvcc` on PATH; where that is a wrapper
     script (/usr/local/bin/nvcc, say) the toolkit's libraries are not there. Prefer a toolkit folder
-    that has both bin/nvcc and the CUDA runtime library, unless CUDA_HOME is set."""
+    that has both bin/nvcc and the CUDA runtime library, unless CUDA_HOME is set: nvcc's on PATH, then
+    /usr/local/cuda, then the /usr/local/cuda-X.Y of torch's CUDA major version, newest first, then the others."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
+    try:
+        import torch
+
+        major = (torch.version.cuda or "").split(".")[0]
+    except ImportError:
+        major = ""
+
+    def newest_of_torchs_major_first(home: Path):
+        version = tuple(int(part) for part in re.findall(r"\d+", home.name))
+        return (bool(version) and str(version[0]) == major, version)
+
     nvcc = shutil.which("nvcc")
     candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
-    candidates += sorted(Path("/usr/local").glob("cuda*"), reverse=True)
+    candidates.append(Path("/usr/local/cuda"))
+    candidates += sorted(Path("/usr/local").glob("cuda-*"), key=newest_of_torchs_major_first, reverse=True)
     for home in candidates:
         if (home / "bin" / "nvcc").exists() and any((home / lib / "libcudart.so").exists()
                                                      for lib in ("lib64", "lib")):
