@@ -24,7 +24,8 @@ fi
 # The run folder as the run reads it: a trainer.run_dir among the overrides or the script's arguments wins over
 # RUN_DIR (the later override wins), read as YAML, a trainer={run_dir: ...} mapping included. The STOP file below
 # must go where the run looks for it. A config that does not load stops the job here, before any node starts.
-RUN_DIR=$(python -m megatron_dapo config --get trainer.run_dir "$CONFIG" "trainer.run_dir=$RUN_DIR" \
+# A WORLD_SIZE the submitting shell exported would be checked against the layout here: it is not this job's.
+RUN_DIR=$(env -u WORLD_SIZE python -m megatron_dapo config --get trainer.run_dir "$CONFIG" "trainer.run_dir=$RUN_DIR" \
           ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@")
 mkdir -p "$RUN_DIR"
 
@@ -41,6 +42,18 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NOD
 # shared file system. Once the run has stopped, the job puts itself back in the queue.
 STOP_REASON=
 request_stop() {
+    # A request another job that still runs wrote (its time-limit warning) is that job's: the run in the folder is
+    # its run (this job's ranks refuse to start there), and replacing the request would take its stop away.
+    local asked other
+    asked=$(cat "$RUN_DIR/STOP" 2>/dev/null || true)
+    if [[ $asked =~ ^([0-9]+)\.[0-9]+$ ]] && [ "${BASH_REMATCH[1]}" != "$SLURM_JOB_ID" ]; then
+        other=${BASH_REMATCH[1]}
+        if [ -n "$(squeue -h -j "$other" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>/dev/null || true)" ]; then
+            echo "$(date -Is) got SIG$1: $RUN_DIR/STOP is job ${other}'s request, and job ${other} still runs:" \
+                 "left as it is (this job's ranks do not train in that folder)" >&2
+            return
+        fi
+    fi
     STOP_REASON=$1
     echo "$(date -Is) got SIG$1: asking the run to save a checkpoint and stop" >&2
     # Named for this attempt: a run whose ranks are still starting keeps it rather than take it for the last one's,

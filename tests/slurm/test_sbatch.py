@@ -128,28 +128,39 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
 def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
     """`scancel JOB` sends SIGTERM to the batch shell too, which asks the run to stop: the job must end as
     cancelled, not put itself back in the queue. Before that, a STOP file naming another job's attempt (what the
-    batch script of a second job submitted into the folder writes when cancelled) does not stop the run."""
+    batch script of a second job submitted into the folder writes when cancelled) does not stop the run; and while
+    that other job runs, this job's batch shell, signalled, leaves its request as it is (one task each here, so
+    that a sleeping job stands in for the other one beside the run)."""
     run_dir = _linked_run_dir(first_run, tmp_path)
+    sleeper = tmp_path / "sleep.sbatch"
+    sleeper.write_text("#!/bin/bash\nsleep 600\n")
+    other = cluster.sbatch(sleeper, options=("--ntasks=1", f"--output={tmp_path}/other-%j.out"))
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=50", "trainer.test_freq=0",
-                  "trainer.val_before_train=false", "checkpoint.save_freq=0")
-    deadline = time.monotonic() + 600
-    while not _steps(run_dir) and cluster.state(job) not in ENDED and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _steps(run_dir), _log(tmp_path, job)[-4000:]
-    (run_dir / "STOP").write_text(f"{job + 1}.0\n")
-    seen = len(_steps(run_dir))
-    while len(_steps(run_dir)) < seen + 2 and cluster.state(job) not in ENDED and time.monotonic() < deadline:
-        time.sleep(0.5)
-    log = _log(tmp_path, job)
-    assert len(_steps(run_dir)) >= seen + 2 and "stopping after" not in log, log[-4000:]
-    assert f"names Slurm job attempt {job + 1}.0, not this job's ({job}.0)" in log, log[-4000:]
-    cluster.run("scancel", str(job))
-    assert cluster.wait_state(job, ENDED, timeout_s=300) == "CANCELLED", _log(tmp_path, job)[-4000:]
-    time.sleep(5)  # a requeue would come from the batch shell after the run ended
-    info = cluster.job(job)
-    log = _log(tmp_path, job)
-    assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, log[-4000:])
-    assert "requeueing job" not in log, log[-4000:]
+                  "trainer.val_before_train=false", "checkpoint.save_freq=0", options=("--ntasks=1",))
+    try:
+        deadline = time.monotonic() + 600
+        while not _steps(run_dir) and cluster.state(job) not in ENDED and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _steps(run_dir), _log(tmp_path, job)[-4000:]
+        assert cluster.state(other) == "RUNNING"
+        (run_dir / "STOP").write_text(f"{other}.0\n")
+        seen = len(_steps(run_dir))
+        while len(_steps(run_dir)) < seen + 2 and cluster.state(job) not in ENDED and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = _log(tmp_path, job)
+        assert len(_steps(run_dir)) >= seen + 2 and "stopping after" not in log, log[-4000:]
+        assert f"names Slurm job attempt {other}.0, not this job's ({job}.0)" in log, log[-4000:]
+        cluster.run("scancel", str(job))
+        assert cluster.wait_state(job, ENDED, timeout_s=300) == "CANCELLED", _log(tmp_path, job)[-4000:]
+        time.sleep(5)  # a requeue would come from the batch shell after the run ended
+        info = cluster.job(job)
+        log = _log(tmp_path, job)
+        assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, log[-4000:])
+        assert "requeueing job" not in log, log[-4000:]
+        assert f"STOP is job {other}'s request, and job {other} still runs: left as it is" in log, log[-4000:]
+        assert (run_dir / "STOP").read_text() == f"{other}.0\n"
+    finally:
+        cluster.run("scancel", str(other), check=False)
 
 
 def test_a_run_with_nothing_left_to_train_is_not_requeued(cluster, first_run, tmp_path):
