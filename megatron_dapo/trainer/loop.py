@@ -230,6 +230,9 @@ class Trainer:
         cfg = self.config
         self._resume()
         self._validate_first()
+        if self.step >= cfg.trainer.total_training_steps and not cfg.trainer.val_only and self.rank0:
+            print(f"nothing to train: the run is at step {self.step}, and trainer.total_training_steps is "
+                  f"{cfg.trainer.total_training_steps} (raise it to train on)", flush=True)
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
             self.step += 1
@@ -335,9 +338,17 @@ class Trainer:
                   f"again runs it, and with trainer.val_only=true it validates {step_dir} alone", flush=True)
 
     def _close(self) -> None:
-        for part in (self.sinks, self.samples, self.scorer, self.engine):
+        """Every part closed, the lock released. The run's work is saved by now: a part that fails to close (W&B's
+        upload at finish, say) is reported, and neither keeps the others open nor fails a run that stopped cleanly
+        (the batch script would not requeue it)."""
+        for name, part in (("metric sinks", self.sinks), ("samples", self.samples), ("reward workers", self.scorer),
+                           ("rollout engine", self.engine)):
             if part is not None:
-                part.close()
+                try:
+                    part.close()
+                except Exception as err:
+                    print(f"warning: closing the {name} failed ({type(err).__name__}: {err}); the run's checkpoints "
+                          "are saved", file=sys.stderr, flush=True)
         if self.lock:
             self.lock.release()
 
@@ -549,7 +560,8 @@ class Trainer:
         choice for all, as another node's listing of the folder may lag)."""
         if not self.config.checkpoint.resume:
             return None
-        chosen = [checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None]
+        # Rank 0's listing failing (a stale NFS handle, no permission) stops every rank, none waits in the broadcast.
+        chosen = [self._started(lambda: checkpoints.latest_checkpoint(self.run_dir) if self.rank0 else None)]
         dist.broadcast_object_list(chosen, src=0)
         return chosen[0]
 

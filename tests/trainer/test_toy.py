@@ -278,6 +278,8 @@ def test_a_validation_a_stop_skipped_runs_when_the_run_resumes(toy_run, tmp_path
         assert again.returncode == 0, again.stderr[-4000:]
         said = "validating step 1, whose validation the attempt that saved it did not log" in again.stdout
         assert said == (attempt == 0), again.stdout[-2000:]
+        assert ("nothing to train: the run is at step 1, and trainer.total_training_steps is 1 (raise it to train "
+                "on)") in again.stdout, again.stdout[-2000:]
         assert validated() == [1]
 
 
