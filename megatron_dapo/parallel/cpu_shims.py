@@ -9,7 +9,7 @@ idempotent and a no-op when CUDA is available. Every patch is scoped to megatron
    modules (our code, torch itself) still sees the real `torch.cuda`.
 2. tensor_parallel/random.py's RNG-state helpers swap the CPU generator's state instead.
 3. Checks no module-global can reach: `x.type() == 'torch.cuda.FloatTensor'` and `x.cuda()`
-   (torch.Tensor patched only while three megatron functions run), and WrappedTorchNorm's
+   (torch.Tensor patched only while four megatron functions run), and WrappedTorchNorm's
    refusal of sequence_parallel (the local layer spec's norm; applied on GPUs without Transformer
    Engine too, by actor/model.py).
 """
@@ -27,7 +27,9 @@ _APPLIED = False
 
 # Modules whose global `torch` is replaced, with the CUDA-only code each one runs on our path.
 _CUDA_MODULES = (
-    "megatron.core.utils",  # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer)
+    # GlobalMemoryBuffer.get_tensor (DotProductAttention's matmul buffer); local_multi_tensor_l2_norm's result
+    # (every grad norm without Transformer Engine or apex)
+    "megatron.core.utils",
     "megatron.core.tensor_parallel.layers",  # *Parallel*.__init__ weights, SP all-gather buffer
     "megatron.core.tensor_parallel.mappings",  # _gather_along_* / _reduce_scatter_* out buffers
     "megatron.core.tensor_parallel.random",  # CudaRNGStatesTracker.add, model_parallel_cuda_manual_seed
@@ -36,8 +38,10 @@ _CUDA_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",  # recv/shape buffers, cuda.synchronize()
     "megatron.core.pipeline_parallel.schedules",  # forward_backward_*: total_num_tokens
     "megatron.core.distributed.param_and_grad_buffer",  # _ParamAndGradBuffer param/grad buffers
-    "megatron.core.optimizer.optimizer",  # MixedPrecisionOptimizer.__init__ scalars
-    "megatron.core.optimizer.distrib_optimizer",  # get_parameter_state_dp_zero gather buffers (checkpoints)
+    # FP32Optimizer.__init__'s _scale (the CPU run's optimizer); MixedPrecisionOptimizer.__init__'s scalars
+    "megatron.core.optimizer.optimizer",
+    # get_parameter_state_dp_zero's gather buffers and load_state_dict's init_shard (checkpoints)
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # preload_tensors: cuda.synchronize()
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save/verify flags on device="cuda"
     "megatron.core.dist_checkpointing.strategies.async_utils",  # execute_sync: cuda.synchronize()
@@ -166,6 +170,8 @@ def apply_cpu_shims() -> None:
     _wrap_as_cuda(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
     _wrap_as_cuda(optimizer, "clip_grad_by_total_norm_fp32")
     _wrap_as_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+    # Not covered: Float16OptimizerWithFloat16Params.__init__'s `param.type()` check (bf16 without the
+    # distributed optimizer), a path no CPU run takes (bf16 is the GPU's precision).
 
     # 3b. WrappedTorchNorm's refusal of sequence_parallel: not CUDA-only, see actor/model.py.
     from megatron_dapo.actor.model import adapt_torch_norm
