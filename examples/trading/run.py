@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_dapo.data.tiny import fit_tiny_model, make_char_tokenizer
+from megatron_dapo.trainer.checkpoints import latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -97,6 +98,10 @@ def warm_start(folder: Path, tokenizer, train_file: Path, seed: int, steps: int 
     fit_tiny_model(folder, tokenizer, sample, seed=seed, steps=steps, batch_size=32, max_positions=256, lr=3e-3)
 
 
+class TrainedOnOtherEpisodes(Exception):
+    """The run folder's episodes came from other market files (or seed), and a run has trained on them."""
+
+
 def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trades: str | None,
             tick: float | None = None) -> list[str]:
     """Data (and, for the CPU-sized variant, tokenizer and model) in run_dir, once; the overrides to use them."""
@@ -106,6 +111,13 @@ def prepare(config_path: Path, run_dir: Path, seed: int, books: str | None, trad
     source = {"compact": compact, "seed": seed, "books": books and str(Path(books).resolve()),
               "trades": trades and str(Path(trades).resolve()), "tick": tick}
     made_from = json.loads((data / "source.json").read_text()) if (data / "source.json").is_file() else None
+    if made_from is not None and made_from != source and (latest_checkpoint(run_dir) is not None
+                                                          or (run_dir / "RUNNING").exists()):
+        # Made again, they would change a run's data under it (one that runs now, or resumes later) and drop the
+        # warm start it began from: nothing is touched.
+        raise TrainedOnOtherEpisodes(
+            f"{run_dir} holds a run trained on the episodes of {made_from['books'] or 'the generator'} (seed "
+            f"{made_from['seed']}), not {books or 'the generator'} (seed {seed}): give these their own trainer.run_dir")
     if not (data / "val.jsonl").is_file() or made_from != source:
         counts = make_episodes(data, compact=compact, seed=seed, books=books, trades=trades, tick=tick)
         (data / "source.json").write_text(json.dumps(source, indent=1))
@@ -150,8 +162,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:  # named, no traceback (as the trainer's own are)
         print(f"megatron-dapo: config error: {err}", file=sys.stderr)
         return 2
-    overrides = [*prepare(Path(args.config), Path(config.trainer.run_dir), config.trainer.seed, args.books,
-                          args.trades, args.tick), *args.overrides]
+    try:
+        overrides = [*prepare(Path(args.config), Path(config.trainer.run_dir), config.trainer.seed, args.books,
+                              args.trades, args.tick), *args.overrides]
+    except TrainedOnOtherEpisodes as err:
+        print(f"megatron-dapo: {err}", file=sys.stderr)
+        return 2
     if args.prepare_only:  # quoted for a shell: a path may hold spaces
         print(shlex.join(overrides))
         return 0

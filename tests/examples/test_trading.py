@@ -78,3 +78,12 @@ def test_episodes_are_made_again_from_other_market_files(tmp_path):
     assert given.returncode == 0 and "episodes made again" in given.stdout, given.stderr[-3000:]
     row = json.loads((run_dir / "data" / "val.jsonl").read_text().splitlines()[0])
     assert row["extra_info"]["episode"]["tick"] == narrowest / 2
+    # Once a run has trained on them (a complete checkpoint, or a training holding the folder), the episodes stay:
+    # other market files are refused, naming both, and nothing in the folder changes.
+    (run_dir / "RUNNING").write_text("{}")
+    kept = (run_dir / "data" / "train.jsonl").read_bytes()
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (f"{run_dir} holds a run trained on the episodes of {books.resolve()} (seed 1), not the generator (seed "
+            "1): give these their own trainer.run_dir") in refused.stderr, refused.stderr[-3000:]
+    assert (run_dir / "data" / "train.jsonl").read_bytes() == kept
