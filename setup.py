@@ -20,9 +20,9 @@ from setuptools import find_packages, setup
 
 def _set_cuda_home():
     """torch takes CUDA_HOME from the directory above the first `nvcc` on PATH; where that is a wrapper
-    script (/usr/local/bin/nvcc, say) the toolkit's libraries are not there. Prefer a toolkit folder
-    that has both bin/nvcc and the CUDA runtime library, unless CUDA_HOME is set: nvcc's on PATH, then
-    /usr/local/cuda, then the /usr/local/cuda-X.Y of torch's CUDA major version, newest first, then the others."""
+    script (/usr/local/bin/nvcc, say) the toolkit's libraries are not there. Unless CUDA_HOME is set, take a
+    toolkit folder that has both bin/nvcc and the CUDA runtime library, of torch's CUDA major version where one is
+    (another one's build is skipped): nvcc's on PATH, /usr/local/cuda, then /usr/local/cuda-X.Y, newest first."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     try:
@@ -32,19 +32,18 @@ def _set_cuda_home():
     except ImportError:
         major = ""
 
-    def newest_of_torchs_major_first(home: Path):
-        version = tuple(int(part) for part in re.findall(r"\d+", home.name))
-        return (bool(version) and str(version[0]) == major, version)
+    def version(home: Path) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", home.name))
 
     nvcc = shutil.which("nvcc")
     candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
     candidates.append(Path("/usr/local/cuda"))
-    candidates += sorted(Path("/usr/local").glob("cuda-*"), key=newest_of_torchs_major_first, reverse=True)
-    for home in candidates:
-        if (home / "bin" / "nvcc").exists() and any((home / lib / "libcudart.so").exists()
-                                                     for lib in ("lib64", "lib")):
-            os.environ["CUDA_HOME"] = str(home)
-            return
+    candidates += sorted(Path("/usr/local").glob("cuda-*"), key=version, reverse=True)
+    toolkits = [home for home in candidates if (home / "bin" / "nvcc").exists()
+                and any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))]
+    matching = [home for home in toolkits if (_nvcc_release(str(home / "bin" / "nvcc")) or "").split(".")[0] == major]
+    if matching or toolkits:
+        os.environ["CUDA_HOME"] = str((matching or toolkits)[0])
 
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"

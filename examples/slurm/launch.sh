@@ -42,15 +42,17 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NOD
 # shared file system. Once the run has stopped, the job puts itself back in the queue.
 STOP_REASON=
 request_stop() {
-    # A request another job that still runs wrote (its time-limit warning) is that job's: the run in the folder is
-    # its run (this job's ranks refuse to start there), and replacing the request would take its stop away.
-    local asked other
+    # A request of the job whose training holds the folder (RUNNING names it, and it still runs: its time-limit
+    # warning) is that run's: this job's ranks refuse to train there, and replacing it would take its stop away.
+    local asked other holder
     asked=$(cat "$RUN_DIR/STOP" 2>/dev/null || true)
     if [[ $asked =~ ^([0-9]+)\.[0-9]+$ ]] && [ "${BASH_REMATCH[1]}" != "$SLURM_JOB_ID" ]; then
         other=${BASH_REMATCH[1]}
-        if [ -n "$(squeue -h -j "$other" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>/dev/null || true)" ]; then
-            echo "$(date -Is) got SIG$1: $RUN_DIR/STOP is job ${other}'s request, and job ${other} still runs:" \
-                 "left as it is (this job's ranks do not train in that folder)" >&2
+        holder=$(sed -n 's/.*"slurm_job_id": *"\([0-9]*\)".*/\1/p' "$RUN_DIR/RUNNING" 2>/dev/null | head -n 1 || true)
+        if [ "$holder" = "$other" ] \
+           && [ -n "$(squeue -h -j "$other" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>/dev/null || true)" ]; then
+            echo "$(date -Is) got SIG$1: $RUN_DIR/STOP is the request of job ${other}, whose training holds the" \
+                 "folder: left as it is (this job's ranks do not train there)" >&2
             return
         fi
     fi

@@ -224,9 +224,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             full = f"{prefix}.{key}" if prefix else str(key)
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             suggestion = f" (did you mean {prefix + '.' if prefix else ''}{hint[0]}?)" if hint else ""
-            problems.append(f"unknown key {full}{suggestion}")
-    unknown = len(problems) > start
-    start = len(problems)
+            problems.append(_UnknownKey(f"unknown key {full}{suggestion}"))
     kwargs: dict[str, Any] = {}
     for name in fields:
         if name in data:
@@ -234,17 +232,26 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             # model.path's default "" is its "not set": given so (a dumped config writes it), it is not refused.
             kwargs[name], _ = _convert(hints[name], data[name], full, problems,
                                        empty_ok=fields[name].default == "")
-    if len(problems) > start:  # a value of the wrong type: the section's own checks would trip on it
+    if _unbuildable(problems[start:]):  # a value of the wrong type: the section's own checks would trip on it
         return None
     try:
-        made = cls(**kwargs)  # its own checks run beside an unknown key: every problem is said at once
+        # Built beside an unknown key (here or in a section within): its own checks, and those of the sections
+        # around it, run too, so that every problem is said at once; from_dict raises all the same.
+        return cls(**kwargs)
     except ConfigError as err:
         problems.extend(err.problems)
     except TypeError as err:  # a required field without a value
         problems.append(f"{where}: {err}")
-    else:
-        return None if unknown else made
     return None
+
+
+class _UnknownKey(str):
+    """The problem of a key the section does not have: it keeps no value from being checked."""
+
+
+def _unbuildable(problems: list[str]) -> bool:
+    """Whether these problems leave a value that a section's checks cannot take (anything but unknown keys)."""
+    return any(not isinstance(problem, _UnknownKey) for problem in problems)
 
 
 def _convert(tp: Any, value: Any, key: str, problems: list[str], empty_ok: bool = False) -> tuple[Any, bool]:
@@ -271,7 +278,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], empty_ok: bool 
             value = {}
         n = len(problems)
         built = _build(tp, value, key, problems)
-        return built, len(problems) == n and built is not None
+        return built, not _unbuildable(problems[n:]) and built is not None
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None, True

@@ -296,11 +296,15 @@ class PromptStream:
             raise ValueError(problem)
         size = len(self.dataset)
         carried, fill, order = state.get("carried", []), state.get("fill", 0), state.get("order", 1)
+
+        def whole(value) -> bool:
+            return type(value) is int  # not a bool, nor a number in text
+
         if (not 0 <= state["position"] <= size or state["epoch"] < 0 or order not in (1, 2)
-                or not all(isinstance(i, int) and 0 <= i < size for i in carried)
-                or not (0 <= fill <= size and len(carried) + fill <= size)):
+                or not isinstance(carried, list) or not all(whole(i) and 0 <= i < size for i in carried)
+                or not (whole(fill) and 0 <= fill <= size and len(carried) + fill <= size)):
             raise ValueError(f"bad prompt stream state: epoch {state['epoch']}, position {state['position']}, "
-                             f"order {order}, {len(carried)} prompt(s) carried over, fill {fill}")
+                             f"order {order}, carried over {carried!r}, fill {fill!r}")
         self.epoch, self.position, self.order = int(state["epoch"]), int(state["position"]), int(order)
         self.carried, self.fill = [int(i) for i in carried], int(fill)
         self._order = self._epoch_order(self.epoch)

@@ -199,13 +199,23 @@ class MetricSinks:
         self.jsonl.flush()
         return any(row["step"] == step and set(metrics) <= set(row) for row in read_history(path))
 
+    def enabled(self) -> list[str]:
+        """The sinks this run writes to, by the names SinkError gives them."""
+        return [name for name, on in ((JSONL, self.jsonl is not None), ("tensorboard", self.tensorboard is not None),
+                                      ("wandb", self.wandb is not None), ("console", self.config.console)) if on]
+
     def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-        if self.tensorboard:
-            self.tensorboard.close()
-        if self.wandb:
-            self.wandb.finish()
+        """Every sink closed; one that fails keeps no other open (its error is raised after)."""
+        failed: dict[str, Exception] = {}
+        for name, sink, close in ((JSONL, self.jsonl, "close"), ("tensorboard", self.tensorboard, "close"),
+                                  ("wandb", self.wandb, "finish")):
+            if sink is not None:
+                try:
+                    getattr(sink, close)()
+                except Exception as err:
+                    failed[name] = err
+        if failed:
+            raise next(iter(failed.values()))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

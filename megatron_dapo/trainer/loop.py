@@ -608,7 +608,8 @@ class Trainer:
         row = self.unlogged
         if not row or row["step"] != self.step:
             return
-        sinks = row["sinks"] if row["sinks"] is not None else [JSONL, "tensorboard", "wandb", "console"]
+        sinks = [name for name in (row["sinks"] if row["sinks"] is not None else self.sinks.enabled())
+                 if name in self.sinks.enabled()]  # one this attempt's config turns off gets nothing
         if JSONL in sinks and self.sinks.has_row(self.step, row["metrics"]):
             sinks = [name for name in sinks if name != JSONL]
         if sinks:

@@ -167,6 +167,13 @@ def test_an_unknown_key_keeps_no_other_problem_of_its_section_from_being_said(go
                     "data.gen_batch_size must be >= 1, got 0", "trainer.seed: expected int, got str 'abc'"):
         assert problem in message, message
     assert _error(good, "actor.bogus=1") == "unknown key actor.bogus"  # and nothing more of a valid section
+    # Within a nested section too: the values its parent checks, and the checks across sections, still run.
+    message = _error(good, "actor.optim.bogus=1", "actor.optim.lr=-1", "actor.clip_ratio_low=5")
+    for problem in ("unknown key actor.optim.bogus", "actor.optim.lr must be > 0, got -1.0",
+                    "actor.clip_ratio_low must be in [0, 1), got 5.0"):
+        assert problem in message, message
+    message = _error(good, "data.bogus=1", "rollout.n=1")
+    assert "unknown key data.bogus" in message and "set rollout.n >= 2" in message, message
 
 
 def test_all_problems_are_reported_together(good):

@@ -316,9 +316,12 @@ def test_a_state_saved_before_order_2_goes_on_in_its_order():
     random.Random(3 + 1).shuffle(expected)
     assert indices(next(stream)) == expected[4:8]
     assert stream.state_dict()["order"] == 1
-    with pytest.raises(ValueError, match=r"bad prompt stream state: epoch 1, position 4, order 1, 1 prompt\(s\) "
-                                         "carried over, fill 10"):
+    with pytest.raises(ValueError, match=r"bad prompt stream state: epoch 1, position 4, order 1, carried over \[2\], "
+                                         "fill 10"):
         PromptStream(prompts(10), batch_size=4, seed=3).load_state_dict({**old, "carried": [2], "fill": 10})
+    for carried, fill in ((None, 2), (5, 2), ([True], 2), ([2], "2")):
+        with pytest.raises(ValueError, match="bad prompt stream state"):
+            PromptStream(prompts(10), batch_size=4, seed=3).load_state_dict({**old, "carried": carried, "fill": fill})
 
 
 def test_stream_refuses_a_state_from_another_run():

@@ -125,16 +125,21 @@ def test_job_stopped_mid_run_requeues_and_resumes_from_its_checkpoint(cluster, f
     assert not (run_dir / "STOP").exists() and not (tmp_path / "not-the-run").exists()
 
 
+def _sleeping_job(cluster: LocalSlurm, tmp_path: Path) -> int:
+    """A one-task job that only sleeps: another job, running beside the one under test."""
+    sleeper = tmp_path / "sleep.sbatch"
+    sleeper.write_text("#!/bin/bash\nsleep 600\n")
+    return cluster.sbatch(sleeper, options=("--ntasks=1", f"--output={tmp_path}/other-%j.out"))
+
+
 def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
     """`scancel JOB` sends SIGTERM to the batch shell too, which asks the run to stop: the job must end as
     cancelled, not put itself back in the queue. Before that, a STOP file naming another job's attempt (what the
-    batch script of a second job submitted into the folder writes when cancelled) does not stop the run; and while
-    that other job runs, this job's batch shell, signalled, leaves its request as it is (one task each here, so
-    that a sleeping job stands in for the other one beside the run)."""
+    batch script of a second job submitted into the folder writes when cancelled) does not stop the run; and the
+    signalled batch shell replaces it, though that job still runs: this job's training holds the folder (one task
+    each here, so that a sleeping job stands in for the other one beside the run)."""
     run_dir = _linked_run_dir(first_run, tmp_path)
-    sleeper = tmp_path / "sleep.sbatch"
-    sleeper.write_text("#!/bin/bash\nsleep 600\n")
-    other = cluster.sbatch(sleeper, options=("--ntasks=1", f"--output={tmp_path}/other-%j.out"))
+    other = _sleeping_job(cluster, tmp_path)
     job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=50", "trainer.test_freq=0",
                   "trainer.val_before_train=false", "checkpoint.save_freq=0", options=("--ntasks=1",))
     try:
@@ -157,10 +162,40 @@ def test_a_cancelled_job_is_not_requeued(cluster, first_run, tmp_path):
         log = _log(tmp_path, job)
         assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "0", (info, log[-4000:])
         assert "requeueing job" not in log, log[-4000:]
-        assert f"STOP is job {other}'s request, and job {other} still runs: left as it is" in log, log[-4000:]
-        assert (run_dir / "STOP").read_text() == f"{other}.0\n"
+        assert "got SIGTERM: asking the run to save a checkpoint and stop" in log, log[-4000:]
     finally:
         cluster.run("scancel", str(other), check=False)
+
+
+def test_the_stop_request_of_the_job_holding_the_folder_is_left_as_it_is(cluster, first_run, tmp_path):
+    """A second job submitted into a run folder, signalled while its rank waits for the folder: the STOP file the
+    job holding the folder wrote (its time-limit warning) stays as it is, or that run would not stop. Here a sleeping
+    job holds the folder, RUNNING naming it on another host (the rank waits 45 s for its heartbeat)."""
+    run_dir = _linked_run_dir(first_run, tmp_path)
+    other = _sleeping_job(cluster, tmp_path)
+    (run_dir / "RUNNING").write_text(json.dumps({
+        "host": "another-node", "boot_id": "", "pid_ns": "", "pid": 4242, "pid_start": None,
+        "slurm_job_id": str(other), "started": "2026-01-01T00:00:00+00:00", "token": "0" * 32, "beats": 1,
+        "beat_at": "2026-01-01T00:00:00+00:00"}))
+    (run_dir / "STOP").write_text(f"{other}.0\n")
+    job = _submit(cluster, run_dir, tmp_path, "trainer.total_training_steps=4", options=("--ntasks=1",))
+    try:
+        deadline = time.monotonic() + 300
+        while ("names a training on another host" not in _log(tmp_path, job) and cluster.state(job) not in ENDED
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        assert "names a training on another host" in _log(tmp_path, job), _log(tmp_path, job)[-4000:]
+        cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+        while "left as it is" not in _log(tmp_path, job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = _log(tmp_path, job)
+        assert (f"STOP is the request of job {other}, whose training holds the folder: left as it is (this job's "
+                "ranks do not train there)") in log, log[-4000:]
+        assert (run_dir / "STOP").read_text() == f"{other}.0\n"
+    finally:
+        cluster.run("scancel", str(job), check=False)
+        cluster.run("scancel", str(other), check=False)
+        cluster.wait_state(job, ENDED, timeout_s=300)
 
 
 def test_a_run_with_nothing_left_to_train_is_not_requeued(cluster, first_run, tmp_path):
