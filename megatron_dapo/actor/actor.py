@@ -107,6 +107,9 @@ class MegatronActor:
         )
         self.steps = 0
         """Optimizer steps taken."""
+        self.scheduled = 0
+        """Learning-rate schedule indices used so far, one a mini-batch, stepped or skipped: where an update without
+        schedule_step starts."""
         self.last_step = last_step
         self._host = HostOffload(self)
 
@@ -260,14 +263,14 @@ class MegatronActor:
         schedule_step: the learning-rate schedule's index of this update's first optimizer step, the next
         ones following it. The trainer passes (training step - 1) x the updates of a full batch, so that a
         step that keeps fewer groups (or none) does not delay the warm-up's end or the decay's. Default: the
-        optimizer steps taken so far."""
+        mini-batches of the updates so far (a skipped one counts, as within an update)."""
         if batch.advantages is None or batch.old_logp is None:
             raise ValueError("update needs advantages and old_logp in the batch")
         _check_not_empty(batch)
         self.check_resident()
         self.model.train()
         mini = self.config.ppo_mini_batch_size * group_size
-        first = self.steps if schedule_step is None else schedule_step
+        first = self.scheduled if schedule_step is None else schedule_step
         history: list[dict[str, float]] = []
         trained: list[dict[str, float]] = []  # the mini-batches with loss tokens: a skipped one has no loss figures
         summed = dict.fromkeys(_SUMS, 0.0)  # the loss's sums over every mini-batch (and every rank)
@@ -281,6 +284,7 @@ class MegatronActor:
                     summed[key] += totals.get(key, 0.0)
                 if bool(rows.loss_mask.any()):
                     trained.append(history[-1])
+        self.scheduled = first + len(history)
         counted = trained or history
         metrics = {key: sum(h[key] for h in counted) / len(counted) for key in history[0]}  # loss, grad norm
         for key in ("actor/lr", "actor/update_skipped"):  # over every mini-batch

@@ -451,5 +451,5 @@ def load_actor(actor, directory: str | Path) -> dict:
     for group in actor.optimizer.param_groups:
         group["betas"], group["eps"] = tuple(actor.config.optim.betas), actor.config.optim.eps
     _into_module(actor.model.module, state["model"], absent, directory)
-    actor.steps = int(state["actor_steps"])
+    actor.steps = actor.scheduled = int(state["actor_steps"])
     return marker

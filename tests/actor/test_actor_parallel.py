@@ -532,6 +532,9 @@ def check_a_mini_batch_without_loss_tokens_moves_no_weight(rank: int, world: int
     metrics = actor.update(ActorBatch(tokens=tokens, lengths=lengths, loss_mask=masked, advantages=advantages,
                                       old_logp=old_logp), group_size=2)
     assert metrics["actor/update_skipped"] == 0.5, metrics  # the first mini-batch stepped, the second did not
+    # An update without schedule_step goes on with the schedule where the last one left it, skipped mini-batches
+    # counted (as within an update): 2 + 1 + 2 indices, 2 + 0 + 1 optimizer steps.
+    assert (actor.scheduled, actor.steps) == (5, 3), (actor.scheduled, actor.steps)
     # The loss figures are the stepped mini-batch's, not halved by the skipped one's zeros.
     assert abs(metrics["actor/entropy"] - stepped_entropy) <= 1e-5 * stepped_entropy, (metrics, stepped_entropy)
     assert not all(torch.equal(p, b) for p, b in zip(actor.model.parameters(), before))
