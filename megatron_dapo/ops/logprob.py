@@ -272,6 +272,10 @@ def vocab_parallel_logprob(
                          "view of one): its values would be replaced by its gradient")
     lead = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
+    if inplace_backward and flat.shape[0] > 1 and flat.stride(0) < flat.shape[1]:
+        raise ValueError(f"inplace_backward writes the gradient over the logits, whose rows here share memory (row "
+                         f"stride {flat.stride(0)} < {flat.shape[1]} columns: an expanded view): each row's gradient "
+                         "would overwrite another's logits; pass inplace_backward=False")
     vocab_size = vocab_size if vocab_size is not None else vocab_start + flat.shape[-1]
     logp, entropy = _VocabParallelLogprob.apply(flat, targets.reshape(-1), float(temperature), vocab_start,
                                                 vocab_size, group, inplace_backward)

@@ -220,6 +220,9 @@ def test_inplace_backward_refuses_a_leaf_and_a_target_of_no_column_has_a_gradien
     for logits in (x, x[:, :6]):
         with pytest.raises(ValueError, match="a leaf tensor \\(or a view of one\\)"):
             vocab_parallel_logprob(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    # Rows that share memory (one row expanded): the kernel would write one row's gradient over another's logits.
+    with pytest.raises(ValueError, match="rows here share memory \\(row stride 0 < 10 columns"):
+        vocab_parallel_logprob((x[0] * 1).expand(4, 10), torch.tensor([1, 2, 3, 4]), inplace_backward=True)
     targets = torch.tensor([1, -100, 2, 9, 12])  # 9: a padding column of the 8 real ones; 12: past every column
     logp, entropy = logprob_entropy(x, targets, 1.0, 8)
     lse = torch.logsumexp(x.detach()[:, :8], -1)
