@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import signal
 import threading
 from collections.abc import Iterable
@@ -160,12 +161,11 @@ class SGLangEngine(RolloutEngine):
                     "top_p": params.top_p, "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids),
                     "skip_special_tokens": False}
         requests = [list(p) for p in prompts for _ in range(params.n)]
-        per_request = []
-        for i in range(len(requests)):
-            item = dict(sampling)
-            if params.seed is not None:
-                item["sampling_seed"] = (params.seed * 1_000_003 + i) % 2**63  # SGLang keeps it in an int64
-            per_request.append(item)
+        # No seed is a fresh draw (engine.SamplingParams): one drawn here, as SGLang's deterministic inference would
+        # give every unseeded request its one default seed (the n responses to a prompt alike, each call the last's).
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**62)
+        per_request = [{**sampling, "sampling_seed": (seed * 1_000_003 + i) % 2**63}  # SGLang keeps it in an int64
+                       for i in range(len(requests))]
         outputs = _generate(self.engine, f"the generation batch ({len(prompts)} prompts x {params.n})",
                             input_ids=requests, sampling_params=per_request, return_logprob=True)
         completions = [_completion(out, params.max_new_tokens, params.stop_token_ids) for out in outputs]

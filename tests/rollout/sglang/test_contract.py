@@ -189,10 +189,15 @@ def test_each_request_asks_for_what_was_requested_and_its_answer_comes_back_unde
     assert [[(c.token_ids, c.logprobs, c.finish_reason) for c in cs] for cs in out] == [
         [([10 + i], [pytest.approx(-(i + 1) / 100)], "length") for i in (2 * p, 2 * p + 1)] for p in range(3)]
 
-    front = _Echoing()
-    SGLangEngine(front, tp_size=1).generate([[7]], SamplingParams(max_new_tokens=1, temperature=1.3))
-    ((_, read, sent),) = front.requests
-    assert (read.temperature, read.top_p, read.top_k) == (1.3, 1.0, TOP_K_ALL) and "sampling_seed" not in sent
+    # No seed: a fresh draw each call, each request its own (SGLang's deterministic inference would give every
+    # unseeded request its one default seed).
+    drawn = []
+    for _ in range(2):
+        front = _Echoing()
+        SGLangEngine(front, tp_size=1).generate([[7]], SamplingParams(max_new_tokens=1, temperature=1.3, n=2))
+        assert all((read.temperature, read.top_p, read.top_k) == (1.3, 1.0, TOP_K_ALL) for _, read, _ in front.requests)
+        drawn.append([read.sampling_seed for _, read, _ in front.requests])
+    assert len(set(drawn[0] + drawn[1])) == 4, drawn
 
 
 def test_buckets_round_trip_through_sglang_deserializer():
