@@ -5,8 +5,8 @@
 namespace mdapo {
 torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& targets, double temperature,
                             int64_t valid);
-void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& lse,
-                       const torch::Tensor& expected_z, const torch::Tensor& grad_logp,
+void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& top,
+                       const torch::Tensor& log_total, const torch::Tensor& shifted, const torch::Tensor& grad_logp,
                        const torch::Tensor& grad_entropy, double temperature, int64_t valid, torch::Tensor& grad);
 torch::Tensor dapo_loss_forward(const torch::Tensor& logp, const torch::Tensor& old_logp,
                                 const torch::Tensor& advantages, const torch::Tensor& mask,
@@ -28,15 +28,17 @@ torch::Tensor dapo_loss_backward(const torch::Tensor& grad_loss, const torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron-dapo fused CUDA kernels (log-prob + entropy, DAPO loss)";
-  // What the Python side reads the statistics as: a build of other sources is refused by megatron_dapo.ops.extension.
-  m.attr("STATS_LAYOUT") = 2;
+  // What the Python side reads the statistics as, and hands the backward (3: top, log_total, shifted): a build of
+  // other sources is refused by megatron_dapo.ops.extension.
+  m.attr("STATS_LAYOUT") = 3;
   // What megatron_dapo.ops.extension checks a GPU against: on one the build holds no code for, the references run.
   m.attr("CUDA_ARCHS") = MDAPO_TEXT_OF(MDAPO_CUDA_ARCHS);
   m.def("logprob_stats", &mdapo::logprob_stats,
         "per-token (max, sum exp(z - m), sum exp(z - m) * (z - m), target z) of a vocab slice",
         pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("valid"));
   m.def("logprob_grad_into", &mdapo::logprob_grad_into, "logits gradient written into `grad` (may be the logits)",
-        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("lse"), pybind11::arg("expected_z"),
+        pybind11::arg("logits"), pybind11::arg("targets"), pybind11::arg("top"), pybind11::arg("log_total"),
+        pybind11::arg("shifted"),
         pybind11::arg("grad_logp"), pybind11::arg("grad_entropy"), pybind11::arg("temperature"),
         pybind11::arg("valid"), pybind11::arg("grad"));
   m.def("dapo_loss_forward", &mdapo::dapo_loss_forward,

@@ -4,7 +4,9 @@
 // With z = logits / temperature over the local columns [0, valid):
 //   forward  stats[t] = (m, sum exp(z - m), sum exp(z - m) * (z - m), z[target] or 0 when another rank owns it)
 //   backward grad[t, j] = (g_logp * (1[j = target] - p_j) + g_entropy * p_j * (E[z] - z_j)) / temperature
-//            with p_j = exp(z_j - lse); columns >= valid (vocabulary padding) get 0.
+//            with d_j = z_j - top, p_j = exp(d_j - log_total), E[z] - z_j = shifted - d_j (top, log_total and
+//            shifted = E[z - top] from the combined statistics: never lse or E[z] themselves, which float32 rounds
+//            at the logits' size); columns >= valid (vocabulary padding) get 0.
 // One block per token row; the row is read in 16-byte packs when its address allows, several per thread
 // at a time.
 #include <ATen/Dispatch.h>
@@ -105,17 +107,17 @@ __global__ void __launch_bounds__(kMaxThreads) logprob_stats_kernel(
 // The gradient of VEC consecutive columns starting at column j0.
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> grad_pack(const Pack<T, VEC>& pack, int64_t j0, int64_t valid,
-                                                  int64_t target, float row_lse, float row_ez, float g_lp, float g_h,
-                                                  float inv_temperature) {
+                                                  int64_t target, float row_top, float row_log_total,
+                                                  float row_shifted, float g_lp, float g_h, float inv_temperature) {
   Pack<T, VEC> result;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const int64_t j = j0 + k;
     float g = 0.f;
     if (j < valid) {
-      const float z = static_cast<float>(pack.v[k]) * inv_temperature;
-      const float p = __expf(z - row_lse);
-      g = (p == 0.f ? 0.f : p * (g_h * (row_ez - z) - g_lp)) + (j == target ? g_lp : 0.f);  // -inf: 0, not 0 * inf
+      const float d = static_cast<float>(pack.v[k]) * inv_temperature - row_top;
+      const float p = __expf(d - row_log_total);
+      g = (p == 0.f ? 0.f : p * (g_h * (row_shifted - d) - g_lp)) + (j == target ? g_lp : 0.f);  // -inf: 0, not 0*inf
     }
     result.v[k] = static_cast<T>(g * inv_temperature);
   }
@@ -124,15 +126,17 @@ __device__ __forceinline__ Pack<T, VEC> grad_pack(const Pack<T, VEC>& pack, int6
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads) logprob_grad_kernel(
-    const T* logits, int64_t row_stride, const int64_t* __restrict__ targets, const float* __restrict__ lse,
-    const float* __restrict__ expected_z, const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
-    float inv_temperature, int64_t valid, int64_t columns, T* grad, int64_t grad_row_stride) {
+    const T* logits, int64_t row_stride, const int64_t* __restrict__ targets, const float* __restrict__ top,
+    const float* __restrict__ log_total, const float* __restrict__ shifted, const float* __restrict__ grad_logp,
+    const float* __restrict__ grad_entropy, float inv_temperature, int64_t valid, int64_t columns, T* grad,
+    int64_t grad_row_stride) {
   // `grad` may be `logits` itself (in place): a thread writes only the packs it has read itself.
   const int64_t row = blockIdx.x;
   const T* x = logits + row * row_stride;
   T* out = grad + row * grad_row_stride;
-  const float row_lse = lse[row];
-  const float row_ez = expected_z[row];
+  const float row_top = top[row];
+  const float row_log_total = log_total[row];
+  const float row_shifted = shifted[row];
   const float g_lp = grad_logp[row];
   const float g_h = grad_entropy[row];
   const int64_t target = targets[row];
@@ -150,17 +154,19 @@ __global__ void __launch_bounds__(kMaxThreads) logprob_grad_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      op[i + u * stride] = grad_pack<T, VEC>(loaded[u], (i + u * stride) * VEC, valid, target, row_lse, row_ez, g_lp,
-                                             g_h, inv_temperature);
+      op[i + u * stride] = grad_pack<T, VEC>(loaded[u], (i + u * stride) * VEC, valid, target, row_top,
+                                             row_log_total, row_shifted, g_lp, g_h, inv_temperature);
     }
   }
   for (; i < packs; i += stride) {
-    op[i] = grad_pack<T, VEC>(xp[i], i * VEC, valid, target, row_lse, row_ez, g_lp, g_h, inv_temperature);
+    op[i] = grad_pack<T, VEC>(xp[i], i * VEC, valid, target, row_top, row_log_total, row_shifted, g_lp, g_h,
+                              inv_temperature);
   }
   for (int64_t j = packs * VEC + threadIdx.x; j < columns; j += stride) {
     Pack<T, 1> one;
     one.v[0] = x[j];
-    out[j] = grad_pack<T, 1>(one, j, valid, target, row_lse, row_ez, g_lp, g_h, inv_temperature).v[0];
+    out[j] = grad_pack<T, 1>(one, j, valid, target, row_top, row_log_total, row_shifted, g_lp, g_h,
+                             inv_temperature).v[0];
   }
 }
 
@@ -209,8 +215,8 @@ torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& ta
   return stats;
 }
 
-void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& lse,
-                       const torch::Tensor& expected_z, const torch::Tensor& grad_logp,
+void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& top,
+                       const torch::Tensor& log_total, const torch::Tensor& shifted, const torch::Tensor& grad_logp,
                        const torch::Tensor& grad_entropy, double temperature, int64_t valid, torch::Tensor& grad) {
   check_logits(logits, targets);
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(1) == 1,
@@ -226,8 +232,9 @@ void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets
     TORCH_CHECK(t.device() == logits.device(), "megatron_dapo._C: ", name, " must be on the logits' device");
     return t.to(torch::kFloat).contiguous();
   };
-  const auto lse_c = as_rows(lse, "lse");
-  const auto ez_c = as_rows(expected_z, "expected_z");
+  const auto top_c = as_rows(top, "top");
+  const auto log_total_c = as_rows(log_total, "log_total");
+  const auto shifted_c = as_rows(shifted, "shifted");
   const auto glp_c = as_rows(grad_logp, "grad_logp");
   const auto gh_c = as_rows(grad_entropy, "grad_entropy");
   const auto targets_c = targets.contiguous();
@@ -241,14 +248,14 @@ void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets
     constexpr int VEC = 16 / sizeof(scalar_t);
     if (packs_fit(base, logits.stride(0), VEC) && packs_fit(static_cast<const scalar_t*>(out), grad.stride(0), VEC)) {
       logprob_grad_kernel<scalar_t, VEC><<<rows, threads, 0, stream>>>(
-          base, logits.stride(0), targets_c.data_ptr<int64_t>(), lse_c.data_ptr<float>(), ez_c.data_ptr<float>(),
-          glp_c.data_ptr<float>(), gh_c.data_ptr<float>(), inv_temperature, valid, logits.size(1), out,
-          grad.stride(0));
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), top_c.data_ptr<float>(),
+          log_total_c.data_ptr<float>(), shifted_c.data_ptr<float>(), glp_c.data_ptr<float>(), gh_c.data_ptr<float>(),
+          inv_temperature, valid, logits.size(1), out, grad.stride(0));
     } else {
       logprob_grad_kernel<scalar_t, 1><<<rows, threads, 0, stream>>>(
-          base, logits.stride(0), targets_c.data_ptr<int64_t>(), lse_c.data_ptr<float>(), ez_c.data_ptr<float>(),
-          glp_c.data_ptr<float>(), gh_c.data_ptr<float>(), inv_temperature, valid, logits.size(1), out,
-          grad.stride(0));
+          base, logits.stride(0), targets_c.data_ptr<int64_t>(), top_c.data_ptr<float>(),
+          log_total_c.data_ptr<float>(), shifted_c.data_ptr<float>(), glp_c.data_ptr<float>(), gh_c.data_ptr<float>(),
+          inv_temperature, valid, logits.size(1), out, grad.stride(0));
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -112,19 +112,19 @@ def _logprob_impls(logits, targets, temperature, valid):
     # The backward's saved statistics from our kernel when it loaded (a few numbers per token): the reference's
     # float32 copies of the logits would not fit beside the largest shapes.
     stats = (ext.logprob_stats if ext is not None else local_stats)(logits, targets, temperature, valid)
-    _, _, lse, ez = combine_stats(stats[None])
+    _, _, *saved = combine_stats(stats[None])  # top, log_total, shifted
     grad = torch.empty_like(logits)
     impls = {}
     if ext is not None:
         impls["ours"] = (lambda: combine_stats(ext.logprob_stats(logits, targets, temperature, valid)[None]),
-                         lambda: ext.logprob_grad_into(logits, targets, lse, ez, ones, ones, temperature, valid, grad))
+                         lambda: ext.logprob_grad_into(logits, targets, *saved, ones, ones, temperature, valid, grad))
     impls["reference"] = (lambda: combine_stats(local_stats(logits, targets, temperature, valid)[None]),
-                          lambda: local_grad(logits, targets, lse, ez, ones, ones, temperature, valid))
+                          lambda: local_grad(logits, targets, *saved, ones, ones, temperature, valid))
     try:
         # dynamic: one graph for every shape of a dtype, not a recompile per shape of the grid
         stats_c, grad_c = torch.compile(local_stats, dynamic=True), torch.compile(local_grad, dynamic=True)
         impls["torch.compile"] = (lambda: combine_stats(stats_c(logits, targets, temperature, valid)[None]),
-                                  lambda: grad_c(logits, targets, lse, ez, ones, ones, temperature, valid))
+                                  lambda: grad_c(logits, targets, *saved, ones, ones, temperature, valid))
     except Exception as err:  # no triton, say
         print(f"torch.compile unavailable: {err}", file=sys.stderr)
     # Liger's kernels write the logits' gradient over their input: each call gets a fresh copy of the logits,

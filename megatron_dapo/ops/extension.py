@@ -12,9 +12,10 @@ import warnings
 
 import torch
 
-STATS_LAYOUT = 2
+STATS_LAYOUT = 3
 """The log-prob statistics as megatron_dapo.ops.logprob reads them: (max, sum exp(z - m), sum exp(z - m) * (z - m),
-target z). 1: the third was sum exp(z - m) * z."""
+target z), and what the backward takes (3: the max, log sum exp(z - m) and E[z - m]). 2: the backward took lse and
+E[z]; 1: the third statistic was sum exp(z - m) * z."""
 
 try:
     from megatron_dapo import _C as EXTENSION

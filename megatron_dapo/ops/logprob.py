@@ -3,15 +3,17 @@
 Each tensor-parallel rank holds logits [T, V/tp] for its slice of the vocabulary. One pass over the
 local slice gives four numbers per token (`local_stats`); the ranks exchange them with one
 all-gather of [tp, T, 4] floats and combine (`combine_stats`). Backward needs only the logits and
-two saved numbers per token (lse, E[z]); nothing of size [T, V] is kept between the passes
-beyond the logits themselves.
+three saved numbers per token (the max m, log sum exp(z - m), E_p[z - m]); nothing of size [T, V] is kept
+between the passes beyond the logits themselves.
 
 With z = logits / temperature, p = softmax(z) over the full vocabulary and y the target:
     logp = z_y - lse              entropy = lse - E_p[z]
     d/dz_j = g_logp * (1[j = y] - p_j) + g_entropy * p_j * (E_p[z] - z_j)
 The entropy is computed as log(sum exp(z - m)) - E_p[z - m] with m the row's max, both terms of the size of
 log V: taken as lse - E_p[z], two numbers of the size of the logits, it would lose fp32's precision times
-their size (logits of 60 whose entropy is 3e-4 would come out with a 10% error).
+their size (logits of 60 whose entropy is 3e-4 would come out with a 10% error). The backward forms z_j - lse
+and E_p[z] - z_j from z_j - m for the same reason: the entropy's gradient of a likely token is smaller than
+float32's steps at the logits' size.
 
 `local_stats` and `local_grad` are the pure-torch references of the fused CUDA kernels. The ops
 `megatron_dapo::logprob_stats`, `::logprob_grad`, `::logprob_grad_` (in place) and `::logprob_entropy`
@@ -59,10 +61,14 @@ class Combined(NamedTuple):
     """Per token [T], from every vocabulary slice's statistics."""
     logp: torch.Tensor
     entropy: torch.Tensor
-    lse: torch.Tensor
-    """log sum exp(z), for the backward."""
-    expected_z: torch.Tensor
-    """E_p[z], for the backward."""
+    top: torch.Tensor
+    """max z over the vocabulary, for the backward."""
+    log_total: torch.Tensor
+    """log sum exp(z - top), for the backward: lse = top + log_total."""
+    shifted: torch.Tensor
+    """E_p[z - top], for the backward: E_p[z] = top + shifted. The backward takes the three apart, not lse and E[z]:
+    those would round to the logits' magnitude first (top 60 in float32: steps of 4e-6), and the entropy's gradient
+    p (E[z] - z) of a likely token is smaller than that."""
 
 
 def combine_stats(stats: torch.Tensor) -> Combined:
@@ -78,25 +84,27 @@ def combine_stats(stats: torch.Tensor) -> Combined:
     log_total = torch.log(total)
     # The log-prob as (z_target - top) - log_total, both terms small for a likely token: z_target - lse would round
     # to lse's magnitude first (top 60 in float32: steps of 4e-6, which a log-prob of -5e-4 is off by).
-    return Combined(logp=(t.sum(0) - top) - log_total, entropy=log_total - shifted, lse=top + log_total,
-                    expected_z=top + shifted)
+    return Combined(logp=(t.sum(0) - top) - log_total, entropy=log_total - shifted, top=top, log_total=log_total,
+                    shifted=shifted)
 
 
 def local_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    expected_z: torch.Tensor,
+    top: torch.Tensor,
+    log_total: torch.Tensor,
+    shifted: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
     temperature: float,
     valid_columns: int,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the local logits [T, Vl], in their dtype (padding columns get 0)."""
-    z = logits.to(_compute_dtype(logits)) / temperature
-    p = torch.exp(z - lse[:, None])
+    """Gradient w.r.t. the local logits [T, Vl], in their dtype (padding columns get 0). top, log_total, shifted:
+    the rows' statistics (Combined)."""
+    d = logits.to(_compute_dtype(logits)) / temperature - top[:, None]  # z - top: small where p is not
+    p = torch.exp(d - log_total[:, None])
     # A token that cannot be drawn (-inf) has no gradient: p = 0, and its entropy term is not 0 * inf.
-    grad = torch.where(p == 0, 0.0, grad_entropy[:, None] * p * (expected_z[:, None] - z)) - grad_logp[:, None] * p
+    grad = torch.where(p == 0, 0.0, grad_entropy[:, None] * p * (shifted[:, None] - d)) - grad_logp[:, None] * p
     # + grad_logp at each row's target, where this rank holds it: a scatter, which torch.compile keeps in one graph
     # (a nonzero() over the rows would break it in two and round-trip the fp32 gradient through memory).
     owned = (targets >= 0) & (targets < valid_columns)  # another rank's, or padding: no column of ours
@@ -131,71 +139,72 @@ def _(logits, targets, temperature, valid_columns):
 
 
 @torch.library.custom_op("megatron_dapo::logprob_grad", mutates_args=())
-def logprob_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, expected_z: torch.Tensor,
-                 grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
+def logprob_grad(logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor, log_total: torch.Tensor,
+                 shifted: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
                  valid_columns: int) -> torch.Tensor:
     """`local_grad` as an op: the logits gradient [T, Vl] in the logits' dtype, in new memory."""
     if use_kernel(logits):
         logits = _rows(logits)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        EXTENSION.logprob_grad_into(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+        EXTENSION.logprob_grad_into(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature,
                                     valid_columns, grad)
         return grad
-    return local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+    return local_grad(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature,
                       valid_columns).contiguous()  # the kernel's layout, whatever the logits' strides
 
 
 @logprob_grad.register_fake
-def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns):
+def _(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature, valid_columns):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("megatron_dapo::logprob_grad_", mutates_args=("logits",))
-def logprob_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, expected_z: torch.Tensor,
-                  grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
+def logprob_grad_(logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor, log_total: torch.Tensor,
+                  shifted: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
                   valid_columns: int) -> None:
     """The logits gradient written over the logits (whose values are then gone): no new [T, Vl] memory."""
     if use_kernel(logits) and logits.stride(-1) == 1:
-        EXTENSION.logprob_grad_into(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+        EXTENSION.logprob_grad_into(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature,
                                     valid_columns, logits)
     else:
-        logits.copy_(local_grad(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature,
+        logits.copy_(local_grad(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature,
                                 valid_columns))
 
 
 @logprob_grad_.register_fake
-def _(logits, targets, lse, expected_z, grad_logp, grad_entropy, temperature, valid_columns):
+def _(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature, valid_columns):
     return None
 
 
 @torch.library.custom_op("megatron_dapo::logprob_entropy", mutates_args=())
 def logprob_entropy_op(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       valid_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`logprob_entropy` as an op: (logp, entropy, lse, E[z]), [T] each; the last two are what its backward
-    keeps (not differentiable). Taking lse back out of the outputs (z_y - logp) would not do: it is NaN for a
+                       valid_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """`logprob_entropy` as an op: (logp, entropy, top, log_total, shifted), [T] each; the last three are what its
+    backward keeps (not differentiable). Taking them back out of the outputs would not do: z_y - logp is NaN for a
     target that cannot be drawn (-inf - -inf)."""
     combined = combine_stats(logprob_stats(logits, targets, temperature, valid_columns)[None])
-    return combined.logp, combined.entropy, combined.lse, combined.expected_z
+    return combined.logp, combined.entropy, combined.top, combined.log_total, combined.shifted
 
 
 @logprob_entropy_op.register_fake
 def _(logits, targets, temperature, valid_columns):
     shape, dtype = logits.shape[:1], _compute_dtype(logits)
-    return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(4))
+    return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(5))
 
 
 def _logprob_entropy_setup(ctx, inputs, output):
     logits, targets, temperature, valid_columns = inputs
-    _, _, lse, expected_z = output
-    ctx.mark_non_differentiable(lse, expected_z)
-    ctx.save_for_backward(logits, targets, lse, expected_z)
+    _, _, top, log_total, shifted = output
+    ctx.mark_non_differentiable(top, log_total, shifted)
+    ctx.save_for_backward(logits, targets, top, log_total, shifted)
     ctx.temperature, ctx.valid_columns = temperature, valid_columns
 
 
-def _logprob_entropy_backward(ctx, grad_logp, grad_entropy, _grad_lse, _grad_expected_z):
-    logits, targets, lse, expected_z = ctx.saved_tensors
-    grad = logprob_grad(logits, targets, lse, expected_z, _or_zeros(grad_logp, lse), _or_zeros(grad_entropy, lse),
-                        ctx.temperature, ctx.valid_columns)
+def _logprob_entropy_backward(ctx, grad_logp, grad_entropy, _grad_top, _grad_log_total, _grad_shifted):
+    logits, targets, top, log_total, shifted = ctx.saved_tensors
+    grad = logprob_grad(logits, targets, top, log_total, shifted, _or_zeros(grad_logp, top),
+                        _or_zeros(grad_entropy, top), ctx.temperature, ctx.valid_columns)
     return grad, None, None, None
 
 
@@ -210,7 +219,7 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
                     valid_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsplit vocabulary: logits [T, V] (columns >= valid_columns are padding), targets [T] in
     [0, valid_columns) -> (logp, entropy), [T] each. Differentiable in the logits."""
-    logp, entropy, _, _ = logprob_entropy_op(logits, targets, temperature, valid_columns)
+    logp, entropy, *_ = logprob_entropy_op(logits, targets, temperature, valid_columns)
     return logp, entropy
 
 
@@ -231,20 +240,19 @@ class _VocabParallelLogprob(torch.autograd.Function):
         else:
             gathered = stats[None]
         combined = combine_stats(gathered)
-        ctx.save_for_backward(logits, local_targets, combined.lse, combined.expected_z)
+        ctx.save_for_backward(logits, local_targets, combined.top, combined.log_total, combined.shifted)
         ctx.temperature, ctx.valid, ctx.inplace = temperature, valid, inplace_backward
         return combined.logp, combined.entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, local_targets, lse, expected_z = ctx.saved_tensors
-        grad_logp, grad_entropy = _or_zeros(grad_logp, lse), _or_zeros(grad_entropy, lse)
+        logits, local_targets, *stats = ctx.saved_tensors  # top, log_total, shifted
+        grad_logp, grad_entropy = _or_zeros(grad_logp, stats[0]), _or_zeros(grad_entropy, stats[0])
         if ctx.inplace:  # the logits are not needed after this: their memory takes the gradient
-            logprob_grad_(logits, local_targets, lse, expected_z, grad_logp, grad_entropy, ctx.temperature, ctx.valid)
+            logprob_grad_(logits, local_targets, *stats, grad_logp, grad_entropy, ctx.temperature, ctx.valid)
             grad = logits
         else:
-            grad = logprob_grad(logits, local_targets, lse, expected_z, grad_logp, grad_entropy, ctx.temperature,
-                                ctx.valid)
+            grad = logprob_grad(logits, local_targets, *stats, grad_logp, grad_entropy, ctx.temperature, ctx.valid)
         return grad, None, None, None, None, None, None
 
 

@@ -170,12 +170,12 @@ def test_logprob_ops_registrations():
     logits, targets = _logits(tokens=6, vocab=20, dtype=torch.float32, seed=6)
     local = torch.where(targets < 10, targets, -1)  # half the targets live on another rank
     stats = lp_ops.logprob_stats(logits, local, 0.9, 17)
-    logp, _, lse, ez = lp_ops.combine_stats(stats[None])
+    logp, _, *saved = lp_ops.combine_stats(stats[None])  # top, log_total, shifted
     g = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
     torch.library.opcheck(lp_ops.logprob_stats, (logits, local, 0.9, 17))
-    torch.library.opcheck(lp_ops.logprob_grad, (logits, local, lse, ez, g[0], g[1], 0.9, 17))
-    torch.library.opcheck(lp_ops.logprob_grad_, (logits.clone(), local, lse, ez, g[0], g[1], 0.9, 17))
+    torch.library.opcheck(lp_ops.logprob_grad, (logits, local, *saved, g[0], g[1], 0.9, 17))
+    torch.library.opcheck(lp_ops.logprob_grad_, (logits.clone(), local, *saved, g[0], g[1], 0.9, 17))
     torch.library.opcheck(lp_ops.logprob_entropy_op, (logits.clone().requires_grad_(True), targets.clamp(max=16), 0.9,
                                                       17))
     transposed = logits.t().contiguous().t()  # column-major: the fake must give the real op's strides
-    torch.library.opcheck(lp_ops.logprob_grad, (transposed, local, lse, ez, g[0], g[1], 0.9, 17))
+    torch.library.opcheck(lp_ops.logprob_grad, (transposed, local, *saved, g[0], g[1], 0.9, 17))

@@ -66,7 +66,7 @@ def test_logprob_forward_and_backward_against_fp64(tokens, vocab, dtype, tempera
 
     _poison(tokens * 16)
     stats = extension.EXTENSION.logprob_stats(logits, targets, temperature, valid)
-    logp, entropy, lse, ez = lp_ops.combine_stats(stats[None])
+    logp, entropy, *saved = lp_ops.combine_stats(stats[None])  # saved: top, log_total, shifted
     ref_lp, ref_h = _fp64_reference(logits, targets, temperature, valid)
     # torch's own bf16 path (log_softmax computed in the logits' dtype) sets the error budget: ours <= 2x.
     naive = torch.log_softmax(logits[:, :valid] / temperature, -1)
@@ -77,7 +77,7 @@ def test_logprob_forward_and_backward_against_fp64(tokens, vocab, dtype, tempera
     assert (entropy.double() - ref_h).abs().max().item() <= max(budget, 1e-4)
 
     grad = torch.full_like(logits, float("nan"))
-    extension.EXTENSION.logprob_grad_into(logits, targets, lse, ez, g_lp, g_h, temperature, valid, grad)
+    extension.EXTENSION.logprob_grad_into(logits, targets, *saved, g_lp, g_h, temperature, valid, grad)
     ref_grad = _fp64_grad(logits, targets, temperature, valid, g_lp, g_h)
     assert torch.isfinite(grad).all(), "an unwritten gradient element"
     assert (grad[:, valid:] == 0).all()
@@ -86,7 +86,7 @@ def test_logprob_forward_and_backward_against_fp64(tokens, vocab, dtype, tempera
     assert (grad.double() - ref_grad).abs().max().item() <= tol
 
     inplace = logits.clone()
-    extension.EXTENSION.logprob_grad_into(inplace, targets, lse, ez, g_lp, g_h, temperature, valid, inplace)
+    extension.EXTENSION.logprob_grad_into(inplace, targets, *saved, g_lp, g_h, temperature, valid, inplace)
     assert torch.equal(inplace, grad)
 
 
@@ -100,7 +100,7 @@ def test_tp_combine_of_shard_statistics(shards, padded):
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     stats = [extension.EXTENSION.logprob_stats(shard, local, 0.9, valid)
              for shard, local, valid in _vocab_slices(logits, targets, vocab, padded // shards)]
-    logp, entropy, lse, ez = lp_ops.combine_stats(torch.stack(stats))
+    logp, entropy, *_ = lp_ops.combine_stats(torch.stack(stats))
     ref_lp, ref_h = _fp64_reference(logits, targets, 0.9, vocab)
     assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
     assert (entropy.double() - ref_h).abs().max().item() <= 1e-4
@@ -124,13 +124,13 @@ def test_slices_of_padding_only():
         want = lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
         stats.append(got)
-    logp, entropy, lse, ez = lp_ops.combine_stats(torch.stack(stats))
+    logp, entropy, *saved = lp_ops.combine_stats(torch.stack(stats))
     ref_lp, ref_h = _fp64_reference(logits, targets, 1.0, vocab)
     assert (logp.double() - ref_lp).abs().max().item() <= 1e-4
     assert (entropy.double() - ref_h).abs().max().item() <= 1e-4
     for shard, local, valid in _vocab_slices(logits, targets, vocab, width):
         grad = torch.full_like(shard, float("nan"))
-        extension.EXTENSION.logprob_grad_into(shard, local, lse, ez, g_lp, g_h, 1.0, valid, grad)
+        extension.EXTENSION.logprob_grad_into(shard, local, *saved, g_lp, g_h, 1.0, valid, grad)
         grads.append(grad)
     ref_grad = _fp64_grad(logits, targets, 1.0, vocab, g_lp, g_h)
     got_grad = torch.cat(grads, dim=1)
@@ -160,7 +160,7 @@ def test_a_nan_logit_makes_its_row_nan_as_in_the_reference(vocab, width, vec):
     slices = list(_vocab_slices(logits, targets, vocab, width))
     assert all((shard.stride(0) % 8 == 0) == (vec == 8) for shard, _, _ in slices)  # the load path meant
     stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid) for shard, local, valid in slices]
-    logp, _, lse, _ = lp_ops.combine_stats(torch.stack(stats))
+    logp, *_ = lp_ops.combine_stats(torch.stack(stats))
     want = [lp_ops.local_stats(shard.cpu(), local.cpu(), 1.0, valid)
             for shard, local, valid in _vocab_slices(logits, targets, vocab, width)]
     ref_lp, *_ = lp_ops.combine_stats(torch.stack(want))
@@ -187,13 +187,13 @@ def test_tokens_that_cannot_be_drawn_add_nothing(vocab, width, vec):
     slices = list(_vocab_slices(logits, targets, vocab, width))
     assert all((shard.stride(0) % 8 == 0) == (vec == 8) for shard, _, _ in slices)  # the load path meant
     stats = [extension.EXTENSION.logprob_stats(shard, local, 1.0, valid) for shard, local, valid in slices]
-    logp, entropy, lse, expected_z = lp_ops.combine_stats(torch.stack(stats))
+    logp, entropy, *saved = lp_ops.combine_stats(torch.stack(stats))
     g_lp = torch.randn(tokens, device="cuda", generator=gen)
     g_h = torch.randn(tokens, device="cuda", generator=gen)
     grads = []
     for shard, local, valid in slices:
         grad = torch.full_like(shard, float("nan"))  # an element the kernel does not write stays NaN
-        extension.EXTENSION.logprob_grad_into(shard, local, lse, expected_z, g_lp, g_h, 1.0, valid, grad)
+        extension.EXTENSION.logprob_grad_into(shard, local, *saved, g_lp, g_h, 1.0, valid, grad)
         grads.append(grad)
     grad = torch.cat(grads, dim=1)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()

@@ -104,17 +104,16 @@ def test_logprob_stats_and_grad_against_the_reference(kernels, tokens, vocab, pa
     torch.testing.assert_close(stats[:, [0, 3]], expected[:, [0, 3]], rtol=2e-7, atol=0)
     torch.testing.assert_close(stats[:, 1:3], expected[:, 1:3], rtol=2e-5, atol=1e-6)
 
-    lse = expected[:, 0] + expected[:, 1].log()
-    expected_z = expected[:, 0] + expected[:, 2] / expected[:, 1]
+    saved = lp_ops.combine_stats(expected[None])[2:]  # top, log_total, shifted
     gen = torch.Generator().manual_seed(7)
     g_lp, g_h = torch.randn(tokens, generator=gen), torch.randn(tokens, generator=gen)
-    want = lp_ops.local_grad(logits, targets, lse, expected_z, g_lp, g_h, temperature, valid)
+    want = lp_ops.local_grad(logits, targets, *saved, g_lp, g_h, temperature, valid)
     assert not want.isnan().any()
 
     grad_buffer, grad = _in_nan(tokens, vocab, dtype, grad_at)
     # NaN again before each run: an element the second run fails to write would keep the first run's value.
     _twice(lambda: (grad.fill_(float("nan")), kernels.logprob_grad_into(
-        logits, targets, lse, expected_z, g_lp, g_h, temperature, valid, grad), grad.clone())[2])
+        logits, targets, *saved, g_lp, g_h, temperature, valid, grad), grad.clone())[2])
     torch.testing.assert_close(grad, want, **_grad_tolerance(dtype))
     assert (grad[:, valid:] == 0).all(), "padding columns get a zero gradient"
     _outside_untouched(grad_buffer, grad)
@@ -122,7 +121,7 @@ def test_logprob_stats_and_grad_against_the_reference(kernels, tokens, vocab, pa
     # In place, on two copies (the two launches run the threads in opposite orders).
     copies = [_logits(tokens, vocab, valid, dtype, logits_at, seed=tokens * 131 + vocab)[:2] for _ in range(2)]
     for copy_buffer, copy in copies:
-        kernels.logprob_grad_into(copy, targets, lse, expected_z, g_lp, g_h, temperature, valid, copy)
+        kernels.logprob_grad_into(copy, targets, *saved, g_lp, g_h, temperature, valid, copy)
         torch.testing.assert_close(copy, want, **_grad_tolerance(dtype))
         _outside_untouched(copy_buffer, copy)
     assert torch.equal(copies[0][1].view(torch.uint8), copies[1][1].view(torch.uint8))
@@ -156,7 +155,7 @@ def test_tensor_parallel_combine_against_fp64(kernels, shards, dtype):
         _, shard = _in_nan(tokens, width, dtype)  # each slice in its own NaN-framed memory, as on its own rank
         shard.copy_(padded[:, rank * width:(rank + 1) * width])
         stats.append(_twice(kernels.logprob_stats, shard, local, 1.3, valid))
-    logp, got_entropy, _, _ = lp_ops.combine_stats(torch.stack(stats))
+    logp, got_entropy, *_ = lp_ops.combine_stats(torch.stack(stats))
 
     logprobs = torch.log_softmax(full.double() / 1.3, -1)
     torch.testing.assert_close(logp.double(), logprobs.gather(1, targets[:, None])[:, 0], rtol=1e-5, atol=1e-5)
@@ -178,10 +177,13 @@ def test_nan_and_infinite_logits(kernels, layout):
     # in the max); what the ranks combine them into may not.
     got = lp_ops.combine_stats(stats[None])
     want = lp_ops.combine_stats(lp_ops.local_stats(logits, targets, 1.0, vocab)[None])
-    for name, value, expected in zip(got._fields, got, want):
+    # The max alone may differ too (NaN in one, not the other) where the row is NaN all the same.
+    for name, value, expected in (("logp", got.logp, want.logp), ("entropy", got.entropy, want.entropy),
+                                  ("lse", got.top + got.log_total, want.top + want.log_total),
+                                  ("E[z]", got.top + got.shifted, want.top + want.shifted)):
         torch.testing.assert_close(value, expected, rtol=2e-5, atol=1e-5, equal_nan=True,
                                    msg=lambda text, name=name: f"{name}: {text}")
-    assert got.lse[:4].isnan().all() and got.lse[4].isfinite()
+    assert got.log_total[:4].isnan().all() and got.log_total[4].isfinite()
     assert stats[:2, 1].isnan().all() and stats[2, 1] == 0  # an all -inf slice adds nothing when combined
 
 
@@ -203,15 +205,29 @@ def test_tokens_that_cannot_be_drawn_add_nothing(kernels, dtype, layout):
     assert stats[:, 1:].isfinite().all() and stats[3].tolist() == [float("-inf"), 0.0, 0.0, 0.0]
     torch.testing.assert_close(stats, expected, rtol=2e-5, atol=1e-6)
 
-    lse = expected[:3, 0] + expected[:3, 1].log()
-    expected_z = expected[:3, 0] + expected[:3, 2] / expected[:3, 1]
+    saved = lp_ops.combine_stats(expected[:3][None])[2:]  # top, log_total, shifted
     g_lp, g_h = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.5, 0.25, -1.0])
-    want = lp_ops.local_grad(logits[:3], targets[:3], lse, expected_z, g_lp, g_h, 0.9, vocab)
+    want = lp_ops.local_grad(logits[:3], targets[:3], *saved, g_lp, g_h, 0.9, vocab)
     assert want.isfinite().all()
     _, grad = _in_nan(3, vocab, dtype)
-    kernels.logprob_grad_into(logits[:3], targets[:3], lse, expected_z, g_lp, g_h, 0.9, vocab, grad)
+    kernels.logprob_grad_into(logits[:3], targets[:3], *saved, g_lp, g_h, 0.9, vocab, grad)
     torch.testing.assert_close(grad, want, **_grad_tolerance(dtype))
     assert (grad[logits[:3].isinf()] == 0).all()
+
+
+def test_the_entropy_gradient_of_confident_rows_with_large_logits_keeps_its_precision(kernels):
+    """As tests/ops/test_logprob.py checks the reference: the kernel's backward takes the max, log sum exp(z - max)
+    and E[z - max] apart, not lse and E[z] rounded at the logits' size."""
+    from tests.ops.test_logprob import _confident_large_logits, _fp64_entropy_grad
+
+    logits, targets = _confident_large_logits()
+    saved = lp_ops.combine_stats(kernels.logprob_stats(logits, targets, 1.0, logits.shape[1])[None])[2:]
+    grad = torch.empty_like(logits)
+    tokens = logits.shape[0]
+    kernels.logprob_grad_into(logits, targets, *saved, torch.zeros(tokens), torch.ones(tokens), 1.0,
+                              logits.shape[1], grad)
+    exact = _fp64_entropy_grad(logits)
+    assert (grad.double() - exact).abs().max() <= 1e-4 * exact.abs().max()
 
 
 def test_empty_slices_and_rows(kernels):
@@ -227,7 +243,7 @@ def test_launcher_checks_name_the_tensor(kernels):
     with pytest.raises(RuntimeError, match="targets must be int64"):
         kernels.logprob_stats(logits, torch.zeros(3, dtype=torch.int32), 1.0, 16)
     with pytest.raises(RuntimeError, match="grad must have the logits' shape"):
-        kernels.logprob_grad_into(logits, torch.zeros(3, dtype=torch.long), *[torch.zeros(3)] * 4, 1.0, 16,
+        kernels.logprob_grad_into(logits, torch.zeros(3, dtype=torch.long), *[torch.zeros(3)] * 5, 1.0, 16,
                                   torch.zeros(3, 15))
     with pytest.raises(RuntimeError, match="mask has 2 elements, expected 3"):
         kernels.dapo_loss_forward(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2), None,
