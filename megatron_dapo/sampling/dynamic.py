@@ -37,6 +37,8 @@ class SamplingStats:
     """Varied groups beyond train_batch_size, left out (the last generation batch's surplus)."""
     exhausted: bool = False
     """max_num_gen_batches was reached before the batch was full."""
+    stopped: bool = False
+    """A stop request ended the collection before the batch was full (the run saves after this step)."""
     metric_missing: int = 0
     """Responses without a finite filter metric (their reward failed or gave no such field, or, under overlong
     filtering, they were cut at the length limit), left out of the variance test."""
@@ -59,6 +61,7 @@ class SamplingStats:
             "sampling/groups_dropped_unscored": self.dropped_unscored,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
+            "sampling/stopped": float(self.stopped),
             "sampling/metric_missing": self.metric_missing,
         }
 
@@ -99,14 +102,17 @@ class DynamicSampler(Generic[G]):
     def collect(
         self, generate: Callable[[], Sequence[G]], metric_values: Callable[[G], Sequence[float]],
         progress: Callable[[SamplingStats, int], None] | None = None,
-        all_correct: Callable[[G], bool] | None = None,
+        all_correct: Callable[[G], bool] | None = None, stop: Callable[[], bool] | None = None,
     ) -> SampledBatch[G]:
         """`generate()` returns one scored generation batch of groups; `metric_values(group)` gives
         the filter metric of each of its responses (NaN for one that does not count). Surplus groups are
         trimmed in generation order, so the same generations always give the same batch. `progress(stats,
         kept)` is called after each generation batch with the figures so far and the number of groups kept.
         `all_correct(group)`: whether a group dropped as alike is counted all-correct or all-wrong (without
-        it, by the sign of the shared metric)."""
+        it, by the sign of the shared metric). `stop()`, asked after each generation batch that leaves the batch
+        short: True ends the collection there with the groups kept so far, whatever `on_exhausted` says (a stop
+        request: the run saves after this step, and a Slurm warning leaves no time for more generation batches;
+        with max_num_gen_batches=0 nothing else would end a collection whose groups all stay alike)."""
         stats = SamplingStats()
         kept: list[G] = []
         limit = self.config.max_num_gen_batches if self.config.enable else 1
@@ -133,6 +139,9 @@ class DynamicSampler(Generic[G]):
                     stats.dropped_all_wrong += 1
             if progress is not None:
                 progress(stats, len(kept))
+            if len(kept) < self.train_batch_size and stop is not None and stop():
+                stats.stopped = True
+                break
         stats.trimmed = max(len(kept) - self.train_batch_size, 0)
         kept = kept[: self.train_batch_size]
         stats.kept = len(kept)

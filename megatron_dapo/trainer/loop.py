@@ -429,8 +429,11 @@ class Trainer:
 
         with self._stops_everyone():
             cut = self.config.algorithm.overlong_filtering
+            # A stop request ends the generation batches (rank 0's word, as for the others); the step trains on
+            # what was kept and the run saves after it (every rank agrees on the request then).
             return self.sampler.collect(next_batch, lambda g: g.metric(filtering.metric, cut),
-                                        progress=self._progress_line(), all_correct=lambda g: g.all_correct(cut))
+                                        progress=self._progress_line(), all_correct=lambda g: g.all_correct(cut),
+                                        stop=lambda: self.stop.reason() is not None)
 
     def _progress_line(self):
         """A console line after a generation batch, at most every logging.progress_interval_s (a 32B step
@@ -460,12 +463,18 @@ class Trainer:
         cfg, groups, batch = self.config, sampled.groups, None
         with self._stops_everyone():  # the other ranks still wait for rank 0's word
             metrics = {**sampled.stats.metrics(), **failure_metrics(self.reward_failures)}
-            if sampled.stats.exhausted and cfg.logging.console:
+            stats, target = sampled.stats, cfg.data.train_batch_size
+            consequence = "the step trains on those" if groups else "the step has nothing to train on: no update"
+            if stats.exhausted and cfg.logging.console:
                 filtering = cfg.algorithm.filter_groups
-                consequence = "the step trains on those" if groups else "the step has nothing to train on: no update"
-                print(f"step {self.step + 1}: {sampled.stats.shortfall(cfg.data.train_batch_size, filtering.metric)}; "
-                      f"{consequence} (algorithm.filter_groups.max_num_gen_batches={filtering.max_num_gen_batches}, "
+                print(f"step {self.step + 1}: {stats.shortfall(target, filtering.metric)}; {consequence} "
+                      f"(algorithm.filter_groups.max_num_gen_batches={filtering.max_num_gen_batches}, "
                       "on_exhausted=train)", file=sys.stderr, flush=True)
+            if stats.stopped and cfg.logging.console:
+                reason = self.stop.reason()
+                print(f"step {self.step + 1}: a stop was requested{f' ({reason})' if reason else ''}: dynamic "
+                      f"sampling ends after {stats.gen_batches} generation batches with {stats.kept} of {target} "
+                      f"groups; {consequence}, then the run saves", file=sys.stderr, flush=True)
             if groups:
                 metrics.update(rollout_metrics(groups, cfg.data.max_response_length))
                 batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,

@@ -89,3 +89,28 @@ def test_progress_after_each_generation_batch():
                     progress=lambda stats, kept: seen.append((stats.gen_batches, kept, stats.dropped_all_correct,
                                                               stats.dropped_all_wrong)))
     assert seen == [(1, 1, 1, 1), (2, 2, 2, 1), (3, 5, 2, 1)]
+
+
+@pytest.mark.parametrize("on_exhausted", ["error", "train"])
+def test_a_stop_request_ends_the_collection_with_what_was_kept(on_exhausted):
+    """A stop asked for after the second generation batch ends an unlimited collection of alike groups (which
+    nothing else would end) there, with the groups kept so far and no error whatever on_exhausted says; a stop
+    asked for once the batch is full changes nothing."""
+    asked = []
+
+    def stop():
+        asked.append(True)
+        return len(asked) >= 2
+
+    sampler = DynamicSampler(FilterGroupsConfig(max_num_gen_batches=0, on_exhausted=on_exhausted), train_batch_size=2)
+    alike = iter(lambda: [("x", [1, 1]), ("y", [0, 0])], None)  # never a varied group
+    out = sampler.collect(lambda: next(alike), lambda group: group[1], stop=stop)
+    assert out.groups == [] and (out.stats.gen_batches, out.stats.stopped, out.stats.exhausted) == (2, True, False)
+    assert out.stats.metrics()["sampling/stopped"] == 1.0 and len(asked) == 2
+
+    out = sampler.collect(_generator(SCRIPT), lambda group: group[1], stop=lambda: True)
+    assert [name for name, _ in out.groups] == ["b"] and out.stats.stopped and out.stats.gen_batches == 1
+    full = DynamicSampler(FilterGroupsConfig(), train_batch_size=1).collect(
+        _generator(SCRIPT), lambda group: group[1], stop=lambda: True)
+    assert [name for name, _ in full.groups] == ["b"] and not full.stats.stopped
+    assert full.stats.metrics()["sampling/stopped"] == 0.0

@@ -225,6 +225,38 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
     assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
 
 
+ALIKE_REWARD_ASKING_TO_STOP = """
+from pathlib import Path
+
+
+def score(response, ground_truth, extra_info):
+    \"\"\"Every response wrong, so every group is dropped as alike; the first call asks the run to stop.\"\"\"
+    Path({stop!r}).touch()
+    return 0.0
+"""
+
+
+def test_a_stop_request_ends_an_endless_dynamic_sampling(toy_run, tmp_path):
+    """Every group alike under max_num_gen_batches=0 (no limit): nothing but the stop request, written while the
+    first generation batch is scored, ends step 1's generation batches; the step has nothing to train on, and the run
+    saves and stops in the time a Slurm warning leaves."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    (tmp_path / "alike.py").write_text(ALIKE_REWARD_ASKING_TO_STOP.format(stop=str(run_dir / "STOP")))
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.val_before_train=false",
+                           "reward.functions.math_dapo=alike.py:score", "algorithm.filter_groups.max_num_gen_batches=0"],
+                          cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(r"step 1: a stop was requested \(\S+STOP exists\): dynamic sampling ends after 1 generation "
+                     r"batches with 0 of 8 groups; the step has nothing to train on: no update, then the run saves",
+                     proc.stderr), proc.stderr[-4000:]
+    assert "stopping after step 1 (" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"]
+    (row,) = _rows(run_dir)
+    assert (row["step"], row["sampling/stopped"], row["sampling/gen_batches"]) == (1, 1.0, 1), row
+    assert row["sampling/groups_kept"] == 0 and "actor/lr" not in row, row
+
+
 def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_run, tmp_path):
     """metrics.jsonl on a full disk (/dev/full): the row of step 1, a save step with a validation, cannot be
     written. The run stops with the error, and step 1's checkpoint is saved first, with the row: the attempt that
