@@ -125,9 +125,18 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def _check_columns(logits: torch.Tensor, valid_columns: int) -> None:
+    """The kernel and the reference read the same columns only when valid_columns is one of the logits' widths
+    (the kernel would clamp it, the reference fail to gather or, below 0, drop columns from the end)."""
+    if not 0 <= valid_columns <= logits.shape[-1]:
+        raise ValueError(f"valid_columns={valid_columns} is outside [0, {logits.shape[-1]}], the logits' columns "
+                         f"(logits {tuple(logits.shape)})")
+
+
 @torch.library.custom_op("megatron_dapo::logprob_stats", mutates_args=())
 def logprob_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, valid_columns: int) -> torch.Tensor:
     """`local_stats` as an op: logits [T, Vl], local targets [T] (-1: not on this rank) -> [T, 4]."""
+    _check_columns(logits, valid_columns)
     if use_kernel(logits):
         return EXTENSION.logprob_stats(_rows(logits), targets, temperature, valid_columns)
     return local_stats(logits, targets, temperature, valid_columns)
@@ -143,6 +152,7 @@ def logprob_grad(logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor,
                  shifted: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
                  valid_columns: int) -> torch.Tensor:
     """`local_grad` as an op: the logits gradient [T, Vl] in the logits' dtype, in new memory."""
+    _check_columns(logits, valid_columns)
     if use_kernel(logits):
         logits = _rows(logits)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -163,6 +173,7 @@ def logprob_grad_(logits: torch.Tensor, targets: torch.Tensor, top: torch.Tensor
                   shifted: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor, temperature: float,
                   valid_columns: int) -> None:
     """The logits gradient written over the logits (whose values are then gone): no new [T, Vl] memory."""
+    _check_columns(logits, valid_columns)
     if use_kernel(logits) and logits.stride(-1) == 1:
         EXTENSION.logprob_grad_into(logits, targets, top, log_total, shifted, grad_logp, grad_entropy, temperature,
                                     valid_columns, logits)

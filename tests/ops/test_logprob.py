@@ -230,6 +230,11 @@ def test_inplace_backward_refuses_a_leaf_and_a_target_of_no_column_has_a_gradien
     (logp.sum() + entropy.sum()).backward()
     assert x.grad[:, 8:].eq(0).all() and x.grad.isfinite().all()
     torch.autograd.gradcheck(lambda y: logprob_entropy(y, targets, 1.0, 8), (x.detach().clone().requires_grad_(),))
+    # A count of real columns that is not one of the logits' widths is named (the kernel would clamp it; the
+    # reference failed to gather past the end, and below 0 dropped columns from the end).
+    for columns in (11, -2):
+        with pytest.raises(ValueError, match=rf"valid_columns={columns} is outside \[0, 10\], the logits' columns"):
+            logprob_entropy(x, targets, 1.0, columns)
 
 
 def test_a_slice_of_masked_logits_adds_nothing_when_the_slices_combine():
