@@ -119,7 +119,9 @@ class SGLangEngine(RolloutEngine):
         colocated = mode == "colocated"
         # The trainer's CUDA_DEVICE_MAX_CONNECTIONS=1 (for megatron-core's overlapped collectives, see
         # examples/slurm/task.sh) would serialise the kernels of SGLang's overlapping streams: its processes,
-        # started here, do without it. This process's CUDA context already has its setting.
+        # started here, do without it (SGLang's engine sets its own value in this process's environment as it
+        # starts them). The trainer's value is put back for what this process starts later; its own CUDA context
+        # already has its setting.
         kept = os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
         try:
             engine = sglang.Engine(model_path=model_path, tp_size=config.tp_size, skip_tokenizer_init=True,
