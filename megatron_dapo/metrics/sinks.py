@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Collection, TextIO
+from typing import Callable, Collection, TextIO
 
 from megatron_dapo.metrics.config import LoggingConfig
 
@@ -152,13 +152,20 @@ class MetricSinks:
         """metrics.jsonl's rows on disk (before a checkpoint; see sync_rows)."""
         sync_rows(self.jsonl)
 
+    def _sinks(self) -> list[tuple[str, Callable[[int, dict[str, float]], None], Callable[[], object] | None]]:
+        """Each sink this run writes to, in writing order: its name (as SinkError gives it), what writes a row into
+        it, and what closes it (None: nothing to close)."""
+        table = ((JSONL, self.jsonl, self._jsonl_row, lambda: self.jsonl.close()),
+                 ("tensorboard", self.tensorboard, self._tensorboard_row, lambda: self.tensorboard.close()),
+                 ("wandb", self.wandb, self._wandb_row, lambda: self.wandb.finish()),
+                 ("console", self.config.console or None, self._console_row, None))
+        return [(name, write, close) for name, handle, write, close in table if handle is not None]
+
     def log(self, step: int, metrics: dict[str, float], only: Collection[str] | None = None) -> None:
         """The row of `step` into every sink (into those named in `only`: the ones an earlier attempt could not
         write it to). A sink that fails does not keep the others from the row: SinkError names each that failed."""
-        writers = {JSONL: self._jsonl_row, "tensorboard": self._tensorboard_row, "wandb": self._wandb_row,
-                   "console": self._console_row}
         failed: dict[str, Exception] = {}
-        for name, write in writers.items():
+        for name, write, _ in self._sinks():
             if only is None or name in only:
                 try:
                     write(step, metrics)
@@ -168,28 +175,24 @@ class MetricSinks:
             raise SinkError(step, failed) from next(iter(failed.values()))
 
     def _jsonl_row(self, step: int, metrics: dict[str, float]) -> None:
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-            self.jsonl.flush()
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.jsonl.flush()
 
     def _tensorboard_row(self, step: int, metrics: dict[str, float]) -> None:
-        if self.tensorboard:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
+        for key, value in metrics.items():
+            self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
 
     def _wandb_row(self, step: int, metrics: dict[str, float]) -> None:
-        if self.wandb:
-            self.wandb.log({**metrics, WANDB_STEP: step})
+        self.wandb.log({**metrics, WANDB_STEP: step})
 
     def _console_row(self, step: int, metrics: dict[str, float]) -> None:
-        if self.config.console:
-            done = step / max(self.total, 1)
-            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-            shown = " ".join(f"{label}={metrics[k]:.4g}" for k, label in CONSOLE_KEYS.items() if k in metrics)
-            val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                           if k.startswith("val/") and k.count("/") == 1)  # not the per-data_source ones
-            print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)
+        done = step / max(self.total, 1)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        shown = " ".join(f"{label}={metrics[k]:.4g}" for k, label in CONSOLE_KEYS.items() if k in metrics)
+        val = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                       if k.startswith("val/") and k.count("/") == 1)  # not the per-data_source ones
+        print(f"[{bar}] step {step}/{self.total} {shown} {val}".rstrip(), file=sys.stderr, flush=True)
 
     def has_row(self, step: int, metrics: dict[str, float]) -> bool:
         """Whether metrics.jsonl holds the row of `step` with these figures' keys already (an attempt wrote it)."""
@@ -201,22 +204,19 @@ class MetricSinks:
 
     def enabled(self) -> list[str]:
         """The sinks this run writes to, by the names SinkError gives them."""
-        return [name for name, on in ((JSONL, self.jsonl is not None), ("tensorboard", self.tensorboard is not None),
-                                      ("wandb", self.wandb is not None), ("console", self.config.console)) if on]
+        return [name for name, _, _ in self._sinks()]
 
     def close(self) -> None:
         """Every sink closed; one that fails keeps no other open (its error is raised after)."""
         failed: dict[str, Exception] = {}
-        for name, sink, close in ((JSONL, self.jsonl, "close"), ("tensorboard", self.tensorboard, "close"),
-                                  ("wandb", self.wandb, "finish")):
-            if sink is not None:
+        for name, _, close in self._sinks():
+            if close is not None:
                 try:
-                    getattr(sink, close)()
+                    close()
                 except Exception as err:
                     failed[name] = err
         if failed:
             raise next(iter(failed.values()))
-
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of RUN_DIR/metrics.jsonl as the run's history. Where an attempt started again (after a crash or a

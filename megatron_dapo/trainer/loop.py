@@ -550,7 +550,7 @@ class Trainer:
         answer = [None]
         if self.rank0:
             try:
-                rows = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").is_file() else []
+                rows = read_metrics(self.run_dir) if (self.run_dir / JSONL).is_file() else []
             except (OSError, ValueError):  # unreadable: validate, a row twice rather than none
                 rows = []
             answer[0] = not any(row.get("step") == self.step and any(key.startswith("val/") for key in row)
