@@ -255,6 +255,8 @@ class Trainer:
                     self._save(hf=None)
                     if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
                         self._mark_stop_honoured()
+                if last and self.rank0:  # the run is trained: a stop request has nothing left to stop
+                    self._finished(asked, hf_saved=False)
                 raise
             if saving:
                 self._save(hf=None if asked else self.hf_copy)  # a stop request leaves minutes at most
@@ -321,16 +323,18 @@ class Trainer:
             print(f"warning: could not mark {self.run_dir / STOP_FILE} as stopped on ({err}): delete it before "
                   f"starting the run again, or it stops after its first step", file=sys.stderr, flush=True)
 
-    def _finished(self, asked: bool) -> None:
+    def _finished(self, asked: bool, hf_saved: bool = True) -> None:
         """Rank 0, after the run's last step: a stop request that came during it has nothing to stop; what it
-        skipped (the Hugging Face copy, the validation) is said, with how to make it."""
+        skipped (the Hugging Face copy, the validation) is said, with how to make it. hf_saved=False: the checkpoint
+        was saved without its Hugging Face copy for another reason (a sink that failed)."""
         try:
             self.stop.clear()
         except OSError as err:  # the run is complete all the same: not a reason to skip closing it
             print(f"warning: could not remove the STOP file: {err}", file=sys.stderr, flush=True)
         step_dir = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-        if asked and self.hf_copy:
-            print(f"a stop was requested during the last step: {step_dir} has no Hugging Face copy; start the "
+        if self.hf_copy and (asked or not hf_saved):
+            why = "a stop was requested during the last step" if asked else "its metrics row could not be written"
+            print(f"{why}: {step_dir} has no Hugging Face copy; start the "
                   f"same command again to write it, or `megatron-dapo convert mcore-to-hf --mcore {step_dir} "
                   f"--out {step_dir / 'hf'}`", flush=True)
         if self.val_skipped:

@@ -258,19 +258,23 @@ def test_a_stop_request_ends_an_endless_dynamic_sampling(toy_run, tmp_path):
 
 
 def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_run, tmp_path):
-    """metrics.jsonl on a full disk (/dev/full): the row of step 1, a save step with a validation, cannot be
-    written. The run stops with the error, and step 1's checkpoint is saved first, with the row: the attempt that
-    resumes (the disk has room again) writes it, validation included, and validates nothing again."""
+    """metrics.jsonl on a full disk (/dev/full): the row of step 1, the last step of a 1-step run, with a
+    validation, cannot be written. The run stops with the error, and step 1's checkpoint is saved first, with the
+    row, and without its Hugging Face copy (said). The attempt that resumes for a second step (the disk has room
+    again) writes the copy and the row, validation included, and validates nothing again."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
     (run_dir / "metrics.jsonl").symlink_to("/dev/full")
     command = [*_toy_command(run_dir), "trainer.val_before_train=false", "checkpoint.save_freq=1",
-               "trainer.total_training_steps=2", "trainer.test_freq=1"]
-    proc = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
-                          text=True, timeout=900)
+               "trainer.total_training_steps=2", "trainer.test_freq=1", "checkpoint.save_hf=true"]
+    proc = subprocess.run([*command, "trainer.total_training_steps=1"], cwd=tmp_path,
+                          env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0, proc.stderr[-4000:]
     assert "step 1's metrics row could not be written to metrics.jsonl (OSError: [Errno 28] No space left on " \
            "device)" in proc.stderr, proc.stderr[-4000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], proc.stdout[-2000:]
+    step_dir = run_dir / "checkpoints" / "step_000001"
+    assert f"its metrics row could not be written: {step_dir} has no Hugging Face copy" in proc.stdout, proc.stdout
+    assert not (step_dir / "hf").exists()
     assert checkpoints.is_complete(run_dir / "checkpoints" / "step_000001")
     kept = checkpoints.saved_trainer_state(run_dir / "checkpoints" / "step_000001")["unlogged_row"]
     assert kept["step"] == 1 and kept["sinks"] == ["metrics.jsonl"], kept
@@ -280,6 +284,7 @@ def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_ru
     assert again.returncode == 0, again.stderr[-4000:]
     assert ("step 1: writing its metrics row, which the attempt that saved this checkpoint could not write, into "
             "metrics.jsonl") in again.stdout, again.stdout[-2000:]
+    assert (step_dir / "hf" / "config.json").is_file(), again.stdout[-2000:]
     assert "validating step 1" not in again.stdout, again.stdout[-2000:]
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2], rows
