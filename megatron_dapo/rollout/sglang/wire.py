@@ -23,6 +23,10 @@ def flatten(named_tensors: list[tuple[str, torch.Tensor]]):
 def bucket_payloads(bucket, tp_size: int) -> list[bytes]:
     """A `flatten`ed bucket as `update_weights_from_tensor(load_format="flattened_bucket")` payloads, one per
     SGLang TP rank. CUDA tensors are serialized as IPC handles: keep `bucket` alive until SGLang's call returns.
+    Their device travels as an index (SGLang's receiver takes an index or a device UUID): the engine's processes
+    inherit this process's CUDA_VISIBLE_DEVICES, so an index names the same GPU on both sides. SGLang's
+    monkey_patch_torch_reductions (UUIDs) is not applied: in this process it would break the pickling of every
+    CPU tensor (its patched reducer indexes a CUDA-only argument).
     """
     from sglang.srt.utils import MultiprocessingSerializer
 
