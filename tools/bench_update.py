@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_dapo.actor.batch import ActorBatch
     from megatron_dapo.actor.config import ActorConfig
     from megatron_dapo.bench.models import qwen25_05b_config, save_random_qwen25_05b
-    from megatron_dapo.bench.results import append_rows, machine
+    from megatron_dapo.bench.results import append_rows, machine, ops_in_use
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_distributed
     from megatron_dapo.parallel.preflight import parameter_counts
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = b * s
         flops = 6 * matmul_params * tokens + 6 * hf.num_hidden_layers * hf.hidden_size * s * s * b
         world = dist.get_world_size()
-        row = {"machine": machine(), "torch": torch.__version__, "dtype": "bfloat16" if gpu else "float32", "tp": args.tp, "world": world,
+        row = {"machine": machine(), "torch": torch.__version__, "ops": ops_in_use(),
+               "dtype": "bfloat16" if gpu else "float32", "tp": args.tp, "world": world,
                "batch": b, "seq_len": s, "micro_tokens": args.micro_tokens, "seconds_median": round(seconds, 3),
                "tokens_per_s": round(tokens / seconds, 1),
                "tflops_per_gpu": round(flops / seconds / world / 1e12, 2),

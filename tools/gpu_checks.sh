@@ -15,11 +15,10 @@
 # refill        tools/bench_refill.py: the embedded engine's refilled rows against chunked decoding (not in the default)
 # embedded      tests/rollout/embedded/test_engine.py -k cuda: the embedded engine on the GPU against the CPU (bf16)
 #
-# Where GPU time is short, run the kernels first, in one command:
-#   bash tools/gpu_checks.sh $OUT build kernel-tests kernels
-# and the rest in a second one on the same machine (it keeps the built extension):
-#   bash tools/gpu_checks.sh $OUT actor update push generate embedded
-# (each about 5 minutes on an H100; set GPU_CHECKS_BUDGET_S to the time there is).
+# Where GPU time is short, run every step in one command, in this order (most needed first): the steps that do not
+# fit in the budget are skipped and said, and a second command gets only those, with what time is left. A second
+# command on a fresh machine has no built extension: give it the build step again (without one, the actor's
+# figures would be the pure-torch references': the summary says so, and update.csv's "ops" column).
 # Budget: GPU_CHECKS_BUDGET_S seconds for all steps (default 560); each step is stopped at what is left of it
 # (or at its own cap), and a step with less left than it needs to measure anything (20 s; 60-90 s for the builds,
 # benchmarks and model steps) is skipped, so the command ends with its results
@@ -54,25 +53,37 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$work/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "!! wheels did not install, see wheels.log"
 fi
-megatron=yes  # by the import's exit status: a warning printed after the version must not hide it
-python3 -c "import megatron.core" >"$work/megatron_import.log" 2>&1 || megatron=no
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>/dev/null || echo "megatron-core: none"
-  python3 -c "import transformers as t; print('transformers', t.__version__)" 2>/dev/null || echo "transformers: none"
-  echo "ninja: $(command -v ninja || echo 'not found: the kernels compile one source at a time')"
-} >"$work/device.txt" 2>&1
+# What the machine has, in one interpreter (each import of torch costs seconds of the budget). A module that does not
+# import is named with the consequence; its traceback goes to imports.log.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$work/device.txt" 2>&1
+echo "ninja: $(command -v ninja || echo 'not found: the kernels compile one source at a time')" >>"$work/device.txt"
+python3 - >>"$work/device.txt" 2>"$work/imports.log" <<'EOF'
+import importlib, sys, traceback
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+CONSEQUENCE = {"megatron.core": "actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)",
+               "transformers": "the model steps fail", "liger_kernel": "the kernel benchmark has no Liger rows",
+               "pytest": "the test steps fail", "yaml": "the package's config does not load",
+               "matplotlib": "the benchmarks write no charts"}
+for name, consequence in CONSEQUENCE.items():
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "(no version)"))
+    except Exception:
+        traceback.print_exc()
+        print(f"!! {name} does not import (imports.log): {consequence}")
+EOF
 cat "$work/device.txt"
-if [ "$megatron" = no ]; then
-  echo "!! megatron-core does not import (megatron_import.log): actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)"
-fi
-python3 -c "import liger_kernel" >/dev/null 2>&1 || echo "!! liger-kernel does not import: the kernel benchmark has no Liger rows"
-for module in pytest yaml; do  # the tests; the package's config
-  python3 -c "import $module" >/dev/null 2>&1 || echo "!! $module does not import: the steps that need it fail"
-done
-python3 -c "import matplotlib" >/dev/null 2>&1 || echo "!! matplotlib does not import: the benchmarks write no charts"
+megatron=yes  # by the probe's own line: a warning printed beside the version must not hide it
+grep -q '^!! megatron.core does not import' "$work/device.txt" && megatron=no
 
-built=yes  # until the build step says otherwise (without one in the list, an earlier call's build is used)
+built=yes  # until the build step says otherwise
+if [[ " $steps " != *" build "* ]]; then  # an earlier command's build, if this machine still has it
+  python3 -c "from megatron_dapo.ops import extension as e; assert e.EXTENSION is not None, e.UNAVAILABLE_BECAUSE" \
+    >"$work/extension.log" 2>&1 || {
+    built=no
+    echo "!! no built extension here (extension.log) and no build step: the kernel steps are skipped, and the actor's figures are the pure-torch references'"
+  }
+fi
 summary=("step          result   time")
 pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
   printf '%s\n' "${summary[@]}" >"$out/summary.txt"
@@ -89,7 +100,7 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
         return
       fi ;;
     kernel-tests|kernels|kernels-full) if [ "$built" = no ]; then  # the time goes to the later steps instead
-        summary+=("$(printf '%-13s %-8s %5s s  (the build failed)' "$name" skipped -)")
+        summary+=("$(printf '%-13s %-8s %5s s  (no built extension)' "$name" skipped -)")
         pack
         return
       fi ;;
@@ -120,6 +131,7 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
   fi
   tail -n 4 "$work/$name.log"
   [ "$name" = build ] && [ $result != ok ] && built=no
+  case $name in actor|update) [ "$built" = no ] && note="$note  (pure-torch references: no extension)" ;; esac
   summary+=("$(printf '%-13s %-8s %5s s%s' "$name" "$result" $((SECONDS - t0)) "$note")")
   pack
 }

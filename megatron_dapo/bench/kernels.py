@@ -40,6 +40,8 @@ GRAD_WRITTEN = {"ours": "into a buffer made beforehand (not in peak_extra_mib; o
                 "reference": "new", "torch.compile": "new", "liger (cross entropy)": "over its input",
                 "liger (grpo loss)": "over its input"}
 """Where each implementation's backward puts the logits' gradient: a new one counts in peak_extra_mib."""
+SMALL_BYTES = 256 << 20
+"""Logits under this many bytes: a row's note says that the launches count in its time."""
 
 _FLUSH: list[torch.Tensor] = []
 
@@ -189,6 +191,9 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
                      note="out of memory for the inputs")]
     elt = logits.element_size()
     floor = {"forward": tokens * local * elt, "backward": 2 * tokens * local * elt, "both": 3 * tokens * local * elt}
+    # Each call is timed alone from an idle GPU: under a few hundred MB of logits its launches are a share of the
+    # time worth saying beside the bandwidth (the kernels' floor is met at the large shapes).
+    small = "small: launch time counts" if floor["forward"] < SMALL_BYTES else ""
     rows = []
     for name, fns in impls.items():
         setup = None
@@ -200,7 +205,7 @@ def bench_logprob(tokens: int, vocab: int, tp: int, dtype: torch.dtype, copy_gbp
         for which, fn in passes.items():
             # peak_extra_mib counts what a call allocates, the gradient too where it is new (grad_written)
             row = dict(shape, impl=name, **{"pass": which},
-                       grad_written="" if which == "forward" else GRAD_WRITTEN.get(name, ""), note="")
+                       grad_written="" if which == "forward" else GRAD_WRITTEN.get(name, ""), note=small)
             try:
                 ms = time_ms(fn, setup=setup)
                 gbps = floor[which] / ms / 1e6

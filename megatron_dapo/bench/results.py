@@ -16,6 +16,16 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, no GPU"
 
 
+def ops_in_use() -> str:
+    """Which implementation the log-prob and loss ops run on this machine's GPU: a figure of the actor measured on
+    the references is not one of the kernels."""
+    from megatron_dapo.ops import extension
+
+    if torch.cuda.is_available() and extension.use_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        return "fused kernels"
+    return "pure-torch references"
+
+
 def append_rows(folder: str | Path, name: str, rows: list[dict]) -> Path:
     """Append `rows` to folder/name.csv (header written when the file is new). Rows with a column the file
     lacks rewrite it with that column added (empty in the earlier rows)."""

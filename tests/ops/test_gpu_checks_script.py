@@ -21,3 +21,23 @@ def test_the_listed_checked_and_run_steps_agree_and_a_misspelt_one_is_refused_at
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout.startswith("unknown step kernel-test (") and done.stdout.count("unknown step") == 1, done.stdout
     assert not out.exists()  # refused before anything ran
+
+
+def test_the_preamble_names_what_the_machine_has_and_a_step_past_the_budget_is_skipped(tmp_path):
+    """What runs before the first step on the GPU machine (the wheels, the machine's packages in one interpreter, the
+    extension check), here on whatever machine runs the tests: it must not fail there before any step, or the GPU's
+    time is lost. A budget of 0 skips the step, said in the summary, and the exit status is 1."""
+    import os
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECKS_BUDGET_S": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # this python3
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "embedded"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"^python 3\.\d+\.\d+ torch \S+ cuda \S+$", done.stdout, flags=re.MULTILINE), done.stdout
+    assert re.search(r"^pytest \d", done.stdout, flags=re.MULTILINE) and "!! pytest" not in done.stdout, done.stdout
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^embedded +skipped +- s +\(budget spent\)$", summary, flags=re.MULTILINE), summary
+    assert (out / "gpu_checks.tgz").stat().st_size > 0
