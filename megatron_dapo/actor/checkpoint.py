@@ -236,6 +236,23 @@ def _adam_steps_kept(optimizer):
             del chained._set_main_param_and_optimizer_states  # the class's method again
 
 
+def _zero_step_where_left_out(loaded: dict) -> None:
+    """megatron-core's FP32Optimizer and Float16Optimizer (parallel.use_distributed_optimizer=false) save Adam's step
+    count only when it is not 0: a checkpoint saved before the first step holds moments without one, which torch's
+    AdamW refuses to load (a bare KeyError: 'step'). Its count is put back, 0. `loaded`: the optimizer's share of a
+    dist_checkpointing.load result: torch's state dict (FP32Optimizer), one under "optimizer" (Float16Optimizer),
+    or one of those per optimizer, by index (a chained optimizer's)."""
+    import torch
+
+    if "state" in loaded and "param_groups" in loaded:
+        if loaded["state"] and "common_step" not in loaded["state"]:
+            loaded["state"]["common_step"] = torch.tensor(0.0)
+        return
+    for part in ([loaded["optimizer"]] if isinstance(loaded.get("optimizer"), dict) else loaded.values()):
+        if isinstance(part, dict):
+            _zero_step_where_left_out(part)
+
+
 def _unshare_adam_steps(optimizer) -> None:
     """Give each parameter its own Adam step counter after a load.
 
@@ -443,6 +460,8 @@ def load_actor(actor, directory: str | Path) -> dict:
     state = _load(directory, request)
     # The optimizer first: loading its state may rewrite model params from its main params; the model's
     # own checkpointed weights are then the last word.
+    if not actor.layout.distributed_optimizer:
+        _zero_step_where_left_out(state["optimizer"])
     with _adam_steps_kept(actor.optimizer):
         actor.optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(actor.optimizer)

@@ -44,7 +44,8 @@ def _batch(groups: int = 3, n: int = 2, width: int = 14):
 
 
 def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None, grad_clip: float = 0.5,
-           load_weights: bool = True, optim_kwargs: dict | None = None, norm_len: int | None = None, **actor_kwargs):
+           load_weights: bool = True, optim_kwargs: dict | None = None, norm_len: int | None = None,
+           distributed_optimizer: bool = True, **actor_kwargs):
     import torch.distributed as dist
 
     from megatron_dapo.actor.actor import MegatronActor
@@ -52,8 +53,8 @@ def _actor(folder: Path, tp: int, pp: int, sp: bool, weights: Path | None = None
     from megatron_dapo.parallel.config import ParallelConfig
     from megatron_dapo.parallel.init import init_model_parallel
 
-    layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            sequence_parallel=sp).layout(dist.get_world_size())
+    layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
+                            use_distributed_optimizer=distributed_optimizer).layout(dist.get_world_size())
     init_model_parallel(layout, seed=1)
     optim = OptimConfig(**{"lr": 1e-3, "lr_warmup_steps": 2, "weight_decay": 0.1, "grad_clip": grad_clip,
                            "eps": ADAM_EPS, **(optim_kwargs or {})})
@@ -299,6 +300,42 @@ def check_checkpoint_saved_at_one_layout_loads_at_another(rank: int, world: int,
         assert "incomplete" in str(err)
     else:
         raise AssertionError("an incomplete checkpoint was loaded")
+
+
+def check_checkpoints_of_the_plain_optimizer_load_before_and_after_its_first_step(rank: int, world: int,
+                                                                                   workdir: Path) -> None:
+    """parallel.use_distributed_optimizer=false (torch's AdamW under megatron-core's FP32Optimizer): a checkpoint
+    saved before any step (megatron-core leaves a step count of 0 out of it) and one saved after a step load, and
+    the next step is the uninterrupted run's."""
+    from megatron_dapo.actor.batch import ActorBatch
+    from megatron_dapo.actor.checkpoint import load_actor, save_actor
+
+    folder = workdir / "qwen2"
+    tokens, lengths, mask, advantages = _batch(groups=4, n=2)
+    old_logp = hf_logprobs(folder, tokens, TEMPERATURE)
+
+    def batch():
+        return ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages, old_logp=old_logp)
+
+    def plain(**kwargs):
+        return _actor(folder, 1, 1, False, ppo_mini_batch_size=4, distributed_optimizer=False, **kwargs)
+
+    uninterrupted = plain()
+    save_actor(uninterrupted, workdir / "plain_step0")
+    steps = [uninterrupted.update(batch(), group_size=2)]
+    save_actor(uninterrupted, workdir / "plain_step1")
+    steps.append(uninterrupted.update(batch(), group_size=2))
+    after, _ = uninterrupted.compute_logprobs(batch())
+    for saved in (0, 1):
+        resumed = plain(load_weights=False)
+        assert load_actor(resumed, workdir / f"plain_step{saved}")["actor_steps"] == saved == resumed.steps
+        step = resumed.update(batch(), group_size=2)
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/lr"):
+            a, b = step[key], steps[saved][key]
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"resumed from step {saved}: {key} {a} != {b}"
+        if saved == 1:
+            diff = (resumed.compute_logprobs(batch())[0] - after).abs().max().item()
+            assert diff <= 1e-5, f"resumed from step 1: log-probs after a step differ by {diff}"
 
 
 def _fsynced_files(call) -> set[str]:
@@ -564,7 +601,9 @@ def check_local_spec_norms_follow_params_dtype_and_sequence_parallel(rank: int, 
 
 
 CHECKS = [check_logprobs_equal_transformers_at_every_layout, check_one_update_is_the_same_at_every_layout,
-          check_checkpoint_saved_at_one_layout_loads_at_another, check_a_damaged_checkpoint_is_named,
+          check_checkpoint_saved_at_one_layout_loads_at_another,
+          check_checkpoints_of_the_plain_optimizer_load_before_and_after_its_first_step,
+          check_a_damaged_checkpoint_is_named,
           check_converted_checkpoint_loads_at_tp2_pp2,
           check_offload_between_updates_changes_nothing, check_bad_input_on_one_rank_stops_every_rank,
           check_gradient_norm_is_measured_without_clipping, check_a_mini_batch_without_loss_tokens_moves_no_weight,
