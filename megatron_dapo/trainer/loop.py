@@ -595,7 +595,8 @@ class Trainer:
             with self.memory.actor_resident():
                 trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
             self._probe(trainer_probe, "at the start, where each engine loaded model.path itself and the trainer "
-                                       "built the actor from it,", trained=False)
+                                       "built the actor from it,",
+                        loaded=f"model.path's weights ({self.config.model.path})")
         if latest is not None and self.hf_copy and not self.config.trainer.val_only:
             checkpoints.complete_hf_copy(latest, self.hf_copy, wait_group=self.control.group)
         if not self.config.trainer.val_only:  # training goes on from self.step: later rows superseded
@@ -647,8 +648,11 @@ class Trainer:
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)
         self.memory.to_generation()
+        loaded = (f"model.megatron_checkpoint's weights ({self.config.model.megatron_checkpoint})" if latest is None
+                  else f"the weights of {latest} (to resume from an earlier checkpoint, move this one out of "
+                       f"{latest.parent})")
         self._probe(trainer_probe, "after the weight push at the start" if latest is None
-                    else f"after the weight push when resuming at step {self.step}")
+                    else f"after the weight push when resuming at step {self.step}", loaded=loaded)
         if latest is not None and self.rank0:
             print(f"resumed from {latest} at step {self.step}", flush=True)
             changes = config_changes(self._earlier_config, self.config) if self._earlier_config else []
@@ -661,16 +665,16 @@ class Trainer:
         return push_weights(self.actor, self.engine, version=version, bucket_mb=self.config.rollout.weight_bucket_mb,
                             replicas=self.placement.replicas)
 
-    def _probe(self, trainer_probe: torch.Tensor, when: str, trained: bool = True) -> ProbeDiff:
+    def _probe(self, trainer_probe: torch.Tensor, when: str, loaded: str | None = None) -> ProbeDiff:
         """Every engine's log-probs of the probe against the trainer's (`trainer_probe`, taken right after
         the push); a mean difference over the parity threshold stops the run before the engines generate.
-        Non-finite log-probs from the trainer itself stop it first, named as what they are: diverged weights
-        (`trained`; else model.path's weights), not a bad push."""
+        Non-finite log-probs from the trainer itself stop it first, named as what they are, not a bad push: the
+        weights the actor `loaded` as they were (their source named), or else weights that diverged in training."""
         if not torch.isfinite(trainer_probe).all():  # every rank has the same probe log-probs
-            if not trained:
+            if loaded is not None:
                 raise RuntimeError(
-                    f"{when} the trainer's own log-probs of the probe are not finite: model.path's weights hold NaN or "
-                    f"inf as the actor loaded them ({self.config.model.path}); nothing was trained or saved")
+                    f"{when} the trainer's own log-probs of the probe are not finite: {loaded} hold NaN or inf as the "
+                    "actor loaded them; nothing was trained or saved")
             raise RuntimeError(
                 f"{when} the trainer's own log-probs of the probe are not finite: its weights "
                 f"have diverged (NaN or inf), which is not a push problem; they are not saved, and the last complete "

@@ -569,7 +569,8 @@ def test_diverged_weights_stop_the_run_named_as_such(toy_run, tmp_path, mini_bat
 
 def test_a_model_path_holding_nan_stops_at_the_start_named_as_such(toy_run, tmp_path):
     """The probe at a fresh start: the actor's own log-probs are not finite, because model.path's weights are not
-    (a broken conversion, say); said so before anything generates, not as a training that diverged."""
+    (a broken conversion, say); said so before anything generates, not as a training that diverged. The same for
+    a start from a Megatron checkpoint of such weights (model.megatron_checkpoint), named as the source."""
     from safetensors.torch import load_file, save_file
 
     run_dir = tmp_path / "run"
@@ -583,11 +584,24 @@ def test_a_model_path_holding_nan_stops_at_the_start_named_as_such(toy_run, tmp_
     proc = subprocess.run(_toy_command(run_dir), cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert ("at the start, where each engine loaded model.path itself and the trainer built the actor from it, the "
-            "trainer's own log-probs of the probe are not finite: model.path's weights hold NaN or inf") in proc.stderr, \
-        proc.stderr[-4000:]
+    assert re.search(r"at the start, where each engine loaded model.path itself and the trainer built the actor from "
+                     r"it, the trainer's own log-probs of the probe are not finite: model.path's weights \(\S+base\) "
+                     r"hold NaN or inf", proc.stderr), proc.stderr[-4000:]
     assert "diverged" not in proc.stderr
     assert not (run_dir / "samples.jsonl").exists() or "train" not in (run_dir / "samples.jsonl").read_text()
+
+    # The same weights as the Megatron checkpoint the actor starts from (model.megatron_checkpoint): named as such.
+    from megatron_dapo.convert.hf_to_mcore import hf_to_mcore
+
+    hf_to_mcore(run_dir / "base", tmp_path / "mcore", progress=False)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    proc = subprocess.run([*_toy_command(run_dir), f"model.megatron_checkpoint={tmp_path / 'mcore'}"], cwd=tmp_path,
+                          env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (f"after the weight push at the start the trainer's own log-probs of the probe are not finite: "
+            f"model.megatron_checkpoint's weights ({tmp_path / 'mcore'}) hold NaN or inf") in proc.stderr, \
+        proc.stderr[-4000:]
+    assert "diverged" not in proc.stderr
 
 
 def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
