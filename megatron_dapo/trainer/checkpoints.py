@@ -40,8 +40,9 @@ class HFCopy:
 
 def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, hf: HFCopy | None = None,
          wait_group: dist.ProcessGroup | None = None, guard: Callable[[], None] | None = None) -> Path:
-    """Save step_N, then on rank 0 write its Hugging Face copy (when asked), delete the complete checkpoints
-    beyond the newest `keep_last` and what crashed saves left. An error on rank 0 stops every rank; the
+    """Save step_N, then on rank 0 delete the complete checkpoints beyond the newest `keep_last` and what crashed
+    saves left, and write step_N's Hugging Face copy (when asked): in that order, so that a copy that fails (a full
+    disk) has the space freed, and the next attempt's copy too. An error on rank 0 stops every rank; the
     checkpoint itself is complete by then.
 
     wait_group: a CPU (gloo) group whose timeout covers the conversion, for the other ranks to wait on rank 0
@@ -56,8 +57,6 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
         try:
             if guard is not None:
                 guard()
-            if hf is not None:
-                _write_hf_copy(path, hf)
             complete = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
                               if (m := _STEP.match(p.name)) and is_complete(p))
             for _, old in complete[:-keep_last]:
@@ -68,6 +67,8 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
             for stale in (run_dir / "checkpoints").glob("step_*"):
                 if _SAVED.match(stale.name) and stale.is_dir() and not is_complete(stale):
                     shutil.rmtree(stale, ignore_errors=True)
+            if hf is not None:
+                _write_hf_copy(path, hf)
         except Exception as err:
             failure = err
     # The other ranks wait here for rank 0; on its failure they stop with its message.
@@ -76,11 +77,18 @@ def save(run_dir: Path, step: int, actor, trainer_state: dict, keep_last: int, h
 
 
 def _write_hf_copy(path: Path, hf: HFCopy) -> None:
+    """`path`'s Hugging Face copy in path/hf; a failure says that the checkpoint is complete, and how to go on."""
     from megatron_dapo.convert.mcore_to_hf import mcore_to_hf
 
     start = time.perf_counter()
-    summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
-                          progress=False, tokenizer=hf.tokenizer)
+    try:
+        summary = mcore_to_hf(path, path / "hf", dtype=hf.dtype, hf_template=hf.template, overwrite=True,
+                              progress=False, tokenizer=hf.tokenizer)
+    except Exception as err:
+        raise RuntimeError(f"the Hugging Face copy of {path} failed ({type(err).__name__}: {err}); the checkpoint "
+                           "itself is complete. Start again once the cause is gone (a full disk, say): the copy is "
+                           "written then; or set checkpoint.save_hf=false to train on without copies, and write it "
+                           f"with `megatron-dapo convert mcore-to-hf --mcore {path} --out {path / 'hf'}`") from err
     print(f"wrote {path / 'hf'} ({summary['bytes'] / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)", flush=True)
 
 

@@ -28,3 +28,19 @@ def test_a_trainer_state_that_cannot_be_read_is_named(tmp_path):
         checkpoints.saved_trainer_state(step)
     (step / "COMPLETE.json").write_text(json.dumps({"trainer": {"step": 5, "data": {"epoch": 0}}}))
     assert checkpoints.saved_trainer_state(step) == {"step": 5, "data": {"epoch": 0}}
+
+
+def test_a_hugging_face_copy_that_fails_says_the_checkpoint_is_complete_and_how_to_go_on(tmp_path):
+    """The copy of a checkpoint whose shards cannot be converted (here: none): the error names the checkpoint, says
+    it is complete, and gives the two ways on (start again once the cause is gone, or train on without copies)."""
+    import torch
+
+    step = tmp_path / "checkpoints" / "step_000003"
+    step.mkdir(parents=True)
+    (step / "COMPLETE.json").write_text(json.dumps({"actor_steps": 3, "trainer": {"step": 3}}))
+    copy = checkpoints.HFCopy(dtype=torch.bfloat16, template=tmp_path / "base")
+    with pytest.raises(RuntimeError, match=rf"the Hugging Face copy of {step} failed \(\w+: .*\); the checkpoint "
+                                           r"itself is complete\. Start again once the cause is gone .* set "
+                                           r"checkpoint\.save_hf=false .* convert mcore-to-hf --mcore "):
+        checkpoints._write_hf_copy(step, copy)
+    assert not (step / "hf").exists()
