@@ -307,7 +307,7 @@ class Trainer:
             self.sinks.sync()
             self.samples.sync()
         started = time.perf_counter()
-        with self.memory.actor_resident():
+        with self.memory.actor_resident(make_room=True):
             checkpoints.save(self.run_dir, self.step, self.actor, self._state(), self.config.checkpoint.keep_last,
                              hf=hf, wait_group=self.control.group,
                              guard=(lambda: self.lock.check(look=True)) if self.lock else None)

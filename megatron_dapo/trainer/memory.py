@@ -10,9 +10,9 @@ A step walks the phases generation -> training -> push -> generation:
 - generation: with actor.offload the actor moves to host memory, and once every rank has done so
   the engine takes back its KV cache.
 
-A checkpoint needs the actor on the device in the generation phase too: `actor_resident` brings it
-back while the engine frees only its KV cache (so its weights, which SGLang does not keep through a
-release, need no push after).
+A checkpoint needs the actor on the device in the generation phase too, and room beside it: `actor_resident`
+brings it back while the engine frees only its KV cache (so its weights, which SGLang does not keep through a
+release, need no push after); for a save the KV cache is freed without offload too.
 
 Every rank calls each phase at the same point (there are barriers); a phase already reached is a no-op.
 A hand-off that fails on one rank (an engine that cannot take its memory back, a host out of memory for the
@@ -94,19 +94,25 @@ class ColocatedMemory:
         self.phase = "generation"
 
     @contextlib.contextmanager
-    def actor_resident(self, timer: Timer = _untimed):
-        """The actor on the device inside (to save a checkpoint) whatever the phase. In the generation phase
-        with offload the engine meanwhile frees its KV cache only: its weights keep their values."""
-        if not (self.colocated and self.offload and self.phase == "generation"):
+    def actor_resident(self, timer: Timer = _untimed, make_room: bool = False):
+        """The actor on the device inside whatever the phase. In the generation phase with offload the engine
+        meanwhile frees its KV cache only: its weights keep their values. make_room (a checkpoint's save): the
+        engine frees its KV cache in the generation phase without offload too, where the actor is on the device
+        already: megatron-core's save of the distributed optimizer gathers each state over the data-parallel
+        group on the device, a whole gradient buffer's worth in float32 at a time (4 GB per billion parameters
+        of a model-parallel rank), which the KV cache would leave no room for."""
+        if not (self.colocated and self.phase == "generation" and (self.offload or make_room)):
             yield
             return
         with timer("engine_memory"):
             _together(self.engine and (lambda: self.engine.release_memory(weights=False)))
-        with timer("actor_offload"):
-            _together(self.actor.reload)
+        if self.offload:
+            with timer("actor_offload"):
+                _together(self.actor.reload)
         yield
-        with timer("actor_offload"):
-            self._offload()
+        if self.offload:
+            with timer("actor_offload"):
+                self._offload()
         with timer("engine_memory"):
             _empty_cache()
             dist.barrier()

@@ -148,8 +148,10 @@ class _Recording:
 def check_the_memory_hand_offs_come_in_the_order_they_need(rank: int, world: int, workdir: Path) -> None:
     """With actor.offload the engine takes back its weights for the push while the actor is still on the device,
     and its KV cache only once the actor has left; a checkpoint in the generation phase frees the KV cache only
-    (SGLang would need a push after freeing its weights). Without offload the engine takes everything back for
-    the push. Rank 1 hosts no engine: its actor moves at the same points."""
+    (SGLang would need a push after freeing its weights), without offload too (the save's gathers need the room),
+    and the actor on the device for anything else (the probe at the start) needs no hand-off without offload.
+    Without offload the engine takes everything back for the push. Rank 1 hosts no engine: its actor moves at the
+    same points."""
     from megatron_dapo.trainer.memory import ColocatedMemory
 
     for offload in (True, False):
@@ -159,8 +161,10 @@ def check_the_memory_hand_offs_come_in_the_order_they_need(rank: int, world: int
         memory.engine = _Recording("engine", log) if rank == 0 else None
         memory.to_push()
         memory.to_generation()
-        with memory.actor_resident():
+        with memory.actor_resident(make_room=True):
             log.append(("checkpoint", "save", {}))
+        with memory.actor_resident():
+            log.append(("actor", "probe", {}))
         memory.to_training()
         engine = [
             ("engine", "release_memory", {}),
@@ -176,10 +180,13 @@ def check_the_memory_hand_offs_come_in_the_order_they_need(rank: int, world: int
                         ("actor", "offload", {}), engine[2],  # to_generation: the KV cache once the actor is gone
                         engine[3], ("actor", "reload", {}), ("checkpoint", "save", {}), ("actor", "offload", {}),
                         engine[4],
+                        engine[3], ("actor", "reload", {}), ("actor", "probe", {}), ("actor", "offload", {}),
+                        engine[4],
                         engine[5], ("actor", "reload", {})]
             assert memory.offloaded_bytes == 7
-        else:  # the actor stays; the checkpoint needs no hand-off (a second resume is the engine's no-op)
-            expected = [engine[0], engine[1], engine[2], ("checkpoint", "save", {}), engine[5]]
+        else:  # the actor stays: the save frees the KV cache, the probe needs no hand-off
+            expected = [engine[0], engine[1], engine[2], engine[3], ("checkpoint", "save", {}), engine[4],
+                        ("actor", "probe", {}), engine[5]]
         if rank != 0:
             expected = [call for call in expected if call[0] != "engine"]
         assert log == expected, (offload, log)
