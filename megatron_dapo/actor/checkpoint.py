@@ -119,6 +119,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
                   "distributed_optimizer": actor.layout.distributed_optimizer, **(extra or {}),
                   "hf_config": actor.hf_config}  # what `convert mcore-to-hf` rebuilds the model from
         try:
+            text = json.dumps(marker, indent=1)  # before any folder is touched: a value JSON cannot hold stops here
             if before_commit is not None:
                 before_commit()
             # An earlier attempt's, or the same step saved again: unmarked first, so that an rmtree cut short
@@ -129,7 +130,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
             partial.rename(directory)
             written = directory / (MARKER + ".partial")
             with open(written, "w") as f:  # on disk before it is named: a power cut leaves no empty marker
-                f.write(json.dumps(marker, indent=1))
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             written.rename(directory / MARKER)  # the last act: the folder is whole by now
@@ -137,7 +138,7 @@ def save_actor(actor, directory: str | Path, extra: dict | None = None,
             _sync_folder(directory.parent)
         except OSError as err:  # every rank stops on it, none waits for rank 0
             failure = CheckpointError(f"checkpoint {directory}: could not complete it from {partial}: {err}")
-        except Exception as err:  # before_commit's
+        except Exception as err:  # before_commit's, or the marker's
             failure = err
     stop_together(failure, CheckpointError)
     return directory
