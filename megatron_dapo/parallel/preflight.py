@@ -380,22 +380,47 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
         f"the logits' figure assumes the fused kernels (megatron_dapo._C, built where nvcc and a CUDA torch are); "
         f"without them the pure-torch log-prob's backward holds about five float32 copies of a micro-batch's "
         f"logits, {20 * tokens * vocab / tp / GB:.1f} GB more")
-    if layout.distributed_optimizer and layout.dp > 1:
-        # megatron-core's "fully_reshardable" save (what lets a checkpoint load at another layout) gathers the
-        # DP-sharded optimizer state of each rank's TP x PP shard in host memory, on every rank.
-        gathered = 12 * params
+    heavy = max(stages.values(), key=lambda part: part["params"])
+    resident = heavy["weights"] + heavy["grads"] + heavy["optimizer"]
+    saving = None
+    if layout.distributed_optimizer:
+        # megatron-core's "fully_reshardable" save (what lets a checkpoint load at another layout) gathers each of
+        # the three float32 states of a rank's TP x PP shard (master weights, two Adam moments) in turn from its
+        # data-parallel group: on the device (the received shards and the flat buffer torch gathers them into,
+        # 8 bytes per parameter, and the rank's own share sent), then into host memory, where the three gathered
+        # states (12 bytes per parameter) stay until written, beside a state's copy and concatenation in transit
+        # (8 more).
+        gathered = 20 * params
         report.lines.append(
             f"host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its "
             f"data-parallel group, {gathered / GB:.1f} GB per rank, {gathered * ranks_per_node / GB:.0f} GB per node"
             + (" (on top of actor.offload's copies)" if config.actor.offload else ""))
+        saving = (8 + 4 / layout.dp) * params
     if config.rollout.name == "sglang":  # an engine's GPUs may be any stage's: the larger actor state counts
-        heavy = max(stages.values(), key=lambda part: part["params"])
-        _check_sglang(config, arch, heavy["weights"] + heavy["grads"] + heavy["optimizer"], heavy["optimizer"] * 8 / 12,
+        _check_sglang(config, arch, resident, heavy["optimizer"] * 8 / 12,
                       heavy["grads"], gpu_memory_gb, report,
                       sharded_optimizer=layout.distributed_optimizer)  # more nodes: more DP to shard over
     engine = _embedded_engine_bytes(config, arch)
     colocated = config.rollout.mode == "colocated"
     offload = colocated and config.actor.offload
+    if saving is not None:  # the engine's KV cache is freed for a save, its weights stay (colocated)
+        beside = 0.0
+        if colocated and config.rollout.name == "sglang":
+            layer, embedding_all, output_all = parameter_counts(arch)
+            beside = 2 * (layer * arch.num_layers + embedding_all + output_all) / config.rollout.sglang.tp_size
+        elif colocated and engine:
+            beside = engine[0]
+        save_total = resident + saving + beside + OVERHEAD_GB * GB
+        report.lines.append(
+            f"GPU memory while a checkpoint is saved: the actor's weights, gradients and optimizer state "
+            f"{resident / GB:.1f} GB + a gathered optimizer state {saving / GB:.1f}"
+            + (f" + the rollout engine's weights {beside / GB:.1f} (its KV cache freed)" if beside else "")
+            + f" + overhead {OVERHEAD_GB:.0f} = {save_total / GB:.1f} GB of {gpu_memory_gb:g} GB")
+        if save_total > gpu_memory_gb * GB:
+            report.problems.append(
+                f"a checkpoint's save needs {save_total / GB:.1f} GB per GPU (megatron-core gathers each optimizer "
+                "state of a rank's shard on the device): raise parallel.tensor_model_parallel_size (within a node) "
+                "or parallel.pipeline_model_parallel_size, for fewer parameters per rank")
     if engine:
         weights_b, cache_b = engine
         host_name = next(iter(stages))  # rank 0, an engine's host, is in the first pipeline stage

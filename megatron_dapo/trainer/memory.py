@@ -47,11 +47,14 @@ class ColocatedMemory:
         """Bytes of weights and optimizer state the last offload copied to host memory."""
 
     def before_engine_start(self) -> None:
-        """With offload, the actor leaves the device on every rank before any engine starts: SGLang sizes
-        its KV cache from the memory free when it starts, for the whole run."""
-        if self.colocated and self.offload:
-            self._offload()
-            _empty_cache()  # the freed blocks go back to the device, where SGLang can see them
+        """SGLang sizes its KV cache from the memory free when it starts, for the whole run: with offload the
+        actor leaves the device on every rank first, and in any colocated run the blocks PyTorch keeps cached go
+        back to the device (megatron-core's DDP copies each weight into its buffer and frees the original: 2 bytes
+        per parameter of the rank's shard that SGLang would otherwise not see free)."""
+        if self.colocated:
+            if self.offload:
+                self._offload()
+            _empty_cache()
             dist.barrier()
 
     def to_training(self, timer: Timer = _untimed) -> None:

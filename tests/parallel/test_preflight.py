@@ -134,10 +134,23 @@ def test_paper_recipe_on_16_nodes_fits_with_the_estimate_shown():
     assert "layout: TP8+SP x PP1 x DP16 = 128 ranks" in text
     assert "model: Qwen2ForCausalLM, 32.76B parameters" in text
     assert re.search(r"optimizer 3\.1 \(sharded over DP 16\).* = 36\.2 GB of 80 GB", text), text
-    # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 12 bytes (fp32 master weights and Adam
-    # moments), x 8 ranks a node
+    # 32.76B / TP8 parameters (the vocabulary padded to 152576) x 20 bytes (fp32 master weights and Adam moments
+    # gathered, 12, and one of them in transit twice, 8), x 8 ranks a node
     assert "host memory while a checkpoint is saved: each rank gathers its shard's optimizer state from its " \
-           "data-parallel group, 49.2 GB per rank, 393 GB per node" in text, text
+           "data-parallel group, 81.9 GB per rank, 655 GB per node" in text, text
+    # The save's gathers on the device (8 + 4 / 16 bytes a parameter) beside the actor and SGLang's weights.
+    assert ("GPU memory while a checkpoint is saved: the actor's weights, gradients and optimizer state 27.6 GB + a "
+            "gathered optimizer state 33.8 + the rollout engine's weights 8.2 (its KV cache freed) + overhead 4 = "
+            "73.6 GB of 80 GB") in text, text
+
+
+def test_a_layout_whose_checkpoint_save_does_not_fit_is_refused():
+    """At TP4 the 32B recipe trains and generates in 80 GB, but a save's gathers of 8 bytes per parameter of the
+    rank's shard do not fit beside the actor and SGLang's weights."""
+    report = _check("dapo-qwen2.5-32b", 16, 8, "parallel.tensor_model_parallel_size=4")
+    assert not report.fits
+    assert any(p.startswith("a checkpoint's save needs 131.0 GB per GPU") and "tensor_model_parallel_size" in p
+               for p in report.problems), report.problems
 
 
 def test_too_few_nodes_for_the_optimizer_state_says_what_to_change():
