@@ -44,6 +44,9 @@ from megatron_dapo.models.arch import ModelArch, ModelError, read_json_object
 
 GB = 1e9
 OVERHEAD_GB = 4.0
+PEER_CONTEXT_GB = 0.5
+"""A CUDA context that each SGLang TP worker but the first holds on the node's first GPU once it has read a
+colocated weight bucket there (docs/rollout.md): after SGLang sized itself, so not in its share."""
 
 
 @dataclass
@@ -298,8 +301,12 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
             "rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
     if not colocated:
         return
+    peers = PEER_CONTEXT_GB * GB * (sglang.tp_size - 1)  # on the node's first GPU, whose figures these are
+    if peers:
+        report.lines.append(f"the other {sglang.tp_size - 1} SGLang TP workers' CUDA contexts on the node's first GPU "
+                            f"(they read each weight bucket there): {peers / GB:.1f} GB, counted below")
     if offload:
-        push = actor_resident + weights + OVERHEAD_GB * GB
+        push = actor_resident + weights + OVERHEAD_GB * GB + peers
         report.lines.append(
             f"actor.offload: while SGLang generates, the actor's weights and optimizer state wait in host memory "
             f"({(actor_resident - actor_grads) / GB:.1f} GB per GPU; its gradients are dropped); during the push the "
@@ -311,11 +318,11 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
                                             "parallelism)" if sharded_optimizer else
                                             ", or set parallel.use_distributed_optimizer=true"))
         return
-    total = actor_resident + share + OVERHEAD_GB * GB
+    total = actor_resident + share + OVERHEAD_GB * GB + peers
     report.lines.append(f"while SGLang generates, its GPUs also hold the actor's weights, gradients and optimizer "
                         f"state ({actor_resident / GB:.1f} GB): {total / GB:.1f} GB of {gpu_memory_gb:g} GB")
     if total > memory:
-        fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB) / free) / 100
+        fit = math.floor(100 * (memory - actor_resident - OVERHEAD_GB * GB - peers) / free) / 100
         report.problems.append(
             f"colocated SGLang needs {total / GB:.1f} GB per GPU while it generates: "
             + (f"set actor.offload=true, or lower rollout.sglang.mem_fraction_static to {fit:.2f} or less" if fit >= 0.2
