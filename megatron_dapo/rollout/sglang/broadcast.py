@@ -106,6 +106,18 @@ class BroadcastSender:
             raise
         self.group = joining.result(timeout=self.timeout_s)
 
+    def close(self) -> None:
+        """The group taken down on both sides, SGLang's workers first (before the engine shuts down: a communicator
+        left to the end of the process would be torn down after its peers are gone). Nothing when none was formed."""
+        if self.group is None:
+            return
+        group, self.group = self.group, None
+        try:
+            expect_success(self.engine.destroy_weights_update_group(group_name=GROUP_NAME),
+                           "destroy_weights_update_group")
+        finally:
+            dist.destroy_process_group(group)
+
     def send(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Broadcast one bucket; returns when the engine has loaded it."""
         bucket = flatten(named_tensors)

@@ -267,8 +267,12 @@ class SGLangEngine(RolloutEngine):
         return self._version
 
     def close(self) -> None:
-        """Stop SGLang's processes."""
-        self.engine.shutdown()
+        """Stop SGLang's processes (the weight broadcast's group taken down first)."""
+        try:
+            if self._sender is not None:
+                self._sender.close()
+        finally:
+            self.engine.shutdown()
 
 
 def _generate(engine, what: str, **kwargs) -> list[dict]:

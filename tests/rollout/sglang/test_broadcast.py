@@ -54,6 +54,8 @@ def _sglang_worker(tp_rank: int, requests, replies) -> None:
             return
         if method == "init_weights_update_group":
             replies.put(updater.init_weights_update_group(**kwargs))
+        elif method == "destroy_weights_update_group":
+            replies.put(updater.destroy_weights_update_group(**kwargs))
         elif method == "update_weights_from_distributed":  # what SGLang's scheduler does with the request
             try:
                 weights = updater.receive_weights_from_distributed(
@@ -105,6 +107,13 @@ class _RelayEngine:
     def flush_cache(self, **kwargs):
         return self._call("flush_cache", **kwargs)
 
+    def destroy_weights_update_group(self, **kwargs):
+        return self._call("destroy_weights_update_group", **kwargs)
+
+    def shutdown(self):
+        inspect.signature(self.engine_class.shutdown).bind(self)
+        self.calls.append("shutdown")
+
     def received(self) -> list[list[list[tuple[str, torch.Tensor]]]]:
         """Per worker, the buckets it received."""
         for queue in self.requests:
@@ -148,6 +157,11 @@ def test_broadcast_push_arrives_in_every_sglang_worker():
                            "update_weights_from_distributed", "end_weight_update", "flush_cache",
                            "begin_weight_update", "update_weights_from_distributed", "end_weight_update",
                            "flush_cache"]
+    # Closing takes the group down on SGLang's side (its workers say it existed), then on the trainer's, then stops
+    # the engine.
+    engine.close()
+    assert relay.calls[-2:] == ["destroy_weights_update_group", "shutdown"]
+    assert engine._sender.group is None
     for worker_buckets in relay.received():
         assert len(worker_buckets) == 3
         for got, want in zip(worker_buckets, [*sent, sent[1]]):
