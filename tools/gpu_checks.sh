@@ -72,9 +72,10 @@ for name, consequence in CONSEQUENCE.items():
         traceback.print_exc()
         print(f"!! {name} does not import (imports.log): {consequence}")
 EOF
+[ $? -eq 0 ] || echo "!! the package probe itself failed (imports.log): the steps may fail" >>"$work/device.txt"
 cat "$work/device.txt"
-megatron=yes  # by the probe's own line: a warning printed beside the version must not hide it
-grep -q '^!! megatron.core does not import' "$work/device.txt" && megatron=no
+megatron=no  # by the probe's line naming its version: a probe that died prints none
+grep -q '^megatron.core [0-9]' "$work/device.txt" && megatron=yes
 
 built=yes  # until the build step says otherwise
 if [[ " $steps " != *" build "* ]]; then  # an earlier command's build, if this machine still has it

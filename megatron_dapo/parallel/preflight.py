@@ -411,17 +411,21 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
     colocated = config.rollout.mode == "colocated"
     offload = colocated and config.actor.offload
     if saving is not None:  # the engine's KV cache is freed for a save, its weights stay (colocated)
-        beside = 0.0
-        if colocated and config.rollout.name == "sglang":
+        beside, what = 0.0, ""
+        if colocated and config.rollout.name == "sglang":  # its weights, and its other workers' contexts
             layer, embedding_all, output_all = parameter_counts(arch)
-            beside = 2 * (layer * arch.num_layers + embedding_all + output_all) / config.rollout.sglang.tp_size
-        elif colocated and engine:
-            beside = engine[0]
+            sglang = config.rollout.sglang
+            beside = (2 * (layer * arch.num_layers + embedding_all + output_all) / sglang.tp_size
+                      + PEER_CONTEXT_GB * GB * (sglang.tp_size - 1))
+            what = "the rollout engine's weights (its KV cache freed) and its workers' contexts"
+        elif engine:  # the embedded engine on its host's GPU: colocated, it frees its KV cache for the save
+            beside = engine[0] if colocated else engine[0] + engine[1]
+            what = "the rollout engine's weights" + (" (its KV cache freed)" if colocated else " and KV cache")
         save_total = resident + saving + beside + OVERHEAD_GB * GB
         report.lines.append(
             f"GPU memory while a checkpoint is saved: the actor's weights, gradients and optimizer state "
             f"{resident / GB:.1f} GB + a gathered optimizer state {saving / GB:.1f}"
-            + (f" + the rollout engine's weights {beside / GB:.1f} (its KV cache freed)" if beside else "")
+            + (f" + {what} {beside / GB:.1f}" if beside else "")
             + f" + overhead {OVERHEAD_GB:.0f} = {save_total / GB:.1f} GB of {gpu_memory_gb:g} GB")
         if save_total > gpu_memory_gb * GB:
             report.problems.append(

@@ -14,8 +14,8 @@ class FilterGroupsConfig:
     """The figure whose variance decides, named as in verl: acc; score (the task's, before overlong shaping);
     seq_reward or seq_final_reward (after it); or a task's own such as profit_loss."""
     max_num_gen_batches: int = 10
-    """Generation batches allowed per step; 0 means no limit. A stop request (Slurm's time-limit warning, a STOP
-    file) ends a step's generation batches either way: the step trains on the groups kept so far."""
+    """Generation batches allowed per step; 0 means no limit. A stop request (a STOP file, as Slurm's time-limit
+    warning writes it, or a signal to rank 0) ends a step's generation batches either way: the step trains on the groups kept so far."""
     on_exhausted: Literal["error", "train"] = "train"
     """After max_num_gen_batches: stop with an error, or train on the groups kept so far."""
 

@@ -102,8 +102,9 @@ class ColocatedMemory:
         meanwhile frees its KV cache only: its weights keep their values. make_room (a checkpoint's save): the
         engine frees its KV cache in the generation phase without offload too, where the actor is on the device
         already: megatron-core's save of the distributed optimizer gathers each state over the data-parallel
-        group on the device, a whole gradient buffer's worth in float32 at a time (4 GB per billion parameters
-        of a model-parallel rank), which the KV cache would leave no room for."""
+        group on the device, a whole gradient buffer's worth in float32 at a time (8 bytes per parameter of the
+        rank's shard: the shards received and the flat buffer they are gathered into), which the KV cache would
+        leave no room for."""
         if not (self.colocated and self.phase == "generation" and (self.offload or make_room)):
             yield
             return

@@ -322,10 +322,12 @@ def check_checkpoints_of_the_plain_optimizer_load_before_and_after_its_first_ste
 
     uninterrupted = plain()
     save_actor(uninterrupted, workdir / "plain_step0")
-    steps = [uninterrupted.update(batch(), group_size=2)]
-    save_actor(uninterrupted, workdir / "plain_step1")
-    steps.append(uninterrupted.update(batch(), group_size=2))
-    after, _ = uninterrupted.compute_logprobs(batch())
+    steps, after = [], []
+    for saved in (0, 1):
+        steps.append(uninterrupted.update(batch(), group_size=2))
+        after.append(uninterrupted.compute_logprobs(batch())[0])  # the weights after it: Adam's step count counts
+        if saved == 0:
+            save_actor(uninterrupted, workdir / "plain_step1")
     for saved in (0, 1):
         resumed = plain(load_weights=False)
         assert load_actor(resumed, workdir / f"plain_step{saved}")["actor_steps"] == saved == resumed.steps
@@ -333,9 +335,8 @@ def check_checkpoints_of_the_plain_optimizer_load_before_and_after_its_first_ste
         for key in ("actor/pg_loss", "actor/grad_norm", "actor/lr"):
             a, b = step[key], steps[saved][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"resumed from step {saved}: {key} {a} != {b}"
-        if saved == 1:
-            diff = (resumed.compute_logprobs(batch())[0] - after).abs().max().item()
-            assert diff <= 1e-5, f"resumed from step 1: log-probs after a step differ by {diff}"
+        diff = (resumed.compute_logprobs(batch())[0] - after[saved]).abs().max().item()
+        assert diff <= 1e-5, f"resumed from step {saved}: log-probs after a step differ by {diff}"
 
 
 def _fsynced_files(call) -> set[str]:

@@ -112,11 +112,15 @@ class BroadcastSender:
         if self.group is None:
             return
         group, self.group = self.group, None
+        # Both sides at once, as the group was formed and each bucket is sent (the trainer's end in the background,
+        # the engine's call here, on its event loop's thread): NCCL's teardown of a communicator may wait for every
+        # member, so neither side may wait for the other's first.
+        leaving = _InBackground("taking the group down", dist.destroy_process_group, group)
         try:
             expect_success(self.engine.destroy_weights_update_group(group_name=GROUP_NAME),
                            "destroy_weights_update_group")
         finally:
-            dist.destroy_process_group(group)
+            leaving.result(timeout=self.timeout_s)
 
     def send(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Broadcast one bucket; returns when the engine has loaded it."""
