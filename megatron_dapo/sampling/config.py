@@ -15,7 +15,8 @@ class FilterGroupsConfig:
     seq_reward or seq_final_reward (after it); or a task's own such as profit_loss."""
     max_num_gen_batches: int = 10
     """Generation batches allowed per step; 0 means no limit. A stop request (a STOP file, as Slurm's time-limit
-    warning writes it, or a signal to rank 0) ends a step's generation batches either way: the step trains on the groups kept so far."""
+    warning writes it, or a signal to rank 0) ends a step's generation batches either way: the step trains on the
+    groups kept so far."""
     on_exhausted: Literal["error", "train"] = "train"
     """After max_num_gen_batches: stop with an error, or train on the groups kept so far."""
 

@@ -107,8 +107,8 @@ class BroadcastSender:
         self.group = joining.result(timeout=self.timeout_s)
 
     def close(self) -> None:
-        """The group taken down on both sides, SGLang's workers first (before the engine shuts down: a communicator
-        left to the end of the process would be torn down after its peers are gone). Nothing when none was formed."""
+        """The group taken down on both sides, before the engine shuts down (a communicator left to the end of the
+        process would be torn down after its peers are gone). Nothing when none was formed."""
         if self.group is None:
             return
         group, self.group = self.group, None
