@@ -267,6 +267,13 @@ def _embedded_engine_bytes(config: DAPOConfig, arch: ModelArch) -> tuple[float, 
     return weights, cache
 
 
+def _sglang_on_first_gpu(arch: ModelArch, sglang) -> tuple[float, float]:
+    """(bf16 weights, the other TP workers' CUDA contexts) of a colocated SGLang engine on its node's first GPU."""
+    layer, embedding, output = parameter_counts(arch)
+    return (2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size,
+            PEER_CONTEXT_GB * GB * (sglang.tp_size - 1))
+
+
 def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, adam_moments: float,
                   actor_grads: float, gpu_memory_gb: float, report: Report, sharded_optimizer: bool = True) -> None:
     """The SGLang engine's share of its GPUs: its weights with room for a KV cache, and (colocated) next to the actor.
@@ -279,8 +286,7 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
     mode, sglang = config.rollout.mode, config.rollout.sglang
     colocated = mode == "colocated"
     offload = colocated and config.actor.offload
-    layer, embedding, output = parameter_counts(arch)
-    weights = 2 * (layer * arch.num_layers + embedding + output) / sglang.tp_size
+    weights, peers = _sglang_on_first_gpu(arch, sglang)
     memory = gpu_memory_gb * GB
     free = memory - OVERHEAD_GB * GB - (actor_resident - adam_moments if colocated and not offload else 0.0)
     if free <= 0:  # colocated: the actor's weights and gradients alone fill the GPU before SGLang starts
@@ -301,8 +307,7 @@ def _check_sglang(config: DAPOConfig, arch: ModelArch, actor_resident: float, ad
             "rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
     if not colocated:
         return
-    peers = PEER_CONTEXT_GB * GB * (sglang.tp_size - 1)  # on the node's first GPU, whose figures these are
-    if peers:
+    if peers:  # on the node's first GPU, whose figures these are
         report.lines.append(f"the other {sglang.tp_size - 1} SGLang TP workers' CUDA contexts on the node's first GPU "
                             f"(they read each weight bucket there): {peers / GB:.1f} GB, counted below")
     if offload:
@@ -413,10 +418,7 @@ def _check_memory(config: DAPOConfig, arch: ModelArch, layout, gpu_memory_gb: fl
     if saving is not None:  # the engine's KV cache is freed for a save, its weights stay (colocated)
         beside, what = 0.0, ""
         if colocated and config.rollout.name == "sglang":  # its weights, and its other workers' contexts
-            layer, embedding_all, output_all = parameter_counts(arch)
-            sglang = config.rollout.sglang
-            beside = (2 * (layer * arch.num_layers + embedding_all + output_all) / sglang.tp_size
-                      + PEER_CONTEXT_GB * GB * (sglang.tp_size - 1))
+            beside = sum(_sglang_on_first_gpu(arch, config.rollout.sglang))
             what = "the rollout engine's weights (its KV cache freed) and its workers' contexts"
         elif engine:  # the embedded engine on its host's GPU: colocated, it frees its KV cache for the save
             beside = engine[0] if colocated else engine[0] + engine[1]
