@@ -158,6 +158,8 @@ class ProbeDiff(NamedTuple):
     mean: float
     """The mean difference over the tokens (what rollout.parity_threshold bounds: one token's bf16 rounding can
     move its log-prob by ~0.1 while a wrong tensor moves all of them)."""
+    rank: int = -1
+    """The global rank that hosts that engine (-1 when no rank has one)."""
 
 
 def probe_parity(actor, engine, probe: torch.Tensor) -> ProbeDiff:
@@ -185,9 +187,11 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> Pro
     """|engine log-prob - `trainer`| over the probe sequences [B, S], largest and mean, for the rank's engine
     (None where a rank has none); all ranks get the worst engine's. NaN from an engine counts as infinitely far
     off; an engine that cannot score the probe at all stops every rank with its error."""
-    diff = torch.zeros(2, dtype=torch.float64, device=default_device())
+    diff = torch.zeros(3, dtype=torch.float64, device=default_device())  # max, mean, the engine's rank
+    diff[2] = -1
     failure = None
     if engine is not None:
+        diff[2] = dist.get_rank() if dist.is_initialized() else 0
         try:
             scored = engine.score(probe.tolist(), PROBE_TEMPERATURE)
             shapes = [tuple(s.shape) for s in scored]
@@ -200,10 +204,10 @@ def engine_probe_diff(engine, probe: torch.Tensor, trainer: torch.Tensor) -> Pro
             failure = RolloutError(f"the rollout engine could not score the weight-parity probe: "
                                    f"{type(err).__name__}: {err}")
             failure.__cause__ = err
-        diff[~torch.isfinite(diff)] = float("inf")  # NaN compares false with any threshold
+        diff[:2][~torch.isfinite(diff[:2])] = float("inf")  # NaN compares false with any threshold
     stop_together(failure, RolloutError)
     if dist.get_world_size() > 1:  # both figures of one engine, the one whose mean is largest
         rows = [torch.empty_like(diff) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, diff)
-        diff = max(rows, key=lambda row: (float(row[1]), float(row[0])))
-    return ProbeDiff(max=float(diff[0]), mean=float(diff[1]))
+        diff = max(rows, key=lambda row: (float(row[1]), float(row[0]), float(row[2]) >= 0))
+    return ProbeDiff(max=float(diff[0]), mean=float(diff[1]), rank=int(diff[2]))

@@ -389,7 +389,7 @@ class Trainer:
             self.memory.to_generation(timer)  # the engine is whole again; the probe needs its KV cache
             with timer("reshard"):
                 probe = self._probe(trainer_probe, f"after the weight push of step {self.step + 1}")
-                metrics["rollout/probe_logp_max_diff"], metrics["rollout/probe_logp_mean_diff"] = probe
+                metrics["rollout/probe_logp_max_diff"], metrics["rollout/probe_logp_mean_diff"] = probe.max, probe.mean
             if cfg.actor.offload:
                 metrics["actor/offloaded_gb"] = self.memory.offloaded_bytes / 1e9
             tokens = int(batch.lengths.sum())
@@ -682,8 +682,12 @@ class Trainer:
         threshold = self.parity_threshold
         diff = engine_probe_diff(self.engine, self.probe, trainer_probe)
         if not diff.mean <= threshold:
+            which = (f"rollout engine {self.placement.hosts.index(diff.rank)} of {len(self.placement.hosts)} "
+                     f"(rank {diff.rank}, weights from data-parallel replica "
+                     f"{self.placement.replicas[self.placement.hosts.index(diff.rank)]})"
+                     if diff.rank in self.placement.hosts else "a rollout engine")
             raise RuntimeError(
-                f"{when} a rollout engine's log-probs of the probe differ from the trainer's "
+                f"{when} {which}: its log-probs of the probe differ from the trainer's "
                 f"by {diff.mean:.3g} on average, {diff.max:.3g} at most (> rollout.parity_threshold={threshold:g}): "
                 "the engine is not running the trainer's weights; stopping before it generates from them")
         return diff

@@ -179,12 +179,13 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
             trainer[:, 1:] += 0.1
         worst = engine_probe_diff(engine, probe, trainer)
         assert abs(worst.max - 0.1) < 1e-4 and abs(worst.mean - 0.1) < 1e-4, worst
+        assert worst.rank == placement.hosts[1], worst  # the engine that differs is named by its rank
         # NaN at engine 1 is infinitely far off, on every rank, though engine 0 is close (NaN compares false).
         trainer = trainer_probe_logprobs(actor, probe).clone()
         if rank == placement.hosts[1]:
             trainer[1, 3] = float("nan")
         worst = engine_probe_diff(engine, probe, trainer)
-        assert worst.max == worst.mean == float("inf"), worst
+        assert worst.max == worst.mean == float("inf") and worst.rank == placement.hosts[1], worst
         # An engine that cannot score the probe (here a token past its vocabulary) stops every rank with its error.
         bad = probe.clone()
         if rank == placement.hosts[1]:

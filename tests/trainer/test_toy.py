@@ -607,8 +607,8 @@ def test_a_model_path_holding_nan_stops_at_the_start_named_as_such(toy_run, tmp_
 def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     """A bf16 engine behind the float32 trainer: the probe's log-probs differ by bf16 rounding (~0.03 on average
     here). The default threshold for mixed precision lets the run train and logs the difference; the float32
-    default, given explicitly, stops it with both figures named and nothing generated or saved, at the start: the
-    engine loaded model.path itself, and is checked before its first generation as after every push."""
+    default, given explicitly, stops it with both figures and the engine named and nothing generated or saved, at the
+    start: the engine loaded model.path itself, and is checked before its first generation as after every push."""
     from megatron_dapo.rollout.config import PARITY_FLOAT32, PARITY_HALF
 
     runs = {}
@@ -631,7 +631,8 @@ def test_probe_threshold_follows_precision_and_stops_the_run(toy_run, tmp_path):
     run_dir, proc = runs["float32"]
     assert proc.returncode != 0
     assert re.search(r"at the start, where each engine loaded model.path itself and the trainer built the actor from "
-                     r"it, a rollout engine's log-probs of the probe differ from the trainer's by [0-9.e-]+ on average, "
+                     r"it, rollout engine 0 of 1 \(rank 0, weights from data-parallel replica 0\): its log-probs of the probe "
+                     r"differ from the trainer's by [0-9.e-]+ on average, "
                      r"[0-9.e-]+ at most \(> rollout.parity_threshold=0.001\): the engine is not running the trainer's "
                      r"weights", proc.stderr), proc.stderr[-4000:]
     assert not (run_dir / "samples.jsonl").exists() or "train" not in (run_dir / "samples.jsonl").read_text()
