@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(kThreads) dapo_loss_final_kernel(const double*
   __shared__ float shared_max[kThreads];
   reduce_in_block(sums, ratio_max, shared, shared_max);
   if (threadIdx.x == 0) {
-    const double denominator = fmax(static_cast<double>(global_tokens[0]), 1.0);
+    const double count = static_cast<double>(global_tokens[0]);
+    const double denominator = isnan(count) ? count : fmax(count, 1.0);  // torch's clamp keeps a NaN
     out[0] = static_cast<float>(shared[0][0] / denominator);
     for (int k = 1; k < kSums; ++k) {
       out[k] = static_cast<float>(shared[k][0]);
@@ -165,7 +166,7 @@ __global__ void dapo_loss_backward_kernel(const float* __restrict__ grad_out, co
                                           const float* __restrict__ mask, const float* __restrict__ weight, int64_t n,
                                           LossParams params, const float* __restrict__ global_tokens,
                                           float* __restrict__ grad_logp) {
-  const float scale = grad_out[0] / fmaxf(global_tokens[0], 1.f);
+  const float scale = grad_out[0] / max_keep_nan(global_tokens[0], 1.f);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const TokenResult t = token_loss(logp[i], old_logp[i], advantages[i], mask[i], weight_at(weight, i), params);
     grad_logp[i] = t.dloss_dlogp * scale;

@@ -297,3 +297,16 @@ def test_dapo_loss_nan_log_prob(kernels):
     out = _twice(kernels.dapo_loss_forward, *args)
     assert out[0].isnan() and out[7].isnan()  # the loss and the largest ratio
     torch.testing.assert_close(out, loss_ops.reference_forward(*args), equal_nan=True)
+
+
+def test_dapo_loss_nan_token_count(kernels):
+    """A NaN global token count makes the loss and its gradient NaN, as the reference's clamp does (fmax would
+    take 1 in its place and hide it)."""
+    logp, old_logp, advantages, mask, _ = _loss_inputs(50, "ones", seed=6)
+    args = (logp, old_logp, advantages, mask, None, 0.2, 0.28, CLIP_C, torch.tensor(float("nan")))
+    out = _twice(kernels.dapo_loss_forward, *args)
+    assert out[0].isnan() and not out[1:].isnan().any()  # only the loss is divided by the count
+    torch.testing.assert_close(out, loss_ops.reference_forward(*args), equal_nan=True)
+    grad = _twice(kernels.dapo_loss_backward, torch.tensor(1.0), *args)
+    assert grad.isnan().all()
+    torch.testing.assert_close(grad, loss_ops.reference_backward(torch.tensor(1.0), *args), equal_nan=True)
