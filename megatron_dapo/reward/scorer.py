@@ -2,9 +2,10 @@
 one sample.
 
 `RewardScorer` runs the functions in a persistent pool of spawned processes: a function that raises,
-returns something that is not a finite number, kills its process, or takes longer than `timeout_s` on
-a sample gets that sample a failed result (score FAILED_SCORE, acc 0, failed=True, a reason), which is
-counted; the worker is killed and replaced when needed, and the batch goes on.
+returns something that is not a finite number, kills its process, takes longer than `timeout_s` on
+a sample, or grows its process past `max_rss_gb` while scoring one gets that sample a failed result (score
+FAILED_SCORE, acc 0, failed=True, a reason), which is counted; the worker is killed and replaced when needed,
+and the batch goes on.
 
 Workers are spawned, not forked: the trainer holds CUDA contexts and threads, which a fork would copy
 half-way. A spawned worker imports the parent's `__main__` module once, so a pool is started once
@@ -47,7 +48,10 @@ class RewardScorer:
     def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0,
                  functions: dict[str, str] | None = None, max_rss_gb: float | None = None):
         """max_rss_gb: a worker whose resident memory has grown past this is replaced after its sample (a reward
-        function that caches or leaks would otherwise grow for the whole run); None: never."""
+        function that caches or leaks would otherwise grow for the whole run); one that passes it while scoring a
+        sample it started below the limit is killed then, and the sample fails as `memory` (a function allocating
+        without bound would otherwise take the host's memory before its timeout, and the kernel's OOM killer
+        picks the largest process: the trainer). Checked every MEMORY_POLL_S. None: never."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
@@ -55,7 +59,7 @@ class RewardScorer:
         self.timeout_s = timeout_s
         self.max_rss_bytes = None if max_rss_gb is None else max_rss_gb * 1e9
         self.replaced_for_memory = 0
-        """Workers replaced so far because they outgrew max_rss_gb."""
+        """Workers replaced so far because they outgrew max_rss_gb (between samples or while scoring one)."""
         self.startup_timeout_s = startup_timeout_s
         self.functions = dict(functions or {})
         self.sources = load_reward_functions(self.functions)  # the workers run the files' code as read here
@@ -131,16 +135,18 @@ class RewardScorer:
                     except Exception as err:
                         fail(index, "error", f"sample cannot be sent to a worker: {type(err).__name__}: {err}")
                         continue
-                    if not worker.submit(index, payload, time.monotonic() + self.timeout_s):
+                    if not worker.submit(index, payload, time.monotonic() + self.timeout_s, self._over_limit(worker)):
                         queue.appendleft(index)             # the worker was dead before it got the sample
                         self._replace(slot)
-            # 2. wait for a result, a ready message, or the next deadline
+            # 2. wait for a result, a ready message, the next deadline, or the next look at the workers' memory
             waiting = {w.conn: slot for slot, w in enumerate(self._workers) if not w.ready or w.index is not None}
             if not waiting:                                 # only unsendable samples were left
                 continue
             now = time.monotonic()
-            next_deadline = min(self._workers[slot].deadline for slot in waiting.values())
-            for conn in multiprocessing.connection.wait(list(waiting), timeout=max(0.0, next_deadline - now)):
+            wait_s = max(0.0, min(self._workers[slot].deadline for slot in waiting.values()) - now)
+            if self.max_rss_bytes is not None:
+                wait_s = min(wait_s, MEMORY_POLL_S)
+            for conn in multiprocessing.connection.wait(list(waiting), timeout=wait_s):
                 slot = waiting[conn]
                 worker = self._workers[slot]
                 try:
@@ -180,11 +186,16 @@ class RewardScorer:
                         done[samples[index].data_source] += 1
                         scored[samples[index].data_source] += 1
                 self._replace_if_grown(slot)
-            # 3. kill workers past their deadline
+            # 3. kill workers past their deadline, or grown past the memory limit in their sample
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
                 if worker.index is not None and now >= worker.deadline:
                     fail(worker.index, "timeout", f"no result after {self.timeout_s} s (worker killed)")
+                    self._replace(slot)
+                elif worker.index is not None and not worker.over_at_start and (rss := self._over_limit(worker)):
+                    fail(worker.index, "memory", f"the worker held {rss / 1e9:.2f} GB while scoring it "
+                                                 f"(> reward.worker_max_rss_gb={self.max_rss_bytes / 1e9:g}; killed)")
+                    self.replaced_for_memory += 1
                     self._replace(slot)
                 elif not worker.ready and now >= worker.deadline:
                     raise RuntimeError(f"reward worker {worker.process.pid} did not start within "
@@ -225,12 +236,16 @@ class RewardScorer:
                          - {None, "__main__"})
         return _Worker(self._ctx, self.startup_timeout_s, self.functions, self.sources, modules)
 
+    def _over_limit(self, worker: _Worker) -> int | None:
+        """The worker's resident bytes when they are more than max_rss_gb; None otherwise (or no limit)."""
+        if self.max_rss_bytes is None:
+            return None
+        rss = _resident_bytes(worker.process.pid)
+        return rss if rss is not None and rss > self.max_rss_bytes else None
+
     def _replace_if_grown(self, slot: int) -> None:
         """Replace the idle worker in `slot` when it holds more than max_rss_gb (between samples: nothing is lost)."""
-        if self.max_rss_bytes is None:
-            return
-        rss = _resident_bytes(self._workers[slot].process.pid)
-        if rss is not None and rss > self.max_rss_bytes:
+        if rss := self._over_limit(self._workers[slot]):
             logger.warning("reward worker %d holds %.2f GB (> reward.worker_max_rss_gb=%g): replaced by a fresh one",
                            self._workers[slot].process.pid, rss / 1e9, self.max_rss_bytes / 1e9)
             self.replaced_for_memory += 1
@@ -246,7 +261,9 @@ def compute_rewards(samples: Iterable[RewardSample | tuple], *, timeout_s: float
 
 class _Worker:
     """One worker process and the parent's end of its pipe. `deadline` is the startup deadline until
-    `ready`, then the deadline of the sample `index` it is scoring (None when idle)."""
+    `ready`, then the deadline of the sample `index` it is scoring (None when idle); `over_at_start`: it held
+    more than the memory limit when it got that sample (a fresh worker over a limit set below a worker's
+    footprint), so the sample is not failed for it."""
 
     def __init__(self, ctx, startup_timeout_s: float, functions: dict[str, str], sources: dict[str, bytes],
                  modules: list[str] = ()):
@@ -259,13 +276,14 @@ class _Worker:
         self.ready = False
         self.index: int | None = None
         self.deadline = time.monotonic() + startup_timeout_s
+        self.over_at_start = False
 
-    def submit(self, index: int, payload: bytes, deadline: float) -> bool:
+    def submit(self, index: int, payload: bytes, deadline: float, over_at_start: object = False) -> bool:
         try:
             self.conn.send_bytes(payload)
         except (BrokenPipeError, OSError):
             return False
-        self.index, self.deadline = index, deadline
+        self.index, self.deadline, self.over_at_start = index, deadline, bool(over_at_start)
         return True
 
     def kill(self) -> None:
@@ -429,6 +447,9 @@ def _die_with_parent() -> None:
         except (OSError, AttributeError):
             pass
 
+
+MEMORY_POLL_S = 0.2
+"""How often the pool reads its busy workers' resident memory while they score (with reward.worker_max_rss_gb)."""
 
 RESERVED_EXTRA = ("score",)
 """Extra figures' names that validation's own figures take (val/NAME_mean: val/score_mean)."""

@@ -426,3 +426,32 @@ def test_a_verifiers_slow_import_is_paid_at_start_not_by_a_sample(tmp_path, monk
     finally:
         sys.modules.pop("slow_verifier_module", None)
         _REGISTRY.pop("test_slow_import")
+
+
+@register_reward("test_ballooning")
+def ballooning(response, ground_truth, extra_info):
+    """Allocates 50 MB every 20 ms, up to 2 GB (a function that grows without bound, capped so that a pool that
+    fails to stop it still ends); "small" answers at once."""
+    if response == "small":
+        return RewardResult(score=float(os.getpid()), acc=1.0)
+    held = []
+    for _ in range(40):
+        held.append(b"x" * (50 << 20))
+        time.sleep(0.02)
+    return RewardResult(score=float(os.getpid()), acc=1.0)
+
+
+def test_a_worker_growing_past_its_memory_limit_in_a_sample_is_killed_then():
+    """A sample that makes its worker pass reward.worker_max_rss_gb fails as `memory` long before its timeout
+    (the worker is killed mid-sample, before its 2 GB); the next samples are scored by a fresh worker."""
+    small = RewardSample("test_ballooning", "small", "", {})
+    with RewardScorer(timeout_s=30, num_workers=1) as probe:
+        base = _resident(probe, [small])
+    with RewardScorer(timeout_s=60, num_workers=1, max_rss_gb=(base + (300 << 20)) / 1e9) as scorer:
+        batch = scorer.score([small, RewardSample("test_ballooning", "big", "", {}), small])
+        assert batch.failure_counts == {"memory": 1}, batch.failure_counts
+        failed = batch.results[1]
+        assert failed.failed and failed.reason.startswith("memory: the worker held "), failed.reason
+        assert "reward.worker_max_rss_gb=" in failed.reason and "killed" in failed.reason, failed.reason
+        assert batch.scores[0] != batch.scores[2], "the last sample was not scored by a fresh worker"
+        assert scorer.replaced_for_memory == 1
