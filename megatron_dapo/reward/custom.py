@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import pickle
 import re
 import sys
@@ -103,7 +104,28 @@ def _load(target: str) -> Callable:
         raise AttributeError(f"{where} has no {name!r}")
     if not callable(fn):
         raise TypeError(f"{where}:{name} is a {type(fn).__name__}, not a function")
+    _check_signature(fn, f"{where}:{name}")
     return fn
+
+
+def _check_signature(fn: Callable, what: str) -> None:
+    """TypeError unless `fn` can be called as fn(response, ground_truth, extra_info). verl's signature
+    (data_source, solution_str, ground_truth, extra_info=None) also takes three arguments, each in the wrong place,
+    and would score every response as wrong without an error: it is named and refused."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: called as it is
+        return
+    parameters = list(signature.parameters.values())
+    expected = "the trainer calls fn(response, ground_truth, extra_info)"
+    if parameters and parameters[0].name == "data_source":
+        raise TypeError(f"{what}{signature} has verl's signature (data_source first); {expected}: wrap it, e.g. "
+                        f"def score(response, ground_truth, extra_info): return {fn.__name__}(DATA_SOURCE, response, "
+                        "ground_truth, extra_info)")
+    try:
+        signature.bind(None, None, None)
+    except TypeError as err:
+        raise TypeError(f"{what}{signature} cannot be called with three arguments ({err}); {expected}") from None
 
 
 def _load_file(path: Path):

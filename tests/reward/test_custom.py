@@ -130,6 +130,27 @@ def test_an_entry_that_cannot_be_loaded_names_the_key_and_why(reward_file, tmp_p
         load_reward_functions({"e": f"{exits}:fn"})
 
 
+
+def test_a_function_with_another_signature_is_refused_at_load(tmp_path):
+    """verl's reward signature also takes three arguments, each in the wrong place (every response would score as
+    wrong, without an error): refused with the wrapper to write; one that cannot take three arguments too."""
+    path = tmp_path / "ported.py"
+    path.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n"
+                    "def two(solution_str, ground_truth):\n    return 1.0\n"
+                    "def flexible(response, *args, **kwargs):\n    return 1.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_reward_functions({"verl": f"{path}:compute_score", "short": f"{path}:two"})
+    text = str(err.value)
+    assert ("reward.functions.verl: " in text and "has verl's signature (data_source first); the trainer calls "
+            "fn(response, ground_truth, extra_info): wrap it, e.g. def score(response, ground_truth, extra_info): "
+            "return compute_score(DATA_SOURCE, response, ground_truth, extra_info)" in text), text
+    assert "reward.functions.short: " in text and "two(solution_str, ground_truth) cannot be called with three " \
+        "arguments (too many positional arguments)" in text, text
+    assert not {"verl", "short"} & set(registry.registered_sources())
+    load_reward_functions({"flexible": f"{path}:flexible"})
+    assert get_reward_fn("flexible")("a", "b", {}) == 1.0
+
+
 WORKER_HABITS = '''
 import os
 import subprocess
