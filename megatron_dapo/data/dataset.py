@@ -59,6 +59,8 @@ class Prompt:
     """The row's extra_info ({} when absent)."""
     index: int
     """Position in the PromptDataset (0..len-1)."""
+    where: str = field(default="", compare=False)
+    """The file and row it was read from ("train.parquet row 17"; "" where it was made otherwise), for messages."""
 
 
 @dataclass
@@ -183,7 +185,7 @@ class PromptDataset(Sequence[Prompt]):
                     stats.too_long += 1
                     continue
                 prompts.append(Prompt(prompt_ids=ids, ground_truth=ground_truth, data_source=data_source,
-                                      extra_info=extra_info, index=len(prompts)))
+                                      extra_info=extra_info, index=len(prompts), where=where))
         stats.kept = len(prompts)
         if not prompts:
             hint = (f"; raise data.max_prompt_length (now {max_prompt_length}) to keep long prompts"

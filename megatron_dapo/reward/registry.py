@@ -67,6 +67,8 @@ class RewardSample(NamedTuple):
     """The row's reward_model.ground_truth."""
     extra_info: dict[str, Any]
     """The row's extra_info (task data such as prices for the trading task)."""
+    where: str = ""
+    """The data file and row of its prompt, for the messages of a failure ("" where unknown)."""
 
 
 @dataclass

@@ -203,9 +203,10 @@ class RewardScorer:
         batch = RewardBatch(results=results, failure_counts=dict(kinds))  # type: ignore[arg-type]
         if kinds:
             first = next(i for i, r in enumerate(batch.results) if r.failed)
-            logger.warning("reward: %d/%d samples failed (%s); first: sample %d (%s): %s", batch.num_failed,
+            logger.warning("reward: %d/%d samples failed (%s); first: sample %d (%s%s): %s", batch.num_failed,
                            len(samples), ", ".join(f"{k} {n}" for k, n in kinds.items()), first,
-                           samples[first].data_source, batch.results[first].reason)
+                           samples[first].data_source, f", {samples[first].where}" if samples[first].where else "",
+                           batch.results[first].reason)
         return batch
 
     def _close_at_exit(self) -> None:

@@ -29,13 +29,15 @@ def check_reward_functions(samples: list[RewardSample], results: list, broken_af
     `broken_after` or more of them: a broken function (a missing file, a wrong signature), not bad answers, and
     training on would train on nothing of that source, step after step."""
     for source in dict.fromkeys(s.data_source for s in samples):
-        mine = [r for s, r in zip(samples, results) if s.data_source == source]
-        if len(mine) >= broken_after and all(r.failed for r in mine):
-            kinds = Counter(r.reason.split(":", 1)[0] for r in mine)
+        mine = [(s, r) for s, r in zip(samples, results) if s.data_source == source]
+        if len(mine) >= broken_after and all(r.failed for _, r in mine):
+            kinds = Counter(r.reason.split(":", 1)[0] for _, r in mine)
+            first, result = mine[0]
             raise RuntimeError(
                 f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
-                f"scored here ({', '.join(f'{kind} {count}' for kind, count in kinds.items())}); the first: "
-                f"{mine[0].reason}. Fix the reward function (reward.functions) or raise reward.timeout_s")
+                f"scored here ({', '.join(f'{kind} {count}' for kind, count in kinds.items())}); the first"
+                f"{f' ({first.where})' if first.where else ''}: {result.reason}. Fix the reward function "
+                "(reward.functions) or raise reward.timeout_s")
 
 
 def score_groups(cfg: DAPOConfig, scorer: RewardScorer, tokenizer, prompts, outputs,
@@ -44,7 +46,7 @@ def score_groups(cfg: DAPOConfig, scorer: RewardScorer, tokenizer, prompts, outp
     with the seconds the scoring took."""
     start = time.perf_counter()
     samples = [RewardSample(p.data_source, tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                            p.ground_truth, p.extra_info) for p, cs in zip(prompts, outputs) for c in cs]
+                            p.ground_truth, p.extra_info, p.where) for p, cs in zip(prompts, outputs) for c in cs]
     broken_after = broken_reward_threshold(n)
     results = scorer.score(samples, give_up_after=broken_after, group_size=n).results
     seconds = time.perf_counter() - start

@@ -120,6 +120,7 @@ def test_parquet_in_the_public_layout(tmp_path, tokenizer):
     pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in COMMON_ROWS]), path)
     dataset = PromptDataset.from_files([path], tokenizer, max_prompt_length=16)
     check_common(dataset)
+    assert [p.where for p in dataset] == ["dapo.parquet row 0", "dapo.parquet row 2", "dapo.parquet row 6"]
     stats = dataset.stats
     assert (stats.rows_read, stats.kept, stats.duplicates, stats.conflicting_duplicates, stats.too_long,
             stats.malformed) == (8, 3, 3, 1, 1, 1)

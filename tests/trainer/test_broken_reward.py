@@ -6,7 +6,7 @@ from megatron_dapo.trainer.scoring import broken_reward_threshold, check_reward_
 
 
 def _results(sources_failed):
-    samples = [RewardSample(source, "r", "g", {}) for source, _ in sources_failed]
+    samples = [RewardSample(source, "r", "g", {}, f"train.parquet row {i}") for i, (source, _) in enumerate(sources_failed)]
     results = [RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason="error: ValueError: bad") if failed
                else RewardResult(score=1.0, acc=1.0) for _, failed in sources_failed]
     return samples, results
@@ -19,7 +19,8 @@ def test_one_bad_prompt_is_not_a_broken_function():
     check_reward_functions(*_results([("task", True)] * n + [("math", False)] * n), broken_reward_threshold(n))
     # Two prompts' worth, every one failing: broken, named, beside the working source.
     with pytest.raises(RuntimeError, match=r"the reward function of data_source 'task' failed on every one of its "
-                                           r"32 responses scored here \(error 32\); the first: error: ValueError"):
+                                           r"32 responses scored here \(error 32\); the first \(train.parquet row 16\): "
+                                           r"error: ValueError"):
         check_reward_functions(*_results([("math", False)] * n + [("task", True)] * 2 * n), broken_reward_threshold(n))
     # One success among them: not broken.
     check_reward_functions(*_results([("task", True)] * 40 + [("task", False)]), broken_reward_threshold(n))

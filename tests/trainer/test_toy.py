@@ -791,7 +791,7 @@ def test_a_reward_function_failing_on_every_response_stops_the_run_naming_it(toy
     assert proc.returncode != 0
     # After its first 16 failures the rest of the batch is not sent to it.
     assert re.search(r"the reward function of data_source 'math_dapo' failed on every one of its 192 responses scored "
-                     r"here \(bad_return 1\d, not_scored 1\d\d\); the first: bad_return: returned a mapping without "
+                     r"here \(bad_return 1\d, not_scored 1\d\d\); the first \([\w.-]+ (line|row) \d+\): bad_return: returned a mapping without "
                      r"'score' \(keys: reward\)", proc.stderr), proc.stderr[-4000:]
 
 
