@@ -364,10 +364,14 @@ def _inspect(directory: Path, whole: bool) -> _Complete:
 
     from megatron_dapo.convert.dcp_io import COMMON, CheckpointFormatError, CheckpointReader
 
+    from megatron_dapo.convert.output import unfinished
+
     if not directory.exists():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint folder")
+    if directory.resolve() not in _UNFINISHED_READS and (problem := unfinished(directory, "checkpoint")):
+        raise CheckpointError(problem)
     if not is_complete(directory):
         if (directory / "config.json").is_file():
             raise CheckpointError(f"{directory} is a Hugging Face model folder, not a megatron-core checkpoint: give it "
@@ -391,6 +395,23 @@ def _inspect(directory: Path, whole: bool) -> _Complete:
     except (CheckpointFormatError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {directory} cannot be loaded: {err}; {_advice(directory)}") from None
     return _Complete(marker, objects)
+
+
+_UNFINISHED_READS: set[Path] = set()
+"""`.partial` folders this process may load (`reading_unfinished`)."""
+
+
+@contextmanager
+def reading_unfinished(directory: Path):
+    """Within: this process may load the `.partial` folder `directory` (a conversion verifying what it wrote
+    before putting it in place); every other load refuses a `.partial` folder, which a killed conversion may
+    have left whole but unverified."""
+    directory = Path(directory).resolve()
+    _UNFINISHED_READS.add(directory)
+    try:
+        yield
+    finally:
+        _UNFINISHED_READS.discard(directory)
 
 
 def read_marker(directory: Path) -> dict:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_dapo.actor.checkpoint import MARKER
+from megatron_dapo.actor.checkpoint import MARKER, reading_unfinished
 from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
-from megatron_dapo.convert.output import ConversionError, Progress, output_folder
+from megatron_dapo.convert.output import ConversionError, Progress, output_folder, unfinished
 from megatron_dapo.models import families
 from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.models.hf_io import HFCheckpointReader
@@ -79,6 +79,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
     both sides before the output is put in place, and fail above this difference.
     """
     hf_dir = Path(hf_dir)
+    if problem := unfinished(hf_dir, "--hf"):
+        raise ConversionError(problem)
     arch = ModelArch.from_pretrained(hf_dir)
     hf_config = read_json_object(hf_dir / "config.json")
     reader = HFCheckpointReader(hf_dir)
@@ -96,6 +98,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | Non
         summary = {"tensors": len(chunks), "bytes": total, "gb_per_s": rate,
                    "source_dtype": reader.info(families.EMBEDDING.hf[0])[1]}
         if verify_tolerance is not None:
-            summary["logp_max_diff"] = check_logprobs(hf_dir, partial, verify_tolerance, round_to=dtype)
+            with reading_unfinished(partial):  # the one read of a .partial folder: complete, not yet verified
+                summary["logp_max_diff"] = check_logprobs(hf_dir, partial, verify_tolerance, round_to=dtype)
     return summary
 

@@ -7,6 +7,7 @@ layer is read at a time, and each tensor is written to its shard as soon as it i
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import struct
@@ -17,7 +18,7 @@ import torch
 from megatron_dapo.actor.checkpoint import MARKER, SHAPE_FIELDS, read_marker
 from megatron_dapo.convert import dcp_io
 from megatron_dapo.convert.verify import check_logprobs
-from megatron_dapo.convert.output import ConversionError, Progress, output_folder
+from megatron_dapo.convert.output import ConversionError, Progress, output_folder, unfinished
 from megatron_dapo.models import families
 from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.models.hf_io import INDEX, SAFETENSORS_DTYPES, SINGLE_FILE
@@ -168,16 +169,26 @@ def _check_tied_head(reader: dcp_io.CheckpointReader, arch: ModelArch, rows_per_
                                   "the config.json sets tie_word_embeddings: true; is it the config of this model?")
 
 
-def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = False) -> None:
+def _copy_template(template: Path | None, partial: Path, tokenizer_only: bool = False,
+                   tokenizer_elsewhere: bool = False) -> None:
     """Tokenizer files, chat template, generation config: everything of the template but its weights and
-    config (tokenizer_only: not its generation config either, which the model's template gives)."""
+    config (tokenizer_only: not its generation config either, which the model's template gives;
+    tokenizer_elsewhere: not its tokenizer's files either, which another folder gives whole: a file of the
+    template's that folder lacks, a slow tokenizer's vocabulary or a special-tokens map, would be read beside
+    the other tokenizer)."""
     if template is None:
         return
     skipped = (INDEX, "config.json", "generation_config.json") if tokenizer_only else (INDEX, "config.json")
     for path in template.iterdir():
         weights = path.name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)  # pytorch_model.bin.index.json too
-        if path.is_file() and not weights and path.name not in skipped:
+        tokenizer = tokenizer_elsewhere and any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS)
+        if path.is_file() and not weights and not tokenizer and path.name not in skipped:
             shutil.copy2(path, partial / path.name)
+
+
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                      "chat_template*", "*.tiktoken", "spiece.model", "sentencepiece*")
+"""The files of a tokenizer (fast or slow, its special tokens and chat template) that a Hugging Face folder holds."""
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -206,9 +217,9 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
     """
     mcore_dir = Path(mcore_dir)
     template = Path(hf_template) if hf_template is not None else None
-    if mcore_dir.name.endswith(".partial") and not (mcore_dir / MARKER).is_file():  # read as what it is
-        raise ConversionError(f"{mcore_dir}: an unfinished save (a .partial folder, no {MARKER}); convert an earlier, "
-                              "complete checkpoint")
+    for path, what in ((mcore_dir, "--mcore"), (template, "--hf-template"), (tokenizer, "--tokenizer")):
+        if path is not None and (problem := unfinished(path, what)):
+            raise ConversionError(problem)
     reader = dcp_io.CheckpointReader(mcore_dir)
     if not (mcore_dir / MARKER).is_file():
         raise ConversionError(f"{mcore_dir}: no {MARKER}, so the save that wrote it did not finish; "
@@ -233,18 +244,17 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, dtype: torch.dtype = 
         if shards > 1:
             index = {"metadata": {"total_size": total}, "weight_map": {t.name: files[t.shard] for t in plan}}
             (partial / INDEX).write_text(json.dumps(index, indent=2))
-        _copy_template(template, partial)
+        _copy_template(template, partial, tokenizer_elsewhere=tokenizer is not None)
         # Without a template, --tokenizer is the model's folder (the command's own advice): its generation config
         # holds the stop ids and sampling defaults, which a config.json-made one would lose.
         _copy_template(Path(tokenizer) if tokenizer is not None else None, partial,
                        tokenizer_only=template is not None)
         # A config.json read by its model_type alone gets its class named: SGLang and vLLM pick the model by it.
-        config = {**config, "dtype": str(dtype).replace("torch.", "")}
+        # Both keys: transformers since 4.56 reads "dtype", older ones and other loaders "torch_dtype".
+        config = {**config, "dtype": str(dtype).replace("torch.", ""), "torch_dtype": str(dtype).replace("torch.", "")}
         if not config.get("architectures"):  # absent, null or []: ModelArch read the family from model_type
             config["architectures"] = [arch.architecture]
         config.setdefault("model_type", arch.family)
-        if "torch_dtype" in config:
-            config["torch_dtype"] = config["dtype"]
         (partial / "config.json").write_text(json.dumps(config, indent=2))
         if not (partial / "generation_config.json").is_file():
             (partial / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))

@@ -1,10 +1,12 @@
 """What every conversion shares: an output folder that only appears once complete, and a progress line."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,17 +20,37 @@ class ConversionError(ModelError):
     """Input that cannot be converted, or an output folder that must not be written; the message says why."""
 
 
+PARTIAL = ".partial"
+"""How the folder a save or a conversion writes first is named: `<out>.partial`, renamed to `<out>` once complete."""
+
+
+def unfinished(path: str | Path, what: str) -> str | None:
+    """Why `path` (given as `what`) must not be read, when it is a `.partial` folder: what a save or a conversion
+    writes before it is complete, left by a process that was killed (a conversion killed while it verified its
+    output leaves one that holds every file); None otherwise."""
+    if not Path(path).name.endswith(PARTIAL):
+        return None
+    return (f"{what} {path} is an unfinished save or conversion (a {PARTIAL} folder: the process writing it stopped "
+            f"before it was put in place, maybe before it was verified); run the conversion again, or point to a "
+            "complete folder")
+
+
 @contextmanager
 def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | None, ...] = ()):
     """Yield a fresh `<out>.partial` folder; on success it replaces `out`, on failure it is removed.
 
-    An `out` that already holds a checkpoint (or anything else) is refused unless `overwrite`, and so is one
-    that is or holds one of the `sources` read (replacing it would delete them), or whose `<out>.partial` is
-    (it is cleared first). A process killed mid-conversion leaves only the `.partial` folder, which no loader
-    takes for a checkpoint.
+    An `out` that already holds a checkpoint is refused unless `overwrite`; one that holds something else
+    (no checkpoint's or model's file at its top: `--out ~/models` meant for `~/models/qwen-hf`) always; and so is
+    one that is or holds one of the `sources` read (replacing it would delete them), or whose `<out>.partial` is
+    (it is cleared first). A second conversion into the same `out` while one runs is refused (`<out>.partial.lock`,
+    locked while it writes): it would clear and write the first one's folder. A process killed mid-conversion
+    leaves only the `.partial` folder, which no loader takes for a checkpoint.
     """
     out = Path(out).resolve()  # `--out .` has a name, and a symbolic link's target is written, the link kept
-    partial = out.with_name(out.name + ".partial")
+    if out.name.endswith(PARTIAL):
+        raise ConversionError(f"--out {out}: a name ending in {PARTIAL} is what unfinished saves are called, and "
+                              "no loader reads one; choose another name")
+    partial = out.with_name(out.name + PARTIAL)
     for source in sources:
         if source is None:
             continue
@@ -40,24 +62,64 @@ def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | 
                                   "(and clears): choose another --out")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = [name for name in CHECKPOINT_FILES if (out / name).exists()] or sorted(p.name for p in out.iterdir())[:5]
-        raise ConversionError(f"output folder {out} is not empty (holds {', '.join(held)}); "
-                              "pass --overwrite to replace it, or choose another folder")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if out.is_dir() and any(out.iterdir()):
+        held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
+        if not held:
+            names = sorted(p.name for p in out.iterdir())
+            raise ConversionError(f"output folder {out} holds {len(names)} entries ({', '.join(names[:5])}"
+                                  f"{', ...' if len(names) > 5 else ''}) and none of a checkpoint's or a model's "
+                                  f"files ({', '.join(CHECKPOINT_FILES)}): not replaced, even with --overwrite; "
+                                  "give the folder to write, e.g. a new one inside it")
+        if not overwrite:
+            raise ConversionError(f"output folder {out} is not empty (holds {', '.join(held)}); "
+                                  "pass --overwrite to replace it, or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out.with_name(out.name + PARTIAL + ".lock"), out)
     try:
-        yield partial
-    except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _sync(partial)  # on disk before the rename makes it look complete: a power cut leaves no empty shards there
-    if out.exists():
-        for marker in ("COMPLETE.json", "config.json"):  # first: a removal cut short leaves no complete-looking folder
-            (out / marker).unlink(missing_ok=True)
-        shutil.rmtree(out)
-    partial.rename(out)
-    _sync_entry(out.parent)
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        _sync(partial)  # on disk before the rename makes it look complete: a power cut leaves no empty shards there
+        if out.exists():
+            for marker in ("COMPLETE.json", "config.json"):  # first: a removal cut short leaves no complete-looking
+                (out / marker).unlink(missing_ok=True)        # folder
+            shutil.rmtree(out)
+        partial.rename(out)
+        _sync_entry(out.parent)
+    finally:
+        lock()
+
+
+def _lock(path: Path, out: Path) -> Callable[[], None]:
+    """Hold an exclusive lock on the file `path` (made when missing) for this process; ConversionError naming `out`
+    when another process holds it. Returns the release, which deletes the file: the lock dies with a killed
+    process, and the file it leaves is locked afresh by the next conversion."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConversionError(f"another conversion is writing {out} (it holds {path}): wait for it to end, or "
+                                  "choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder deleted as we opened it
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+    def release() -> None:
+        try:
+            path.unlink(missing_ok=True)  # while locked: no one else holds this file
+        finally:
+            os.close(fd)
+
+    return release
 
 
 def _sync(folder: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from megatron_dapo.config.loader import ConfigError
 from megatron_dapo.config.root import DAPOConfig
+from megatron_dapo.convert.output import unfinished
 from megatron_dapo.data.dataset import PromptDataset, TokenizerError, file_problem
 from megatron_dapo.models.arch import ModelArch, read_json_object
 from megatron_dapo.trainer import checkpoints
@@ -31,6 +32,8 @@ def check_model_folder(path: str) -> None:
                           "tokenizer) the actor starts from, e.g. model.path=/models/Qwen2.5-7B")
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.path={path}: no config.json there; it must be a local Hugging Face model folder")
+    if problem := unfinished(path, "model.path"):
+        raise ConfigError(problem)
 
 
 def check_data_files(data) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,19 @@ def test_a_copy_without_tokenizer_files_says_so_and_tokenizer_gives_them(tmp_pat
     assert main(convert + ["--out", str(tmp_path / "templated"), "--tokenizer", str(source), "--hf-template",
                            str(template)]) == 0
     assert (tmp_path / "templated" / "generation_config.json").read_text() == '{"temperature": 0.9}'
+    # The template's tokenizer files are not mixed with --tokenizer's: a slow tokenizer's vocabulary or a special-
+    # tokens map the tokenizer folder lacks is not copied beside it; the template's other files are.
+    for name in ("tokenizer.model", "special_tokens_map.json", "tokenizer_config.json", "chat_template.jinja"):
+        (template / name).write_text("template's")
+    (template / "README.md").write_text("template's")
+    assert main(convert + ["--out", str(tmp_path / "mixed"), "--tokenizer", str(source), "--hf-template",
+                           str(template), "--overwrite"]) == 0
+    written = {p.name for p in (tmp_path / "mixed").iterdir()}
+    assert not written & {"tokenizer.model", "special_tokens_map.json", "chat_template.jinja"}, written
+    assert (tmp_path / "mixed" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    assert (tmp_path / "mixed" / "README.md").read_text() == "template's"
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16", config  # read by old and new loaders alike
     capsys.readouterr()
     for folder, why in [(tmp_path / "nowhere", "no such folder"),
                         (tmp_path / "mcore", "holds none of tokenizer.json, tokenizer_config.json")]:
@@ -323,6 +337,43 @@ def test_output_holding_a_checkpoint_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "COMPLETE.json").is_file()
 
 
+def test_an_output_folder_that_holds_no_checkpoint_is_refused_even_with_overwrite(tmp_path):
+    """`--out ~/models --overwrite`, meant for `~/models/qwen-hf`: a folder with none of a checkpoint's or a model's
+    files at its top is not replaced; what it holds is named, and kept."""
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    models = tmp_path / "models"
+    for name in ("llama", "qwen"):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"output folder .*models holds 2 entries \(llama, qwen\) and none of a "
+                                              r"checkpoint's or a model's files .*: not replaced, even with --overwrite"):
+        hf_to_mcore(source, models, overwrite=True, progress=False)
+    assert sorted(p.name for p in models.iterdir()) == ["llama", "qwen"] and not (tmp_path / "models.partial").exists()
+
+
+def test_a_second_conversion_into_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """The same command started twice (a job submitted again): the second would clear and write the first one's
+    .partial folder, and the first would put a mix of both in place. Refused while the first holds its lock; the
+    lock dies with the process that held it, and its file goes with a conversion that ends."""
+    from megatron_dapo.convert.output import _lock
+
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    release = _lock(tmp_path / "out.partial.lock", tmp_path / "out")  # as a conversion running in another process
+    with pytest.raises(ConversionError, match=r"another conversion is writing .*out \(it holds .*out.partial.lock\)"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    release()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_CREAT | os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); "
+                               "time.sleep(60)", str(tmp_path / "out.partial.lock")], stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    with pytest.raises(ConversionError, match=r"another conversion is writing"):
+        hf_to_mcore(source, tmp_path / "out", progress=False)
+    holder.kill()  # killed: its lock ends with it, its file stays
+    holder.wait()
+    hf_to_mcore(source, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "COMPLETE.json").is_file() and not (tmp_path / "out.partial.lock").exists()
+
+
 def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(tmp_path):
     source = make_tiny_model("qwen2", tmp_path / "work" / "hf")
     for out in (tmp_path / "work", source):
@@ -337,11 +388,40 @@ def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(tmp_path)
 
 def test_an_input_in_the_outputs_partial_folder_is_refused(tmp_path):
     """`<out>.partial` is cleared before anything is written: an input there would be deleted before it is read."""
-    source = make_tiny_model("qwen2", tmp_path / "model.partial")
-    with pytest.raises(ConversionError, match=r"the input .*model.partial is in .*model.partial, the folder this "
+    source = make_tiny_model("qwen2", tmp_path / "model.partial" / "hf")
+    with pytest.raises(ConversionError, match=r"the input .*model.partial/hf is in .*model.partial, the folder this "
                                               r"conversion writes first"):
         hf_to_mcore(source, tmp_path / "model", progress=False)
     assert (source / "config.json").is_file() and (source / "model.safetensors").is_file()
+
+
+def test_a_partial_folder_left_whole_is_read_by_no_loader(tmp_path):
+    """A conversion killed while it verified its output leaves `<out>.partial` with every file, the marker
+    included, but unverified: no loader takes it (the conversion's own verification does), and no output is
+    named so."""
+    from megatron_dapo.actor.checkpoint import CheckpointError, check_complete
+    from megatron_dapo.config.loader import ConfigError
+    from megatron_dapo.trainer.startup import check_model_folder
+
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    hf_to_mcore(source, tmp_path / "mcore", verify_tolerance=1e-4, progress=False)  # verified in its .partial
+    check_complete(tmp_path / "mcore")
+    shutil.copytree(tmp_path / "mcore", tmp_path / "left.partial")
+    shutil.copytree(source, tmp_path / "hf-left.partial")
+    unfinished = r"left.partial is an unfinished save or conversion \(a .partial folder"
+    with pytest.raises(CheckpointError, match=rf"checkpoint .*{unfinished}"):
+        check_complete(tmp_path / "left.partial")  # model.megatron_checkpoint's load
+    with pytest.raises(ConversionError, match=rf"--mcore .*{unfinished}"):
+        mcore_to_hf(tmp_path / "left.partial", tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match=rf"--hf .*hf-{unfinished}"):
+        hf_to_mcore(tmp_path / "hf-left.partial", tmp_path / "out", progress=False)
+    with pytest.raises(ConversionError, match=rf"--hf-template .*hf-{unfinished}"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "out", hf_template=tmp_path / "hf-left.partial", progress=False)
+    with pytest.raises(ConfigError, match=rf"model.path .*hf-{unfinished}"):
+        check_model_folder(str(tmp_path / "hf-left.partial"))
+    with pytest.raises(ConversionError, match=r"--out .*out.partial: a name ending in .partial"):
+        hf_to_mcore(source, tmp_path / "out.partial", progress=False)
+    assert _no_output(tmp_path)
 
 
 def test_a_tied_config_over_an_untied_checkpoint_is_refused(tmp_path):
@@ -448,7 +528,7 @@ def test_bad_megatron_checkpoints_are_named(tmp_path):
             mcore_to_hf(tmp_path / "mcore", tmp_path / "out", progress=False)
     backend.write_text(kept)
     (tmp_path / "step_000007.partial").mkdir()  # a save that crashed before it wrote anything
-    with pytest.raises(ConversionError, match=r"step_000007.partial: an unfinished save"):
+    with pytest.raises(ConversionError, match=r"--mcore .*step_000007.partial is an unfinished save or conversion"):
         mcore_to_hf(tmp_path / "step_000007.partial", tmp_path / "out", progress=False)
     # A data file cut short (a copy that stopped): found by its size before torch's reader fails on it.
     data = (tmp_path / "mcore" / "__0_0.distcp").read_bytes()
