@@ -14,7 +14,8 @@ Fills, for a buy (a sell mirrors it):
 - in each interval: seller-initiated trades at exactly p first use up the queue ahead, then fill
   the order; the queue is the market's, so orders of ours at one price clear it once between them
   (the first placed fills first, then the next, behind whatever of the queue is still ahead of it);
-  trades below p (which would have hit the order first, by price priority) fill it, up to their size;
+  trades below p (which would have hit the order first, by price priority) fill it, up to their size,
+  and leave no queue ahead of it (they took the whole queue at p first);
   asks displayed below p in the new book (a book that moved through the order) fill it up to the size
   they show beyond what the book before showed at their price. The replayed book does not know which
   of its asks the order itself took: an ask the book before showed too may be one the order took when
@@ -260,6 +261,8 @@ def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[floa
         cleared.append(done)
     done[1] += _consume(trades, at, max(order["queue"] - done[1], 0.0))
     order["queue"] = max(order["queue"] - done[1], 0.0)
+    if any(through(p) for p, _ in trades):  # the market traded through its price: the queue at it was taken first
+        order["queue"] = 0.0
     got = _consume(trades, lambda p: at(p) or through(p), order["left"])
     for i, level in enumerate(levels):
         if order["left"] - got <= EPS:

@@ -233,3 +233,12 @@ def test_the_queue_ahead_shrinks_across_intervals():
     # Behind 5 lots at 100: 3 sold there in interval 1 leave 2 ahead; of the 3 in interval 2, the third is ours.
     episode = _episode("buy", 1, [(Trade(100.0, 3.0, "sell"),), (Trade(100.0, 3.0, "sell"),)])
     assert simulate(episode, [ChildOrder(step=0, price=100.0, size=1, tif=2)]).fills == [(2, 100.0, 1.0, False)]
+
+
+def test_a_trade_through_the_price_clears_the_queue_ahead():
+    # Behind 5 lots at 100: a sale of 2 at 99, through our price, took the 5 ahead first (price priority), and
+    # fills our 2; the 3 sold at 100 in interval 2 are then ours too. The other 5 go at market at the horizon.
+    episode = _episode("buy", 10, [(Trade(99.0, 2.0, "sell"),), (Trade(100.0, 3.0, "sell"),)])
+    execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=10, tif=2)])
+    assert execution.fills == [(1, 100.0, 2.0, False), (2, 100.0, 3.0, False), (2, 101.0, 4.0, True),
+                               (2, 102.0, 1.0, True)]
