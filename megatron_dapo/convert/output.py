@@ -60,22 +60,22 @@ def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | 
         if Path(source).resolve().is_relative_to(partial):
             raise ConversionError(f"the input {source} is in {partial}, the folder this conversion writes first "
                                   "(and clears): choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
-        if not held:
-            names = sorted(p.name for p in out.iterdir())
-            raise ConversionError(f"output folder {out} holds {len(names)} entries ({', '.join(names[:5])}"
-                                  f"{', ...' if len(names) > 5 else ''}) and none of a checkpoint's or a model's "
-                                  f"files ({', '.join(CHECKPOINT_FILES)}): not replaced, even with --overwrite; "
-                                  "give the folder to write, e.g. a new one inside it")
-        if not overwrite:
-            raise ConversionError(f"output folder {out} is not empty (holds {', '.join(held)}); "
-                                  "pass --overwrite to replace it, or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out.with_name(out.name + PARTIAL + ".lock"), out)
+    lock = _lock(out.with_name(out.name + PARTIAL + ".lock"), out)  # before the checks: they hold while it writes
     try:
+        if out.exists() and not out.is_dir():
+            raise ConversionError(f"output {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()):
+            held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
+            if not held and not _holds_weights(out):
+                names = sorted(p.name for p in out.iterdir())
+                raise ConversionError(f"output folder {out} holds {len(names)} entries ({', '.join(names[:5])}"
+                                      f"{', ...' if len(names) > 5 else ''}) and none of a checkpoint's or a model's "
+                                      f"files ({', '.join(CHECKPOINT_FILES)}, weight files): not replaced, even with "
+                                      "--overwrite; give the folder to write, e.g. a new one inside it")
+            if not overwrite:
+                raise ConversionError(f"output folder {out} is not empty (holds {', '.join(held or ['weight files'])}); "
+                                      "pass --overwrite to replace it, or choose another folder")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:
@@ -94,10 +94,20 @@ def output_folder(out: str | Path, overwrite: bool, sources: tuple[str | Path | 
         lock()
 
 
+WEIGHT_FILES = ("*.safetensors", "*.distcp", "common.pt", "*.bin")
+"""What else shows a folder is a checkpoint or a model (one whose overwrite was cut short after its marker and
+config.json were deleted, say)."""
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in WEIGHT_FILES)
+
+
 def _lock(path: Path, out: Path) -> Callable[[], None]:
     """Hold an exclusive lock on the file `path` (made when missing) for this process; ConversionError naming `out`
     when another process holds it. Returns the release, which deletes the file: the lock dies with a killed
-    process, and the file it leaves is locked afresh by the next conversion."""
+    process, and the file it leaves is locked afresh by the next conversion. Where the file system has no
+    flock (some Lustre, FUSE or CIFS mounts), a warning and no lock."""
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -106,6 +116,12 @@ def _lock(path: Path, out: Path) -> Callable[[], None]:
             os.close(fd)
             raise ConversionError(f"another conversion is writing {out} (it holds {path}): wait for it to end, or "
                                   "choose another --out") from None
+        except OSError as err:  # ENOSYS, ENOLCK, EOPNOTSUPP: no locks there
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            print(f"warning: {path.parent} takes no file locks ({err.strerror}): a second conversion into {out} "
+                  "started meanwhile would not be refused", file=sys.stderr, flush=True)
+            return lambda: None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder deleted as we opened it
                 break

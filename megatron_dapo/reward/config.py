@@ -26,8 +26,8 @@ class RewardConfig:
     """Processes scoring rewards on each engine's host (each host scores the completions its engine sampled)."""
     worker_max_rss_gb: float | None = 8.0
     """A worker whose resident memory grows past this (a reward function that caches or leaks) is replaced by a
-    fresh one between samples; one that passes it while scoring a sample is killed then, and the sample fails as
-    `memory` (before it takes the host's memory); null: never."""
+    fresh one between samples (nothing is lost); one that passes twice this while scoring a sample is killed then,
+    and the sample fails as `memory` (before it takes the host's memory); null: never."""
     functions: dict[str, str] = field(default_factory=dict)
     """Reward functions by data_source: 'package.module:function' or 'path/to/file.py:function' (reward/custom.py);
     an entry for a built-in source (math_dapo, ...) replaces it."""

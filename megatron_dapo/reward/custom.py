@@ -113,7 +113,7 @@ def _check_signature(fn: Callable, what: str) -> None:
     (data_source, solution_str, ground_truth, extra_info=None) also takes three arguments, each in the wrong place,
     and would score every response as wrong without an error: it is named and refused."""
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)  # what is called, a functools.wraps wrapper too
     except (TypeError, ValueError):  # a builtin without one: called as it is
         return
     parameters = list(signature.parameters.values())

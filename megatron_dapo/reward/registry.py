@@ -39,7 +39,7 @@ class RewardResult:
     where the verifier reads no answers; "" where it read none in this response (no vote)."""
 
 
-FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "not_scored")
+FAILURE_KINDS = ("error", "timeout", "non_finite", "bad_return", "worker_died", "memory", "not_scored")
 """not_scored: left unscored because its data_source's function had failed on all of it before (`give_up_after`)."""
 
 

@@ -3,9 +3,9 @@ one sample.
 
 `RewardScorer` runs the functions in a persistent pool of spawned processes: a function that raises,
 returns something that is not a finite number, kills its process, takes longer than `timeout_s` on
-a sample, or grows its process past `max_rss_gb` while scoring one gets that sample a failed result (score
-FAILED_SCORE, acc 0, failed=True, a reason), which is counted; the worker is killed and replaced when needed,
-and the batch goes on.
+a sample, or grows its process past twice `max_rss_gb` while scoring one gets that sample a failed result
+(score FAILED_SCORE, acc 0, failed=True, a reason), which is counted; the worker is killed and replaced when
+needed, and the batch goes on.
 
 Workers are spawned, not forked: the trainer holds CUDA contexts and threads, which a fork would copy
 half-way. A spawned worker imports the parent's `__main__` module once, so a pool is started once
@@ -48,10 +48,10 @@ class RewardScorer:
     def __init__(self, *, timeout_s: float, num_workers: int = 2, startup_timeout_s: float = 300.0,
                  functions: dict[str, str] | None = None, max_rss_gb: float | None = None):
         """max_rss_gb: a worker whose resident memory has grown past this is replaced after its sample (a reward
-        function that caches or leaks would otherwise grow for the whole run); one that passes it while scoring a
-        sample it started below the limit is killed then, and the sample fails as `memory` (a function allocating
-        without bound would otherwise take the host's memory before its timeout, and the kernel's OOM killer
-        picks the largest process: the trainer). Checked every MEMORY_POLL_S. None: never."""
+        function that caches or leaks would otherwise grow for the whole run: it loses nothing); one that passes
+        twice this while scoring a sample it started below it is killed then, and the sample fails as `memory` (a
+        function allocating without bound would otherwise take the host's memory before its timeout, and the
+        kernel's OOM killer picks the largest process: the trainer). Read every MEMORY_POLL_S. None: never."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers < 1:
@@ -105,6 +105,7 @@ class RewardScorer:
             done[samples[index].data_source] += 1
 
         queue = deque(sorted(range(len(samples)), key=lambda i: (i % group_size, i // group_size)))
+        polled = time.monotonic()  # when the busy workers' memory was last read
         while True:
             busy = {samples[w.index].data_source for w in self._workers if w.index is not None}
             for source in list(held):  # decided once its samples out are back
@@ -145,7 +146,7 @@ class RewardScorer:
             now = time.monotonic()
             wait_s = max(0.0, min(self._workers[slot].deadline for slot in waiting.values()) - now)
             if self.max_rss_bytes is not None:
-                wait_s = min(wait_s, MEMORY_POLL_S)
+                wait_s = min(wait_s, max(0.0, polled + MEMORY_POLL_S - now))
             for conn in multiprocessing.connection.wait(list(waiting), timeout=wait_s):
                 slot = waiting[conn]
                 worker = self._workers[slot]
@@ -192,14 +193,19 @@ class RewardScorer:
                 if worker.index is not None and now >= worker.deadline:
                     fail(worker.index, "timeout", f"no result after {self.timeout_s} s (worker killed)")
                     self._replace(slot)
-                elif worker.index is not None and not worker.over_at_start and (rss := self._over_limit(worker)):
-                    fail(worker.index, "memory", f"the worker held {rss / 1e9:.2f} GB while scoring it "
-                                                 f"(> reward.worker_max_rss_gb={self.max_rss_bytes / 1e9:g}; killed)")
+                elif (worker.index is not None and not worker.over_at_start and now >= polled + MEMORY_POLL_S
+                      and not worker.conn.poll() and (rss := self._over_limit(worker, KILL_FACTOR))):
+                    # (a result waiting in the pipe is read first: the worker is then replaced between samples)
+                    fail(worker.index, "memory", f"the worker held {rss / 1e9:.2f} GB while scoring it (> "
+                                                 f"{KILL_FACTOR:g} x reward.worker_max_rss_gb="
+                                                 f"{self.max_rss_bytes / 1e9:g}; killed)")
                     self.replaced_for_memory += 1
                     self._replace(slot)
                 elif not worker.ready and now >= worker.deadline:
                     raise RuntimeError(f"reward worker {worker.process.pid} did not start within "
                                        f"{self.startup_timeout_s} s")
+            if now >= polled + MEMORY_POLL_S:
+                polled = now
         batch = RewardBatch(results=results, failure_counts=dict(kinds))  # type: ignore[arg-type]
         if kinds:
             first = next(i for i, r in enumerate(batch.results) if r.failed)
@@ -237,12 +243,13 @@ class RewardScorer:
                          - {None, "__main__"})
         return _Worker(self._ctx, self.startup_timeout_s, self.functions, self.sources, modules)
 
-    def _over_limit(self, worker: _Worker) -> int | None:
-        """The worker's resident bytes when they are more than max_rss_gb; None otherwise (or no limit)."""
+    def _over_limit(self, worker: _Worker, factor: float = 1.0) -> int | None:
+        """The worker's resident bytes when they are more than `factor` x max_rss_gb; None otherwise (or no
+        limit)."""
         if self.max_rss_bytes is None:
             return None
         rss = _resident_bytes(worker.process.pid)
-        return rss if rss is not None and rss > self.max_rss_bytes else None
+        return rss if rss is not None and rss > factor * self.max_rss_bytes else None
 
     def _replace_if_grown(self, slot: int) -> None:
         """Replace the idle worker in `slot` when it holds more than max_rss_gb (between samples: nothing is lost)."""
@@ -451,6 +458,10 @@ def _die_with_parent() -> None:
 
 MEMORY_POLL_S = 0.2
 """How often the pool reads its busy workers' resident memory while they score (with reward.worker_max_rss_gb)."""
+
+KILL_FACTOR = 2.0
+"""A worker past this many times reward.worker_max_rss_gb in the middle of a sample is killed (past the limit
+itself, it is replaced once the sample is done)."""
 
 RESERVED_EXTRA = ("score",)
 """Extra figures' names that validation's own figures take (val/NAME_mean: val/score_mean)."""

@@ -67,7 +67,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.config = cfg = config
-        startup.check_model_folder(cfg.model.path)  # before any process group: every rank reads the same config
+        startup.check_model_folder(cfg.model.path, cfg.model.tokenizer_path)  # before any process group: every rank reads the same config
         startup.check_data_files(cfg.data)
         if cfg.rollout.name == "sglang":
             startup.match_sglang_nccl_settings(cfg.rollout.sglang.server_args)

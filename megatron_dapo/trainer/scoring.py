@@ -37,7 +37,16 @@ def check_reward_functions(samples: list[RewardSample], results: list, broken_af
                 f"the reward function of data_source {source!r} failed on every one of its {len(mine)} responses "
                 f"scored here ({', '.join(f'{kind} {count}' for kind, count in kinds.items())}); the first"
                 f"{f' ({first.where})' if first.where else ''}: {result.reason}. Fix the reward function "
-                "(reward.functions) or raise reward.timeout_s")
+                f"(reward.functions){_raise_for(kinds)}")
+
+
+RAISE_FOR = {"timeout": "reward.timeout_s", "memory": "reward.worker_max_rss_gb"}
+"""The setting to raise, by failure kind."""
+
+
+def _raise_for(kinds: Counter[str]) -> str:
+    settings = [RAISE_FOR[kind] for kind in RAISE_FOR if kinds[kind]]
+    return f" or raise {' and '.join(settings)}" if settings else ""
 
 
 def score_groups(cfg: DAPOConfig, scorer: RewardScorer, tokenizer, prompts, outputs,

@@ -25,15 +25,18 @@ def match_sglang_nccl_settings(server_args: dict) -> None:
     os.environ.setdefault("NCCL_CUMEM_ENABLE", "1" if server_args.get("enable_symm_mem") else "0")
 
 
-def check_model_folder(path: str) -> None:
-    """ConfigError naming model.path unless it is a folder with a config.json."""
+def check_model_folder(path: str, tokenizer_path: str | None = None) -> None:
+    """ConfigError naming model.path unless it is a folder with a config.json; and naming either key when it is an
+    unfinished save or conversion (a `.partial` folder)."""
     if not path:
         raise ConfigError("model.path is not set: give the Hugging Face model folder (config.json, safetensors, "
                           "tokenizer) the actor starts from, e.g. model.path=/models/Qwen2.5-7B")
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.path={path}: no config.json there; it must be a local Hugging Face model folder")
-    if problem := unfinished(path, "model.path"):
-        raise ConfigError(problem)
+    problems = [problem for folder, key in ((path, "model.path"), (tokenizer_path, "model.tokenizer_path"))
+                if folder and (problem := unfinished(folder, key))]
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_data_files(data) -> None:

@@ -349,6 +349,14 @@ def test_an_output_folder_that_holds_no_checkpoint_is_refused_even_with_overwrit
                                               r"checkpoint's or a model's files .*: not replaced, even with --overwrite"):
         hf_to_mcore(source, models, overwrite=True, progress=False)
     assert sorted(p.name for p in models.iterdir()) == ["llama", "qwen"] and not (tmp_path / "models.partial").exists()
+    # What an overwrite cut short leaves (its marker and config.json deleted first, some weights not yet) is still
+    # a checkpoint's folder: refused without --overwrite, replaced with it.
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(ConversionError, match=r"output folder .*cut is not empty \(holds weight files\); pass --overwrite"):
+        hf_to_mcore(source, tmp_path / "cut", progress=False)
+    hf_to_mcore(source, tmp_path / "cut", overwrite=True, progress=False)
+    assert (tmp_path / "cut" / "COMPLETE.json").is_file() and not (tmp_path / "cut" / "__0_0.distcp").read_bytes() == b"x"
 
 
 def test_a_second_conversion_into_the_same_output_is_refused_while_the_first_writes(tmp_path):

@@ -137,7 +137,10 @@ def test_a_function_with_another_signature_is_refused_at_load(tmp_path):
     path = tmp_path / "ported.py"
     path.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n"
                     "def two(solution_str, ground_truth):\n    return 1.0\n"
-                    "def flexible(response, *args, **kwargs):\n    return 1.0\n")
+                    "def flexible(response, *args, **kwargs):\n    return 1.0\n"
+                    "def wrapped(response, ground_truth, extra_info):\n"
+                    "    return compute_score('task', response, ground_truth, extra_info)\n"
+                    "wrapped.__wrapped__ = compute_score  # as a decorator's wrapper says what it wraps\n")
     with pytest.raises(ConfigError) as err:
         load_reward_functions({"verl": f"{path}:compute_score", "short": f"{path}:two"})
     text = str(err.value)
@@ -147,8 +150,8 @@ def test_a_function_with_another_signature_is_refused_at_load(tmp_path):
     assert "reward.functions.short: " in text and "two(solution_str, ground_truth) cannot be called with three " \
         "arguments (too many positional arguments)" in text, text
     assert not {"verl", "short"} & set(registry.registered_sources())
-    load_reward_functions({"flexible": f"{path}:flexible"})
-    assert get_reward_fn("flexible")("a", "b", {}) == 1.0
+    load_reward_functions({"flexible": f"{path}:flexible", "wrapped": f"{path}:wrapped"})  # what is called counts
+    assert get_reward_fn("flexible")("a", "b", {}) == 1.0 and get_reward_fn("wrapped")("a", "b", {}) == 1.0
 
 
 WORKER_HABITS = '''

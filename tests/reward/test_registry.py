@@ -9,6 +9,7 @@ from megatron_dapo.reward.registry import (
     FAILED_SCORE,
     RewardResult,
     RewardSample,
+    failure_kind,
     get_reward_fn,
     register_reward,
     registered_sources,
@@ -430,28 +431,33 @@ def test_a_verifiers_slow_import_is_paid_at_start_not_by_a_sample(tmp_path, monk
 
 @register_reward("test_ballooning")
 def ballooning(response, ground_truth, extra_info):
-    """Allocates 50 MB every 20 ms, up to 2 GB (a function that grows without bound, capped so that a pool that
-    fails to stop it still ends); "small" answers at once."""
-    if response == "small":
-        return RewardResult(score=float(os.getpid()), acc=1.0)
-    held = []
-    for _ in range(40):
+    """Holds extra_info["mb"] MB more, allocated 50 MB every 20 ms (a function that grows without bound, capped
+    so that a pool that fails to stop it still ends), and keeps it with extra_info["keep"] (a cache); answers
+    with its pid."""
+    held = _HOARD if extra_info.get("keep") else []
+    for _ in range(extra_info.get("mb", 0) // 50):
         held.append(b"x" * (50 << 20))
         time.sleep(0.02)
     return RewardResult(score=float(os.getpid()), acc=1.0)
 
 
-def test_a_worker_growing_past_its_memory_limit_in_a_sample_is_killed_then():
-    """A sample that makes its worker pass reward.worker_max_rss_gb fails as `memory` long before its timeout
-    (the worker is killed mid-sample, before its 2 GB); the next samples are scored by a fresh worker."""
-    small = RewardSample("test_ballooning", "small", "", {})
+def test_a_worker_growing_past_twice_its_memory_limit_in_a_sample_is_killed_then():
+    """A sample that leaves its worker past the limit is scored, and the worker replaced after it (nothing lost);
+    one that takes it past twice the limit fails as `memory` mid-sample (killed long before its end, 1 GB past
+    that); the samples after each are scored by a fresh worker."""
+    def sample(mb, keep=False):
+        return RewardSample("test_ballooning", "", "", {"mb": mb, "keep": keep})
+
     with RewardScorer(timeout_s=30, num_workers=1) as probe:
-        base = _resident(probe, [small])
-    with RewardScorer(timeout_s=60, num_workers=1, max_rss_gb=(base + (300 << 20)) / 1e9) as scorer:
-        batch = scorer.score([small, RewardSample("test_ballooning", "big", "", {}), small])
+        base = _resident(probe, [sample(0)])
+    limit = base + (150 << 20)
+    with RewardScorer(timeout_s=120, num_workers=1, max_rss_gb=limit / 1e9) as scorer:
+        batch = scorer.score([sample(0), sample(250, keep=True), sample((2 * limit >> 20) + 1000), sample(0)])
         assert batch.failure_counts == {"memory": 1}, batch.failure_counts
-        failed = batch.results[1]
-        assert failed.failed and failed.reason.startswith("memory: the worker held "), failed.reason
-        assert "reward.worker_max_rss_gb=" in failed.reason and "killed" in failed.reason, failed.reason
-        assert batch.scores[0] != batch.scores[2], "the last sample was not scored by a fresh worker"
-        assert scorer.replaced_for_memory == 1
+        assert [r.failed for r in batch.results] == [False, False, True, False]
+        reason = batch.results[2].reason
+        assert reason.startswith("memory: the worker held ") and "> 2 x reward.worker_max_rss_gb=" in reason, reason
+        assert "killed" in reason and failure_kind(batch.results[2]) == "memory", reason  # reward/failed_memory
+        pids = batch.scores
+        assert pids[0] == pids[1] != pids[3], pids  # replaced after the second sample, and after the killed one
+        assert scorer.replaced_for_memory == 2

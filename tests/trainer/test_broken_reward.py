@@ -22,5 +22,15 @@ def test_one_bad_prompt_is_not_a_broken_function():
                                            r"32 responses scored here \(error 32\); the first \(train.parquet row 16\): "
                                            r"error: ValueError"):
         check_reward_functions(*_results([("math", False)] * n + [("task", True)] * 2 * n), broken_reward_threshold(n))
+    # The setting to raise is the one the failures point to: timeouts and memory, not for errors alone.
+    samples, results = _results([("task", True)] * 32)
+    results[:2] = [RewardResult(score=FAILED_SCORE, acc=0.0, failed=True, reason=reason)
+                   for reason in ("memory: the worker held 17 GB", "timeout: no result after 10 s")]
+    with pytest.raises(RuntimeError, match=r"\(memory 1, timeout 1, error 30\).* Fix the reward function "
+                                           r"\(reward.functions\) or raise reward.timeout_s and "
+                                           r"reward.worker_max_rss_gb$"):
+        check_reward_functions(samples, results, broken_reward_threshold(16))
+    with pytest.raises(RuntimeError, match=r"Fix the reward function \(reward.functions\)$"):
+        check_reward_functions(*_results([("task", True)] * 32), broken_reward_threshold(16))
     # One success among them: not broken.
     check_reward_functions(*_results([("task", True)] * 40 + [("task", False)]), broken_reward_threshold(n))

@@ -17,7 +17,7 @@ Fills, for a buy (a sell mirrors it):
   trades below p (which would have hit the order first, by price priority) fill it, up to their size,
   and leave no queue ahead of it (they took the whole queue at p first);
   asks displayed below p in the new book (a book that moved through the order) fill it up to the size
-  they show beyond what the book before showed at their price. The replayed book does not know which
+  they show beyond what the book before showed at their price, and leave no queue ahead of it either. The replayed book does not know which
   of its asks the order itself took: an ask the book before showed too may be one the order took when
   it was placed, or in an earlier interval, and an ask at exactly p may be the rest of one it took
   (neither fills it; an order that crosses the spread and rests gets no maker fills from the asks it
@@ -268,6 +268,7 @@ def _fill_resting(order: dict, trades: list[list[float]], levels: list[list[floa
         if order["left"] - got <= EPS:
             break
         if through(level[0]):
+            order["queue"] = 0.0  # a book that moved through its price took the queue at it first
             taken = min(fresh[i], level[1], order["left"] - got)
             if taken > EPS:
                 fresh[i] -= taken

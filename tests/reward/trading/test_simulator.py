@@ -242,3 +242,8 @@ def test_a_trade_through_the_price_clears_the_queue_ahead():
     execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=10, tif=2)])
     assert execution.fills == [(1, 100.0, 2.0, False), (2, 100.0, 3.0, False), (2, 101.0, 4.0, True),
                                (2, 102.0, 1.0, True)]
+    # So does a book that moved through it: an ask of 1 at 99 in interval 1 fills 1 and clears the queue.
+    lower = Book(bids=((98.0, 5.0),), asks=((99.0, 1.0), (101.0, 4.0), (102.0, 10.0)))
+    episode = _episode("buy", 10, [(), (Trade(100.0, 3.0, "sell"),)], books=(BOOK, lower, BOOK))
+    execution = simulate(episode, [ChildOrder(step=0, price=100.0, size=10, tif=2)])
+    assert execution.fills[:2] == [(1, 100.0, 1.0, False), (2, 100.0, 3.0, False)], execution.fills
