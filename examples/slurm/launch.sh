@@ -15,6 +15,11 @@
 #   VENV                  a virtualenv to activate on every node (default: none, use PATH's python)
 
 set -euo pipefail
+# A signal before the run folder is known (the config is read below; a script's data step may come before) is
+# kept, and asked for once request_stop can write it: the default action would end this shell, with no save
+# and no requeue.
+trap 'EARLY_STOP=${EARLY_STOP:-USR1}' USR1
+trap 'EARLY_STOP=${EARLY_STOP:-TERM}' TERM
 MEGATRON_DAPO_HOME=${MEGATRON_DAPO_HOME:-$SLURM_SUBMIT_DIR}
 cd "$MEGATRON_DAPO_HOME"
 if [ -n "${VENV:-}" ]; then
@@ -65,6 +70,9 @@ request_stop() {
 }
 trap 'request_stop USR1' USR1
 trap 'request_stop TERM' TERM
+if [ -n "${EARLY_STOP:-}" ]; then
+    request_stop "$EARLY_STOP"
+fi
 
 # srun passes --cpus-per-task on explicitly: Slurm 22.05 - 23.02 do not inherit it from sbatch.
 srun --kill-on-bad-exit=1 --ntasks="$SLURM_NTASKS" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
