@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,9 +84,12 @@ Finish = Callable[[range, list[list[Completion]]], list[Any]]
 
 
 def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts: list[list[int]],
-                    params: SamplingParams, finish: Finish | None = None) -> list | None:
+                    params: SamplingParams, finish: Finish | None = None,
+                    generated_in: Callable[[float], None] | None = None) -> list | None:
     """Every engine samples its share of `prompts` and its host applies `finish` to it; the results (the
     completions when `finish` is None), one per prompt in prompt order, on rank 0 (None elsewhere).
+    `generated_in(seconds)`, on rank 0: the slowest engine's generation alone (its host's `finish` after it,
+    and the other hosts', overlap the engines still generating).
 
     Collective over the hosts (ranks without an engine return at once). `prompts` must be the same on
     every host. Engine i of E seeds its share with params.seed x E + i, so no two engines, and no
@@ -99,9 +103,11 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
     index = hosts.index(dist.get_rank())
     share = shares(len(prompts), len(hosts))[index]
     seed = None if params.seed is None else (params.seed * len(hosts) + index) % 2**63  # a valid seed stays one
+    started = time.perf_counter()
     try:
         mine = engine.generate(prompts[share.start:share.stop], dataclasses.replace(params, seed=seed)) \
             if len(share) else []
+        seconds = time.perf_counter() - started
         if finish is not None:
             mine = finish(share, mine)
     except Exception as err:
@@ -112,12 +118,17 @@ def generate_shared(engine: RolloutEngine | None, placement: Placement, prompts:
                             f"{share.start} to {share.stop - 1}): {type(err).__name__}: {err}")
         mine.__cause__ = err  # rank 0 raises its own failure with the traceback (a gathered copy has none)
     if len(hosts) == 1:
+        if generated_in is not None and index == 0:
+            generated_in(seconds)
         return mine if index == 0 else None
     gathered: list | None = [None] * len(hosts) if index == 0 else None
-    dist.gather_object(mine, gathered, dst=0, group=placement.group)
+    dist.gather_object(mine if isinstance(mine, RolloutError) else (seconds, mine), gathered, dst=0,
+                       group=placement.group)
     if gathered is None:
         return None
     for i, part in enumerate(gathered):
         if isinstance(part, RolloutError):
             raise mine if i == index else part
-    return [result for part in gathered for result in part]
+    if generated_in is not None:
+        generated_in(max(seconds for seconds, _ in gathered))
+    return [result for _, part in gathered for result in part]

@@ -173,8 +173,8 @@ class Trainer:
         self.unlogged: dict | None = None
         """The row of the step being saved that a sink could not write, and the sinks that failed (None: all of
         them): saved in the trainer state, for the attempt that resumes from the checkpoint to write."""
-        self.reward_seconds = 0.0
-        """Time spent scoring rewards in the current step (rank 0's share)."""
+        self.generation_seconds = 0.0
+        """The slowest engine's generation time, summed over the current step's generation batches (rank 0)."""
         self.generated_tokens = 0
         """Response tokens generated in the current step, every generation batch's (rank 0's count)."""
         self.reward_failures: Counter[str] = Counter()
@@ -360,12 +360,15 @@ class Trainer:
         cfg = self.config
         announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
         timer = StepTimer(announce, prefix=f"step {self.step + 1}: ")
-        self.reward_seconds = self.generated_tokens = 0
+        self.generation_seconds = self.generated_tokens = 0
         self.reward_failures = Counter()
         self.memory.to_generation(timer)
         with timer("generate"):
             sampled = self._collect()
-        timer.split("generate", "reward", self.reward_seconds)  # rank 0's share, scored between generation batches
+        # The slowest engine's generation in each batch; the rest is scoring that no engine's generation hid
+        # (rank 0's share, and a slower host's), gathering the groups, and dynamic sampling's bookkeeping.
+        if self.rank0:
+            timer.split("generate", "reward", max(timer.times["generate"] - self.generation_seconds, 0.0))
         with timer("batch"):
             batch, metrics = self._actor_batch(sampled)
         if batch is not None:
@@ -515,12 +518,14 @@ class Trainer:
     def _rollout(self, prompts, params: SamplingParams) -> list[Group] | None:
         """Every engine generates its share and its host scores it: the groups on rank 0, None elsewhere."""
         def score(share: range, outputs) -> list[Group]:
-            groups, seconds = score_groups(self.config, self.scorer, self.tokenizer, prompts[share.start:share.stop],
-                                           outputs, params.n)
-            self.reward_seconds += seconds
-            return groups
+            return score_groups(self.config, self.scorer, self.tokenizer, prompts[share.start:share.stop], outputs,
+                                params.n)[0]
 
-        return generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params, finish=score)
+        def generated_in(seconds: float) -> None:
+            self.generation_seconds += seconds
+
+        return generate_shared(self.engine, self.placement, [p.prompt_ids for p in prompts], params, finish=score,
+                               generated_in=generated_in)
 
     def validate(self) -> dict[str, float]:
         """The validation figures, with timing/validate (on every rank; {} without validation files)."""

@@ -4,6 +4,7 @@ what the engines would sample alone."""
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,21 @@ def check_two_engines_each_follow_their_replica(rank: int, world: int, workdir: 
         if rank == 0:
             owners = [placement.hosts[0]] * 3 + [placement.hosts[1]] * 2  # shares of 5 prompts: 3 + 2
             assert finished == [(owner, i, 2) for i, owner in enumerate(owners)], finished
+
+        # Rank 0 hears the slowest engine's generation time alone: engine 1's finish (1 s here, as a slow
+        # scoring) is not generation, though rank 0 waits for it.
+        def slow_on_engine_1(share, outputs):
+            if dist.get_rank() == placement.hosts[1]:
+                time.sleep(1.0)
+            return where(share, outputs)
+
+        heard, started = [], time.perf_counter()
+        generate_shared(engine, placement, prompts, params, finish=slow_on_engine_1, generated_in=heard.append)
+        waited = time.perf_counter() - started
+        if rank == 0:
+            assert len(heard) == 1 and 0 < heard[0] <= waited - 1.0, (heard, waited)
+        else:
+            assert heard == []
 
         def fails_on_engine_1(share, outputs):
             if dist.get_rank() == placement.hosts[1]:
