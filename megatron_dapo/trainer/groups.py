@@ -74,7 +74,9 @@ class FilterMetricCheck:
     task's figure, with prompts of several) drops every group of the other: the run trains on one task alone,
     silently. Either is a ConfigError naming the key, the data_sources and the figures their rewards do give, once
     a data_source's scored rewards have come in `patience` generation batches without it. The batches are
-    counted over the run, not per step: the other task's groups fill each step in a batch or two.
+    counted over the run, not per step (the other task's groups fill each step in a batch or two), and across
+    its attempts: the count is saved with each checkpoint (`state_dict`), so a run requeued more often than
+    `patience` batches is checked all the same.
 
     A data_source whose rewards gave the figure once is not checked again (`done` once all have)."""
 
@@ -107,6 +109,21 @@ class FilterMetricCheck:
                     self.scored[source] += 1
                     self.given.setdefault(source, set()).update(reward.extra)
         self.batches.update(seen)
+
+    def state_dict(self) -> dict:
+        """The counts so far, as JSON (for the trainer state)."""
+        return {"metric": self.name, "confirmed": sorted(self.confirmed), "batches": dict(self.batches),
+                "scored": dict(self.scored), "given": {source: sorted(figures) for source, figures in self.given.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from a `state_dict` (a resumed run's), whatever its data_sources were; one counted for another
+        metric (the config changed since) is not taken: the counts start again."""
+        if state.get("metric") != self.name:
+            return
+        self.confirmed = set(state.get("confirmed", ()))
+        self.batches = Counter(state.get("batches", {}))
+        self.scored = Counter(state.get("scored", {}))
+        self.given = {source: set(figures) for source, figures in state.get("given", {}).items()}
 
     def check(self, step: int) -> None:
         """Raises the ConfigError described above for the data_sources overdue."""

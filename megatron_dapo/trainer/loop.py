@@ -571,6 +571,8 @@ class Trainer:
         state = {"step": self.step, "data": self.stream.state_dict(), "val_skipped": self.val_skipped}
         if self.unlogged:
             state["unlogged_row"] = self.unlogged
+        if self.filter_metric_check is not None:  # rank 0's counts (the marker is rank 0's)
+            state["filter_metric_check"] = self.filter_metric_check.state_dict()
         return state
 
     def _resume_point(self) -> Path | None:
@@ -649,6 +651,8 @@ class Trainer:
                 self.stream.load_state_dict(state["data"])
                 self.val_skipped = bool(state.get("val_skipped", False)) and self.val_set is not None
                 self.unlogged = state.get("unlogged_row")
+                if self.filter_metric_check is not None and state.get("filter_metric_check"):
+                    self.filter_metric_check.load_state_dict(state["filter_metric_check"])
         self.memory.to_push()
         self._push(version=version)
         trainer_probe = trainer_probe_logprobs(self.actor, self.probe)

@@ -60,6 +60,21 @@ def test_a_filter_figure_one_data_source_does_not_give_is_named():
     check.add([_group(pnl, source="math_dapo")])  # the trading rewards need not give it again
     check.check(step=3)
     assert check.done
+    # The counts go on across attempts (saved with each checkpoint as JSON): one batch, a resume, another batch.
+    import json
+
+    first = FilterMetricCheck("pnl", patience=2, sources={"trading", "math_dapo"})
+    first.add([_group(pnl, source="trading"), _group(plain)])
+    first.check(step=1)
+    resumed = FilterMetricCheck("pnl", patience=2, sources={"trading", "math_dapo"})
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.confirmed == {"trading"} and resumed.waiting == {"math_dapo"}
+    resumed.add([_group(plain)])
+    with pytest.raises(ConfigError, match=r"'math_dapo' give no such figure \(4 scored in 2 generation batches"):
+        resumed.check(step=2)
+    other = FilterMetricCheck("profit", patience=2, sources={"trading", "math_dapo"})  # the metric changed since
+    other.load_state_dict(first.state_dict())
+    assert not other.batches and not other.confirmed
     misspelt = FilterMetricCheck("pnl", patience=1, sources={"math_dapo"})
     misspelt.add([_group([_failed(), _failed()])])  # nothing scored: nothing to tell yet
     misspelt.check(step=1)
