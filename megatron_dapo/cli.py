@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the resolved, validated config")
     config.add_argument("config", help="YAML config file")
     config.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.clip_ratio_high=0.28")
-    config.add_argument("--world-size", type=int, help="check the parallel layout for this many ranks")
+    config.add_argument("--world-size", type=_at_least_one, help="check the parallel layout for this many ranks")
     config.add_argument("--get", metavar="KEY", help="print only this setting's value, e.g. trainer.run_dir")
     config.set_defaults(run=_config)
 

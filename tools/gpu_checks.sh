@@ -29,7 +29,9 @@
 # .whl is git-ignored: copy it along with the checkout to the GPU machine. Without megatron-core the steps that need it
 # (actor, update, push) are skipped at once, said in the summary, instead of failing one by one.
 # Results: every log, CSV and PNG go into OUT_DIR/gpu_checks.tgz, rewritten after each step (so a command
-# cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last.
+# cut off still returns what finished), and OUT_DIR/summary.txt; the summary is also printed last. A step running
+# when the command was cut off is "running" there, and those after it are "not reached". On a machine where torch
+# sees no CUDA device every step is skipped and said (on the CPU they would only measure the CPU).
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [STEP ...]}
 shift
@@ -42,7 +44,8 @@ budget=${GPU_CHECKS_BUDGET_S:-560}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 2  # the paths below are the repository's
-work=$(mktemp -d /tmp/gpu_checks.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_checks.XXXXXX")
+trap 'rm -rf "$work"' EXIT  # everything of it is in OUT_DIR/gpu_checks.tgz
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # The extension for this GPU alone: an image's own list of architectures would compile it once per entry.
@@ -61,6 +64,7 @@ python3 - >>"$work/device.txt" 2>"$work/imports.log" <<'EOF'
 import importlib, sys, traceback
 import torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+print("cuda device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 CONSEQUENCE = {"megatron.core": "actor, update and push are skipped (copy .whl along, see tools/gpu_wheels.sh)",
                "transformers": "the model steps fail", "liger_kernel": "the kernel benchmark has no Liger rows",
                "pytest": "the test steps fail", "yaml": "the package's config does not load",
@@ -76,6 +80,8 @@ EOF
 cat "$work/device.txt"
 megatron=no  # by the probe's line naming its version: a probe that died prints none
 grep -q '^megatron.core [0-9]' "$work/device.txt" && megatron=yes
+gpu=yes
+grep -q '^cuda device: none$' "$work/device.txt" && gpu=no && echo "!! torch sees no CUDA device: every step is skipped"
 
 built=yes  # until the build step says otherwise
 if [[ " $steps " != *" build "* ]]; then  # an earlier command's build, if this machine still has it
@@ -86,14 +92,31 @@ if [[ " $steps " != *" build "* ]]; then  # an earlier command's build, if this 
   }
 fi
 summary=("step          result   time")
+pending=($steps)  # not yet done: "running" (the first, while it runs) and "not reached" in the summary
 pack() {  # everything so far into one archive and the summary, so that a cut-off command still returns them
-  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  local rest=() name first=${1:-}
+  for name in "${pending[@]}"; do
+    if [ -n "$first" ]; then
+      rest+=("$(printf '%-13s %-8s %5s s' "$name" running -)")
+      first=
+    else
+      rest+=("$(printf '%-13s %-8s %5s s' "$name" "not reached" -)")
+    fi
+  done
+  printf '%s\n' "${summary[@]}" ${rest[@]+"${rest[@]}"} >"$out/summary.txt"
   cp "$out/summary.txt" "$work/summary.txt"
   tar czf "$out/gpu_checks.tgz.tmp" -C "$work" . && mv "$out/gpu_checks.tgz.tmp" "$out/gpu_checks.tgz"
 }
 step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the budget left, output to NAME.log
   local name=$1 cap=$2
   shift 2
+  pending=("${pending[@]:1}")  # this step's line goes into the summary below, whatever becomes of it
+  if [ "$gpu" = no ]; then
+    [ "$name" = build ] && built=no
+    summary+=("$(printf '%-13s %-8s %5s s  (no CUDA device)' "$name" skipped -)")
+    pack
+    return
+  fi
   case $name in
     actor|update|push) if [ "$megatron" = no ]; then
         summary+=("$(printf '%-13s %-8s %5s s  (no megatron-core)' "$name" skipped -)")
@@ -112,10 +135,14 @@ step() {  # step NAME CAP_S COMMAND...: run with the lesser of CAP_S and the bud
   # started with less, it could only time out.
   case $name in build|actor|update|push|generate) least=90 ;; kernels|kernels-full|refill) least=60 ;; esac
   if [ "$limit" -lt "$least" ]; then
+    [ "$name" = build ] && built=no  # the kernel steps after it are skipped, the actor's figures said to be references'
     summary+=("$(printf '%-13s %-8s %5s s  (budget spent)' "$name" skipped -)")
     pack
     return
   fi
+  pending=("$name" ${pending[@]+"${pending[@]}"})
+  pack running  # a command cut off in this step says so
+  pending=("${pending[@]:1}")
   echo "== $name (limit ${limit} s): $*"
   local t0=$SECONDS rc
   timeout --kill-after=10 "$limit" "$@" >"$work/$name.log" 2>&1

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_dapo.actor.batch import ActorBatch, split_by_token_budget
+from megatron_dapo.actor.batch import ActorBatch, data_parallel_shares, split_by_token_budget
 from megatron_dapo.actor.checkpoint import load_model_weights
 from megatron_dapo.actor.config import ActorConfig, OptimConfig
 from megatron_dapo.actor.loss import PolicyLossOutput, aggregate_loss, loss_metrics, policy_loss
@@ -146,19 +146,19 @@ class MegatronActor:
 
     # ---- micro-batching ---------------------------------------------------------------------
 
-    def _local_rows(self, size: int) -> list[int]:
+    def _local_rows(self, lengths: list[int]) -> list[int]:
+        """This data-parallel rank's rows, in batch order: balanced by tokens (`data_parallel_shares`)."""
         ps = self._groups()
-        chunks = torch.arange(size).tensor_split(ps.get_data_parallel_world_size())
-        return chunks[ps.get_data_parallel_rank()].tolist()
+        return data_parallel_shares(lengths, ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
 
     def _micro_batches(self, batch: ActorBatch, first_row: int = 0) -> list[_MicroBatch]:
         """`batch`: rows first_row.. of the batch the caller was given (for naming a bad sample)."""
         _check_not_empty(batch)
         check_sequence_length(self.arch, int(batch.lengths.max()))
         check_token_ids(self.arch, batch.tokens, batch.lengths, first_row)
-        rows = self._local_rows(batch.size)
-        if not rows:  # more data-parallel ranks than rows: run one row with no loss so the schedule runs
-            rows, empty = [0], True
+        rows = self._local_rows(batch.lengths.tolist())
+        if not rows:  # more data-parallel ranks than rows: run the shortest row with no loss so the schedule runs
+            rows, empty = [int(batch.lengths.argmin())], True
         else:
             empty = False
         multiple = self.layout.tp if self.layout.sequence_parallel else 1

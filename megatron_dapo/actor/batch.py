@@ -100,6 +100,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def data_parallel_shares(lengths: list[int], ranks: int) -> list[list[int]]:
+    """Rows dealt to `ranks` data-parallel ranks so that their token counts are close: longest first, each to the
+    rank with the fewest tokens so far (the lower rank on a tie); each rank's rows in batch order. Every rank
+    computes the same deal from the lengths. Contiguous blocks of rows would give one rank a prompt's n responses
+    at once, whose lengths go together: the longest group's rank would set the step's time. A rank may get no
+    row when there are fewer rows than ranks."""
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    tokens = [0] * ranks
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        rank = min(range(ranks), key=lambda k: (tokens[k], k))
+        shares[rank].append(row)
+        tokens[rank] += lengths[row]
+    return [sorted(share) for share in shares]
+
+
 def split_by_token_budget(lengths: list[int], budget: int, multiple: int = 1) -> list[list[int]]:
     """Rows grouped into micro-batches whose padded size (rows x longest row, rounded up to `multiple`)
     stays within `budget` tokens; a row longer than the budget goes alone. `multiple`: sequence

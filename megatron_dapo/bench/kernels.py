@@ -349,8 +349,10 @@ def main(argv: list[str] | None = None, prog: str = "megatron-dapo bench kernels
               f"{broken[0].get('vocab', '')}): {broken[0]['note']}", file=sys.stderr)
         return 1
     if not any(r["impl"] == "ours" and (r["ms"] != "" or r.get("note") == "out of memory") for r in rows):
-        # the extension did not load, or no shape's inputs fit: nothing of ours ran
-        why = extension.describe() if extension.EXTENSION is None else "no shape's inputs fit in memory"
+        # the extension did not load or is not used on this GPU, no shape was given, or no shape's inputs fit
+        in_use = extension.use_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+        why = (extension.describe() if not in_use else "no shapes to measure" if not rows
+               else "no shape's inputs fit in memory")
         print(f"our kernels were not measured: {why}", file=sys.stderr)
         return 1
     short = [r for r in rows if (r["impl"] == "ours" and r.get("note") == "out of memory") or r["impl"] == "(inputs)"]

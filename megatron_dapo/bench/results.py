@@ -28,7 +28,9 @@ def ops_in_use() -> str:
 
 def append_rows(folder: str | Path, name: str, rows: list[dict]) -> Path:
     """Append `rows` to folder/name.csv (header written when the file is new). Rows with a column the file
-    lacks rewrite it with that column added (empty in the earlier rows)."""
+    lacks rewrite it with that column added (empty in the earlier rows), into a new file put in place whole: a
+    rewrite cut short leaves the earlier rows as they were. A file whose rows do not fit its header (more cells
+    than columns: a line joined to another) is refused with its name, not rewritten."""
     path = Path(folder) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     earlier, fields = [], []
@@ -36,12 +38,22 @@ def append_rows(folder: str | Path, name: str, rows: list[dict]) -> Path:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             earlier, fields = list(reader), list(reader.fieldnames or [])
+        if bad := [i + 2 for i, row in enumerate(earlier) if None in row]:  # DictReader's key for extra cells
+            raise ValueError(f"{path}: line(s) {bad[:5]} hold more cells than its header has columns; mend or move "
+                             "the file before adding rows to it")
+    # A last line without its newline (an edit by hand): an append would join the first new row to it.
+    ends_open = bool(earlier) and not path.read_bytes().endswith(b"\n")
     added = [key for row in rows for key in row if key not in fields]
     fields += list(dict.fromkeys(added))
-    with open(path, "w" if added or not earlier else "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        if added or not earlier:
+    if added or not earlier or ends_open:
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(earlier)
-        writer.writerows(rows)
+            writer.writerows(rows)
+        partial.replace(path)
+    else:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields, restval="").writerows(rows)
     return path

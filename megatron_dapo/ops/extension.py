@@ -91,6 +91,8 @@ def describe() -> str:
             line += ("; on a GPU the reference's log-prob backward holds about five float32 [tokens, vocab / TP] "
                      "arrays besides the logits (the kernels none): reinstall with nvcc present to build them")
         return line
+    if os.environ.get("MEGATRON_DAPO_KERNELS", "1") == "0":
+        return "fused kernels: built, not in use (MEGATRON_DAPO_KERNELS=0); pure-torch references in use"
     if torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
         if runs_on(getattr(EXTENSION, "CUDA_ARCHS", "unknown"), capability) is False:

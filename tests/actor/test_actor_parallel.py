@@ -507,8 +507,13 @@ def check_bad_input_on_one_rank_stops_every_rank(rank: int, world: int, workdir:
     from megatron_dapo.actor.export import stage_hf_tensors
     from megatron_dapo.actor.model import ModelError
 
+    from megatron_dapo.actor.batch import data_parallel_shares
+
     tokens, lengths, mask, advantages = _batch(groups=2, n=2)
-    advantages[3] = float("nan")  # the second data-parallel rank's rows at PP2 x DP2: 2, 3 (or 3 alone)
+    lengths[1], tokens[1, 8:], mask[1, 8:] = 8, 0, 0  # row 3 dealt to the second data-parallel rank both ways:
+    assert 3 in data_parallel_shares(lengths.tolist(), 2)[1]  # in the batch's one mini-batch (rows 1 and 3 there)
+    assert 1 in data_parallel_shares(lengths[2:].tolist(), 2)[1]  # and in its second of two (rows 2 and 3)
+    advantages[3] = float("nan")  # rank 3 at PP2 x DP2 is the second data-parallel rank's last stage
     batch = ActorBatch(tokens=tokens, lengths=lengths, loss_mask=mask, advantages=advantages,
                        old_logp=torch.zeros(tokens.shape))
     for groups_per_step in (2, 1):  # one mini-batch of rows 0-3; two of 2 rows each, the second refused

@@ -111,3 +111,23 @@ def test_an_unpacked_batch_is_the_same_batch_for_the_actor():
         a, b = batch.rows(rows), back.rows(rows)
         for name in ("tokens", "lengths", "loss_mask", "advantages", "old_logp", "rollout_logp"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_data_parallel_shares_balance_tokens_and_keep_every_row_once():
+    """Groups of n responses whose lengths go together (one prompt's long, another's short): contiguous blocks
+    would give one rank every long row; the deal gives each rank close to its share of the tokens, every row
+    exactly once, each rank's rows in batch order, and no row to ranks beyond the rows."""
+    from megatron_dapo.actor.batch import data_parallel_shares
+
+    lengths = [8000] * 4 + [500] * 4 + [3000] * 4 + [100] * 4
+    shares = data_parallel_shares(lengths, 2)
+    assert sorted(r for share in shares for r in share) == list(range(16))
+    assert all(share == sorted(share) for share in shares)
+    tokens = [sum(lengths[r] for r in share) for share in shares]
+    assert tokens == [23200, 23200], tokens  # contiguous halves: 34000 and 12400
+    assert data_parallel_shares([5, 9], 4) == [[1], [0], [], []]
+    assert data_parallel_shares([], 2) == [[], []]
+    rng = random.Random(3)
+    lengths = [rng.randint(1, 20000) for _ in range(512)]
+    tokens = [sum(lengths[r] for r in share) for share in data_parallel_shares(lengths, 16)]
+    assert max(tokens) - min(tokens) <= max(lengths), tokens  # within one row of each other

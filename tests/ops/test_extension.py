@@ -113,3 +113,6 @@ def test_a_gpu_the_build_holds_no_code_for_runs_the_references_and_says_so(monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert extension._runs_on_device(torch.device("cuda", 1)) is True
     assert extension.describe().startswith("fused kernels: megatron_dapo._C")
+    monkeypatch.setenv("MEGATRON_DAPO_KERNELS", "0")  # turned off: said, not "in use"
+    assert extension.describe() == ("fused kernels: built, not in use (MEGATRON_DAPO_KERNELS=0); pure-torch "
+                                    "references in use")

@@ -39,5 +39,41 @@ def test_the_preamble_names_what_the_machine_has_and_a_step_past_the_budget_is_s
     assert re.search(r"^python 3\.\d+\.\d+ torch \S+ cuda \S+$", done.stdout, flags=re.MULTILINE), done.stdout
     assert re.search(r"^pytest \d", done.stdout, flags=re.MULTILINE) and "!! pytest" not in done.stdout, done.stdout
     summary = (out / "summary.txt").read_text()
-    assert re.search(r"^embedded +skipped +- s +\(budget spent\)$", summary, flags=re.MULTILINE), summary
+    import torch
+
+    why = "budget spent" if torch.cuda.is_available() else "no CUDA device"  # on the CPU it would measure the CPU
+    assert re.search(rf"^embedded +skipped +- s +\({why}\)$", summary, flags=re.MULTILINE), summary
     assert (out / "gpu_checks.tgz").stat().st_size > 0
+
+
+def test_a_cut_off_command_leaves_a_summary_naming_the_step_it_was_in_and_those_not_reached(tmp_path):
+    """The summary is written before each step starts: a command killed in a step (an outer time limit) leaves
+    that step "running" and the later ones "not reached", not a short summary that looks complete. Shown with a
+    copy of the script whose build step sleeps (and that runs its steps without a GPU), killed in that step."""
+    import os
+    import sys
+    import time
+
+    text = SCRIPT.read_text()
+    for old, new in (("build) step build 300 bash -c", "build) step build 300 sleep 60 || bash -c"),
+                     ("grep -q '^cuda device: none$' \"$work/device.txt\" && gpu=no", "true")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    copy = tmp_path / "tools" / "gpu_checks.sh"
+    copy.parent.mkdir()
+    copy.write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECKS_BUDGET_S": "500", "TMPDIR": str(tmp_path),  # its work folder, left by the kill
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(["bash", str(copy), str(out), "build", "kernel-tests", "embedded"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    summary = out / "summary.txt"
+    while not (summary.is_file() and " running " in summary.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    rows = [line.split()[:2] for line in summary.read_text().splitlines()[1:]]
+    assert rows == [["build", "running"], ["kernel-tests", "not"], ["embedded", "not"]], summary.read_text()
