@@ -166,7 +166,8 @@ __global__ void dapo_loss_backward_kernel(const float* __restrict__ grad_out, co
                                           const float* __restrict__ mask, const float* __restrict__ weight, int64_t n,
                                           LossParams params, const float* __restrict__ global_tokens,
                                           float* __restrict__ grad_logp) {
-  const float scale = grad_out[0] / max_keep_nan(global_tokens[0], 1.f);
+  // Rounded as the reference's division is (-prec-div=false would make `/` approximate).
+  const float scale = __fdiv_rn(grad_out[0], max_keep_nan(global_tokens[0], 1.f));
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const TokenResult t = token_loss(logp[i], old_logp[i], advantages[i], mask[i], weight_at(weight, i), params);
     grad_logp[i] = t.dloss_dlogp * scale;

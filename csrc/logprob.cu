@@ -10,6 +10,7 @@
 // One block per token row; the row is read in 16-byte packs when its address allows, several per thread
 // at a time.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -174,6 +175,10 @@ void check_logits(const torch::Tensor& logits, const torch::Tensor& targets) {
   TORCH_CHECK(logits.is_cuda(), "megatron_dapo._C: logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, "megatron_dapo._C: logits must be [tokens, vocab_slice], got ", logits.sizes());
   TORCH_CHECK(logits.stride(1) == 1, "megatron_dapo._C: logits rows must be contiguous");
+  // The kernels compute in float32: float64 logits (which the reference keeps in float64) are refused, not rounded.
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "megatron_dapo._C: logits must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == torch::kLong,
               "megatron_dapo._C: targets must be int64 [tokens]");
   TORCH_CHECK(targets.device() == logits.device(), "megatron_dapo._C: targets must be on the logits' device");
@@ -222,6 +227,10 @@ void logprob_grad_into(const torch::Tensor& logits, const torch::Tensor& targets
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(1) == 1,
               "megatron_dapo._C: grad must have the logits' shape and dtype, rows contiguous");
   TORCH_CHECK(grad.device() == logits.device(), "megatron_dapo._C: grad must be on the logits' device");
+  // Each block writes its rows of grad after reading the same rows of logits: rows of grad that share memory (an
+  // expanded tensor), or a grad that overlaps the logits other than exactly (in place), would race.
+  at::assert_no_internal_overlap(grad);
+  at::assert_no_partial_overlap(grad, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0);
   if (rows == 0) {
