@@ -38,7 +38,8 @@ class SamplingStats:
     exhausted: bool = False
     """max_num_gen_batches was reached before the batch was full."""
     stopped: bool = False
-    """A stop request ended the collection before the batch was full (the run saves after this step)."""
+    """A stop request ended the collection before the batch was full (the trainer then leaves the step untrained
+    and stops; no metrics row has it)."""
     metric_missing: int = 0
     """Responses without a finite filter metric (their reward failed or gave no such field, or, under overlong
     filtering, they were cut at the length limit), left out of the variance test."""
@@ -61,7 +62,6 @@ class SamplingStats:
             "sampling/groups_dropped_unscored": self.dropped_unscored,
             "sampling/groups_trimmed": self.trimmed,
             "sampling/exhausted": float(self.exhausted),
-            "sampling/stopped": float(self.stopped),
             "sampling/metric_missing": self.metric_missing,
         }
 
@@ -110,9 +110,9 @@ class DynamicSampler(Generic[G]):
         kept)` is called after each generation batch with the figures so far and the number of groups kept.
         `all_correct(group)`: whether a group dropped as alike is counted all-correct or all-wrong (without
         it, by the sign of the shared metric). `stop()`, asked after each generation batch that leaves the batch
-        short: True ends the collection there with the groups kept so far, whatever `on_exhausted` says (a stop
-        request: the run saves after this step, and a Slurm warning leaves no time for more generation batches;
-        with max_num_gen_batches=0 nothing else would end a collection whose groups all stay alike)."""
+        short: True ends the collection there with the groups kept so far and `stopped` set, whatever `on_exhausted`
+        says (a stop request: a Slurm warning leaves no time for more generation batches; with
+        max_num_gen_batches=0 nothing else would end a collection whose groups all stay alike)."""
         stats = SamplingStats()
         kept: list[G] = []
         limit = self.config.max_num_gen_batches if self.config.enable else 1

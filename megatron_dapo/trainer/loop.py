@@ -170,6 +170,8 @@ class Trainer:
         self.val_skipped = False
         """The validation due at self.step was skipped for a stop request: the attempt that resumes from its
         checkpoint runs it first (saved in the trainer state)."""
+        self.saved_step = 0
+        """The step of the run's newest complete checkpoint (the one resumed from, or the last saved); 0: none."""
         self.unlogged: dict | None = None
         """The row of the step being saved that a sink could not write, and the sinks that failed (None: all of
         them): saved in the trainer state, for the attempt that resumes from the checkpoint to write."""
@@ -235,11 +237,19 @@ class Trainer:
                   f"{cfg.trainer.total_training_steps} (raise it to train on)", flush=True)
         while self.step < cfg.trainer.total_training_steps and not cfg.trainer.val_only:
             metrics = self.train_step()
+            if metrics is None:  # a stop request cut the step's dynamic sampling short: the step is not trained
+                self._stop_between_steps()
+                break
             self.step += 1
             last = self.step == cfg.trainer.total_training_steps
             # A stop request leaves minutes at most: it skips a validation that is due (which can take longer)
             # and goes straight to the checkpoint. The run's last step is validated too.
-            asked = self._validate_if_due(metrics, last)
+            try:
+                asked = self._validate_if_due(metrics, last)
+            except Exception:  # (raised on every rank) the step is trained: kept, with its row, before the error
+                self.val_skipped = True  # the attempt that resumes validates it first
+                self._save_before_raising({"step": self.step, "metrics": metrics, "sinks": None})
+                raise
             stopping = not last and asked
             # Taken over while suspended: stop, log and save nothing. The file is read, not the last heartbeat: a job
             # resumed from a suspension would log a row after the newcomer's start before its next beat noticed.
@@ -248,13 +258,13 @@ class Trainer:
             try:
                 self._log(self.step, metrics)
             except Exception as err:
-                if saving:  # a sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept
-                    # With the row, for the attempt resuming to write into the sinks that failed (rank 0 knows which).
-                    self.unlogged = {"step": self.step, "metrics": metrics,
-                                     "sinks": list(err.failed) if isinstance(err, SinkError) else None}
-                    self._save(hf=None)
-                    if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
-                        self._mark_stop_honoured()
+                # A sink that fails (a full disk, W&B) stops the run, not before the step it trained is kept, save
+                # step or not, with the row, for the attempt resuming to write into the sinks that failed (rank 0
+                # knows which).
+                self._save_before_raising({"step": self.step, "metrics": metrics,
+                                           "sinks": list(err.failed) if isinstance(err, SinkError) else None})
+                if stopping and self.rank0:  # the stop asked for is done: the next attempt must not stop on it
+                    self._mark_stop_honoured()
                 if last and self.rank0:  # the run is trained: a stop request has nothing left to stop
                     self._finished(asked, hf_saved=False)
                 raise
@@ -311,8 +321,34 @@ class Trainer:
             checkpoints.save(self.run_dir, self.step, self.actor, self._state(), self.config.checkpoint.keep_last,
                              hf=hf, wait_group=self.control.group,
                              guard=(lambda: self.lock.check(look=True)) if self.lock else None)
+        self.saved_step = self.step
         if self.rank0 and self.config.logging.console:  # what a stop's warning must leave time for, with the step
             print(f"step {self.step}: checkpoint saved in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def _save_before_raising(self, row: dict) -> None:
+        """On the way out of an error after self.step was trained (its validation or its metrics row failed, on
+        every rank): the step's checkpoint, without its Hugging Face copy, with its metrics row `row` for the
+        attempt that resumes to write. A save that fails as well is said; the first error is the one raised."""
+        self.unlogged = row
+        try:
+            self._save(hf=None)
+        except Exception as err:
+            print(f"warning: step {self.step}'s checkpoint could not be saved on the way out either "
+                  f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+
+    def _stop_between_steps(self) -> None:
+        """A stop request ended the dynamic sampling of step self.step + 1 before its batch was full: that step is
+        left untrained (train_step put its prompts back), the steps trained since the last checkpoint are saved,
+        and the run stops. The attempt that resumes generates the step again from the same prompts and seeds, as
+        the uninterrupted run would have: a stop does not turn into an update from a few groups."""
+        self._started(lambda: self.lock and self.lock.check(look=True))  # taken over: save nothing
+        if self.step > self.saved_step:
+            self._save(hf=None)  # a stop request leaves minutes at most
+        if self.rank0:
+            self._mark_stop_honoured()
+            saved = (f"saved {self.run_dir / 'checkpoints'}" if self.step else "nothing was trained yet, nothing saved")
+            print(f"stopping before step {self.step + 1} ({self.stop.reason() or 'another rank asked'}); {saved}; "
+                  "start the same command again to continue", flush=True)
 
     def _mark_stop_honoured(self) -> None:
         """Rank 0, stopping: a STOP file says it was stopped on, so that the attempt that resumes deletes it (one
@@ -356,8 +392,12 @@ class Trainer:
         if self.lock:
             self.lock.release()
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, float] | None:
+        """Step self.step + 1: its metrics, or None when a stop request ended its dynamic sampling before the batch
+        was full (then nothing is trained and its prompts are put back, for the attempt that resumes)."""
         cfg = self.config
+        stream_state = self.stream.state_dict()
+        check_state = self.filter_metric_check.state_dict() if self.filter_metric_check is not None else None
         announce = cfg.logging.progress_interval_s if self.rank0 and cfg.logging.console else None
         timer = StepTimer(announce, prefix=f"step {self.step + 1}: ")
         self.generation_seconds = self.generated_tokens = 0
@@ -371,6 +411,11 @@ class Trainer:
             timer.split("generate", "reward", max(timer.times["generate"] - self.generation_seconds, 0.0))
         with timer("batch"):
             batch, metrics = self._actor_batch(sampled)
+        if self.control.broadcast(bool(self.rank0 and sampled.stats.stopped)):  # rank 0's word for every rank
+            self.stream.load_state_dict(stream_state)
+            if check_state is not None:
+                self.filter_metric_check.load_state_dict(check_state)
+            return None
         if batch is not None:
             self.memory.to_training(timer)
             with timer("old_log_prob"):
@@ -477,17 +522,21 @@ class Trainer:
                 print(f"step {self.step + 1}: {stats.shortfall(target, filtering.metric)}; {consequence} "
                       f"(algorithm.filter_groups.max_num_gen_batches={filtering.max_num_gen_batches}, "
                       "on_exhausted=train)", file=sys.stderr, flush=True)
-            if stats.stopped and cfg.logging.console:
-                reason = self.stop.reason()
-                print(f"step {self.step + 1}: a stop was requested{f' ({reason})' if reason else ''}: dynamic "
-                      f"sampling ends after {stats.gen_batches} generation batches with {stats.kept} of {target} "
-                      f"groups; {consequence}, then the run saves", file=sys.stderr, flush=True)
+            if stats.stopped:  # the step is not trained (train_step): nothing of it is written
+                if cfg.logging.console:
+                    reason = self.stop.reason()
+                    print(f"step {self.step + 1}: a stop was requested{f' ({reason})' if reason else ''}: dynamic "
+                          f"sampling ends after {stats.gen_batches} generation batches with {stats.kept} of {target} "
+                          "groups; the step is not trained (the attempt that resumes generates it again, from the "
+                          "same prompts), and the run saves what it trained", file=sys.stderr, flush=True)
+                groups = []
             if groups:
                 metrics.update(rollout_metrics(groups, cfg.data.max_response_length))
                 batch = build_actor_batch(groups, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
                                           overlong_filtering=cfg.algorithm.overlong_filtering)
             self._check_lock()  # a job suspended while it generated finds out before it writes into the folder
-            self.samples.write(self.step + 1, "train", groups, self.tokenizer)
+            if not stats.stopped:
+                self.samples.write(self.step + 1, "train", groups, self.tokenizer)
             packed = batch.pack() if batch is not None and dist.get_world_size() > 1 else None
         self.control.broadcast("done")
         return self.control.share_batch(batch, self.actor.device, packed), metrics
@@ -646,7 +695,7 @@ class Trainer:
             version = 0
         else:
             state = checkpoints.load(latest, self.actor)
-            self.step = version = int(state["step"])
+            self.step = self.saved_step = version = int(state["step"])
             if not self.config.trainer.val_only:  # a validation draws no training prompts
                 self.stream.load_state_dict(state["data"])
                 self.val_skipped = bool(state.get("val_skipped", False)) and self.val_set is not None

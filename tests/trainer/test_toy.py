@@ -225,36 +225,101 @@ def test_a_stop_asked_for_during_a_save_stops_on_that_checkpoint(toy_run, tmp_pa
     assert [row["step"] for row in read_metrics(run_dir) if "actor/lr" in row] == [1]
 
 
-ALIKE_REWARD_ASKING_TO_STOP = """
+AFTER_STEP_1_REWARD = """
+import os
 from pathlib import Path
+
+from megatron_dapo.reward.registry import math_dapo_reward
 
 
 def score(response, ground_truth, extra_info):
-    \"\"\"Every response wrong, so every group is dropped as alike; the first call asks the run to stop.\"\"\"
-    Path({stop!r}).touch()
-    return 0.0
+    \"\"\"The toy's own reward for step 1's {calls} responses (counted in a file: the reward workers are processes);
+    after them {after}.\"\"\"
+    fd = os.open({count!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b".")
+        calls = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if calls <= {calls}:
+        return math_dapo_reward(response, ground_truth, extra_info)
+    {then}
 """
 
+ASK_TO_STOP = ("every response is wrong, so every group is dropped as alike, and the first call asks the run to stop",
+               "Path({stop!r}).touch()\n    return -1.0")
+BREAK = ("it returns what no reward may: every response's reward fails", "return {{'reward': 1.0}}")
 
-def test_a_stop_request_ends_an_endless_dynamic_sampling(toy_run, tmp_path):
-    """Every group alike under max_num_gen_batches=0 (no limit): nothing but the stop request, written while the
-    first generation batch is scored, ends step 1's generation batches; the step has nothing to train on, and the run
-    saves and stops in the time a Slurm warning leaves."""
+
+def _after_step_1(toy_run: Path, tmp_path: Path, run_dir: Path, kind: tuple[str, str]) -> str:
+    """A reward file (its override) that is the toy's own for step 1's responses and then does `kind`."""
+    step_1 = next(row for row in _rows(toy_run) if row["step"] == 1 and "critic/acc_mean" in row)
+    calls = int(step_1["sampling/gen_batches"]) * 24 * 8  # the toy's data.gen_batch_size x rollout.n
+    after, then = kind
+    (tmp_path / "after_step_1.py").write_text(AFTER_STEP_1_REWARD.format(
+        calls=calls, count=str(tmp_path / "calls"), after=after, then=then.format(stop=str(run_dir / "STOP"))))
+    return "reward.functions.math_dapo=after_step_1.py:score"
+
+
+def _by_step(rows: list[dict]) -> dict[int, dict]:
+    """The last row of each training step."""
+    return {row["step"]: row for row in rows if "critic/acc_mean" in row}
+
+
+def test_a_stop_during_dynamic_sampling_leaves_the_step_untrained(toy_run, tmp_path):
+    """A stop request, written while step 2's first generation batch is scored (every group alike, and
+    max_num_gen_batches=0: nothing else would end its dynamic sampling), ends step 2's generation batches: step 2
+    is not trained, step 1 (no save step) is saved, and the run stops. Started again with the toy's own reward, it
+    resumes at step 1, and its step 2 is the uninterrupted run's: the same prompts and seeds, where an update from
+    the groups kept so far would have been another step."""
     run_dir = _linked_run_dir(toy_run, tmp_path)
-    (tmp_path / "alike.py").write_text(ALIKE_REWARD_ASKING_TO_STOP.format(stop=str(run_dir / "STOP")))
-    proc = subprocess.run([*_toy_command(run_dir), "trainer.val_before_train=false",
-                           "reward.functions.math_dapo=alike.py:score", "algorithm.filter_groups.max_num_gen_batches=0"],
+    command = [*_toy_command(run_dir), "trainer.val_before_train=false", "trainer.total_training_steps=2"]
+    proc = subprocess.run([*command, _after_step_1(toy_run, tmp_path, run_dir, ASK_TO_STOP),
+                           "algorithm.filter_groups.max_num_gen_batches=0"],
                           cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert re.search(r"step 1: a stop was requested \(\S+STOP exists\): dynamic sampling ends after 1 generation "
-                     r"batches with 0 of 8 groups; the step has nothing to train on: no update, then the run saves",
-                     proc.stderr), proc.stderr[-4000:]
-    assert "stopping after step 1 (" in proc.stdout, proc.stdout[-2000:]
+    assert re.search(r"step 2: a stop was requested \(\S+STOP exists\): dynamic sampling ends after 1 generation "
+                     r"batches with 0 of 8 groups; the step is not trained", proc.stderr), proc.stderr[-4000:]
+    assert "stopping before step 2 (" in proc.stdout, proc.stdout[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"]
-    (row,) = _rows(run_dir)
-    assert (row["step"], row["sampling/stopped"], row["sampling/gen_batches"]) == (1, 1.0, 1), row
-    assert row["sampling/groups_kept"] == 0 and "actor/lr" not in row, row
+    assert sorted(_by_step(_rows(run_dir))) == [1]
+    assert {s["step"] for s in read_samples(run_dir) if s["split"] == "train"} == {1}
+    assert (run_dir / "STOP").read_text().startswith("honoured: the run stopped on this file after step 1")
+
+    again = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_000001" in again.stdout, again.stdout[-2000:]
+    resumed, expected = _by_step(_rows(run_dir)), _by_step(_rows(toy_run))
+    assert sorted(resumed) == [1, 2]
+    for key in ("critic/acc_mean", "sampling/gen_batches", "response_length/mean", "actor/pg_loss", "actor/grad_norm"):
+        a, b = resumed[2][key], expected[2][key]
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step 2 {key}: resumed {a}, uninterrupted {b}"
+
+
+def test_a_validation_that_fails_keeps_the_step_it_follows(toy_run, tmp_path):
+    """Step 1's validation fails (its reward fails on every response): the run stops with that error, but step 1,
+    no save step, is saved first, with its metrics row and the validation marked as not run. The attempt that
+    resumes (the reward mended) writes the row and validates step 1 before anything else."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    command = [*_toy_command(run_dir), "trainer.val_before_train=false", "trainer.test_freq=1"]
+    proc = subprocess.run([*command, "trainer.total_training_steps=2", _after_step_1(toy_run, tmp_path, run_dir, BREAK)],
+                          cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "failed on every one of its" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], proc.stdout[-2000:]
+    state = checkpoints.saved_trainer_state(run_dir / "checkpoints" / "step_000001")
+    assert state["val_skipped"] and state["unlogged_row"]["step"] == 1, state
+    assert not (run_dir / "metrics.jsonl").exists() or not _by_step(_rows(run_dir))
+
+    again = subprocess.run([*command, "trainer.total_training_steps=1"], cwd=tmp_path,
+                           env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "validating step 1" in again.stdout, again.stdout[-2000:]
+    rows = [row for row in _rows(run_dir) if row["step"] == 1]
+    assert any("critic/acc_mean" in row for row in rows) and any("val/acc_avg@4" in row for row in rows), rows
 
 
 def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_run, tmp_path):
@@ -290,6 +355,20 @@ def test_a_sink_failing_at_a_save_step_stops_the_run_after_the_checkpoint(toy_ru
     assert [row["step"] for row in rows] == [1, 2], rows
     assert rows[0] == {"step": 1, "time": rows[0]["time"], **kept["metrics"]}, rows[0]
     assert any(key.startswith("val/") for key in rows[0]) and "timing/step" in rows[0], rows[0]
+
+
+def test_a_sink_failing_between_save_steps_keeps_the_step(toy_run, tmp_path):
+    """metrics.jsonl on a full disk at step 1 of 2, no save step: the run stops with the error, step 1 saved first
+    with its row (a run saving every 100 steps would otherwise lose up to 99)."""
+    run_dir = _linked_run_dir(toy_run, tmp_path)
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    proc = subprocess.run([*_toy_command(run_dir), "trainer.val_before_train=false", "trainer.total_training_steps=2"],
+                          cwd=tmp_path, env={**os.environ, "MASTER_PORT": _free_port()}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode != 0 and "No space left on device" in proc.stderr, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000001"], proc.stdout[-2000:]
+    kept = checkpoints.saved_trainer_state(run_dir / "checkpoints" / "step_000001")["unlogged_row"]
+    assert kept["step"] == 1 and kept["sinks"] == ["metrics.jsonl"], kept
 
 
 def test_a_validation_a_stop_skipped_runs_when_the_run_resumes(toy_run, tmp_path):
