@@ -331,6 +331,7 @@ class Trainer:
         attempt that resumes to write. A save that fails as well is said; the first error is the one raised."""
         self.unlogged = row
         try:
+            self._started(lambda: self.lock and self.lock.check(look=True))  # taken over (the error, maybe): no save
             self._save(hf=None)
         except Exception as err:
             print(f"warning: step {self.step}'s checkpoint could not be saved on the way out either "

@@ -245,6 +245,16 @@ def test_launcher_checks_name_the_tensor(kernels):
     with pytest.raises(RuntimeError, match="grad must have the logits' shape"):
         kernels.logprob_grad_into(logits, torch.zeros(3, dtype=torch.long), *[torch.zeros(3)] * 5, 1.0, 16,
                                   torch.zeros(3, 15))
+    with pytest.raises(RuntimeError, match="logits must be float32, bfloat16 or float16, got Double"):
+        kernels.logprob_stats(logits.double(), torch.zeros(3, dtype=torch.long), 1.0, 16)
+    # A gradient written where the logits still have to be read (overlapping them other than exactly, in place), or
+    # whose rows share memory, would race between blocks: refused before any launch.
+    stats = [torch.zeros(3)] * 5
+    memory = torch.randn(3 * 16 + 1)
+    for grad, overlap in ((torch.zeros(1, 16).expand(3, 16), "more than one element of the written-to tensor"),
+                          (memory[1:].view(3, 16), "some elements of the input tensor and the written-to tensor")):
+        with pytest.raises(RuntimeError, match=overlap):
+            kernels.logprob_grad_into(memory[:48].view(3, 16), torch.zeros(3, dtype=torch.long), *stats, 1.0, 16, grad)
     with pytest.raises(RuntimeError, match="mask has 2 elements, expected 3"):
         kernels.dapo_loss_forward(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(2), None,
                                   0.2, 0.28, 10.0, torch.tensor(3.0))

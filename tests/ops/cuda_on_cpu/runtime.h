@@ -335,6 +335,7 @@ T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = emu::kW
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float __fdiv_rn(float x, float y) { return x / y; }  // IEEE division, rounded to nearest, as on the GPU
 using std::fmax;
 using std::fmaxf;
 using std::fminf;
